@@ -1,0 +1,288 @@
+"""Self-describing checkpoints.
+
+A checkpoint holds the state dict, the complete resolved hyper-parameters (:class:`lib.config.HParams`: spatial
+dims, channels, ``vlm_film_decoder_stages`` as an explicit list, flow schedule, sampler defaults, VLM id and
+embedding size, preprocessing) and the library version. It is written atomically (temporary file in the same
+folder, fsync, rename), so a reader (the MONAI Label infer task watches the file) never sees half a file.
+
+Loading is strict and never trusts a code default over the checkpoint:
+
+* ``vlm_film_decoder_stages`` missing or ``None`` -> derived from the ``vlm_film_heads.{stage}`` keys;
+* hyper-parameters that disagree with the state dict -> :class:`CheckpointError` naming both;
+* a Lightning-style checkpoint (``{"state_dict": {"model.…": …}, "hyper_parameters": {…}}``, nested like ours or
+  flat) loads too; a bare state dict or a checkpoint of another architecture is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import ConfigError, FlowConfig, HParams, ModelConfig, PreprocConfig, SamplerConfig, TrainConfig, \
+    VLMConfig
+from .network import ConditionalUNet
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dfm-vlm-checkpoint"
+FORMAT_VERSION = 1
+_FILM_KEY = re.compile(r"^vlm_film_heads\.(\d+)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded as a DFM+VLM model; the message says why."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: ConditionalUNet
+    hparams: HParams
+    path: str
+    library_version: str | None = None
+    metrics: dict = field(default_factory=dict)
+    source_format: str = FORMAT
+    notes: list[str] = field(default_factory=list)
+
+
+def save_checkpoint(path: str | os.PathLike, model: ConditionalUNet, hparams: HParams,
+                    metrics: dict | None = None, extra: dict | None = None) -> Path:
+    """Write the checkpoint atomically; the hyper-parameters are resolved and checked against the model first."""
+    path = Path(path)
+    hp = hparams.resolved()
+    if dataclasses.asdict(hp.model) != dataclasses.asdict(model.cfg):
+        raise CheckpointError(f"hyper-parameters {dataclasses.asdict(hp.model)} do not describe the model being "
+                              f"saved {dataclasses.asdict(model.cfg)}")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hyper_parameters": hp.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": dict(metrics or {}),
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with __import__("contextlib").suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _torch_load(path: Path, map_location) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning checkpoints may pickle objects (e.g. AttributeDict hparams); this is the user's own file.
+        logger.warning("%s holds pickled objects; loading it with weights_only=False", path)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+_SECTIONS = {"model": ModelConfig, "flow": FlowConfig, "sampler": SamplerConfig, "vlm": VLMConfig,
+             "preprocessing": PreprocConfig, "train": TrainConfig}
+
+
+def _hparams_from_flat(flat: dict, notes: list[str]) -> dict:
+    """Lightning-style flat hyper-parameters -> our nested layout (a key goes to every section that has it)."""
+    nested: dict[str, dict] = {k: {} for k in _SECTIONS}
+    used = set()
+    for name, cls in _SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for k, v in flat.items():
+            if k in fields:
+                nested[name][k] = v
+                used.add(k)
+    for k in ("labels", "description"):
+        if k in flat:
+            nested[k] = flat[k]
+            used.add(k)
+    ignored = sorted(set(flat) - used)
+    if ignored:
+        notes.append(f"hyper-parameters not used by this library: {ignored}")
+    return nested
+
+
+def _unpack(obj: Any, path: Path) -> tuple[dict, dict | None, str, dict, str | None]:
+    """-> (state_dict, raw hyper-parameters or None, source format, metrics, library version)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a checkpoint dictionary (got {type(obj).__name__})")
+    if obj.get("format") == FORMAT:
+        if obj.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{path} was written by a newer format version {obj['format_version']} "
+                                  f"(library {obj.get('library_version')}); this is {__version__}")
+        return obj["state_dict"], obj.get("hyper_parameters"), FORMAT, obj.get("metrics", {}), \
+            obj.get("library_version")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        hp = obj.get("hyper_parameters", obj.get("hparams"))
+        sd = obj["state_dict"]
+        if any(k.startswith("model.") for k in sd):
+            dropped = sorted({k.split(".")[0] for k in sd if not k.startswith("model.")})
+            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+            if dropped:
+                logger.info("Lightning checkpoint %s: ignoring state-dict prefixes %s", path, dropped)
+        return sd, (dict(hp) if hp is not None else None), "lightning", {}, None
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None, "state_dict", {}, None
+    raise CheckpointError(f"{path} is neither a DFM+VLM checkpoint nor a Lightning checkpoint "
+                          f"(top-level keys: {sorted(map(str, obj))[:12]})")
+
+
+def film_stages_in(state_dict: dict) -> list[int]:
+    return sorted(int(m.group(1)) for k in state_dict if (m := _FILM_KEY.match(k)))
+
+
+def _describe_arch(state_dict: dict) -> str:
+    keys = list(state_dict)
+    return f"{len(keys)} tensors, e.g. {keys[:4]}"
+
+
+def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None = None) -> HParams:
+    """Hyper-parameters completed from the state dict where missing, checked against it where given."""
+    notes = notes if notes is not None else []
+    if raw is None:
+        raise CheckpointError("the checkpoint has no hyper-parameters, so its architecture is unknown "
+                              f"(state dict: {_describe_arch(state_dict)}); save it with lib.checkpoint")
+    raw = dict(raw)
+    if not any(k in raw for k in _SECTIONS):
+        raw = _hparams_from_flat(raw, notes)
+    raw.setdefault("model", {})
+    if not isinstance(raw["model"], dict):
+        raise CheckpointError(f"hyper-parameters 'model' must be a mapping, got {raw['model']!r}")
+    m = raw["model"] = dict(raw["model"])
+
+    # FiLM stages and conditioning size: derived from the weights where the hyper-parameters are silent.
+    stages_sd = film_stages_in(state_dict)
+    if m.get("vlm_film_decoder_stages") is None:
+        m["vlm_film_decoder_stages"] = stages_sd
+        notes.append(f"vlm_film_decoder_stages missing in the hyper-parameters: derived {stages_sd} from the "
+                     "vlm_film_heads.* keys")
+    elif sorted(int(s) for s in m["vlm_film_decoder_stages"]) != stages_sd:
+        raise CheckpointError(
+            f"hyper-parameters say vlm_film_decoder_stages={list(m['vlm_film_decoder_stages'])} but the state dict "
+            f"holds vlm_film_heads for stages {stages_sd}"
+        )
+    if stages_sd:
+        cond_sd = int(state_dict[f"vlm_film_heads.{stages_sd[0]}.weight"].shape[1])
+        if m.get("cond_dim") is None:
+            m["cond_dim"] = cond_sd
+        elif int(m["cond_dim"]) != cond_sd:
+            raise CheckpointError(f"hyper-parameters say cond_dim={m['cond_dim']} but the state dict's FiLM heads "
+                                  f"take {cond_sd}-d embeddings")
+    elif m.get("cond_dim") is not None:
+        raise CheckpointError(f"hyper-parameters say cond_dim={m['cond_dim']} (VLM-conditioned) but the state dict "
+                              "holds no vlm_film_heads")
+    try:
+        hp = HParams.from_dict(raw)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"invalid hyper-parameters: {e}") from e
+    return hp
+
+
+def _check_against(model: ConditionalUNet, state_dict: dict, hp: HParams) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [(k, tuple(expected[k].shape), tuple(state_dict[k].shape)) for k in expected
+              if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    m = hp.model
+    desc = (f"spatial_dims={m.spatial_dims}, in_channels={m.in_channels}, features={list(m.features)}, "
+            f"mode={m.mode!r}, cond_dim={m.cond_dim}, vlm_film_decoder_stages={m.vlm_film_decoder_stages}")
+    parts = []
+    if shapes:
+        parts.append("shape mismatches (hyper-parameters vs state dict): " +
+                     "; ".join(f"{k}: {a} vs {b}" for k, a, b in shapes[:5]))
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) the hyper-parameters need are not in the state dict, e.g. {missing[:4]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) in the state dict fit no layer of that model, "
+                     f"e.g. {unexpected[:4]}")
+    raise CheckpointError(f"the hyper-parameters ({desc}) and the state dict disagree: " + " | ".join(parts))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model from the checkpoint's own hyper-parameters and load its weights strictly."""
+    path = Path(path)
+    obj = _torch_load(path, map_location)
+    state_dict, raw, fmt, metrics, version = _unpack(obj, path)
+    notes: list[str] = []
+    try:
+        hp = resolve_hparams(raw, state_dict, notes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        model = ConditionalUNet(hp.model)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: cannot build the model its hyper-parameters describe: {e}") from e
+    try:
+        _check_against(model, state_dict, hp)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    model.load_state_dict(state_dict, strict=True)
+    model.to(map_location).eval()
+    for n in notes:
+        logger.warning("%s: %s", path, n)
+    return LoadedCheckpoint(model=model, hparams=hp, path=str(path), library_version=version, metrics=metrics,
+                            source_format=fmt, notes=notes)
+
+
+def resolve_vlm_path(name_or_path: str | None, checkpoint_path: str | os.PathLike | None) -> str | None:
+    """A relative VLM folder is looked up beside the checkpoint first, then from the working directory."""
+    if not name_or_path:
+        return name_or_path
+    p = Path(name_or_path).expanduser()
+    if not p.is_absolute() and checkpoint_path is not None:
+        beside = Path(checkpoint_path).parent / p
+        if beside.exists():
+            return str(beside)
+    return str(p) if p.exists() else name_or_path
+
+
+def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm: str | None = None):
+    """Checkpoint -> :class:`lib.inferer.DFMSystem` (model + its frozen VLM) ready for prediction.
+
+    ``vlm`` overrides the VLM folder/hub id stored in the checkpoint (e.g. the weights moved); its embedding size
+    must match the checkpoint's.
+    """
+    from .inferer import DFMSystem
+    from .vlm import VLMEncoder
+
+    ck = load_checkpoint(path, map_location=device)
+    hp = ck.hparams
+    encoder = None
+    if hp.model.cond_dim is not None:
+        vcfg = dataclasses.replace(hp.vlm, name_or_path=resolve_vlm_path(vlm or hp.vlm.name_or_path, path))
+        encoder = VLMEncoder.from_pretrained(vcfg, device=device)
+        if encoder.embed_dim != hp.model.cond_dim:
+            raise CheckpointError(f"{path}: the model was trained with {hp.model.cond_dim}-d VLM embeddings but "
+                                  f"{vcfg.name_or_path!r} gives {encoder.embed_dim}-d ones")
+    system = DFMSystem(ck.model, encoder, hp).to(device)
+    system.checkpoint = ck
+    return system

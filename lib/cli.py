@@ -1,0 +1,302 @@
+"""Command line: ``python -m lib {make-tiny-vlm,train,predict,evaluate,audit}``.
+
+Examples (see the README for the measured runs)::
+
+    python -m lib make-tiny-vlm runs/vlm/tiny-clip
+    python -m lib train --preset cxr_lung --datalist ../shared/data/cxr_lung/datalist.json --out runs/cxr --minutes 40
+    python -m lib evaluate --checkpoint runs/cxr/best.pt --datalist ../shared/data/cxr_lung/datalist.json \\
+        --split test --out runs/cxr/eval_test
+    python -m lib predict --checkpoint runs/cxr/best.pt --image some.png --out runs/pred
+    python -m lib audit --datalist ../shared/data/cxr_lung/datalist.json --a validation --b test --out audit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger("lib")
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+    warnings.filterwarnings("ignore", message=".*Setting affine, but the applied meta contains an affine.*")
+    warnings.filterwarnings("ignore", message=".*Converting a tensor with requires_grad=True to a scalar.*")
+    for name in ("transformers", "monai.apps", "nvImageCodec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _set(hp, assignments: list[str]):
+    """``--set section.key=value`` (value parsed as JSON when it parses, else a string)."""
+    from .config import ConfigError
+
+    for a in assignments or []:
+        if "=" not in a or "." not in a.split("=", 1)[0]:
+            raise ConfigError(f"--set expects section.key=value, got {a!r}")
+        path, raw = a.split("=", 1)
+        section, key = path.split(".", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        obj = getattr(hp, section, None)
+        if obj is None or not hasattr(obj, key):
+            raise ConfigError(f"--set {path}: no such hyper-parameter")
+        if key == "features":
+            value = tuple(value)
+        setattr(obj, key, value)
+    return hp
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the checkpoint's)")
+    g.add_argument("--sampler", choices=["euler", "heun"])
+    g.add_argument("--steps", type=int)
+    g.add_argument("--num-samples", type=int)
+    g.add_argument("--overlap", type=float)
+    g.add_argument("--sw-batch-size", type=int)
+    g.add_argument("--roi-size", type=int, nargs="+")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--output", choices=["p_final", "last_posterior"], help="what each sample contributes")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda when available)")
+    g.add_argument("--amp", action="store_true", help="autocast the network on CUDA")
+    g.add_argument("--vlm", help="VLM folder or hub id replacing the one stored in the checkpoint")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inferer(system, a):
+    from .evaluation import make_inferer
+
+    return make_inferer(system, sampler=a.sampler, steps=a.steps, num_samples=a.num_samples, overlap=a.overlap,
+                        sw_batch_size=a.sw_batch_size, roi_size=a.roi_size, seed=a.seed, output=a.output,
+                        amp=a.amp or None)
+
+
+def cmd_make_tiny_vlm(a) -> int:
+    from .vlm import make_tiny_clip
+
+    p = make_tiny_clip(a.out, image_size=a.image_size, hidden=a.hidden, projection_dim=a.projection_dim, seed=a.seed)
+    print(f"wrote a tiny random CLIP to {p} (random weights: for tests and demos only)")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .config import load_preset
+    from .data import load_datalist
+    from .training import train
+
+    hp = _set(load_preset(a.preset), a.set)
+    if a.vlm:
+        hp.vlm.name_or_path = a.vlm
+    tr = load_datalist(a.datalist, a.train_split)
+    va = load_datalist(a.datalist, a.val_split)
+    if a.limit_train:
+        tr = tr[: a.limit_train]
+    if a.limit_val:
+        va = va[: a.limit_val]
+    budget = a.minutes * 60 if a.minutes is not None else None
+    logger.info("training on %d images, validating on %d (%s)", len(tr), len(va), a.val_split)
+    res = train(hp, tr, va, a.out, device=_device(a.device), time_budget_s=budget, max_iterations=a.max_iterations,
+                progress=not a.no_progress)
+    print(json.dumps({"best_checkpoint": res.best_checkpoint, "best_val_dice": res.best_val.get("dice"),
+                      "best_iteration": res.best_val.get("iteration"), "iterations": res.iterations,
+                      "train_seconds": round(res.train_seconds, 1), "wall_seconds": round(res.wall_seconds, 1)},
+                     indent=1))
+    return 0
+
+
+def _items_from_args(a):
+    from .data import case_id, load_datalist
+
+    if a.image:
+        items = []
+        for f in a.image:
+            parts = f.split(",")
+            it = {"image": parts if len(parts) > 1 else parts[0]}
+            if a.text:
+                it["text"] = a.text
+            it["case_id"] = case_id(it)
+            items.append(it)
+        return items
+    return load_datalist(a.datalist, a.split)
+
+
+def cmd_predict(a) -> int:
+    import numpy as np
+    from monai.transforms import SaveImage
+    from tqdm.auto import tqdm
+
+    from .checkpoint import load_system
+    from .evaluation import predict_item
+
+    system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
+    inferer = _inferer(system, a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = _items_from_args(a)
+    saver_p = SaveImage(output_dir=out, output_postfix="prob", separate_folder=False, output_ext=".nii.gz",
+                        print_log=False, resample=False)
+    saver_l = SaveImage(output_dir=out, output_postfix="label", separate_folder=False, output_ext=".nii.gz",
+                        print_log=False, resample=False, output_dtype=np.uint8)
+    saver_v = SaveImage(output_dir=out, output_postfix="var", separate_folder=False, output_ext=".nii.gz",
+                        print_log=False, resample=False)
+    for it in tqdm(items, desc="predict", unit="img", disable=a.no_progress):
+        t0 = time.perf_counter()
+        r = predict_item(system, it, inferer, return_variance=a.save_variance)
+        meta = {"filename_or_obj": it["case_id"]}
+        saver_p(r["prob"], meta_data={**r["prob"].meta, **meta})
+        saver_l((r["prob"] > 0.5).to(r["prob"].dtype), meta_data={**r["prob"].meta, **meta})
+        if a.save_variance:
+            saver_v(r["var"], meta_data={**r["var"].meta, **meta})
+        logger.info("%s: %.1f s, foreground %.3f", it["case_id"], time.perf_counter() - t0,
+                    float((r["prob"] > 0.5).float().mean()))
+    print(f"wrote {len(items)} prediction(s) to {out}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .checkpoint import load_system
+    from .evaluation import evaluate_items
+
+    system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
+    inferer = _inferer(system, a)
+    items = _items_from_args(a)
+    if a.limit:
+        items = items[: a.limit]
+    t0 = time.perf_counter()
+    cases, summary = evaluate_items(system, items, inferer, progress=not a.no_progress)
+    wall = time.perf_counter() - t0
+    summary = {"checkpoint": str(a.checkpoint), "split": a.split, "datalist": a.datalist, "wall_seconds": round(wall, 1),
+               "sampler": {"name": inferer.sampler, "steps": inferer.steps, "num_samples": inferer.num_samples,
+                           "overlap": inferer.overlap, "roi_size": inferer.roi_size, "seed": inferer.seed,
+                           "output": inferer.output},
+               **summary}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cases.json").write_text(json.dumps(cases, indent=1))
+    with open(out / "cases.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(cases[0].keys()) if cases else ["case_id"])
+        w.writeheader()
+        w.writerows(cases)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    d = summary.get("dice", {})
+    print(f"{a.split}: n={summary['n']} Dice mean {d.get('mean', float('nan')):.4f} median "
+          f"{d.get('median', float('nan')):.4f} min {d.get('min', float('nan')):.4f}; "
+          f"HD95 mean {summary.get('hd95', {}).get('mean', float('nan')):.2f}; {wall:.0f} s -> {out}")
+    return 0
+
+
+def cmd_audit(a) -> int:
+    from .audit import audit
+    from .data import load_datalist
+
+    items_a = load_datalist(a.datalist, a.a)
+    items_b = load_datalist(a.datalist_b or a.datalist, a.b)
+    rep = audit(items_a, items_b, a.a, a.b, label_threshold=a.label_threshold, progress=not a.no_progress)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rep, indent=1, default=str))
+    for s in (rep["a"], rep["b"]):
+        print(f"{s['name']}: n={s['n']} shapes={s['shapes']} spacings={s['spacings']} "
+              f"p50 median={s['intensity_p50']['median'] if s['intensity_p50'] else None:.4g} "
+              f"fg median={s['fg_fraction']['median'] if s['fg_fraction'] else float('nan'):.4f}")
+    if not rep["flags"]:
+        print("no differences flagged")
+    for fl in rep["flags"]:
+        print(f"[{fl['severity']}] {fl['check']}: {fl['message']}")
+    print(f"report: {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-tiny-vlm", help="write a tiny random CLIP (save_pretrained) for tests and demos")
+    s.add_argument("out")
+    s.add_argument("--image-size", type=int, default=32)
+    s.add_argument("--hidden", type=int, default=32)
+    s.add_argument("--projection-dim", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_make_tiny_vlm)
+
+    s = sub.add_parser("train", help="train with sliding-window validation on whole images")
+    s.add_argument("--preset", required=True, help="preset name in lib/presets or a JSON file")
+    s.add_argument("--datalist", required=True)
+    s.add_argument("--train-split", default="training")
+    s.add_argument("--val-split", default="validation")
+    s.add_argument("--out", required=True)
+    s.add_argument("--minutes", type=float, help="wall-time budget, validations included")
+    s.add_argument("--max-iterations", type=int)
+    s.add_argument("--limit-train", type=int)
+    s.add_argument("--limit-val", type=int)
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.add_argument("--vlm", help="VLM folder or hub id (overrides the preset)")
+    s.add_argument("--device")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_train)
+
+    for name, fn, hlp in (("predict", cmd_predict, "write probability and label maps in the images' geometry"),
+                          ("evaluate", cmd_evaluate, "per-case metrics (JSON, CSV) and a summary")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("--checkpoint", required=True)
+        g = s.add_mutually_exclusive_group(required=True)
+        g.add_argument("--image", nargs="+", help="image file(s); channels of one image joined by commas")
+        g.add_argument("--datalist")
+        s.add_argument("--split", default="test")
+        s.add_argument("--text", help="per-image text for --image (text_mode 'image')")
+        s.add_argument("--out", required=True)
+        s.add_argument("--no-progress", action="store_true")
+        if name == "predict":
+            s.add_argument("--save-variance", action="store_true")
+        else:
+            s.add_argument("--limit", type=int)
+        _sampler_args(s)
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("audit", help="compare two splits or datasets and flag differences")
+    s.add_argument("--datalist", required=True)
+    s.add_argument("--a", default="validation")
+    s.add_argument("--b", default="test")
+    s.add_argument("--datalist-b", help="a second datalist for --b (default: the same)")
+    s.add_argument("--label-threshold", type=float, default=0.0, help="binary truth = label > this")
+    s.add_argument("--out", required=True)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_audit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet()
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .transforms import InputError
+    from .vlm import VLMError
+
+    try:
+        return args.fn(args)
+    except (CheckpointError, ConfigError, InputError, VLMError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

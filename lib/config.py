@@ -1,0 +1,295 @@
+"""Hyper-parameters of a DFM+VLM model, as plain dataclasses.
+
+Everything that is needed to rebuild a model, reproduce its preprocessing and run its sampler lives here and is
+stored, fully resolved, in every checkpoint (see :mod:`lib.checkpoint`). Nothing here has an implicit default that
+could silently differ between the code that trained a model and the code that loads it: the checkpoint always
+wins, and :func:`ModelConfig.resolved` turns every ``None`` into an explicit value before saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A hyper-parameter is missing, unknown or out of range."""
+
+
+def _check_keys(cls, d: dict, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} hyper-parameter(s) {unknown}; known: {sorted(names)}")
+
+
+@dataclass
+class ModelConfig:
+    """The conditional U-Net (:class:`lib.network.ConditionalUNet`)."""
+
+    spatial_dims: int = 2
+    in_channels: int = 1  # image channels (x_t is one more input channel in "dfm" mode)
+    features: tuple[int, ...] = (16, 32, 64, 128)
+    time_embed_dim: int = 64
+    cond_dim: int | None = None  # size of the VLM conditioning vector; None: no VLM conditioning
+    vlm_film_decoder_stages: list[int] | None = None  # None: every decoder stage (resolved before saving)
+    mode: str = "dfm"  # "dfm" (x_t, t, cond -> logits of x1) or "plain" (one-pass segmenter, same U-Net)
+    norm: str = "instance"
+    dropout: float = 0.0
+
+    @property
+    def num_decoder_stages(self) -> int:
+        return len(self.features) - 1
+
+    def resolved(self) -> "ModelConfig":
+        c = dataclasses.replace(self, features=tuple(int(f) for f in self.features))
+        if c.spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims must be 2 or 3, got {c.spatial_dims}")
+        if c.mode not in ("dfm", "plain"):
+            raise ConfigError(f"mode must be 'dfm' or 'plain', got {c.mode!r}")
+        if len(c.features) < 2:
+            raise ConfigError(f"features needs at least two levels, got {c.features}")
+        if c.cond_dim is None:
+            stages: list[int] = []
+        elif c.vlm_film_decoder_stages is None:
+            stages = list(range(c.num_decoder_stages))
+        else:
+            stages = sorted(int(s) for s in c.vlm_film_decoder_stages)
+        bad = [s for s in stages if not 0 <= s < c.num_decoder_stages]
+        if bad:
+            raise ConfigError(
+                f"vlm_film_decoder_stages {stages} names stage(s) {bad}, but features {c.features} give "
+                f"decoder stages 0..{c.num_decoder_stages - 1}"
+            )
+        if c.cond_dim is not None and not stages:
+            raise ConfigError("cond_dim is set but vlm_film_decoder_stages is empty: the VLM would not be used")
+        c.vlm_film_decoder_stages = stages
+        return c
+
+
+@dataclass
+class FlowConfig:
+    """The mixture probability path x_t = x1 where u < kappa(t) else x0."""
+
+    scheduler: str = "polynomial"  # "linear" (kappa = t) or "polynomial" (kappa = t**exponent)
+    exponent: float = 2.0
+    source_p: float = 0.5  # x0 ~ Bernoulli(source_p) per voxel
+    dice_weight: float = 0.0  # optional auxiliary soft-Dice term; 0 = the contract (BCE on x1 logits only)
+
+    def resolved(self) -> "FlowConfig":
+        if self.scheduler not in ("linear", "polynomial"):
+            raise ConfigError(f"flow scheduler must be 'linear' or 'polynomial', got {self.scheduler!r}")
+        if self.scheduler == "polynomial" and not self.exponent > 0:
+            raise ConfigError(f"polynomial scheduler exponent must be > 0, got {self.exponent}")
+        if not 0.0 <= self.source_p <= 1.0:
+            raise ConfigError(f"source_p must be in [0, 1], got {self.source_p}")
+        return dataclasses.replace(self, exponent=1.0 if self.scheduler == "linear" else float(self.exponent))
+
+
+SAMPLERS = ("euler", "heun")
+OUTPUTS = ("p_final", "last_posterior")
+
+
+@dataclass
+class SamplerConfig:
+    """Defaults for sliding-window sampling; every field can be overridden per request."""
+
+    name: str = "euler"
+    steps: int = 8
+    num_samples: int = 1  # M samples per window: the map is their mean, the variance is returned too
+    output: str = "p_final"  # the contract; "last_posterior" (the posterior before t = 1) is for benchmarks
+    seed: int = 0
+    roi_size: list[int] | None = None  # None: the training patch size
+    overlap: float = 0.25
+    sw_batch_size: int = 4
+    blend_mode: str = "gaussian"
+
+    def resolved(self, patch_size: list[int] | None = None) -> "SamplerConfig":
+        c = dataclasses.replace(self)
+        if c.roi_size is None:
+            c.roi_size = list(patch_size) if patch_size is not None else None
+        validate_sampler(c.name, c.steps, c.num_samples, c.overlap, c.sw_batch_size, c.output)
+        return c
+
+
+def validate_sampler(name: str, steps: int, num_samples: int, overlap: float, sw_batch_size: int,
+                     output: str = "p_final") -> None:
+    if name not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if not (isinstance(overlap, (int, float)) and 0.0 <= overlap < 1.0):
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
+    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ConfigError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size!r}")
+    if output not in OUTPUTS:
+        raise ConfigError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+
+@dataclass
+class VLMConfig:
+    """The frozen CLIP-family encoder and how a patch becomes its input (see :mod:`lib.vlm`)."""
+
+    name_or_path: str | None = None  # local folder or hub id, loaded with from_pretrained; None: no VLM
+    image_embed_dim: int | None = None  # filled in from the loaded model
+    text_embed_dim: int | None = None
+    text_mode: str = "none"  # "none", "label" (one prompt per label) or "image" (datalist key "text")
+    prompt: str | None = None  # the prompt for text_mode "label"
+    intensity_window: tuple[float, float] = (0.0, 1.0)  # preprocessed intensities mapped to [0, 1] by this window
+    num_slices: int = 3  # 3D patches: evenly spaced axial slices, embeddings mean-pooled
+
+    @property
+    def embed_dim(self) -> int | None:
+        if self.name_or_path is None:
+            return None
+        if self.image_embed_dim is None:
+            raise ConfigError("image_embed_dim is unknown: load the VLM before building the model")
+        if self.text_mode == "none":
+            return self.image_embed_dim
+        if self.text_embed_dim is None:
+            raise ConfigError("text_embed_dim is unknown: load the VLM before building the model")
+        return self.image_embed_dim + self.text_embed_dim
+
+    def resolved(self) -> "VLMConfig":
+        if self.text_mode not in ("none", "label", "image"):
+            raise ConfigError(f"text_mode must be 'none', 'label' or 'image', got {self.text_mode!r}")
+        if self.text_mode == "label" and not self.prompt:
+            raise ConfigError("text_mode 'label' needs a prompt")
+        lo, hi = (float(v) for v in self.intensity_window)
+        if not hi > lo:
+            raise ConfigError(f"intensity_window must be (low, high) with high > low, got {self.intensity_window}")
+        if self.num_slices < 1:
+            raise ConfigError(f"num_slices must be >= 1, got {self.num_slices}")
+        return dataclasses.replace(self, intensity_window=(lo, hi))
+
+
+@dataclass
+class PreprocConfig:
+    """Preprocessing shared by training, validation, prediction and the MONAI Label tasks."""
+
+    spatial_dims: int = 2
+    num_channels: int = 1
+    spacing: list[float] | None = None  # target spacing (mm, or pixels for PNG); None: keep
+    orientation: str | None = None  # e.g. "RAS" for volumes; None: keep
+    intensity: dict = field(default_factory=lambda: {"type": "none"})  # "range" | "zscore" | "none"
+    label_threshold: float = 0.0  # binary truth = label > label_threshold
+    patch_size: list[int] = field(default_factory=lambda: [128, 128])
+    pos: float = 1.0
+    neg: float = 1.0
+
+    def resolved(self) -> "PreprocConfig":
+        if len(self.patch_size) != self.spatial_dims:
+            raise ConfigError(f"patch_size {self.patch_size} does not have spatial_dims={self.spatial_dims} values")
+        if self.spacing is not None and len(self.spacing) != self.spatial_dims:
+            raise ConfigError(f"spacing {self.spacing} does not have spatial_dims={self.spatial_dims} values")
+        t = self.intensity.get("type")
+        if t not in ("range", "zscore", "none"):
+            raise ConfigError(f"intensity type must be 'range', 'zscore' or 'none', got {t!r}")
+        if t == "range" and not {"a_min", "a_max"} <= set(self.intensity):
+            raise ConfigError("intensity type 'range' needs a_min and a_max")
+        return dataclasses.replace(self, patch_size=[int(p) for p in self.patch_size])
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    images_per_batch: int = 4
+    patches_per_image: int = 2
+    time_budget_s: float = 600.0
+    max_iterations: int | None = None
+    val_every_s: float = 300.0
+    seed: int = 0
+    augment: bool = True
+    num_threads: int | None = None
+
+
+@dataclass
+class HParams:
+    """The complete, resolved description of a model; saved in every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    preprocessing: PreprocConfig = field(default_factory=PreprocConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    labels: dict[str, int] = field(default_factory=lambda: {"foreground": 1})
+    description: str = ""
+
+    def resolved(self) -> "HParams":
+        """Every field explicit and consistent; raises ConfigError naming what disagrees."""
+        pre = self.preprocessing.resolved()
+        vlm = self.vlm.resolved()
+        model = dataclasses.replace(self.model)
+        if model.spatial_dims != pre.spatial_dims:
+            raise ConfigError(f"model spatial_dims={model.spatial_dims} but preprocessing spatial_dims={pre.spatial_dims}")
+        if model.in_channels != pre.num_channels:
+            raise ConfigError(f"model in_channels={model.in_channels} but preprocessing num_channels={pre.num_channels}")
+        if model.mode == "plain":
+            if vlm.name_or_path is not None:
+                raise ConfigError("a 'plain' model takes no VLM conditioning; set vlm.name_or_path to null")
+            model.cond_dim = None
+        elif vlm.name_or_path is not None:
+            if model.cond_dim is None:
+                model.cond_dim = vlm.embed_dim
+            elif model.cond_dim != vlm.embed_dim:
+                raise ConfigError(f"model cond_dim={model.cond_dim} but the VLM gives embeddings of size {vlm.embed_dim}")
+        else:
+            model.cond_dim = None
+        model = model.resolved()
+        sampler = self.sampler.resolved(pre.patch_size)
+        if len(sampler.roi_size) != pre.spatial_dims:
+            raise ConfigError(f"sampler roi_size {sampler.roi_size} does not match spatial_dims={pre.spatial_dims}")
+        return dataclasses.replace(self, model=model, flow=self.flow.resolved(), sampler=sampler, vlm=vlm,
+                                   preprocessing=pre)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HParams":
+        d = dict(d)
+        parts = {"model": ModelConfig, "flow": FlowConfig, "sampler": SamplerConfig, "vlm": VLMConfig,
+                 "preprocessing": PreprocConfig, "train": TrainConfig}
+        _check_keys(cls, d, "top-level")
+        kwargs: dict[str, Any] = {}
+        for name, sub in parts.items():
+            if name in d and d[name] is not None:
+                if not isinstance(d[name], dict):
+                    raise ConfigError(f"hyper-parameter section {name!r} must be a mapping, got {type(d[name]).__name__}")
+                _check_keys(sub, d[name], name)
+                vals = dict(d[name])
+                if "features" in vals:
+                    vals["features"] = tuple(vals["features"])
+                if "intensity_window" in vals:
+                    vals["intensity_window"] = tuple(vals["intensity_window"])
+                kwargs[name] = sub(**vals)
+        for k in ("labels", "description"):
+            if k in d:
+                kwargs[k] = d[k]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "HParams":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def load_preset(name_or_path: str) -> HParams:
+    """A preset name from ``lib/presets`` (e.g. ``cxr_lung``) or a path to a JSON file."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = PRESETS_DIR / f"{name_or_path}.json"
+    if not p.exists():
+        known = sorted(q.stem for q in PRESETS_DIR.glob("*.json"))
+        raise ConfigError(f"no preset or config file {name_or_path!r}; presets: {known}")
+    return HParams.from_file(p)

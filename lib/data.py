@@ -1,0 +1,128 @@
+"""Datalists and random patch batching (training side of the one conditioning path)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+
+from .config import PreprocConfig
+from .transforms import InputError
+
+
+def case_id(item: dict) -> str:
+    """A stable id for a datalist entry: its ``case_id`` or the image file's name without extensions."""
+    if item.get("case_id"):
+        return str(item["case_id"])
+    img = item["image"]
+    first = img[0] if isinstance(img, (list, tuple)) else img
+    p = Path(str(first))
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".png", ".jpg", ".nrrd", ".mha", ".dcm"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    if isinstance(img, (list, tuple)):  # multi-file images (e.g. BraTS modalities): the folder names the case
+        return p.parent.name
+    return name
+
+
+def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Entries of ``split`` with absolute paths (relative paths are taken from the datalist's folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"datalist not found: {path}")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"datalist {path} is not valid JSON: {e}") from e
+    if split not in d:
+        raise InputError(f"datalist {path} has no split {split!r}; it has {[k for k, v in d.items() if isinstance(v, list)]}")
+    base = Path(base_dir) if base_dir else path.parent
+
+    def absolute(v):
+        if isinstance(v, (list, tuple)):
+            return [absolute(x) for x in v]
+        return str(v if os.path.isabs(v) else (base / v).resolve())
+
+    items = []
+    for i, e in enumerate(d[split]):
+        if not isinstance(e, dict) or "image" not in e:
+            raise InputError(f"datalist {path} split {split!r} entry {i} has no 'image'")
+        e = dict(e)
+        for k in ("image", "label"):
+            if k in e:
+                e[k] = absolute(e[k])
+        e["case_id"] = case_id(e)
+        items.append(e)
+    return items
+
+
+class PatchBatcher:
+    """``random_patch_batch`` with its own seeded random state (MONAI ``RandCropByPosNegLabeld``)."""
+
+    def __init__(self, cfg: PreprocConfig, num_patches: int, augment: bool = True, seed: int = 0):
+        cfg = cfg.resolved()
+        self.cfg = cfg
+        keys = ["image", "label"]
+        spatial: list = []
+        if augment:
+            rot = (0.15,) if cfg.spatial_dims == 2 else (0.1, 0.1, 0.1)
+            spatial.append(RandAffined(keys=keys, prob=0.3, rotate_range=rot, scale_range=0.1,
+                                       mode=("bilinear", "nearest"), padding_mode="zeros"))
+        self.spatial = Compose(spatial + [SpatialPadd(keys=keys, spatial_size=cfg.patch_size)])
+        self.crop = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos,
+                                           neg=cfg.neg, num_samples=num_patches, allow_smaller=False)
+        self.intensity = Compose([
+            RandScaleIntensityd(keys="image", factors=0.15, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
+        ]) if augment else None
+        rs = np.random.RandomState(seed)
+        for t in (self.spatial, self.crop, self.intensity):
+            if t is not None:
+                t.set_random_state(state=rs)
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        images, labels, ids, centers, sources = [], [], [], [], []
+        for it in items:
+            d = self.spatial({"image": it["image"], "label": it["label"]})
+            patches = self.crop(d)
+            crop_centers = [list(map(int, c)) for c in (self.crop.cropper.centers or [])]
+            for j, p in enumerate(patches):
+                if self.intensity is not None:
+                    p = self.intensity(p)
+                images.append(torch.as_tensor(p["image"]).as_tensor() if hasattr(p["image"], "as_tensor")
+                              else torch.as_tensor(p["image"]))
+                lab = p["label"]
+                labels.append(lab.as_tensor() if hasattr(lab, "as_tensor") else torch.as_tensor(lab))
+                ids.append(it.get("case_id"))
+                centers.append(crop_centers[j] if j < len(crop_centers) else None)
+                sources.append(it)
+        return {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "case_id": ids,
+                "center": centers, "items": sources}
+
+
+def random_patch_batch(items: Sequence[dict], cfg: PreprocConfig, num_patches: int, augment: bool = False,
+                       seed: int = 0) -> dict:
+    """N random patches per preprocessed image (positive/negative centres at ``cfg.pos : cfg.neg``).
+
+    Returns ``image (B*N, C, *patch)``, ``label (B*N, 1, *patch)``, ``case_id``, ``center`` (crop centre in the
+    preprocessed image) and the source ``items`` of every patch; the caller computes the VLM conditioning of
+    every patch with :func:`lib.vlm.patch_condition`.
+    """
+    return PatchBatcher(cfg, num_patches, augment=augment, seed=seed)(items)

@@ -1,0 +1,147 @@
+"""Prediction and evaluation: ONE path for training-time validation, ``predict``, ``evaluate`` and the app.
+
+``predict_item`` = preprocess (the checkpoint's own pipeline) -> :class:`DFMSlidingWindowInferer` on the whole
+image -> probability map -> ``Invertd`` back to the image's original geometry. ``evaluate_items`` thresholds that
+map at 0.5 and scores it with MONAI metrics (Dice, HD95, precision, recall) against the label in its original
+resolution and geometry. The training loop validates by calling ``evaluate_items``; nothing else computes a
+validation Dice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric
+from monai.transforms import Invertd
+
+from .inferer import DFMSlidingWindowInferer, DFMSystem, seed_for
+from .transforms import InputError, label_transforms
+
+logger = logging.getLogger(__name__)
+
+
+def make_inferer(system: DFMSystem, **overrides) -> DFMSlidingWindowInferer:
+    return DFMSlidingWindowInferer.from_hparams(system.hparams, **overrides)
+
+
+def preprocess_item(system: DFMSystem, item: dict, with_label: bool = False) -> dict:
+    keys = ("image", "label", "text", "case_id") if with_label else ("image", "text", "case_id")
+    d = system.preprocessing({k: v for k, v in item.items() if k in keys})
+    d["case_id"] = item.get("case_id")
+    return d
+
+
+def to_original(prob: torch.Tensor, preprocessed: dict, system: DFMSystem) -> MetaTensor:
+    """Probability map in preprocessed space -> the image's original grid (inverse orientation and spacing)."""
+    img = preprocessed["image"]
+    if not isinstance(img, MetaTensor):
+        return prob
+    pred = MetaTensor(prob, affine=img.affine, meta=dict(img.meta))
+    inv = Invertd(keys="pred", transform=system.preprocessing, orig_keys="image", nearest_interp=False,
+                  to_tensor=True)
+    out = inv({"pred": pred, "image": img})["pred"]
+    return out
+
+
+def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowInferer | None = None,
+                         return_variance: bool = False) -> dict:
+    """Run the inferer on a preprocessed item; results in preprocessed space and in the original geometry."""
+    inferer = inferer or make_inferer(system)
+    image = d["image"]
+    seed = seed_for(inferer.seed, d.get("case_id"))
+    dev = next(system.model.parameters()).device
+    x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    x = x.unsqueeze(0).to(dev)
+    prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True)
+    prob, var = prob[0].cpu(), var[0].cpu()
+    out = {"prob_pre": prob, "prob": to_original(prob, d, system)}
+    if return_variance:
+        out["var_pre"] = var
+        out["var"] = to_original(var, d, system)
+    return out
+
+
+def predict_item(system: DFMSystem, item: dict, inferer: DFMSlidingWindowInferer | None = None,
+                 return_variance: bool = False) -> dict:
+    return predict_preprocessed(system, preprocess_item(system, item), inferer, return_variance)
+
+
+def _spacing(meta_tensor) -> list[float] | None:
+    if isinstance(meta_tensor, MetaTensor):
+        return [float(v) for v in meta_tensor.pixdim]
+    return None
+
+
+def case_metrics(pred_bin: torch.Tensor, label: torch.Tensor, spacing=None) -> dict:
+    """Dice, HD95 (in spacing units), precision, recall of one binary prediction (1, *spatial) vs label."""
+    y_pred = torch.as_tensor(pred_bin).float().unsqueeze(0)
+    y = torch.as_tensor(label).float().unsqueeze(0)
+    if y_pred.shape != y.shape:
+        raise InputError(f"prediction shape {tuple(y_pred.shape[2:])} differs from the label's {tuple(y.shape[2:])}")
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(y_pred, y)
+    cm = ConfusionMatrixMetric(include_background=True, metric_name=["precision", "recall"], reduction="none")
+    cm(y_pred, y)
+    prec, rec = cm.aggregate()
+    hd = float("nan")
+    if y_pred.sum() > 0 and y.sum() > 0:
+        hd = float(HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+            y_pred, y, spacing=spacing).flatten()[0])
+
+    def f(v):
+        v = float(torch.as_tensor(v).flatten()[0])
+        return None if math.isnan(v) or math.isinf(v) else v
+
+    return {"dice": f(dice), "hd95": None if math.isnan(hd) or math.isinf(hd) else hd,
+            "precision": f(prec), "recall": f(rec),
+            "fg_fraction_pred": float(y_pred.mean()), "fg_fraction_label": float(y.mean())}
+
+
+def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSlidingWindowInferer | None = None,
+                   preprocessed: Sequence[dict] | None = None, labels: Sequence[dict] | None = None,
+                   progress: bool = False, on_case: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
+    """Sliding-window prediction on whole images, ``prob > 0.5``, metrics in the label's original geometry.
+
+    ``preprocessed``/``labels``: the same pipelines' outputs computed earlier (the training loop caches them); the
+    results are identical to computing them here.
+    """
+    inferer = inferer or make_inferer(system)
+    lab_t = label_transforms(system.hparams.preprocessing)
+    cases = []
+    it = range(len(items))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="evaluate", unit="img")
+    for i in it:
+        item = items[i]
+        t0 = time.perf_counter()
+        d = preprocessed[i] if preprocessed is not None else preprocess_item(system, item)
+        lab = labels[i] if labels is not None else lab_t({"label": item["label"]})
+        out = predict_preprocessed(system, d, inferer)
+        label = lab["label"]
+        prob = out["prob"]
+        if tuple(prob.shape[1:]) != tuple(label.shape[1:]):
+            raise InputError(f"{item.get('case_id')}: prediction in original geometry {tuple(prob.shape[1:])} "
+                             f"differs from the label's {tuple(label.shape[1:])}")
+        m = case_metrics((prob > 0.5).float(), label, spacing=_spacing(label))
+        m = {"case_id": item.get("case_id"), **m, "seconds": round(time.perf_counter() - t0, 3)}
+        cases.append(m)
+        if on_case:
+            on_case(m)
+    return cases, summarize(cases)
+
+
+def summarize(cases: Sequence[dict]) -> dict:
+    out: dict = {"n": len(cases)}
+    for k in ("dice", "hd95", "precision", "recall"):
+        vals = np.array([c[k] for c in cases if c.get(k) is not None], dtype=float)
+        if len(vals):
+            out[k] = {"mean": float(vals.mean()), "median": float(np.median(vals)), "std": float(vals.std()),
+                      "min": float(vals.min()), "max": float(vals.max()), "n": int(len(vals))}
+    return out

@@ -1,0 +1,188 @@
+"""Training loop whose validation IS the test path.
+
+Each iteration: a few preprocessed images -> :class:`lib.data.PatchBatcher` (random patches, positive/negative
+centres) -> :func:`lib.vlm.patch_condition` on every patch -> ``t`` and ``x_t`` per patch ->
+``BCEWithLogits(model(x_t, t, cond), x1)`` (:func:`lib.flow.training_step`).
+
+Validation calls :func:`lib.evaluation.evaluate_items` -- the sliding-window sampler on whole validation images,
+thresholded and scored in the labels' original geometry -- the very function ``python -m lib evaluate`` calls. The
+checkpoint with the best validation Dice is kept (``best.pt``), with the last one (``last.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+
+from .checkpoint import save_checkpoint
+from .config import HParams
+from .data import PatchBatcher
+from .evaluation import evaluate_items, make_inferer
+from .flow import training_step
+from .inferer import DFMSystem
+from .network import ConditionalUNet
+from .transforms import label_transforms
+from .vlm import VLMEncoder, patch_condition, patch_texts
+
+logger = logging.getLogger(__name__)
+
+
+def build_system(hp: HParams, device: str | torch.device = "cpu") -> DFMSystem:
+    """A fresh (untrained) system from hyper-parameters: loads the VLM and fills in its embedding sizes."""
+    vlm = None
+    if hp.model.mode == "dfm" and hp.vlm.name_or_path:
+        vlm = VLMEncoder.from_pretrained(hp.vlm, device=device)
+        hp.vlm = vlm.resolved_config()
+    hp = hp.resolved()
+    model = ConditionalUNet(hp.model).to(device)
+    return DFMSystem(model, vlm, hp).to(device)
+
+
+def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The loss of one patch batch (shared by this loop and the MONAI Label trainer)."""
+    hp = system.hparams
+    image = batch["image"].to(device)
+    x1 = batch["label"].to(device)
+    texts = patch_texts(batch["items"], hp.vlm) if system.vlm is not None else None
+    emb = patch_condition(system.vlm, image, texts)
+    cond = system.model.prepare(image, emb)
+    return training_step(system.model, cond, x1, hp.flow, generator)
+
+
+def lr_at(progress: float, base: float, warmup: float = 0.03) -> float:
+    if progress < warmup:
+        return base * (0.1 + 0.9 * progress / warmup)
+    p = min(1.0, (progress - warmup) / (1 - warmup))
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: str
+    last_checkpoint: str
+    best_val: dict
+    history: list[dict] = field(default_factory=list)
+    iterations: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], out_dir: str | Path,
+          device: str | torch.device = "cpu", time_budget_s: float | None = None,
+          max_iterations: int | None = None, progress: bool = True,
+          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = hp.train
+    budget = float(time_budget_s if time_budget_s is not None else tc.time_budget_s)
+    max_it = max_iterations if max_iterations is not None else tc.max_iterations
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
+    np_rng = np.random.default_rng(tc.seed)
+    device = torch.device(device)
+
+    system = build_system(hp, device)
+    hp = system.hparams
+    model = system.model
+    (out / "hparams.json").write_text(json.dumps(hp.to_dict(), indent=2))
+    logger.info("model: %s parameters, FiLM stages %s, VLM %s (%s-d)", sum(p.numel() for p in model.parameters()),
+                model.vlm_film_decoder_stages, hp.vlm.name_or_path if system.vlm else None, hp.model.cond_dim)
+
+    train_ds = CacheDataset(list(train_items), transform=system.preprocessing, progress=progress, num_workers=0)
+    val_pre = [system.preprocessing({k: v for k, v in it.items() if k in ("image", "text", "case_id")})
+               for it in val_items]
+    lab_t = label_transforms(hp.preprocessing)
+    val_lab = [lab_t({"label": it["label"]}) for it in val_items]
+    inferer = make_inferer(system)
+
+    batcher = PatchBatcher(hp.preprocessing, tc.patches_per_image, augment=tc.augment, seed=tc.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    best = {"dice": -1.0}
+    history: list[dict] = []
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    it = 0
+    train_s = 0.0
+    val_s_est = 0.0
+    next_val = tc.val_every_s
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_it or int(budget), unit="it" if max_it else "s", desc="train")
+
+    def validate(final: bool) -> None:
+        nonlocal best, val_s_est
+        v0 = time.perf_counter()
+        model.eval()
+        cases, summ = evaluate_items(system, val_items, inferer, preprocessed=val_pre, labels=val_lab)
+        model.train()
+        val_s_est = time.perf_counter() - v0
+        dice = summ.get("dice", {}).get("mean", float("nan"))
+        rec = {"iteration": it, "train_seconds": round(train_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
+               "loss": float(np.mean(losses[-200:])) if losses else None, "val_dice": dice,
+               "val_hd95": summ.get("hd95", {}).get("mean"), "val_seconds": round(val_s_est, 1), "final": final}
+        history.append(rec)
+        metrics = {"val": summ, "iteration": it, "train_seconds": train_s}
+        save_checkpoint(last_path, model, hp, metrics=metrics)
+        if dice > best["dice"]:
+            best = {"dice": dice, "iteration": it, "summary": summ, "cases": cases}
+            save_checkpoint(best_path, model, hp, metrics=metrics)
+            (out / "best_val_cases.json").write_text(json.dumps(cases, indent=1))
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        logger.info("validation @%d: Dice %.4f (best %.4f @%d), %.0f s", it, dice, best["dice"],
+                    best.get("iteration", -1), val_s_est)
+        if on_log:
+            on_log(rec)
+
+    model.train()
+    while True:
+        elapsed = time.perf_counter() - t_start
+        if max_it is not None and it >= max_it:
+            break
+        if max_it is None and elapsed + max(val_s_est, 1.0) * 1.1 >= budget:
+            break
+        progress_frac = (it / max_it) if max_it else min(1.0, elapsed / max(1.0, budget - val_s_est))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress_frac, tc.lr)
+        s0 = time.perf_counter()
+        idx = np_rng.choice(len(train_ds), size=min(tc.images_per_batch, len(train_ds)), replace=False)
+        batch = batcher([train_ds[int(i)] for i in idx])
+        loss = train_loss(system, batch, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        train_s += time.perf_counter() - s0
+        losses.append(float(loss))
+        it += 1
+        if bar is not None:
+            if max_it:
+                bar.update(1)
+            else:
+                bar.n = int(time.perf_counter() - t_start)
+                bar.refresh()
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", it=it)
+        if train_s >= next_val and (max_it is None or it < max_it):
+            validate(final=False)
+            next_val = train_s + tc.val_every_s
+    validate(final=True)
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t_start
+    res = TrainResult(best_checkpoint=str(best_path), last_checkpoint=str(last_path),
+                      best_val={k: v for k, v in best.items() if k != "cases"}, history=history, iterations=it,
+                      train_seconds=train_s, wall_seconds=wall)
+    (out / "train_result.json").write_text(json.dumps(res.__dict__, indent=1, default=str))
+    return res

@@ -1,0 +1,186 @@
+"""Preprocessing, built from the checkpoint's own ``PreprocConfig`` (MONAI dictionary transforms).
+
+The same :func:`preprocess` pipeline serves training, validation, ``predict``/``evaluate`` and the MONAI Label
+infer task: load, channel first, checks, orientation, spacing, whole-image intensity normalisation (never per
+window), binary label. Its spatial steps are invertible, so a prediction goes back to the image's original
+geometry with MONAI's ``Invertd``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from .config import PreprocConfig
+
+
+class InputError(ValueError):
+    """An input image or label is unreadable or does not fit the model; the message names the file and problem."""
+
+
+def _name(d: Mapping, key: Hashable) -> str:
+    v = d.get(key)
+    meta = getattr(v, "meta", None) or {}
+    fn = meta.get("filename_or_obj")
+    if fn is not None:
+        return str(fn)
+    src = d.get(f"{key}_path") or d.get("case_id")
+    return str(src) if src is not None else str(key)
+
+
+class LoadImageChecked(MapTransform):
+    """MONAI ``LoadImaged`` whose failures name the file: missing, unreadable or not an image."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs):
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **kwargs)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            src = d[key]
+            files = src if isinstance(src, (list, tuple)) else [src]
+            for f in files:
+                if isinstance(f, (str, os.PathLike)) and not os.path.exists(f):
+                    raise InputError(f"{key} file not found: {f}")
+        try:
+            return self.loader(d)
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes a clear error naming the file
+            src = {k: d.get(k) for k in self.keys if k in d}
+            raise InputError(f"cannot read {src}: {type(e).__name__}: {e}") from e
+
+
+class CheckImaged(MapTransform):
+    """Reject what the model cannot take, with a message naming the file and the problem:
+
+    NaN/Inf voxels, a channel count other than the model's, the wrong number of spatial dimensions.
+    """
+
+    def __init__(self, keys: KeysCollection, num_channels: int, spatial_dims: int, label_key: str | None = None,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.num_channels = num_channels
+        self.spatial_dims = spatial_dims
+        self.label_key = label_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            name = _name(d, key)
+            sd = img.ndim - 1
+            if sd != self.spatial_dims:
+                raise InputError(
+                    f"{name}: a {sd}D image (shape {tuple(img.shape[1:])}, {img.shape[0]} channel(s)) was given to a "
+                    f"{self.spatial_dims}D model"
+                )
+            if img.shape[0] != self.num_channels:
+                raise InputError(f"{name}: the model expects {self.num_channels} channel(s), the image has "
+                                 f"{img.shape[0]} (shape {tuple(img.shape)})")
+            t = torch.as_tensor(img)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                n_nan = int(torch.isnan(t).sum())
+                n_inf = int(torch.isinf(t).sum())
+                raise InputError(f"{name}: the image has {n_nan} NaN and {n_inf} infinite voxel(s)")
+            lab = d.get(self.label_key) if self.label_key else None
+            if lab is not None and tuple(lab.shape[1:]) != tuple(img.shape[1:]):
+                raise InputError(f"{name}: image size {tuple(img.shape[1:])} differs from its label's "
+                                 f"{tuple(lab.shape[1:])} ({_name(d, self.label_key)})")
+        return d
+
+
+class BinarizeLabeld(MapTransform):
+    """``label > threshold`` as a float 0/1 map (the binary truth)."""
+
+    def __init__(self, keys: KeysCollection, threshold: float = 0.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.threshold = threshold
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            if lab.shape[0] != 1:
+                raise InputError(f"{_name(d, key)}: a label must have one channel, got shape {tuple(lab.shape)}")
+            d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) else \
+                (np.asarray(lab) > self.threshold).astype(np.float32)
+        return d
+
+
+class CheckedCompose(Compose):
+    """MONAI ``Compose`` whose failures surface as :class:`InputError` with the root cause and the file named.
+
+    (MONAI wraps every exception raised inside a transform in ``RuntimeError("applying transform ...")``.)
+    """
+
+    def __call__(self, input_, *args, **kwargs):
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as e:
+            root: BaseException = e
+            while root.__cause__ is not None and not isinstance(root, InputError):
+                root = root.__cause__
+            if isinstance(root, InputError):
+                raise root from None
+            src = input_.get("image") if isinstance(input_, Mapping) else None
+            raise InputError(f"preprocessing failed for {src}: {type(root).__name__}: {root}") from e
+
+
+def load_transforms(keys: Sequence[str]) -> list:
+    return [
+        LoadImageChecked(keys=list(keys), image_only=True, allow_missing_keys=True),
+        EnsureChannelFirstd(keys=list(keys), allow_missing_keys=True),
+    ]
+
+
+def preprocess(cfg: PreprocConfig, load: bool = True) -> Compose:
+    """Load (optional) + check + orientation + spacing + intensity + binary label (when a label is given).
+
+    One pipeline for items with and without a label. Its spatial steps are invertible: invert a prediction with
+    the SAME instance (MONAI matches inverse operations to the transform object that applied them), e.g.
+    :attr:`lib.inferer.DFMSystem.preprocessing`.
+    """
+    cfg = cfg.resolved()
+    keys = ["image", "label"]
+    t: list = load_transforms(keys) if load else []
+    t += [
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
+        CheckImaged(keys="image", num_channels=cfg.num_channels, spatial_dims=cfg.spatial_dims, label_key="label"),
+        BinarizeLabeld(keys="label", threshold=cfg.label_threshold, allow_missing_keys=True),
+    ]
+    if cfg.orientation:
+        t.append(Orientationd(keys=keys, axcodes=cfg.orientation, allow_missing_keys=True))
+    if cfg.spacing:
+        t.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"], allow_missing_keys=True))
+    inten = cfg.intensity
+    if inten["type"] == "range":
+        t.append(ScaleIntensityRanged(keys="image", a_min=inten["a_min"], a_max=inten["a_max"], b_min=0.0,
+                                      b_max=1.0, clip=bool(inten.get("clip", True))))
+    elif inten["type"] == "zscore":
+        t.append(NormalizeIntensityd(keys="image", nonzero=bool(inten.get("nonzero", True)), channel_wise=True))
+    return CheckedCompose(t)
+
+
+def label_transforms(cfg: PreprocConfig, label_key: str = "label") -> Compose:
+    """The reference label in its ORIGINAL geometry (no resampling), binarised: what metrics compare against."""
+    return CheckedCompose(load_transforms([label_key]) + [
+        EnsureTyped(keys=label_key, dtype=torch.float32, track_meta=True),
+        BinarizeLabeld(keys=label_key, threshold=cfg.label_threshold),
+    ])

@@ -1,0 +1,251 @@
+"""VLM conditioning: a frozen Hugging Face CLIP-family model, and the ONE function that turns patches into ``cond``.
+
+:func:`patch_condition` is called by training for every random patch and by the sliding-window inferer for every
+window: the same code, on the same kind of input (a preprocessed patch of the patch/roi size), never on the whole
+image. How a patch becomes the VLM's input:
+
+1. 2D views. A 2D patch is one view. A 3D patch (``C, H, W, D``, D the axial axis after ``Orientation``) gives
+   ``num_slices`` evenly spaced axial slices, slice ``i`` at index ``floor((i + 0.5) * D / num_slices)``; their
+   embeddings are mean-pooled.
+2. A fixed intensity window ``(low, high)`` (in preprocessed units) maps each view to [0, 1], clipped; no
+   per-window normalisation, so the mapping is the same wherever the patch comes from.
+3. Channels to RGB: 1 channel is replicated, 2 channels become ``(c0, c1, (c0 + c1) / 2)``, 3 or more: the first
+   three.
+4. The model's own processor (resize, crop, mean/std normalisation; ``do_rescale=False`` since views are already
+   in [0, 1]) and ``get_image_features``; the embedding is L2-normalised.
+5. Text (optional): ``text_mode="label"`` uses one prompt for every patch, ``"image"`` the datalist entry's
+   ``text``; its L2-normalised ``get_text_features`` embedding is concatenated after the image embedding. A
+   missing text is an error, never a zero vector.
+
+Weights are loaded with ``from_pretrained`` from a local folder or a hub id; nothing here downloads unless the id
+is a hub id and the machine is online. :func:`make_tiny_clip` writes a tiny random CLIP for tests and demos.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VLMConfig
+
+logger = logging.getLogger(__name__)
+
+
+class VLMError(ValueError):
+    """The VLM or its inputs (texts) are missing or unusable."""
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 4 returns a tensor from get_*_features; transformers 5 a model output with pooler_output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "pooler_output", None) is not None:
+        return out.pooler_output
+    raise VLMError(f"unexpected output of the VLM's feature method: {type(out).__name__}")
+
+
+def axial_slice_indices(depth: int, num_slices: int) -> list[int]:
+    return [min(depth - 1, int((i + 0.5) * depth / num_slices)) for i in range(num_slices)]
+
+
+class VLMEncoder(nn.Module):
+    """Frozen CLIP / SigLIP (``AutoModel`` + its processor) with the patch-to-view rules above."""
+
+    def __init__(self, model: nn.Module, image_processor, tokenizer, cfg: VLMConfig):
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self._text_cache: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            dummy = torch.zeros(3, 16, 16)
+            pix = self.image_processor(images=[dummy], return_tensors="pt", do_rescale=False)["pixel_values"]
+            self.image_embed_dim = int(_features(self.model.get_image_features(pixel_values=pix)).shape[-1])
+        self.text_embed_dim = None
+        if tokenizer is not None and hasattr(self.model, "get_text_features"):
+            self.text_embed_dim = int(self._encode_text_uncached(["a"]).shape[-1])
+
+    @classmethod
+    def from_pretrained(cls, cfg: VLMConfig, device: str | torch.device | None = None) -> "VLMEncoder":
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        if not cfg.name_or_path:
+            raise VLMError("no VLM given (vlm.name_or_path is empty)")
+        src = str(cfg.name_or_path)
+        local = Path(src).expanduser()
+        if local.exists():
+            src = str(local)
+        elif src.startswith((".", "/", "~")):
+            raise VLMError(f"VLM folder {cfg.name_or_path!r} does not exist")
+        try:
+            model = AutoModel.from_pretrained(src)
+            image_processor = AutoImageProcessor.from_pretrained(src)
+        except (OSError, ValueError) as e:
+            raise VLMError(f"cannot load the VLM {cfg.name_or_path!r} with from_pretrained: {e}") from e
+        if not hasattr(model, "get_image_features"):
+            raise VLMError(f"{cfg.name_or_path!r} is a {type(model).__name__}, not a CLIP-family model "
+                           "(no get_image_features)")
+        tokenizer = None
+        if cfg.text_mode != "none":
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(src)
+            except (OSError, ValueError) as e:
+                raise VLMError(f"text_mode={cfg.text_mode!r} needs the VLM's tokenizer: {e}") from e
+        enc = cls(model, image_processor, tokenizer, cfg)
+        return enc.to(device) if device is not None else enc
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def resolved_config(self) -> VLMConfig:
+        """The VLMConfig with the embedding sizes of the loaded model filled in."""
+        import dataclasses
+
+        return dataclasses.replace(self.cfg, image_embed_dim=self.image_embed_dim,
+                                   text_embed_dim=self.text_embed_dim if self.cfg.text_mode != "none" else None)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.resolved_config().embed_dim
+
+    # -- patches -> 2D RGB views in [0, 1] ----------------------------------------------------------------------
+    def views(self, patches: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(B, C, *spatial) -> (B * S, 3, H, W) views in [0, 1], and S (views per patch)."""
+        if patches.ndim == 5:
+            idx = axial_slice_indices(patches.shape[-1], self.cfg.num_slices)
+            v = patches[..., idx]  # B, C, H, W, S
+            s = len(idx)
+            v = v.permute(0, 4, 1, 2, 3).reshape(-1, *v.shape[1:4])  # B*S, C, H, W
+        elif patches.ndim == 4:
+            v, s = patches, 1
+        else:
+            raise VLMError(f"patches must be (B, C, H, W) or (B, C, H, W, D); got shape {tuple(patches.shape)}")
+        lo, hi = self.cfg.intensity_window
+        v = ((v.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
+        c = v.shape[1]
+        if c == 1:
+            v = v.expand(-1, 3, -1, -1)
+        elif c == 2:
+            v = torch.cat([v, v.mean(1, keepdim=True)], dim=1)
+        else:
+            v = v[:, :3]
+        return v.contiguous(), s
+
+    @torch.no_grad()
+    def encode_images(self, patches: torch.Tensor) -> torch.Tensor:
+        v, s = self.views(patches)
+        pix = self.image_processor(images=list(v), return_tensors="pt", do_rescale=False)["pixel_values"]
+        emb = _features(self.model.get_image_features(pixel_values=pix.to(self.device, torch.float32)))
+        emb = F.normalize(emb.float(), dim=-1)
+        return emb.view(patches.shape[0], s, -1).mean(1)
+
+    def _encode_text_uncached(self, texts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        tok = {k: v.to(self.device) for k, v in tok.items()}
+        return F.normalize(_features(self.model.get_text_features(**tok)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            for t, e in zip(missing, self._encode_text_uncached(list(missing))):
+                self._text_cache[t] = e
+        return torch.stack([self._text_cache[t] for t in texts])
+
+
+def patch_texts(items: Sequence[dict], cfg: VLMConfig) -> list[str] | None:
+    """The text of every patch's source image, per ``text_mode``; a missing text raises ``VLMError``."""
+    if cfg.text_mode == "none":
+        return None
+    if cfg.text_mode == "label":
+        return [cfg.prompt] * len(items)
+    texts = []
+    for it in items:
+        t = it.get("text")
+        if not isinstance(t, str) or not t.strip():
+            name = it.get("case_id") or it.get("image")
+            raise VLMError(f"text_mode='image' but the datalist entry for {name!r} has no 'text'")
+        texts.append(t)
+    return texts
+
+
+def patch_condition(vlm: VLMEncoder | None, patches: torch.Tensor, texts: Sequence[str] | None = None
+                    ) -> torch.Tensor | None:
+    """THE conditioning function: a batch of preprocessed patches (+ a text per patch) -> ``(B, embed_dim)``.
+
+    Training calls it on every random patch, the sliding-window inferer on every window.
+    """
+    if vlm is None:
+        return None
+    emb = vlm.encode_images(patches)
+    if vlm.cfg.text_mode != "none":
+        if texts is None or len(texts) != patches.shape[0]:
+            raise VLMError(f"text_mode={vlm.cfg.text_mode!r}: need one text per patch "
+                           f"({patches.shape[0]}), got {None if texts is None else len(texts)}")
+        emb = torch.cat([emb, vlm.encode_texts(list(texts)).to(emb.device)], dim=-1)
+    return emb
+
+
+# -- a tiny CLIP for tests and demos (random weights: it carries no medical knowledge) ---------------------------
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def make_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, projection_dim: int = 32,
+                   seed: int = 0) -> Path:
+    """Write a tiny randomly initialised CLIP (model, image processor, byte-level tokenizer) with save_pretrained.
+
+    It loads through the same ``from_pretrained`` path as a real checkpoint. Random weights: its embeddings are
+    fixed random features of the patch, not medical knowledge.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|pad|>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}
+    for c in _bytes_to_unicode():
+        vocab[c] = len(vocab)
+    for c in _bytes_to_unicode():
+        vocab[c + "</w>"] = len(vocab)
+    tmp = path / "_vocab"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(vocab=str(tmp / "vocab.json"), merges=str(tmp / "merges.txt"), pad_token="<|pad|>")
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=image_size, patch_size=max(4, image_size // 8)),
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(cfg)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                            crop_size={"height": image_size, "width": image_size}),
+                         tokenizer=tok)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return path

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.config import HParams, ModelConfig, PreprocConfig, SamplerConfig, TrainConfig, VLMConfig, FlowConfig
+from lib.vlm import make_tiny_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DFM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CXR = SHARED / "cxr_lung"
+BRATS = SHARED / "brats_wt"
+
+requires_cxr = pytest.mark.skipif(not (CXR / "datalist.json").exists(),
+                                  reason=f"real chest X-ray data not found at {CXR} (CI has ../shared/data)")
+requires_brats = pytest.mark.skipif(not BRATS.exists(), reason=f"BraTS data not found at {BRATS} (CI has ../shared/data)")
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random CLIP written with save_pretrained; loaded through the same from_pretrained path as real ones."""
+    return make_tiny_clip(tmp_path_factory.mktemp("vlm") / "tiny-clip", image_size=32, hidden=32, projection_dim=16)
+
+
+def tiny_hparams(clip: Path | None, spatial_dims: int = 2, features=(8, 16, 32), patch=None, channels: int = 1,
+                 text_mode: str = "label", stages=None, mode: str = "dfm", spacing=None, steps: int = 3) -> HParams:
+    patch = list(patch or ([32, 32] if spatial_dims == 2 else [16, 16, 16]))
+    return HParams(
+        model=ModelConfig(spatial_dims=spatial_dims, in_channels=channels, features=tuple(features),
+                          time_embed_dim=16, vlm_film_decoder_stages=stages, mode=mode),
+        flow=FlowConfig(scheduler="polynomial", exponent=2.0),
+        sampler=SamplerConfig(name="euler", steps=steps, sw_batch_size=4, overlap=0.25),
+        vlm=VLMConfig(name_or_path=str(clip) if clip and mode == "dfm" else None, text_mode=text_mode,
+                      prompt="a bright blob", intensity_window=(-1.0, 2.0)),
+        preprocessing=PreprocConfig(spatial_dims=spatial_dims, num_channels=channels, spacing=spacing,
+                                    intensity={"type": "none"}, label_threshold=0.0, patch_size=patch),
+        train=TrainConfig(lr=3e-3, images_per_batch=2, patches_per_image=2, val_every_s=1e9, augment=False),
+        labels={"blob": 1},
+    )
+
+
+@pytest.fixture
+def make_system(tiny_clip):
+    from lib.training import build_system
+
+    def _make(**kw):
+        torch.manual_seed(kw.pop("seed", 0))
+        return build_system(tiny_hparams(tiny_clip, **kw))
+
+    return _make

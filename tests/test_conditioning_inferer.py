@@ -1,0 +1,157 @@
+"""One conditioning function for training patches and inference windows; sliding-window prediction."""
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from lib.config import VLMConfig
+from lib.data import random_patch_batch
+from lib.inferer import DFMSlidingWindowInferer
+from lib.training import train_loss
+from lib.vlm import VLMEncoder, VLMError, axial_slice_indices, patch_condition, patch_texts
+
+
+def _spy_prepare(system):
+    seen = []
+    orig = system.model.prepare
+
+    def prepare(image, embedding=None):
+        seen.append((image.detach().clone(), None if embedding is None else embedding.detach().clone()))
+        return orig(image, embedding)
+
+    system.model.prepare = prepare
+    return seen
+
+
+def test_tiny_clip_loads_through_from_pretrained(tiny_clip):
+    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(tiny_clip), text_mode="label", prompt="lung"))
+    assert enc.image_embed_dim == 16 and enc.text_embed_dim == 16 and enc.embed_dim == 32
+    assert not any(p.requires_grad for p in enc.parameters()), "the VLM must be frozen"
+    e = patch_condition(enc, torch.rand(3, 1, 40, 40), ["lung"] * 3)
+    assert e.shape == (3, 32)
+    assert torch.allclose(e[:, :16].norm(dim=-1), torch.ones(3), atol=1e-5)
+    with pytest.raises(VLMError, match="does not exist"):
+        VLMEncoder.from_pretrained(VLMConfig(name_or_path="./no/such/folder"))
+
+
+def test_3d_patches_use_evenly_spaced_axial_slices(tiny_clip):
+    assert axial_slice_indices(16, 3) == [2, 8, 13]
+    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(tiny_clip), num_slices=3))
+    vol = torch.rand(2, 2, 24, 24, 16)
+    views, s = enc.views(vol)
+    assert s == 3 and views.shape == (6, 3, 24, 24)
+    # channels -> RGB: (c0, c1, mean) after the fixed window [0, 1]
+    assert torch.allclose(views[0, 0], vol[0, 0, :, :, 2]) and torch.allclose(views[0, 2], vol[0, :, :, :, 2].mean(0))
+    # the pooled embedding is the mean of the slices' embeddings
+    per_slice = enc.encode_images(vol[:1, :, :, :, [2, 8, 13]].permute(0, 4, 1, 2, 3).reshape(3, 2, 24, 24))
+    assert torch.allclose(enc.encode_images(vol[:1])[0], per_slice.mean(0), atol=1e-6)
+
+
+def test_per_image_text_is_required_when_the_model_uses_it():
+    cfg = VLMConfig(name_or_path="x", text_mode="image")
+    assert patch_texts([{"text": "left lung"}], cfg) == ["left lung"]
+    with pytest.raises(VLMError, match="has no 'text'"):
+        patch_texts([{"image": "a.nii.gz", "case_id": "case7"}], cfg)
+    assert patch_texts([{}], VLMConfig(name_or_path="x", text_mode="label", prompt="lung")) == ["lung"]
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+def test_training_patch_and_inference_window_get_the_same_conditioning(make_system, sd):
+    """The training path (random patch) and the sliding-window path condition the same patch identically."""
+    patch = [32, 32] if sd == 2 else [16, 16, 16]
+    system = make_system(spatial_dims=sd, patch=patch, features=(8, 16))
+    size = [2 * p for p in patch]
+    g = torch.Generator().manual_seed(0)
+    image = MetaTensor(torch.rand(1, *size, generator=g))
+    label = torch.zeros(1, *size)
+    label[(0,) + tuple(p // 2 for p in patch)] = 1  # one foreground voxel: the positive crop is the first window
+    item = {"image": image, "label": label, "case_id": "case0"}
+    system.hparams.preprocessing.pos, system.hparams.preprocessing.neg = 1.0, 0.0
+    batch = random_patch_batch([item], system.hparams.preprocessing, num_patches=1, augment=False)
+    seen = _spy_prepare(system)
+    train_loss(system, {**batch, "label": batch["label"]}, "cpu")
+    (train_patch, train_emb), = seen
+    assert torch.equal(train_patch, image[None, :, : patch[0], : patch[1]] if sd == 2
+                       else image[None, :, : patch[0], : patch[1], : patch[2]])
+    seen.clear()
+    inferer = DFMSlidingWindowInferer(patch, sw_batch_size=1, overlap=0.0, steps=2)
+    inferer(image[None], system)
+    windows = [w for w, _ in seen]
+    assert len(windows) == 2 ** sd and all(tuple(w.shape[2:]) == tuple(patch) for w in windows)
+    first = [e for w, e in seen if torch.equal(w, train_patch)]
+    assert first, "no inference window covers the training patch"
+    assert torch.equal(first[0], train_emb)
+
+
+def test_vlm_embedding_is_per_window_not_whole_image(make_system):
+    """Regression: the earlier system embedded the whole image at test time but each patch in training."""
+    system = make_system(patch=[32, 32])
+    calls = []
+    orig = system.vlm.encode_images
+
+    def spy(patches):
+        calls.append(tuple(patches.shape))
+        return orig(patches)
+
+    system.vlm.encode_images = spy
+    seen = _spy_prepare(system)
+    image = torch.rand(1, 1, 96, 80)
+    DFMSlidingWindowInferer([32, 32], sw_batch_size=2, overlap=0.25, steps=2)(image, system)
+    assert calls and all(c[2:] == (32, 32) for c in calls), f"VLM saw {calls}, not roi-sized windows"
+    embs = torch.cat([e for _, e in seen])
+    whole = patch_condition(system.vlm, image, ["a bright blob"])
+    assert embs.shape[0] > 4 and embs.unique(dim=0).shape[0] == embs.shape[0], "windows got the same embedding"
+    assert not any(torch.allclose(e, whole[0], atol=1e-4) for e in embs)
+    for (w, e) in seen:  # every window's embedding is the conditioning of that window
+        assert torch.allclose(e, patch_condition(system.vlm, w, ["a bright blob"] * w.shape[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,patch", [((50, 37), [32, 32]), ((20, 18, 13), [16, 16, 16]), ((12, 70), [32, 32])])
+def test_prediction_has_the_size_of_the_input(make_system, shape, patch):
+    system = make_system(spatial_dims=len(shape), patch=patch, features=(8, 16))
+    inferer = DFMSlidingWindowInferer(patch, sw_batch_size=3, overlap=0.5, steps=2, num_samples=2)
+    prob, var = inferer(torch.rand(1, 1, *shape), system, return_variance=True)
+    assert tuple(prob.shape) == (1, 1, *shape) and tuple(var.shape) == (1, 1, *shape)
+    assert prob.min() >= 0 and prob.max() <= 1 and var.min() >= 0
+
+
+def test_inferer_is_reproducible_and_seeded(make_system):
+    system = make_system()
+    img = torch.rand(1, 1, 48, 48)
+    inf = DFMSlidingWindowInferer([32, 32], steps=3)
+    a, b = inf(img, system, seed=5), inf(img, system, seed=5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, inf(img, system, seed=6))
+
+
+def test_inferer_rejects_bad_settings(make_system):
+    from lib.config import ConfigError
+
+    for kw, msg in (({"steps": 0}, "steps"), ({"overlap": 2.0}, "overlap"), ({"sampler": "rk9"}, "sampler"),
+                    ({"num_samples": 0}, "num_samples")):
+        with pytest.raises(ConfigError, match=msg):
+            DFMSlidingWindowInferer([32, 32], **kw)
+    system = make_system()
+    with pytest.raises(ValueError, match="2D"):
+        DFMSlidingWindowInferer([32, 32])(torch.rand(1, 1, 8, 8, 8), system)
+    with pytest.raises(ValueError, match="1 image channel"):
+        DFMSlidingWindowInferer([32, 32])(torch.rand(1, 2, 40, 40), system)
+
+
+def test_random_patch_batch_respects_pos_neg_ratio(make_system):
+    system = make_system()
+    label = torch.zeros(1, 96, 96)
+    label[:, 40:56, 40:56] = 1
+    item = {"image": MetaTensor(torch.rand(1, 96, 96)), "label": label, "case_id": "c"}
+    pre = system.hparams.preprocessing
+    pre.pos, pre.neg = 1.0, 0.0
+    b = random_patch_batch([item], pre, num_patches=8, seed=1)
+    assert b["image"].shape == (8, 1, 32, 32) and b["label"].shape == (8, 1, 32, 32)
+    centers = np.array(b["center"])
+    assert (np.abs(centers - 47.5) <= 8.5).all(), "positive centres must lie in the foreground"
+    pre.pos, pre.neg = 0.0, 1.0
+    b = random_patch_batch([item], pre, num_patches=8, seed=1)
+    centers = np.array(b["center"])
+    inside = ((centers >= 40) & (centers < 56)).all(axis=1)
+    assert not inside.any(), "negative centres must lie in the background"

@@ -1,0 +1,153 @@
+"""Bad input gives clear errors; metrics in original geometry; validation during training == `evaluate`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lib.audit import audit
+from lib.checkpoint import save_checkpoint
+from lib.cli import main as cli
+from lib.evaluation import case_metrics, evaluate_items, predict_item
+from lib.phantoms import phantom, write_nifti, write_phantom_case
+from lib.transforms import InputError
+
+from conftest import ROOT, tiny_hparams
+
+
+@pytest.fixture
+def system2d(make_system):
+    return make_system(spacing=[2.0, 2.0])
+
+
+def _img2d(tmp_path, name="img.nii.gz", arr=None, spacing=(1.0, 1.0)):
+    arr = np.random.default_rng(0).random((40, 36)).astype(np.float32) if arr is None else arr
+    return str(write_nifti(tmp_path / name, arr, spacing))
+
+
+def test_bad_inputs_give_errors_that_name_the_problem(tmp_path, system2d, make_system):
+    nan = np.random.default_rng(0).random((40, 36)).astype(np.float32)
+    nan[3, 4] = np.nan
+    with pytest.raises(InputError, match=r"nan\.nii\.gz.*1 NaN"):
+        predict_item(system2d, {"image": _img2d(tmp_path, "nan.nii.gz", nan)})
+    two = np.random.default_rng(0).random((40, 36, 2)).astype(np.float32)  # 2 channels (last axis in NIfTI)
+    two_path = str(write_nifti(tmp_path / "two.nii.gz", two))
+    with pytest.raises(InputError, match=r"a 3D image|expects 1 channel"):
+        predict_item(system2d, {"image": two_path})
+    with pytest.raises(InputError, match=r"expects 1 channel\(s\), the image has 2"):
+        predict_item(system2d, {"image": [_img2d(tmp_path, "a.nii.gz"), _img2d(tmp_path, "b.nii.gz")]})
+    system3d = make_system(spatial_dims=3, features=(8, 16))
+    with pytest.raises(InputError, match=r"a 2D image .* was given to a 3D model"):
+        predict_item(system3d, {"image": _img2d(tmp_path)})
+    bad = tmp_path / "corrupt.nii.gz"
+    bad.write_bytes(b"\x1f\x8b this is not a nifti file")
+    with pytest.raises(InputError, match=r"cannot read .*corrupt\.nii\.gz"):
+        predict_item(system2d, {"image": str(bad)})
+    with pytest.raises(InputError, match="image file not found"):
+        predict_item(system2d, {"image": str(tmp_path / "nope.nii.gz")})
+    with pytest.raises(InputError, match="differs from its label"):
+        system2d.preprocessing({"image": _img2d(tmp_path), "label": _img2d(tmp_path, "l.nii.gz", np.zeros((10, 10)))})
+
+
+def test_cli_reports_bad_checkpoint_and_input_without_traceback(tmp_path, system2d):
+    from monai.networks.nets import UNet
+
+    other = tmp_path / "unet.pt"
+    torch.save(UNet(2, 1, 1, channels=(4, 8), strides=(2,)).state_dict(), other)
+    img = _img2d(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "lib", "predict", "--checkpoint", str(other), "--image", img, "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "architecture is unknown" in r.stderr and "Traceback" not in r.stderr
+    ck = tmp_path / "ok.pt"
+    save_checkpoint(ck, system2d.model, system2d.hparams)
+    nan = np.zeros((40, 36), np.float32)
+    nan[0, 0] = np.inf
+    assert cli(["predict", "--checkpoint", str(ck), "--image", _img2d(tmp_path, "inf.nii.gz", nan), "--out",
+                str(tmp_path / "o"), "--no-progress"]) == 2
+    assert cli(["predict", "--checkpoint", str(ck), "--image", img, "--out", str(tmp_path / "o"), "--steps", "0",
+                "--no-progress"]) == 2
+
+
+def test_case_metrics_with_monai():
+    a = torch.zeros(1, 20, 20)
+    a[:, 5:15, 5:15] = 1
+    b = torch.zeros(1, 20, 20)
+    b[:, 5:15, 10:20] = 1
+    m = case_metrics(a, a)
+    assert m["dice"] == pytest.approx(1.0) and m["hd95"] == pytest.approx(0.0)
+    m = case_metrics(a, b, spacing=[1.0, 2.0])
+    assert m["dice"] == pytest.approx(0.5) and m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
+    assert m["hd95"] == pytest.approx(10.0)  # 5 columns apart at 2 mm
+    empty = case_metrics(torch.zeros(1, 20, 20), a)
+    assert empty["dice"] == 0.0 and empty["hd95"] is None
+
+
+def test_prediction_comes_back_in_the_original_geometry(tmp_path, system2d, make_system):
+    path = _img2d(tmp_path, spacing=(0.7, 1.3))
+    r = predict_item(system2d, {"image": path, "case_id": "x"}, return_variance=True)
+    ref = nib.load(path)
+    assert tuple(r["prob"].shape[1:]) == ref.shape
+    assert np.allclose(np.asarray(r["prob"].affine)[:2, :2], ref.affine[:2, :2])
+    assert tuple(r["prob_pre"].shape[1:]) != ref.shape  # it was resampled to 2 mm for the network
+    # 3D with orientation + spacing: the probability map is inverted onto the input's grid
+    s3 = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
+    s3.hparams.preprocessing.orientation = "RAS"
+    entry = write_phantom_case(tmp_path / "p3", "case", shape=(30, 26, 14), spacing=(1.2, 1.0, 2.5))
+    r3 = predict_item(s3, entry)
+    ref3 = nib.load(entry["image"])
+    assert tuple(r3["prob"].shape[1:]) == ref3.shape
+    assert np.allclose(np.asarray(r3["prob"].affine), ref3.affine, atol=1e-4)
+
+
+def _phantom_datalist(tmp_path, n_train=6, n_val=3, shape=(40, 40)):
+    items = {"training": [], "validation": []}
+    for i in range(n_train + n_val):
+        img, lab = phantom(shape, seed=i)
+        split = "training" if i < n_train else "validation"
+        items[split].append({"image": str(write_nifti(tmp_path / f"img{i}.nii.gz", img[0])),
+                             "label": str(write_nifti(tmp_path / f"lab{i}.nii.gz", lab, dtype=np.uint8))})
+    p = tmp_path / "datalist.json"
+    p.write_text(json.dumps(items))
+    return p
+
+
+def test_validation_logged_during_training_equals_evaluate(tmp_path, tiny_clip):
+    datalist = _phantom_datalist(tmp_path)
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps(tiny_hparams(tiny_clip, spacing=[1.0, 1.0]).to_dict()))
+    out = tmp_path / "run"
+    assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
+                "--max-iterations", "25", "--no-progress"]) == 0
+    hist = json.loads((out / "history.json").read_text())
+    assert cli(["evaluate", "--checkpoint", str(out / "best.pt"), "--datalist", str(datalist), "--split",
+                "validation", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert abs(summary["dice"]["mean"] - max(h["val_dice"] for h in hist)) < 1e-6
+    assert (tmp_path / "ev" / "cases.csv").read_text().startswith("case_id,dice,hd95,precision,recall")
+    ck = torch.load(out / "best.pt", weights_only=True)
+    assert ck["hyper_parameters"]["model"]["vlm_film_decoder_stages"] == [0, 1]
+
+
+def test_audit_flags_what_differs(tmp_path):
+    a, b = [], []
+    for i in range(6):
+        img, lab = phantom((32, 32), seed=i)
+        a.append({"image": str(write_nifti(tmp_path / f"a{i}.nii.gz", img[0])), "text": "blob",
+                  "label": str(write_nifti(tmp_path / f"la{i}.nii.gz", lab)), "case_id": f"a{i}"})
+        img2, lab2 = phantom((40, 32), seed=100 + i, contrast=5.0)
+        b.append({"image": str(write_nifti(tmp_path / f"b{i}.nii.gz", img2[0] + 3, spacing=(0.5, 0.5))),
+                  "label": str(write_nifti(tmp_path / f"lb{i}.nii.gz", lab2, spacing=(0.5, 0.5))),
+                  "case_id": f"b{i}"})
+    b[0]["case_id"] = "a0"
+    b[0]["text"] = "blob"
+    rep = audit(a, b, "val", "test")
+    checks = {f["check"] for f in rep["flags"]}
+    assert {"shapes", "spacings", "distribution:p50", "missing_text", "id_overlap", "entry_keys"} <= checks, checks
+    assert not {"pixel_duplicates", "unreadable"} & checks
+    same = audit(a[:3], a[3:], "x", "y")
+    assert not [f for f in same["flags"] if f["severity"] != "info"]

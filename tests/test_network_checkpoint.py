@@ -1,0 +1,191 @@
+"""FiLM stages, per-patch caching, and self-describing checkpoints (incl. the 4-heads-loaded-as-2 regression)."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from lib.checkpoint import CheckpointError, film_stages_in, load_checkpoint, load_system, save_checkpoint
+from lib.config import ConfigError, HParams, ModelConfig
+from lib.flow import PolynomialScheduler
+from lib.network import ConditionalUNet
+from lib.samplers import sampler_dfm_euler
+
+from conftest import tiny_hparams
+
+
+def _inputs(model, b=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = model.cfg.spatial_dims
+    shape = (b, model.cfg.in_channels) + (size,) * sd
+    img = torch.rand(shape, generator=g)
+    x = (torch.rand((b, 1) + (size,) * sd, generator=g) < 0.5).float()
+    emb = torch.randn(b, model.cfg.cond_dim, generator=g) if model.cfg.cond_dim else None
+    return img, x, emb
+
+
+def _randomize_film(model):
+    with torch.no_grad():
+        for head in model.vlm_film_heads.values():
+            head.weight.normal_(0, 0.5)
+            head.bias.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+def test_film_heads_default_to_every_decoder_stage(sd):
+    m = ConditionalUNet(ModelConfig(spatial_dims=sd, features=(8, 16, 32, 64), cond_dim=12, time_embed_dim=16))
+    assert m.vlm_film_decoder_stages == [0, 1, 2]
+    assert sorted(m.vlm_film_heads.keys()) == ["0", "1", "2"]
+    img, x, emb = _inputs(m, size=16)
+    out = m(x, torch.rand(2), m.prepare(img, emb))
+    assert out.shape == x.shape
+
+
+def test_explicit_film_stages_and_that_they_condition_the_output():
+    m = ConditionalUNet(ModelConfig(features=(8, 16, 32, 64), cond_dim=12, time_embed_dim=16,
+                                    vlm_film_decoder_stages=[2, 0]))
+    assert m.vlm_film_decoder_stages == [0, 2]
+    assert set(film_stages_in(m.state_dict())) == {0, 2}
+    _randomize_film(m)
+    img, x, emb = _inputs(m)
+    t = torch.full((2,), 0.3)
+    a = m(x, t, m.prepare(img, emb))
+    b = m(x, t, m.prepare(img, emb.flip(0)))
+    assert not torch.allclose(a, b), "the VLM embedding must change the output through FiLM"
+    with pytest.raises(ConfigError, match="names stage"):
+        ConditionalUNet(ModelConfig(features=(8, 16, 32), cond_dim=4, vlm_film_decoder_stages=[0, 5]))
+
+
+def test_film_parameters_are_computed_once_per_patch_not_per_step():
+    m = ConditionalUNet(ModelConfig(features=(8, 16, 32), cond_dim=12, time_embed_dim=16))
+    calls = []
+    for head in m.vlm_film_heads.values():
+        head.register_forward_hook(lambda *a: calls.append(1))
+    img, x, emb = _inputs(m)
+    cond = m.prepare(img, emb)
+    assert len(calls) == 2
+    sampler_dfm_euler(m, cond, x, 6, PolynomialScheduler(2), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2, "FiLM heads ran again inside the sampler"
+
+
+def test_checkpoint_round_trip_is_complete_and_atomic(tmp_path, make_system):
+    system = make_system(features=(8, 16, 32, 64))
+    _randomize_film(system.model)
+    path = tmp_path / "ck" / "model.pt"
+    save_checkpoint(path, system.model, system.hparams, metrics={"val_dice": 0.5})
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"], "temporary file left behind"
+    raw = torch.load(path, weights_only=True)
+    hp = raw["hyper_parameters"]
+    assert raw["library_version"] and raw["format"] == "dfm-vlm-checkpoint"
+    assert hp["model"]["vlm_film_decoder_stages"] == [0, 1, 2]
+    for section, keys in {"model": ["spatial_dims", "in_channels", "features", "cond_dim"],
+                          "flow": ["scheduler", "exponent", "source_p"], "sampler": ["name", "steps", "roi_size"],
+                          "vlm": ["name_or_path", "image_embed_dim", "text_embed_dim"],
+                          "preprocessing": ["spacing", "orientation", "intensity", "patch_size"]}.items():
+        for k in keys:
+            assert k in hp[section], f"{section}.{k} missing from the checkpoint"
+    assert hp["vlm"]["image_embed_dim"] == 16 and hp["model"]["cond_dim"] == 32
+    ck = load_checkpoint(path)
+    img, x, emb = _inputs(system.model)
+    t = torch.full((2,), 0.4)
+    with torch.no_grad():
+        assert torch.equal(system.model.eval()(x, t, system.model.prepare(img, emb)), ck.model(x, t, ck.model.prepare(img, emb)))
+    assert ck.hparams.to_dict() == system.hparams.to_dict()
+    # the whole system (model + VLM) comes back from the checkpoint alone
+    loaded = load_system(path)
+    assert loaded.vlm is not None and loaded.vlm.embed_dim == 32
+    # overwriting replaces the file in one step (a reader sees old or new, never half)
+    mtime = os.stat(path).st_mtime_ns
+    save_checkpoint(path, system.model, system.hparams)
+    assert os.stat(path).st_mtime_ns >= mtime and len(list(path.parent.iterdir())) == 1
+
+
+def _four_head_model():
+    torch.manual_seed(0)
+    m = ConditionalUNet(ModelConfig(features=(8, 16, 32, 64, 128), cond_dim=12, time_embed_dim=16))
+    _randomize_film(m)
+    assert m.vlm_film_decoder_stages == [0, 1, 2, 3]
+    return m
+
+
+def test_four_heads_with_stages_none_load_as_four_stages(tmp_path):
+    """Regression: the earlier system loaded a 4-head checkpoint as 2 heads (hparams None, code default [0, 1])."""
+    m = _four_head_model()
+    hp = dataclasses.asdict(m.cfg)
+    hp["vlm_film_decoder_stages"] = None
+    hp["features"] = list(hp["features"])
+    path = tmp_path / "old.ckpt"
+    sd = {f"model.{k}": v for k, v in m.state_dict().items()}
+    sd["vlm.some_frozen_weight"] = torch.zeros(3)
+    torch.save({"state_dict": sd, "hyper_parameters": {**hp, "lr": 1e-3, "epochs": 10}, "epoch": 9}, path)
+    ck = load_checkpoint(path)
+    assert ck.source_format == "lightning"
+    assert ck.model.vlm_film_decoder_stages == [0, 1, 2, 3]
+    assert ck.hparams.model.vlm_film_decoder_stages == [0, 1, 2, 3]
+    assert any("derived [0, 1, 2, 3]" in n for n in ck.notes)
+    img, x, emb = _inputs(m)
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x, t, m.prepare(img, emb)), ck.model(x, t, ck.model.prepare(img, emb)))
+    # same in our own (nested) format with the stages stored as None
+    full = HParams(model=ModelConfig(**{**hp, "features": tuple(hp["features"])})).to_dict()
+    full["model"]["vlm_film_decoder_stages"] = None
+    p2 = tmp_path / "nested.pt"
+    torch.save({"format": "dfm-vlm-checkpoint", "format_version": 1, "state_dict": m.state_dict(),
+                "hyper_parameters": full}, p2)
+    assert load_checkpoint(p2).model.vlm_film_decoder_stages == [0, 1, 2, 3]
+
+
+def test_disagreeing_hyper_parameters_raise_naming_both(tmp_path):
+    m = _four_head_model()
+    hp = HParams(model=m.cfg).to_dict()
+    hp["model"]["vlm_film_decoder_stages"] = [0, 1]
+    p = tmp_path / "bad.pt"
+    torch.save({"format": "dfm-vlm-checkpoint", "format_version": 1, "state_dict": m.state_dict(),
+                "hyper_parameters": hp}, p)
+    with pytest.raises(CheckpointError, match=r"vlm_film_decoder_stages=\[0, 1\].*stages \[0, 1, 2, 3\]"):
+        load_checkpoint(p)
+    hp["model"]["vlm_film_decoder_stages"] = [0, 1, 2, 3]
+    hp["model"]["features"] = [8, 16, 32, 64, 256]
+    torch.save({"format": "dfm-vlm-checkpoint", "format_version": 1, "state_dict": m.state_dict(),
+                "hyper_parameters": hp}, p)
+    with pytest.raises(CheckpointError, match=r"features=\[8, 16, 32, 64, 256\].*vs"):
+        load_checkpoint(p)
+    hp["model"]["features"] = [8, 16, 32, 64, 128]
+    hp["model"]["cond_dim"] = 99
+    torch.save({"format": "dfm-vlm-checkpoint", "format_version": 1, "state_dict": m.state_dict(),
+                "hyper_parameters": hp}, p)
+    with pytest.raises(CheckpointError, match="cond_dim=99.*12-d"):
+        load_checkpoint(p)
+
+
+def test_checkpoints_of_other_architectures_are_refused_clearly(tmp_path):
+    from monai.networks.nets import UNet
+
+    other = UNet(2, 1, 1, channels=(4, 8), strides=(2,))
+    p = tmp_path / "monai_unet.pt"
+    torch.save(other.state_dict(), p)
+    with pytest.raises(CheckpointError, match="no hyper-parameters, so its architecture is unknown"):
+        load_checkpoint(p)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},
+                "hyper_parameters": {"spatial_dims": 2, "in_channels": 1, "features": [4, 8]}}, p)
+    with pytest.raises(CheckpointError, match="disagree"):
+        load_checkpoint(p)
+    p.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(p)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": [1, 2, 3]}, p)
+    with pytest.raises(CheckpointError, match="neither a DFM"):
+        load_checkpoint(p)
+
+
+def test_plain_baseline_uses_the_same_unet_without_x_t_or_vlm(tiny_clip):
+    from lib.training import build_system
+
+    s = build_system(tiny_hparams(tiny_clip, mode="plain"))
+    assert s.vlm is None and not s.model.dfm and len(s.model.vlm_film_heads) == 0
+    img = torch.rand(2, 1, 32, 32)
+    assert s.model(None, None, s.model.prepare(img)).shape == (2, 1, 32, 32)
