@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from monai.transforms import (
     Compose,
@@ -72,44 +71,49 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
     return items
 
 
+def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True) -> list:
+    """Per-image random patching, as MONAI dictionary transforms (also the MONAI Label trainer's pre-transforms).
+
+    [augmentation: small random affine] -> pad to the patch size -> ``RandCropByPosNegLabeld`` (``num_samples``
+    patches, positive/negative centres at ``pos : neg``) -> [augmentation: intensity scale, shift, gamma].
+    """
+    cfg = cfg.resolved()
+    keys = ["image", "label"]
+    t: list = []
+    if augment:
+        rot = (0.15,) if cfg.spatial_dims == 2 else (0.1, 0.1, 0.1)
+        t.append(RandAffined(keys=keys, prob=0.3, rotate_range=rot, scale_range=0.1, mode=("bilinear", "nearest"),
+                             padding_mode="zeros"))
+    t.append(SpatialPadd(keys=keys, spatial_size=cfg.patch_size))
+    t.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos,
+                                    neg=cfg.neg, num_samples=num_patches, allow_smaller=False))
+    if augment:
+        t += [RandScaleIntensityd(keys="image", factors=0.15, prob=0.5),
+              RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+              RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3)]
+    return t
+
+
+def _plain(x) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
 class PatchBatcher:
-    """``random_patch_batch`` with its own seeded random state (MONAI ``RandCropByPosNegLabeld``)."""
+    """``random_patch_batch`` with its own seeded random state: :func:`patch_transforms` over a list of images."""
 
     def __init__(self, cfg: PreprocConfig, num_patches: int, augment: bool = True, seed: int = 0):
-        cfg = cfg.resolved()
-        self.cfg = cfg
-        keys = ["image", "label"]
-        spatial: list = []
-        if augment:
-            rot = (0.15,) if cfg.spatial_dims == 2 else (0.1, 0.1, 0.1)
-            spatial.append(RandAffined(keys=keys, prob=0.3, rotate_range=rot, scale_range=0.1,
-                                       mode=("bilinear", "nearest"), padding_mode="zeros"))
-        self.spatial = Compose(spatial + [SpatialPadd(keys=keys, spatial_size=cfg.patch_size)])
-        self.crop = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos,
-                                           neg=cfg.neg, num_samples=num_patches, allow_smaller=False)
-        self.intensity = Compose([
-            RandScaleIntensityd(keys="image", factors=0.15, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-            RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
-        ]) if augment else None
-        rs = np.random.RandomState(seed)
-        for t in (self.spatial, self.crop, self.intensity):
-            if t is not None:
-                t.set_random_state(state=rs)
+        self.transforms = Compose(patch_transforms(cfg, num_patches, augment))
+        self.transforms.set_random_state(seed=seed)
+        self.crop = next(t for t in self.transforms.transforms if isinstance(t, RandCropByPosNegLabeld))
 
     def __call__(self, items: Sequence[dict]) -> dict:
         images, labels, ids, centers, sources = [], [], [], [], []
         for it in items:
-            d = self.spatial({"image": it["image"], "label": it["label"]})
-            patches = self.crop(d)
+            patches = self.transforms({"image": it["image"], "label": it["label"]})
             crop_centers = [list(map(int, c)) for c in (self.crop.cropper.centers or [])]
             for j, p in enumerate(patches):
-                if self.intensity is not None:
-                    p = self.intensity(p)
-                images.append(torch.as_tensor(p["image"]).as_tensor() if hasattr(p["image"], "as_tensor")
-                              else torch.as_tensor(p["image"]))
-                lab = p["label"]
-                labels.append(lab.as_tensor() if hasattr(lab, "as_tensor") else torch.as_tensor(lab))
+                images.append(_plain(p["image"]))
+                labels.append(_plain(p["label"]))
                 ids.append(it.get("case_id"))
                 centers.append(crop_centers[j] if j < len(crop_centers) else None)
                 sources.append(it)

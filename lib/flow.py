@@ -72,17 +72,20 @@ def flow_loss(logits: torch.Tensor, x1: torch.Tensor, dice_weight: float = 0.0) 
     return loss
 
 
-def training_step(model, cond, x1: torch.Tensor, flow: FlowConfig,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def training_step(model, cond, x1: torch.Tensor, flow: FlowConfig, generator: torch.Generator | None = None,
+                  dfm: bool | None = None, return_logits: bool = False):
     """One loss evaluation: draw ``t`` and ``x_t`` per patch, ``logits = model(x_t, t, cond)``, BCE on ``x1``.
 
-    A ``"plain"`` model (the baseline) ignores ``x_t`` and ``t``; its loss is the same BCE on ``x1``.
+    A ``"plain"`` model (the baseline) ignores ``x_t`` and ``t``; its loss is the same BCE on ``x1``. ``dfm``
+    defaults to ``model.dfm`` (pass it when ``model`` is wrapped, e.g. in DistributedDataParallel).
     """
-    if getattr(model, "dfm", True):
+    dfm = getattr(model, "dfm", True) if dfm is None else dfm
+    if dfm:
         path = MixtureBinaryPath(make_scheduler(flow), flow.source_p)
         t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
         x_t = path.sample(x1, t, generator)
         logits = model(x_t, t, cond)
     else:
         logits = model(None, None, cond)
-    return flow_loss(logits, x1, flow.dice_weight)
+    loss = flow_loss(logits, x1, flow.dice_weight)
+    return (loss, logits) if return_logits else loss

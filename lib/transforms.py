@@ -184,3 +184,33 @@ def label_transforms(cfg: PreprocConfig, label_key: str = "label") -> Compose:
         EnsureTyped(keys=label_key, dtype=torch.float32, track_meta=True),
         BinarizeLabeld(keys=label_key, threshold=cfg.label_threshold),
     ])
+
+
+def image_spatial_dims(path) -> int:
+    """2 or 3 from the file header (no pixel data read): a trailing axis of size <= 4 is taken as channels."""
+    import nibabel as nib
+
+    p = str(path)
+    low = p.lower()
+    if os.path.isdir(p) or low.endswith(".dcm"):
+        return 3
+    if low.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
+        return 2
+    if low.endswith((".nii", ".nii.gz")):
+        shape = nib.load(p).shape
+    elif low.endswith(".nrrd"):
+        import nrrd
+
+        shape = tuple(nrrd.read_header(p)["sizes"])
+    else:
+        from monai.transforms import LoadImage
+
+        shape = tuple(LoadImage(image_only=True)(p).shape)
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
+        return 3
+    if len(shape) == 3 and shape[-1] <= 4 and min(shape[:2]) > 16 * shape[-1]:
+        return 2  # a 2D image with a few channels stored last
+    return len(shape)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The same training + evaluation, briefly (about 5 minutes), on a CUDA machine that has PyTorch but no internet.
+#
+#   On a machine WITH internet (here), fetch the wheels the GPU machine lacks, beside the repo:
+#       bash bench/gpu.sh fetch              # -> .whl/ (Python 3.12, manylinux x86_64)
+#   Copy the chest X-ray data into the repo tree if the GPU machine cannot see ../shared:
+#       DATA=/path/to/shared/data bash bench/gpu.sh
+#   On the GPU machine:
+#       bash bench/gpu.sh                    # installs .whl/*.whl into /tmp/site, trains 4 min, evaluates
+#
+# Prints the training log, the validation/test Dice of `python -m lib evaluate` and the seconds per image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${WHEELS:-.whl}
+PYV=${PYV:-3.12}
+
+if [ "${1:-}" = fetch ]; then
+  mkdir -p "$WHEELS"
+  # everything lib/ needs besides torch (the GPU machine has torch); versions as in requirements.txt
+  pkgs=$(grep -E '^(monai|transformers|tokenizers|safetensors|huggingface-hub|hf-xet|nibabel|tqdm|scipy|pillow|numpy|regex|pyyaml|filelock|fsspec|packaging|typing-extensions|scikit-image|imageio|tifffile|lazy-loader|networkx|httpx|httpcore|h11|anyio|idna|certifi|sniffio|typer|click|shellingham|rich|markdown-it-py|mdurl|pygments|annotated-doc)==' requirements.txt)
+  python3 -m pip download --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$WHEELS" $pkgs
+  exit 0
+fi
+
+PY=${PY:-python3}
+if [ -d "$WHEELS" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+[ -d runs/vlm/tiny-clip ] || $PY -m lib make-tiny-vlm runs/vlm/tiny-clip
+start=$(date +%s)
+$PY -m lib train --preset cxr_lung --datalist "$DATA/cxr_lung/datalist.json" --out "$OUT/cxr_dfm" --minutes 4 \
+  --device cuda --set train.images_per_batch=16 --set train.val_every_s=60 --set sampler.sw_batch_size=36 --no-progress
+for split in validation test; do
+  $PY -m lib evaluate --checkpoint "$OUT/cxr_dfm/best.pt" --datalist "$DATA/cxr_lung/datalist.json" --split $split \
+    --out "$OUT/cxr_dfm/eval_$split" --device cuda --amp --no-progress
+done
+echo "total seconds: $(( $(date +%s) - start ))"

@@ -1,0 +1,112 @@
+"""Active learning on DFM sampler uncertainty.
+
+``DFMUncertaintyScoring`` draws M samples (fresh source noise each) per unlabelled image with the infer task's own
+core path (:func:`lib.evaluation.predict_item`, ``num_samples=M``) and stores in the datastore's image info
+
+* ``{model}_uncertainty``: the score the strategy ranks by (default: the per-voxel variance of the M samples summed
+  and divided by the number of predicted foreground voxels -- boundary disagreement relative to object size;
+  ``bench/uncertainty_bench.py`` measures how it ranks images by their Dice),
+* ``{model}_uncertainty_detail`` (all summaries) and ``{model}_uncertainty_ts`` (the checkpoint's mtime: an image
+  is rescored only when the model changed).
+
+``DFMUncertaintyStrategy`` serves the unlabelled image with the highest score (scoring the unscored ones first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from lib.evaluation import make_inferer, predict_item
+from lib.infers.dfm_vlm import DFMVLMInfer, ModelNotReady, uncertainty_scores
+from lib.transforms import InputError, image_spatial_dims
+
+logger = logging.getLogger(__name__)
+
+SCORE = "variance_per_foreground_voxel"
+
+
+class DFMUncertaintyScoring(ScoringMethod):
+    def __init__(self, infer_task: DFMVLMInfer, model: str, num_samples: int = 4, score: str = SCORE):
+        super().__init__(f"DFM sampler uncertainty of {model} ({num_samples} samples per image)")
+        self.infer_task = infer_task
+        self.model = model
+        self.num_samples = num_samples
+        self.score = score
+        self.key = f"{model}_uncertainty"
+
+    def info(self):
+        i = super().info()
+        i.update({"model": self.model, "num_samples": self.num_samples, "score": self.score, "key": self.key})
+        return i
+
+    def candidates(self, datastore: Datastore) -> list[str]:
+        out = []
+        for image_id in datastore.get_unlabeled_images():
+            try:
+                if image_spatial_dims(datastore.get_image_uri(image_id)) == self.infer_task.dimension:
+                    out.append(image_id)
+            except Exception as e:  # noqa: BLE001 - an unreadable study is skipped, not fatal
+                logger.warning("%s: cannot read %s: %s", self.key, image_id, e)
+        return out
+
+    def score_image(self, image_id: str, datastore: Datastore, num_samples: int, device: str = "cpu") -> dict:
+        system = self.infer_task.system(device)
+        inferer = make_inferer(system, num_samples=num_samples)
+        uri = datastore.get_image_uri(image_id)
+        from lib.data import case_id
+
+        out = predict_item(system, {"image": uri, "case_id": case_id({"image": uri})}, inferer, return_variance=True)
+        return uncertainty_scores(out["prob_pre"], out["var_pre"])
+
+    def __call__(self, request, datastore: Datastore):
+        t0 = time.time()
+        try:
+            path = self.infer_task.get_path()
+            self.infer_task.system("cpu")
+        except ModelNotReady as e:
+            return {"error": str(e)}
+        model_ts = int(os.stat(path).st_mtime)
+        num_samples = int(request.get("num_samples", self.num_samples))
+        done, skipped, failed = 0, 0, {}
+        for image_id in self.candidates(datastore):
+            info = datastore.get_image_info(image_id)
+            if info.get(f"{self.key}_ts") == model_ts and self.key in info:
+                skipped += 1
+                continue
+            try:
+                s = self.score_image(image_id, datastore, num_samples)
+            except InputError as e:
+                failed[image_id] = str(e)
+                logger.warning("%s: %s", self.key, e)
+                continue
+            datastore.update_image_info(image_id, {self.key: s[self.score], f"{self.key}_detail": s,
+                                                   f"{self.key}_ts": model_ts})
+            done += 1
+        return {"executed": done, "skipped": skipped, "failed": failed, "latency": round(time.time() - t0, 2)}
+
+
+class DFMUncertaintyStrategy(Strategy):
+    def __init__(self, scoring: DFMUncertaintyScoring):
+        super().__init__(f"Most uncertain unlabelled image for {scoring.model} (DFM sampler variance)")
+        self.scoring = scoring
+
+    def __call__(self, request, datastore: Datastore):
+        key = self.scoring.key
+        candidates = self.scoring.candidates(datastore)
+        if not candidates:
+            return None
+        if any(key not in datastore.get_image_info(i) for i in candidates):
+            self.scoring({}, datastore)
+        scored = [(datastore.get_image_info(i).get(key), i) for i in candidates]
+        scored = [(s, i) for s, i in scored if s is not None]
+        if not scored:
+            return None
+        score, image = max(scored)
+        logger.info("%s: next image %s (score %.5g of %d)", key, image, score, len(scored))
+        return {"id": image, key: score}

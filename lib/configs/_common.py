@@ -1,0 +1,86 @@
+"""Shared MONAI Label task config for the DFM+VLM models (one thin subclass per model in this package).
+
+Conf keys (``--conf KEY VALUE``), ``<name>`` being the model (config module) name:
+
+* ``models``: comma-separated model names or ``all`` (default)
+* ``model_dir``: where the trainer publishes ``<name>.pt`` (default ``monailabel_app/model``)
+* ``<name>_checkpoint``: the checkpoint served before any training here (default ``sample_data/models/<name>.pt``)
+* ``vlm``: a VLM folder or hub id replacing the one recorded in the checkpoints
+* ``uncertainty_samples``: M, the samples per image for uncertainty scoring (default 4)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+from monailabel.interfaces.config import TaskConfig
+
+from lib.checkpoint import CheckpointError, load_checkpoint
+from lib.config import load_preset
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_MODELS = REPO / "sample_data" / "models"
+
+
+class DFMTaskConfig(TaskConfig):
+    PRESET: str = ""
+    DESCRIPTION: str = ""
+
+    def init(self, name: str, model_dir: str, conf: dict, planner, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.hparams = load_preset(self.PRESET)
+        vlm = self.hparams.vlm.name_or_path
+        if vlm and not os.path.isabs(vlm) and (REPO / vlm).exists():
+            self.hparams.vlm.name_or_path = str(REPO / vlm)
+        self.vlm = conf.get("vlm") or None
+        self.checkpoint = conf.get(f"{name}_checkpoint") or str(SAMPLE_MODELS / f"{name}.pt")
+        self.published = os.path.join(model_dir, f"{name}.pt")
+        self.path = [self.checkpoint, self.published]  # the last existing file is served
+        self.labels = dict(self.hparams.labels)
+        self.dimension = self.hparams.preprocessing.spatial_dims
+        self._infer = None
+        self._scoring = None
+
+    def _sampler_defaults(self):
+        for p in reversed(self.path):
+            if os.path.exists(p):
+                try:
+                    return load_checkpoint(p).hparams.sampler
+                except CheckpointError as e:
+                    logger.warning("%s: %s", self.name, e)
+        return copy.deepcopy(self.hparams.sampler)
+
+    def infer(self):
+        from lib.infers.dfm_vlm import DFMVLMInfer
+
+        if self._infer is None:
+            self._infer = DFMVLMInfer(path=self.path, labels=self.labels, dimension=self.dimension,
+                                      description=self.DESCRIPTION, vlm=self.vlm,
+                                      sampler_defaults=self._sampler_defaults())
+        return self._infer
+
+    def trainer(self):
+        from lib.trainers.dfm_vlm import DFMVLMTrain
+
+        return DFMVLMTrain(model_dir=os.path.join(self.model_dir, self.name), hparams=self.hparams,
+                           publish_path=self.published, init_paths=self.path, vlm=self.vlm,
+                           description=f"Train {self.name}: {self.DESCRIPTION}")
+
+    def scoring_method(self):
+        from lib.activelearning.uncertainty import DFMUncertaintyScoring
+
+        if self._scoring is None:
+            m = int(self.conf.get("uncertainty_samples", 4))
+            self._scoring = DFMUncertaintyScoring(self.infer(), self.name, num_samples=m)
+        return {f"{self.name}_uncertainty": self._scoring}
+
+    def strategy(self):
+        from lib.activelearning.uncertainty import DFMUncertaintyStrategy
+
+        scoring = self.scoring_method()[f"{self.name}_uncertainty"]
+        return {f"{self.name}_uncertainty": DFMUncertaintyStrategy(scoring)}

@@ -1,0 +1,227 @@
+"""MONAI Label infer task: the core's preprocessing, sliding-window DFM sampler and inversion, nothing else.
+
+The task never builds a network from code defaults: the network, its VLM and its preprocessing all come from the
+checkpoint (:func:`lib.checkpoint.load_system`). With no loadable checkpoint the model is *not ready*: it is left
+out of ``/info``'s models, ``/info`` says why under ``models_not_ready``, and ``/infer`` answers 503 with the reason.
+A new checkpoint file (the trainer publishes atomically) is picked up at the next request, by its mtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.data import MetaTensor
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import device_list
+
+from lib.checkpoint import CheckpointError, load_system
+from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
+from lib.data import case_id
+from lib.evaluation import make_inferer, predict_preprocessed
+from lib.inferer import DFMSystem
+from lib.vlm import VLMError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotReady(RuntimeError):
+    """No usable checkpoint: the model must not be served (never with random weights)."""
+
+
+def _first(v):
+    return v[0] if isinstance(v, (list, tuple)) and v else v
+
+
+def _as_int(name: str, v) -> int:
+    v = _first(v)
+    try:
+        if isinstance(v, bool) or float(v) != int(float(v)):
+            raise ValueError
+        return int(float(v))
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {name!r} must be an integer, got {v!r}") from None
+
+
+def _as_float(name: str, v) -> float:
+    v = _first(v)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {name!r} must be a number, got {v!r}") from None
+
+
+def sampler_params(req: dict) -> dict:
+    """Validated sampler overrides from a request (numbers may arrive as strings); raises ConfigError."""
+    out: dict[str, Any] = {}
+    if req.get("sampler") is not None:
+        out["sampler"] = str(_first(req["sampler"]))
+    for k in ("steps", "num_samples", "sw_batch_size", "seed"):
+        if req.get(k) is not None:
+            out[k] = _as_int(k, req[k])
+    if req.get("overlap") is not None:
+        out["overlap"] = _as_float("overlap", req["overlap"])
+    full = {"sampler": "euler", "steps": 1, "num_samples": 1, "overlap": 0.0, "sw_batch_size": 1, **out}
+    validate_sampler(full["sampler"], full["steps"], full["num_samples"], full["overlap"], full["sw_batch_size"])
+    if "seed" in out and out["seed"] < 0:
+        raise ConfigError(f"parameter 'seed' must be >= 0, got {out['seed']}")
+    return out
+
+
+class DFMPreprocessd:
+    """Run the checkpoint's own preprocessing on the request's image (and keep the result for inversion)."""
+
+    def __init__(self, system: DFMSystem):
+        self.system = system
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        item = {"image": d["image"]}
+        if d.get("text"):
+            item["text"] = d["text"]
+        pre = self.system.preprocessing(item)
+        d["image"] = pre["image"]
+        d["_dfm_pre"] = pre
+        return d
+
+
+class DFMPostprocessd:
+    """prob > 0.5 -> uint8 label on the input's grid (the probability map was inverted already), + result JSON."""
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        prob = d["prob"]
+        label = (prob[0] > 0.5).to(torch.uint8)
+        d["pred"] = MetaTensor(label, affine=prob.affine, meta=dict(prob.meta)) if isinstance(prob, MetaTensor) else label
+        res = d.setdefault("result", {})
+        res["foreground_fraction"] = float(label.float().mean())
+        if d.get("var") is not None and d.get("num_samples", 1) > 1:
+            var = d["var"]
+            res["uncertainty"] = uncertainty_scores(prob, var)
+        return d
+
+
+def uncertainty_scores(mean: torch.Tensor, var: torch.Tensor) -> dict:
+    """Summaries of M samples: mean variance, variance per predicted-foreground voxel, mean entropy of the mean."""
+    mean = torch.as_tensor(mean).float()
+    var = torch.as_tensor(var).float()
+    fg = float((mean > 0.5).sum())
+    p = mean.clamp(1e-6, 1 - 1e-6)
+    ent = -(p * p.log() + (1 - p) * (1 - p).log())
+    return {"mean_variance": float(var.mean()), "variance_per_foreground_voxel": float(var.sum()) / max(fg, 1.0),
+            "mean_entropy": float(ent.mean()), "foreground_voxels": fg}
+
+
+class DFMVLMInfer(BasicInferTask):
+    def __init__(self, path: Sequence[str], labels, dimension: int, description: str, vlm: str | None = None,
+                 sampler_defaults: SamplerConfig | None = None, config: dict | None = None):
+        d = sampler_defaults or SamplerConfig()
+        cfg = {"sampler": [d.name] + [s for s in SAMPLERS if s != d.name], "steps": d.steps,
+               "num_samples": d.num_samples, "overlap": d.overlap, "sw_batch_size": d.sw_batch_size, "seed": d.seed,
+               "device": device_list()}
+        cfg.update(config or {})
+        super().__init__(path=list(path), network=None, type=InferType.SEGMENTATION, labels=labels,
+                         dimension=dimension, description=description, config=cfg)
+        self.vlm = vlm
+        self._lock = threading.Lock()
+        self._systems: dict[str, tuple[DFMSystem, str, float]] = {}
+        self._not_ready_reason: str | None = None
+
+    # -- readiness: a model is served only from a checkpoint that loads ------------------------------------
+    def readiness(self) -> tuple[bool, str | None]:
+        path = self.get_path()
+        if not path:
+            return False, ("no trained checkpoint: looked for " + ", ".join(map(str, self.path)) +
+                           "; train the model first (POST /train/<model>) or give a checkpoint with --conf")
+        try:
+            self.system("cpu")
+        except ModelNotReady as e:
+            return False, str(e)
+        return True, None
+
+    def is_valid(self) -> bool:
+        return self.readiness()[0]
+
+    def system(self, device) -> DFMSystem:
+        """The checkpoint's system on ``device``; reloaded when the checkpoint file changes (no restart)."""
+        device = str(device)
+        path = self.get_path()
+        if not path:
+            raise ModelNotReady("no trained checkpoint: looked for " + ", ".join(map(str, self.path)))
+        mtime = os.stat(path).st_mtime
+        with self._lock:
+            cached = self._systems.get(device)
+            if cached and cached[1] == path and cached[2] == mtime:
+                return cached[0]
+            try:
+                system = load_system(path, device=device, vlm=self.vlm)
+            except (CheckpointError, VLMError, ConfigError, OSError) as e:
+                raise ModelNotReady(f"checkpoint {path} cannot be served: {e}") from e
+            logger.info("loaded %s (mtime %s) on %s", path, time.ctime(mtime), device)
+            self._systems[device] = (system, path, mtime)
+            return system
+
+    def clear_cache(self):
+        with self._lock:
+            self._systems.clear()
+
+    def info(self) -> dict:
+        i = super().info()
+        path = self.get_path()
+        if path:
+            i["checkpoint"] = {"path": path, "modified_time": os.stat(path).st_mtime}
+            try:
+                hp = self.system("cpu").hparams
+                i["sampler_defaults"] = {"sampler": hp.sampler.name, "steps": hp.sampler.steps,
+                                         "num_samples": hp.sampler.num_samples, "overlap": hp.sampler.overlap,
+                                         "roi_size": hp.sampler.roi_size}
+                i["vlm"] = hp.vlm.name_or_path
+            except ModelNotReady:
+                pass
+        return i
+
+    # -- pipeline -----------------------------------------------------------------------------------------------
+    def _device(self, data) -> str:
+        dev = data.get("device") if data else None
+        dev = str(_first(dev)) if dev else "cpu"
+        return dev if (dev.startswith("cuda") and torch.cuda.is_available()) else "cpu"
+
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return [DFMPreprocessd(self.system(self._device(data)))]
+
+    def inverse_transforms(self, data=None):
+        return None  # the core inverts the probability map itself (predict_preprocessed)
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        return [DFMPostprocessd()]
+
+    def make_inferer(self, system: DFMSystem, data: dict):
+        """The core's DFMSlidingWindowInferer with the request's sampler parameters (validated; ConfigError)."""
+        params = sampler_params({k: v for k, v in data.items()
+                                 if k in ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed")})
+        return make_inferer(system, amp=self._device(data).startswith("cuda") or None, **params)
+
+    def run_inferer(self, data: dict, convert_to_batch=True, device="cuda"):
+        system = self.system(self._device(data))
+        inferer = self.make_inferer(system, data)
+        src = data.get("image_path")
+        key = case_id({"image": src}) if isinstance(src, str) and src else None
+        pre = dict(data["_dfm_pre"])
+        pre["case_id"] = key
+        out = predict_preprocessed(system, pre, inferer, return_variance=True)
+        data["prob"] = out["prob"]
+        data["var"] = out["var"]
+        data["num_samples"] = inferer.num_samples
+        data.pop("_dfm_pre", None)
+        res = data.setdefault("result", {})
+        res.update({"checkpoint": self.get_path(), "sampler": inferer.sampler, "steps": inferer.steps,
+                    "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed})
+        return data
+
+    def writer(self, data, extension=None, dtype=None):
+        return super().writer(data, extension=extension, dtype=dtype or "uint8")

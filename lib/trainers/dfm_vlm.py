@@ -1,0 +1,286 @@
+"""MONAI Label trainer task: the core's random patch batching and DFM loss inside MONAI Label's ignite engines.
+
+* Pre-transforms: the model's own preprocessing (:func:`lib.transforms.preprocess`) + the core's
+  :func:`lib.data.patch_transforms` (random patches, pos/neg centres); ``RandCropByPosNegLabeld(num_samples=k)``
+  batches flatten to batch x k.
+* ``train_iteration_update``: VLM conditioning per patch (:func:`lib.vlm.patch_condition`), ``t`` and ``x_t`` per
+  patch, ``BCEWithLogits(model(x_t, t, cond), x1)`` (:func:`lib.flow.training_step`).
+* ``val_iteration_update``: :func:`lib.evaluation.evaluate_items` on the whole validation image -- the sliding-window
+  sampler, the inversion and the metric that ``predict``/``evaluate`` and the infer task use.
+* Publishing: the best validation Dice (or, without validation data, the last epoch) is written as a
+  self-describing checkpoint (:func:`lib.checkpoint.save_checkpoint`, atomic) where the infer task looks for it.
+* Multi-GPU: MONAI Label's DDP path (``torch.multiprocessing.spawn``); nothing pickled holds a lambda or a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from ignite.metrics import Metric
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from lib.checkpoint import CheckpointError, load_checkpoint, resolve_vlm_path, save_checkpoint
+from lib.config import HParams
+from lib.data import case_id, patch_transforms
+from lib.evaluation import evaluate_items, make_inferer
+from lib.flow import training_step
+from lib.inferer import DFMSystem
+from lib.network import ConditionalUNet
+from lib.transforms import image_spatial_dims, preprocess
+from lib.vlm import VLMEncoder, patch_condition, patch_texts
+
+logger = logging.getLogger(__name__)
+
+
+class CaseDice(Metric):
+    """Mean of the per-case Dice that :func:`lib.evaluation.evaluate_items` computed (engine output ``dice``)."""
+
+    def reset(self):
+        self._sum, self._n = 0.0, 0
+
+    def update(self, output):
+        for d in output.get("dice", []):
+            if d is not None:
+                self._sum += float(d)
+                self._n += 1
+
+    def compute(self):
+        return self._sum / self._n if self._n else 0.0
+
+
+class _TrainStep:
+    """The engine's training iteration (picklable: holds only the context's references at run time)."""
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def __call__(self, engine, batch) -> dict[str, Any]:
+        ctx = self.context
+        system: DFMSystem = ctx.system
+        hp = system.hparams
+        engine.network.train()
+        image = batch["image"].to(engine.state.device).float()
+        x1 = batch["label"].to(engine.state.device).float()
+        texts = None
+        if system.vlm is not None and hp.vlm.text_mode != "none":
+            items = [{"text": t} for t in batch.get("text", [None] * image.shape[0])] \
+                if hp.vlm.text_mode == "image" else [{}] * image.shape[0]
+            texts = patch_texts(items, hp.vlm)
+        emb = patch_condition(system.vlm, image, texts)
+        cond = system.model.prepare(image, emb)
+        loss, logits = training_step(engine.network, cond, x1, hp.flow, dfm=system.model.dfm, return_logits=True)
+        engine.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), 1.0)
+        engine.optimizer.step()
+        return {"image": image, "label": x1, "pred": (logits.detach() > 0).float(), "loss": loss.item()}
+
+
+class _ValStep:
+    """The evaluator's iteration: whole-image sliding-window prediction + metric in original geometry."""
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def __call__(self, engine, batch) -> dict[str, Any]:
+        system: DFMSystem = self.context.system
+        items = []
+        for i, img in enumerate(batch["image"]):
+            it = {"image": img, "label": batch["label"][i]}
+            if "text" in batch:
+                it["text"] = batch["text"][i]
+            it["case_id"] = case_id(it)
+            items.append(it)
+        cases, _ = evaluate_items(system, items, make_inferer(system))
+        return {"dice": [c["dice"] for c in cases], "cases": cases}
+
+
+class _Publish:
+    """Write the self-describing checkpoint where the infer task looks for it (best validation Dice)."""
+
+    def __init__(self, context: Context, publish_path: str, metric: str | None):
+        self.context = context
+        self.publish_path = publish_path
+        self.metric = metric
+        self.best = -1.0
+
+    def __call__(self, engine):
+        ctx = self.context
+        value = engine.state.metrics.get(self.metric) if self.metric else None
+        if self.metric is not None and (value is None or value <= self.best):
+            return
+        self.best = value if value is not None else self.best
+        model = ctx.system.model
+        metrics = {"val_mean_dice": value, "epoch": ctx.trainer.state.epoch if ctx.trainer else None,
+                   "run_id": ctx.run_id, "train_images": len(ctx.train_datalist or []),
+                   "val_images": len(ctx.val_datalist or [])}
+        save_checkpoint(self.publish_path, model, ctx.system.hparams, metrics=metrics)
+        logger.info("published %s (val Dice %s)", self.publish_path, value)
+
+
+class DFMVLMTrain(BasicTrainTask):
+    def __init__(self, model_dir: str, hparams: HParams, publish_path: str, init_paths: list[str],
+                 description: str = "Train the DFM+VLM model", vlm: str | None = None, config: dict | None = None,
+                 **kwargs):
+        tc = hparams.train
+        cfg = {"max_epochs": 20, "val_split": 0.2, "train_batch_size": tc.images_per_batch, "val_batch_size": 1,
+               "patches_per_image": tc.patches_per_image, "learning_rate": tc.lr, "augment": tc.augment,
+               "dataset": ["CacheDataset", "Dataset"], "dataloader": ["ThreadDataLoader", "DataLoader"],
+               "multi_gpu": True, "pretrained": True}
+        cfg.update(config or {})
+        super().__init__(model_dir, description, config=cfg, amp=False, publish_path=None,
+                         key_metric_filename="ignite_model.pt", labels=list(hparams.labels), **kwargs)
+        self.hparams = hparams
+        self.publish_path = publish_path
+        self.init_paths = list(init_paths)
+        self.vlm = vlm
+        self.dimension = hparams.preprocessing.spatial_dims
+
+    # -- data: only images of this model's dimensionality, with a final label ---------------------------------
+    def pre_process(self, request, datastore):
+        out = []
+        for d in datastore.datalist():
+            try:
+                if image_spatial_dims(d["image"]) == self.dimension:
+                    out.append(d)
+            except Exception as e:  # noqa: BLE001 - a broken study must not stop training on the others
+                logger.warning("skipping %s: %s", d.get("image"), e)
+        logger.info("%d labelled %dD image(s) for training", len(out), self.dimension)
+        if not out:
+            raise ValueError(f"no labelled {self.dimension}D image in the datastore: save a final label first")
+        return out
+
+    # -- the network comes from the latest checkpoint (its own hyper-parameters) or the preset --------------
+    def _initial(self, context: Context) -> tuple[ConditionalUNet, HParams, VLMEncoder | None]:
+        if context.pretrained:
+            for p in reversed(self.init_paths):
+                if p and os.path.exists(p):
+                    try:
+                        ck = load_checkpoint(p)
+                        logger.info("fine-tuning from %s", p)
+                        hp = ck.hparams
+                        vlm = None
+                        if hp.model.cond_dim is not None:
+                            import dataclasses
+
+                            vcfg = dataclasses.replace(hp.vlm, name_or_path=resolve_vlm_path(
+                                self.vlm or hp.vlm.name_or_path, p))
+                            vlm = VLMEncoder.from_pretrained(vcfg)
+                        return ck.model, hp, vlm
+                    except CheckpointError as e:
+                        logger.warning("cannot start from %s: %s", p, e)
+        import copy
+
+        hp = copy.deepcopy(self.hparams)
+        vlm = None
+        if hp.model.mode == "dfm" and hp.vlm.name_or_path:
+            import dataclasses
+
+            vlm = VLMEncoder.from_pretrained(dataclasses.replace(hp.vlm, name_or_path=self.vlm or hp.vlm.name_or_path))
+            hp.vlm = vlm.resolved_config()
+        hp = hp.resolved()
+        return ConditionalUNet(hp.model), hp, vlm
+
+    def network(self, context: Context):
+        model, hp, vlm = self._initial(context)
+        model.train()
+        if vlm is not None:
+            vlm.to(context.device)
+        context.system = DFMSystem(model, vlm, hp)
+        return model
+
+    def optimizer(self, context: Context):
+        lr = float(context.request.get("learning_rate", self.hparams.train.lr))
+        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=self.hparams.train.weight_decay)
+
+    def loss_function(self, context: Context):
+        return torch.nn.BCEWithLogitsLoss()  # the loss is computed in train_iteration_update (flow.training_step)
+
+    def lr_scheduler_handler(self, context: Context):
+        return None
+
+    def train_pre_transforms(self, context: Context):
+        hp = context.system.hparams
+        k = int(context.request.get("patches_per_image", hp.train.patches_per_image))
+        augment = str(context.request.get("augment", hp.train.augment)).lower() in ("true", "1")
+        return list(preprocess(hp.preprocessing).transforms) + patch_transforms(hp.preprocessing, k, augment)
+
+    def train_post_transforms(self, context: Context):
+        return []
+
+    def val_pre_transforms(self, context: Context):
+        return []  # whole images: evaluate_items preprocesses them itself, exactly as predict does
+
+    def val_post_transforms(self, context: Context):
+        return []
+
+    def val_inferer(self, context: Context):
+        return make_inferer(context.system)
+
+    def train_iteration_update(self, context: Context):
+        return _TrainStep(context)
+
+    def val_iteration_update(self, context: Context):
+        return _ValStep(context)
+
+    def train_key_metric(self, context: Context):
+        return None
+
+    def val_key_metric(self, context: Context):
+        return {self.VAL_METRIC_MEAN_DICE: CaseDice()}
+
+    def train_handlers(self, context: Context):
+        from monai.handlers import StatsHandler, ValidationHandler
+
+        handlers: list = []
+        if context.local_rank == 0:
+            handlers.append(StatsHandler(tag_name="train_loss", output_transform=_loss_of))
+        if context.evaluator:
+            handlers.append(ValidationHandler(self._val_interval, validator=context.evaluator, epoch_level=True))
+        return handlers
+
+    def val_handlers(self, context: Context):
+        return []
+
+    def _load_checkpoint(self, context, train_handlers):
+        return None  # never load a bare state dict non-strictly: network() loads the self-describing checkpoint
+
+    # The base class adds ignite CheckpointSavers (bare state dicts); this task publishes self-describing
+    # checkpoints instead (_Publish), so the engines are built without them.
+    def _create_evaluator(self, context: Context):
+        from monai.engines import SupervisedEvaluator
+
+        if not context.val_datalist:
+            return None
+        return SupervisedEvaluator(
+            device=context.device, val_data_loader=self.val_data_loader(context), network=context.network,
+            inferer=self.val_inferer(context), key_val_metric=self.val_key_metric(context),
+            val_handlers=self.val_handlers(context), iteration_update=self.val_iteration_update(context))
+
+    def _create_trainer(self, context: Context):
+        from monai.engines import SupervisedTrainer
+
+        return SupervisedTrainer(
+            device=context.device, max_epochs=context.max_epochs, train_data_loader=self.train_data_loader(context),
+            network=context.network, optimizer=context.optimizer, loss_function=self.loss_function(context),
+            train_handlers=self.train_handlers(context), iteration_update=self.train_iteration_update(context),
+            amp=False)
+
+    def finalize(self, context):
+        super().finalize(context)
+        if context.local_rank == 0:
+            if context.evaluator:
+                context.evaluator.add_event_handler(
+                    Events.EPOCH_COMPLETED, _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE))
+            else:
+                context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None))
+
+
+def _loss_of(output):
+    if isinstance(output, list):
+        output = output[0]
+    return output["loss"]

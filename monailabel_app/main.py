@@ -1,0 +1,138 @@
+"""MONAI Label app serving the DFM+VLM models (3D Slicer's MONAILabel module, OHIF, the REST API).
+
+    python -m monailabel.main start_server --app monailabel_app --studies sample_data --host 127.0.0.1 --port 8000
+
+Models are the task configs in ``lib/configs`` (``--conf models dfm_vlm_3d,dfm_vlm_2d``; default: all). Strategies:
+``random``, ``first`` and ``<model>_uncertainty``; scoring methods: ``<model>_uncertainty``. See the README for the
+conf keys and request parameters.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import pkgutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+# DDP workers (torch.multiprocessing.spawn) and MONAI Label's task subprocesses import ``lib`` too.
+if ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+
+from fastapi import HTTPException  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.config import TaskConfig  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
+
+import lib  # noqa: E402
+import lib.configs  # noqa: E402
+from lib.checkpoint import CheckpointError  # noqa: E402
+from lib.config import ConfigError  # noqa: E402
+from lib.infers.dfm_vlm import ModelNotReady  # noqa: E402
+from lib.transforms import InputError  # noqa: E402
+from lib.vlm import VLMError  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def discover_configs() -> dict[str, type]:
+    """Model name (config module name) -> TaskConfig class, for every public module of ``lib.configs``."""
+    out = {}
+    for m in pkgutil.iter_modules(lib.configs.__path__):
+        if m.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"lib.configs.{m.name}")
+        for _, cls in inspect.getmembers(mod, inspect.isclass):
+            if issubclass(cls, TaskConfig) and cls.__module__ == mod.__name__ and not inspect.isabstract(cls):
+                out[m.name] = cls
+    return out
+
+
+class DFMVLMApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
+        os.makedirs(self.model_dir, exist_ok=True)
+        available = discover_configs()
+        wanted = conf.get("models", "all")
+        names = sorted(available) if wanted in ("all", "", None) else [n.strip() for n in wanted.split(",") if n.strip()]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(f"--conf models: unknown model(s) {unknown}; available: {sorted(available)}")
+        self.models: dict[str, TaskConfig] = {}
+        for n in names:
+            c = available[n]()
+            c.init(n, self.model_dir, conf, None)
+            self.models[n] = c
+        logger.info("DFM+VLM models: %s (model dir %s)", names, self.model_dir)
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
+                         description="Binary discrete flow matching segmentation conditioned by a vision-language "
+                                     "model", version=lib.__version__)
+
+    def init_infers(self):
+        return {n: c.infer() for n, c in self.models.items()}
+
+    def init_trainers(self):
+        return {n: c.trainer() for n, c in self.models.items()}
+
+    def init_strategies(self):
+        s = {"random": Random(), "first": First()}
+        for c in self.models.values():
+            s.update(c.strategy())
+        return s
+
+    def init_scoring_methods(self):
+        s = {}
+        for c in self.models.values():
+            s.update(c.scoring_method())
+        return s
+
+    def info(self):
+        meta = super().info()
+        not_ready = {}
+        for n, task in self._infers.items():
+            ok, reason = task.readiness()
+            if not ok:
+                not_ready[n] = reason
+        meta["models_not_ready"] = not_ready
+        return meta
+
+    # -- requests: clear HTTP errors instead of bare 500s ------------------------------------------------------
+    def infer(self, request, datastore=None):
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+        image = request.get("image")
+        ds = datastore or self.datastore()
+        if isinstance(image, str) and not os.path.exists(image) and not ds.get_image_uri(image):
+            raise HTTPException(status_code=404, detail=f"unknown image id {image!r} (not in the datastore)")
+        ok, reason = self._infers[model].readiness()
+        if not ok:
+            raise HTTPException(status_code=503, detail=f"model {model!r} is not ready: {reason}")
+        try:
+            return super().infer(request, datastore)
+        except (InputError, ConfigError, VLMError) as e:
+            raise HTTPException(status_code=422, detail=f"{model}: {e}") from e
+        except (ModelNotReady, CheckpointError) as e:
+            raise HTTPException(status_code=503, detail=f"model {model!r} is not ready: {e}") from e
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r}; available: "
+                                                        f"{sorted(self._strategies)}")
+        try:
+            return super().next_sample(request)
+        except (InputError, ModelNotReady) as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+
+    def scoring(self, request, datastore=None):
+        method = request.get("method")
+        if method not in self._scoring_methods:
+            raise HTTPException(status_code=404, detail=f"unknown scoring method {method!r}; available: "
+                                                        f"{sorted(self._scoring_methods)}")
+        return super().scoring(request, datastore)

@@ -1,0 +1,90 @@
+"""Start the MONAI Label server as a user does, in its own process group, and stop everything it started."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_sample_data(dst: Path) -> Path:
+    """The sample datastore (images + labels/final) without the script and the model folder."""
+    src = ROOT / "sample_data"
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.is_file() and p.suffix in (".png", ".gz", ".nii"):
+            shutil.copy2(p, dst / p.name)
+    shutil.copytree(src / "labels", dst / "labels")
+    return dst
+
+
+class Server:
+    def __init__(self, studies: str, workdir: Path, conf: dict | None = None, env: dict | None = None,
+                 timeout: float = 240):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"server_{self.port}.log"
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "monailabel_app"),
+               "--studies", studies, "--host", "127.0.0.1", "--port", str(self.port)]
+        for k, v in (conf or {}).items():
+            cmd += ["--conf", k, str(v)]
+        e = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **(env or {})}
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=e,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"server did not answer within {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and requests.get(f"{self.url}/info/", timeout=30).status_code == 200
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group (server, training/scoring subprocesses), then SIGKILL what is left."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -1,0 +1,97 @@
+"""The MONAI Label tasks in-process: parity with the core, readiness, picklability (DDP), dimension filter."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from lib.checkpoint import load_system, save_checkpoint
+from lib.configs.dfm_vlm_3d import DFMVLM3D
+from lib.evaluation import make_inferer, predict_item
+from lib.infers.dfm_vlm import DFMVLMInfer, sampler_params
+from lib.phantoms import write_phantom_case
+from lib.config import ConfigError
+
+from conftest import ROOT
+
+
+@pytest.fixture
+def ckpt3d(tmp_path, make_system):
+    system = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
+    system.hparams.preprocessing.orientation = "RAS"
+    with torch.no_grad():  # make the FiLM heads matter
+        for h in system.model.vlm_film_heads.values():
+            h.weight.normal_(0, 0.3)
+    path = tmp_path / "models" / "dfm_vlm_3d.pt"
+    save_checkpoint(path, system.model, system.hparams)
+    return path
+
+
+def _task(ckpt, model_dir):
+    cfg = DFMVLM3D()
+    cfg.init("dfm_vlm_3d", str(model_dir), {"dfm_vlm_3d_checkpoint": str(ckpt)}, None)
+    return cfg
+
+
+def test_infer_task_probability_map_equals_core_predict(tmp_path, ckpt3d):
+    entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.0))
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    _, data = task({"image": entry["image"], "skip_writer": True, "steps": 3, "num_samples": 2, "device": "cpu"})
+    system = load_system(ckpt3d)
+    core = predict_item(system, {"image": entry["image"], "case_id": "case01"}, make_inferer(system, steps=3,
+                                                                                             num_samples=2))
+    diff = (torch.as_tensor(data["prob"]) - torch.as_tensor(core["prob"])).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert tuple(data["pred"].shape) == tuple(core["prob"].shape[1:])
+    assert data["result"]["uncertainty"]["mean_variance"] >= 0
+
+
+def test_untrained_model_is_not_served(tmp_path):
+    cfg = _task(tmp_path / "missing.pt", tmp_path / "model")
+    task = cfg.infer()
+    ok, reason = task.readiness()
+    assert not ok and "no trained checkpoint" in reason and not task.is_valid()
+    bad = tmp_path / "model" / "dfm_vlm_3d.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"garbage")
+    ok, reason = task.readiness()
+    assert not ok and "cannot be served" in reason
+
+
+def test_published_checkpoint_replaces_the_default_without_restart(tmp_path, ckpt3d, make_system):
+    cfg = _task(ckpt3d, tmp_path / "model")
+    task = cfg.infer()
+    assert task.system("cpu").checkpoint.path == str(ckpt3d)
+    other = make_system(spatial_dims=3, features=(8, 16, 32), spacing=[2.0, 2.0, 2.0])
+    save_checkpoint(cfg.published, other.model, other.hparams)
+    s = task.system("cpu")
+    assert s.checkpoint.path == cfg.published and s.model.cfg.features == (8, 16, 32)
+
+
+def test_request_parameters_are_validated():
+    assert sampler_params({"steps": "4", "overlap": "0.5", "sampler": ["heun", "euler"]}) == \
+        {"sampler": "heun", "steps": 4, "overlap": 0.5}
+    for bad, msg in (({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"overlap": 2}, "overlap"),
+                     ({"num_samples": -1}, "num_samples"), ({"sampler": "ddim"}, "sampler"),
+                     ({"steps": "many"}, "integer")):
+        with pytest.raises(ConfigError, match=msg):
+            sampler_params(bad)
+
+
+def test_trainer_task_pickles_for_ddp_and_filters_by_dimension(tmp_path, ckpt3d):
+    cfg = _task(ckpt3d, tmp_path / "model")
+    trainer = cfg.trainer()
+    restored = pickle.loads(pickle.dumps(trainer))
+    assert restored.publish_path == cfg.published
+
+    class DS:
+        def datalist(self):
+            return [write_phantom_case(tmp_path / "s", "v3d", shape=(20, 20, 12)),
+                    {"image": str(shutil.copy(ROOT / "sample_data" / "phantom_xray_00.png", tmp_path / "x.png")),
+                     "label": "unused"}]
+
+    got = trainer.pre_process({}, DS())
+    assert [d["image"].endswith("v3d.nii.gz") for d in got] == [True]

@@ -1,0 +1,180 @@
+"""The MONAI Label app through a real server started as users start it, driven by MONAILabelClient."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+from PIL import Image
+
+from conftest import CXR, requires_cxr
+from server_utils import ROOT, Server, copy_sample_data, process_group_alive
+
+pytestmark = pytest.mark.server
+
+SAMPLE_MODELS = ROOT / "sample_data" / "models"
+needs_defaults = pytest.mark.skipif(not (SAMPLE_MODELS / "dfm_vlm_3d.pt").exists(),
+                                    reason="sample_data/models has no default checkpoints (make_sample_data.py --train)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("mlserver")
+    studies = copy_sample_data(work / "studies")
+    s = Server(str(studies), work, conf={"model_dir": work / "model", "uncertainty_samples": 3})
+    s.studies = studies
+    s.model_dir = work / "model"
+    yield s
+    pgid = s.proc.pid
+    s.stop()
+    assert not process_group_alive(pgid), "server processes left running"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return MONAILabelClient(server.url, tmpdir=str(server.studies.parent / "client"))
+
+
+def _infer(server, model, image, params=None, files=None):
+    return requests.post(f"{server.url}/infer/{model}", params={"image": image, "output": "image"},
+                         data={"params": json.dumps(params or {})}, files=files, timeout=600)
+
+
+@needs_defaults
+def test_info_lists_models_labels_parameters_and_strategies(client):
+    info = client.info()
+    assert set(info["models"]) == {"dfm_vlm_2d", "dfm_vlm_3d"}, info.get("models_not_ready")
+    m3 = info["models"]["dfm_vlm_3d"]
+    assert m3["labels"] == {"lesion": 1} and m3["dimension"] == 3 and m3["type"] == "segmentation"
+    assert info["models"]["dfm_vlm_2d"]["labels"] == {"lung": 1}
+    for key in ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed", "device"):
+        assert key in m3["config"], key
+    assert m3["config"]["sampler"][:1] == [m3["sampler_defaults"]["sampler"]]
+    assert {"random", "first", "dfm_vlm_3d_uncertainty", "dfm_vlm_2d_uncertainty"} <= set(info["strategies"])
+    assert {"dfm_vlm_3d_uncertainty", "dfm_vlm_2d_uncertainty"} <= set(info["scoring"])
+    assert info["models_not_ready"] == {}
+
+
+@needs_defaults
+def test_infer_3d_returns_a_label_with_the_input_geometry(client, server):
+    label_file, params = client.infer("dfm_vlm_3d", "phantom_ct_06", {"steps": 3, "num_samples": 2})
+    img = nib.load(server.studies / "phantom_ct_06.nii.gz")
+    lab = nib.load(label_file)
+    assert lab.shape == img.shape
+    assert np.allclose(lab.affine, img.affine, atol=1e-4), (lab.affine, img.affine)
+    values = set(np.unique(np.asarray(lab.dataobj)).tolist())
+    assert values <= {0, 1} and 1 in values
+    assert params["steps"] == 3 and params["num_samples"] == 2 and "uncertainty" in params
+    assert params["checkpoint"].endswith("dfm_vlm_3d.pt")
+
+
+@needs_defaults
+def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server):
+    r = _infer(server, "dfm_vlm_3d", "no_such_image")
+    assert r.status_code == 404 and "unknown image id 'no_such_image'" in r.json()["detail"]
+    r = _infer(server, "no_such_model", "phantom_ct_06")
+    assert r.status_code == 404 and "unknown model 'no_such_model'" in r.json()["detail"]
+    r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"steps": 0})
+    assert r.status_code == 422 and "steps must be an integer >= 1" in r.json()["detail"]
+    r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"overlap": 2})
+    assert r.status_code == 422 and "overlap must be in [0, 1)" in r.json()["detail"]
+    r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"sampler": "rk4"})
+    assert r.status_code == 422 and "sampler must be one of" in r.json()["detail"]
+    (server.studies / "corrupt_ct.nii.gz").write_bytes(b"\x1f\x8b\x08 definitely not a volume")
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the datastore picks up new files by itself
+        if "corrupt_ct" in requests.get(f"{server.url}/datastore/?output=all", timeout=30).json().get("objects", {}):
+            break
+        time.sleep(1)
+    r = _infer(server, "dfm_vlm_3d", "corrupt_ct")
+    assert r.status_code == 422 and "cannot read" in r.json()["detail"] and "corrupt_ct.nii.gz" in r.json()["detail"]
+    r = requests.post(f"{server.url}/activelearning/no_such_strategy", json={}, timeout=30)
+    assert r.status_code == 404 and "unknown strategy" in r.json()["detail"]
+    assert server.alive()
+    assert _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"steps": 2}).status_code == 200
+    (server.studies / "corrupt_ct.nii.gz").unlink()
+
+
+@needs_defaults
+def test_next_sample_serves_the_most_uncertain_unlabelled_image(client, server):
+    ds = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]
+    unlabeled_3d = {k for k, v in ds.items() if not v.get("labels") and k.startswith("phantom_ct")}
+    r = requests.post(f"{server.url}/scoring/dfm_vlm_3d_uncertainty", timeout=600)
+    assert r.status_code == 200
+    res = client.next_sample("dfm_vlm_3d_uncertainty", {})
+    assert res["id"] in unlabeled_3d
+    ds = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]
+    scores = {k: ds[k]["image"]["info"].get("dfm_vlm_3d_uncertainty") for k in unlabeled_3d}
+    assert all(v is not None for v in scores.values()), scores
+    assert res["id"] == max(scores, key=scores.get)
+    for strategy in ("random", "first"):
+        assert client.next_sample(strategy, {})["id"] in ds
+
+
+@needs_defaults
+def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, server):
+    # an annotator saves a final label for an unlabelled volume (the phantom's truth, regenerated)
+    sys_path = str(ROOT / "sample_data")
+    import sys
+
+    sys.path.insert(0, sys_path)
+    try:
+        from make_sample_data import ct_affine, ct_phantom
+    finally:
+        sys.path.remove(sys_path)
+    _, truth = ct_phantom(7)
+    lab_path = server.studies.parent / "phantom_ct_07_label.nii.gz"
+    nib.save(nib.Nifti1Image(truth, ct_affine()), str(lab_path))
+    client.save_label("phantom_ct_07", str(lab_path), tag="final")
+    ds = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]
+    assert "final" in ds["phantom_ct_07"]["labels"]
+
+    published = server.model_dir / "dfm_vlm_3d.pt"
+    assert not published.exists()
+    before = client.info()["models"]["dfm_vlm_3d"]["checkpoint"]
+    client.train_start("dfm_vlm_3d", {"max_epochs": 2, "val_split": 0.34, "patches_per_image": 2})
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if not client.train_status(check_if_running=True):
+            break
+        time.sleep(3)
+    status = client.train_status()
+    assert status["status"] == "DONE", status
+    assert published.exists(), "training did not publish a checkpoint"
+    info = client.info()
+    after = info["models"]["dfm_vlm_3d"]["checkpoint"]
+    assert after["path"] == str(published) and after["path"] != before["path"]
+    stats = info["train_stats"]["dfm_vlm_3d"]
+    assert stats["epoch"] == 2 and "val_mean_dice" in json.dumps(stats)
+    import torch
+
+    ck = torch.load(published, weights_only=True)
+    assert ck["format"] == "dfm-vlm-checkpoint" and ck["hyper_parameters"]["model"]["vlm_film_decoder_stages"] == [0, 1, 2]
+    _, params = client.infer("dfm_vlm_3d", "phantom_ct_05", {"steps": 2})
+    assert params["checkpoint"] == str(published)
+    # a second training run replaces the file atomically; the next request picks it up (no restart)
+    mtime = published.stat().st_mtime
+    client.train_start("dfm_vlm_3d", {"max_epochs": 1, "val_split": 0.34})
+    deadline = time.time() + 900
+    while time.time() < deadline and client.train_status(check_if_running=True):
+        time.sleep(3)
+    assert published.stat().st_mtime > mtime
+    assert client.info()["models"]["dfm_vlm_3d"]["checkpoint"]["modified_time"] == published.stat().st_mtime
+
+
+@needs_defaults
+@requires_cxr
+def test_2d_model_infers_on_a_real_chest_xray(client, server):
+    src = CXR / "images" / "MCUCXR_0001_0.png"
+    label_file, params = client.infer("dfm_vlm_2d", "", {"steps": 2}, file=str(src))
+    lab = np.asarray(Image.open(label_file))
+    assert lab.shape == np.asarray(Image.open(src)).shape[:2]
+    assert set(np.unique(lab).tolist()) <= {0, 1}
