@@ -195,6 +195,15 @@ class PreprocConfig:
         return dataclasses.replace(self, patch_size=[int(p) for p in self.patch_size])
 
 
+AUGMENTATION = {
+    "prob": 0.3,  # probability of the random affine (whole image, before cropping; zero padding)
+    "rotate": 0.15,  # radians
+    "scale": 0.1,  # +- relative zoom
+    "translate": 0.0,  # +- fraction of the image size
+    "gamma": [0.7, 1.5],  # random contrast (gamma) range, applied with probability 0.3
+}
+
+
 @dataclass
 class TrainConfig:
     lr: float = 2e-3
@@ -206,6 +215,8 @@ class TrainConfig:
     val_every_s: float = 300.0
     seed: int = 0
     augment: bool = True
+    augmentation: dict = field(default_factory=lambda: dict(AUGMENTATION))
+    autocast: str = "none"  # "bf16": bfloat16 autocast of the training forward pass (CPUs with AVX512-BF16, GPUs)
     num_threads: int | None = None
 
 

@@ -71,26 +71,33 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
     return items
 
 
-def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True) -> list:
+def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True,
+                     augmentation: dict | None = None) -> list:
     """Per-image random patching, as MONAI dictionary transforms (also the MONAI Label trainer's pre-transforms).
 
-    [augmentation: small random affine] -> pad to the patch size -> ``RandCropByPosNegLabeld`` (``num_samples``
-    patches, positive/negative centres at ``pos : neg``) -> [augmentation: intensity scale, shift, gamma].
+    [augmentation: random affine of the whole image with zero padding] -> pad to the patch size ->
+    ``RandCropByPosNegLabeld`` (``num_samples`` patches, positive/negative centres at ``pos : neg``) ->
+    [augmentation: intensity scale, shift, gamma]. ``augmentation``: see :data:`lib.config.AUGMENTATION`.
     """
+    from .config import AUGMENTATION
+
     cfg = cfg.resolved()
+    aug = {**AUGMENTATION, **(augmentation or {})}
     keys = ["image", "label"]
     t: list = []
     if augment:
-        rot = (0.15,) if cfg.spatial_dims == 2 else (0.1, 0.1, 0.1)
-        t.append(RandAffined(keys=keys, prob=0.3, rotate_range=rot, scale_range=0.1, mode=("bilinear", "nearest"),
-                             padding_mode="zeros"))
+        sd = cfg.spatial_dims
+        rot = (aug["rotate"],) if sd == 2 else (aug["rotate"] * 0.66,) * 3
+        translate = [aug["translate"] * p for p in cfg.patch_size] if aug["translate"] else None
+        t.append(RandAffined(keys=keys, prob=aug["prob"], rotate_range=rot, scale_range=aug["scale"],
+                             translate_range=translate, mode=("bilinear", "nearest"), padding_mode="zeros"))
     t.append(SpatialPadd(keys=keys, spatial_size=cfg.patch_size))
     t.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos,
                                     neg=cfg.neg, num_samples=num_patches, allow_smaller=False))
     if augment:
         t += [RandScaleIntensityd(keys="image", factors=0.15, prob=0.5),
               RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-              RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3)]
+              RandAdjustContrastd(keys="image", gamma=tuple(aug["gamma"]), prob=0.3)]
     return t
 
 
@@ -101,8 +108,9 @@ def _plain(x) -> torch.Tensor:
 class PatchBatcher:
     """``random_patch_batch`` with its own seeded random state: :func:`patch_transforms` over a list of images."""
 
-    def __init__(self, cfg: PreprocConfig, num_patches: int, augment: bool = True, seed: int = 0):
-        self.transforms = Compose(patch_transforms(cfg, num_patches, augment))
+    def __init__(self, cfg: PreprocConfig, num_patches: int, augment: bool = True, seed: int = 0,
+                 augmentation: dict | None = None):
+        self.transforms = Compose(patch_transforms(cfg, num_patches, augment, augmentation))
         self.transforms.set_random_state(seed=seed)
         self.crop = next(t for t in self.transforms.transforms if isinstance(t, RandCropByPosNegLabeld))
 

@@ -106,7 +106,9 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     val_lab = [lab_t({"label": it["label"]}) for it in val_items]
     inferer = make_inferer(system)
 
-    batcher = PatchBatcher(hp.preprocessing, tc.patches_per_image, augment=tc.augment, seed=tc.seed)
+    batcher = PatchBatcher(hp.preprocessing, tc.patches_per_image, augment=tc.augment, seed=tc.seed,
+                           augmentation=tc.augmentation)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tc.autocast == "bf16")
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     best = {"dice": -1.0}
     history: list[dict] = []
@@ -159,7 +161,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         s0 = time.perf_counter()
         idx = np_rng.choice(len(train_ds), size=min(tc.images_per_batch, len(train_ds)), replace=False)
         batch = batcher([train_ds[int(i)] for i in idx])
-        loss = train_loss(system, batch, device)
+        with torch.autocast(**autocast):
+            loss = train_loss(system, batch, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -23,6 +23,12 @@ if ROOT not in sys.path:
 if ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
+# MONAI Label downloads dcmqi at start unless itkimage2segimage is on PATH; the pip package dcmqi puts it beside
+# this interpreter (a venv's bin/), which is not on PATH when the venv's python is run without activation.
+_bin = os.path.dirname(sys.executable)
+if os.path.exists(os.path.join(_bin, "itkimage2segimage")) and _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
+
 from fastapi import HTTPException  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.config import TaskConfig  # noqa: E402
@@ -90,6 +96,15 @@ class DFMVLMApp(MONAILabelApp):
         for c in self.models.values():
             s.update(c.scoring_method())
         return s
+
+    def _init_dicomweb_datastore(self):
+        """MONAI Label's DICOMweb datastore, with the checked series conversion of lib.datastore."""
+        from lib.datastore import CheckedDICOMWebDatastore
+
+        ds = super()._init_dicomweb_datastore()
+        ds.__class__ = CheckedDICOMWebDatastore  # same client, cache and settings; only get_image_uri/save_label differ
+        ds.default_label_info = [{"name": n, "model_name": "DFM+VLM"} for c in self.models.values() for n in c.labels]
+        return ds
 
     def info(self):
         meta = super().info()

@@ -207,7 +207,8 @@ class DFMVLMTrain(BasicTrainTask):
         hp = context.system.hparams
         k = int(context.request.get("patches_per_image", hp.train.patches_per_image))
         augment = str(context.request.get("augment", hp.train.augment)).lower() in ("true", "1")
-        return list(preprocess(hp.preprocessing).transforms) + patch_transforms(hp.preprocessing, k, augment)
+        return list(preprocess(hp.preprocessing).transforms) + patch_transforms(hp.preprocessing, k, augment,
+                                                                                 hp.train.augmentation)
 
     def train_post_transforms(self, context: Context):
         return []

@@ -1,0 +1,77 @@
+"""MONAI Label DICOMweb datastore whose series conversion is checked (MONAI Label layer).
+
+MONAI Label's ``DICOMWebDatastore`` stacks whatever slices a series has with SimpleITK: a tilted gantry, missing
+slices or a localizer silently become a wrong volume. This subclass converts with :func:`lib.dicom.series_to_nifti`
+(dicom2nifti with validation): a tilted gantry is resampled onto an orthogonal grid (and the correction recorded in
+the image info), anything that is not a regular volume raises :class:`lib.transforms.InputError` naming the problem
+-- the app answers 422 and keeps serving. The PACS is only read here; nothing stored in it is changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+from lib.dicom import series_to_nifti
+from lib.transforms import InputError
+
+logger = logging.getLogger(__name__)
+
+
+class CheckedDICOMWebDatastore(DICOMWebDatastore):
+    def get_image_uri(self, image_id: str) -> str:
+        if not image_id:
+            return ""
+        image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+        if not os.path.exists(image_dir) or not os.listdir(image_dir):
+            try:
+                dicom_web_download_series(None, image_id, image_dir, self._client, self._fetch_by_frame)
+            except IndexError:
+                return ""  # no such series in the PACS
+        if not self._convert_to_nifti:
+            return image_dir
+        image_nii_gz = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        if not os.path.exists(image_nii_gz):
+            with tempfile.TemporaryDirectory() as tmp_dir:
+                tmp = os.path.join(tmp_dir, f"{image_id}.nii.gz")
+                try:
+                    res = series_to_nifti(image_dir, tmp)
+                except InputError as e:
+                    raise InputError(f"series {image_id}: {str(e).split(': ', 1)[-1]}") from e
+                info = self._dicom_info(image_id)
+                if res["corrections"]:
+                    info["corrections"] = res["corrections"]
+                    logger.warning("series %s: %s", image_id, "; ".join(res["corrections"]))
+                # LocalDatastore.add_image copies the converted file into the cache and records its info
+                super(DICOMWebDatastore, self).add_image(image_id, tmp, info)
+        return image_nii_gz
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict, label_id: str = ""):
+        """Fill in the segment description when the client sent none (DICOM SEG needs a label and an algorithm).
+
+        The SEG written for a final label names the segment (``name``), the algorithm (``model_name``, type
+        AUTOMATIC unless the client says otherwise) and references the image series (dcmqi ``itkimage2segimage``).
+        """
+        label_info = dict(label_info or {})
+        infos = label_info.get("label_info") or getattr(self, "default_label_info", None) or [{"name": "segment"}]
+        filled = []
+        for i, info in enumerate(infos):
+            info = dict(info)
+            name = info.get("name", "segment")
+            algo = info.get("model_name", "DFM+VLM")
+            info.setdefault("segmentAttribute", {
+                "labelID": i + 1, "SegmentLabel": name, "SegmentDescription": info.get("description", name),
+                "SegmentAlgorithmType": info.get("algorithm_type", "AUTOMATIC"), "SegmentAlgorithmName": algo,
+                "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT",
+                                                          "CodeMeaning": "Anatomical Structure"},
+                "SegmentedPropertyTypeCodeSequence": {"CodeValue": "85756007", "CodingSchemeDesignator": "SCT",
+                                                      "CodeMeaning": "Tissue"},
+                "recommendedDisplayRGBValue": list(info.get("color", [255, 0, 0]))[:3],
+            })
+            filled.append(info)
+        label_info["label_info"] = filled
+        return super().save_label(image_id, label_filename, label_tag, label_info, label_id)

@@ -1,0 +1,250 @@
+"""OHIF path end to end with real parts: Orthanc (DICOMweb) -> MONAI Label -> DICOM SEG back in Orthanc -> OHIF.
+
+One module, run from nothing: Orthanc up -> series uploaded (a CT series written here with pydicom from the sample
+volume, the vendor MR series of ../shared/data/dicom, the malformed series and the UID-less CT) -> MONAI Label on
+``--studies http://127.0.0.1:<port>/dicom-web`` -> inference on series ids -> DICOM SEG stored in Orthanc (STOW-RS)
+-> read back with highdicom and compared voxel for voxel -> the OHIF page in headless Chromium shows the study and
+the segmentation (screenshot under test-artifacts/) -> everything stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from conftest import SHARED
+from orthanc_utils import Orthanc, available
+from server_utils import ROOT, Server, process_group_alive
+
+pytestmark = [pytest.mark.orthanc, pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+DICOM = SHARED / "dicom"
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts")) / "dicomweb"
+needs_defaults = pytest.mark.skipif(not (ROOT / "sample_data" / "models" / "dfm_vlm_3d.pt").exists(),
+                                    reason="sample_data/models has no default checkpoints")
+requires_dicom = pytest.mark.skipif(not DICOM.exists(), reason=f"real DICOM data not found at {DICOM}")
+MALFORMED = {
+    "gantrytilting/001": "corrected",
+    "notavolume/001": "not one volume",
+    "slicecount/001": "at least 3 are needed",
+    "sliceincrement/001": "uneven slice increment",
+    "sliceincrement/002": "uneven slice increment",
+    "sliceorientation/001": "different orientations",
+}
+
+
+def _series_uid(folder: Path) -> str:
+    f = next(p for p in sorted(folder.iterdir()) if p.is_file())
+    return str(pydicom.dcmread(str(f), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _canonical(img) -> tuple[tuple, np.ndarray]:
+    c = nib.as_closest_canonical(img)
+    return c.shape[:3], c.affine
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from lib.dicom import repair_uids, write_ct_series
+
+    t_start = time.perf_counter()
+    work = tmp_path_factory.mktemp("dicomweb")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    pacs = Orthanc(work / "orthanc")
+    rec: dict = {"t_start": t_start, "work": work, "series": {}}
+    # (a) a CT series written here from the sample volume
+    src = ROOT / "sample_data" / "phantom_ct_05.nii.gz"
+    img = nib.load(str(src))
+    ct = write_ct_series(np.asarray(img.dataobj, dtype=float), img.affine, work / "ct", seed="phantom_ct_05",
+                         patient_name="Phantom^CT05")
+    pacs.upload_folder(work / "ct")
+    rec["ct"] = {**ct, "reference": src}
+    # (b) the real vendor MR series; the compressed variants share one set of UIDs, so each copy gets its own
+    seen: set[str] = set()
+    if DICOM.exists():
+        for d in sorted(p for p in (DICOM / "vendor_mr").iterdir() if p.is_dir()):
+            folder = d
+            uid = _series_uid(d)
+            if uid in seen:
+                folder = work / "reuid" / d.name
+                rec.setdefault("corrections", {})[d.name] = repair_uids(d.iterdir(), folder, force_new=True)
+            seen.add(_series_uid(folder))
+            pacs.upload_folder(folder)
+            rec["series"][d.name] = {"uid": _series_uid(folder), "reference": DICOM / "vendor_mr" / f"{d.name}_reference.nii.gz"}
+        for name in MALFORMED:
+            d = DICOM / "malformed" / name
+            pacs.upload_folder(d)
+            rec["series"][f"malformed/{name}"] = {"uid": _series_uid(d)}
+        fixed = work / "ct_abdomen_j2k"
+        rec.setdefault("corrections", {})["ct_abdomen_j2k"] = repair_uids((DICOM / "ct_abdomen_j2k").iterdir(), fixed)
+        pacs.upload_folder(fixed)
+        rec["series"]["ct_abdomen_j2k"] = {"uid": _series_uid(fixed),
+                                           "reference": DICOM / "ct_abdomen_j2k_reference_seg.nii.gz"}
+    rec["t_uploaded"] = time.perf_counter()
+    server = Server(pacs.dicomweb, work, conf={"model_dir": work / "model", "models": "dfm_vlm_3d"},
+                    env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "CT,MR"}),
+                         "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
+                         "MONAI_LABEL_DICOMWEB_READ_TIMEOUT": "60"})
+    rec["t_server"] = time.perf_counter()
+    yield pacs, server, rec
+    pgid = server.proc.pid
+    server.stop()
+    pacs.stop()
+    assert not process_group_alive(pgid) and pacs.proc.poll() is not None
+    wall = time.perf_counter() - t_start
+    (ARTIFACTS / "timing.json").write_text(json.dumps({"wall_seconds": round(wall, 1)}, indent=1))
+    print(f"\nDICOMweb end-to-end wall time: {wall:.0f} s")
+
+
+def _infer(server, series_uid, params=None, output="image"):
+    return requests.post(f"{server.url}/infer/dfm_vlm_3d", params={"image": series_uid, "output": output},
+                         data={"params": json.dumps({"steps": 2, **(params or {})})}, timeout=900)
+
+
+@needs_defaults
+def test_datastore_lists_the_pacs_series(stack):
+    pacs, server, rec = stack
+    objects = requests.get(f"{server.url}/datastore/?output=all", timeout=120).json()["objects"]
+    assert rec["ct"]["SeriesInstanceUID"] in objects
+    for name, s in rec["series"].items():
+        assert s["uid"] in objects, name
+
+
+@needs_defaults
+def test_infer_on_the_ct_series_has_its_geometry(stack):
+    pacs, server, rec = stack
+    r = _infer(server, rec["ct"]["SeriesInstanceUID"])
+    assert r.status_code == 200, r.text
+    out = ARTIFACTS / "ct_label.nii.gz"
+    out.write_bytes(r.content)
+    shape, aff = _canonical(nib.load(str(out)))
+    rshape, raff = _canonical(nib.load(str(rec["ct"]["reference"])))
+    assert shape == rshape and np.allclose(aff, raff, atol=1e-3)
+    lab = np.asarray(nib.as_closest_canonical(nib.load(str(out))).dataobj)
+    truth = np.asarray(nib.as_closest_canonical(nib.load(str(ROOT / "sample_data" / "phantom_ct_05.nii.gz"))).dataobj) > 120
+    dice = 2 * (lab.astype(bool) & truth).sum() / (lab.astype(bool).sum() + truth.sum())
+    assert dice > 0.5, f"the default model misses the lesion of the CT written to the PACS (Dice {dice:.2f})"
+
+
+@needs_defaults
+@requires_dicom
+def test_infer_on_real_vendor_series_keeps_their_geometry(stack):
+    pacs, server, rec = stack
+    for name, s in rec["series"].items():
+        if name.startswith("malformed/") or name == "ct_abdomen_j2k":
+            continue
+        r = _infer(server, s["uid"])
+        assert r.status_code == 200, (name, r.text)
+        out = ARTIFACTS / f"{name}_label.nii.gz"
+        out.write_bytes(r.content)
+        shape, aff = _canonical(nib.load(str(out)))
+        rshape, raff = _canonical(nib.load(str(s["reference"])))
+        assert shape == rshape and np.allclose(aff, raff, atol=1e-2), (name, shape, rshape, aff, raff)
+        assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1}
+
+
+@needs_defaults
+@requires_dicom
+def test_malformed_series_are_corrected_or_refused_clearly(stack):
+    pacs, server, rec = stack
+    before = pacs.instance_hashes()
+    table = {}
+    for name, expect in MALFORMED.items():
+        r = _infer(server, rec["series"][f"malformed/{name}"]["uid"])
+        if expect == "corrected":
+            assert r.status_code == 200, (name, r.text)
+            info = requests.get(f"{server.url}/datastore/image/info",
+                                params={"image": rec["series"][f"malformed/{name}"]["uid"]}, timeout=60).json()
+            assert any("gantry tilt" in c for c in info.get("corrections", [])), info
+            table[name] = f"200: {info['corrections'][0]}"
+        else:
+            assert r.status_code == 422, (name, r.status_code, r.text)
+            assert expect in r.json()["detail"], (name, r.json())
+            table[name] = f"{r.status_code}: {r.json()['detail']}"
+    r = _infer(server, rec["series"]["ct_abdomen_j2k"]["uid"])
+    assert r.status_code == 200, r.text
+    out = ARTIFACTS / "ct_abdomen_j2k_label.nii.gz"
+    out.write_bytes(r.content)
+    shape, aff = _canonical(nib.load(str(out)))
+    rshape, raff = _canonical(nib.load(str(rec["series"]["ct_abdomen_j2k"]["reference"])))
+    assert shape == rshape and np.allclose(aff, raff, atol=1e-2)
+    table["ct_abdomen_j2k"] = "200 after filling in empty UIDs: " + "; ".join(rec["corrections"]["ct_abdomen_j2k"])
+    assert server.alive()
+    assert pacs.instance_hashes() == before, "the PACS content changed"
+    (ARTIFACTS / "malformed.json").write_text(json.dumps(table, indent=1))
+
+
+@needs_defaults
+def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
+    import highdicom as hd
+    from dicomweb_client.api import DICOMwebClient
+
+    pacs, server, rec = stack
+    uid = rec["ct"]["SeriesInstanceUID"]
+    before = pacs.instance_hashes()
+    r = _infer(server, uid)
+    label_path = ARTIFACTS / "ct_label_for_seg.nii.gz"
+    label_path.write_bytes(r.content)
+    # /infer?output=dicom_seg returns a SEG object for the prediction
+    r = _infer(server, uid, {"label_info": [{"name": "lesion", "model_name": "dfm_vlm_3d"}]}, output="dicom_seg")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/dicom"), r.text[:300]
+    seg_direct = pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content))
+    assert seg_direct.Modality == "SEG"
+    # saving the final label stores a SEG in Orthanc over STOW-RS
+    with open(label_path, "rb") as f:
+        r = requests.put(f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
+                         files={"label": ("label.nii.gz", f)}, data={"params": json.dumps({})}, timeout=300)
+    assert r.status_code == 200, r.text
+    client = DICOMwebClient(pacs.dicomweb)
+    segs = client.search_for_series(search_filters={"Modality": "SEG"})
+    assert segs, "no SEG series in Orthanc"
+    seg_series = segs[-1]
+    instances = client.retrieve_series(seg_series["0020000D"]["Value"][0], seg_series["0020000E"]["Value"][0])
+    seg = hd.seg.Segmentation.from_dataset(instances[0])
+    (ARTIFACTS / "stored_seg.dcm").write_bytes(b"")
+    instances[0].save_as(str(ARTIFACTS / "stored_seg.dcm"))
+    desc = seg.get_segment_description(1)
+    assert desc.segment_label == "lesion" and desc.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    assert desc.algorithm_identification[0].name if hasattr(desc, "algorithm_identification") else True
+    ref = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert ref == uid
+    # voxel for voxel: SEG frames (by referenced CT instance) vs the label on the CT grid
+    sop_to_k = {}
+    for p in sorted((rec["work"] / "ct").iterdir()):
+        ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+        sop_to_k[ds.SOPInstanceUID] = int(ds.InstanceNumber) - 1
+    vol = seg.get_volume(combine_segments=True) if hasattr(seg, "get_volume") else None  # noqa: F841
+    label = np.asarray(nib.load(str(label_path)).dataobj).astype(np.uint8)  # (i, j, k) on the CT grid
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(sop_to_k), combine_segments=True,
+                                               assert_missing_frames_are_empty=True)
+    seg_vol = np.zeros_like(label)
+    for sop, k in sop_to_k.items():
+        idx = list(sop_to_k).index(sop)
+        seg_vol[:, :, k] = pixels[idx].T  # SEG frames are (rows=j, cols=i)
+    assert np.array_equal(seg_vol > 0, label > 0), f"{(seg_vol > 0).sum()} vs {(label > 0).sum()} voxels"
+    after = pacs.instance_hashes()
+    assert {k: v for k, v in after.items() if k in before} == before, "stored instances were altered"
+
+
+@needs_defaults
+def test_ohif_shows_the_study_and_the_segmentation(stack):
+    pytest.importorskip("playwright")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
+    from ohif_utils import check_ohif
+
+    pacs, server, rec = stack
+    res = check_ohif(server.url, rec["ct"]["StudyInstanceUID"], chromium, ARTIFACTS)
+    assert res["study_listed"], res
+    assert res["image_shown"], res
+    assert res["segment_listed"], res
