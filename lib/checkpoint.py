@@ -283,6 +283,10 @@ def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm
         if encoder.embed_dim != hp.model.cond_dim:
             raise CheckpointError(f"{path}: the model was trained with {hp.model.cond_dim}-d VLM embeddings but "
                                   f"{vcfg.name_or_path!r} gives {encoder.embed_dim}-d ones")
+    if encoder is not None:
+        # the system records the VLM it actually runs (a relative folder resolved beside the checkpoint), so a
+        # checkpoint saved from it (e.g. a trainer publishing elsewhere) still finds its VLM
+        hp = dataclasses.replace(hp, vlm=encoder.cfg)
     system = DFMSystem(ck.model, encoder, hp).to(device)
     system.checkpoint = ck
     return system

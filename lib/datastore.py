@@ -5,12 +5,17 @@ slices or a localizer silently become a wrong volume. This subclass converts wit
 (dicom2nifti with validation): a tilted gantry is resampled onto an orthogonal grid (and the correction recorded in
 the image info), anything that is not a regular volume raises :class:`lib.transforms.InputError` naming the problem
 -- the app answers 422 and keeps serving. The PACS is only read here; nothing stored in it is changed.
+
+Series are fetched in their stored transfer syntax (``transfer-syntax=*``) and decoded here (pydicom with GDCM):
+asking the PACS to transcode fails on some JPEG 2000 files (Orthanc's GDCM plugin refuses them) and costs time.
+A download lands in a temporary folder and is renamed into the cache only when complete.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -28,9 +33,7 @@ class CheckedDICOMWebDatastore(DICOMWebDatastore):
             return ""
         image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
         if not os.path.exists(image_dir) or not os.listdir(image_dir):
-            try:
-                dicom_web_download_series(None, image_id, image_dir, self._client, self._fetch_by_frame)
-            except IndexError:
+            if not self._download(image_id, image_dir):
                 return ""  # no such series in the PACS
         if not self._convert_to_nifti:
             return image_dir
@@ -49,6 +52,39 @@ class CheckedDICOMWebDatastore(DICOMWebDatastore):
                 # LocalDatastore.add_image copies the converted file into the cache and records its info
                 super(DICOMWebDatastore, self).add_image(image_id, tmp, info)
         return image_nii_gz
+
+    def _download(self, series_uid: str, image_dir: str) -> bool:
+        """All instances of the series, as stored, into ``image_dir`` (complete or not at all)."""
+        if self._fetch_by_frame:
+            try:
+                dicom_web_download_series(None, series_uid, image_dir, self._client, True)
+            except IndexError:
+                return False
+            return True
+        found = [s for s in self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+                 if s.get("0020000E", {}).get("Value") == [series_uid]]
+        if not found:
+            return False
+        study_uid = found[0]["0020000D"]["Value"][0]
+        parent = os.path.dirname(image_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
+        try:
+            instances = self._client.retrieve_series(study_uid, series_uid, media_types=(("application/dicom", "*"),))
+            for ds in instances:
+                ds.save_as(os.path.join(tmp, f"{ds.SOPInstanceUID}.dcm"))
+            if os.path.isdir(image_dir):
+                shutil.rmtree(image_dir)  # an empty leftover
+            os.rename(tmp, image_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return True
+
+    def json(self):
+        """The cache's records, plus the PACS series the search filter lists (``pacs_series``)."""
+        d = super().json()
+        d["pacs_series"] = self.list_images()
+        return d
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict, label_id: str = ""):
         """Fill in the segment description when the client sent none (DICOM SEG needs a label and an algorithm).

@@ -123,7 +123,11 @@ class DFMVLMApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
         image = request.get("image")
         ds = datastore or self.datastore()
-        if isinstance(image, str) and not os.path.exists(image) and not ds.get_image_uri(image):
+        try:  # a DICOMweb datastore converts (and checks) the series here
+            known = not isinstance(image, str) or os.path.exists(image) or bool(ds.get_image_uri(image))
+        except InputError as e:
+            raise HTTPException(status_code=422, detail=f"{model}: {e}") from e
+        if not known:
             raise HTTPException(status_code=404, detail=f"unknown image id {image!r} (not in the datastore)")
         ok, reason = self._infers[model].readiness()
         if not ok:

@@ -113,10 +113,12 @@ def _infer(server, series_uid, params=None, output="image"):
 @needs_defaults
 def test_datastore_lists_the_pacs_series(stack):
     pacs, server, rec = stack
-    objects = requests.get(f"{server.url}/datastore/?output=all", timeout=120).json()["objects"]
-    assert rec["ct"]["SeriesInstanceUID"] in objects
+    listed = requests.get(f"{server.url}/datastore/?output=all", timeout=120).json()["pacs_series"]
+    assert rec["ct"]["SeriesInstanceUID"] in listed
     for name, s in rec["series"].items():
-        assert s["uid"] in objects, name
+        assert s["uid"] in listed, name
+    stats = requests.get(f"{server.url}/datastore/", timeout=120).json()
+    assert stats["total"] == len(listed) == 1 + len(rec["series"])
 
 
 @needs_defaults
@@ -161,17 +163,17 @@ def test_malformed_series_are_corrected_or_refused_clearly(stack):
     for name, expect in MALFORMED.items():
         r = _infer(server, rec["series"][f"malformed/{name}"]["uid"])
         if expect == "corrected":
-            assert r.status_code == 200, (name, r.text)
+            assert r.status_code == 200, (name, r.text, server.tail(80))
             info = requests.get(f"{server.url}/datastore/image/info",
                                 params={"image": rec["series"][f"malformed/{name}"]["uid"]}, timeout=60).json()
             assert any("gantry tilt" in c for c in info.get("corrections", [])), info
             table[name] = f"200: {info['corrections'][0]}"
         else:
-            assert r.status_code == 422, (name, r.status_code, r.text)
+            assert r.status_code == 422, (name, r.status_code, r.text, server.tail(80))
             assert expect in r.json()["detail"], (name, r.json())
             table[name] = f"{r.status_code}: {r.json()['detail']}"
     r = _infer(server, rec["series"]["ct_abdomen_j2k"]["uid"])
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, (r.text, server.tail(80))
     out = ARTIFACTS / "ct_abdomen_j2k_label.nii.gz"
     out.write_bytes(r.content)
     shape, aff = _canonical(nib.load(str(out)))
@@ -210,11 +212,10 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     seg_series = segs[-1]
     instances = client.retrieve_series(seg_series["0020000D"]["Value"][0], seg_series["0020000E"]["Value"][0])
     seg = hd.seg.Segmentation.from_dataset(instances[0])
-    (ARTIFACTS / "stored_seg.dcm").write_bytes(b"")
     instances[0].save_as(str(ARTIFACTS / "stored_seg.dcm"))
     desc = seg.get_segment_description(1)
     assert desc.segment_label == "lesion" and desc.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
-    assert desc.algorithm_identification[0].name if hasattr(desc, "algorithm_identification") else True
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "DFM+VLM"
     ref = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
     assert ref == uid
     # voxel for voxel: SEG frames (by referenced CT instance) vs the label on the CT grid
@@ -222,10 +223,11 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     for p in sorted((rec["work"] / "ct").iterdir()):
         ds = pydicom.dcmread(str(p), stop_before_pixels=True)
         sop_to_k[ds.SOPInstanceUID] = int(ds.InstanceNumber) - 1
-    vol = seg.get_volume(combine_segments=True) if hasattr(seg, "get_volume") else None  # noqa: F841
     label = np.asarray(nib.load(str(label_path)).dataobj).astype(np.uint8)  # (i, j, k) on the CT grid
+    # dcmqi does not write SpatialLocationsPreserved; the frames' source references are what is checked here,
+    # and the voxel-for-voxel comparison below fails if they point at the wrong CT slices
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(sop_to_k), combine_segments=True,
-                                               assert_missing_frames_are_empty=True)
+                                               assert_missing_frames_are_empty=True, ignore_spatial_locations=True)
     seg_vol = np.zeros_like(label)
     for sop, k in sop_to_k.items():
         idx = list(sop_to_k).index(sop)
@@ -248,3 +250,6 @@ def test_ohif_shows_the_study_and_the_segmentation(stack):
     assert res["study_listed"], res
     assert res["image_shown"], res
     assert res["segment_listed"], res
+    assert res["overlay_shown"], res
+    (ARTIFACTS / "ohif_result.json").write_text(json.dumps({k: v for k, v in res.items() if k != "page_text"},
+                                                           indent=1))

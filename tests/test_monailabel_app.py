@@ -119,6 +119,17 @@ def test_next_sample_serves_the_most_uncertain_unlabelled_image(client, server):
         assert client.next_sample(strategy, {})["id"] in ds
 
 
+def _wait_for_training(client, server, timeout: float = 900) -> dict:
+    """Poll the full status until the task is DONE or ERROR (a fresh task is SUBMITTED before it is RUNNING)."""
+    deadline = time.time() + timeout
+    status = client.train_status()
+    while time.time() < deadline and status["status"] not in ("DONE", "ERROR"):
+        time.sleep(3)
+        status = client.train_status()
+    assert status["status"] == "DONE", f"{status}\n--- server log ---\n{server.tail(120)}"
+    return status
+
+
 @needs_defaults
 def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, server):
     # an annotator saves a final label for an unlabelled volume (the phantom's truth, regenerated)
@@ -141,13 +152,7 @@ def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, serv
     assert not published.exists()
     before = client.info()["models"]["dfm_vlm_3d"]["checkpoint"]
     client.train_start("dfm_vlm_3d", {"max_epochs": 2, "val_split": 0.34, "patches_per_image": 2})
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if not client.train_status(check_if_running=True):
-            break
-        time.sleep(3)
-    status = client.train_status()
-    assert status["status"] == "DONE", status
+    _wait_for_training(client, server)
     assert published.exists(), "training did not publish a checkpoint"
     info = client.info()
     after = info["models"]["dfm_vlm_3d"]["checkpoint"]
@@ -163,9 +168,7 @@ def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, serv
     # a second training run replaces the file atomically; the next request picks it up (no restart)
     mtime = published.stat().st_mtime
     client.train_start("dfm_vlm_3d", {"max_epochs": 1, "val_split": 0.34})
-    deadline = time.time() + 900
-    while time.time() < deadline and client.train_status(check_if_running=True):
-        time.sleep(3)
+    _wait_for_training(client, server)
     assert published.stat().st_mtime > mtime
     assert client.info()["models"]["dfm_vlm_3d"]["checkpoint"]["modified_time"] == published.stat().st_mtime
 

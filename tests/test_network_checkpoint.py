@@ -189,3 +189,20 @@ def test_plain_baseline_uses_the_same_unet_without_x_t_or_vlm(tiny_clip):
     assert s.vlm is None and not s.model.dfm and len(s.model.vlm_film_heads) == 0
     img = torch.rand(2, 1, 32, 32)
     assert s.model(None, None, s.model.prepare(img)).shape == (2, 1, 32, 32)
+
+
+def test_a_checkpoint_resaved_elsewhere_still_finds_its_relative_vlm(tmp_path, make_system, tiny_clip):
+    # the shipped checkpoints name their VLM relative to themselves ("vlm/tiny-clip"); a trainer that loads one
+    # and publishes to another folder must record the VLM it ran, or the published model cannot be served
+    import shutil
+
+    system = make_system()
+    home = tmp_path / "home"
+    shutil.copytree(tiny_clip, home / "vlm" / "tiny-clip")
+    hp = dataclasses.replace(system.hparams, vlm=dataclasses.replace(system.hparams.vlm, name_or_path="vlm/tiny-clip"))
+    save_checkpoint(home / "model.pt", system.model, hp)
+    loaded = load_system(home / "model.pt")
+    assert os.path.isabs(loaded.hparams.vlm.name_or_path)
+    save_checkpoint(tmp_path / "elsewhere" / "model.pt", loaded.model, loaded.hparams)
+    again = load_system(tmp_path / "elsewhere" / "model.pt")
+    assert again.vlm.embed_dim == loaded.vlm.embed_dim

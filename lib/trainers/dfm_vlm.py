@@ -37,13 +37,23 @@ logger = logging.getLogger(__name__)
 
 
 class CaseDice(Metric):
-    """Mean of the per-case Dice that :func:`lib.evaluation.evaluate_items` computed (engine output ``dice``)."""
+    """Mean of the per-case Dice that :func:`lib.evaluation.evaluate_items` computed (engine output ``dice``).
+
+    ignite hands a metric the engine output's ``required_output_keys`` as a tuple; ``skip_unrolling`` keeps the
+    per-case list whole (otherwise ignite expects a ``(y_pred, y)`` pair).
+    """
+
+    required_output_keys = ("dice",)
+
+    def __init__(self):
+        super().__init__(skip_unrolling=True)
 
     def reset(self):
         self._sum, self._n = 0.0, 0
 
     def update(self, output):
-        for d in output.get("dice", []):
+        (dice,) = output
+        for d in dice or []:
             if d is not None:
                 self._sum += float(d)
                 self._n += 1
