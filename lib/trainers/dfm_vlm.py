@@ -23,7 +23,7 @@ from ignite.engine import Events
 from ignite.metrics import Metric
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.checkpoint import CheckpointError, load_checkpoint, resolve_vlm_path, save_checkpoint
+from lib.checkpoint import CheckpointError, load_system, save_checkpoint
 from lib.config import HParams
 from lib.data import case_id, patch_transforms
 from lib.evaluation import evaluate_items, make_inferer
@@ -170,17 +170,11 @@ class DFMVLMTrain(BasicTrainTask):
             for p in reversed(self.init_paths):
                 if p and os.path.exists(p):
                     try:
-                        ck = load_checkpoint(p)
+                        # the same loader as prediction: the checkpoint's hyper-parameters, its VLM resolved
+                        # beside it (recorded as resolved, so the published checkpoint finds it too)
+                        system = load_system(p, vlm=self.vlm)
                         logger.info("fine-tuning from %s", p)
-                        hp = ck.hparams
-                        vlm = None
-                        if hp.model.cond_dim is not None:
-                            import dataclasses
-
-                            vcfg = dataclasses.replace(hp.vlm, name_or_path=resolve_vlm_path(
-                                self.vlm or hp.vlm.name_or_path, p))
-                            vlm = VLMEncoder.from_pretrained(vcfg)
-                        return ck.model, hp, vlm
+                        return system.model, system.hparams, system.vlm
                     except CheckpointError as e:
                         logger.warning("cannot start from %s: %s", p, e)
         import copy
