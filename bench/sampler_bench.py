@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.checkpoint import load_system  # noqa: E402
 from lib.cli import _quiet  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
-from lib.evaluation import evaluate_items, make_inferer  # noqa: E402
+from lib.evaluation import evaluate_items, make_inferer, preprocess_item  # noqa: E402
 from lib.samplers import nfe_of  # noqa: E402
 from lib.transforms import label_transforms  # noqa: E402
 
@@ -38,7 +38,7 @@ def main() -> None:
     _quiet()
     system = load_system(a.checkpoint, device=a.device)
     items = load_datalist(a.datalist, a.split)[: a.limit]
-    pre = [system.preprocessing({"image": it["image"]}) for it in items]
+    pre = [preprocess_item(system, it) for it in items]  # with case_id: the same per-image seeds as evaluate
     lab_t = label_transforms(system.hparams.preprocessing)
     labs = [lab_t({"label": it["label"]}) for it in items]
     steps = system.hparams.sampler.steps
