@@ -4,7 +4,7 @@
         --datalist ../shared/data/cxr_lung/datalist.json --split test --cases runs/cxr_dfm/eval_test/cases.json
 
 For every image: M samples through the same code the app's scoring method runs (predict_item with num_samples=M,
-then lib.infers.dfm_vlm.uncertainty_scores) -> the scores; the Dice of each image comes from ``evaluate``'s
+then lib.evaluation.uncertainty_scores) -> the scores; the Dice of each image comes from ``evaluate``'s
 cases.json (the contract output). Reports Spearman's rank correlation between each score and Dice (negative =
 uncertain images are the bad ones) and how many of the worst-Dice quartile the top-uncertainty quartile catches.
 """
@@ -25,13 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.checkpoint import load_system  # noqa: E402
 from lib.cli import _quiet  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
-from lib.evaluation import make_inferer, predict_item  # noqa: E402
-
-
-def uncertainty_scores(mean, var):
-    from lib.infers.dfm_vlm import uncertainty_scores as f  # the app's own function
-
-    return f(mean, var)
+from lib.evaluation import make_inferer, predict_item, uncertainty_scores  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +46,7 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     for i, it in enumerate(items):
-        out = predict_item(system, it, inferer, return_variance=True)
+        out = predict_item(system, it, inferer)
         s = uncertainty_scores(out["prob_pre"], out["var_pre"])
         rows.append({"case_id": it["case_id"], "dice": dice[it["case_id"]], **s})
         print(f"{i + 1}/{len(items)} {it['case_id']}: Dice {dice[it['case_id']]:.4f} "

@@ -51,7 +51,8 @@ def to_original(prob: torch.Tensor, preprocessed: dict, system: DFMSystem) -> Me
 
 def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowInferer | None = None,
                          return_variance: bool = False) -> dict:
-    """Run the inferer on a preprocessed item; results in preprocessed space and in the original geometry."""
+    """Run the inferer on a preprocessed item: ``prob_pre``/``var_pre`` in preprocessed space, ``prob`` (and with
+    ``return_variance`` ``var``) in the original geometry."""
     inferer = inferer or make_inferer(system)
     image = d["image"]
     seed = seed_for(inferer.seed, d.get("case_id"))
@@ -60,11 +61,22 @@ def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowIn
     x = x.unsqueeze(0).to(dev)
     prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True)
     prob, var = prob[0].cpu(), var[0].cpu()
-    out = {"prob_pre": prob, "prob": to_original(prob, d, system)}
-    if return_variance:
-        out["var_pre"] = var
+    out = {"prob_pre": prob, "var_pre": var, "prob": to_original(prob, d, system)}
+    if return_variance:  # the variance map on the original grid as well (one more inversion)
         out["var"] = to_original(var, d, system)
     return out
+
+
+def uncertainty_scores(mean: torch.Tensor, var: torch.Tensor) -> dict:
+    """Summaries of M samples (mean and per-voxel variance, in the network's space): mean variance, variance per
+    predicted-foreground voxel (the active-learning score), mean entropy of the mean."""
+    mean = torch.as_tensor(mean).float()
+    var = torch.as_tensor(var).float()
+    fg = float((mean > 0.5).sum())
+    p = mean.clamp(1e-6, 1 - 1e-6)
+    ent = -(p * p.log() + (1 - p) * (1 - p).log())
+    return {"mean_variance": float(var.mean()), "variance_per_foreground_voxel": float(var.sum()) / max(fg, 1.0),
+            "mean_entropy": float(ent.mean()), "foreground_voxels": fg}
 
 
 def predict_item(system: DFMSystem, item: dict, inferer: DFMSlidingWindowInferer | None = None,

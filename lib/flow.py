@@ -73,7 +73,7 @@ def flow_loss(logits: torch.Tensor, x1: torch.Tensor, dice_weight: float = 0.0) 
 
 
 def training_step(model, cond, x1: torch.Tensor, flow: FlowConfig, generator: torch.Generator | None = None,
-                  dfm: bool | None = None, return_logits: bool = False):
+                  dfm: bool | None = None) -> torch.Tensor:
     """One loss evaluation: draw ``t`` and ``x_t`` per patch, ``logits = model(x_t, t, cond)``, BCE on ``x1``.
 
     A ``"plain"`` model (the baseline) ignores ``x_t`` and ``t``; its loss is the same BCE on ``x1``. ``dfm``
@@ -87,5 +87,4 @@ def training_step(model, cond, x1: torch.Tensor, flow: FlowConfig, generator: to
         logits = model(x_t, t, cond)
     else:
         logits = model(None, None, cond)
-    loss = flow_loss(logits, x1, flow.dice_weight)
-    return (loss, logits) if return_logits else loss
+    return flow_loss(logits, x1, flow.dice_weight)

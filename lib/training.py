@@ -47,15 +47,20 @@ def build_system(hp: HParams, device: str | torch.device = "cpu") -> DFMSystem:
     return DFMSystem(model, vlm, hp).to(device)
 
 
-def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The loss of one patch batch (shared by this loop and the MONAI Label trainer)."""
+def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generator | None = None,
+               network: torch.nn.Module | None = None) -> torch.Tensor:
+    """The loss of one patch batch: per-patch VLM conditioning, ``t`` and ``x_t`` per patch, BCE on ``x1``.
+
+    Shared by this loop and the MONAI Label trainer. ``batch``: ``image``, ``label`` and ``items`` (the source entry
+    of every patch, for its text). ``network``: the module to run (e.g. DDP-wrapped ``system.model``).
+    """
     hp = system.hparams
-    image = batch["image"].to(device)
-    x1 = batch["label"].to(device)
+    image = batch["image"].to(device).float()
+    x1 = batch["label"].to(device).float()
     texts = patch_texts(batch["items"], hp.vlm) if system.vlm is not None else None
     emb = patch_condition(system.vlm, image, texts)
     cond = system.model.prepare(image, emb)
-    return training_step(system.model, cond, x1, hp.flow, generator)
+    return training_step(network or system.model, cond, x1, hp.flow, generator, dfm=system.model.dfm)
 
 
 def lr_at(progress: float, base: float, warmup: float = 0.03) -> float:

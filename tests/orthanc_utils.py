@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import requests
 
-from server_utils import free_port
+from server_utils import free_port, stop_process_group, wait_until_answering
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGINS = Path("/usr/share/orthanc/plugins")
@@ -55,17 +53,9 @@ class Orthanc:
         self.log = open(workdir / "orthanc.log", "w")
         self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited: {(workdir / 'orthanc.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/system", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("Orthanc did not start")
+        wait_until_answering(self.proc, f"{self.url}/system", timeout, self.stop,
+                             lambda: f"Orthanc exited: {(workdir / 'orthanc.log').read_text()[-3000:]}",
+                             lambda: "Orthanc did not start")
 
     def upload(self, path: Path) -> dict:
         r = requests.post(f"{self.url}/instances", data=Path(path).read_bytes(),
@@ -92,10 +82,5 @@ class Orthanc:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_process_group(self.proc)
         self.log.close()

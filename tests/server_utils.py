@@ -47,39 +47,51 @@ class Server:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=e,
                                      start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server did not answer within {timeout} s:\n{self.tail()}")
+        wait_until_answering(self.proc, f"{self.url}/info/", timeout, self.stop,
+                             lambda: f"server exited with {self.proc.returncode}:\n{self.tail()}",
+                             lambda: f"server did not answer within {timeout} s:\n{self.tail()}")
 
     def tail(self, n: int = 60) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def alive(self) -> bool:
         return self.proc.poll() is None and requests.get(f"{self.url}/info/", timeout=30).status_code == 200
 
     def stop(self) -> None:
-        """SIGTERM the whole process group (server, training/scoring subprocesses), then SIGKILL what is left."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc)
         self.log.close()
+
+
+def wait_until_answering(proc: subprocess.Popen, url: str, timeout: float, stop, exited_msg, timeout_msg) -> None:
+    """Poll ``url`` until it answers 200; raise (after ``stop()``) if the process exits or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(exited_msg())
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    stop()
+    raise RuntimeError(timeout_msg())
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the whole process group (a server and the subprocesses it started), then SIGKILL what is left."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def process_group_alive(pgid: int) -> bool:

@@ -61,6 +61,25 @@ def test_untrained_model_is_not_served(tmp_path):
     assert not ok and "cannot be served" in reason
 
 
+def test_a_failing_checkpoint_is_not_reloaded_on_every_poll_but_a_new_file_is(tmp_path, ckpt3d, monkeypatch):
+    import lib.infers.dfm_vlm as infer_mod
+
+    cfg = _task(tmp_path / "missing.pt", tmp_path / "model")
+    task = cfg.infer()
+    calls = []
+    real = infer_mod.load_system
+    monkeypatch.setattr(infer_mod, "load_system", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    bad = tmp_path / "model" / "dfm_vlm_3d.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"garbage")
+    for _ in range(3):  # /info asks every few seconds
+        ok, reason = task.readiness()
+        assert not ok and "cannot be served" in reason
+    assert len(calls) == 1
+    shutil.copy(ckpt3d, bad)  # the trainer publishes a good checkpoint: served at once
+    assert task.readiness() == (True, None) and len(calls) == 2
+
+
 def test_published_checkpoint_replaces_the_default_without_restart(tmp_path, ckpt3d, make_system):
     cfg = _task(ckpt3d, tmp_path / "model")
     task = cfg.infer()

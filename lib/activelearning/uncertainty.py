@@ -22,8 +22,9 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.evaluation import make_inferer, predict_item
-from lib.infers.dfm_vlm import DFMVLMInfer, ModelNotReady, uncertainty_scores
+from lib.data import case_id
+from lib.evaluation import make_inferer, predict_item, uncertainty_scores
+from lib.infers.dfm_vlm import DFMVLMInfer, ModelNotReady
 from lib.transforms import InputError, image_spatial_dims
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,7 @@ class DFMUncertaintyScoring(ScoringMethod):
         system = self.infer_task.system(device)
         inferer = make_inferer(system, num_samples=num_samples)
         uri = datastore.get_image_uri(image_id)
-        from lib.data import case_id
-
-        out = predict_item(system, {"image": uri, "case_id": case_id({"image": uri})}, inferer, return_variance=True)
+        out = predict_item(system, {"image": uri, "case_id": case_id({"image": uri})}, inferer)
         return uncertainty_scores(out["prob_pre"], out["var_pre"])
 
     def __call__(self, request, datastore: Datastore):

@@ -23,7 +23,7 @@ from monailabel.utils.others.generic import device_list
 from lib.checkpoint import CheckpointError, load_system
 from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
 from lib.data import case_id
-from lib.evaluation import make_inferer, predict_preprocessed
+from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem
 from lib.vlm import VLMError
 
@@ -100,24 +100,12 @@ class DFMPostprocessd:
         d["pred"] = MetaTensor(label, affine=prob.affine, meta=dict(prob.meta)) if isinstance(prob, MetaTensor) else label
         res = d.setdefault("result", {})
         res["foreground_fraction"] = float(label.float().mean())
-        if d.get("var") is not None and d.get("num_samples", 1) > 1:
-            var = d["var"]
-            res["uncertainty"] = uncertainty_scores(prob, var)
         return d
 
 
-def uncertainty_scores(mean: torch.Tensor, var: torch.Tensor) -> dict:
-    """Summaries of M samples: mean variance, variance per predicted-foreground voxel, mean entropy of the mean."""
-    mean = torch.as_tensor(mean).float()
-    var = torch.as_tensor(var).float()
-    fg = float((mean > 0.5).sum())
-    p = mean.clamp(1e-6, 1 - 1e-6)
-    ent = -(p * p.log() + (1 - p) * (1 - p).log())
-    return {"mean_variance": float(var.mean()), "variance_per_foreground_voxel": float(var.sum()) / max(fg, 1.0),
-            "mean_entropy": float(ent.mean()), "foreground_voxels": fg}
-
-
 class DFMVLMInfer(BasicInferTask):
+    RETRY_FAILED_S = 60.0  # a checkpoint that failed to load is tried again after this, or at once when it changes
+
     def __init__(self, path: Sequence[str], labels, dimension: int, description: str, vlm: str | None = None,
                  sampler_defaults: SamplerConfig | None = None, config: dict | None = None):
         d = sampler_defaults or SamplerConfig()
@@ -130,7 +118,7 @@ class DFMVLMInfer(BasicInferTask):
         self.vlm = vlm
         self._lock = threading.Lock()
         self._systems: dict[str, tuple[DFMSystem, str, float]] = {}
-        self._not_ready_reason: str | None = None
+        self._failures: dict[str, tuple[str, float, float, str]] = {}
 
     # -- readiness: a model is served only from a checkpoint that loads ------------------------------------
     def readiness(self) -> tuple[bool, str | None]:
@@ -158,10 +146,16 @@ class DFMVLMInfer(BasicInferTask):
             cached = self._systems.get(device)
             if cached and cached[1] == path and cached[2] == mtime:
                 return cached[0]
+            failed = self._failures.get(device)
+            if failed and failed[:2] == (path, mtime) and time.monotonic() - failed[2] < self.RETRY_FAILED_S:
+                raise ModelNotReady(failed[3])  # /info polls often: do not retry a failing load (hub lookups) each time
             try:
                 system = load_system(path, device=device, vlm=self.vlm)
             except (CheckpointError, VLMError, ConfigError, OSError) as e:
-                raise ModelNotReady(f"checkpoint {path} cannot be served: {e}") from e
+                reason = f"checkpoint {path} cannot be served: {e}"
+                self._failures[device] = (path, mtime, time.monotonic(), reason)
+                raise ModelNotReady(reason) from e
+            self._failures.pop(device, None)
             logger.info("loaded %s (mtime %s) on %s", path, time.ctime(mtime), device)
             self._systems[device] = (system, path, mtime)
             return system
@@ -169,6 +163,7 @@ class DFMVLMInfer(BasicInferTask):
     def clear_cache(self):
         with self._lock:
             self._systems.clear()
+            self._failures.clear()
 
     def info(self) -> dict:
         i = super().info()
@@ -213,12 +208,12 @@ class DFMVLMInfer(BasicInferTask):
         key = case_id({"image": src}) if isinstance(src, str) and src else None
         pre = dict(data["_dfm_pre"])
         pre["case_id"] = key
-        out = predict_preprocessed(system, pre, inferer, return_variance=True)
+        out = predict_preprocessed(system, pre, inferer)
         data["prob"] = out["prob"]
-        data["var"] = out["var"]
-        data["num_samples"] = inferer.num_samples
         data.pop("_dfm_pre", None)
         res = data.setdefault("result", {})
+        if inferer.num_samples > 1:  # the same scores as the active-learning scoring method
+            res["uncertainty"] = uncertainty_scores(out["prob_pre"], out["var_pre"])
         res.update({"checkpoint": self.get_path(), "sampler": inferer.sampler, "steps": inferer.steps,
                     "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed})
         return data

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -27,11 +29,11 @@ from lib.checkpoint import CheckpointError, load_system, save_checkpoint
 from lib.config import HParams
 from lib.data import case_id, patch_transforms
 from lib.evaluation import evaluate_items, make_inferer
-from lib.flow import training_step
 from lib.inferer import DFMSystem
 from lib.network import ConditionalUNet
 from lib.transforms import image_spatial_dims, preprocess
-from lib.vlm import VLMEncoder, patch_condition, patch_texts
+from lib.training import train_loss
+from lib.vlm import VLMEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -69,25 +71,17 @@ class _TrainStep:
         self.context = context
 
     def __call__(self, engine, batch) -> dict[str, Any]:
-        ctx = self.context
-        system: DFMSystem = ctx.system
-        hp = system.hparams
+        system: DFMSystem = self.context.system
         engine.network.train()
-        image = batch["image"].to(engine.state.device).float()
-        x1 = batch["label"].to(engine.state.device).float()
-        texts = None
-        if system.vlm is not None and hp.vlm.text_mode != "none":
-            items = [{"text": t} for t in batch.get("text", [None] * image.shape[0])] \
-                if hp.vlm.text_mode == "image" else [{}] * image.shape[0]
-            texts = patch_texts(items, hp.vlm)
-        emb = patch_condition(system.vlm, image, texts)
-        cond = system.model.prepare(image, emb)
-        loss, logits = training_step(engine.network, cond, x1, hp.flow, dfm=system.model.dfm, return_logits=True)
+        n = batch["image"].shape[0]
+        batch = {"image": batch["image"], "label": batch["label"],
+                 "items": [{"text": t} for t in batch.get("text", [None] * n)]}
+        loss = train_loss(system, batch, engine.state.device, network=engine.network)
         engine.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), 1.0)
         engine.optimizer.step()
-        return {"image": image, "label": x1, "pred": (logits.detach() > 0).float(), "loss": loss.item()}
+        return {"loss": loss.item()}
 
 
 class _ValStep:
@@ -177,13 +171,9 @@ class DFMVLMTrain(BasicTrainTask):
                         return system.model, system.hparams, system.vlm
                     except CheckpointError as e:
                         logger.warning("cannot start from %s: %s", p, e)
-        import copy
-
         hp = copy.deepcopy(self.hparams)
         vlm = None
         if hp.model.mode == "dfm" and hp.vlm.name_or_path:
-            import dataclasses
-
             vlm = VLMEncoder.from_pretrained(dataclasses.replace(hp.vlm, name_or_path=self.vlm or hp.vlm.name_or_path))
             hp.vlm = vlm.resolved_config()
         hp = hp.resolved()
