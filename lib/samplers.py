@@ -6,40 +6,100 @@ Both samplers start at ``x0`` (Bernoulli source), step over the time grid ``0 = 
 
 a probability map in [0, 1]. Nothing is binarised here: thresholding belongs to evaluation and post-processing.
 
-Jump rule (one voxel, posterior ``p = sigmoid(logits) = P(x1 = 1 | x_t, image)``). On the mixture path the rate
-from state 0 to 1 is ``c p`` and from 1 to 0 is ``c (1 - p)`` with ``c = kappa'/(1 - kappa)``. Over a step
-``t -> t + h`` with the posterior held fixed, a voxel flips with probability
+The chain. One voxel, posterior ``p = sigmoid(logits) = P(x1 = 1 | x_t, image)``. On the mixture path the rate from
+state 0 to 1 is ``c p`` and from 1 to 0 is ``c (1 - p)`` with ``c = kappa'/(1 - kappa)``. In the clock
+``s = -log(1 - kappa(t))`` the rate factor is 1: from state ``x`` the voxel leaves with intensity
+``q(x) = p if x = 0 else 1 - p``.
 
-    alpha(t, h) * q,   alpha = (kappa(t + h) - kappa(t)) / (1 - kappa(t)),   q = p if x = 0 else 1 - p
+* ``sampler_dfm_euler`` (first order): the posterior at the start of each step, held over the step; a voxel flips
+  with probability ``alpha q``, ``alpha = 1 - exp(-(s(t + h) - s(t))) = (kappa(t + h) - kappa(t)) / (1 - kappa(t))``:
+  the exact solution of the two-state chain with the posterior frozen (Euler for kappa = t). K network evaluations
+  + 1 for ``p_final``.
+* ``sampler_dfm_heun`` (second order): the theta-trapezoidal tau-leaping method (Hu, Li & Min 2011 for chemical
+  kinetics; Ren et al. 2025, "Fast solvers for discrete diffusion models", with a second-order error bound for
+  discrete diffusion), theta = 1/2 by default. Step of clock length ``D`` from ``x``:
 
-which is the Euler value ``h c q`` for kappa = t and integrates the scheduler exactly for kappa = t**n. On the
-last step ``alpha = 1``: x becomes a sample of the last posterior (what Meta's solver does at the last grid point),
-so no voxel of the source noise survives to t = 1.
+  1. predictor: ``y* = x`` with flips of intensity ``theta D q(x; p(x, t))`` (posterior at ``x``);
+  2. corrector, from ``y*``: intensity ``(1 - theta) D (a1 mu(y*) - a2 mu(x))_+`` for each jump direction, with
+     ``a1 = 1 / (2 theta (1 - theta))``, ``a2 = ((1 - theta)^2 + theta^2) / (2 theta (1 - theta))`` (a1 - a2 = 1),
+     ``mu(y*)`` the rate at ``y*`` (posterior at ``(y*, t + theta h)``) and ``mu(x)`` the rate of the *same
+     direction* at ``x``. For a binary voxel the only direction open at ``y*`` is the flip away from ``y*``: where
+     the predictor did not flip it, ``mu(x)`` is the same direction's rate at ``x``; where it flipped, the direction
+     back is closed at ``x`` (rate 0), so the corrector may only undo a flip with intensity ``a1 (1 - theta) D``
+     times its posterior -- it never re-uses the old posterior to undo it (what the earlier "Heun" did).
 
-* ``sampler_dfm_euler``: the posterior at the start of each step (K network evaluations + 1 for p_final).
-* ``sampler_dfm_heun``: predictor-corrector (Heun / explicit trapezoid on the rate). Predictor: an Euler jump with
-  ``p1 = posterior(x, t)`` gives a binary proposal ``x~`` at ``t + h``; corrector: ``p2 = posterior(x~, t + h)``;
-  the actual jump from ``x`` uses ``(p1 + p2) / 2`` with fresh randomness. The proposal stays binary (the network
-  never saw soft ``x_t``). The last step is a plain Euler step, as in EDM's Heun sampler, because the corrector
-  would need the network at t = 1 where it copies its input. Cost: 2K - 1 evaluations + 1 for p_final.
-  ``bench/sampler_bench.py`` compares both at equal network evaluations.
+  Flip probability for intensity ``L``: ``1 - exp(-L)`` (a tau-leap; two events on a binary voxel count as one).
+  The last step (``s`` infinite at t = 1) is the exact Euler jump with ``alpha = 1``: ``x`` becomes a sample of
+  the last posterior, as in Meta's solver. Cost: 2 (K - 1) + 1 evaluations + 1 for ``p_final`` = 2K.
+  ``tests/test_flow_samplers.py`` shows the order on a chain with a known solution; ``bench/sampler_bench.py``
+  compares both at equal network evaluations on real images.
+
+Randomness. ``generator`` is either a ``torch.Generator`` (one stream for the whole batch) or a
+:class:`ItemNoise` (one stream per batch item: results of an item do not depend on what else is in the batch).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+import math
+from typing import Callable, Sequence
 
 import torch
 
-from .flow import PolynomialScheduler, sample_source
+from .flow import PolynomialScheduler
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+class ItemNoise:
+    """Independent random streams, one per batch item, each seeded by its own integer seed (CPU generators, so a
+    seed gives the same numbers on every device); ``rand(shape)`` draws ``shape[1:]`` from each stream."""
+
+    def __init__(self, seeds: Sequence[int], device=None):
+        self.seeds = [int(s) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def rand(self, shape) -> torch.Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} noise streams for a batch of {shape[0]}")
+        out = torch.stack([torch.rand(tuple(shape[1:]), generator=g) for g in self.generators])
+        return out.to(self.device) if self.device is not None else out
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints/strings (stable across processes and machines)."""
+    h = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2 ** 63 - 1)
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    if isinstance(generator, ItemNoise):
+        return generator.rand(shape).to(device)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def sample_source_like(shape, source_p: float, generator, device=None) -> torch.Tensor:
+    return (_rand(shape, generator, device) < source_p).float()
 
 
 def time_grid(steps: int, device=None) -> torch.Tensor:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return torch.linspace(0.0, 1.0, steps + 1, device=device)
+
+
+def _clock(scheduler: PolynomialScheduler, t: float) -> float:
+    """s(t) = -log(1 - kappa(t)) (infinite at kappa = 1)."""
+    k = float(scheduler.kappa(t))
+    return math.inf if k >= 1.0 else -math.log1p(-k)
+
+
+def _time_of_clock(scheduler: PolynomialScheduler, s: float) -> float:
+    return float((-math.expm1(-s)) ** (1.0 / scheduler.n))
 
 
 def _alpha(scheduler: PolynomialScheduler, t: float, t_next: float) -> float:
@@ -49,10 +109,18 @@ def _alpha(scheduler: PolynomialScheduler, t: float, t_next: float) -> float:
     return min(1.0, max(0.0, (k_next - k) / (1.0 - k)))
 
 
-def _jump(x: torch.Tensor, p: torch.Tensor, alpha: float, generator: torch.Generator | None) -> torch.Tensor:
-    q = torch.where(x > 0.5, 1.0 - p, p)
-    flip = torch.rand(x.shape, generator=generator, device=x.device) < alpha * q
+def _leave(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """q(x): the probability term of the rate of leaving state x (p from 0, 1 - p from 1)."""
+    return torch.where(x > 0.5, 1.0 - p, p)
+
+
+def _flip(x: torch.Tensor, prob: torch.Tensor, generator) -> torch.Tensor:
+    flip = _rand(x.shape, generator, x.device) < prob
     return torch.where(flip, 1.0 - x, x)
+
+
+def _jump(x: torch.Tensor, p: torch.Tensor, alpha: float, generator) -> torch.Tensor:
+    return _flip(x, alpha * _leave(x, p), generator)
 
 
 def _posterior(model_fn: ModelFn, x: torch.Tensor, t: float, cond) -> torch.Tensor:
@@ -67,8 +135,34 @@ def _finish(model_fn, x, cond, trace, p_last, nfe):
     return p_final
 
 
+def euler_step(model_fn: ModelFn, x, t: float, t_next: float, cond, scheduler, generator):
+    """One exact-jump Euler step; returns (x_next, posterior used)."""
+    p = _posterior(model_fn, x, t, cond)
+    return _jump(x, p, _alpha(scheduler, t, t_next), generator), p
+
+
+def trapezoidal_step(model_fn: ModelFn, x, t: float, t_next: float, cond, scheduler, generator,
+                     theta: float = 0.5):
+    """One theta-trapezoidal step on the clock s (see the module docstring); needs kappa(t_next) < 1.
+
+    Returns (x_next, posterior at x)."""
+    s0, s1 = _clock(scheduler, t), _clock(scheduler, t_next)
+    if not math.isfinite(s1):
+        raise ValueError("the theta-trapezoidal step needs t_next < 1 (the last step is an exact Euler jump)")
+    d = s1 - s0
+    a1 = 1.0 / (2.0 * theta * (1.0 - theta))
+    a2 = ((1.0 - theta) ** 2 + theta ** 2) / (2.0 * theta * (1.0 - theta))
+    p = _posterior(model_fn, x, t, cond)
+    q_x = _leave(x, p)
+    y = _flip(x, -torch.expm1(-theta * d * q_x), generator)
+    p_star = _posterior(model_fn, y, _time_of_clock(scheduler, s0 + theta * d), cond)
+    same_dir = torch.where(y == x, q_x, torch.zeros_like(q_x))  # the direction away from y* is closed at x if flipped
+    lam = ((a1 * _leave(y, p_star) - a2 * same_dir).clamp_min(0.0)) * ((1.0 - theta) * d)
+    return _flip(y, -torch.expm1(-lam), generator), p
+
+
 def sampler_dfm_euler(model_fn: ModelFn, cond, x0: torch.Tensor, steps: int, scheduler: PolynomialScheduler,
-                      generator: torch.Generator | None = None, trace: dict | None = None) -> torch.Tensor:
+                      generator=None, trace: dict | None = None) -> torch.Tensor:
     """First-order sampler; returns ``p_final = sigmoid(model_fn(x, t=1, cond))``.
 
     ``trace``, when a dict is given, receives ``last_posterior`` (the posterior at the last grid point before
@@ -78,30 +172,25 @@ def sampler_dfm_euler(model_fn: ModelFn, cond, x0: torch.Tensor, steps: int, sch
     x = x0.float()
     p = None
     for t, t_next in zip(grid[:-1], grid[1:]):
-        p = _posterior(model_fn, x, t, cond)
-        x = _jump(x, p, _alpha(scheduler, t, t_next), generator)
+        x, p = euler_step(model_fn, x, t, t_next, cond, scheduler, generator)
     return _finish(model_fn, x, cond, trace, p, steps)
 
 
 def sampler_dfm_heun(model_fn: ModelFn, cond, x0: torch.Tensor, steps: int, scheduler: PolynomialScheduler,
-                     generator: torch.Generator | None = None, trace: dict | None = None) -> torch.Tensor:
-    """Second-order predictor-corrector sampler (see the module docstring); returns ``p_final``."""
+                     generator=None, trace: dict | None = None, theta: float = 0.5) -> torch.Tensor:
+    """Second-order theta-trapezoidal sampler (module docstring); the last step is the exact Euler jump."""
     grid = time_grid(steps).tolist()
     x = x0.float()
     nfe = 0
-    p1 = None
+    p = None
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-        alpha = _alpha(scheduler, t, t_next)
-        p1 = _posterior(model_fn, x, t, cond)
-        nfe += 1
         if i == steps - 1:
-            x = _jump(x, p1, alpha, generator)
-            break
-        x_prop = _jump(x, p1, alpha, generator)
-        p2 = _posterior(model_fn, x_prop, t_next, cond)
-        nfe += 1
-        x = _jump(x, 0.5 * (p1 + p2), alpha, generator)
-    return _finish(model_fn, x, cond, trace, p1, nfe)
+            x, p = euler_step(model_fn, x, t, t_next, cond, scheduler, generator)
+            nfe += 1
+        else:
+            x, p = trapezoidal_step(model_fn, x, t, t_next, cond, scheduler, generator, theta)
+            nfe += 2
+    return _finish(model_fn, x, cond, trace, p, nfe)
 
 
 SAMPLER_FUNCTIONS = {"euler": sampler_dfm_euler, "heun": sampler_dfm_heun}
@@ -112,21 +201,25 @@ def nfe_of(sampler: str, steps: int) -> int:
     return steps + 1 if sampler == "euler" else 2 * steps
 
 
-def run_sampler(name: str, model_fn: ModelFn, cond, shape, steps: int, scheduler: PolynomialScheduler,
-                source_p: float = 0.5, num_samples: int = 1, generator: torch.Generator | None = None,
-                device=None, output: str = "p_final") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Draw ``num_samples`` sampler runs from fresh x0 and return ``(mean, variance)`` of their output.
-
-    ``output`` selects what each run contributes: ``p_final`` (the contract), or ``last_posterior`` (benchmarks).
-    ``mean`` with num_samples = 1 is that run's output; the variance is ``None`` then.
-    """
+def sampler_function(name: str):
     try:
-        fn = SAMPLER_FUNCTIONS[name]
+        return SAMPLER_FUNCTIONS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLER_FUNCTIONS)}") from None
+
+
+def run_sampler(name: str, model_fn: ModelFn, cond, shape, steps: int, scheduler: PolynomialScheduler,
+                source_p: float = 0.5, num_samples: int = 1, generator=None,
+                device=None, output: str = "p_final") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``num_samples`` sampler runs from fresh x0, one after another; ``(mean, variance)`` of their output.
+
+    A reference for tests: prediction batches the samples (:meth:`lib.inferer.DFMSystem.predict_windows`).
+    ``output``: ``p_final`` (the contract) or ``last_posterior`` (benchmarks). The variance is None for one sample.
+    """
+    fn = sampler_function(name)
     outs = []
     for _ in range(num_samples):
-        x0 = sample_source(shape, source_p, generator, device)
+        x0 = sample_source_like(shape, source_p, generator, device)
         trace: dict = {}
         p_final = fn(model_fn, cond, x0, steps, scheduler, generator=generator, trace=trace)
         outs.append(trace["last_posterior"] if output == "last_posterior" else p_final)
