@@ -7,6 +7,12 @@
   deepest. The head's name carries its stage, so a state dict says by itself which stages it conditions.
 * What does not depend on ``(x_t, t)`` -- the VLM embedding and each stage's FiLM scale and shift -- is computed
   once per patch by :meth:`ConditionalUNet.prepare` and reused by every sampler step.
+* ``arch="cached"``: the U-Net (encoder, decoder, FiLM) sees the image only, so :meth:`prepare` runs it once per
+  window, and also the image half of the step head's first convolution (a convolution is linear:
+  ``conv([F, X]) = conv_F(F) + conv_X(X)``). Each sampler step runs only the *step head* at full resolution:
+  ``h = act(norm(conv_F(F) + conv_X(x_t) + time))``, a residual convolution block (``step_blocks - 1`` more
+  residual blocks if asked), and the 1x1 output. ``arch="unet"``: ``x_t`` enters at the stem and every step runs
+  the whole U-Net.
 
 Built from MONAI blocks (``Convolution``, ``UpSample``, MONAI's norm factory).
 """
@@ -31,11 +37,19 @@ class Condition:
     image: torch.Tensor
     embedding: torch.Tensor | None = None
     film: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # stage -> (scale, shift), from prepare()
+    features: torch.Tensor | None = None  # arch "cached": the image path's output, from prepare()
+
+    def _map(self, fn) -> "Condition":
+        film = None if self.film is None else {k: (fn(a), fn(b)) for k, (a, b) in self.film.items()}
+        return Condition(fn(self.image), None if self.embedding is None else fn(self.embedding), film,
+                         None if self.features is None else fn(self.features))
 
     def __getitem__(self, idx) -> "Condition":
-        film = None if self.film is None else {k: (a[idx], b[idx]) for k, (a, b) in self.film.items()}
-        emb = None if self.embedding is None else self.embedding[idx]
-        return Condition(self.image[idx], emb, film)
+        return self._map(lambda v: v[idx])
+
+    def repeat_interleave(self, m: int) -> "Condition":
+        """Each item ``m`` times in a row (item i's copies at ``i*m .. i*m+m-1``): M samples along the batch axis."""
+        return self if m == 1 else self._map(lambda v: v.repeat_interleave(m, dim=0))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -84,10 +98,14 @@ class ConditionalUNet(nn.Module):
         self.cfg = cfg
         sd, f = cfg.spatial_dims, list(cfg.features)
         self.dfm = cfg.mode == "dfm"
-        cin = cfg.in_channels + (1 if self.dfm else 0)
+        self.cached = self.dfm and cfg.arch == "cached"
+        cin = cfg.in_channels + (1 if self.dfm and not self.cached else 0)
         tdim = cfg.time_embed_dim if self.dfm else 0
         if self.dfm:
             self.time_mlp = nn.Sequential(nn.Linear(tdim, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        step_tdim = tdim
+        if self.cached:  # the image path is independent of (x_t, t); the step head gets x_t and t
+            tdim = 0
         self.stem = Convolution(sd, cin, f[0], kernel_size=3, conv_only=True)
         self.enc = nn.ModuleList([ResBlock(cfg, f[0], f[0], tdim)])
         self.down = nn.ModuleList()
@@ -103,6 +121,13 @@ class ConditionalUNet(nn.Module):
             self.dec.append(ResBlock(cfg, 2 * lo, lo, tdim))
             self.stage_channels.append(lo)
         self.head = Convolution(sd, f[0], 1, kernel_size=1, conv_only=True)
+        self.act = nn.LeakyReLU(0.1, inplace=False)
+        if self.cached:
+            self.step_image = Convolution(sd, f[0], f[0], kernel_size=3, conv_only=True)  # once per window
+            self.step_xt = Convolution(sd, 1, f[0], kernel_size=3, conv_only=True, bias=False)
+            self.step_temb = nn.Linear(step_tdim, f[0])
+            self.step_norm = _norm(cfg, f[0])
+            self.step_blocks = nn.ModuleList([ResBlock(cfg, f[0], f[0], step_tdim) for _ in range(cfg.step_blocks)])
         self.vlm_film_decoder_stages: list[int] = list(cfg.vlm_film_decoder_stages)
         self.vlm_film_heads = nn.ModuleDict()
         for s in self.vlm_film_decoder_stages:
@@ -134,24 +159,40 @@ class ConditionalUNet(nn.Module):
             for s in self.vlm_film_decoder_stages:
                 scale, shift = self.vlm_film_heads[str(s)](embedding).chunk(2, dim=-1)
                 film[s] = (scale, shift)
-        return Condition(image=image, embedding=embedding, film=film)
+        cond = Condition(image=image, embedding=embedding, film=film)
+        if self.cached:
+            cond.features = self.step_image(self._unet(image, None, cond.film))
+        return cond
+
+    def _time(self, t, b: int, device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(b)
+        return self.time_mlp(timestep_embedding(t, self.cfg.time_embed_dim))
 
     def forward(self, x_t: torch.Tensor | None, t: torch.Tensor | float | None, cond: Condition) -> torch.Tensor:
-        if cond.film is None and self.vlm_film_decoder_stages:
+        if (cond.film is None and self.vlm_film_decoder_stages) or (self.cached and cond.features is None):
             cond = self.prepare(cond.image, cond.embedding)
         image = cond.image
         b = image.shape[0]
-        temb = None
-        if self.dfm:
-            if x_t is None or t is None:
-                raise ValueError("a 'dfm' model needs x_t and t")
-            t = torch.as_tensor(t, device=image.device, dtype=torch.float32)
-            if t.ndim == 0:
-                t = t.expand(b)
-            temb = self.time_mlp(timestep_embedding(t, self.cfg.time_embed_dim))
-            h = torch.cat([image, x_t.to(image.dtype)], dim=1)
-        else:
-            h = image
+        if not self.dfm:
+            return self.head(self._unet(image, None, cond.film))
+        if x_t is None or t is None:
+            raise ValueError("a 'dfm' model needs x_t and t")
+        temb = self._time(t, b, image.device)
+        if self.cached:  # the step head: everything else ran once per window in prepare()
+            feats = cond.features
+            shape = (b, -1) + (1,) * self.cfg.spatial_dims
+            h = feats + self.step_xt(x_t.to(feats.dtype)) + self.step_temb(temb).view(shape)
+            h = self.act(self.step_norm(h))
+            for block in self.step_blocks:
+                h = block(h, temb)
+            return self.head(h)
+        return self.head(self._unet(torch.cat([image, x_t.to(image.dtype)], dim=1), temb, cond.film))
+
+    def _unet(self, h: torch.Tensor, temb: torch.Tensor | None, film) -> torch.Tensor:
+        """Encoder-decoder with FiLM at the conditioned decoder stages; full-resolution features (no head)."""
+        b = h.shape[0]
         h = self.enc[0](self.stem(h), temb)
         skips = [h]
         for down, block in zip(self.down, self.enc[1:]):
@@ -162,11 +203,11 @@ class ConditionalUNet(nn.Module):
             h = up(h)
             skip = skips.pop()
             h = block(torch.cat([h, skip], dim=1), temb)
-            if cond.film is not None and s in cond.film:
-                scale, shift = cond.film[s]
+            if film is not None and s in film:
+                scale, shift = film[s]
                 shape = (b, -1) + (1,) * self.cfg.spatial_dims
                 h = h * (1 + scale.view(shape)) + shift.view(shape)
-        return self.head(h)
+        return h
 
 
 def build_model(cfg: ModelConfig) -> ConditionalUNet:

@@ -57,6 +57,46 @@ def test_explicit_film_stages_and_that_they_condition_the_output():
         ConditionalUNet(ModelConfig(features=(8, 16, 32), cond_dim=4, vlm_film_decoder_stages=[0, 5]))
 
 
+@pytest.mark.parametrize("arch", ["unet", "cached"])
+def test_every_film_head_is_applied(arch):
+    """Regression (4 heads loaded, fewer applied): perturbing the head of ANY conditioned stage changes the output."""
+    m = ConditionalUNet(ModelConfig(features=(8, 16, 32, 64, 128), cond_dim=12, time_embed_dim=16, arch=arch))
+    _randomize_film(m)
+    assert m.vlm_film_decoder_stages == [0, 1, 2, 3]
+    img, x, emb = _inputs(m)
+    t = torch.full((2,), 0.3)
+    with torch.no_grad():
+        ref = m(x, t, m.prepare(img, emb))
+        for s, head in m.vlm_film_heads.items():
+            head.bias.add_(1.0)
+            out = m(x, t, m.prepare(img, emb))
+            head.bias.sub_(1.0)
+            assert (out - ref).abs().max() > 1e-4, f"FiLM head of stage {s} does not reach the output"
+
+
+def test_cached_architecture_runs_the_image_path_once_per_window():
+    """arch="cached": prepare() runs encoder, decoder and FiLM once; a K-step sampler runs only the step head; the
+    result equals the uncached forward, and x_t and t still change it."""
+    m = ConditionalUNet(ModelConfig(features=(8, 16, 32), cond_dim=12, time_embed_dim=16, arch="cached"))
+    _randomize_film(m)
+    img, x, emb = _inputs(m)
+    enc_calls, step_calls = [], []
+    m.enc[0].register_forward_hook(lambda *a: enc_calls.append(1))
+    m.step_xt.register_forward_hook(lambda *a: step_calls.append(1))
+    with torch.no_grad():
+        cond = m.prepare(img, emb)
+        assert len(enc_calls) == 1 and cond.features is not None
+        sampler_dfm_euler(m, cond, x, 6, PolynomialScheduler(2), generator=torch.Generator().manual_seed(0))
+        assert len(enc_calls) == 1, "the image path ran again inside the sampler"
+        assert len(step_calls) == 7
+        from lib.network import Condition
+
+        t = torch.full((2,), 0.4)
+        a = m(x, t, cond)
+        assert torch.allclose(a, m(x, t, Condition(img, emb)), atol=1e-6)
+        assert (a - m(1 - x, t, cond)).abs().max() > 1e-3 and (a - m(x, t * 0 + 0.9, cond)).abs().max() > 1e-3
+
+
 def test_film_parameters_are_computed_once_per_patch_not_per_step():
     m = ConditionalUNet(ModelConfig(features=(8, 16, 32), cond_dim=12, time_embed_dim=16))
     calls = []
@@ -95,10 +135,11 @@ def test_checkpoint_round_trip_is_complete_and_atomic(tmp_path, make_system):
     # the whole system (model + VLM) comes back from the checkpoint alone
     loaded = load_system(path)
     assert loaded.vlm is not None and loaded.vlm.embed_dim == 32
-    # overwriting replaces the file in one step (a reader sees old or new, never half)
-    mtime = os.stat(path).st_mtime_ns
-    save_checkpoint(path, system.model, system.hparams)
-    assert os.stat(path).st_mtime_ns >= mtime and len(list(path.parent.iterdir())) == 1
+    # overwriting replaces the file in one step (a reader sees old or new, never half): a new inode, no temp file
+    inode = os.stat(path).st_ino
+    save_checkpoint(path, system.model, system.hparams, metrics={"val_dice": 0.7})
+    assert os.stat(path).st_ino != inode and len(list(path.parent.iterdir())) == 1
+    assert load_checkpoint(path).metrics == {"val_dice": 0.7}
 
 
 def _four_head_model():
