@@ -67,16 +67,17 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--output", choices=["p_final", "last_posterior"], help="what each sample contributes")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda when available)")
-    g.add_argument("--amp", action="store_true", help="autocast the network on CUDA")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute precision (default: the checkpoint's policy, 'auto': bf16 only where it is fast)")
+    g.add_argument("--allow-roi-mismatch", action="store_true",
+                   help="allow a --roi-size other than the training patch (changes the VLM's field of view)")
     g.add_argument("--vlm", help="VLM folder or hub id replacing the one stored in the checkpoint")
 
 
 def _device(name: str | None) -> str:
-    import torch
+    from .precision import default_device
 
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return name or default_device()
 
 
 def _inferer(system, a):
@@ -84,7 +85,7 @@ def _inferer(system, a):
 
     return make_inferer(system, sampler=a.sampler, steps=a.steps, num_samples=a.num_samples, overlap=a.overlap,
                         sw_batch_size=a.sw_batch_size, roi_size=a.roi_size, seed=a.seed, output=a.output,
-                        amp=a.amp or None)
+                        precision=a.precision, allow_roi_mismatch=a.allow_roi_mismatch)
 
 
 def cmd_make_tiny_vlm(a) -> int:
@@ -101,6 +102,8 @@ def cmd_train(a) -> int:
     from .training import train
 
     hp = _set(load_preset(a.preset), a.set)
+    if a.precision:
+        hp.precision = a.precision
     if a.vlm:
         hp.vlm.name_or_path = a.vlm
     tr = load_datalist(a.datalist, a.train_split)
@@ -172,6 +175,7 @@ def cmd_predict(a) -> int:
 def cmd_evaluate(a) -> int:
     from .checkpoint import load_system
     from .evaluation import evaluate_items
+    from .precision import describe
 
     system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
     inferer = _inferer(system, a)
@@ -182,9 +186,8 @@ def cmd_evaluate(a) -> int:
     cases, summary = evaluate_items(system, items, inferer, progress=not a.no_progress)
     wall = time.perf_counter() - t0
     summary = {"checkpoint": str(a.checkpoint), "split": a.split, "datalist": a.datalist, "wall_seconds": round(wall, 1),
-               "sampler": {"name": inferer.sampler, "steps": inferer.steps, "num_samples": inferer.num_samples,
-                           "overlap": inferer.overlap, "roi_size": inferer.roi_size, "seed": inferer.seed,
-                           "output": inferer.output},
+               "sampler": inferer.settings(), "machine": describe(inferer.precision or system.hparams.precision,
+                                                                  system.device),
                **summary}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit-train", type=int)
     s.add_argument("--limit-val", type=int)
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="training and validation precision (default: the preset's, normally 'auto')")
     s.add_argument("--vlm", help="VLM folder or hub id (overrides the preset)")
     s.add_argument("--device")
     s.add_argument("--no-progress", action="store_true")
@@ -291,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     from .transforms import InputError
     from .vlm import VLMError
 
+    from .precision import PrecisionError
+
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, InputError, VLMError) as e:
+    except (CheckpointError, ConfigError, InputError, VLMError, PrecisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,9 @@ def _check_keys(cls, d: dict, where: str) -> None:
         raise ConfigError(f"unknown {where} hyper-parameter(s) {unknown}; known: {sorted(names)}")
 
 
+ARCHS = ("unet", "cached")
+
+
 @dataclass
 class ModelConfig:
     """The conditional U-Net (:class:`lib.network.ConditionalUNet`)."""
@@ -37,6 +40,11 @@ class ModelConfig:
     cond_dim: int | None = None  # size of the VLM conditioning vector; None: no VLM conditioning
     vlm_film_decoder_stages: list[int] | None = None  # None: every decoder stage (resolved before saving)
     mode: str = "dfm"  # "dfm" (x_t, t, cond -> logits of x1) or "plain" (one-pass segmenter, same U-Net)
+    # "unet": x_t enters at the stem, every sampler step runs the whole U-Net; "cached": the U-Net runs on the image
+    # once per window (VLM + FiLM included) and only a light x_t/t head at full resolution runs per sampler step
+    # (one fused convolution block + ``step_blocks`` residual blocks; see lib.network)
+    arch: str = "unet"
+    step_blocks: int = 1
     norm: str = "instance"
     dropout: float = 0.0
 
@@ -50,6 +58,12 @@ class ModelConfig:
             raise ConfigError(f"spatial_dims must be 2 or 3, got {c.spatial_dims}")
         if c.mode not in ("dfm", "plain"):
             raise ConfigError(f"mode must be 'dfm' or 'plain', got {c.mode!r}")
+        if c.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}, got {c.arch!r}")
+        if c.mode == "plain":
+            c.arch = "unet"  # a one-pass model has no sampler steps to cache for
+        if not isinstance(c.step_blocks, int) or c.step_blocks < 0:
+            raise ConfigError(f"step_blocks must be an integer >= 0, got {c.step_blocks!r}")
         if len(c.features) < 2:
             raise ConfigError(f"features needs at least two levels, got {c.features}")
         if c.cond_dim is None:
@@ -102,17 +116,30 @@ class SamplerConfig:
     num_samples: int = 1  # M samples per window: the map is their mean, the variance is returned too
     output: str = "p_final"  # the contract; "last_posterior" (the posterior before t = 1) is for benchmarks
     seed: int = 0
-    roi_size: list[int] | None = None  # None: the training patch size
+    roi_size: list[int] | None = None  # None: the training patch size (any other value is refused, see lib.inferer)
     overlap: float = 0.25
     sw_batch_size: int = 4
     blend_mode: str = "gaussian"
+    max_batch_voxels: int = 2 ** 21  # memory cap: (window x sample) items per network call x window voxels
 
     def resolved(self, patch_size: list[int] | None = None) -> "SamplerConfig":
         c = dataclasses.replace(self)
         if c.roi_size is None:
             c.roi_size = list(patch_size) if patch_size is not None else None
+        elif patch_size is not None and [int(v) for v in c.roi_size] != [int(v) for v in patch_size]:
+            raise ConfigError(roi_mismatch_message(c.roi_size, patch_size))
+        if not isinstance(c.max_batch_voxels, int) or c.max_batch_voxels < 1:
+            raise ConfigError(f"max_batch_voxels must be an integer >= 1, got {c.max_batch_voxels!r}")
         validate_sampler(c.name, c.steps, c.num_samples, c.overlap, c.sw_batch_size, c.output)
         return c
+
+
+def roi_mismatch_message(roi_size, patch_size) -> str:
+    return (f"sliding-window roi_size {list(roi_size)} differs from the training patch size {list(patch_size)}: the VLM "
+            "would embed a different field of view (with roi >= image size, the whole image -- the bug that took an "
+            "earlier system of this design from validation Dice 0.87 to test Dice 0.12-0.26) and the conditioning "
+            "would no longer be the one the model was trained on. Use the training patch size, or opt in explicitly "
+            "(allow_roi_mismatch=True / --allow-roi-mismatch) for experiments")
 
 
 def validate_sampler(name: str, steps: int, num_samples: int, overlap: float, sw_batch_size: int,
@@ -216,7 +243,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     augmentation: dict = field(default_factory=lambda: dict(AUGMENTATION))
-    autocast: str = "none"  # "bf16": bfloat16 autocast of the training forward pass (CPUs with AVX512-BF16, GPUs)
+    autocast: str | None = None  # legacy (before HParams.precision): "none" -> precision "fp32", "bf16" -> "auto"
     num_threads: int | None = None
 
 
@@ -232,9 +259,22 @@ class HParams:
     train: TrainConfig = field(default_factory=TrainConfig)
     labels: dict[str, int] = field(default_factory=lambda: {"foreground": 1})
     description: str = ""
+    precision: str = "auto"  # lib.precision: one policy for training, validation, evaluate and the app
 
     def resolved(self) -> "HParams":
         """Every field explicit and consistent; raises ConfigError naming what disagrees."""
+        from .precision import _LEGACY, PRECISIONS
+
+        precision, train = self.precision, dataclasses.replace(self.train)
+        if train.autocast is not None:
+            if train.autocast not in _LEGACY:
+                raise ConfigError(f"train.autocast (legacy) must be 'none' or 'bf16', got {train.autocast!r}; "
+                                  f"use precision = one of {PRECISIONS}")
+            if precision == "auto":
+                precision = _LEGACY[train.autocast]
+            train.autocast = None
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         pre = self.preprocessing.resolved()
         vlm = self.vlm.resolved()
         model = dataclasses.replace(self.model)
@@ -258,7 +298,7 @@ class HParams:
         if len(sampler.roi_size) != pre.spatial_dims:
             raise ConfigError(f"sampler roi_size {sampler.roi_size} does not match spatial_dims={pre.spatial_dims}")
         return dataclasses.replace(self, model=model, flow=self.flow.resolved(), sampler=sampler, vlm=vlm,
-                                   preprocessing=pre)
+                                   preprocessing=pre, train=train, precision=precision)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -281,7 +321,7 @@ class HParams:
                 if "intensity_window" in vals:
                     vals["intensity_window"] = tuple(vals["intensity_window"])
                 kwargs[name] = sub(**vals)
-        for k in ("labels", "description"):
+        for k in ("labels", "description", "precision"):
             if k in d:
                 kwargs[k] = d[k]
         return cls(**kwargs)

@@ -26,8 +26,9 @@ from .transforms import InputError, label_transforms
 logger = logging.getLogger(__name__)
 
 
-def make_inferer(system: DFMSystem, **overrides) -> DFMSlidingWindowInferer:
-    return DFMSlidingWindowInferer.from_hparams(system.hparams, **overrides)
+def make_inferer(system: DFMSystem, allow_roi_mismatch: bool = False, **overrides) -> DFMSlidingWindowInferer:
+    """The checkpoint's sampler defaults with ``overrides``; the roi is the training patch (see ``lib.inferer``)."""
+    return DFMSlidingWindowInferer.from_hparams(system.hparams, allow_roi_mismatch=allow_roi_mismatch, **overrides)
 
 
 def preprocess_item(system: DFMSystem, item: dict, with_label: bool = False) -> dict:
@@ -56,9 +57,8 @@ def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowIn
     inferer = inferer or make_inferer(system)
     image = d["image"]
     seed = seed_for(inferer.seed, d.get("case_id"))
-    dev = next(system.model.parameters()).device
     x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-    x = x.unsqueeze(0).to(dev)
+    x = x.unsqueeze(0).to(system.device)
     prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True)
     prob, var = prob[0].cpu(), var[0].cpu()
     out = {"prob_pre": prob, "var_pre": var, "prob": to_original(prob, d, system)}

@@ -1,25 +1,53 @@
-"""Sliding-window DFM prediction: a MONAI ``Inferer`` that runs the whole sampler in every window.
+"""THE per-window predictor, and the sliding-window inferer around it.
 
-``DFMSlidingWindowInferer()(image, system)`` returns one probability map the size of ``image``: MONAI's
-``sliding_window_inference`` cuts windows of ``roi_size``, the predictor computes the window's VLM conditioning
-with :func:`lib.vlm.patch_condition` (the function training uses on its random patches), prepares the FiLM
-parameters once, runs the sampler (``num_samples`` times from fresh noise) and returns ``p_final`` (or the mean
-of the samples, with their variance); windows are blended with Gaussian weights. No thresholding here.
+:meth:`DFMSystem.predict_windows` is the only code that turns image windows into probabilities. Validation during
+training, ``predict``/``evaluate``, the MONAI Label infer task, active-learning scoring and the benches all reach it
+through :class:`DFMSlidingWindowInferer` (a thin subclass of MONAI's ``SlidingWindowInferer``). Per call it
+
+1. refuses windows whose size is not the training patch size (unless explicitly allowed): a different window
+   changes the VLM's field of view -- the earlier system's whole-image-embedding bug;
+2. runs in eval mode (every submodule's own train/eval flag is restored afterwards; the frozen VLM is always in
+   eval mode) under the one precision policy (:mod:`lib.precision`);
+3. conditions each window once (:func:`lib.vlm.patch_condition` + FiLM, and for ``arch="cached"`` the whole image
+   path of the U-Net);
+4. runs the M samples of all windows *batched* along the batch axis (``repeat_interleave``), at most
+   ``max_batch_voxels // window voxels`` (window x sample) items per network call (the memory cap);
+5. draws every random number of sample ``m`` of a window from its own stream, seeded by
+   ``(seed, image id, window position, m)``: the result does not depend on ``sw_batch_size``, on the order of the
+   windows, on the memory cap or on other images;
+6. returns the mean of the samples' ``p_final`` (or ``last_posterior`` for benchmarks) and their variance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from typing import Sequence
 
 import torch
-from monai.inferers import Inferer, sliding_window_inference
+from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from .config import HParams, validate_sampler
+from . import precision as precision_policy
+from .config import ConfigError, HParams, roi_mismatch_message, validate_sampler
 from .flow import make_scheduler
 from .network import ConditionalUNet
-from .samplers import run_sampler
+from .samplers import ItemNoise, derive_seed, sample_source_like, sampler_function
 from .vlm import VLMEncoder, patch_condition
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """Eval mode inside; afterwards every submodule gets back its *own* flag (not its container's)."""
+    states = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
+    for mod in modules:
+        if mod is not None:
+            mod.eval()
+    try:
+        yield
+    finally:
+        for m, flag in states:
+            m.training = flag
 
 
 class DFMSystem(nn.Module):
@@ -38,6 +66,10 @@ class DFMSystem(nn.Module):
                              f"cond_dim={model.cfg.cond_dim}")
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def preprocessing(self):
         """The checkpoint's preprocessing pipeline (one instance, so that its inverse applies to its outputs)."""
         if getattr(self, "_preprocessing", None) is None:
@@ -47,8 +79,61 @@ class DFMSystem(nn.Module):
         return self._preprocessing
 
     def condition(self, patches: torch.Tensor, texts=None):
-        """Per-patch condition (VLM embedding + FiLM scale/shift), computed once and reused by every step."""
+        """Per-patch condition (VLM embedding + FiLM scale/shift [+ image features]), once per patch."""
         return self.model.prepare(patches, patch_condition(self.vlm, patches, texts))
+
+    def texts_for(self, text: str | None, n: int) -> list[str] | None:
+        """The text of ``n`` windows of one image: the image's text (text_mode "image") or the label prompt."""
+        if self.vlm is None or self.vlm.cfg.text_mode == "none":
+            return None
+        if self.vlm.cfg.text_mode == "label":
+            text = text or self.vlm.cfg.prompt
+        if not text:
+            raise ValueError("this model is conditioned on per-image text (text_mode='image'); none was given")
+        return [text] * n
+
+    @torch.no_grad()
+    def predict_windows(self, windows: torch.Tensor, texts: Sequence[str] | None, seeds: Sequence[int], *,
+                        sampler: str = "euler", steps: int = 8, num_samples: int = 1, output: str = "p_final",
+                        precision: str | None = None, max_batch_voxels: int | None = None,
+                        allow_roi_mismatch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``windows (B, C, *patch)`` + one text and one seed per window -> ``(mean, variance)``, each
+        ``(B, 1, *patch)`` on the system's device. See the module docstring for what it guarantees."""
+        cfg = self.model.cfg
+        patch = list(self.hparams.preprocessing.patch_size)
+        if windows.ndim != cfg.spatial_dims + 2:
+            raise ValueError(f"the model is {cfg.spatial_dims}D: windows must be (batch, channel, "
+                             f"{'H, W' if cfg.spatial_dims == 2 else 'H, W, D'}); got {tuple(windows.shape)}")
+        if list(windows.shape[2:]) != patch and not allow_roi_mismatch:
+            raise ConfigError(roi_mismatch_message(list(windows.shape[2:]), patch))
+        if len(seeds) != windows.shape[0]:
+            raise ValueError(f"one seed per window: {len(seeds)} seeds for {windows.shape[0]} windows")
+        validate_sampler(sampler, steps, num_samples, 0.0, 1, output)
+        dev = self.device
+        prec = precision or self.hparams.precision
+        windows = windows.to(dev).float()
+        b, m = windows.shape[0], num_samples
+        spatial = tuple(windows.shape[2:])
+        with eval_mode(self.model, self.vlm), precision_policy.autocast(prec, dev):
+            cond = self.condition(windows, texts)
+            if not self.model.dfm:
+                p = torch.sigmoid(self.model(None, None, cond).float())
+                return p, torch.zeros_like(p)
+            hp = self.hparams
+            scheduler = make_scheduler(hp.flow)
+            fn = sampler_function(sampler)
+            cap = max(1, int(max_batch_voxels or hp.sampler.max_batch_voxels) // max(1, windows[0, 0].numel()))
+            outs = []
+            for start in range(0, b * m, cap):
+                idx = torch.arange(start, min(start + cap, b * m))
+                noise = ItemNoise([derive_seed(int(seeds[i // m]), i % m) for i in idx.tolist()], device=dev)
+                c = cond if (m == 1 and len(idx) == b) else cond[idx // m]
+                x0 = sample_source_like((len(idx), 1, *spatial), hp.flow.source_p, noise, dev)
+                trace: dict = {}
+                p_final = fn(self.model, c, x0, steps, scheduler, generator=noise, trace=trace)
+                outs.append(trace["last_posterior"] if output == "last_posterior" else p_final)
+        out = torch.cat(outs).float().view(b, m, 1, *spatial)
+        return out.mean(1), out.var(1, unbiased=False)
 
 
 def seed_for(seed: int, key: str | None) -> int:
@@ -56,91 +141,87 @@ def seed_for(seed: int, key: str | None) -> int:
     return int(seed) if key is None else (int(seed) * 1000003 + zlib.crc32(str(key).encode())) % (2**63 - 1)
 
 
-class DFMSlidingWindowInferer(Inferer):
+def window_seed(image_seed: int, slices) -> int:
+    """The seed of one window: the image's seed and the window's position (start of every spatial axis)."""
+    starts = tuple(int(s.start or 0) for s in list(slices)[2:])
+    return derive_seed(int(image_seed), starts)
+
+
+class DFMSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's ``SlidingWindowInferer`` with :meth:`DFMSystem.predict_windows` as the per-window predictor.
+
+    ``inferer(image (1, C, *spatial), system, text=..., seed=...)`` -> ``(1, 1, *spatial)`` probabilities (Gaussian
+    blending); with ``return_variance`` also the blended per-voxel variance of the ``num_samples`` samples.
+    """
+
     def __init__(self, roi_size, sw_batch_size: int = 4, overlap: float = 0.25, mode: str = "gaussian",
                  sigma_scale: float = 0.125, sampler: str = "euler", steps: int = 8, num_samples: int = 1,
                  output: str = "p_final", seed: int = 0, device: str | torch.device | None = None,
-                 amp: bool = False, progress: bool = False):
-        super().__init__()
+                 precision: str | None = None, max_batch_voxels: int | None = None,
+                 allow_roi_mismatch: bool = False, progress: bool = False):
         validate_sampler(sampler, steps, num_samples, overlap, sw_batch_size, output)
+        if precision is not None:
+            precision_policy.check(precision)
+        super().__init__(roi_size=list(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
+                         sigma_scale=sigma_scale, padding_mode="constant", cval=0.0, progress=progress,
+                         with_coord=True)
         self.roi_size = list(roi_size)
-        self.sw_batch_size = sw_batch_size
-        self.overlap = overlap
-        self.mode = mode
-        self.sigma_scale = sigma_scale
         self.sampler = sampler
         self.steps = steps
         self.num_samples = num_samples
         self.output = output
         self.seed = seed
         self.device = torch.device(device) if device is not None else None
-        self.amp = amp
-        self.progress = progress
+        self.precision = precision
+        self.max_batch_voxels = max_batch_voxels
+        self.allow_roi_mismatch = allow_roi_mismatch
 
     @classmethod
-    def from_hparams(cls, hp: HParams, **overrides) -> "DFMSlidingWindowInferer":
+    def from_hparams(cls, hp: HParams, allow_roi_mismatch: bool = False, **overrides) -> "DFMSlidingWindowInferer":
         s = hp.sampler
+        roi = overrides.get("roi_size")
+        if roi is not None and list(roi) != list(hp.preprocessing.patch_size) and not allow_roi_mismatch:
+            raise ConfigError(roi_mismatch_message(roi, hp.preprocessing.patch_size))
         kw = dict(roi_size=s.roi_size, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.blend_mode,
-                  sampler=s.name, steps=s.steps, num_samples=s.num_samples, output=s.output, seed=s.seed)
+                  sampler=s.name, steps=s.steps, num_samples=s.num_samples, output=s.output, seed=s.seed,
+                  max_batch_voxels=s.max_batch_voxels)
         kw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kw)
+        return cls(allow_roi_mismatch=allow_roi_mismatch, **kw)
 
-    def _predictor(self, system: DFMSystem, text, generator, device):
-        model = system.model
-        hp = system.hparams
-        scheduler = make_scheduler(hp.flow)
-        amp = self.amp and device.type == "cuda"
-
-        def model_fn(x, t, cond):
-            with torch.autocast(device_type=device.type, enabled=amp):
-                return model(x, t, cond)
-
-        def predict(windows: torch.Tensor):
-            windows = windows.to(device)
-            texts = None if text is None else [text] * windows.shape[0]
-            with torch.autocast(device_type=device.type, enabled=amp):
-                cond = system.condition(windows, texts)
-            shape = (windows.shape[0], 1, *windows.shape[2:])
-            if not model.dfm:
-                return {"prob": torch.sigmoid(model_fn(None, None, cond).float()),
-                        "var": torch.zeros(shape, device=device)}
-            mean, var = run_sampler(self.sampler, model_fn, cond, shape, self.steps, scheduler,
-                                    source_p=hp.flow.source_p, num_samples=self.num_samples, generator=generator,
-                                    device=device, output=self.output)
-            return {"prob": mean, "var": var if var is not None else torch.zeros_like(mean)}
-
-        return predict
+    def settings(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "num_samples": self.num_samples,
+                "overlap": self.overlap, "roi_size": self.roi_size, "seed": self.seed, "output": self.output,
+                "sw_batch_size": self.sw_batch_size}
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: DFMSystem, text: str | None = None,
                  seed: int | None = None, return_variance: bool = False):
         """``inputs``: one preprocessed image ``(1, C, *spatial)``; returns ``(1, 1, *spatial)`` probabilities.
 
-        ``text``: the image's text (text_mode "image") or None (the prompt is used for text_mode "label").
-        ``seed``: the sampler seed (default: the inferer's); with ``return_variance`` also the per-voxel variance
-        of the ``num_samples`` samples.
+        ``seed``: the image's seed (default: the inferer's; callers derive it from the image id with
+        :func:`seed_for`); every window derives its own from it and its position.
         """
         if inputs.ndim != len(self.roi_size) + 2:
             raise ValueError(f"the inferer's roi_size {self.roi_size} is {len(self.roi_size)}D; "
                              f"got an input of shape {tuple(inputs.shape)}")
         if inputs.shape[0] != 1:
             raise ValueError(f"one image at a time (batch 1); got batch {inputs.shape[0]}")
-        if text is None and network.vlm is not None and network.vlm.cfg.text_mode == "label":
-            text = network.vlm.cfg.prompt
-        if network.vlm is not None and network.vlm.cfg.text_mode == "image" and not text:
-            raise ValueError("this model is conditioned on per-image text (text_mode='image'); none was given")
-        device = self.device or next(network.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(self.seed if seed is None else int(seed))
-        was_training = network.training
-        network.eval()
-        try:
-            out = sliding_window_inference(
-                inputs, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
-                predictor=self._predictor(network, text, generator, device), overlap=self.overlap, mode=self.mode,
-                sigma_scale=self.sigma_scale, padding_mode="constant", cval=0.0, sw_device=device,
-                device=inputs.device, progress=self.progress,
-            )
-        finally:
-            network.train(was_training)
-        prob = out["prob"].clamp_(0.0, 1.0)
+        if inputs.shape[1] != network.model.cfg.in_channels:
+            raise ValueError(f"the model expects {network.model.cfg.in_channels} image channel(s); "
+                             f"got {inputs.shape[1]}")
+        image_seed = self.seed if seed is None else int(seed)
+        texts_of = network.texts_for(text, 1)
+        device = self.device or network.device
+
+        def predictor(windows: torch.Tensor, slices):
+            mean, var = network.predict_windows(
+                windows, None if texts_of is None else texts_of * windows.shape[0],
+                [window_seed(image_seed, s) for s in slices], sampler=self.sampler, steps=self.steps,
+                num_samples=self.num_samples, output=self.output, precision=self.precision,
+                max_batch_voxels=self.max_batch_voxels, allow_roi_mismatch=self.allow_roi_mismatch)
+            return {"prob": mean, "var": var}
+
+        self.sw_device = device
+        out = super().__call__(inputs, predictor, device=inputs.device)
+        prob = out["prob"]
         return (prob, out["var"]) if return_variance else prob

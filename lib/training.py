@@ -30,6 +30,7 @@ from .evaluation import evaluate_items, make_inferer
 from .flow import training_step
 from .inferer import DFMSystem
 from .network import ConditionalUNet
+from . import precision as precision_policy
 from .transforms import label_transforms
 from .vlm import VLMEncoder, patch_condition, patch_texts
 
@@ -44,7 +45,7 @@ def build_system(hp: HParams, device: str | torch.device = "cpu") -> DFMSystem:
         hp.vlm = vlm.resolved_config()
     hp = hp.resolved()
     model = ConditionalUNet(hp.model).to(device)
-    return DFMSystem(model, vlm, hp).to(device)
+    return DFMSystem(model, vlm, hp).to(device).eval()
 
 
 def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generator | None = None,
@@ -58,9 +59,10 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
     image = batch["image"].to(device).float()
     x1 = batch["label"].to(device).float()
     texts = patch_texts(batch["items"], hp.vlm) if system.vlm is not None else None
-    emb = patch_condition(system.vlm, image, texts)
-    cond = system.model.prepare(image, emb)
-    return training_step(network or system.model, cond, x1, hp.flow, generator, dfm=system.model.dfm)
+    with precision_policy.autocast(hp.precision, device):  # the policy prediction uses (lib.precision)
+        emb = patch_condition(system.vlm, image, texts)
+        cond = system.model.prepare(image, emb)
+        return training_step(network or system.model, cond, x1, hp.flow, generator, dfm=system.model.dfm)
 
 
 def lr_at(progress: float, base: float, warmup: float = 0.03) -> float:
@@ -101,8 +103,12 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     hp = system.hparams
     model = system.model
     (out / "hparams.json").write_text(json.dumps(hp.to_dict(), indent=2))
-    logger.info("model: %s parameters, FiLM stages %s, VLM %s (%s-d)", sum(p.numel() for p in model.parameters()),
-                model.vlm_film_decoder_stages, hp.vlm.name_or_path if system.vlm else None, hp.model.cond_dim)
+    machine = precision_policy.describe(hp.precision, device)
+    (out / "machine.json").write_text(json.dumps(machine, indent=1))
+    logger.info("model: %s parameters (arch %s), FiLM stages %s, VLM %s (%s-d); precision %s -> %s on %s (CPU %s)",
+                sum(p.numel() for p in model.parameters()), hp.model.arch, model.vlm_film_decoder_stages,
+                hp.vlm.name_or_path if system.vlm else None, hp.model.cond_dim, hp.precision, machine["dtype"],
+                device, machine["cpu_capability"])
 
     train_ds = CacheDataset(list(train_items), transform=system.preprocessing, progress=progress, num_workers=0)
     val_pre = [system.preprocessing({k: v for k, v in it.items() if k in ("image", "text", "case_id")})
@@ -113,7 +119,6 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
 
     batcher = PatchBatcher(hp.preprocessing, tc.patches_per_image, augment=tc.augment, seed=tc.seed,
                            augmentation=tc.augmentation)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tc.autocast == "bf16")
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     best = {"dice": -1.0}
     history: list[dict] = []
@@ -132,9 +137,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     def validate(final: bool) -> None:
         nonlocal best, val_s_est
         v0 = time.perf_counter()
-        model.eval()
         cases, summ = evaluate_items(system, val_items, inferer, preprocessed=val_pre, labels=val_lab)
-        model.train()
         val_s_est = time.perf_counter() - v0
         dice = summ.get("dice", {}).get("mean", float("nan"))
         rec = {"iteration": it, "train_seconds": round(train_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -166,8 +169,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         s0 = time.perf_counter()
         idx = np_rng.choice(len(train_ds), size=min(tc.images_per_batch, len(train_ds)), replace=False)
         batch = batcher([train_ds[int(i)] for i in idx])
-        with torch.autocast(**autocast):
-            loss = train_loss(system, batch, device)
+        loss = train_loss(system, batch, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

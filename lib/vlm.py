@@ -74,6 +74,12 @@ class VLMEncoder(nn.Module):
         if tokenizer is not None and hasattr(self.model, "get_text_features"):
             self.text_embed_dim = int(self._encode_text_uncached(["a"]).shape[-1])
 
+    def train(self, mode: bool = True) -> "VLMEncoder":
+        """The VLM is frozen: it stays in eval mode (no dropout, fixed norm statistics) whatever its container does."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
     @classmethod
     def from_pretrained(cls, cfg: VLMConfig, device: str | torch.device | None = None) -> "VLMEncoder":
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer

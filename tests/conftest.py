@@ -32,11 +32,13 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 def tiny_hparams(clip: Path | None, spatial_dims: int = 2, features=(8, 16, 32), patch=None, channels: int = 1,
-                 text_mode: str = "label", stages=None, mode: str = "dfm", spacing=None, steps: int = 3) -> HParams:
+                 text_mode: str = "label", stages=None, mode: str = "dfm", spacing=None, steps: int = 3,
+                 arch: str = "unet", precision: str = "fp32") -> HParams:
+    """Tiny hyper-parameters; fp32 so that exact comparisons hold on every CPU (the bf16 policy has its own tests)."""
     patch = list(patch or ([32, 32] if spatial_dims == 2 else [16, 16, 16]))
     return HParams(
         model=ModelConfig(spatial_dims=spatial_dims, in_channels=channels, features=tuple(features),
-                          time_embed_dim=16, vlm_film_decoder_stages=stages, mode=mode),
+                          time_embed_dim=16, vlm_film_decoder_stages=stages, mode=mode, arch=arch),
         flow=FlowConfig(scheduler="polynomial", exponent=2.0),
         sampler=SamplerConfig(name="euler", steps=steps, sw_batch_size=4, overlap=0.25),
         vlm=VLMConfig(name_or_path=str(clip) if clip and mode == "dfm" else None, text_mode=text_mode,
@@ -45,6 +47,7 @@ def tiny_hparams(clip: Path | None, spatial_dims: int = 2, features=(8, 16, 32),
                                     intensity={"type": "none"}, label_threshold=0.0, patch_size=patch),
         train=TrainConfig(lr=3e-3, images_per_batch=2, patches_per_image=2, val_every_s=1e9, augment=False),
         labels={"blob": 1},
+        precision=precision,
     )
 
 

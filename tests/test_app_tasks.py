@@ -36,17 +36,51 @@ def _task(ckpt, model_dir):
     return cfg
 
 
-def test_infer_task_probability_map_equals_core_predict(tmp_path, ckpt3d):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_infer_task_probability_map_equals_core_predict(tmp_path, ckpt3d, precision):
+    """App = core in every precision the policy can choose (fp32; bf16 forced on this CPU)."""
+    from lib.evaluation import uncertainty_scores
+
     entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.0))
     task = _task(ckpt3d, tmp_path / "model").infer()
-    _, data = task({"image": entry["image"], "skip_writer": True, "steps": 3, "num_samples": 2, "device": "cpu"})
+    _, data = task({"image": entry["image"], "skip_writer": True, "steps": 3, "num_samples": 2, "device": "cpu",
+                    "precision": precision})
     system = load_system(ckpt3d)
-    core = predict_item(system, {"image": entry["image"], "case_id": "case01"}, make_inferer(system, steps=3,
-                                                                                             num_samples=2))
+    core = predict_item(system, {"image": entry["image"], "case_id": "case01"},
+                        make_inferer(system, steps=3, num_samples=2, precision=precision))
     diff = (torch.as_tensor(data["prob"]) - torch.as_tensor(core["prob"])).abs().max().item()
     assert diff <= 1e-5, diff
     assert tuple(data["pred"].shape) == tuple(core["prob"].shape[1:])
-    assert data["result"]["uncertainty"]["mean_variance"] >= 0
+    assert data["result"]["precision"] == precision
+    assert data["result"]["uncertainty"] == pytest.approx(uncertainty_scores(core["prob_pre"], core["var_pre"]))
+    other = predict_item(system, {"image": entry["image"], "case_id": "case01"},
+                         make_inferer(system, steps=3, num_samples=2,
+                                      precision="bf16" if precision == "fp32" else "fp32"))
+    assert (other["prob"] - core["prob"]).abs().max() > 1e-4, "the precision parameter must reach the predictor"
+
+
+def test_info_infer_and_scoring_share_one_model_copy_on_the_default_device(tmp_path, ckpt3d, monkeypatch):
+    """No second (CPU) copy for /info readiness; scoring runs on the infer task's device and copy."""
+    import lib.infers.dfm_vlm as infer_mod
+    from lib.activelearning.uncertainty import DFMUncertaintyScoring
+
+    cfg = _task(ckpt3d, tmp_path / "model")
+    task = cfg.infer()
+    devices = []
+    real = infer_mod.load_system
+    monkeypatch.setattr(infer_mod, "load_system", lambda p, device, **k: devices.append(device) or real(p, **k))
+    monkeypatch.setattr(type(task), "default_device", staticmethod(lambda: "cuda:7"))  # pretend a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert task.readiness() == (True, None)
+    task.info()
+    entry = write_phantom_case(tmp_path / "studies", "case02", shape=(24, 24, 16))
+
+    class DS:
+        def get_image_uri(self, image_id):
+            return entry["image"]
+
+    DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2).score_image("case02", DS(), 2)
+    assert devices == ["cuda:7"], devices
 
 
 def test_untrained_model_is_not_served(tmp_path):

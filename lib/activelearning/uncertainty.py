@@ -56,8 +56,8 @@ class DFMUncertaintyScoring(ScoringMethod):
                 logger.warning("%s: cannot read %s: %s", self.key, image_id, e)
         return out
 
-    def score_image(self, image_id: str, datastore: Datastore, num_samples: int, device: str = "cpu") -> dict:
-        system = self.infer_task.system(device)
+    def score_image(self, image_id: str, datastore: Datastore, num_samples: int, device: str | None = None) -> dict:
+        system = self.infer_task.system(device or self.infer_task.default_device())  # the infer task's own copy
         inferer = make_inferer(system, num_samples=num_samples)
         uri = datastore.get_image_uri(image_id)
         out = predict_item(system, {"image": uri, "case_id": case_id({"image": uri})}, inferer)
@@ -67,7 +67,7 @@ class DFMUncertaintyScoring(ScoringMethod):
         t0 = time.time()
         try:
             path = self.infer_task.get_path()
-            self.infer_task.system("cpu")
+            self.infer_task.system(self.infer_task.default_device())
         except ModelNotReady as e:
             return {"error": str(e)}
         model_ts = int(os.stat(path).st_mtime)

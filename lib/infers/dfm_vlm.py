@@ -25,9 +25,13 @@ from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
 from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem
+from lib.precision import PRECISIONS, default_device
 from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
+
+
+REQUEST_KEYS = ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed", "precision")
 
 
 class ModelNotReady(RuntimeError):
@@ -66,6 +70,10 @@ def sampler_params(req: dict) -> dict:
             out[k] = _as_int(k, req[k])
     if req.get("overlap") is not None:
         out["overlap"] = _as_float("overlap", req["overlap"])
+    if req.get("precision") is not None:
+        out["precision"] = str(_first(req["precision"]))
+        if out["precision"] not in PRECISIONS:
+            raise ConfigError(f"parameter 'precision' must be one of {PRECISIONS}, got {out['precision']!r}")
     full = {"sampler": "euler", "steps": 1, "num_samples": 1, "overlap": 0.0, "sw_batch_size": 1, **out}
     validate_sampler(full["sampler"], full["steps"], full["num_samples"], full["overlap"], full["sw_batch_size"])
     if "seed" in out and out["seed"] < 0:
@@ -111,7 +119,7 @@ class DFMVLMInfer(BasicInferTask):
         d = sampler_defaults or SamplerConfig()
         cfg = {"sampler": [d.name] + [s for s in SAMPLERS if s != d.name], "steps": d.steps,
                "num_samples": d.num_samples, "overlap": d.overlap, "sw_batch_size": d.sw_batch_size, "seed": d.seed,
-               "device": device_list()}
+               "device": device_list()}  # "precision" is accepted too (default: the checkpoint's policy)
         cfg.update(config or {})
         super().__init__(path=list(path), network=None, type=InferType.SEGMENTATION, labels=labels,
                          dimension=dimension, description=description, config=cfg)
@@ -127,10 +135,15 @@ class DFMVLMInfer(BasicInferTask):
             return False, ("no trained checkpoint: looked for " + ", ".join(map(str, self.path)) +
                            "; train the model first (POST /train/<model>) or give a checkpoint with --conf")
         try:
-            self.system("cpu")
+            self.system(self.default_device())  # the copy that serves requests: no second one for /info
         except ModelNotReady as e:
             return False, str(e)
         return True, None
+
+    @staticmethod
+    def default_device() -> str:
+        """CUDA when present (as MONAI Label's own tasks), else the CPU; a request may name another."""
+        return default_device()
 
     def is_valid(self) -> bool:
         return self.readiness()[0]
@@ -171,10 +184,10 @@ class DFMVLMInfer(BasicInferTask):
         if path:
             i["checkpoint"] = {"path": path, "modified_time": os.stat(path).st_mtime}
             try:
-                hp = self.system("cpu").hparams
+                hp = self.system(self.default_device()).hparams
                 i["sampler_defaults"] = {"sampler": hp.sampler.name, "steps": hp.sampler.steps,
                                          "num_samples": hp.sampler.num_samples, "overlap": hp.sampler.overlap,
-                                         "roi_size": hp.sampler.roi_size}
+                                         "roi_size": hp.sampler.roi_size, "precision": hp.precision}
                 i["vlm"] = hp.vlm.name_or_path
             except ModelNotReady:
                 pass
@@ -183,7 +196,7 @@ class DFMVLMInfer(BasicInferTask):
     # -- pipeline -----------------------------------------------------------------------------------------------
     def _device(self, data) -> str:
         dev = data.get("device") if data else None
-        dev = str(_first(dev)) if dev else "cpu"
+        dev = str(_first(dev)) if dev else self.default_device()
         return dev if (dev.startswith("cuda") and torch.cuda.is_available()) else "cpu"
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
@@ -197,9 +210,8 @@ class DFMVLMInfer(BasicInferTask):
 
     def make_inferer(self, system: DFMSystem, data: dict):
         """The core's DFMSlidingWindowInferer with the request's sampler parameters (validated; ConfigError)."""
-        params = sampler_params({k: v for k, v in data.items()
-                                 if k in ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed")})
-        return make_inferer(system, amp=self._device(data).startswith("cuda") or None, **params)
+        params = sampler_params({k: v for k, v in data.items() if k in REQUEST_KEYS})
+        return make_inferer(system, **params)
 
     def run_inferer(self, data: dict, convert_to_batch=True, device="cuda"):
         system = self.system(self._device(data))
@@ -215,7 +227,8 @@ class DFMVLMInfer(BasicInferTask):
         if inferer.num_samples > 1:  # the same scores as the active-learning scoring method
             res["uncertainty"] = uncertainty_scores(out["prob_pre"], out["var_pre"])
         res.update({"checkpoint": self.get_path(), "sampler": inferer.sampler, "steps": inferer.steps,
-                    "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed})
+                    "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed,
+                    "precision": inferer.precision or system.hparams.precision, "device": str(system.device)})
         return data
 
     def writer(self, data, extension=None, dtype=None):

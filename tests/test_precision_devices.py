@@ -1,0 +1,72 @@
+"""One precision policy (training, validation, evaluate, the app) that follows the hardware; default devices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lib.precision as precision
+from lib.config import ConfigError, HParams, TrainConfig
+
+
+@pytest.mark.parametrize("capability,native,expected", [
+    ("AVX2", True, torch.float32),      # AVX2 dispatch: bf16 autocast ran 36x slower than fp32 there
+    ("AVX512", False, torch.float32),   # AVX-512 without native bf16 arithmetic
+    ("AVX512", True, torch.bfloat16),   # AVX512-BF16 / AMX
+    ("DEFAULT", False, torch.float32),
+])
+def test_auto_picks_bf16_only_where_the_cpu_does_it_fast(monkeypatch, capability, native, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(precision, "_cpu_native_bf16", lambda: native)
+    assert precision.resolve("auto", "cpu") == expected
+    assert precision.resolve("fp32", "cpu") == torch.float32 and precision.resolve("bf16", "cpu") == torch.bfloat16
+    with torch.no_grad(), precision.autocast("auto", "cpu"):
+        y = torch.nn.Linear(4, 4)(torch.rand(2, 4))
+    assert y.dtype == expected
+
+
+def test_bad_settings_are_refused_and_legacy_autocast_maps_onto_the_policy():
+    with pytest.raises(ConfigError, match="only supported on CUDA"):
+        precision.resolve("fp16", "cpu")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        precision.check("float8")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        HParams(precision="half").resolved()
+    # before the policy, presets said train.autocast "bf16" (meaning: bf16 for speed) or "none" (fp32)
+    assert HParams(train=TrainConfig(autocast="bf16")).resolved().precision == "auto"
+    assert HParams(train=TrainConfig(autocast="none")).resolved().precision == "fp32"
+    assert HParams().resolved().precision == "auto"
+
+
+def test_training_and_prediction_use_the_same_policy(monkeypatch, make_system):
+    """train_loss (both trainers) and predict_windows (validation, evaluate, the app, scoring) autocast through
+    lib.precision with the checkpoint's setting -- one policy."""
+    from lib.data import random_patch_batch
+    from lib.inferer import DFMSlidingWindowInferer
+    from lib.training import train_loss
+    from monai.data import MetaTensor
+
+    system = make_system()
+    system.hparams.precision = "bf16"
+    calls = []
+    real = precision.autocast
+    monkeypatch.setattr(precision, "autocast", lambda s, d: calls.append((s, str(d))) or real(s, d))
+    label = torch.zeros(1, 48, 48)
+    label[:, 10:30, 10:30] = 1
+    batch = random_patch_batch([{"image": MetaTensor(torch.rand(1, 48, 48)), "label": label}],
+                               system.hparams.preprocessing, num_patches=2)
+    train_loss(system, batch, "cpu")
+    DFMSlidingWindowInferer([32, 32], steps=2)(torch.rand(1, 1, 40, 40), system)
+    assert calls and calls[0] == ("bf16", "cpu") and all(c == ("bf16", "cpu") for c in calls), calls
+    assert len(calls) >= 2
+
+
+def test_default_device_is_cuda_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert precision.default_device() == "cuda"
+    from lib.infers.dfm_vlm import DFMVLMInfer
+
+    assert DFMVLMInfer._device(DFMVLMInfer.__new__(DFMVLMInfer), {}) == "cuda"
+    assert DFMVLMInfer._device(DFMVLMInfer.__new__(DFMVLMInfer), {"device": "cpu"}) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.default_device() == "cpu"
