@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The 2D figures: DFM+VLM and the plain U-Net baseline, each trained for the same CPU wall-time budget on
-# cxr_lung/training, chosen on validation, evaluated on validation and test (Montgomery); plus the audit.
+# The 2D figures: DFM+VLM (the preset's arch "cached", and arch "unet" where every sampler step runs the whole
+# U-Net) and the plain U-Net baseline, each trained for the same CPU wall-time budget on cxr_lung/training, chosen
+# on validation, evaluated on validation and test (Montgomery); plus the audit.
 #   bash bench/cxr.sh [minutes]      (default 42: the budget includes the validations)
+#   AVX2=1 bash bench/cxr.sh         behave like an AVX2-only CPU (PyTorch and oneDNN dispatch capped at AVX2;
+#                                    precision "auto" then picks fp32), as the README's figures were measured
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -9,8 +12,10 @@ DATA=${DATA:-../shared/data}/cxr_lung/datalist.json
 MIN=${1:-42}
 [ -d runs/vlm/tiny-clip ] || $PY -m lib make-tiny-vlm runs/vlm/tiny-clip
 
-for run in dfm plain; do
+[ -n "${AVX2:-}" ] && export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+for run in cached unet plain; do
   extra=()
+  [ $run = unet ] && extra=(--set model.arch=unet)
   [ $run = plain ] && extra=(--set model.mode=plain --set vlm.name_or_path=null)
   mkdir -p runs/cxr_$run
   if [ ! -f runs/cxr_$run/train_result.json ]; then

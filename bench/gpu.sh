@@ -8,7 +8,10 @@
 #   On the GPU machine:
 #       bash bench/gpu.sh                    # installs .whl/*.whl into /tmp/site, trains 4 min, evaluates
 #
-# Prints the training log, the validation/test Dice of `python -m lib evaluate` and the seconds per image.
+# Prints the training log, the validation/test Dice of `python -m lib evaluate` and the seconds per image, then the
+# sampler cost ratios (one plain pass vs Euler K = 8, M = 8 batched vs sequential; bench/speed_bench.py) and a
+# 240x240x155 two-channel volume with seconds and peak GPU memory (bench/volume_bench.py).
+#   QUICK=1 bash bench/gpu.sh    only the two benches (about 1 minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}
@@ -36,10 +39,13 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 [ -d runs/vlm/tiny-clip ] || $PY -m lib make-tiny-vlm runs/vlm/tiny-clip
 start=$(date +%s)
+$PY bench/speed_bench.py --device cuda --windows 36 --repeats 5 --precision auto --out "$OUT/speed_bench.json"
+$PY bench/volume_bench.py --device cuda --sw-batch-size 16 --out "$OUT/volume_bench.json"
+if [ -n "${QUICK:-}" ]; then echo "total seconds: $(( $(date +%s) - start ))"; exit 0; fi
 $PY -m lib train --preset cxr_lung --datalist "$DATA/cxr_lung/datalist.json" --out "$OUT/cxr_dfm" --minutes 4 \
   --device cuda --set train.images_per_batch=16 --set train.val_every_s=60 --set sampler.sw_batch_size=36 --no-progress
 for split in validation test; do
   $PY -m lib evaluate --checkpoint "$OUT/cxr_dfm/best.pt" --datalist "$DATA/cxr_lung/datalist.json" --split $split \
-    --out "$OUT/cxr_dfm/eval_$split" --device cuda --amp --no-progress
+    --out "$OUT/cxr_dfm/eval_$split" --device cuda --no-progress
 done
 echo "total seconds: $(( $(date +%s) - start ))"
