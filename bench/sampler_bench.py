@@ -1,4 +1,5 @@
-"""What the sampler returns, measured: Dice of p_final, mean of M samples, last posterior; Euler vs Heun per NFE.
+"""What the sampler returns, measured: Dice of p_final, mean of M samples, last posterior; Euler vs Heun
+(theta-trapezoidal) at equal network evaluations per sample (Heun K steps = 2K = Euler 2K - 1 steps).
 
     python bench/sampler_bench.py --checkpoint runs/cxr_dfm/best.pt \
         --datalist ../shared/data/cxr_lung/datalist.json --split validation --limit 20
@@ -21,6 +22,7 @@ from lib.checkpoint import load_system  # noqa: E402
 from lib.cli import _quiet  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
 from lib.evaluation import evaluate_items, make_inferer, preprocess_item  # noqa: E402
+from lib.precision import describe  # noqa: E402
 from lib.samplers import nfe_of  # noqa: E402
 from lib.transforms import label_transforms  # noqa: E402
 
@@ -34,6 +36,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/sampler_bench.json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="only the output comparison at the default steps")
+    ap.add_argument("--samples", type=int, nargs="+", default=[1, 8], help="M for the Euler/Heun comparison")
+    ap.add_argument("--heun-steps", type=int, nargs="+", default=[2, 4, 8])
     a = ap.parse_args()
     _quiet()
     system = load_system(a.checkpoint, device=a.device)
@@ -41,24 +45,24 @@ def main() -> None:
     pre = [preprocess_item(system, it) for it in items]  # with case_id: the same per-image seeds as evaluate
     lab_t = label_transforms(system.hparams.preprocessing)
     labs = [lab_t({"label": it["label"]}) for it in items]
-    steps = system.hparams.sampler.steps
+    d = system.hparams.sampler
     variants = [
-        ("p_final (contract)", dict(sampler="euler", steps=steps)),
-        ("mean of 4 samples", dict(sampler="euler", steps=steps, num_samples=4)),
-        ("last posterior", dict(sampler="euler", steps=steps, output="last_posterior")),
+        (f"checkpoint default ({d.name} {d.steps} steps x {d.num_samples})", dict()),
+        (f"p_final, 1 sample, {d.steps} steps", dict(sampler="euler", steps=d.steps, num_samples=1)),
+        (f"last posterior, 1 sample, {d.steps} steps", dict(sampler="euler", steps=d.steps, num_samples=1,
+                                                             output="last_posterior")),
     ]
     if not a.quick:
-        for k in (2, 4, 8, 16):
-            variants.append((f"euler {k} steps", dict(sampler="euler", steps=k)))
-        for k in (2, 4, 8):
-            variants.append((f"heun {k} steps", dict(sampler="heun", steps=k)))
-        for k in (2, 4, 8):
-            variants.append((f"euler {k} steps, last posterior", dict(sampler="euler", steps=k, output="last_posterior")))
-            variants.append((f"heun {k} steps, last posterior", dict(sampler="heun", steps=k, output="last_posterior")))
+        # equal network evaluations per sample: heun K steps = 2K = euler 2K - 1 steps
+        for m in a.samples:
+            for k in a.heun_steps:
+                variants.append((f"euler {2 * k - 1} steps x {m}", dict(sampler="euler", steps=2 * k - 1, num_samples=m)))
+                variants.append((f"heun {k} steps x {m}", dict(sampler="heun", steps=k, num_samples=m)))
     rows = []
     for name, kw in variants:
         t0 = time.perf_counter()
         inferer = make_inferer(system, **kw)
+        kw = inferer.settings()
         cases, summ = evaluate_items(system, items, inferer, preprocessed=pre, labels=labs)
         dt = time.perf_counter() - t0
         nfe = nfe_of(inferer.sampler, inferer.steps) * inferer.num_samples
@@ -66,10 +70,11 @@ def main() -> None:
                "dice_median": summ["dice"]["median"], "dice_min": summ["dice"]["min"],
                "hd95_mean": summ.get("hd95", {}).get("mean"), "seconds": round(dt, 1), "n": summ["n"]}
         rows.append(row)
-        print(f"{name:36s} NFE/window {nfe:3d}  Dice {row['dice_mean']:.4f} (median {row['dice_median']:.4f}, "
+        print(f"{name:44s} NFE/window {nfe:3d}  Dice {row['dice_mean']:.4f} (median {row['dice_median']:.4f}, "
               f"min {row['dice_min']:.4f})  HD95 {row['hd95_mean'] or float('nan'):.2f}  {dt:.0f} s", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"checkpoint": a.checkpoint, "split": a.split, "n": len(items), "rows": rows},
+    Path(a.out).write_text(json.dumps({"checkpoint": a.checkpoint, "split": a.split, "n": len(items), "rows": rows,
+                                       "command": sys.argv, "machine": describe(system.hparams.precision, a.device)},
                                       indent=1))
 
 

@@ -263,18 +263,7 @@ class HParams:
 
     def resolved(self) -> "HParams":
         """Every field explicit and consistent; raises ConfigError naming what disagrees."""
-        from .precision import _LEGACY, PRECISIONS
-
-        precision, train = self.precision, dataclasses.replace(self.train)
-        if train.autocast is not None:
-            if train.autocast not in _LEGACY:
-                raise ConfigError(f"train.autocast (legacy) must be 'none' or 'bf16', got {train.autocast!r}; "
-                                  f"use precision = one of {PRECISIONS}")
-            if precision == "auto":
-                precision = _LEGACY[train.autocast]
-            train.autocast = None
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        precision, train = _precision_of(self.precision, self.train)
         pre = self.preprocessing.resolved()
         vlm = self.vlm.resolved()
         model = dataclasses.replace(self.model)
@@ -324,12 +313,31 @@ class HParams:
         for k in ("labels", "description", "precision"):
             if k in d:
                 kwargs[k] = d[k]
-        return cls(**kwargs)
+        hp = cls(**kwargs)
+        hp.precision, hp.train = _precision_of(hp.precision, hp.train)  # checkpoints from before the policy
+        return hp
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HParams":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def _precision_of(precision: str, train: TrainConfig) -> tuple[str, TrainConfig]:
+    """The precision setting, with the legacy ``train.autocast`` ("none" -> "fp32", "bf16" -> "auto") folded in."""
+    from .precision import _LEGACY, PRECISIONS
+
+    train = dataclasses.replace(train)
+    if train.autocast is not None:
+        if train.autocast not in _LEGACY:
+            raise ConfigError(f"train.autocast (legacy) must be 'none' or 'bf16', got {train.autocast!r}; "
+                              f"use precision = one of {PRECISIONS}")
+        if precision == "auto":
+            precision = _LEGACY[train.autocast]
+        train.autocast = None
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision, train
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
