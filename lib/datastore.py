@@ -19,6 +19,7 @@ import shutil
 import tempfile
 
 from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 
 from lib.dicom import series_to_nifti
@@ -111,3 +112,72 @@ class CheckedDICOMWebDatastore(DICOMWebDatastore):
             filled.append(info)
         label_info["label_info"] = filled
         return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+
+
+# -- the local (folder) datastore: a label is checked before it may replace anything ---------------------------------
+MAX_NAME = 255
+
+
+def check_name(value, what: str) -> str:
+    """An image id or label tag that names one file in the studies folder: no path, no NUL, not too long."""
+    from fastapi import HTTPException
+
+    if not isinstance(value, str) or not value.strip():
+        raise HTTPException(status_code=422, detail=f"{what} is empty")
+    bad = ("/" in value or "\\" in value or "\x00" in value or value in (".", "..") or len(value) > MAX_NAME
+           or os.path.isabs(value))
+    if bad:
+        raise HTTPException(status_code=422, detail=f"{what} {value[:80]!r} is not a plain name (no path "
+                                                    f"separators, '..', NUL, at most {MAX_NAME} characters)")
+    return value
+
+
+def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
+    """A label must be a readable image with the image's spatial shape and finite non-negative integer values
+    (a label map); raises InputError naming what is wrong."""
+    import numpy as np
+    from monai.transforms import LoadImage
+
+    def spatial(arr, ref_nd=None):
+        shape = tuple(int(v) for v in arr.shape)
+        while len(shape) > (ref_nd or 2) and shape[-1] == 1:
+            shape = shape[:-1]
+        return shape
+
+    try:
+        lab = np.asarray(LoadImage(image_only=True)(label_path))
+    except Exception as e:  # noqa: BLE001 - any reader failure means: not an image
+        raise InputError(f"the label sent for {image_id!r} is not a readable image: {type(e).__name__}: "
+                         f"{str(e)[:200]}") from None
+    try:
+        img = LoadImage(image_only=True)(image_path)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"image {image_id!r} cannot be read to check its label: {e}") from None
+    ref = spatial(img)
+    got = spatial(lab, min(len(ref), 3))
+    if got not in (ref, ref[:-1], ref[1:]):  # an image may carry a channel axis (RGB PNG, multi-channel volume)
+        raise InputError(f"the label sent for {image_id!r} has shape {got}, the image {ref}: not its label")
+    if lab.size == 0 or not np.isfinite(lab).all():
+        raise InputError(f"the label sent for {image_id!r} has NaN/Inf or no voxels")
+    if (lab < 0).any() or (np.round(lab) != lab).any() or lab.max() > 255:
+        raise InputError(f"the label sent for {image_id!r} is not a label map (values must be integers 0..255; "
+                         f"got min {float(lab.min()):g}, max {float(lab.max()):g})")
+
+
+class CheckedLocalDatastore(LocalDatastore):
+    """MONAI Label's folder datastore whose ``save_label`` refuses what would replace a good label with garbage:
+    an unknown image (404), an id or tag that is a path (422), a file that is not a label map of the image's shape
+    (422). The stored label is untouched by a refused request."""
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        from fastapi import HTTPException
+
+        check_name(image_id, "image id")
+        check_name(label_tag or "final", "label tag")
+        if not self._datastore.objects.get(image_id):
+            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
+        try:
+            check_label_file(label_filename, self.get_image_uri(image_id), image_id)
+        except InputError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
+        return super().save_label(image_id, label_filename, label_tag, label_info)

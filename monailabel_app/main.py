@@ -97,6 +97,17 @@ class DFMVLMApp(MONAILabelApp):
             s.update(c.scoring_method())
         return s
 
+    def init_datastore(self):
+        """The folder datastore checks labels before storing them (lib.datastore.CheckedLocalDatastore)."""
+        from monailabel.datastore.local import LocalDatastore
+
+        from lib.datastore import CheckedLocalDatastore
+
+        ds = super().init_datastore()
+        if type(ds) is LocalDatastore:
+            ds.__class__ = CheckedLocalDatastore  # same folder, index and settings; only save_label differs
+        return ds
+
     def _init_dicomweb_datastore(self):
         """MONAI Label's DICOMweb datastore, with the checked series conversion of lib.datastore."""
         from lib.datastore import CheckedDICOMWebDatastore

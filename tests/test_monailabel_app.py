@@ -181,3 +181,49 @@ def test_2d_model_infers_on_a_real_chest_xray(client, server):
     lab = np.asarray(Image.open(label_file))
     assert lab.shape == np.asarray(Image.open(src)).shape[:2]
     assert set(np.unique(lab).tolist()) <= {0, 1}
+
+
+@needs_defaults
+def test_a_bad_label_never_replaces_a_stored_one(client, server, tmp_path):
+    """Observed: PUT /datastore/label with a body that is not an image answered 200 and replaced the good final
+    label (and broke the next training); unknown or path-like ids answered 500."""
+    import hashlib
+
+    # phantom_ct_07 has a final label (saved by the training test, or here)
+    labels = server.studies / "labels" / "final"
+    stored = labels / "phantom_ct_07.nii.gz"
+    if not stored.exists():
+        img = nib.load(server.studies / "phantom_ct_07.nii.gz")
+        good = tmp_path / "good.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(good))
+        client.save_label("phantom_ct_07", str(good), tag="final")
+    digest = hashlib.sha256(stored.read_bytes()).hexdigest()
+
+    def put(image, path, tag="final"):
+        with open(path, "rb") as f:
+            return requests.put(f"{server.url}/datastore/label", params={"image": image, "tag": tag},
+                                files={"label": (os.path.basename(path), f)}, timeout=60)
+
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"this is not an image")
+    r = put("phantom_ct_07", garbage)
+    assert r.status_code == 422 and "not a readable image" in r.json()["detail"], r.text
+    img = nib.load(server.studies / "phantom_ct_07.nii.gz")
+    wrong_shape = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), img.affine), str(wrong_shape))
+    r = put("phantom_ct_07", wrong_shape)
+    assert r.status_code == 422 and "shape" in r.json()["detail"], r.text
+    not_a_map = tmp_path / "float.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(img.shape, 0.5, np.float32), img.affine), str(not_a_map))
+    r = put("phantom_ct_07", not_a_map)
+    assert r.status_code == 422 and "not a label map" in r.json()["detail"], r.text
+    r = put("no_such_image", wrong_shape)
+    assert r.status_code == 404 and "unknown image id" in r.json()["detail"], r.text
+    for bad in ("../../../../evil", "a/b", "x" * 300):
+        r = put(bad, wrong_shape)
+        assert r.status_code == 422 and "not a plain name" in r.json()["detail"], (bad, r.text)
+    r = put("phantom_ct_07", wrong_shape, tag="../final")
+    assert r.status_code == 422 and "label tag" in r.json()["detail"], r.text
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest, "a refused label changed the stored one"
+    assert not any(p.name.startswith("evil") for p in server.studies.parent.rglob("*"))
+    assert server.alive() and client.info()["models"]
