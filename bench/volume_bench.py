@@ -75,7 +75,7 @@ def main() -> None:
         from monai.data.utils import dense_patch_slices
 
         n_win = len(dense_patch_slices(a.shape, hp.preprocessing.patch_size,
-                                       _get_scan_interval(a.shape, hp.preprocessing.patch_size, 3, 0.25)))
+                                       _get_scan_interval(a.shape, hp.preprocessing.patch_size, 3, (0.25,) * 3)))
         row = {"arch": arch, "seconds": round(dt, 2), "windows": n_win, "steps": a.steps,
                "num_samples": a.num_samples, "peak_memory_MiB": round(peak), "mean_prob": float(prob.mean())}
         rows.append(row)

@@ -101,6 +101,10 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
 
     system = build_system(hp, device)
     hp = system.hparams
+    # "auto" is resolved HERE and recorded: a model is served in the precision it was trained in (an fp32-trained
+    # cxr model scored Dice 0.76 instead of 0.956 under bf16 inference on an AVX512-BF16 CPU)
+    dtype = precision_policy.resolve(hp.precision, device)
+    hp.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     model = system.model
     (out / "hparams.json").write_text(json.dumps(hp.to_dict(), indent=2))
     machine = precision_policy.describe(hp.precision, device)
