@@ -313,6 +313,8 @@ class HParams:
         for k in ("labels", "description", "precision"):
             if k in d:
                 kwargs[k] = d[k]
+        # a checkpoint from before the policy names no precision: it is served in fp32 (what it was validated in)
+        kwargs.setdefault("precision", "fp32")
         hp = cls(**kwargs)
         hp.precision, hp.train = _precision_of(hp.precision, hp.train)  # checkpoints from before the policy
         return hp
