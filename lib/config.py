@@ -45,6 +45,7 @@ class ModelConfig:
     # (one fused convolution block + ``step_blocks`` residual blocks; see lib.network)
     arch: str = "unet"
     step_blocks: int = 1
+    guidance_channels: int = 0  # 2 for a click-trained model (positive, negative click maps; lib.clicks)
     norm: str = "instance"
     dropout: float = 0.0
 
@@ -64,6 +65,8 @@ class ModelConfig:
             c.arch = "unet"  # a one-pass model has no sampler steps to cache for
         if not isinstance(c.step_blocks, int) or c.step_blocks < 0:
             raise ConfigError(f"step_blocks must be an integer >= 0, got {c.step_blocks!r}")
+        if c.guidance_channels not in (0, 2):
+            raise ConfigError(f"guidance_channels must be 0 or 2 (positive and negative clicks), got {c.guidance_channels!r}")
         if len(c.features) < 2:
             raise ConfigError(f"features needs at least two levels, got {c.features}")
         if c.cond_dim is None:
@@ -232,6 +235,32 @@ AUGMENTATION = {
 
 
 @dataclass
+class ClickConfig:
+    """Interactive segmentation (:mod:`lib.clicks`): click-guidance channels trained with simulated clicks, and the
+    sampler's optional hold of clicked voxels in ``x_t``."""
+
+    enabled: bool = False  # the model takes 2 guidance channels (positive, negative) and trains with clicks
+    sigma: float = 2.0  # Gaussian bump of each click, in network voxels (truncated at 3 sigma)
+    no_click_prob: float = 0.3  # share of training patches without any click (keeps the automatic mode)
+    max_random: int = 3  # random clicks per patch: 0..max_random positive and 0..max_random negative
+    corrective_prob: float = 0.5  # share of training iterations that add corrective clicks
+    corrective_rounds: int = 2  # up to this many rounds: predict, click the centre of the largest error region
+    hold_radius: int = -1  # the sampler holds voxels within this radius of a click in x_t; -1: no hold
+
+    def resolved(self) -> "ClickConfig":
+        c = dataclasses.replace(self)
+        if not c.sigma > 0:
+            raise ConfigError(f"clicks.sigma must be > 0, got {c.sigma}")
+        if not 0.0 <= c.no_click_prob <= 1.0 or not 0.0 <= c.corrective_prob <= 1.0:
+            raise ConfigError("clicks.no_click_prob and clicks.corrective_prob must be in [0, 1]")
+        if c.max_random < 1 or c.corrective_rounds < 0:
+            raise ConfigError("clicks.max_random must be >= 1 and clicks.corrective_rounds >= 0")
+        if not isinstance(c.hold_radius, int) or c.hold_radius < -1:
+            raise ConfigError(f"clicks.hold_radius must be an integer >= -1, got {c.hold_radius!r}")
+        return c
+
+
+@dataclass
 class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -257,6 +286,7 @@ class HParams:
     vlm: VLMConfig = field(default_factory=VLMConfig)
     preprocessing: PreprocConfig = field(default_factory=PreprocConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    clicks: ClickConfig = field(default_factory=ClickConfig)
     labels: dict[str, int] = field(default_factory=lambda: {"foreground": 1})
     description: str = ""
     precision: str = "auto"  # lib.precision: one policy for training, validation, evaluate and the app
@@ -267,6 +297,8 @@ class HParams:
         pre = self.preprocessing.resolved()
         vlm = self.vlm.resolved()
         model = dataclasses.replace(self.model)
+        clicks = self.clicks.resolved()
+        model.guidance_channels = 2 if clicks.enabled else 0
         if model.spatial_dims != pre.spatial_dims:
             raise ConfigError(f"model spatial_dims={model.spatial_dims} but preprocessing spatial_dims={pre.spatial_dims}")
         if model.in_channels != pre.num_channels:
@@ -287,7 +319,7 @@ class HParams:
         if len(sampler.roi_size) != pre.spatial_dims:
             raise ConfigError(f"sampler roi_size {sampler.roi_size} does not match spatial_dims={pre.spatial_dims}")
         return dataclasses.replace(self, model=model, flow=self.flow.resolved(), sampler=sampler, vlm=vlm,
-                                   preprocessing=pre, train=train, precision=precision)
+                                   preprocessing=pre, train=train, precision=precision, clicks=clicks)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -296,7 +328,7 @@ class HParams:
     def from_dict(cls, d: dict[str, Any]) -> "HParams":
         d = dict(d)
         parts = {"model": ModelConfig, "flow": FlowConfig, "sampler": SamplerConfig, "vlm": VLMConfig,
-                 "preprocessing": PreprocConfig, "train": TrainConfig}
+                 "preprocessing": PreprocConfig, "train": TrainConfig, "clicks": ClickConfig}
         _check_keys(cls, d, "top-level")
         kwargs: dict[str, Any] = {}
         for name, sub in parts.items():

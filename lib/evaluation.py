@@ -20,7 +20,8 @@ from monai.data import MetaTensor
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric
 from monai.transforms import Invertd
 
-from .inferer import DFMSlidingWindowInferer, DFMSystem, seed_for
+from .clicks import Clicks, to_network_grid
+from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
 from .transforms import InputError, label_transforms
 
 logger = logging.getLogger(__name__)
@@ -51,17 +52,31 @@ def to_original(prob: torch.Tensor, preprocessed: dict, system: DFMSystem) -> Me
 
 
 def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowInferer | None = None,
-                         return_variance: bool = False) -> dict:
+                         return_variance: bool = False, clicks: Clicks | None = None,
+                         cache: WindowCache | None = None, hold_radius: int | None = None) -> dict:
     """Run the inferer on a preprocessed item: ``prob_pre``/``var_pre`` in preprocessed space, ``prob`` (and with
-    ``return_variance`` ``var``) in the original geometry."""
+    ``return_variance`` ``var``) in the original geometry.
+
+    ``clicks``: in the ORIGINAL image's voxel indices (:func:`lib.clicks.parse_clicks`); mapped to the network
+    grid through the preprocessing's affines, given to the model, and every clicked voxel of ``prob`` is set to
+    1 (positive) or 0 (negative): the label says what the user clicked. ``cache``: re-run only changed windows.
+    """
     inferer = inferer or make_inferer(system)
     image = d["image"]
     seed = seed_for(inferer.seed, d.get("case_id"))
     x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     x = x.unsqueeze(0).to(system.device)
-    prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True)
+    net_clicks = to_network_grid(clicks, image) if clicks else None
+    prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True, clicks=net_clicks,
+                        cache=cache, hold_radius=hold_radius)
     prob, var = prob[0].cpu(), var[0].cpu()
-    out = {"prob_pre": prob, "var_pre": var, "prob": to_original(prob, d, system)}
+    out = {"prob_pre": prob, "var_pre": var, "prob": to_original(prob, d, system),
+           "windows": dict(inferer.last_windows)}
+    if clicks:
+        for value, pts in ((1.0, clicks.fg), (0.0, clicks.bg)):
+            for p in pts:
+                out["prob"][(slice(None),) + tuple(int(v) for v in p)] = value
+        out["clicks_network_grid"] = net_clicks.to_dict()
     if return_variance:  # the variance map on the original grid as well (one more inversion)
         out["var"] = to_original(var, d, system)
     return out

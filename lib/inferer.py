@@ -21,7 +21,11 @@ through :class:`DFMSlidingWindowInferer` (a thin subclass of MONAI's ``SlidingWi
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import threading
+import uuid
 import zlib
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -34,6 +38,7 @@ from .flow import make_scheduler
 from .network import ConditionalUNet
 from .samplers import ItemNoise, derive_seed, sample_source_like, sampler_function
 from .vlm import VLMEncoder, patch_condition
+from .clicks import Clicks, guidance_maps, hold_maps
 
 
 @contextlib.contextmanager
@@ -64,6 +69,7 @@ class DFMSystem(nn.Module):
         if vlm is not None and vlm.embed_dim != model.cfg.cond_dim:
             raise ValueError(f"the VLM gives {vlm.embed_dim}-d embeddings but the model's FiLM heads take "
                              f"cond_dim={model.cfg.cond_dim}")
+        self.cache_token = uuid.uuid4().hex  # identifies these weights in a WindowCache (a reload gets a new one)
 
     @property
     def device(self) -> torch.device:
@@ -78,9 +84,24 @@ class DFMSystem(nn.Module):
             self._preprocessing = preprocess(self.hparams.preprocessing)
         return self._preprocessing
 
-    def condition(self, patches: torch.Tensor, texts=None):
-        """Per-patch condition (VLM embedding + FiLM scale/shift [+ image features]), once per patch."""
-        return self.model.prepare(patches, patch_condition(self.vlm, patches, texts))
+    @property
+    def takes_clicks(self) -> bool:
+        return self.model.cfg.guidance_channels > 0
+
+    def condition(self, patches: torch.Tensor, texts=None, guidance: torch.Tensor | None = None):
+        """Per-patch condition (VLM embedding + FiLM scale/shift [+ image features]), once per patch.
+
+        The VLM sees the image channels only; a click-trained model also gets the click-guidance channels
+        (``guidance (B, 2, *patch)``; none given = no click = zeros, the automatic mode)."""
+        emb = patch_condition(self.vlm, patches, texts)
+        g = self.model.cfg.guidance_channels
+        if g:
+            if guidance is None:
+                guidance = torch.zeros((patches.shape[0], g, *patches.shape[2:]), device=patches.device)
+            patches = torch.cat([patches, guidance.to(device=patches.device, dtype=patches.dtype)], dim=1)
+        elif guidance is not None:
+            raise ValueError("this model was not trained with clicks: it takes no click-guidance channels")
+        return self.model.prepare(patches, emb)
 
     def texts_for(self, text: str | None, n: int) -> list[str] | None:
         """The text of ``n`` windows of one image: the image's text (text_mode "image") or the label prompt."""
@@ -96,9 +117,13 @@ class DFMSystem(nn.Module):
     def predict_windows(self, windows: torch.Tensor, texts: Sequence[str] | None, seeds: Sequence[int], *,
                         sampler: str = "euler", steps: int = 8, num_samples: int = 1, output: str = "p_final",
                         precision: str | None = None, max_batch_voxels: int | None = None,
-                        allow_roi_mismatch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        allow_roi_mismatch: bool = False, guidance: torch.Tensor | None = None,
+                        hold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``windows (B, C, *patch)`` + one text and one seed per window -> ``(mean, variance)``, each
-        ``(B, 1, *patch)`` on the system's device. See the module docstring for what it guarantees."""
+        ``(B, 1, *patch)`` on the system's device. See the module docstring for what it guarantees.
+
+        Clicks (:mod:`lib.clicks`): ``guidance (B, 2, *patch)`` click maps for a click-trained model, ``hold
+        (B, 2, *patch)`` mask and value of voxels the sampler holds in ``x_t``."""
         cfg = self.model.cfg
         patch = list(self.hparams.preprocessing.patch_size)
         if windows.ndim != cfg.spatial_dims + 2:
@@ -114,8 +139,10 @@ class DFMSystem(nn.Module):
         windows = windows.to(dev).float()
         b, m = windows.shape[0], num_samples
         spatial = tuple(windows.shape[2:])
+        if hold is not None:
+            hold = hold.to(dev).float()
         with eval_mode(self.model, self.vlm), precision_policy.autocast(prec, dev):
-            cond = self.condition(windows, texts)
+            cond = self.condition(windows, texts, None if guidance is None else guidance.to(dev).float())
             if not self.model.dfm:
                 p = torch.sigmoid(self.model(None, None, cond).float())
                 return p, torch.zeros_like(p)
@@ -130,10 +157,61 @@ class DFMSystem(nn.Module):
                 c = cond if (m == 1 and len(idx) == b) else cond[idx // m]
                 x0 = sample_source_like((len(idx), 1, *spatial), hp.flow.source_p, noise, dev)
                 trace: dict = {}
-                p_final = fn(self.model, c, x0, steps, scheduler, generator=noise, trace=trace)
+                h = None if hold is None else hold[idx // m]
+                p_final = fn(self.model, c, x0, steps, scheduler, generator=noise, trace=trace, hold=h)
                 outs.append(trace["last_posterior"] if output == "last_posterior" else p_final)
         out = torch.cat(outs).float().view(b, m, 1, *spatial)
         return out.mean(1), out.var(1, unbiased=False)
+
+
+class WindowCache:
+    """Results of single windows, keyed by *everything* a window's result depends on: the window's input bytes
+    (image channels, click-guidance and hold channels), its seed, the sampler settings and the weights
+    (``DFMSystem.cache_token``). A hit is therefore exactly what re-running the window would give (up to the
+    floating-point reduction order of a different batch composition). Least recently used entries are dropped
+    beyond ``max_bytes``. Thread-safe; ``stats`` counts hits and misses since the last :meth:`reset_stats`."""
+
+    def __init__(self, max_bytes: int = 512 * 2 ** 20):
+        self.max_bytes = int(max_bytes)
+        self._d: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(window: torch.Tensor, *parts) -> str:
+        h = hashlib.blake2b(repr(parts).encode(), digest_size=20)
+        h.update(window.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str):
+        with self._lock:
+            v = self._d.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return v
+
+    def put(self, key: str, value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        value = tuple(v.detach().cpu() for v in value)
+        size = sum(v.numel() * v.element_size() for v in value)
+        with self._lock:
+            if key in self._d:
+                return
+            self._d[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._d) > 1:
+                _, old = self._d.popitem(last=False)
+                self._bytes -= sum(v.numel() * v.element_size() for v in old)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
 def seed_for(seed: int, key: str | None) -> int:
@@ -195,11 +273,17 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: DFMSystem, text: str | None = None,
-                 seed: int | None = None, return_variance: bool = False):
+                 seed: int | None = None, return_variance: bool = False, clicks: Clicks | None = None,
+                 cache: WindowCache | None = None, click_sigma: float | None = None, hold_radius: int | None = None):
         """``inputs``: one preprocessed image ``(1, C, *spatial)``; returns ``(1, 1, *spatial)`` probabilities.
 
         ``seed``: the image's seed (default: the inferer's; callers derive it from the image id with
         :func:`seed_for`); every window derives its own from it and its position.
+        ``clicks``: points in this (preprocessed) grid's voxel coordinates: click-guidance channels for a
+        click-trained model (Gaussian of ``click_sigma``, default the checkpoint's) and, with ``hold_radius >= 0``
+        (default the checkpoint's), the held voxels of the sampler; both travel with the image through MONAI's
+        window slicing. ``cache``: reuse the result of every window whose input did not change (a click changes
+        only the windows its truncated guidance bump or held voxels reach).
         """
         if inputs.ndim != len(self.roi_size) + 2:
             raise ValueError(f"the inferer's roi_size {self.roi_size} is {len(self.roi_size)}D; "
@@ -212,14 +296,55 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         image_seed = self.seed if seed is None else int(seed)
         texts_of = network.texts_for(text, 1)
         device = self.device or network.device
+        c = inputs.shape[1]
+        hp = network.hparams
+        sigma = float(click_sigma if click_sigma is not None else hp.clicks.sigma)
+        radius = int(hold_radius if hold_radius is not None else hp.clicks.hold_radius)
+        # a click model always gets its guidance (and hold) channels, zero without clicks (= what the network and
+        # the sampler do with none): windows that no click reaches then have the same bytes with and without clicks
+        clicks = clicks or Clicks()
+        extra = []
+        if network.takes_clicks:
+            extra.append(guidance_maps(clicks, inputs.shape[2:], sigma, device=inputs.device)[None])
+        n_guid = sum(e.shape[1] for e in extra)
+        if radius >= 0 and (clicks or network.takes_clicks):
+            extra.append(hold_maps(clicks, inputs.shape[2:], radius, device=inputs.device)[None])
+        n_hold = sum(e.shape[1] for e in extra) - n_guid
+        if extra:
+            inputs = torch.cat([inputs.float()] + [e.to(inputs.device) for e in extra], dim=1)
+        settings = (self.sampler, self.steps, self.num_samples, self.output, self.precision, text,
+                    network.cache_token, n_guid, n_hold)
+        self.last_windows = {"windows": 0, "rerun": 0}
+
+        def run(windows, seeds):
+            return network.predict_windows(
+                windows[:, :c], None if texts_of is None else texts_of * windows.shape[0], seeds,
+                sampler=self.sampler, steps=self.steps, num_samples=self.num_samples, output=self.output,
+                precision=self.precision, max_batch_voxels=self.max_batch_voxels,
+                allow_roi_mismatch=self.allow_roi_mismatch,
+                guidance=windows[:, c:c + n_guid] if n_guid else None,
+                hold=windows[:, c + n_guid:] if n_hold else None)
 
         def predictor(windows: torch.Tensor, slices):
-            mean, var = network.predict_windows(
-                windows, None if texts_of is None else texts_of * windows.shape[0],
-                [window_seed(image_seed, s) for s in slices], sampler=self.sampler, steps=self.steps,
-                num_samples=self.num_samples, output=self.output, precision=self.precision,
-                max_batch_voxels=self.max_batch_voxels, allow_roi_mismatch=self.allow_roi_mismatch)
-            return {"prob": mean, "var": var}
+            seeds = [window_seed(image_seed, s) for s in slices]
+            n = windows.shape[0]
+            self.last_windows["windows"] += n
+            if cache is None:
+                self.last_windows["rerun"] += n
+                mean, var = run(windows, seeds)
+                return {"prob": mean, "var": var}
+            keys = [WindowCache.key(windows[i], seeds[i], settings) for i in range(n)]
+            found = [cache.get(k) for k in keys]
+            todo = [i for i in range(n) if found[i] is None]
+            if todo:
+                mean, var = run(windows[todo], [seeds[i] for i in todo])
+                for j, i in enumerate(todo):
+                    found[i] = (mean[j], var[j])
+                    cache.put(keys[i], found[i])
+            self.last_windows["rerun"] += len(todo)
+            dev = network.device
+            return {"prob": torch.stack([f[0].to(dev) for f in found]),
+                    "var": torch.stack([f[1].to(dev) for f in found])}
 
         self.sw_device = device
         out = super().__call__(inputs, predictor, device=inputs.device)

@@ -142,7 +142,7 @@ def euler_step(model_fn: ModelFn, x, t: float, t_next: float, cond, scheduler, g
 
 
 def trapezoidal_step(model_fn: ModelFn, x, t: float, t_next: float, cond, scheduler, generator,
-                     theta: float = 0.5):
+                     theta: float = 0.5, hold: torch.Tensor | None = None):
     """One theta-trapezoidal step on the clock s (see the module docstring); needs kappa(t_next) < 1.
 
     Returns (x_next, posterior at x)."""
@@ -154,33 +154,44 @@ def trapezoidal_step(model_fn: ModelFn, x, t: float, t_next: float, cond, schedu
     a2 = ((1.0 - theta) ** 2 + theta ** 2) / (2.0 * theta * (1.0 - theta))
     p = _posterior(model_fn, x, t, cond)
     q_x = _leave(x, p)
-    y = _flip(x, -torch.expm1(-theta * d * q_x), generator)
+    y = _hold(_flip(x, -torch.expm1(-theta * d * q_x), generator), hold)
     p_star = _posterior(model_fn, y, _time_of_clock(scheduler, s0 + theta * d), cond)
     same_dir = torch.where(y == x, q_x, torch.zeros_like(q_x))  # the direction away from y* is closed at x if flipped
     lam = ((a1 * _leave(y, p_star) - a2 * same_dir).clamp_min(0.0)) * ((1.0 - theta) * d)
     return _flip(y, -torch.expm1(-lam), generator), p
 
 
+def _hold(x: torch.Tensor, hold: torch.Tensor | None) -> torch.Tensor:
+    """Voxels the user clicked are *known*: ``hold (B, 2, ...)`` = (mask, value) sets them in every state."""
+    if hold is None:
+        return x
+    return torch.where(hold[:, :1] > 0.5, hold[:, 1:2].to(x.dtype), x)
+
+
 def sampler_dfm_euler(model_fn: ModelFn, cond, x0: torch.Tensor, steps: int, scheduler: PolynomialScheduler,
-                      generator=None, trace: dict | None = None) -> torch.Tensor:
+                      generator=None, trace: dict | None = None, hold: torch.Tensor | None = None) -> torch.Tensor:
     """First-order sampler; returns ``p_final = sigmoid(model_fn(x, t=1, cond))``.
 
     ``trace``, when a dict is given, receives ``last_posterior`` (the posterior at the last grid point before
     t = 1), ``x_final`` (the binary state at t = 1) and ``nfe`` (network evaluations), for benchmarks.
+    ``hold``: ``(B, 2, ...)`` mask and value of voxels held fixed in ``x`` at every step (clicks, lib.clicks).
     """
     grid = time_grid(steps).tolist()
-    x = x0.float()
+    x = _hold(x0.float(), hold)
     p = None
     for t, t_next in zip(grid[:-1], grid[1:]):
         x, p = euler_step(model_fn, x, t, t_next, cond, scheduler, generator)
+        x = _hold(x, hold)
     return _finish(model_fn, x, cond, trace, p, steps)
 
 
 def sampler_dfm_heun(model_fn: ModelFn, cond, x0: torch.Tensor, steps: int, scheduler: PolynomialScheduler,
-                     generator=None, trace: dict | None = None, theta: float = 0.5) -> torch.Tensor:
-    """Second-order theta-trapezoidal sampler (module docstring); the last step is the exact Euler jump."""
+                     generator=None, trace: dict | None = None, theta: float = 0.5,
+                     hold: torch.Tensor | None = None) -> torch.Tensor:
+    """Second-order theta-trapezoidal sampler (module docstring); the last step is the exact Euler jump.
+    ``hold``: as for :func:`sampler_dfm_euler` (applied to every state, the predictor's included)."""
     grid = time_grid(steps).tolist()
-    x = x0.float()
+    x = _hold(x0.float(), hold)
     nfe = 0
     p = None
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
@@ -188,8 +199,9 @@ def sampler_dfm_heun(model_fn: ModelFn, cond, x0: torch.Tensor, steps: int, sche
             x, p = euler_step(model_fn, x, t, t_next, cond, scheduler, generator)
             nfe += 1
         else:
-            x, p = trapezoidal_step(model_fn, x, t, t_next, cond, scheduler, generator, theta)
+            x, p = trapezoidal_step(model_fn, x, t, t_next, cond, scheduler, generator, theta, hold)
             nfe += 2
+        x = _hold(x, hold)
     return _finish(model_fn, x, cond, trace, p, nfe)
 
 

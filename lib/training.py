@@ -24,6 +24,7 @@ import torch
 from monai.data import CacheDataset
 
 from .checkpoint import save_checkpoint
+from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
 from .config import HParams
 from .data import PatchBatcher
 from .evaluation import evaluate_items, make_inferer
@@ -32,7 +33,7 @@ from .inferer import DFMSystem
 from .network import ConditionalUNet
 from . import precision as precision_policy
 from .transforms import label_transforms
-from .vlm import VLMEncoder, patch_condition, patch_texts
+from .vlm import VLMEncoder, patch_texts
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +49,62 @@ def build_system(hp: HParams, device: str | torch.device = "cpu") -> DFMSystem:
     return DFMSystem(model, vlm, hp).to(device).eval()
 
 
+def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, texts, rng: np.random.Generator
+                     ) -> list[Clicks]:
+    """Clicks of a training batch, as DeepEdit trains: a share ``clicks.no_click_prob`` of patches gets none (the
+    automatic mode); in an iteration with corrective clicks (probability ``clicks.corrective_prob``) each other patch
+    starts from random clicks or none, then 1..``corrective_rounds`` rounds of: predict with the clicks so far
+    (:meth:`DFMSystem.predict_windows`, one Euler step -- the predictor every caller uses), click the centre of the
+    largest error region (:func:`lib.clicks.next_click`); otherwise each gets random clicks
+    (:func:`lib.clicks.random_clicks`)."""
+    cc = system.hparams.clicks
+    b, spatial = image.shape[0], tuple(image.shape[2:])
+    truth = x1.detach().cpu().numpy()[:, 0] > 0.5
+    corrective = cc.corrective_rounds > 0 and rng.random() < cc.corrective_prob
+    clicks, active = [], []
+    for i in range(b):
+        if rng.random() < cc.no_click_prob:
+            clicks.append(Clicks())
+            continue
+        active.append(i)
+        start_random = (not corrective) or rng.random() < 0.5
+        clicks.append(random_clicks(truth[i], rng, cc.max_random) if start_random else Clicks())
+    if corrective and active:
+        for _ in range(int(rng.integers(1, cc.corrective_rounds + 1))):
+            g = torch.stack([guidance_maps(clicks[i], spatial, cc.sigma) for i in active])
+            h = torch.stack([hold_maps(clicks[i], spatial, cc.hold_radius) for i in active]) \
+                if cc.hold_radius >= 0 else None
+            mean, _ = system.predict_windows(
+                image[active], None if texts is None else [texts[i] for i in active],
+                [int(v) for v in rng.integers(0, 2 ** 62, size=len(active))], sampler="euler", steps=1,
+                num_samples=1, guidance=g, hold=h)
+            pred = mean[:, 0].cpu().numpy() > 0.5
+            for j, i in enumerate(active):
+                c = next_click(pred[j], truth[i])
+                if c is not None:
+                    clicks[i].add(*c)
+    return clicks
+
+
 def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generator | None = None,
-               network: torch.nn.Module | None = None) -> torch.Tensor:
+               network: torch.nn.Module | None = None, rng: np.random.Generator | None = None) -> torch.Tensor:
     """The loss of one patch batch: per-patch VLM conditioning, ``t`` and ``x_t`` per patch, BCE on ``x1``.
 
     Shared by this loop and the MONAI Label trainer. ``batch``: ``image``, ``label`` and ``items`` (the source entry
-    of every patch, for its text). ``network``: the module to run (e.g. DDP-wrapped ``system.model``).
+    of every patch, for its text). ``network``: the module to run (e.g. DDP-wrapped ``system.model``). A
+    click-trained model (``clicks.enabled``) gets the guidance maps of :func:`simulated_clicks` (``rng``).
     """
     hp = system.hparams
     image = batch["image"].to(device).float()
     x1 = batch["label"].to(device).float()
     texts = patch_texts(batch["items"], hp.vlm) if system.vlm is not None else None
+    guidance = None
+    if system.takes_clicks:
+        rng = rng if rng is not None else np.random.default_rng()
+        clicks = simulated_clicks(system, image, x1, texts, rng)
+        guidance = torch.stack([guidance_maps(c, image.shape[2:], hp.clicks.sigma) for c in clicks]).to(device)
     with precision_policy.autocast(hp.precision, device):  # the policy prediction uses (lib.precision)
-        emb = patch_condition(system.vlm, image, texts)
-        cond = system.model.prepare(image, emb)
+        cond = system.condition(image, texts, guidance)
         return training_step(network or system.model, cond, x1, hp.flow, generator, dfm=system.model.dfm)
 
 
@@ -173,7 +216,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         s0 = time.perf_counter()
         idx = np_rng.choice(len(train_ds), size=min(tc.images_per_batch, len(train_ds)), replace=False)
         batch = batcher([train_ds[int(i)] for i in idx])
-        loss = train_loss(system, batch, device)
+        loss = train_loss(system, batch, device, rng=np_rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

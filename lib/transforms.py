@@ -106,6 +106,20 @@ class CheckImaged(MapTransform):
         return d
 
 
+class RecordGridd(MapTransform):
+    """Keep the image's affine as loaded (``meta["loaded_affine"]``), before orientation and spacing change it:
+    clicks arrive in the loaded image's voxel indices and are mapped with it (:func:`lib.clicks.to_network_grid`).
+    (MONAI's ``original_affine`` is only set by some readers, e.g. not for PNG.)"""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if hasattr(img, "meta") and "loaded_affine" not in img.meta:
+                img.meta["loaded_affine"] = torch.as_tensor(img.affine).clone()
+        return d
+
+
 class BinarizeLabeld(MapTransform):
     """``label > threshold`` as a float 0/1 map (the binary truth)."""
 
@@ -163,6 +177,7 @@ def preprocess(cfg: PreprocConfig, load: bool = True) -> Compose:
     t += [
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
         CheckImaged(keys="image", num_channels=cfg.num_channels, spatial_dims=cfg.spatial_dims, label_key="label"),
+        RecordGridd(keys="image"),
         BinarizeLabeld(keys="label", threshold=cfg.label_threshold, allow_missing_keys=True),
     ]
     if cfg.orientation:

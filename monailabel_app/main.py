@@ -80,7 +80,12 @@ class DFMVLMApp(MONAILabelApp):
                                      "model", version=lib.__version__)
 
     def init_infers(self):
-        return {n: c.infer() for n, c in self.models.items()}
+        out = {}
+        for n, c in self.models.items():
+            out[n] = c.infer()
+            if str(self.conf.get("interactive", "true")).lower() not in ("false", "0", "no"):
+                out[f"{n}_interactive"] = c.interactive_infer()  # clicks, from the same checkpoint
+        return out
 
     def init_trainers(self):
         return {n: c.trainer() for n, c in self.models.items()}

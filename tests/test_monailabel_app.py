@@ -51,7 +51,12 @@ def _infer(server, model, image, params=None, files=None):
 @needs_defaults
 def test_info_lists_models_labels_parameters_and_strategies(client):
     info = client.info()
-    assert set(info["models"]) == {"dfm_vlm_2d", "dfm_vlm_3d"}, info.get("models_not_ready")
+    assert set(info["models"]) == {"dfm_vlm_2d", "dfm_vlm_3d", "dfm_vlm_2d_interactive", "dfm_vlm_3d_interactive"}, \
+        info.get("models_not_ready")
+    for name, dim in (("dfm_vlm_2d_interactive", 2), ("dfm_vlm_3d_interactive", 3)):  # Slicer/OHIF point tools
+        m = info["models"][name]
+        assert m["type"] == "deepedit" and m["dimension"] == dim, m
+        assert m["checkpoint"] == info["models"][name.replace("_interactive", "")]["checkpoint"]
     m3 = info["models"]["dfm_vlm_3d"]
     assert m3["labels"] == {"lesion": 1} and m3["dimension"] == 3 and m3["type"] == "segmentation"
     assert info["models"]["dfm_vlm_2d"]["labels"] == {"lung": 1}
@@ -227,3 +232,31 @@ def test_a_bad_label_never_replaces_a_stored_one(client, server, tmp_path):
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest, "a refused label changed the stored one"
     assert not any(p.name.startswith("evil") for p in server.studies.parent.rglob("*"))
     assert server.alive() and client.info()["models"]
+
+
+@needs_defaults
+@pytest.mark.parametrize("model, image, ext", [("dfm_vlm_3d_interactive", "phantom_ct_06", ".nii.gz"),
+                                               ("dfm_vlm_2d_interactive", "phantom_xray_05", ".png")])
+def test_clicks_through_monailabel_client_label_the_clicked_voxels(client, server, model, image, ext):
+    """A user clicks: DeepEdit's label-name format and DeepGrow's foreground/background format, through the real
+    server and MONAILabelClient; every clicked voxel comes back labelled as clicked; a bad point is a 422."""
+    label_name = "lesion" if "3d" in model else "lung"
+    auto_file, _ = client.infer(model.replace("_interactive", ""), image, {"steps": 2})
+    auto = np.asarray(nib.load(auto_file).dataobj) if ext == ".nii.gz" else np.asarray(Image.open(auto_file)).T
+    # PNG results come back as rows x columns; MONAI's (x, y) voxel indices are columns, rows
+    fg = [list(map(int, p)) for p in np.argwhere(auto == 0)[::1999][:3]]
+    bg = [list(map(int, p)) for p in np.argwhere(auto == 1)[::499][:2]]
+    for n, params in enumerate(({label_name: fg, "background": bg}, {"foreground": fg, "background": bg})):
+        label_file, res = client.infer(model, image, {"steps": 2, **params})
+        lab = np.asarray(nib.load(label_file).dataobj) if ext == ".nii.gz" else np.asarray(Image.open(label_file)).T
+        assert lab.shape == auto.shape
+        assert all(lab[tuple(p)] == 1 for p in fg) and all(lab[tuple(p)] == 0 for p in bg), (params, res)
+        assert res["clicks"] == {"foreground": len(fg), "background": len(bg)}
+        # the same clicks in the other format: every window comes from the task's window cache
+        assert (0 < res["windows_rerun"] <= res["windows"]) if n == 0 else res["windows_rerun"] == 0, res
+    bad = [9999] * (3 if ext == ".nii.gz" else 2)
+    r = _infer(server, model, image, {"foreground": [bad]})
+    assert r.status_code == 422 and f"foreground[0] = {bad}" in r.json()["detail"] and "outside" in r.json()["detail"]
+    r = _infer(server, model, image, {"foreground": [["a"] + [1] * (len(bad) - 1)]})
+    assert r.status_code == 422 and "not a finite number" in r.json()["detail"]
+    assert server.alive()

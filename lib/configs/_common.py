@@ -6,6 +6,7 @@ Conf keys (``--conf KEY VALUE``), ``<name>`` being the model (config module) nam
 * ``model_dir``: where the trainer publishes ``<name>.pt`` (default ``monailabel_app/model``)
 * ``<name>_checkpoint``: the checkpoint served before any training here (default ``sample_data/models/<name>.pt``)
 * ``vlm``: a VLM folder or hub id replacing the one recorded in the checkpoints
+* ``interactive``: also serve ``<name>_interactive`` (clicks; default ``true``)
 * ``uncertainty_samples``: M, the samples per image for uncertainty scoring (default 4)
 """
 
@@ -44,6 +45,7 @@ class DFMTaskConfig(TaskConfig):
         self.labels = dict(self.hparams.labels)
         self.dimension = self.hparams.preprocessing.spatial_dims
         self._infer = None
+        self._interactive = None
         self._scoring = None
 
     def _sampler_defaults(self):
@@ -63,6 +65,20 @@ class DFMTaskConfig(TaskConfig):
                                       description=self.DESCRIPTION, vlm=self.vlm,
                                       sampler_defaults=self._sampler_defaults())
         return self._infer
+
+    def interactive_infer(self):
+        """The same checkpoint served for clicks (``<name>_interactive``, infer type DeepEdit): it shares the
+        automatic task's loaded model (one copy in memory) and keeps a window cache for click latency."""
+        from lib.infers.dfm_vlm import DFMVLMInfer
+
+        if self._interactive is None:
+            auto = self.infer()
+            self._interactive = DFMVLMInfer(path=self.path, labels=self.labels, dimension=self.dimension,
+                                            description=f"{self.DESCRIPTION}; interactive: foreground/background "
+                                                        "clicks", vlm=self.vlm,
+                                            sampler_defaults=self._sampler_defaults(), interactive=True)
+            self._interactive.share_models_with(auto)
+        return self._interactive
 
     def trainer(self):
         from lib.trainers.dfm_vlm import DFMVLMTrain

@@ -21,16 +21,19 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import device_list
 
 from lib.checkpoint import CheckpointError, load_system
+from lib.clicks import parse_clicks, uncertain_mask
 from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
 from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
-from lib.inferer import DFMSystem
+from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
 from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
 
 
+INTERACTIVE_TYPE = InferType.DEEPEDIT
+UNCERTAIN_VALUE = 2  # label value of the optional "uncertain" segment (request parameter uncertain_segment)
 REQUEST_KEYS = ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed", "precision")
 
 
@@ -82,10 +85,13 @@ def sampler_params(req: dict) -> dict:
 
 
 class DFMPreprocessd:
-    """Run the checkpoint's own preprocessing on the request's image (and keep the result for inversion)."""
+    """Run the checkpoint's own preprocessing on the request's image (and keep the result for inversion); for an
+    interactive model also read the request's clicks (in the image's own voxel indices; ClickError -> 422)."""
 
-    def __init__(self, system: DFMSystem):
+    def __init__(self, system: DFMSystem, labels: Sequence[str] = (), interactive: bool = False):
         self.system = system
+        self.labels = list(labels)
+        self.interactive = interactive
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
@@ -95,6 +101,11 @@ class DFMPreprocessd:
         pre = self.system.preprocessing(item)
         d["image"] = pre["image"]
         d["_dfm_pre"] = pre
+        if self.interactive:
+            img = pre["image"]
+            shape = [int(v) for v in img.meta.get("spatial_shape", img.shape[1:])] if hasattr(img, "meta") \
+                else list(img.shape[1:])
+            d["_clicks"] = parse_clicks(d, self.labels, self.system.hparams.preprocessing.spatial_dims, shape)
         return d
 
 
@@ -105,9 +116,13 @@ class DFMPostprocessd:
         d = dict(data)
         prob = d["prob"]
         label = (prob[0] > 0.5).to(torch.uint8)
-        d["pred"] = MetaTensor(label, affine=prob.affine, meta=dict(prob.meta)) if isinstance(prob, MetaTensor) else label
         res = d.setdefault("result", {})
-        res["foreground_fraction"] = float(label.float().mean())
+        unc = d.pop("_uncertain", None)
+        if unc is not None:  # the disagreement of the M samples as a second segment (never on a clicked voxel)
+            label[torch.as_tensor(unc)] = UNCERTAIN_VALUE
+            res["uncertain_fraction"] = float(torch.as_tensor(unc).float().mean())
+        d["pred"] = MetaTensor(label, affine=prob.affine, meta=dict(prob.meta)) if isinstance(prob, MetaTensor) else label
+        res["foreground_fraction"] = float((label == 1).float().mean())
         return d
 
 
@@ -115,14 +130,19 @@ class DFMVLMInfer(BasicInferTask):
     RETRY_FAILED_S = 60.0  # a checkpoint that failed to load is tried again after this, or at once when it changes
 
     def __init__(self, path: Sequence[str], labels, dimension: int, description: str, vlm: str | None = None,
-                 sampler_defaults: SamplerConfig | None = None, config: dict | None = None):
+                 sampler_defaults: SamplerConfig | None = None, config: dict | None = None,
+                 interactive: bool = False, cache_bytes: int = 512 * 2 ** 20):
         d = sampler_defaults or SamplerConfig()
         cfg = {"sampler": [d.name] + [s for s in SAMPLERS if s != d.name], "steps": d.steps,
                "num_samples": d.num_samples, "overlap": d.overlap, "sw_batch_size": d.sw_batch_size, "seed": d.seed,
                "device": device_list()}  # "precision" is accepted too (default: the checkpoint's policy)
         cfg.update(config or {})
-        super().__init__(path=list(path), network=None, type=InferType.SEGMENTATION, labels=labels,
-                         dimension=dimension, description=description, config=cfg)
+        # interactive: the infer type that makes 3D Slicer's MONAILabel module and OHIF show their point tools
+        super().__init__(path=list(path), network=None, type=INTERACTIVE_TYPE if interactive else InferType.SEGMENTATION,
+                         labels=labels, dimension=dimension, description=description, config=cfg)
+        self.interactive = interactive
+        # the windows of the last results: a new click re-runs only the windows it reaches (lib.inferer.WindowCache)
+        self.window_cache = WindowCache(cache_bytes) if interactive else None
         self.vlm = vlm
         self._lock = threading.Lock()
         self._systems: dict[str, tuple[DFMSystem, str, float]] = {}
@@ -173,6 +193,10 @@ class DFMVLMInfer(BasicInferTask):
             self._systems[device] = (system, path, mtime)
             return system
 
+    def share_models_with(self, other: "DFMVLMInfer") -> None:
+        """Serve from ``other``'s loaded systems (the same checkpoint: one model copy for both tasks)."""
+        self._lock, self._systems, self._failures = other._lock, other._systems, other._failures
+
     def clear_cache(self):
         with self._lock:
             self._systems.clear()
@@ -200,7 +224,8 @@ class DFMVLMInfer(BasicInferTask):
         return dev if (dev.startswith("cuda") and torch.cuda.is_available()) else "cpu"
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return [DFMPreprocessd(self.system(self._device(data)))]
+        labels = list(self.labels) if isinstance(self.labels, (dict, list, tuple)) else [self.labels]
+        return [DFMPreprocessd(self.system(self._device(data)), labels, self.interactive)]
 
     def inverse_transforms(self, data=None):
         return None  # the core inverts the probability map itself (predict_preprocessed)
@@ -220,7 +245,22 @@ class DFMVLMInfer(BasicInferTask):
         key = case_id({"image": src}) if isinstance(src, str) and src else None
         pre = dict(data["_dfm_pre"])
         pre["case_id"] = key
-        out = predict_preprocessed(system, pre, inferer)
+        clicks = data.pop("_clicks", None)
+        hold = None
+        if data.get("hold_radius") is not None:
+            hold = _as_int("hold_radius", data["hold_radius"])
+            if hold < -1:
+                raise ConfigError(f"parameter 'hold_radius' must be >= -1 (-1: no hold), got {hold}")
+        uncertain = str(_first(data.get("uncertain_segment", "false"))).lower() in ("1", "true", "yes")
+        if uncertain and inferer.num_samples < 2:
+            raise ConfigError("parameter 'uncertain_segment' needs num_samples >= 2 (the samples' disagreement)")
+        out = predict_preprocessed(system, pre, inferer, clicks=clicks, cache=self.window_cache, hold_radius=hold,
+                                   return_variance=uncertain)
+        if uncertain:
+            mask = torch.as_tensor(uncertain_mask(out["var"][0]))
+            for p in (clicks.fg + clicks.bg) if clicks else []:
+                mask[tuple(int(v) for v in p)] = False  # a clicked voxel is what the user said
+            data["_uncertain"] = mask
         data["prob"] = out["prob"]
         data.pop("_dfm_pre", None)
         res = data.setdefault("result", {})
@@ -229,6 +269,15 @@ class DFMVLMInfer(BasicInferTask):
         res.update({"checkpoint": self.get_path(), "sampler": inferer.sampler, "steps": inferer.steps,
                     "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed,
                     "precision": inferer.precision or system.hparams.precision, "device": str(system.device)})
+        if uncertain:
+            names = dict(self.labels) if isinstance(self.labels, dict) else {str(self.labels): 1}
+            res["label_names"] = {**names, "uncertain": UNCERTAIN_VALUE}
+        if self.interactive:
+            res.update({"clicks": {"foreground": len(clicks.fg), "background": len(clicks.bg)} if clicks else
+                        {"foreground": 0, "background": 0},
+                        "guidance": system.takes_clicks,
+                        "hold_radius": system.hparams.clicks.hold_radius if hold is None else hold,
+                        "windows": out["windows"]["windows"], "windows_rerun": out["windows"]["rerun"]})
         return data
 
     def writer(self, data, extension=None, dtype=None):

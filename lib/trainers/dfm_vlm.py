@@ -20,6 +20,7 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Events
 from ignite.metrics import Metric
@@ -69,14 +70,17 @@ class _TrainStep:
 
     def __init__(self, context: Context):
         self.context = context
+        self.rng = None  # simulated clicks (click-trained models): one stream per process, made at the first step
 
     def __call__(self, engine, batch) -> dict[str, Any]:
+        if self.rng is None:
+            self.rng = np.random.default_rng()
         system: DFMSystem = self.context.system
         engine.network.train()
         n = batch["image"].shape[0]
         batch = {"image": batch["image"], "label": batch["label"],
                  "items": [{"text": t} for t in batch.get("text", [None] * n)]}
-        loss = train_loss(system, batch, engine.state.device, network=engine.network)
+        loss = train_loss(system, batch, engine.state.device, network=engine.network, rng=self.rng)
         engine.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), 1.0)
@@ -89,8 +93,11 @@ class _ValStep:
 
     def __init__(self, context: Context):
         self.context = context
+        self.rng = None  # simulated clicks (click-trained models): one stream per process, made at the first step
 
     def __call__(self, engine, batch) -> dict[str, Any]:
+        if self.rng is None:
+            self.rng = np.random.default_rng()
         system: DFMSystem = self.context.system
         items = []
         for i, img in enumerate(batch["image"]):

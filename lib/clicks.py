@@ -1,0 +1,269 @@
+"""Clicks: interactive segmentation with the DFM sampler.
+
+A click enters a model in two places:
+
+* **guidance channels** (the DeepGrow/DeepEdit convention): two extra input channels of the U-Net, positive and
+  negative clicks, each click a Gaussian bump of ``sigma`` network voxels (max over clicks, values in [0, 1]),
+  *truncated* at ``truncate * sigma``: a window that the truncated bump does not reach gets exactly the input it
+  gets without the click (this is what makes re-running only the windows a click touches exact, see
+  :class:`lib.inferer.WindowCache`). Trained with simulated clicks (:func:`simulate_clicks`): a share of patches
+  without clicks (the automatic mode), random clicks inside/outside the mask, and corrective clicks at the centre
+  of the largest error region of the model's own prediction (:func:`next_click`), as DeepEdit trains.
+* **the state x_t** (optional, ``clicks.hold_radius >= 0``): the sampler holds the voxels within ``hold_radius`` of
+  every click at the clicked value at every step (:func:`hold_maps`).
+
+Whatever the model does, the returned label has every clicked voxel labelled as clicked
+(:func:`lib.evaluation.predict_preprocessed` sets the probability of each clicked voxel of the original grid).
+
+Coordinates. A request gives voxel indices of the image *as MONAI loads it* (``LoadImage``: NIfTI/NRRD/DICOM voxel
+order i, j, k -- Slicer's IJK; PNG (x, y) = (column, row)), which is what MONAI Label's clients send. They are mapped
+to the network grid through the checkpoint's own preprocessing (orientation, spacing) with the affines that MONAI
+records: ``net = inverse(affine after preprocessing) @ affine as loaded @ index`` (:func:`map_points`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+
+class ClickError(ConfigError):
+    """A click that cannot be used (wrong dimensionality, not a number, outside the image): a 422 naming it."""
+
+
+@dataclass
+class Clicks:
+    """Positive (foreground) and negative (background) points of one image, in one grid's voxel coordinates."""
+
+    fg: list[tuple[float, ...]] = field(default_factory=list)
+    bg: list[tuple[float, ...]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.fg or self.bg)
+
+    def __len__(self) -> int:
+        return len(self.fg) + len(self.bg)
+
+    def add(self, point: Sequence[float], positive: bool) -> "Clicks":
+        (self.fg if positive else self.bg).append(tuple(float(v) for v in point))
+        return self
+
+    def copy(self) -> "Clicks":
+        return Clicks(list(self.fg), list(self.bg))
+
+    def to_dict(self) -> dict:
+        return {"foreground": [list(p) for p in self.fg], "background": [list(p) for p in self.bg]}
+
+
+# -- requests -------------------------------------------------------------------------------------------------
+CLICK_KEYS = ("foreground", "background")
+
+
+def _points(value, key: str, spatial_dims: int, shape: Sequence[int]) -> list[tuple[int, ...]]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ClickError(f"clicks {key!r} must be a list of points [[x, y{', z' if spatial_dims == 3 else ''}], ...]; "
+                         f"got {value!r}")
+    out = []
+    for n, p in enumerate(value):
+        where = f"click {key}[{n}] = {p!r}"
+        if isinstance(p, (str, bytes)) or not isinstance(p, (list, tuple)):
+            raise ClickError(f"{where} is not a point: give {spatial_dims} voxel indices")
+        coords = list(p)
+        # a 2D image opened in Slicer is a one-slice volume: its IJK points carry k = 0
+        if spatial_dims == 2 and len(coords) == 3 and _is_number(coords[2]) and float(coords[2]) == 0.0:
+            coords = coords[:2]
+        if len(coords) != spatial_dims:
+            raise ClickError(f"{where} has {len(coords)} coordinate(s); the image is {spatial_dims}D")
+        if not all(_is_number(c) for c in coords):
+            raise ClickError(f"{where} has a coordinate that is not a finite number")
+        idx = tuple(int(round(float(c))) for c in coords)
+        if any(not 0 <= i < s for i, s in zip(idx, shape)):
+            raise ClickError(f"{where} is outside the image (voxel indices must be within {tuple(shape)})")
+        out.append(idx)
+    return out
+
+
+def _is_number(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def parse_clicks(request: dict, label_names: Iterable[str], spatial_dims: int, shape: Sequence[int]) -> Clicks:
+    """The clicks of a request, in the image's own voxel indices; raises :class:`ClickError` naming a bad point.
+
+    Two formats (MONAI Label's): ``foreground`` / ``background`` lists (DeepGrow, SAM2), or DeepEdit's
+    ``{"<label name>": [[x, y, z], ...], "background": [...]}`` -- points under the model's label name are
+    positive. A voxel clicked both positive and negative is refused.
+    """
+    fg: list[tuple[int, ...]] = []
+    fg += _points(request.get("foreground"), "foreground", spatial_dims, shape)
+    for name in label_names:
+        if name != "background":
+            fg += _points(request.get(name), name, spatial_dims, shape)
+    bg = _points(request.get("background"), "background", spatial_dims, shape)
+    both = sorted(set(fg) & set(bg))
+    if both:
+        raise ClickError(f"voxel(s) {both} clicked both as foreground and as background")
+    return Clicks([tuple(map(float, p)) for p in fg], [tuple(map(float, p)) for p in bg])
+
+
+def map_points(clicks: Clicks, src_affine, dst_affine) -> Clicks:
+    """Voxel coordinates of grid ``src`` -> (float) voxel coordinates of grid ``dst`` through world space."""
+    src = np.asarray(src_affine, dtype=np.float64)
+    dst_inv = np.linalg.inv(np.asarray(dst_affine, dtype=np.float64))
+    m = dst_inv @ src
+    n = src.shape[0] - 1  # MONAI keeps a 4x4 affine for 2D images too: missing axes are index 0
+
+    def one(p):
+        v = m @ np.array(list(p) + [0.0] * (n - len(p)) + [1.0])
+        return tuple(float(c) for c in v[:len(p)])
+
+    return Clicks([one(p) for p in clicks.fg], [one(p) for p in clicks.bg])
+
+
+def to_network_grid(clicks: Clicks, image) -> Clicks:
+    """Clicks in the original image's voxel indices -> the preprocessed image's grid (``image``: the MetaTensor
+    that the checkpoint's preprocessing returned; it carries ``loaded_affine`` (:class:`lib.transforms.RecordGridd`)
+    and its own ``affine``)."""
+    meta = getattr(image, "meta", None) or {}
+    if not clicks:
+        return clicks.copy()
+    if "loaded_affine" not in meta:
+        raise ClickError("the preprocessed image does not say which grid it was loaded on (no loaded_affine): "
+                         "clicks cannot be placed")
+    return map_points(clicks, torch.as_tensor(meta["loaded_affine"]).numpy(), torch.as_tensor(image.affine).numpy())
+
+
+# -- maps -------------------------------------------------------------------------------------------------------
+def _grid(shape: Sequence[int], device=None) -> list[torch.Tensor]:
+    return torch.meshgrid(*[torch.arange(s, dtype=torch.float32, device=device) for s in shape], indexing="ij")
+
+
+def guidance_maps(clicks: Clicks, shape: Sequence[int], sigma: float, truncate: float = 3.0,
+                  device=None) -> torch.Tensor:
+    """``(2, *shape)``: positive and negative guidance, a Gaussian bump of ``sigma`` voxels per click (max over
+    clicks), exactly 0 beyond ``truncate * sigma``."""
+    out = torch.zeros((2, *shape), dtype=torch.float32, device=device)
+    if not clicks:
+        return out
+    grid = _grid(shape, device)
+    r2max = (truncate * sigma) ** 2
+    for ch, pts in enumerate((clicks.fg, clicks.bg)):
+        for p in pts:
+            d2 = sum((g - float(c)) ** 2 for g, c in zip(grid, p))
+            bump = torch.exp(-d2 / (2.0 * sigma * sigma))
+            bump = torch.where(d2 <= r2max, bump, torch.zeros_like(bump))
+            out[ch] = torch.maximum(out[ch], bump)
+    return out
+
+
+def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None) -> torch.Tensor:
+    """``(2, *shape)``: a mask of the voxels within ``radius`` of a click (the nearest voxel for radius 0) and the
+    value they are held at (1 positive, 0 negative; where both reach, the nearer click wins)."""
+    mask = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+    value = torch.zeros_like(mask)
+    best = torch.full_like(mask, float("inf"))
+    if not clicks or radius < 0:
+        return torch.stack([mask, value])
+    grid = _grid(shape, device)
+    for v, pts in ((1.0, clicks.fg), (0.0, clicks.bg)):
+        for p in pts:
+            q = [min(max(int(round(c)), 0), s - 1) for c, s in zip(p, shape)]  # the click's voxel
+            d2 = sum((g - float(c)) ** 2 for g, c in zip(grid, q))
+            near = (d2 <= radius * radius + 1e-6) & (d2 < best)
+            best = torch.where(near, d2, best)
+            mask = torch.where(near, torch.ones_like(mask), mask)
+            value = torch.where(near, torch.full_like(value, v), value)
+    return torch.stack([mask, value])
+
+
+# -- where to click: the robot user, and the trainer's corrective clicks ------------------------------------------
+def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool), 0
+    sizes = np.bincount(lab.ravel())[1:]
+    k = int(np.argmax(sizes)) + 1
+    return lab == k, int(sizes[k - 1])
+
+
+def region_centre(region: np.ndarray, spacing: Sequence[float] | None = None) -> tuple[int, ...]:
+    """The voxel of ``region`` farthest from its boundary (maximum of the Euclidean distance transform)."""
+    from scipy import ndimage
+
+    padded = np.pad(region, 1)  # the image border counts as boundary
+    dist = ndimage.distance_transform_edt(padded, sampling=spacing)
+    dist = dist[tuple(slice(1, -1) for _ in region.shape)]
+    return tuple(int(v) for v in np.unravel_index(int(np.argmax(dist)), region.shape))
+
+
+def next_click(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
+               ) -> tuple[tuple[int, ...], bool] | None:
+    """The robot user's click: the centre of the largest error region (connected component of the missed
+    foreground or of the false foreground, whichever is larger); positive where foreground was missed. None when
+    the prediction is perfect."""
+    pred = np.asarray(pred) > 0.5
+    truth = np.asarray(truth) > 0.5
+    fn, n_fn = _largest_component(truth & ~pred)
+    fp, n_fp = _largest_component(pred & ~truth)
+    if n_fn == 0 and n_fp == 0:
+        return None
+    positive = n_fn >= n_fp
+    return region_centre(fn if positive else fp, spacing), positive
+
+
+def uncertain_mask(var, threshold: float | None = None) -> np.ndarray:
+    """Where the M samples disagree most: per-voxel variance of the samples' probabilities above ``threshold``
+    (default half of the image's largest variance -- the samples' ``p_final`` are probabilities, so their variance
+    has no fixed scale); all False where the samples agree everywhere (largest variance <= 1e-6). The app's
+    "uncertain" segment and the uncertain robot both use it."""
+    var = np.asarray(var, dtype=np.float64)
+    top = float(var.max()) if var.size else 0.0
+    if top <= 1e-6:
+        return np.zeros(var.shape, dtype=bool)
+    return var > (0.5 * top if threshold is None else threshold)
+
+
+def uncertain_region_centre(mean: np.ndarray, var: np.ndarray, spacing: Sequence[float] | None = None,
+                            threshold: float | None = None) -> tuple[int, ...] | None:
+    """Where a tool would suggest the next click without the truth: the centre of the largest connected region of
+    :func:`uncertain_mask`; None where the samples agree everywhere."""
+    region, n = _largest_component(uncertain_mask(var, threshold))
+    if n == 0:
+        return None
+    return region_centre(region, spacing)
+
+
+# -- training: simulated clicks -----------------------------------------------------------------------------------
+def random_clicks(truth: np.ndarray, rng: np.random.Generator, max_clicks: int) -> Clicks:
+    """0..max_clicks positive clicks inside the mask and 0..max_clicks negative ones outside (at least one click in
+    all), drawn with probability growing with the distance to the boundary (DeepGrow's interior preference)."""
+    from scipy import ndimage
+
+    c = Clicks()
+    truth = np.asarray(truth) > 0.5
+    n_pos, n_neg = rng.integers(0, max_clicks + 1, size=2)
+    if n_pos + n_neg == 0:
+        n_pos, n_neg = (1, 0) if truth.any() and rng.random() < 0.5 else (0, 1)
+    for region, n, positive in ((truth, n_pos, True), (~truth, n_neg, False)):
+        if n == 0 or not region.any():
+            continue
+        w = ndimage.distance_transform_edt(region).ravel()
+        w = w / w.sum()
+        for i in rng.choice(w.size, size=int(n), p=w):
+            c.add(np.unravel_index(int(i), region.shape), positive)
+    return c

@@ -1,0 +1,309 @@
+"""Clicks: request formats, coordinates through the preprocessing, the label guarantee, the window cache, the
+sampler's hold, simulated clicks in training, the interactive MONAI Label task."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lib.clicks import (ClickError, Clicks, guidance_maps, hold_maps, next_click, parse_clicks, random_clicks,
+                        to_network_grid, uncertain_region_centre)
+from lib.config import PreprocConfig
+from lib.evaluation import make_inferer, predict_item, preprocess_item
+from lib.inferer import WindowCache
+from lib.samplers import sampler_dfm_euler, sampler_dfm_heun
+from lib.flow import make_scheduler
+from lib.transforms import preprocess
+
+
+# -- requests -------------------------------------------------------------------------------------------------
+def test_both_request_formats_give_the_same_clicks():
+    shape = (40, 30, 20)
+    deepgrow = parse_clicks({"foreground": [[1, 2, 3], [4, 5, 6]], "background": [[7, 8, 9]]}, ["lesion"], 3, shape)
+    deepedit = parse_clicks({"lesion": [[1, 2, 3], [4, 5, 6]], "background": [[7, 8, 9]]}, ["lesion"], 3, shape)
+    assert deepgrow == deepedit
+    assert deepgrow.fg == [(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)] and deepgrow.bg == [(7.0, 8.0, 9.0)]
+    # a 2D image opened in Slicer is a one-slice volume: IJK with k = 0 is accepted, k != 0 is not
+    assert parse_clicks({"lung": [[3, 4, 0]]}, ["lung"], 2, (10, 10)).fg == [(3.0, 4.0)]
+    assert not parse_clicks({"image": "x", "steps": 2}, ["lung"], 2, (10, 10))
+
+
+@pytest.mark.parametrize("request_, needle", [
+    ({"foreground": [[1, 2]]}, "foreground[0] = [1, 2] has 2 coordinate(s); the image is 3D"),
+    ({"background": [[1, 2, 3, 4]]}, "background[0]"),
+    ({"lesion": [[1, "a", 3]]}, "lesion[0] = [1, 'a', 3] has a coordinate that is not a finite number"),
+    ({"foreground": [[1, float("nan"), 3]]}, "not a finite number"),
+    ({"foreground": [[0, 0, 0], [40, 0, 0]]}, "foreground[1] = [40, 0, 0] is outside the image"),
+    ({"background": [[-1, 0, 0]]}, "outside the image"),
+    ({"foreground": "1,2,3"}, "must be a list of points"),
+    ({"foreground": [5]}, "foreground[0] = 5 is not a point"),
+    ({"foreground": [[1, 2, 3]], "background": [[1, 2, 3]]}, "clicked both as foreground and as background"),
+])
+def test_bad_points_are_refused_naming_the_point(request_, needle):
+    with pytest.raises(ClickError) as e:
+        parse_clicks(request_, ["lesion"], 3, (40, 30, 20))
+    assert needle in str(e.value)
+
+
+# -- coordinates ----------------------------------------------------------------------------------------------
+def test_a_click_on_an_anisotropic_reoriented_volume_lands_on_the_voxel_the_user_saw(tmp_path):
+    """Axes permuted and flipped, anisotropic spacing, non-zero origin; the preprocessing reorients to RAS and
+    resamples to 1 mm. Each clicked bright voxel must map onto the bright spot of the network grid."""
+    arr = np.zeros((30, 24, 12), np.float32)
+    spots = [(3, 7, 2), (25, 20, 9), (14, 3, 6)]
+    for i, s in enumerate(spots):
+        arr[s] = 100.0 + i
+    aff = np.array([[0.0, -0.8, 0.0, 5.0], [1.2, 0.0, 0.0, -3.0], [0.0, 0.0, -2.5, 2.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(arr, aff), str(tmp_path / "v.nii.gz"))
+    cfg = PreprocConfig(spatial_dims=3, spacing=[1.0, 1.0, 1.0], orientation="RAS", patch_size=[8, 8, 8])
+    img = preprocess(cfg)({"image": str(tmp_path / "v.nii.gz")})["image"]
+    assert tuple(img.shape[1:]) != arr.shape  # really resampled and reoriented
+    clicks = parse_clicks({"foreground": [list(s) for s in spots]}, [], 3, arr.shape)
+    net = to_network_grid(clicks, img)
+    for s, p in zip(spots, net.fg):
+        q = tuple(int(round(v)) for v in p)
+        # the brightest voxel of the neighbourhood of the mapped point is this spot's (bilinear resampling
+        # spreads a one-voxel spot over at most one voxel each way)
+        lo = [max(0, v - 1) for v in q]
+        patch = img[0][lo[0]:q[0] + 2, lo[1]:q[1] + 2, lo[2]:q[2] + 2]
+        assert float(patch.max()) > 20.0, (s, p, float(patch.max()))
+
+
+def test_png_clicks_use_monai_x_y_indices(tmp_path):
+    from PIL import Image
+
+    a = np.zeros((40, 60), np.uint8)  # rows (y) x columns (x)
+    a[9:12, 44:47] = 255  # around row 10, column 45 -> MONAI index (x=45, y=10)
+    Image.fromarray(a).save(tmp_path / "x.png")
+    cfg = PreprocConfig(spatial_dims=2, spacing=[2.0, 2.0], patch_size=[8, 8])
+    img = preprocess(cfg)({"image": str(tmp_path / "x.png")})["image"]
+    c = parse_clicks({"foreground": [[45, 10]]}, [], 2, img.meta["spatial_shape"])
+    p = to_network_grid(c, img).fg[0]
+    assert p == pytest.approx((22.5, 5.0), abs=0.51)
+    q = tuple(int(round(v)) for v in p)
+    assert float(img[0][q]) > 0
+
+
+# -- maps, sampler hold -------------------------------------------------------------------------------------------
+def test_guidance_is_a_truncated_gaussian_and_the_hold_marks_the_clicked_voxels():
+    c = Clicks().add((5, 5), True).add((15, 12), False)
+    g = guidance_maps(c, (20, 20), sigma=2.0)
+    assert g[0, 5, 5] == 1.0 and g[1, 15, 12] == 1.0 and g[0, 15, 12] == 0.0
+    assert g[0, 5, 12] == 0.0 and g[0, 5, 11] > 0  # zero beyond 3 sigma (6 voxels), not before
+    h = hold_maps(c, (20, 20), radius=1)
+    assert h[0].sum() == 10 and h[1, 5, 5] == 1 and h[1, 15, 12] == 0 and h[0, 15, 12] == 1
+
+
+@pytest.mark.parametrize("fn", [sampler_dfm_euler, sampler_dfm_heun])
+def test_the_sampler_holds_clicked_voxels_at_every_step(fn):
+    """A model that pushes every voxel to 0; the held voxels must stay 1 in every state the sampler visits."""
+    seen = []
+
+    def model(x, t, cond):
+        seen.append(x.clone())
+        return torch.full_like(x, -8.0)
+
+    hold = torch.zeros(2, 2, 16, 16)
+    hold[:, 0, 4:6, 4:6] = 1
+    hold[:, 1, 4:6, 4:6] = 1
+    trace = {}
+    fn(model, None, torch.zeros(2, 1, 16, 16), 4, make_scheduler(
+        __import__("lib.config", fromlist=["FlowConfig"]).FlowConfig()), torch.Generator().manual_seed(0),
+        trace=trace, hold=hold)
+    assert len(seen) >= 4
+    for x in seen + [trace["x_final"]]:
+        assert bool((x[:, :, 4:6, 4:6] == 1).all())
+    assert float(trace["x_final"].sum()) == 2 * 4  # everything else followed the model
+
+
+# -- where the robot clicks --------------------------------------------------------------------------------------
+def test_next_click_is_the_centre_of_the_largest_error_region():
+    truth = np.zeros((40, 40), bool)
+    truth[5:25, 5:25] = True
+    pred = truth.copy()
+    pred[10:20, 10:16] = False  # missed: 60 voxels, centre near (14.5, 12.5)
+    pred[30:34, 30:34] = True  # false: 16 voxels
+    (p, positive) = next_click(pred, truth)
+    assert positive and 12 <= p[0] <= 17 and 12 <= p[1] <= 13 and truth[p] and not pred[p]
+    pred[10:20, 10:16] = True
+    (p, positive) = next_click(pred, truth)
+    assert not positive and 30 <= p[0] < 34 and 30 <= p[1] < 34
+    assert next_click(truth, truth) is None
+
+
+def test_uncertain_region_centre_uses_no_truth():
+    var = np.zeros((30, 30))
+    var[2:6, 2:6] = 0.2
+    var[10:22, 12:20] = 0.24
+    var[25:27, 25:27] = 0.08  # below half the maximum
+    p = uncertain_region_centre(np.full((30, 30), 0.5), var)
+    assert 13 <= p[0] <= 18 and 15 <= p[1] <= 16
+    assert uncertain_region_centre(np.zeros((5, 5)), np.zeros((5, 5))) is None
+
+
+def test_random_clicks_fall_inside_and_outside_the_mask():
+    truth = np.zeros((32, 32), bool)
+    truth[8:20, 8:20] = True
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c = random_clicks(truth, rng, 3)
+        assert c and all(truth[tuple(map(int, p))] for p in c.fg) and not any(truth[tuple(map(int, p))] for p in c.bg)
+
+
+# -- through the one predictor ------------------------------------------------------------------------------------
+@pytest.fixture
+def click_system(make_system):
+    """A click-trained tiny model whose guidance channels matter (random stem weights on them are not zero)."""
+    system = make_system(arch="cached")
+    from lib.training import build_system
+
+    hp = system.hparams
+    hp.clicks.enabled = True
+    torch.manual_seed(0)
+    system = build_system(hp)
+    with torch.no_grad():
+        for h in system.model.vlm_film_heads.values():
+            h.weight.normal_(0, 0.3)
+        system.model.stem.conv.weight[:, 1:] *= 20.0  # make clicks change the output clearly
+    return system
+
+
+def _image(tmp_path, shape=(70, 60)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    a = (rng.random(shape) * 255).astype(np.uint8)
+    Image.fromarray(a).save(tmp_path / "img.png")
+    return {"image": str(tmp_path / "img.png"), "case_id": "img"}
+
+
+def test_every_clicked_voxel_is_labelled_as_clicked(tmp_path, click_system):
+    item = _image(tmp_path)
+    inf = make_inferer(click_system, steps=2)
+    auto = predict_item(click_system, item, inf)["prob"][0] > 0.5
+    fg_cand = np.argwhere(~auto.numpy())
+    bg_cand = np.argwhere(auto.numpy())
+    assert len(fg_cand) and len(bg_cand)
+    clicks = Clicks()
+    for p in fg_cand[:: max(1, len(fg_cand) // 5)][:5]:
+        clicks.add(p, True)
+    for p in bg_cand[:: max(1, len(bg_cand) // 5)][:5]:
+        clicks.add(p, False)
+    d = preprocess_item(click_system, item)
+    from lib.evaluation import predict_preprocessed
+
+    lab = predict_preprocessed(click_system, d, inf, clicks=clicks)["prob"][0] > 0.5
+    assert all(bool(lab[tuple(int(v) for v in p)]) for p in clicks.fg)
+    assert not any(bool(lab[tuple(int(v) for v in p)]) for p in clicks.bg)
+
+
+def test_a_new_click_reruns_only_the_windows_it_reaches_and_the_result_is_exact(click_system):
+    inf = make_inferer(click_system, steps=2, num_samples=2)
+    x = torch.rand(1, 1, 80, 70)
+    cache = WindowCache()
+    ref0 = inf(x, click_system)
+    p0 = inf(x, click_system, cache=cache)
+    assert inf.last_windows["rerun"] == inf.last_windows["windows"] == 9
+    assert torch.allclose(p0, ref0, atol=1e-6)
+    c = Clicks().add((6, 6), True)  # the corner: one window of 9
+    p1 = inf(x, click_system, clicks=c, cache=cache)
+    assert inf.last_windows == {"windows": 9, "rerun": 1}
+    ref1 = inf(x, click_system, clicks=c)
+    assert torch.allclose(p1, ref1, atol=1e-5)
+    assert (ref1 - ref0).abs().max() > 1e-2  # the click changed the result
+    c.add((40, 35), False)  # the centre: reached by every window that covers it
+    p2 = inf(x, click_system, clicks=c, cache=cache)
+    assert inf.last_windows["rerun"] == 3  # x 34..46 lies in the windows starting at 24 only; y 29..41 in 0, 24, 38
+    ref2 = inf(x, click_system, clicks=c)
+    assert torch.allclose(p2, ref2, atol=1e-5)
+    p2b = inf(x, click_system, clicks=c, cache=cache)  # the same request again: nothing re-runs
+    assert inf.last_windows["rerun"] == 0 and torch.equal(p2, p2b)
+
+
+def test_training_with_simulated_clicks_uses_the_guidance(click_system):
+    """train_loss draws clicks (random and corrective) and feeds them: the loss changes with the clicks drawn."""
+    from lib.training import simulated_clicks, train_loss
+
+    hp = click_system.hparams
+    hp.clicks.no_click_prob, hp.clicks.corrective_prob = 0.0, 1.0
+    img = torch.rand(4, 1, 32, 32)
+    lab = torch.zeros(4, 1, 32, 32)
+    lab[:, :, 8:24, 8:24] = 1
+    clicks = simulated_clicks(click_system, img, lab, ["a bright blob"] * 4, np.random.default_rng(0))
+    assert all(len(c) >= 1 for c in clicks)
+    for c in clicks:
+        assert all(lab[0, 0][tuple(int(v) for v in p)] == 1 for p in c.fg)
+        assert all(lab[0, 0][tuple(int(v) for v in p)] == 0 for p in c.bg)
+    batch = {"image": img, "label": lab, "items": [{}] * 4}
+    torch.manual_seed(1)
+    a = float(train_loss(click_system, batch, "cpu", generator=torch.Generator().manual_seed(0),
+                         rng=np.random.default_rng(0)))
+    hp.clicks.no_click_prob = 1.0
+    b = float(train_loss(click_system, batch, "cpu", generator=torch.Generator().manual_seed(0),
+                         rng=np.random.default_rng(0)))
+    assert abs(a - b) > 1e-4
+
+
+# -- the interactive MONAI Label task ------------------------------------------------------------------------------
+@pytest.fixture
+def interactive_task(tmp_path, make_system):
+    from lib.checkpoint import save_checkpoint
+    from lib.configs.dfm_vlm_3d import DFMVLM3D
+    from lib.training import build_system
+
+    hp = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0]).hparams
+    hp.preprocessing.orientation = "RAS"
+    hp.clicks.enabled = True
+    torch.manual_seed(0)
+    system = build_system(hp)
+    path = tmp_path / "models" / "dfm_vlm_3d.pt"
+    save_checkpoint(path, system.model, system.hparams)
+    cfg = DFMVLM3D()
+    cfg.init("dfm_vlm_3d", str(tmp_path / "model"), {"dfm_vlm_3d_checkpoint": str(path)}, None)
+    return cfg
+
+
+def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_model(tmp_path, interactive_task):
+    from lib.phantoms import write_phantom_case
+
+    entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.5))
+    auto, task = interactive_task.infer(), interactive_task.interactive_infer()
+    assert task.type == "deepedit" and auto.type == "segmentation" and task.dimension == 3
+    assert task.system("cpu") is auto.system("cpu")  # one checkpoint, one model copy
+    _, a = auto({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu"})
+    lab = np.asarray(a["pred"])
+    fg = [list(map(int, p)) for p in np.argwhere(lab == 0)[::997][:4]]
+    bg = [list(map(int, p)) for p in np.argwhere(lab == 1)[::97][:3]]
+    assert fg
+    for req in ({"foreground": fg, "background": bg}, {"lesion": fg, "background": bg}):
+        _, d = task({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", **req})
+        out = np.asarray(d["pred"])
+        assert out.shape == lab.shape
+        assert all(out[tuple(p)] == 1 for p in fg) and all(out[tuple(p)] == 0 for p in bg)
+        res = d["result"]
+        assert res["clicks"] == {"foreground": len(fg), "background": len(bg)} and res["guidance"] is True
+    with pytest.raises(ClickError, match=r"lesion\[0\] = \[99, 0, 0\] is outside the image"):
+        task({"image": entry["image"], "skip_writer": True, "device": "cpu", "lesion": [[99, 0, 0]]})
+
+
+def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, interactive_task):
+    from lib.phantoms import write_phantom_case
+
+    entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.5))
+    task = interactive_task.interactive_infer()
+    req = {"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", "num_samples": 4,
+           "foreground": [[20, 18, 10]], "background": [[2, 2, 2]]}
+    _, plain = task(dict(req))
+    _, d = task({**req, "uncertain_segment": True})
+    lab, base = np.asarray(d["pred"]), np.asarray(plain["pred"])
+    unc = lab == 2
+    assert unc.any() and set(np.unique(lab).tolist()) <= {0, 1, 2}
+    assert d["result"]["label_names"] == {"lesion": 1, "uncertain": 2}
+    assert np.array_equal(lab[~unc], base[~unc])  # elsewhere the same label
+    assert lab[20, 18, 10] == 1 and lab[2, 2, 2] == 0  # never on a clicked voxel
+    from lib.config import ConfigError
+
+    with pytest.raises(ConfigError, match="uncertain_segment' needs num_samples >= 2"):
+        task({**req, "num_samples": 1, "uncertain_segment": True})
