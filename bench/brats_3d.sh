@@ -9,17 +9,7 @@ MIN=${1:-8}
 OUT=runs/brats
 mkdir -p $OUT
 [ -d runs/vlm/tiny-clip ] || $PY -m lib make-tiny-vlm runs/vlm/tiny-clip
-$PY - "$DATA/brats_wt" "$OUT/datalist.json" <<'PYEOF'
-import json, sys
-from pathlib import Path
-root, out = Path(sys.argv[1]).resolve(), sys.argv[2]
-cases = sorted(p for p in root.iterdir() if p.is_dir())
-entry = lambda c: {"image": [str(c / "Flair_subtrMeanDivStd.nii.gz"), str(c / "T1c_subtrMeanDivStd.nii.gz")],
-                   "label": str(c / "OTMultiClass.nii.gz")}
-train = [entry(c) for c in cases[:3]]
-json.dump({"training": train, "validation": train, "test": [entry(c) for c in cases[3:]]}, open(out, "w"), indent=1)
-print("train:", [c.name for c in cases[:3]], "test:", [c.name for c in cases[3:]])
-PYEOF
+$PY bench/brats_datalist.py "$DATA/brats_wt" "$OUT/datalist.json"
 # validation = the 3 training cases (whole volumes, sliding windows): only to pick the checkpoint; the 4th is unseen
 /usr/bin/time -v $PY -m lib train --preset brats_wt --datalist $OUT/datalist.json --out $OUT/run --minutes "$MIN" \
   --no-progress 2> $OUT/train_time.txt | tee $OUT/train.json

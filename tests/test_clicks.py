@@ -220,6 +220,10 @@ def test_a_new_click_reruns_only_the_windows_it_reaches_and_the_result_is_exact(
     assert torch.allclose(p2, ref2, atol=1e-5)
     p2b = inf(x, click_system, clicks=c, cache=cache)  # the same request again: nothing re-runs
     assert inf.last_windows["rerun"] == 0 and torch.equal(p2, p2b)
+    other = make_inferer(click_system, steps=3, num_samples=2)  # other sampler settings: nothing is reused
+    p3 = other(x, click_system, clicks=c, cache=cache)
+    assert other.last_windows["rerun"] == 9
+    assert torch.allclose(p3, other(x, click_system, clicks=c), atol=1e-5)
 
 
 def test_training_with_simulated_clicks_uses_the_guidance(click_system):
@@ -271,13 +275,18 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
     entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.5))
     auto, task = interactive_task.infer(), interactive_task.interactive_infer()
     assert task.type == "deepedit" and auto.type == "segmentation" and task.dimension == 3
+    assert task.labels == {"lesion": 1, "background": 0}  # Slicer's DeepEdit mode: negative clicks on "background"
     assert task.system("cpu") is auto.system("cpu")  # one checkpoint, one model copy
     _, a = auto({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu"})
     lab = np.asarray(a["pred"])
     fg = [list(map(int, p)) for p in np.argwhere(lab == 0)[::997][:4]]
     bg = [list(map(int, p)) for p in np.argwhere(lab == 1)[::97][:3]]
     assert fg
-    for req in ({"foreground": fg, "background": bg}, {"lesion": fg, "background": bg}):
+    # OHIF v2 / DeepGrow: foreground + background; Slicer's DeepEdit mode: every label name, rounded IJK, plus the
+    # model's config and result_extension; OHIF v3: every label name, unrounded IJK
+    for req in ({"foreground": fg, "background": bg},
+                {"lesion": fg, "background": bg, "label": "lesion", "result_extension": ".nrrd", "sampler": "euler"},
+                {"lesion": [[v + 0.3 for v in p] for p in fg], "background": bg}):
         _, d = task({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", **req})
         out = np.asarray(d["pred"])
         assert out.shape == lab.shape
@@ -300,7 +309,7 @@ def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, intera
     lab, base = np.asarray(d["pred"]), np.asarray(plain["pred"])
     unc = lab == 2
     assert unc.any() and set(np.unique(lab).tolist()) <= {0, 1, 2}
-    assert d["result"]["label_names"] == {"lesion": 1, "uncertain": 2}
+    assert d["result"]["label_names"] == {"lesion": 1, "background": 0, "uncertain": 2}
     assert np.array_equal(lab[~unc], base[~unc])  # elsewhere the same label
     assert lab[20, 18, 10] == 1 and lab[2, 2, 2] == 0  # never on a clicked voxel
     from lib.config import ConfigError

@@ -168,6 +168,8 @@ def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, serv
 
     ck = torch.load(published, weights_only=True)
     assert ck["format"] == "dfm-vlm-checkpoint" and ck["hyper_parameters"]["model"]["vlm_film_decoder_stages"] == [0, 1, 2]
+    # the sample model is click-trained: the MONAI Label trainer fine-tunes it with simulated clicks (train_loss)
+    assert ck["hyper_parameters"]["clicks"]["enabled"] and ck["hyper_parameters"]["model"]["guidance_channels"] == 2
     _, params = client.infer("dfm_vlm_3d", "phantom_ct_05", {"steps": 2})
     assert params["checkpoint"] == str(published)
     # a second training run replaces the file atomically; the next request picks it up (no restart)

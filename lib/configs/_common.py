@@ -73,7 +73,10 @@ class DFMTaskConfig(TaskConfig):
 
         if self._interactive is None:
             auto = self.infer()
-            self._interactive = DFMVLMInfer(path=self.path, labels=self.labels, dimension=self.dimension,
+            # "background": 0 gives Slicer's DeepEdit (multi-label) mode a segment to place negative clicks on
+            # (it sends the points of every label name; OHIF v3 too); OHIF v2 sends foreground/background lists
+            labels = {**self.labels, "background": 0}
+            self._interactive = DFMVLMInfer(path=self.path, labels=labels, dimension=self.dimension,
                                             description=f"{self.DESCRIPTION}; interactive: foreground/background "
                                                         "clicks", vlm=self.vlm,
                                             sampler_defaults=self._sampler_defaults(), interactive=True)

@@ -271,7 +271,7 @@ class DFMVLMInfer(BasicInferTask):
                     "precision": inferer.precision or system.hparams.precision, "device": str(system.device)})
         if uncertain:
             names = dict(self.labels) if isinstance(self.labels, dict) else {str(self.labels): 1}
-            res["label_names"] = {**names, "uncertain": UNCERTAIN_VALUE}
+            res["label_names"] = {**names, "uncertain": UNCERTAIN_VALUE}  # Slicer names the segments by these
         if self.interactive:
             res.update({"clicks": {"foreground": len(clicks.fg), "background": len(clicks.bg)} if clicks else
                         {"foreground": 0, "background": 0},
