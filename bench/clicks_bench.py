@@ -75,8 +75,8 @@ def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, 
             clicks.add(c[0], c[1])
         else:
             var = np.asarray(out["var"][0]).copy()
+            g = np.meshgrid(*[np.arange(s) for s in var.shape], indexing="ij")
             for p in clicks.fg + clicks.bg:  # do not suggest the same place again
-                g = np.meshgrid(*[np.arange(s) for s in var.shape], indexing="ij")
                 var[sum((gi - pi) ** 2 for gi, pi in zip(g, p)) <= exclude ** 2] = 0.0
             p = uncertain_region_centre(np.asarray(out["prob"][0]), var, spacing)
             if p is None:

@@ -6,7 +6,7 @@ A click enters a model in two places:
   negative clicks, each click a Gaussian bump of ``sigma`` network voxels (max over clicks, values in [0, 1]),
   *truncated* at ``truncate * sigma``: a window that the truncated bump does not reach gets exactly the input it
   gets without the click (this is what makes re-running only the windows a click touches exact, see
-  :class:`lib.inferer.WindowCache`). Trained with simulated clicks (:func:`simulate_clicks`): a share of patches
+  :class:`lib.inferer.WindowCache`). Trained with simulated clicks (:func:`lib.training.simulated_clicks`): a share of patches
   without clicks (the automatic mode), random clicks inside/outside the mask, and corrective clicks at the centre
   of the largest error region of the model's own prediction (:func:`next_click`), as DeepEdit trains.
 * **the state x_t** (optional, ``clicks.hold_radius >= 0``): the sampler holds the voxels within ``hold_radius`` of
@@ -62,9 +62,6 @@ class Clicks:
 
 
 # -- requests -------------------------------------------------------------------------------------------------
-CLICK_KEYS = ("foreground", "background")
-
-
 def _points(value, key: str, spatial_dims: int, shape: Sequence[int]) -> list[tuple[int, ...]]:
     if value is None:
         return []
@@ -191,14 +188,14 @@ def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None) ->
 
 # -- where to click: the robot user, and the trainer's corrective clicks ------------------------------------------
 def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    from scipy import ndimage
+    """The largest face-connected component (MONAI's ``get_largest_connected_component_mask``) and its size."""
+    from monai.transforms.utils import get_largest_connected_component_mask
 
-    lab, n = ndimage.label(mask)
-    if n == 0:
-        return np.zeros_like(mask, dtype=bool), 0
-    sizes = np.bincount(lab.ravel())[1:]
-    k = int(np.argmax(sizes)) + 1
-    return lab == k, int(sizes[k - 1])
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros_like(mask), 0
+    region = np.asarray(get_largest_connected_component_mask(mask, connectivity=1), dtype=bool)
+    return region, int(region.sum())
 
 
 def region_centre(region: np.ndarray, spacing: Sequence[float] | None = None) -> tuple[int, ...]:
