@@ -131,6 +131,12 @@ def test_next_click_is_the_centre_of_the_largest_error_region():
     (p, positive) = next_click(pred, truth)
     assert not positive and 30 <= p[0] < 34 and 30 <= p[1] < 34
     assert next_click(truth, truth) is None
+    # the LARGEST region, not the thickest: a long thin miss (2 x 30 = 60 voxels) beats a thick small one (25)
+    truth = np.zeros((40, 40), bool)
+    truth[2:4, 5:35] = True
+    truth[20:25, 20:25] = True
+    (p, positive) = next_click(np.zeros_like(truth), truth)
+    assert positive and 2 <= p[0] < 4 and 5 <= p[1] < 35, p
 
 
 def test_uncertain_region_centre_uses_no_truth():
@@ -312,6 +318,11 @@ def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, intera
     assert d["result"]["label_names"] == {"lesion": 1, "background": 0, "uncertain": 2}
     assert np.array_equal(lab[~unc], base[~unc])  # elsewhere the same label
     assert lab[20, 18, 10] == 1 and lab[2, 2, 2] == 0  # never on a clicked voxel
+    # click right into the uncertain region: those voxels come back as clicked, not as "uncertain"
+    into = [list(map(int, q)) for q in np.argwhere(unc)[:: max(1, int(unc.sum()) // 8)][:8]]
+    _, d2 = task({**req, "foreground": into, "uncertain_segment": True})
+    lab2 = np.asarray(d2["pred"])
+    assert (lab2 == 2).any() and all(lab2[tuple(q)] == 1 for q in into)
     from lib.config import ConfigError
 
     with pytest.raises(ConfigError, match="uncertain_segment' needs num_samples >= 2"):
