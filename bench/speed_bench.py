@@ -109,7 +109,7 @@ def main() -> None:
         def sequential(s=s):
             # the earlier path: condition once, then run_sampler's loop over the M samples
             with eval_mode(s), torch.no_grad(), autocast(a.precision, a.device):
-                cond = s.condition(win, s.texts_for(None, len(win)))
+                cond = s.condition(win.to(a.device), s.texts_for(None, len(win)))
                 run_sampler("euler", s.model, cond, (len(win), 1, *win.shape[2:]), a.sample_steps,
                             make_scheduler(s.hparams.flow), num_samples=a.samples,
                             generator=torch.Generator(device=a.device).manual_seed(0), device=a.device)

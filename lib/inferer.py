@@ -141,7 +141,8 @@ class DFMSystem(nn.Module):
         spatial = tuple(windows.shape[2:])
         if hold is not None:
             hold = hold.to(dev).float()
-        with eval_mode(self.model, self.vlm), precision_policy.autocast(prec, dev):
+        with eval_mode(self.model, self.vlm), precision_policy.reproducible(), \
+                precision_policy.autocast(prec, dev):
             cond = self.condition(windows, texts, None if guidance is None else guidance.to(dev).float())
             if not self.model.dfm:
                 p = torch.sigmoid(self.model(None, None, cond).float())

@@ -82,6 +82,26 @@ def autocast(setting: str, device: str | torch.device):
     return torch.autocast(device_type=dev.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def reproducible():
+    """Prediction on CUDA without TF32 and with deterministic cuDNN algorithms (restored afterwards).
+
+    PyTorch's defaults (TF32 convolutions on Ampere and later, cuDNN free to pick an algorithm per batch shape) let
+    a window's logits depend on the other windows of its batch (up to 1.4e-3 on an H200), which the sampler's
+    Bernoulli draws amplify: with the same seed, ``sw_batch_size`` 1 and 8 gave probabilities 0.045 apart
+    (bench/cuda_checks.py). Inside this context they agree to 2.4e-7 at no measured cost. The flags only act on
+    CUDA (setting them costs nothing elsewhere). Not thread-local: a concurrent CUDA training in the same process
+    runs without TF32 while a prediction is in flight (slower, never wrong).
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)
+    cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = False, True, False, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = saved
+
+
 def describe(setting: str = "auto", device: str | torch.device = "cpu") -> dict:
     """What the policy sees and picks (printed by the benches with every figure)."""
     return {"precision_setting": setting, "device": str(device), "dtype": str(resolve(setting, device)),

@@ -70,3 +70,26 @@ def test_default_device_is_cuda_when_present(monkeypatch):
     assert DFMVLMInfer._device(DFMVLMInfer.__new__(DFMVLMInfer), {"device": "cpu"}) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert precision.default_device() == "cpu"
+
+
+def test_the_predictor_runs_without_tf32_and_with_deterministic_cudnn_then_restores(make_system):
+    """On CUDA, TF32 and cuDNN's per-batch-shape algorithm choice made the same seed give probabilities 0.045 apart
+    for sw_batch_size 1 vs 8 (bench/results/gpu_h200/cuda_checks_before.json); the predictor turns both off while
+    the network runs (the flags only act on CUDA, so their state is observable here) and restores the caller's."""
+    from lib.inferer import DFMSlidingWindowInferer
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)
+    system = make_system()
+    seen = []
+    hook = system.model.register_forward_hook(
+        lambda *_: seen.append((cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)))
+    try:
+        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = True, False, True, True
+        DFMSlidingWindowInferer([32, 32], steps=2)(torch.rand(1, 1, 40, 40), system)
+        after = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)
+    finally:
+        hook.remove()
+        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = saved
+    assert seen and all(s == (False, True, False, False) for s in seen), seen
+    assert after == (True, False, True, True)
