@@ -73,29 +73,71 @@ def save_checkpoint(path: str | os.PathLike, model: ConditionalUNet, hparams: HP
         "metrics": dict(metrics or {}),
         **(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename: a reader (or a restart after a
+    ``kill -9``) sees the old file or the new one, never a partial one. A failure (disk full, unwritable folder)
+    leaves the old file in place and raises :class:`CheckpointError` saying why."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is kept)") from e
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with __import__("contextlib").suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is "
+                                  f"kept)") from e
         raise
     return path
 
 
+def load_train_state(path: str | os.PathLike) -> dict:
+    """The training state ``lib.training.train`` writes for ``--resume`` (tensors and plain values only)."""
+    from .training import STATE_FORMAT, ResumeError
+
+    path = Path(path)
+    if not path.exists():
+        raise ResumeError(f"nothing to resume: {path} does not exist (it is written at each validation and every "
+                          f"train.state_every_s seconds)")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ResumeError(f"cannot read the training state {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+        raise ResumeError(f"{path} is not a training state written by lib.training.train")
+    return st
+
+
+ALLOW_PICKLE_ENV = "DFM_ALLOW_PICKLED_CHECKPOINTS"
+
+
 def _torch_load(path: Path, map_location) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain values only. A file that needs arbitrary unpickling
+    (which can run any code it names) is refused, unless ``DFM_ALLOW_PICKLED_CHECKPOINTS=1`` is set by someone who
+    trusts that file (e.g. a Lightning checkpoint of their own that pickles an ``AttributeDict``)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints may pickle objects (e.g. AttributeDict hparams); this is the user's own file.
-        logger.warning("%s holds pickled objects; loading it with weights_only=False", path)
+    except pickle.UnpicklingError as e:
+        if os.environ.get(ALLOW_PICKLE_ENV) != "1":
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"refused {path}: it holds pickled Python objects beyond tensors and plain values, which loading "
+                f"would execute ({first}). Re-save it as a plain state dict, or set {ALLOW_PICKLE_ENV}=1 if you "
+                f"trust its origin") from None
+        logger.warning("%s holds pickled objects; loading it with weights_only=False (%s=1)", path, ALLOW_PICKLE_ENV)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     try:

@@ -115,7 +115,7 @@ def cmd_train(a) -> int:
     budget = a.minutes * 60 if a.minutes is not None else None
     logger.info("training on %d images, validating on %d (%s)", len(tr), len(va), a.val_split)
     res = train(hp, tr, va, a.out, device=_device(a.device), time_budget_s=budget, max_iterations=a.max_iterations,
-                progress=not a.no_progress)
+                progress=not a.no_progress, resume=a.resume)
     print(json.dumps({"best_checkpoint": res.best_checkpoint, "best_val_dice": res.best_val.get("dice"),
                       "best_iteration": res.best_val.get("iteration"), "iterations": res.iterations,
                       "train_seconds": round(res.train_seconds, 1), "wall_seconds": round(res.wall_seconds, 1)},
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--minutes", type=float, help="wall-time budget, validations included")
     s.add_argument("--max-iterations", type=int)
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/resume.pt (the same command plus --resume)")
     s.add_argument("--limit-train", type=int)
     s.add_argument("--limit-val", type=int)
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

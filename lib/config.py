@@ -269,6 +269,8 @@ class TrainConfig:
     time_budget_s: float = 600.0
     max_iterations: int | None = None
     val_every_s: float = 300.0
+    state_every_s: float = 60.0  # resume.pt (lib.training.train) at least this often, and at each validation
+    state_every_it: int = 0  # also every N iterations (0: off)
     seed: int = 0
     augment: bool = True
     augmentation: dict = field(default_factory=lambda: dict(AUGMENTATION))

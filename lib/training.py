@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,9 @@ import numpy as np
 import torch
 from monai.data import CacheDataset
 
-from .checkpoint import save_checkpoint
+from .checkpoint import atomic_torch_save, load_train_state, save_checkpoint
 from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
-from .config import HParams
+from .config import ConfigError, HParams
 from .data import PatchBatcher
 from .evaluation import evaluate_items, make_inferer
 from .flow import training_step
@@ -108,6 +110,38 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
         return training_step(network or system.model, cond, x1, hp.flow, generator, dfm=system.model.dfm)
 
 
+STATE_FORMAT = "dfm-vlm-train-state"
+
+
+def _random_states(obj) -> list[np.random.RandomState]:
+    """Every ``numpy.random.RandomState`` reachable from ``obj`` (MONAI's random transforms keep theirs in ``R``),
+    in a fixed traversal order, so that their states can be saved and put back without pickling the objects."""
+    found, seen, stack = [], set(), [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or o is None or isinstance(o, (str, bytes, int, float, bool, torch.Tensor, np.ndarray)):
+            continue
+        seen.add(id(o))
+        if isinstance(o, np.random.RandomState):
+            found.append(o)
+        elif isinstance(o, dict):
+            stack.extend(reversed([o[k] for k in sorted(o, key=str)]))
+        elif isinstance(o, (list, tuple)):
+            stack.extend(reversed(o))
+        elif hasattr(o, "__dict__") and type(o).__module__.split(".")[0] in ("monai", "lib"):
+            stack.extend(reversed([v for _, v in sorted(vars(o).items())]))
+    return found
+
+
+def _rs_state(rs: np.random.RandomState) -> list:
+    name, keys, pos, has_gauss, cached = rs.get_state()
+    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+
+
+class ResumeError(ConfigError):
+    """A training state that cannot be resumed here (CLI: exit 2 with the reason)."""
+
+
 def lr_at(progress: float, base: float, warmup: float = 0.03) -> float:
     if progress < warmup:
         return base * (0.1 + 0.9 * progress / warmup)
@@ -129,7 +163,12 @@ class TrainResult:
 def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], out_dir: str | Path,
           device: str | torch.device = "cpu", time_budget_s: float | None = None,
           max_iterations: int | None = None, progress: bool = True,
-          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+          on_log: Callable[[dict], None] | None = None, resume: bool = False) -> TrainResult:
+    """Train; ``out_dir/resume.pt`` (model, optimiser, iteration, schedule clock, every RNG, history) is written
+    atomically at each validation and every ``train.state_every_s`` seconds of training (or ``state_every_it``
+    iterations); ``resume=True`` continues from it as if never interrupted: the same budget or iteration count, the
+    learning-rate schedule where it was, the same random streams, so the loss curve (``losses.csv``, one row per
+    iteration) continues the interrupted one."""
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,12 +208,64 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     best = {"dice": -1.0}
     history: list[dict] = []
-    best_path, last_path = out / "best.pt", out / "last.pt"
+    best_path, last_path, state_path = out / "best.pt", out / "last.pt", out / "resume.pt"
     it = 0
     train_s = 0.0
     val_s_est = 0.0
     next_val = tc.val_every_s
     losses: list[float] = []
+    batcher_rngs = _random_states(batcher.transforms)
+    if resume:
+        st = load_train_state(state_path)
+        if st["hyper_parameters"] != hp.to_dict():
+            theirs, ours = st["hyper_parameters"], hp.to_dict()
+            diff = sorted(f"{sec}.{k}" for sec in ours for k in (ours[sec] if isinstance(ours[sec], dict) else [None])
+                          if (theirs.get(sec, {}).get(k) if k else theirs.get(sec)) !=
+                          (ours[sec].get(k) if k else ours[sec]))
+            raise ResumeError(f"{state_path} was written for other hyper-parameters (differ: {', '.join(diff)}); "
+                              f"resume with the same preset and --set options, or train into a new --out")
+        if (st["budget_s"], st["max_iterations"]) != (budget, max_it):
+            raise ResumeError(f"{state_path} belongs to a run with budget {st['budget_s']} s and max_iterations "
+                              f"{st['max_iterations']}; this command asks for {budget} s / {max_it}: resume "
+                              f"with the interrupted command's --minutes / --max-iterations")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        it, train_s, next_val, val_s_est = st["iteration"], st["train_seconds"], st["next_val"], st["val_seconds"]
+        losses, history, best = list(st["losses"]), list(st["history"]), dict(st["best"])
+        t_start = time.perf_counter() - st["elapsed_seconds"]
+        torch.set_rng_state(st["torch_rng"])
+        if device.type == "cuda" and st.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(st["cuda_rng"], device)
+        np_rng.bit_generator.state = st["numpy_rng"]
+        if len(st["batcher_rngs"]) != len(batcher_rngs):
+            raise ResumeError(f"{state_path}: {len(st['batcher_rngs'])} random streams saved, "
+                              f"{len(batcher_rngs)} here (another library version?)")
+        for rs, saved in zip(batcher_rngs, st["batcher_rngs"]):
+            rs.set_state((saved[0], np.asarray(saved[1], dtype=np.uint32), saved[2], saved[3], saved[4]))
+        logger.info("resumed %s at iteration %d (%.0f s of training, best Dice %.4f)", state_path, it, train_s,
+                    best["dice"])
+    loss_log = out / "losses.csv"
+    rows = loss_log.read_text().splitlines()[1:] if (resume and loss_log.exists()) else []
+    # iterations after the saved state were lost with the interrupted run: the curve continues from the state
+    loss_log.write_text("".join(f"{r}\n" for r in ["iteration,loss"] + [r for r in rows if int(r.split(",")[0]) <= it]))
+    loss_f = loss_log.open("a")
+    next_state_s = train_s + tc.state_every_s
+    kill_at = int(os.environ.get("DFM_TEST_SIGKILL_AT_ITERATION", "0") or 0)
+
+    def save_state() -> None:
+        nonlocal next_state_s
+        next_state_s = train_s + tc.state_every_s
+        loss_f.flush()
+        st = {"format": STATE_FORMAT, "hyper_parameters": hp.to_dict(), "budget_s": budget, "max_iterations": max_it,
+              "iteration": it, "train_seconds": train_s, "next_val": next_val, "val_seconds": val_s_est,
+              "elapsed_seconds": time.perf_counter() - t_start, "losses": losses[-200:], "history": history,
+              "best": {k: v for k, v in best.items() if k != "cases"},
+              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+              "numpy_rng": np_rng.bit_generator.state, "batcher_rngs": [_rs_state(r) for r in batcher_rngs],
+              "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        atomic_torch_save(st, state_path)
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -198,6 +289,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             save_checkpoint(best_path, model, hp, metrics=metrics)
             (out / "best_val_cases.json").write_text(json.dumps(cases, indent=1))
         (out / "history.json").write_text(json.dumps(history, indent=1))
+        save_state()
         logger.info("validation @%d: Dice %.4f (best %.4f @%d), %.0f s", it, dice, best["dice"],
                     best.get("iteration", -1), val_s_est)
         if on_log:
@@ -224,6 +316,9 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         train_s += time.perf_counter() - s0
         losses.append(float(loss))
         it += 1
+        loss_f.write(f"{it},{float(loss):.6f}\n")
+        if it == kill_at:  # tests: a real kill -9 at a known iteration (buffered loss rows die with it)
+            os.kill(os.getpid(), signal.SIGKILL)
         if bar is not None:
             if max_it:
                 bar.update(1)
@@ -232,9 +327,12 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 bar.refresh()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", it=it)
         if train_s >= next_val and (max_it is None or it < max_it):
-            validate(final=False)
             next_val = train_s + tc.val_every_s
+            validate(final=False)
+        elif train_s >= next_state_s or (tc.state_every_it and it % tc.state_every_it == 0):
+            save_state()
     validate(final=True)
+    loss_f.close()
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t_start

@@ -1,0 +1,115 @@
+"""Faults: kill -9 in the middle of a training, --resume, a disk that fills up while a checkpoint is written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_hparams
+from lib.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_train_state
+from lib.cli import main as cli
+from test_inputs_evaluation import _phantom_datalist
+
+
+def _train_cmd(preset, datalist, out, *extra):
+    return [sys.executable, "-m", "lib", "train", "--preset", str(preset), "--datalist", str(datalist), "--out",
+            str(out), "--max-iterations", "20", "--no-progress", *extra]
+
+
+@pytest.fixture
+def run_files(tmp_path, tiny_clip):
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    hp.train.augment = True  # the patch batcher's random streams (crops, flips, intensities) must resume too
+    hp.train.state_every_it = 4
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps(hp.to_dict()))
+    return preset, _phantom_datalist(tmp_path)
+
+
+def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):
+    preset, datalist = run_files
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    a = subprocess.run(_train_cmd(preset, datalist, tmp_path / "a"), cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert a.returncode == 0, a.stderr[-2000:]
+    killed = subprocess.run(_train_cmd(preset, datalist, tmp_path / "b"), cwd=ROOT, capture_output=True, text=True,
+                            env=dict(env, DFM_TEST_SIGKILL_AT_ITERATION="10"), timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    b = tmp_path / "b"
+    # what the kill left: the last complete state (iteration 8: states every 4), no partial file beside it
+    assert load_train_state(b / "resume.pt")["iteration"] == 8
+    assert not [p.name for p in b.iterdir() if p.name.endswith(".tmp")]
+    r = subprocess.run(_train_cmd(preset, datalist, b, "--resume"), cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed" in r.stderr
+    curve_a = (tmp_path / "a" / "losses.csv").read_text().splitlines()
+    curve_b = (b / "losses.csv").read_text().splitlines()
+    assert len(curve_a) == 21 and curve_b == curve_a  # iterations 1..20, the same losses to 6 decimals
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(b / name).metrics["iteration"] == 20
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, capsys):
+    preset, datalist = run_files
+    out = tmp_path / "run"
+    assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
+                "--max-iterations", "4", "--no-progress", "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
+                "--max-iterations", "4", "--no-progress"]) == 0
+    assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
+                "--max-iterations", "4", "--no-progress", "--resume", "--set", "train.lr=0.01"]) == 2
+    assert "differ: train.lr" in capsys.readouterr().err
+    assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
+                "--max-iterations", "8", "--no-progress", "--resume"]) == 2
+    assert "max_iterations 4" in capsys.readouterr().err
+
+
+def test_a_disk_that_fills_up_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model" / "best.pt"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous file.*kept"):
+        atomic_torch_save({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]
+    monkeypatch.undo()
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the model folder should be")
+    with pytest.raises(CheckpointError, match="cannot write"):
+        atomic_torch_save({"w": torch.ones(1)}, blocked / "best.pt")
+
+
+class _Payload:
+    """What a hostile checkpoint carries: unpickling it would run ``os.system``."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_not_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "model.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "hyper_parameters": _Payload()}, bad)
+    with pytest.raises(CheckpointError, match="pickled Python objects.*DFM_ALLOW_PICKLED_CHECKPOINTS"):
+        load_checkpoint(bad)
+    img = tmp_path / "x.nii.gz"
+    import nibabel as nib
+    import numpy as np
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), img)
+    assert cli(["predict", "--checkpoint", str(bad), "--image", str(img), "--out", str(tmp_path / "o")]) == 2
+    assert "refused" in capsys.readouterr().err
+    assert not (tmp_path / "PWNED").exists()
