@@ -131,8 +131,12 @@ def _torch_load(path: Path, map_location) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        objects = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported global" in ln]
+        if not objects:  # not a pickle of objects: a damaged or foreign file
+            raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})"
+                                  ) from e
         if os.environ.get(ALLOW_PICKLE_ENV) != "1":
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            first = objects[0][:300]
             raise CheckpointError(
                 f"refused {path}: it holds pickled Python objects beyond tensors and plain values, which loading "
                 f"would execute ({first}). Re-save it as a plain state dict, or set {ALLOW_PICKLE_ENV}=1 if you "
