@@ -116,6 +116,8 @@ def cmd_train(a) -> int:
     logger.info("training on %d images, validating on %d (%s)", len(tr), len(va), a.val_split)
     res = train(hp, tr, va, a.out, device=_device(a.device), time_budget_s=budget, max_iterations=a.max_iterations,
                 progress=not a.no_progress, resume=a.resume)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return 0
     print(json.dumps({"best_checkpoint": res.best_checkpoint, "best_val_dice": res.best_val.get("dice"),
                       "best_iteration": res.best_val.get("iteration"), "iterations": res.iterations,
                       "train_seconds": round(res.train_seconds, 1), "wall_seconds": round(res.wall_seconds, 1)},

@@ -114,9 +114,13 @@ class PatchBatcher:
         self.transforms.set_random_state(seed=seed)
         self.crop = next(t for t in self.transforms.transforms if isinstance(t, RandCropByPosNegLabeld))
 
-    def __call__(self, items: Sequence[dict]) -> dict:
+    def __call__(self, items: Sequence[dict], seeds: Sequence[int] | None = None) -> dict:
+        """``seeds``: one per item -- its crops and augmentations then depend on that seed alone (distributed
+        training: the same item gets the same patches whichever rank draws it); else the batcher's own stream."""
         images, labels, ids, centers, sources = [], [], [], [], []
-        for it in items:
+        for k, it in enumerate(items):
+            if seeds is not None:
+                self.transforms.set_random_state(seed=int(seeds[k]) % (2 ** 32))
             patches = self.transforms({"image": it["image"], "label": it["label"]})
             crop_centers = [list(map(int, c)) for c in (self.crop.cropper.centers or [])]
             for j, p in enumerate(patches):

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_confusion_matrix_metric, get_confusion_matrix
 from monai.transforms import Invertd
 
 from .clicks import Clicks, to_network_grid
@@ -112,9 +112,11 @@ def case_metrics(pred_bin: torch.Tensor, label: torch.Tensor, spacing=None) -> d
     if y_pred.shape != y.shape:
         raise InputError(f"prediction shape {tuple(y_pred.shape[2:])} differs from the label's {tuple(y.shape[2:])}")
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(y_pred, y)
-    cm = ConfusionMatrixMetric(include_background=True, metric_name=["precision", "recall"], reduction="none")
-    cm(y_pred, y)
-    prec, rec = cm.aggregate()
+    # MONAI's functional form: ConfusionMatrixMetric.aggregate() all-gathers across ranks whenever torch.distributed
+    # is initialised, and only rank 0 validates (it waited forever for the others under torchrun)
+    cm = get_confusion_matrix(y_pred, y, include_background=True)
+    prec = compute_confusion_matrix_metric("precision", cm)
+    rec = compute_confusion_matrix_metric("recall", cm)
     hd = float("nan")
     if y_pred.sum() > 0 and y.sum() > 0:
         hd = float(HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(

@@ -44,9 +44,17 @@ def make_scheduler(cfg: FlowConfig) -> PolynomialScheduler:
     return LinearScheduler() if cfg.scheduler == "linear" else PolynomialScheduler(cfg.exponent)
 
 
+def uniform(shape, generator=None, device=None) -> torch.Tensor:
+    """U(0, 1) of ``shape`` from a ``torch.Generator`` or from per-item streams (``lib.samplers.ItemNoise``: one
+    stream per batch item, so an item's draws do not depend on the batch it is in)."""
+    if hasattr(generator, "rand"):
+        return generator.rand(tuple(shape)).to(device)
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def sample_source(shape, source_p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """x0: independent Bernoulli(source_p) voxels, as a float tensor of 0/1."""
-    u = torch.rand(shape, generator=generator, device=device)
+    u = uniform(shape, generator, device)
     return (u < source_p).float()
 
 
@@ -60,7 +68,7 @@ class MixtureBinaryPath:
         x1 = x1.float()
         x0 = sample_source(x1.shape, self.source_p, generator, x1.device)
         kappa = self.scheduler.kappa(t).to(x1.device).view(-1, *([1] * (x1.ndim - 1)))
-        u = torch.rand(x1.shape, generator=generator, device=x1.device)
+        u = uniform(x1.shape, generator, x1.device)
         return torch.where(u < kappa, x1, x0)
 
 
@@ -82,7 +90,7 @@ def training_step(model, cond, x1: torch.Tensor, flow: FlowConfig, generator: to
     dfm = getattr(model, "dfm", True) if dfm is None else dfm
     if dfm:
         path = MixtureBinaryPath(make_scheduler(flow), flow.source_p)
-        t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
+        t = uniform((x1.shape[0],), generator, x1.device)
         x_t = path.sample(x1, t, generator)
         logits = model(x_t, t, cond)
     else:

@@ -32,6 +32,7 @@ from .data import PatchBatcher
 from .evaluation import evaluate_items, make_inferer
 from .flow import training_step
 from .inferer import DFMSystem
+from .samplers import ItemNoise, derive_seed
 from .network import ConditionalUNet
 from . import precision as precision_policy
 from .transforms import label_transforms
@@ -113,33 +114,30 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
 STATE_FORMAT = "dfm-vlm-train-state"
 
 
-def _random_states(obj) -> list[np.random.RandomState]:
-    """Every ``numpy.random.RandomState`` reachable from ``obj`` (MONAI's random transforms keep theirs in ``R``),
-    in a fixed traversal order, so that their states can be saved and put back without pickling the objects."""
-    found, seen, stack = [], set(), [obj]
-    while stack:
-        o = stack.pop()
-        if id(o) in seen or o is None or isinstance(o, (str, bytes, int, float, bool, torch.Tensor, np.ndarray)):
-            continue
-        seen.add(id(o))
-        if isinstance(o, np.random.RandomState):
-            found.append(o)
-        elif isinstance(o, dict):
-            stack.extend(reversed([o[k] for k in sorted(o, key=str)]))
-        elif isinstance(o, (list, tuple)):
-            stack.extend(reversed(o))
-        elif hasattr(o, "__dict__") and type(o).__module__.split(".")[0] in ("monai", "lib"):
-            stack.extend(reversed([v for _, v in sorted(vars(o).items())]))
-    return found
-
-
-def _rs_state(rs: np.random.RandomState) -> list:
-    name, keys, pos, has_gauss, cached = rs.get_state()
-    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
-
-
 class ResumeError(ConfigError):
     """A training state that cannot be resumed here (CLI: exit 2 with the reason)."""
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """``(world_size, rank, device)``; under ``torchrun`` (WORLD_SIZE > 1) joins the process group: NCCL with one
+    GPU per process (LOCAL_RANK) on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_world_size(), dist.get_rank(), device
+
+
+def _broadcast_clock(elapsed: float, train_s: float, device) -> tuple[float, float]:
+    clock = torch.tensor([elapsed, train_s], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(clock, 0)
+    return float(clock[0]), float(clock[1])
 
 
 def lr_at(progress: float, base: float, warmup: float = 0.03) -> float:
@@ -178,8 +176,13 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
-    np_rng = np.random.default_rng(tc.seed)
-    device = torch.device(device)
+    np_rng = np.random.default_rng(tc.seed)  # which images make each global batch: the same stream on every rank
+    world, rank, device = _init_distributed(torch.device(device))
+    main_rank = rank == 0
+    n_img = min(tc.images_per_batch, len(train_items))
+    if world > 1 and n_img % world:
+        raise ConfigError(f"train.images_per_batch ({n_img}, at most the {len(train_items)} training images) is the "
+                          f"global batch: it must be a multiple of the number of ranks ({world})")
 
     system = build_system(hp, device)
     hp = system.hparams
@@ -188,9 +191,12 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     dtype = precision_policy.resolve(hp.precision, device)
     hp.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     model = system.model
-    (out / "hparams.json").write_text(json.dumps(hp.to_dict(), indent=2))
     machine = precision_policy.describe(hp.precision, device)
-    (out / "machine.json").write_text(json.dumps(machine, indent=1))
+    if world > 1:
+        machine["distributed"] = {"world_size": world, "backend": torch.distributed.get_backend()}
+    if main_rank:
+        (out / "hparams.json").write_text(json.dumps(hp.to_dict(), indent=2))
+        (out / "machine.json").write_text(json.dumps(machine, indent=1))
     logger.info("model: %s parameters (arch %s), FiLM stages %s, VLM %s (%s-d); precision %s -> %s on %s (CPU %s)",
                 sum(p.numel() for p in model.parameters()), hp.model.arch, model.vlm_film_decoder_stages,
                 hp.vlm.name_or_path if system.vlm else None, hp.model.cond_dim, hp.precision, machine["dtype"],
@@ -214,7 +220,6 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     val_s_est = 0.0
     next_val = tc.val_every_s
     losses: list[float] = []
-    batcher_rngs = _random_states(batcher.transforms)
     if resume:
         st = load_train_state(state_path)
         if st["hyper_parameters"] != hp.to_dict():
@@ -237,24 +242,32 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         if device.type == "cuda" and st.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(st["cuda_rng"], device)
         np_rng.bit_generator.state = st["numpy_rng"]
-        if len(st["batcher_rngs"]) != len(batcher_rngs):
-            raise ResumeError(f"{state_path}: {len(st['batcher_rngs'])} random streams saved, "
-                              f"{len(batcher_rngs)} here (another library version?)")
-        for rs, saved in zip(batcher_rngs, st["batcher_rngs"]):
-            rs.set_state((saved[0], np.asarray(saved[1], dtype=np.uint32), saved[2], saved[3], saved[4]))
         logger.info("resumed %s at iteration %d (%.0f s of training, best Dice %.4f)", state_path, it, train_s,
                     best["dice"])
     loss_log = out / "losses.csv"
     rows = loss_log.read_text().splitlines()[1:] if (resume and loss_log.exists()) else []
-    # iterations after the saved state were lost with the interrupted run: the curve continues from the state
-    loss_log.write_text("".join(f"{r}\n" for r in ["iteration,loss"] + [r for r in rows if int(r.split(",")[0]) <= it]))
-    loss_f = loss_log.open("a")
+    loss_f = None
+    if main_rank:
+        # iterations after the saved state were lost with the interrupted run: the curve continues from the state
+        loss_log.write_text("".join(f"{r}\n" for r in ["iteration,loss"] +
+                                    [r for r in rows if int(r.split(",")[0]) <= it]))
+        loss_f = loss_log.open("a")
+    network = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the same wrapping as MONAI Label's multi-GPU trainer: train_loss conditions through system.condition and
+        # runs the wrapped model; DDP averages the gradients of all ranks
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     next_state_s = train_s + tc.state_every_s
     kill_at = int(os.environ.get("DFM_TEST_SIGKILL_AT_ITERATION", "0") or 0)
+    patches_seen = 0
 
     def save_state() -> None:
         nonlocal next_state_s
         next_state_s = train_s + tc.state_every_s
+        if not main_rank:
+            return
         loss_f.flush()
         st = {"format": STATE_FORMAT, "hyper_parameters": hp.to_dict(), "budget_s": budget, "max_iterations": max_it,
               "iteration": it, "train_seconds": train_s, "next_val": next_val, "val_seconds": val_s_est,
@@ -262,18 +275,21 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
               "best": {k: v for k, v in best.items() if k != "cases"},
               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
               "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-              "numpy_rng": np_rng.bit_generator.state, "batcher_rngs": [_rs_state(r) for r in batcher_rngs],
+              "numpy_rng": np_rng.bit_generator.state,
               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         atomic_torch_save(st, state_path)
 
     bar = None
-    if progress:
+    if progress and main_rank:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_it or int(budget), unit="it" if max_it else "s", desc="train")
 
     def validate(final: bool) -> None:
         nonlocal best, val_s_est
+        if not main_rank:  # validation and checkpoints: rank 0 (the others wait at the next collective)
+            save_state()
+            return
         v0 = time.perf_counter()
         cases, summ = evaluate_items(system, val_items, inferer, preprocessed=val_pre, labels=val_lab)
         val_s_est = time.perf_counter() - v0
@@ -298,6 +314,14 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     model.train()
     while True:
         elapsed = time.perf_counter() - t_start
+        if world > 1:  # every rank follows rank 0's clock: the same schedule, validations and stopping point
+            elapsed, train_s = _broadcast_clock(elapsed, train_s, device)
+        if it > 0 and (max_it is None or it < max_it):
+            if train_s >= next_val:
+                next_val = train_s + tc.val_every_s
+                validate(final=False)
+            elif train_s >= next_state_s or (tc.state_every_it and it % tc.state_every_it == 0):
+                save_state()
         if max_it is not None and it >= max_it:
             break
         if max_it is None and elapsed + max(val_s_est, 1.0) * 1.1 >= budget:
@@ -306,17 +330,32 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         for g in opt.param_groups:
             g["lr"] = lr_at(progress_frac, tc.lr)
         s0 = time.perf_counter()
-        idx = np_rng.choice(len(train_ds), size=min(tc.images_per_batch, len(train_ds)), replace=False)
-        batch = batcher([train_ds[int(i)] for i in idx])
-        loss = train_loss(system, batch, device, rng=np_rng)
+        idx = np_rng.choice(len(train_ds), size=n_img, replace=False)
+        # rank r takes slots r, r + world, ... of the global batch; every slot's patches, augmentations, t and x_t
+        # come from streams keyed by (seed, iteration, slot): the same whatever the number of ranks
+        slots = list(range(n_img))[rank::world]
+        batch = batcher([train_ds[int(idx[k])] for k in slots],
+                        seeds=[derive_seed(tc.seed, "patches", it, k) for k in slots])
+        per_item = len(batch["image"]) // max(1, len(slots))
+        noise = ItemNoise([derive_seed(tc.seed, "flow", it, k, j) for k in slots for j in range(per_item)],
+                          device=device)
+        loss = train_loss(system, batch, device, generator=noise, network=network,
+                          rng=np.random.default_rng([tc.seed, it, rank]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         train_s += time.perf_counter() - s0
-        losses.append(float(loss))
+        loss_value = float(loss)
+        if world > 1:
+            lt = torch.tensor([loss_value], device=device)
+            torch.distributed.all_reduce(lt)
+            loss_value = float(lt) / world
+        losses.append(loss_value)
+        patches_seen += len(batch["image"])
         it += 1
-        loss_f.write(f"{it},{float(loss):.6f}\n")
+        if loss_f is not None:
+            loss_f.write(f"{it},{loss_value:.6f}\n")
         if it == kill_at:  # tests: a real kill -9 at a known iteration (buffered loss rows die with it)
             os.kill(os.getpid(), signal.SIGKILL)
         if bar is not None:
@@ -326,13 +365,13 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 bar.n = int(time.perf_counter() - t_start)
                 bar.refresh()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", it=it)
-        if train_s >= next_val and (max_it is None or it < max_it):
-            next_val = train_s + tc.val_every_s
-            validate(final=False)
-        elif train_s >= next_state_s or (tc.state_every_it and it % tc.state_every_it == 0):
-            save_state()
+    logger.info("rank %d of %d: %d patches in this process's %d iterations", rank, world, patches_seen, it)
     validate(final=True)
-    loss_f.close()
+    if loss_f is not None:
+        loss_f.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t_start

@@ -23,14 +23,18 @@ def _train_cmd(preset, datalist, out, *extra):
             str(out), "--max-iterations", "20", "--no-progress", *extra]
 
 
-@pytest.fixture
-def run_files(tmp_path, tiny_clip):
-    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
-    hp.train.augment = True  # the patch batcher's random streams (crops, flips, intensities) must resume too
-    hp.train.state_every_it = 4
+def write_run_files(tmp_path, clip, state_every_it=4):
+    hp = tiny_hparams(clip, spacing=[1.0, 1.0])
+    hp.train.augment = True  # random crops, flips, intensities: their streams must resume (and shard) too
+    hp.train.state_every_it = state_every_it
     preset = tmp_path / "preset.json"
     preset.write_text(json.dumps(hp.to_dict()))
     return preset, _phantom_datalist(tmp_path)
+
+
+@pytest.fixture
+def run_files(tmp_path, tiny_clip):
+    return write_run_files(tmp_path, tiny_clip)
 
 
 def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):
