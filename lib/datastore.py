@@ -144,6 +144,13 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
             shape = shape[:-1]
         return shape
 
+    from .transforms import check_file
+
+    try:
+        check_file(label_path, label=True)  # a header claiming a huge volume is refused before it is read
+    except InputError as e:
+        what = "is not a readable image" if str(e).startswith("cannot read") else "is refused"
+        raise InputError(f"the label sent for {image_id!r} {what}: {e}") from None
     try:
         lab = np.asarray(LoadImage(image_only=True)(label_path))
     except Exception as e:  # noqa: BLE001 - any reader failure means: not an image

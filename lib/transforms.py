@@ -43,6 +43,49 @@ def _name(d: Mapping, key: Hashable) -> str:
     return str(src) if src is not None else str(key)
 
 
+MAX_VOXELS = int(os.environ.get("DFM_MAX_VOXELS", 2 ** 28))  # all channels together: 268 M (1 GiB as float32)
+
+
+def check_file(path, label: bool = False) -> None:
+    """What the file's header says, checked before its voxels are read: a NIfTI claiming more than
+    :data:`MAX_VOXELS` voxels (``DFM_MAX_VOXELS``), a zero-sized dimension or a singular/non-finite affine; a PNG
+    that is RGBA or palette-coded (an X-ray is grey: say so rather than segment colour indices; ``label=True``
+    accepts palette PNGs, a common way to store label maps)."""
+    name = str(path).lower()
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path))  # reads the header; the voxels stay on disk
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot read {path}: not a readable NIfTI header ({type(e).__name__}: {e})") from None
+        shape = tuple(int(n) for n in img.header.get_data_shape())
+        if not shape or min(shape) < 1:
+            raise InputError(f"{path}: the header declares shape {shape}: an empty image")
+        n = int(np.prod(shape, dtype=np.int64))
+        if n > MAX_VOXELS:
+            raise InputError(f"{path}: the header declares shape {shape} = {n:,} voxels, more than this server's "
+                             f"limit of {MAX_VOXELS:,} (DFM_MAX_VOXELS); refused before reading it")
+        aff = np.asarray(img.affine, dtype=float)
+        if not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+            raise InputError(f"{path}: its affine (voxel-to-world matrix) is singular or not finite: "
+                             f"{aff[:3, :3].round(4).tolist()}; the voxel spacing/orientation is unknown")
+    elif name.endswith(".png"):
+        from PIL import Image
+
+        try:
+            with Image.open(str(path)) as im:
+                mode, size = im.mode, im.size
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot read {path}: not a readable PNG ({type(e).__name__}: {e})") from None
+        if size[0] * size[1] > MAX_VOXELS:
+            raise InputError(f"{path}: {size[0]}x{size[1]} pixels, more than this server's limit of {MAX_VOXELS:,} "
+                             f"(DFM_MAX_VOXELS)")
+        if mode in (("RGBA", "LA", "PA") if label else ("P", "PA", "RGBA", "LA")):
+            raise InputError(f"{path}: a {'palette' if mode.startswith('P') else 'transparent (' + mode + ')'} PNG; "
+                             f"save the image as greyscale (8 or 16 bit)")
+
+
 class LoadImageChecked(MapTransform):
     """MONAI ``LoadImaged`` whose failures name the file: missing, unreadable or not an image."""
 
@@ -58,6 +101,8 @@ class LoadImageChecked(MapTransform):
             for f in files:
                 if isinstance(f, (str, os.PathLike)) and not os.path.exists(f):
                     raise InputError(f"{key} file not found: {f}")
+                if isinstance(f, (str, os.PathLike)) and os.path.isfile(f):
+                    check_file(f)
         try:
             return self.loader(d)
         except InputError:

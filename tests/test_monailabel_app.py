@@ -224,6 +224,10 @@ def test_a_bad_label_never_replaces_a_stored_one(client, server, tmp_path):
     nib.save(nib.Nifti1Image(np.full(img.shape, 0.5, np.float32), img.affine), str(not_a_map))
     r = put("phantom_ct_07", not_a_map)
     assert r.status_code == 422 and "not a label map" in r.json()["detail"], r.text
+    from test_hostile import _header_only
+
+    r = put("phantom_ct_07", _header_only(tmp_path / "huge.nii.gz", (30000, 30000, 30000)))
+    assert r.status_code == 422 and "more than this server's limit" in r.json()["detail"], r.text
     r = put("no_such_image", wrong_shape)
     assert r.status_code == 404 and "unknown image id" in r.json()["detail"], r.text
     for bad in ("../../../../evil", "a/b", "x" * 300):

@@ -1,0 +1,149 @@
+"""Hostile and broken files through the command line (the same loading code serves the app): each is refused with
+exit 2 and one line naming the problem, before anything large is allocated; the odd-but-valid ones just work.
+The README's hostile-input table lists these with the server-side cases of test_monailabel_app/test_dicomweb_ohif."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib.checkpoint import save_checkpoint
+from lib.cli import main as cli
+from lib.training import build_system
+from conftest import tiny_hparams
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tiny_clip):
+    d = tmp_path_factory.mktemp("ck")
+    out = {}
+    for dims in (2, 3):
+        torch.manual_seed(0)
+        hp = tiny_hparams(tiny_clip, spatial_dims=dims, features=(8, 16), steps=1)
+        s = build_system(hp)
+        out[dims] = save_checkpoint(d / f"m{dims}d.pt", s.model, s.hparams)
+    return out
+
+
+def _nii(path, data, affine=None, dtype=np.float32):
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def _header_only(path, shape, affine=None, data_bytes=64):
+    """A .nii whose header claims ``shape`` (and ``affine``) followed by ``data_bytes`` of voxels."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.float32)
+    hdr["dim"][0] = len(shape)
+    hdr["dim"][1:1 + len(shape)] = shape
+    hdr["pixdim"][1:4] = 1.0
+    hdr["vox_offset"] = 352
+    hdr["sform_code"] = 1
+    hdr["qform_code"] = 0
+    for i, row in enumerate(("srow_x", "srow_y", "srow_z")):
+        hdr[row] = (np.eye(4) if affine is None else np.asarray(affine, float))[i]
+    raw = hdr.binaryblock + b"\x00" * 4 + b"\x00" * data_bytes
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def _png(path, mode, size=(40, 36)):
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        Image.fromarray(rng.integers(0, 65535, size[::-1]).astype(np.uint16)).save(path)
+    elif mode == "P":
+        Image.fromarray(rng.integers(0, 255, size[::-1]).astype(np.uint8)).convert("P").save(path)
+    else:
+        Image.new(mode, size).save(path)
+    return path
+
+
+def _predict(ck, image, out):
+    return cli(["predict", "--checkpoint", str(ck), "--image", str(image), "--out", str(out), "--no-progress"])
+
+
+def _nonfinite(tmp_path):
+    a = np.zeros((30, 30), np.float32)
+    a[3, 4] = np.nan
+    return _nii(tmp_path / "nan.nii.gz", a)
+
+
+def _truncated(tmp_path):
+    good = _nii(tmp_path / "good.nii.gz", np.random.default_rng(0).random((40, 40)))
+    p = tmp_path / "truncated.nii.gz"
+    p.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    return p
+
+
+# (case, model dims, how to make the file, the phrase the one-line error must contain)
+REFUSED = [
+    ("nifti header claiming 2.7e13 voxels", 3, lambda t: _header_only(t / "huge.nii", (30000, 30000, 30000)),
+     "more than this server's limit"),
+    ("nifti with a zero-sized dimension", 3, lambda t: _header_only(t / "empty.nii", (0, 10, 10)), "an empty image"),
+    ("singular affine", 2, lambda t: _header_only(t / "sing.nii", (30, 30), np.diag([1.0, 0.0, 1.0, 1.0]), 3600),
+     "singular"),
+    ("NaN voxels", 2, _nonfinite, "NaN"),
+    ("4D image to a 3D model", 3, lambda t: _nii(t / "4d.nii.gz", np.zeros((20, 20, 20, 3))), "channel"),
+    ("3D image to a 2D model", 2, lambda t: _nii(t / "3d.nii.gz", np.zeros((20, 20, 20))), "3D image"),
+    ("truncated .nii.gz", 2, _truncated, "cannot read"),
+    ("not an image at all", 2, lambda t: (t / "x.nii.gz").write_bytes(b"GIF89a nonsense") and t / "x.nii.gz",
+     "cannot read"),
+    ("RGBA PNG", 2, lambda t: _png(t / "rgba.png", "RGBA"), "transparent"),
+    ("palette PNG", 2, lambda t: _png(t / "pal.png", "P"), "palette"),
+    ("missing file", 2, lambda t: t / "nowhere.nii.gz", "not found"),
+]
+
+
+@pytest.mark.parametrize("case, dims, make, phrase", REFUSED, ids=[r[0] for r in REFUSED])
+def test_hostile_files_are_refused_with_one_clear_line(tmp_path, ckpts, capsys, case, dims, make, phrase):
+    image = make(tmp_path)
+    assert _predict(ckpts[dims], image, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_odd_but_valid_files_just_work(tmp_path, ckpts):
+    """16-bit PNG, a non-ASCII file name, a 1-pixel-thin image: segmented, written under the input's name."""
+    for image in (_png(tmp_path / "sixteen.png", "I;16"),
+                  _nii(tmp_path / "Lunge_Müller_雪.nii.gz", np.random.default_rng(1).random((30, 26))),
+                  _nii(tmp_path / "thin.nii.gz", np.random.default_rng(2).random((1, 40)))):
+        out = tmp_path / f"out_{image.stem}"
+        assert _predict(ckpts[2], image, out) == 0, image
+        written = [p.name for p in out.iterdir()]
+        assert any(p.startswith(image.name.split(".")[0]) for p in written), written
+
+
+def test_a_checkpoint_with_the_right_keys_and_wrong_shapes_is_refused(tmp_path, ckpts, capsys):
+    ck = torch.load(ckpts[2], weights_only=True)
+    k = next(k for k, v in ck["state_dict"].items() if v.ndim == 4)
+    ck["state_dict"][k] = torch.zeros(*ck["state_dict"][k].shape[:-1], ck["state_dict"][k].shape[-1] + 2)
+    bad = tmp_path / "shapes.pt"
+    torch.save(ck, bad)
+    assert _predict(bad, _nii(tmp_path / "a.nii.gz", np.zeros((30, 30))), tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert k in err and "Traceback" not in err, err
+
+
+def test_training_data_that_cannot_be_used_is_named(tmp_path, tiny_clip, capsys):
+    """A datalist with a missing file, a label of another shape than its image: exit 2 naming the file."""
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps(tiny_hparams(tiny_clip).to_dict()))
+    img = _nii(tmp_path / "i.nii.gz", np.random.default_rng(0).random((40, 40)))
+    lab = _nii(tmp_path / "l.nii.gz", np.zeros((40, 40)), dtype=np.uint8)
+    other = _nii(tmp_path / "l_other.nii.gz", np.zeros((30, 40)), dtype=np.uint8)
+    for entry, phrase in (({"image": str(img), "label": str(tmp_path / "gone.nii.gz")}, "gone.nii.gz"),
+                          ({"image": str(img), "label": str(other)}, "differs from its label")):
+        dl = tmp_path / "dl.json"
+        dl.write_text(json.dumps({"training": [entry, {"image": str(img), "label": str(lab)}],
+                                  "validation": [{"image": str(img), "label": str(lab)}]}))
+        assert cli(["train", "--preset", str(preset), "--datalist", str(dl), "--out", str(tmp_path / "r"),
+                    "--max-iterations", "1", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and "Traceback" not in err, err
