@@ -139,8 +139,14 @@ class DFMVLMApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
         image = request.get("image")
         ds = datastore or self.datastore()
+        server_file = isinstance(image, str) and self._server_made_file(image)
+        if isinstance(image, str) and not server_file and ("/" in image or "\\" in image or "\x00" in image
+                                                            or image in (".", "..") or len(image) > 255):
+            # an image id is a plain name; a path is only taken when this server made it (an upload, a session)
+            raise HTTPException(status_code=422, detail=f"image id {image[:300]!r} is not a plain name (no path "
+                                                        f"separators, '..', NUL, at most 255 characters)")
         try:  # a DICOMweb datastore converts (and checks) the series here
-            known = not isinstance(image, str) or os.path.exists(image) or bool(ds.get_image_uri(image))
+            known = not isinstance(image, str) or server_file or bool(ds.get_image_uri(image))
         except InputError as e:
             raise HTTPException(status_code=422, detail=f"{model}: {e}") from e
         if not known:
@@ -154,6 +160,22 @@ class DFMVLMApp(MONAILabelApp):
             raise HTTPException(status_code=422, detail=f"{model}: {e}") from e
         except (ModelNotReady, CheckpointError) as e:
             raise HTTPException(status_code=503, detail=f"model {model!r} is not ready: {e}") from e
+
+    def _server_made_file(self, path: str) -> bool:
+        """A file MONAI Label itself wrote for this request: an upload (``tempfile.NamedTemporaryFile`` in the
+        temporary folder, run_inference) or a session's image (under the sessions folder). Any other path in
+        ``image`` (a client can also set it through ``params``) would let a client make the server read its files."""
+        import re
+        import tempfile
+
+        p = os.path.realpath(path)
+        if not os.path.isfile(p):
+            return False
+        tmp = os.path.realpath(tempfile.gettempdir())
+        if os.path.dirname(p) == tmp and re.fullmatch(r"tmp[a-z0-9_]{8}(\.[A-Za-z0-9]+)*", os.path.basename(p)):
+            return True
+        sessions = getattr(self.sessions(), "store_path", None) if hasattr(self, "sessions") else None
+        return bool(sessions) and p.startswith(os.path.realpath(sessions) + os.sep)
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"

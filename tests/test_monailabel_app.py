@@ -101,6 +101,13 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
         time.sleep(1)
     r = _infer(server, "dfm_vlm_3d", "corrupt_ct")
     assert r.status_code == 422 and "cannot read" in r.json()["detail"] and "corrupt_ct.nii.gz" in r.json()["detail"]
+    for bad in ("../../../../etc/passwd", "/etc/passwd", "phantom_ct_06/../../x"):
+        r = _infer(server, "dfm_vlm_3d", bad)  # existing files of the server were read as images before
+        assert r.status_code == 422 and "is not a plain name" in r.json()["detail"], (bad, r.status_code, r.text)
+        r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"image": bad})  # params override the image too
+        assert r.status_code == 422 and "is not a plain name" in r.json()["detail"], (bad, r.status_code, r.text)
+        r = requests.get(f"{server.url}/datastore/image", params={"image": bad}, timeout=30)
+        assert r.status_code in (404, 422) and "root:" not in r.text, (bad, r.status_code, r.text[:300])
     r = requests.post(f"{server.url}/activelearning/no_such_strategy", json={}, timeout=30)
     assert r.status_code == 404 and "unknown strategy" in r.json()["detail"]
     assert server.alive()
