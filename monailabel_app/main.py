@@ -33,7 +33,7 @@ from fastapi import HTTPException  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.config import TaskConfig  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
-from monailabel.tasks.activelearning.random import Random  # noqa: E402
+from lib.activelearning.fair_random import FairRandom  # noqa: E402
 
 import lib  # noqa: E402
 import lib.configs  # noqa: E402
@@ -91,7 +91,7 @@ class DFMVLMApp(MONAILabelApp):
         return {n: c.trainer() for n, c in self.models.items()}
 
     def init_strategies(self):
-        s = {"random": Random(), "first": First()}
+        s = {"random": FairRandom(), "first": First()}
         for c in self.models.values():
             s.update(c.strategy())
         return s

@@ -148,3 +148,25 @@ def test_trainer_task_pickles_for_ddp_and_filters_by_dimension(tmp_path, ckpt3d)
 
     got = trainer.pre_process({}, DS())
     assert [d["image"].endswith("v3d.nii.gz") for d in got] == [True]
+
+
+def test_random_next_sample_survives_annotators_asking_in_the_same_second():
+    """bench/load.py: 3 of 20 concurrent next_sample requests answered 500, MONAI Label's Random weighting every
+    image by the whole seconds since it was handed out -- all 0 within one second."""
+    import time as _time
+
+    from monailabel.tasks.activelearning.random import Random
+
+    from lib.activelearning.fair_random import FairRandom
+
+    class Store:
+        def get_unlabeled_images(self, tag=None, labels=None):
+            return ["a", "b", "c"]
+
+        def get_image_info(self, image):
+            return {"strategy": {"random": {"ts": int(_time.time())}}}
+
+    request = {"strategy": "random"}
+    with pytest.raises(ValueError, match="weights"):
+        Random()(request, Store())
+    assert FairRandom()(request, Store())["id"] in {"a", "b", "c"}
