@@ -117,3 +117,66 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_not_run(tmp_path, mon
     assert cli(["predict", "--checkpoint", str(bad), "--image", str(img), "--out", str(tmp_path / "o")]) == 2
     assert "refused" in capsys.readouterr().err
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_kill_9_of_the_server_in_the_middle_of_a_training_loses_nothing(tmp_path):
+    """kill -9 of the server's whole process group while a training runs (after it published once): the model
+    file is a complete checkpoint, the label saved before is listed after a restart, the restarted server serves
+    that checkpoint and trains again."""
+    import time
+
+    import nibabel as nib
+    import requests
+    from monailabel.client import MONAILabelClient
+
+    from lib.checkpoint import load_checkpoint
+    from server_utils import Server, copy_sample_data, process_group_alive
+
+    sys.path.insert(0, str(ROOT / "sample_data"))
+    try:
+        from make_sample_data import ct_affine, ct_phantom
+    finally:
+        sys.path.remove(str(ROOT / "sample_data"))
+    studies = copy_sample_data(tmp_path / "studies")
+    conf = {"model_dir": tmp_path / "model", "uncertainty_samples": 2}
+    published = tmp_path / "model" / "dfm_vlm_3d.pt"
+    server = Server(str(studies), tmp_path, conf=conf)
+    try:
+        client = MONAILabelClient(server.url)
+        _, truth = ct_phantom(7)
+        lab = tmp_path / "phantom_ct_07_label.nii.gz"
+        nib.save(nib.Nifti1Image(truth, ct_affine()), str(lab))
+        client.save_label("phantom_ct_07", str(lab), tag="final")
+        client.train_start("dfm_vlm_3d", {"max_epochs": 200, "val_split": 0.34, "patches_per_image": 2})
+        deadline = time.time() + 600
+        while not published.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert published.exists(), server.tail(80)
+        time.sleep(2)  # a few more steps: the kill lands in the middle of the run, between (or in) publishes
+        assert client.train_status()["status"] == "RUNNING"
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=30)
+    finally:
+        server.stop()
+    deadline = time.time() + 30
+    while process_group_alive(server.proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    ck = load_checkpoint(published)  # complete: written to a temporary file, then renamed
+    assert ck.metrics["epoch"] >= 1
+    again = Server(str(studies), tmp_path, conf=conf)
+    try:
+        client = MONAILabelClient(again.url)
+        ds = requests.get(f"{again.url}/datastore/?output=all", timeout=30).json()["objects"]
+        assert "final" in ds["phantom_ct_07"]["labels"]
+        assert client.info()["models"]["dfm_vlm_3d"]["checkpoint"]["path"] == str(published)
+        _, params = client.infer("dfm_vlm_3d", "phantom_ct_05", {"steps": 2})
+        assert params["checkpoint"] == str(published)
+        client.train_start("dfm_vlm_3d", {"max_epochs": 1, "val_split": 0.34, "patches_per_image": 2})
+        deadline = time.time() + 600
+        status = client.train_status()
+        while time.time() < deadline and status["status"] not in ("DONE", "ERROR"):
+            time.sleep(2)
+            status = client.train_status()
+        assert status["status"] == "DONE", again.tail(80)
+    finally:
+        again.stop()
