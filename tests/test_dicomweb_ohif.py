@@ -52,6 +52,9 @@ def _canonical(img) -> tuple[tuple, np.ndarray]:
     return c.shape[:3], c.affine
 
 
+SECRET = "s3cret-PACS-pw-7f2d"
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     from lib.dicom import repair_uids, write_ct_series
@@ -93,7 +96,10 @@ def stack(tmp_path_factory):
     server = Server(pacs.dicomweb, work, conf={"model_dir": work / "model", "models": "dfm_vlm_3d"},
                     env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "CT,MR"}),
                          "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
-                         "MONAI_LABEL_DICOMWEB_READ_TIMEOUT": "60"})
+                         "MONAI_LABEL_DICOMWEB_READ_TIMEOUT": "60",
+                         # sent as HTTP basic auth (this Orthanc does not check it): must never be logged or shown
+                         "MONAI_LABEL_DATASTORE_USERNAME": "radiology-bot",
+                         "MONAI_LABEL_DATASTORE_PASSWORD": SECRET})
     rec["t_server"] = time.perf_counter()
     yield pacs, server, rec
     pgid = server.proc.pid
@@ -253,3 +259,16 @@ def test_ohif_shows_the_study_and_the_segmentation(stack):
     assert res["overlay_shown"], res
     (ARTIFACTS / "ohif_result.json").write_text(json.dumps({k: v for k, v in res.items() if k != "page_text"},
                                                            indent=1))
+
+
+@needs_defaults
+def test_pacs_credentials_never_appear_in_logs_or_answers(stack):
+    """MONAI_LABEL_DATASTORE_PASSWORD reaches the PACS client and nothing else: not the server log (after
+    inferences), not /info, not the datastore listing."""
+    pacs, server, rec = stack
+    assert _infer(server, rec["ct"]["SeriesInstanceUID"]).status_code == 200
+    answers = [requests.get(f"{server.url}/info/", timeout=60).text,
+               requests.get(f"{server.url}/datastore/?output=all", timeout=120).text]
+    log = server.tail(100000)
+    assert "Using DICOM WEB" in log  # the log is the server's, with the datastore's lines
+    assert SECRET not in log and not any(SECRET in a for a in answers)
