@@ -170,3 +170,30 @@ def test_random_next_sample_survives_annotators_asking_in_the_same_second():
     with pytest.raises(ValueError, match="weights"):
         Random()(request, Store())
     assert FairRandom()(request, Store())["id"] in {"a", "b", "c"}
+
+
+def test_monailabel_trainer_multi_process_path_runs_on_two_cpu_processes(tmp_path, ckpt3d, monkeypatch, capfd):
+    """MONAI Label's multi-GPU training (torch.multiprocessing.spawn, DDP) with 2 CPU processes over gloo: both
+    ranks train (MONAI Label gives each its partition of the data), rank 0 publishes a self-describing checkpoint."""
+    from lib.checkpoint import load_checkpoint
+    from conftest import free_port_for_tests
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port_for_tests()))
+    cfg = _task(ckpt3d, tmp_path / "model")
+    trainer = cfg.trainer()
+    cases = [write_phantom_case(tmp_path / "s", f"c{i}", shape=(24, 24, 16), seed=i) for i in range(6)]
+
+    class DS:
+        def datalist(self):
+            return cases
+
+    trainer({"multi_gpu": True, "gpus": "0,1", "device": "cpu", "distributed_backend": "gloo", "max_epochs": 2,
+             "val_split": 0.34, "train_batch_size": 1, "patches_per_image": 2, "dataset": "Dataset",
+             "dataloader": "DataLoader"}, DS())
+    out = capfd.readouterr()
+    log = out.out + out.err
+    # each spawned rank logs its own lines (the parent's go through pytest's logging capture)
+    assert "0 - Train Request (final)" in log and "1 - Train Request (final)" in log, log[-3000:]
+    published = load_checkpoint(cfg.published)
+    assert published.metrics["epoch"] == 2 and published.hparams.model.spatial_dims == 3

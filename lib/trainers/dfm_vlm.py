@@ -248,6 +248,23 @@ class DFMVLMTrain(BasicTrainTask):
     def val_handlers(self, context: Context):
         return []
 
+    # -- MONAI Label's multi-GPU path (torch.multiprocessing.spawn, one process per rank), also on CPUs: MONAI Label
+    # assumes CUDA devices (cuda:<gpu>, DDP device_ids); with "device": "cpu" (or no GPU) and "gpus": "0,1" each rank
+    # runs on the CPU and DDP talks gloo (request "distributed_backend": "gloo").
+    def _device(self, context: Context):
+        if context.multi_gpu and (not torch.cuda.is_available()
+                                  or str(context.request.get("device", "cuda")).startswith("cpu")):
+            return torch.device("cpu")
+        return super()._device(context)
+
+    def _create_network_and_optimizer(self, context: Context):
+        if not (context.multi_gpu and context.device.type == "cpu"):
+            return super()._create_network_and_optimizer(context)
+        network = self.network(context).to(context.device)
+        context.network = network
+        optimizer = self.optimizer(context)
+        return torch.nn.parallel.DistributedDataParallel(network), optimizer
+
     def _load_checkpoint(self, context, train_handlers):
         return None  # never load a bare state dict non-strictly: network() loads the self-describing checkpoint
 
