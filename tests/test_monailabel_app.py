@@ -273,3 +273,32 @@ def test_clicks_through_monailabel_client_label_the_clicked_voxels(client, serve
     r = _infer(server, model, image, {"foreground": [["a"] + [1] * (len(bad) - 1)]})
     assert r.status_code == 422 and "not a finite number" in r.json()["detail"]
     assert server.alive()
+
+
+def test_two_annotators_saving_one_image_at_once_leave_one_whole_label(server, tmp_path):
+    """Concurrent PUT /datastore/label on one image: both answered, the stored file is exactly one of the two (MONAI
+    Label's datastore lock serialises the copies), and it is listed."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = nib.load(server.studies / "phantom_ct_03.nii.gz")
+    bodies = []
+    for k in range(2):
+        lab = np.zeros(img.shape, np.uint8)
+        lab[k::2] = 1  # two different label maps
+        p = tmp_path / f"annotator{k}.nii.gz"
+        nib.save(nib.Nifti1Image(lab, img.affine), str(p))
+        bodies.append(p.read_bytes())
+    digests = {hashlib.sha256(b).hexdigest() for b in bodies}
+
+    def put(k):
+        return requests.put(f"{server.url}/datastore/label", params={"image": "phantom_ct_03", "tag": "concurrent"},
+                            files={"label": (f"annotator{k}.nii.gz", bodies[k])}, timeout=120).status_code
+
+    stored = server.studies / "labels" / "concurrent" / "phantom_ct_03.nii.gz"
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(put, (0, 1))) == [200, 200]
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() in digests
+    ds = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]
+    assert "concurrent" in ds["phantom_ct_03"]["labels"]
