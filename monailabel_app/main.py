@@ -168,6 +168,8 @@ class DFMVLMApp(MONAILabelApp):
         import re
         import tempfile
 
+        if "\x00" in path:  # os.path raises on it
+            return False
         p = os.path.realpath(path)
         if not os.path.isfile(p):
             return False

@@ -101,7 +101,7 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
         time.sleep(1)
     r = _infer(server, "dfm_vlm_3d", "corrupt_ct")
     assert r.status_code == 422 and "cannot read" in r.json()["detail"] and "corrupt_ct.nii.gz" in r.json()["detail"]
-    for bad in ("../../../../etc/passwd", "/etc/passwd", "phantom_ct_06/../../x"):
+    for bad in ("../../../../etc/passwd", "/etc/passwd", "phantom_ct_06/../../x", "phantom_ct_06\x00"):
         r = _infer(server, "dfm_vlm_3d", bad)  # existing files of the server were read as images before
         assert r.status_code == 422 and "is not a plain name" in r.json()["detail"], (bad, r.status_code, r.text)
         r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"image": bad})  # params override the image too
@@ -237,7 +237,7 @@ def test_a_bad_label_never_replaces_a_stored_one(client, server, tmp_path):
     assert r.status_code == 422 and "more than this server's limit" in r.json()["detail"], r.text
     r = put("no_such_image", wrong_shape)
     assert r.status_code == 404 and "unknown image id" in r.json()["detail"], r.text
-    for bad in ("../../../../evil", "a/b", "x" * 300):
+    for bad in ("../../../../evil", "a/b", "x" * 300, "phantom_ct_07\x00.nii.gz", "/etc/passwd"):
         r = put(bad, wrong_shape)
         assert r.status_code == 422 and "not a plain name" in r.json()["detail"], (bad, r.text)
     r = put("phantom_ct_07", wrong_shape, tag="../final")
