@@ -27,7 +27,7 @@ from lib.config import load_preset  # noqa: E402
 from lib.evaluation import make_inferer, preprocess_item  # noqa: E402
 from lib.precision import default_device, describe  # noqa: E402
 from lib.training import build_system  # noqa: E402
-from lib.vlm import make_tiny_clip  # noqa: E402
+from lib.vlm import ensure_tiny_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,12 +51,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/cuda_checks.json")
     a = ap.parse_args()
     _quiet()
-    vlm = ROOT / "runs" / "vlm" / "tiny-clip"
-    if not vlm.exists():
-        make_tiny_clip(vlm)
+    vlm = ensure_tiny_clip(ROOT / "runs" / "vlm" / "tiny-clip")
     info = describe("auto", a.device)
     if a.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
         info["cudnn_deterministic"] = torch.backends.cudnn.deterministic
     print(f"command: python {' '.join(sys.argv)}\ndefault_device() = {default_device()}\n{info}")
     rows = []

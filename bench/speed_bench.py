@@ -35,7 +35,7 @@ from lib.inferer import eval_mode  # noqa: E402
 from lib.precision import autocast, describe  # noqa: E402
 from lib.samplers import run_sampler  # noqa: E402
 from lib.training import build_system  # noqa: E402
-from lib.vlm import make_tiny_clip  # noqa: E402
+from lib.vlm import ensure_tiny_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,9 +76,7 @@ def main() -> None:
     a = ap.parse_args()
     _quiet()
     torch.manual_seed(0)
-    vlm = ROOT / "runs" / "vlm" / "tiny-clip"
-    if not vlm.exists():
-        make_tiny_clip(vlm)
+    vlm = ensure_tiny_clip(ROOT / "runs" / "vlm" / "tiny-clip")
 
     def system(**model):
         hp = load_preset(a.preset)

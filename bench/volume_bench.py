@@ -25,7 +25,7 @@ from lib.config import load_preset  # noqa: E402
 from lib.evaluation import make_inferer  # noqa: E402
 from lib.precision import default_device, describe  # noqa: E402
 from lib.training import build_system  # noqa: E402
-from lib.vlm import make_tiny_clip  # noqa: E402
+from lib.vlm import ensure_tiny_clip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,13 +42,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/volume_bench.json")
     a = ap.parse_args()
     _quiet()
-    vlm = ROOT / "runs" / "vlm" / "tiny-clip"
-    if not vlm.exists():
-        make_tiny_clip(vlm)
+    vlm = ensure_tiny_clip(ROOT / "runs" / "vlm" / "tiny-clip")
     vol = torch.randn(1, 2, *a.shape, generator=torch.Generator().manual_seed(0))
     info = describe(a.precision, a.device)
-    if a.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
     print(f"command: python {' '.join(sys.argv)}\n{info}")
     rows = []
     for arch in a.archs:

@@ -102,23 +102,6 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_train_state(path: str | os.PathLike) -> dict:
-    """The training state ``lib.training.train`` writes for ``--resume`` (tensors and plain values only)."""
-    from .training import STATE_FORMAT, ResumeError
-
-    path = Path(path)
-    if not path.exists():
-        raise ResumeError(f"nothing to resume: {path} does not exist (it is written at each validation and every "
-                          f"train.state_every_s seconds)")
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ResumeError(f"cannot read the training state {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
-        raise ResumeError(f"{path} is not a training state written by lib.training.train")
-    return st
-
-
 ALLOW_PICKLE_ENV = "DFM_ALLOW_PICKLED_CHECKPOINTS"
 
 

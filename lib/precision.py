@@ -104,9 +104,12 @@ def reproducible():
 
 def describe(setting: str = "auto", device: str | torch.device = "cpu") -> dict:
     """What the policy sees and picks (printed by the benches with every figure)."""
-    return {"precision_setting": setting, "device": str(device), "dtype": str(resolve(setting, device)),
+    info = {"precision_setting": setting, "device": str(device), "dtype": str(resolve(setting, device)),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": _cpu_native_bf16(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
 
 def default_device() -> str:

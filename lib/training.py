@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset
 
-from .checkpoint import atomic_torch_save, load_train_state, save_checkpoint
+from .checkpoint import atomic_torch_save, save_checkpoint
 from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
 from .config import ConfigError, HParams
 from .data import PatchBatcher
@@ -116,6 +116,21 @@ STATE_FORMAT = "dfm-vlm-train-state"
 
 class ResumeError(ConfigError):
     """A training state that cannot be resumed here (CLI: exit 2 with the reason)."""
+
+
+def load_train_state(path: str | os.PathLike) -> dict:
+    """The training state ``lib.training.train`` writes for ``--resume`` (tensors and plain values only)."""
+    path = Path(path)
+    if not path.exists():
+        raise ResumeError(f"nothing to resume: {path} does not exist (it is written at each validation and every "
+                          f"train.state_every_s seconds)")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ResumeError(f"cannot read the training state {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+        raise ResumeError(f"{path} is not a training state written by lib.training.train")
+    return st
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:

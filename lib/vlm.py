@@ -215,6 +215,12 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def ensure_tiny_clip(path: str | Path) -> Path:
+    """The benches' tiny CLIP: ``path`` if it already holds one, else written there by :func:`make_tiny_clip`."""
+    path = Path(path)
+    return path if path.exists() else make_tiny_clip(path)
+
+
 def make_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, projection_dim: int = 32,
                    seed: int = 0) -> Path:
     """Write a tiny randomly initialised CLIP (model, image processor, byte-level tokenizer) with save_pretrained.

@@ -39,6 +39,7 @@ import lib  # noqa: E402
 import lib.configs  # noqa: E402
 from lib.checkpoint import CheckpointError  # noqa: E402
 from lib.config import ConfigError  # noqa: E402
+from lib.datastore import check_name  # noqa: E402
 from lib.infers.dfm_vlm import ModelNotReady  # noqa: E402
 from lib.transforms import InputError  # noqa: E402
 from lib.vlm import VLMError  # noqa: E402
@@ -140,11 +141,8 @@ class DFMVLMApp(MONAILabelApp):
         image = request.get("image")
         ds = datastore or self.datastore()
         server_file = isinstance(image, str) and self._server_made_file(image)
-        if isinstance(image, str) and not server_file and ("/" in image or "\\" in image or "\x00" in image
-                                                            or image in (".", "..") or len(image) > 255):
-            # an image id is a plain name; a path is only taken when this server made it (an upload, a session)
-            raise HTTPException(status_code=422, detail=f"image id {image[:300]!r} is not a plain name (no path "
-                                                        f"separators, '..', NUL, at most 255 characters)")
+        if isinstance(image, str) and not server_file:
+            check_name(image, "image id")  # a path is only taken when this server made it (an upload, a session)
         try:  # a DICOMweb datastore converts (and checks) the series here
             known = not isinstance(image, str) or server_file or bool(ds.get_image_uri(image))
         except InputError as e:

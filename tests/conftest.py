@@ -60,11 +60,3 @@ def make_system(tiny_clip):
         return build_system(tiny_hparams(tiny_clip, **kw))
 
     return _make
-
-
-def free_port_for_tests() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -176,10 +176,10 @@ def test_monailabel_trainer_multi_process_path_runs_on_two_cpu_processes(tmp_pat
     """MONAI Label's multi-GPU training (torch.multiprocessing.spawn, DDP) with 2 CPU processes over gloo: both
     ranks train (MONAI Label gives each its partition of the data), rank 0 publishes a self-describing checkpoint."""
     from lib.checkpoint import load_checkpoint
-    from conftest import free_port_for_tests
+    from server_utils import free_port
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port_for_tests()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     cfg = _task(ckpt3d, tmp_path / "model")
     trainer = cfg.trainer()
     cases = [write_phantom_case(tmp_path / "s", f"c{i}", shape=(24, 24, 16), seed=i) for i in range(6)]

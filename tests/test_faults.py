@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_hparams
-from lib.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_train_state
+from lib.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
+from lib.training import load_train_state
 from lib.cli import main as cli
 from test_inputs_evaluation import _phantom_datalist
 
