@@ -25,6 +25,6 @@ class FairRandom(Random):
         now = int(time.time())
         weights = [max(1, now - datastore.get_image_info(i).get("strategy", {}).get(strategy, {}).get("ts", 0))
                    for i in images]
-        image = random.choices(images, weights=weights)[0]
-        logger.info("Random: selected image %s (weight %s of %s)", image, weights[images.index(image)], sum(weights))
-        return {"id": image, "weight": weights[images.index(image)]}
+        k = random.choices(range(len(images)), weights=weights)[0]
+        logger.info("Random: selected image %s (weight %s of %s)", images[k], weights[k], sum(weights))
+        return {"id": images[k], "weight": weights[k]}
