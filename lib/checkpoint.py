@@ -226,6 +226,10 @@ def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None 
     elif m.get("cond_dim") is not None:
         raise CheckpointError(f"hyper-parameters say cond_dim={m['cond_dim']} (VLM-conditioned) but the state dict "
                               "holds no vlm_film_heads")
+    if isinstance(raw.get("vlm"), dict) and raw["vlm"].get("name_or_path") and "view" not in raw["vlm"]:
+        # written before views were shown in display orientation: it was trained on the array's own axes
+        raw["vlm"] = {**raw["vlm"], "view": "array"}
+        notes.append("vlm.view missing (a checkpoint from before 2026-11-28): its VLM views stay in array order")
     try:
         hp = HParams.from_dict(raw)
     except (ConfigError, TypeError) as e:

@@ -89,10 +89,14 @@ def _inferer(system, a):
 
 
 def cmd_make_tiny_vlm(a) -> int:
-    from .vlm import make_tiny_clip
+    from .vlm import make_tiny_clip, make_tiny_siglip
 
-    p = make_tiny_clip(a.out, image_size=a.image_size, hidden=a.hidden, projection_dim=a.projection_dim, seed=a.seed)
-    print(f"wrote a tiny random CLIP to {p} (random weights: for tests and demos only)")
+    if a.kind == "siglip":
+        p = make_tiny_siglip(a.out, image_size=a.image_size, hidden=a.hidden, seed=a.seed)
+    else:
+        p = make_tiny_clip(a.out, image_size=a.image_size, hidden=a.hidden, projection_dim=a.projection_dim,
+                           seed=a.seed)
+    print(f"wrote a tiny random {a.kind.upper()} to {p} (random weights: for tests and demos only)")
     return 0
 
 
@@ -106,6 +110,10 @@ def cmd_train(a) -> int:
         hp.precision = a.precision
     if a.vlm:
         hp.vlm.name_or_path = a.vlm
+    if a.structures:
+        from .structures import select
+
+        hp.structures = select(hp.structures, a.structures) if hp.structures else select([], a.structures)
     tr = load_datalist(a.datalist, a.train_split)
     va = load_datalist(a.datalist, a.val_split)
     if a.limit_train:
@@ -148,6 +156,7 @@ def cmd_predict(a) -> int:
 
     from .checkpoint import load_system
     from .evaluation import predict_item
+    from .structures import paint
 
     system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
     inferer = _inferer(system, a)
@@ -162,10 +171,14 @@ def cmd_predict(a) -> int:
                         print_log=False, resample=False)
     for it in tqdm(items, desc="predict", unit="img", disable=a.no_progress):
         t0 = time.perf_counter()
-        r = predict_item(system, it, inferer, return_variance=a.save_variance)
+        r = predict_item(system, it, inferer, return_variance=a.save_variance, labels=a.labels, prompt=a.prompt)
         meta = {"filename_or_obj": it["case_id"]}
-        saver_p(r["prob"], meta_data={**r["prob"].meta, **meta})
-        saver_l((r["prob"] > 0.5).to(r["prob"].dtype), meta_data={**r["prob"].meta, **meta})
+        saver_p(r["prob"], meta_data={**r["prob"].meta, **meta})  # one channel per target
+        # one label map: each target > 0.5 painted with its value, the most specific (listed last) on top
+        label = paint(r["prob"], [t[1] for t in r["targets"]])[None]
+        saver_l(label.to(r["prob"].dtype), meta_data={**r["prob"].meta, **meta})
+        if len(r["targets"]) > 1 or system.structures:
+            (out / f"{it['case_id']}_labels.json").write_text(json.dumps({t[0]: t[1] for t in r["targets"]}))
         if a.save_variance:
             saver_v(r["var"], meta_data={**r["var"].meta, **meta})
         logger.info("%s: %.1f s, foreground %.3f", it["case_id"], time.perf_counter() - t0,
@@ -185,7 +198,8 @@ def cmd_evaluate(a) -> int:
     if a.limit:
         items = items[: a.limit]
     t0 = time.perf_counter()
-    cases, summary = evaluate_items(system, items, inferer, progress=not a.no_progress)
+    cases, summary = evaluate_items(system, items, inferer, progress=not a.no_progress, structures=a.labels,
+                                    prompt=a.prompt)
     wall = time.perf_counter() - t0
     summary = {"checkpoint": str(a.checkpoint), "split": a.split, "datalist": a.datalist, "wall_seconds": round(wall, 1),
                "sampler": inferer.settings(), "machine": describe(inferer.precision or system.hparams.precision,
@@ -194,16 +208,35 @@ def cmd_evaluate(a) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cases.json").write_text(json.dumps(cases, indent=1))
+    rows = [_flat(c) for c in cases]
     with open(out / "cases.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(cases[0].keys()) if cases else ["case_id"])
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)) or ["case_id"])
         w.writeheader()
-        w.writerows(cases)
+        w.writerows(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     d = summary.get("dice", {})
+    for name, st in summary.get("structures", {}).items():
+        print(f"{a.split}: {name}: Dice mean {(st.get('dice') or {}).get('mean', float('nan')):.4f} median "
+              f"{(st.get('dice') or {}).get('median', float('nan')):.4f}")
+    if summary.get("dice_matrix"):
+        cols = list(next(iter(summary["dice_matrix"].values())))
+        print("mean Dice, prompt (rows) x truth (columns): " + " | ".join(cols))
+        for r, row in summary["dice_matrix"].items():
+            print(f"  {r}: " + " | ".join(f"{row[c]:.4f}" if row[c] is not None else "-" for c in cols))
     print(f"{a.split}: n={summary['n']} Dice mean {d.get('mean', float('nan')):.4f} median "
           f"{d.get('median', float('nan')):.4f} min {d.get('min', float('nan')):.4f}; "
           f"HD95 mean {summary.get('hd95', {}).get('mean', float('nan')):.2f}; {wall:.0f} s -> {out}")
     return 0
+
+
+def _flat(case: dict) -> dict:
+    """A case row for CSV: per-structure metrics as ``<metric>_<structure>``, the matrix as ``dice_<p>_vs_<t>``."""
+    row = {k: v for k, v in case.items() if k not in ("structures", "dice_matrix")}
+    for name, m in case.get("structures", {}).items():
+        row.update({f"{k}_{name}": v for k, v in m.items() if k in ("dice", "hd95", "precision", "recall")})
+    for p, r in case.get("dice_matrix", {}).items():
+        row.update({f"dice_{p}_vs_{t}": v for t, v in r.items()})
+    return row
 
 
 def cmd_audit(a) -> int:
@@ -238,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hidden", type=int, default=32)
     s.add_argument("--projection-dim", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kind", choices=["clip", "siglip"], default="clip", help="CLIPModel or SiglipModel")
     s.set_defaults(fn=cmd_make_tiny_vlm)
 
     s = sub.add_parser("train", help="train with sliding-window validation on whole images")
@@ -256,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="training and validation precision (default: the preset's, normally 'auto')")
     s.add_argument("--vlm", help="VLM folder or hub id (overrides the preset)")
+    s.add_argument("--structures", nargs="+", metavar="NAME",
+                   help="a prompted preset: train only these of its structures (e.g. one single-structure model)")
     s.add_argument("--device")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_train)
@@ -269,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--datalist")
         s.add_argument("--split", default="test")
         s.add_argument("--text", help="per-image text for --image (text_mode 'image')")
+        s.add_argument("--labels", nargs="+", metavar="NAME",
+                       help="a prompted model: these of its structures (default: all)")
+        s.add_argument("--prompt", help="a prompted model: segment what this free text asks for (see the README: "
+                                        "with the random tiny CLIP a free prompt means nothing)")
         s.add_argument("--out", required=True)
         s.add_argument("--no-progress", action="store_true")
         if name == "predict":
@@ -301,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     from .vlm import VLMError
 
     from .precision import PrecisionError
+    from .structures import StructureError
 
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, InputError, VLMError, PrecisionError) as e:
+    except (CheckpointError, ConfigError, InputError, VLMError, PrecisionError, StructureError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

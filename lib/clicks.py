@@ -116,6 +116,28 @@ def parse_clicks(request: dict, label_names: Iterable[str], spatial_dims: int, s
     return Clicks([tuple(map(float, p)) for p in fg], [tuple(map(float, p)) for p in bg])
 
 
+def parse_label_clicks(request: dict, names: Sequence[str], spatial_dims: int, shape: Sequence[int],
+                       target: str | None = None) -> dict[str, Clicks]:
+    """A prompted model's clicks, per structure: points under a structure's name are positive for it, ``background``
+    points negative for every structure; ``foreground`` points (DeepGrow format) belong to ``target`` (the request's
+    ``label``, or the one structure asked for) and are refused when that is ambiguous."""
+    bg = _points(request.get("background"), "background", spatial_dims, shape)
+    fg_any = _points(request.get("foreground"), "foreground", spatial_dims, shape)
+    if fg_any and target is None:
+        raise ClickError(f"'foreground' clicks need the structure they belong to: give 'label' (one of {list(names)}) "
+                         "or put the points under the structure's name")
+    if target is not None and target not in names:
+        raise ClickError(f"label {target!r} is not a structure of this model ({list(names)})")
+    out = {}
+    for name in names:
+        fg = _points(request.get(name), name, spatial_dims, shape) + (fg_any if name == target else [])
+        both = sorted(set(fg) & set(bg))
+        if both:
+            raise ClickError(f"voxel(s) {both} clicked both as {name} and as background")
+        out[name] = Clicks([tuple(map(float, p)) for p in fg], [tuple(map(float, p)) for p in bg])
+    return out
+
+
 def map_points(clicks: Clicks, src_affine, dst_affine) -> Clicks:
     """Voxel coordinates of grid ``src`` -> (float) voxel coordinates of grid ``dst`` through world space."""
     src = np.asarray(src_affine, dtype=np.float64)

@@ -172,6 +172,11 @@ class VLMConfig:
     prompt: str | None = None  # the prompt for text_mode "label"
     intensity_window: tuple[float, float] = (0.0, 1.0)  # preprocessed intensities mapped to [0, 1] by this window
     num_slices: int = 3  # 3D patches: evenly spaced axial slices, embeddings mean-pooled
+    # how a patch is shown to the VLM: "display" = as a radiologist sees it (rows top to bottom; axial slices in the
+    # radiological convention, see lib.vlm); "array" = the array's own axis order (checkpoints from before 2026-11-28)
+    view: str = "display"
+    center_prompts: bool = True  # a prompted model: text embeddings centred on its prompts' mean (see lib.vlm)
+    axcodes: str | None = None  # the patches' axis codes (3D: the preprocessing's orientation; set by HParams.resolved)
 
     @property
     def embed_dim(self) -> int | None:
@@ -195,7 +200,42 @@ class VLMConfig:
             raise ConfigError(f"intensity_window must be (low, high) with high > low, got {self.intensity_window}")
         if self.num_slices < 1:
             raise ConfigError(f"num_slices must be >= 1, got {self.num_slices}")
+        if self.view not in VIEWS:
+            raise ConfigError(f"vlm.view must be one of {VIEWS}, got {self.view!r}")
         return dataclasses.replace(self, intensity_window=(lo, hi))
+
+
+VIEWS = ("display", "array")
+
+
+@dataclass
+class StructureConfig:
+    """One structure a prompted model segments: its name and value in the multi-label map, its text prompt(s) and
+    how its binary truth is derived from the label file (:mod:`lib.structures`)."""
+
+    name: str
+    value: int  # its value in the multi-label map the app returns
+    prompts: list[str]  # training draws one per patch; inference uses the first
+    truth: dict  # {"values": [1, 3, 4]} | {"above": 127} [+ "side": "low"/"high" along "axis" (default 0)]
+    weight: float = 1.0  # training draws a structure per patch with probability proportional to its weight
+
+    def resolved(self) -> "StructureConfig":
+        c = dataclasses.replace(self, prompts=[str(p) for p in (self.prompts or [])], truth=dict(self.truth or {}))
+        if not c.name or not isinstance(c.name, str) or c.name in ("background", "uncertain"):
+            raise ConfigError(f"structure name must be a non-empty string other than 'background'/'uncertain', "
+                              f"got {c.name!r}")
+        if not isinstance(c.value, int) or not 1 <= c.value <= 254:
+            raise ConfigError(f"structure {c.name!r}: value must be an integer in 1..254, got {c.value!r}")
+        if not c.prompts or not all(p.strip() for p in c.prompts):
+            raise ConfigError(f"structure {c.name!r}: needs at least one non-empty prompt")
+        if not (isinstance(c.weight, (int, float)) and c.weight > 0):
+            raise ConfigError(f"structure {c.name!r}: weight must be > 0, got {c.weight!r}")
+        from .structures import check_truth
+
+        check_truth(c.truth, c.name)
+        c.weight = float(c.weight)
+        return c
+
 
 
 @dataclass
@@ -292,12 +332,42 @@ class HParams:
     labels: dict[str, int] = field(default_factory=lambda: {"foreground": 1})
     description: str = ""
     precision: str = "auto"  # lib.precision: one policy for training, validation, evaluate and the app
+    # a prompted model: several structures, each chosen by its text prompt (empty: one structure, labels + vlm.prompt)
+    structures: list[StructureConfig] = field(default_factory=list)
+
+    @property
+    def label_map(self) -> dict[str, int]:
+        """``{name: value}`` of what the model segments: its structures (a prompted model) or ``labels``."""
+        if self.structures:
+            return {(s["name"] if isinstance(s, dict) else s.name): (s["value"] if isinstance(s, dict) else s.value)
+                    for s in self.structures}
+        return dict(self.labels)
 
     def resolved(self) -> "HParams":
         """Every field explicit and consistent; raises ConfigError naming what disagrees."""
         precision, train = _precision_of(self.precision, self.train)
         pre = self.preprocessing.resolved()
-        vlm = self.vlm.resolved()
+        structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
+        labels = dict(self.labels)
+        vlm = dataclasses.replace(self.vlm)
+        if structures:
+            names = [s.name for s in structures]
+            values = [s.value for s in structures]
+            if len(set(names)) < len(names) or len(set(values)) < len(values):
+                raise ConfigError(f"structure names and values must be unique, got {dict(zip(names, values))}")
+            if vlm.name_or_path is None or vlm.text_mode != "label":
+                raise ConfigError("a prompted model (structures) needs a VLM with vlm.text_mode 'label': the prompt "
+                                  "is how a structure is chosen")
+            labels = dict(zip(names, values))
+            vlm.prompt = vlm.prompt or structures[0].prompts[0]
+        if vlm.name_or_path is not None and vlm.view == "display" and pre.spatial_dims == 3:
+            if pre.orientation:
+                vlm.axcodes = pre.orientation
+            elif not vlm.axcodes:
+                raise ConfigError("vlm.view 'display' of 3D patches needs the patches' axis codes: set "
+                                  "preprocessing.orientation (e.g. 'RAS'), or vlm.axcodes when every image is known "
+                                  "to come in that orientation")
+        vlm = vlm.resolved()
         model = dataclasses.replace(self.model)
         clicks = self.clicks.resolved()
         model.guidance_channels = 2 if clicks.enabled else 0
@@ -321,7 +391,8 @@ class HParams:
         if len(sampler.roi_size) != pre.spatial_dims:
             raise ConfigError(f"sampler roi_size {sampler.roi_size} does not match spatial_dims={pre.spatial_dims}")
         return dataclasses.replace(self, model=model, flow=self.flow.resolved(), sampler=sampler, vlm=vlm,
-                                   preprocessing=pre, train=train, precision=precision, clicks=clicks)
+                                   preprocessing=pre, train=train, precision=precision, clicks=clicks,
+                                   labels=labels, structures=structures)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -347,6 +418,17 @@ class HParams:
         for k in ("labels", "description", "precision"):
             if k in d:
                 kwargs[k] = d[k]
+        if d.get("structures"):
+            if not isinstance(d["structures"], list):
+                raise ConfigError("'structures' must be a list of {name, value, prompts, truth[, weight]}")
+            for i, st in enumerate(d["structures"]):
+                if not isinstance(st, dict):
+                    raise ConfigError(f"structures[{i}] must be a mapping, got {type(st).__name__}")
+                _check_keys(StructureConfig, st, f"structures[{i}]")
+                missing = [k for k in ("name", "value", "prompts", "truth") if k not in st]
+                if missing:
+                    raise ConfigError(f"structures[{i}] misses {missing}")
+            kwargs["structures"] = [StructureConfig(**st) for st in d["structures"]]
         # a checkpoint from before the policy names no precision: it is served in fp32 (what it was validated in)
         kwargs.setdefault("precision", "fp32")
         hp = cls(**kwargs)

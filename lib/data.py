@@ -72,10 +72,11 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
 
 
 def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True,
-                     augmentation: dict | None = None) -> list:
+                     augmentation: dict | None = None, structures=None) -> list:
     """Per-image random patching, as MONAI dictionary transforms (also the MONAI Label trainer's pre-transforms).
 
-    [augmentation: random affine of the whole image with zero padding] -> pad to the patch size ->
+    [prompted model: draw one structure (:class:`lib.structures.RandStructured`): its mask becomes the label, one
+    of its prompts the text] -> [augmentation: random affine of the whole image with zero padding] -> pad to the patch size ->
     ``RandCropByPosNegLabeld`` (``num_samples`` patches, positive/negative centres at ``pos : neg``) ->
     [augmentation: intensity scale, shift, gamma]. ``augmentation``: see :data:`lib.config.AUGMENTATION`.
     """
@@ -85,6 +86,10 @@ def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True,
     aug = {**AUGMENTATION, **(augmentation or {})}
     keys = ["image", "label"]
     t: list = []
+    if structures:
+        from .structures import RandStructured
+
+        t.append(RandStructured(structures))
     if augment:
         sd = cfg.spatial_dims
         rot = (aug["rotate"],) if sd == 2 else (aug["rotate"] * 0.66,) * 3
@@ -109,19 +114,20 @@ class PatchBatcher:
     """``random_patch_batch`` with its own seeded random state: :func:`patch_transforms` over a list of images."""
 
     def __init__(self, cfg: PreprocConfig, num_patches: int, augment: bool = True, seed: int = 0,
-                 augmentation: dict | None = None):
-        self.transforms = Compose(patch_transforms(cfg, num_patches, augment, augmentation))
+                 augmentation: dict | None = None, structures=None):
+        self.transforms = Compose(patch_transforms(cfg, num_patches, augment, augmentation, structures))
         self.transforms.set_random_state(seed=seed)
         self.crop = next(t for t in self.transforms.transforms if isinstance(t, RandCropByPosNegLabeld))
 
     def __call__(self, items: Sequence[dict], seeds: Sequence[int] | None = None) -> dict:
         """``seeds``: one per item -- its crops and augmentations then depend on that seed alone (distributed
         training: the same item gets the same patches whichever rank draws it); else the batcher's own stream."""
-        images, labels, ids, centers, sources = [], [], [], [], []
+        images, labels, ids, centers, sources, texts = [], [], [], [], [], []
         for k, it in enumerate(items):
             if seeds is not None:
                 self.transforms.set_random_state(seed=int(seeds[k]) % (2 ** 32))
             patches = self.transforms({"image": it["image"], "label": it["label"]})
+            patches = patches if isinstance(patches, list) else [patches]
             crop_centers = [list(map(int, c)) for c in (self.crop.cropper.centers or [])]
             for j, p in enumerate(patches):
                 images.append(_plain(p["image"]))
@@ -129,8 +135,12 @@ class PatchBatcher:
                 ids.append(it.get("case_id"))
                 centers.append(crop_centers[j] if j < len(crop_centers) else None)
                 sources.append(it)
-        return {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "case_id": ids,
-                "center": centers, "items": sources}
+                texts.append(p.get("text") if "structure" in p else None)
+        out = {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "case_id": ids,
+               "center": centers, "items": sources}
+        if any(t is not None for t in texts):  # a prompted model: the prompt drawn with each patch's structure
+            out["texts"] = texts
+        return out
 
 
 def random_patch_batch(items: Sequence[dict], cfg: PreprocConfig, num_patches: int, augment: bool = False,

@@ -18,6 +18,8 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
@@ -94,14 +96,24 @@ class CheckedDICOMWebDatastore(DICOMWebDatastore):
         AUTOMATIC unless the client says otherwise) and references the image series (dcmqi ``itkimage2segimage``).
         """
         label_info = dict(label_info or {})
-        infos = label_info.get("label_info") or getattr(self, "default_label_info", None) or [{"name": "segment"}]
+        # MONAI Label pairs the i-th label value present in the file with label_info[i]: build the list in that order,
+        # named by value from the models' label maps (a prompted model: lesion = 1, cyst = 2) unless the client sent
+        # its own, and give each segment its real value as labelID (dcmqi reads the voxels by it)
+        values = _label_values(label_filename)
+        given = label_info.get("label_info")
+        names = getattr(self, "default_label_names", None) or {}
+        if given:
+            infos = [dict(given[i]) if i < len(given) else {"name": names.get(v, f"segment {v}")}
+                     for i, v in enumerate(values)]
+        else:
+            infos = [{"name": names.get(v, f"segment {v}"), "model_name": "DFM+VLM"} for v in values]
         filled = []
         for i, info in enumerate(infos):
             info = dict(info)
             name = info.get("name", "segment")
             algo = info.get("model_name", "DFM+VLM")
             info.setdefault("segmentAttribute", {
-                "labelID": i + 1, "SegmentLabel": name, "SegmentDescription": info.get("description", name),
+                "labelID": values[i], "SegmentLabel": name, "SegmentDescription": info.get("description", name),
                 "SegmentAlgorithmType": info.get("algorithm_type", "AUTOMATIC"), "SegmentAlgorithmName": algo,
                 "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT",
                                                           "CodeMeaning": "Anatomical Structure"},
@@ -188,3 +200,12 @@ class CheckedLocalDatastore(LocalDatastore):
         except InputError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
         return super().save_label(image_id, label_filename, label_tag, label_info)
+
+
+def _label_values(path) -> list[int]:
+    """The non-zero values of a label file, ascending (the order MONAI Label's SEG conversion pairs them in)."""
+    from monai.transforms import LoadImage
+
+    arr = np.asarray(LoadImage(image_only=True)(str(path)))
+    vals = np.unique(arr.astype(np.int64))
+    return [int(v) for v in vals if v != 0] or [1]

@@ -52,31 +52,43 @@ def to_original(prob: torch.Tensor, preprocessed: dict, system: DFMSystem) -> Me
 
 
 def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowInferer | None = None,
-                         return_variance: bool = False, clicks: Clicks | None = None,
-                         cache: WindowCache | None = None, hold_radius: int | None = None) -> dict:
+                         return_variance: bool = False, clicks: Clicks | dict | None = None,
+                         cache: WindowCache | None = None, hold_radius: int | None = None,
+                         labels=None, prompt: str | None = None) -> dict:
     """Run the inferer on a preprocessed item: ``prob_pre``/``var_pre`` in preprocessed space, ``prob`` (and with
-    ``return_variance`` ``var``) in the original geometry.
+    ``return_variance`` ``var``) in the original geometry, one channel per target; ``targets``: their
+    ``(name, value, prompt)`` (:meth:`DFMSystem.prompts`: a prompted model's ``labels`` -- default all -- or a
+    free ``prompt``; a one-structure model: its label).
 
-    ``clicks``: in the ORIGINAL image's voxel indices (:func:`lib.clicks.parse_clicks`); mapped to the network
-    grid through the preprocessing's affines, given to the model, and every clicked voxel of ``prob`` is set to
-    1 (positive) or 0 (negative): the label says what the user clicked. ``cache``: re-run only changed windows.
+    ``clicks``: in the ORIGINAL image's voxel indices (:func:`lib.clicks.parse_clicks`), one :class:`Clicks` for
+    every target or ``{name: Clicks}``; mapped to the network grid through the preprocessing's affines, given to
+    the model, and every clicked voxel of the target's ``prob`` is set to 1 (positive) or 0 (negative): the label
+    says what the user clicked. ``cache``: re-run only changed windows.
     """
     inferer = inferer or make_inferer(system)
+    targets = system.prompts(labels, prompt)
+    texts = None if targets[0][2] is None else [t[2] for t in targets]
     image = d["image"]
     seed = seed_for(inferer.seed, d.get("case_id"))
     x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     x = x.unsqueeze(0).to(system.device)
-    net_clicks = to_network_grid(clicks, image) if clicks else None
-    prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True, clicks=net_clicks,
-                        cache=cache, hold_radius=hold_radius)
+    if isinstance(clicks, dict):
+        per = [clicks.get(t[0]) or Clicks() for t in targets]
+    else:
+        per = [clicks or Clicks()] * len(targets)
+    net = [to_network_grid(k, image) if k else Clicks() for k in per]
+    prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True, clicks=net,
+                        cache=cache, hold_radius=hold_radius, prompts=texts)
     prob, var = prob[0].cpu(), var[0].cpu()
     out = {"prob_pre": prob, "var_pre": var, "prob": to_original(prob, d, system),
-           "windows": dict(inferer.last_windows)}
-    if clicks:
-        for value, pts in ((1.0, clicks.fg), (0.0, clicks.bg)):
+           "windows": dict(inferer.last_windows), "targets": targets}
+    for ch, k in enumerate(per):
+        for value, pts in ((1.0, k.fg), (0.0, k.bg)):
             for p in pts:
-                out["prob"][(slice(None),) + tuple(int(v) for v in p)] = value
-        out["clicks_network_grid"] = net_clicks.to_dict()
+                out["prob"][(ch,) + tuple(int(v) for v in p)] = value
+    if any(per):
+        out["clicks_network_grid"] = net[0].to_dict() if len(net) == 1 else \
+            {t[0]: n.to_dict() for t, n in zip(targets, net)}
     if return_variance:  # the variance map on the original grid as well (one more inversion)
         out["var"] = to_original(var, d, system)
     return out
@@ -95,8 +107,9 @@ def uncertainty_scores(mean: torch.Tensor, var: torch.Tensor) -> dict:
 
 
 def predict_item(system: DFMSystem, item: dict, inferer: DFMSlidingWindowInferer | None = None,
-                 return_variance: bool = False) -> dict:
-    return predict_preprocessed(system, preprocess_item(system, item), inferer, return_variance)
+                 return_variance: bool = False, labels=None, prompt: str | None = None) -> dict:
+    return predict_preprocessed(system, preprocess_item(system, item), inferer, return_variance, labels=labels,
+                                prompt=prompt)
 
 
 def _spacing(meta_tensor) -> list[float] | None:
@@ -133,14 +146,21 @@ def case_metrics(pred_bin: torch.Tensor, label: torch.Tensor, spacing=None) -> d
 
 def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSlidingWindowInferer | None = None,
                    preprocessed: Sequence[dict] | None = None, labels: Sequence[dict] | None = None,
-                   progress: bool = False, on_case: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
+                   progress: bool = False, on_case: Callable[[dict], None] | None = None,
+                   structures=None, prompt: str | None = None) -> tuple[list[dict], dict]:
     """Sliding-window prediction on whole images, ``prob > 0.5``, metrics in the label's original geometry.
 
     ``preprocessed``/``labels``: the same pipelines' outputs computed earlier (the training loop caches them); the
     results are identical to computing them here.
+
+    A prompted model: every structure (or the named ``structures``) is predicted with its prompt in one batched
+    sampler run per image and scored against its own truth (``structures: {name: metrics}``; the case's
+    ``dice`` is their mean); ``dice_matrix[prompt][truth]`` scores every prediction against every structure's
+    truth (the wrong-prompt control). A free ``prompt`` is scored against every truth (one row of the matrix).
     """
     inferer = inferer or make_inferer(system)
-    lab_t = label_transforms(system.hparams.preprocessing)
+    truths = system.structures
+    lab_t = label_transforms(system.hparams.preprocessing, structures=truths)
     cases = []
     it = range(len(items))
     if progress:
@@ -152,13 +172,26 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         t0 = time.perf_counter()
         d = preprocessed[i] if preprocessed is not None else preprocess_item(system, item)
         lab = labels[i] if labels is not None else lab_t({"label": item["label"]})
-        out = predict_preprocessed(system, d, inferer)
+        out = predict_preprocessed(system, d, inferer, labels=structures, prompt=prompt)
         label = lab["label"]
         prob = out["prob"]
         if tuple(prob.shape[1:]) != tuple(label.shape[1:]):
             raise InputError(f"{item.get('case_id')}: prediction in original geometry {tuple(prob.shape[1:])} "
                              f"differs from the label's {tuple(label.shape[1:])}")
-        m = case_metrics((prob > 0.5).float(), label, spacing=_spacing(label))
+        spacing = _spacing(label)
+        if not truths:
+            m = case_metrics((prob > 0.5).float(), label, spacing=spacing)
+        else:
+            names = [s.name for s in truths]
+            per, matrix = {}, {}
+            for ch, (name, _, _) in enumerate(out["targets"]):
+                pred = (prob[ch:ch + 1] > 0.5).float()
+                matrix[name] = {t: dice_of(pred, label[k:k + 1]) for k, t in enumerate(names)}
+                if name in names and prompt is None:
+                    k = names.index(name)
+                    per[name] = case_metrics(pred, label[k:k + 1], spacing=spacing)
+            dices = [v["dice"] for v in per.values() if v.get("dice") is not None]
+            m = {"dice": float(np.mean(dices)) if dices else None, "structures": per, "dice_matrix": matrix}
         m = {"case_id": item.get("case_id"), **m, "seconds": round(time.perf_counter() - t0, 3)}
         cases.append(m)
         if on_case:
@@ -166,11 +199,34 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
     return cases, summarize(cases)
 
 
+def dice_of(pred_bin: torch.Tensor, truth: torch.Tensor) -> float | None:
+    """Dice of one binary prediction ``(1, *spatial)`` against one truth (MONAI's DiceMetric)."""
+    v = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(
+        torch.as_tensor(pred_bin).float().unsqueeze(0), torch.as_tensor(truth).float().unsqueeze(0))
+    v = float(v.flatten()[0])
+    return None if math.isnan(v) else v
+
+
+def _stats(vals) -> dict | None:
+    vals = np.array([v for v in vals if v is not None], dtype=float)
+    if not len(vals):
+        return None
+    return {"mean": float(vals.mean()), "median": float(np.median(vals)), "std": float(vals.std()),
+            "min": float(vals.min()), "max": float(vals.max()), "n": int(len(vals))}
+
+
 def summarize(cases: Sequence[dict]) -> dict:
     out: dict = {"n": len(cases)}
     for k in ("dice", "hd95", "precision", "recall"):
-        vals = np.array([c[k] for c in cases if c.get(k) is not None], dtype=float)
-        if len(vals):
-            out[k] = {"mean": float(vals.mean()), "median": float(np.median(vals)), "std": float(vals.std()),
-                      "min": float(vals.min()), "max": float(vals.max()), "n": int(len(vals))}
+        st = _stats(c.get(k) for c in cases)
+        if st:
+            out[k] = st
+    if cases and "structures" in cases[0]:
+        names = list(dict.fromkeys(n for c in cases for n in c.get("structures", {})))
+        out["structures"] = {n: {k: _stats(c["structures"].get(n, {}).get(k) for c in cases)
+                                 for k in ("dice", "hd95", "precision", "recall")} for n in names}
+        rows = list(dict.fromkeys(r for c in cases for r in c.get("dice_matrix", {})))
+        cols = list(dict.fromkeys(t for c in cases for r in c.get("dice_matrix", {}).values() for t in r))
+        out["dice_matrix"] = {r: {t: (_stats(c["dice_matrix"].get(r, {}).get(t) for c in cases) or {}).get("mean")
+                                  for t in cols} for r in rows}
     return out

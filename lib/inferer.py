@@ -16,6 +16,10 @@ through :class:`DFMSlidingWindowInferer` (a thin subclass of MONAI's ``SlidingWi
    ``(seed, image id, window position, m)``: the result does not depend on ``sw_batch_size``, on the order of the
    windows, on the memory cap or on other images;
 6. returns the mean of the samples' ``p_final`` (or ``last_posterior`` for benchmarks) and their variance.
+
+A prompted model (:mod:`lib.structures`) predicts every window for each asked label (``per_window``): one more
+batch axis of the same call; each window's image is embedded once, and each label's noise is seeded by the
+prompt's text as well, so a label's result does not depend on which other labels were asked for.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ class DFMSystem(nn.Module):
             raise ValueError(f"the VLM gives {vlm.embed_dim}-d embeddings but the model's FiLM heads take "
                              f"cond_dim={model.cfg.cond_dim}")
         self.cache_token = uuid.uuid4().hex  # identifies these weights in a WindowCache (a reload gets a new one)
+        if vlm is not None and hparams.structures and hparams.vlm.center_prompts:
+            vlm.center_texts_on([p for s in hparams.structures for p in s.prompts])
 
     @property
     def device(self) -> torch.device:
@@ -81,19 +87,47 @@ class DFMSystem(nn.Module):
         if getattr(self, "_preprocessing", None) is None:
             from .transforms import preprocess
 
-            self._preprocessing = preprocess(self.hparams.preprocessing)
+            self._preprocessing = preprocess(self.hparams.preprocessing, structures=self.hparams.structures)
         return self._preprocessing
 
     @property
     def takes_clicks(self) -> bool:
         return self.model.cfg.guidance_channels > 0
 
-    def condition(self, patches: torch.Tensor, texts=None, guidance: torch.Tensor | None = None):
+    @property
+    def structures(self) -> list:
+        """A prompted model's structures (painting order); empty for a one-structure model."""
+        return list(self.hparams.structures)
+
+    def prompts(self, labels=None, prompt: str | None = None) -> list[tuple[str, int, str]]:
+        """``(name, value, prompt)`` of what a request asks for: a free ``prompt`` (named by itself, value 1), the
+        named ``labels`` of a prompted model (default: all, in painting order), or a one-structure model's label."""
+        from .structures import StructureError, select
+
+        if prompt is not None:
+            prompt = str(prompt).strip()
+            if not prompt:
+                raise StructureError("the prompt is empty")
+            if self.vlm is None or self.vlm.cfg.text_mode != "label":
+                raise StructureError("this model takes no text prompt (it is not conditioned on a label prompt)")
+            return [(prompt, 1, prompt)]
+        if self.structures:
+            return [(s.name, s.value, s.prompts[0]) for s in select(self.structures, labels)]
+        name, value = next(iter(self.hparams.labels.items()))
+        if labels not in (None, "", "all", ["all"]) and [x for x in ([labels] if isinstance(labels, str) else labels)
+                                                         if x not in (name, "all")]:
+            raise StructureError(f"label(s) {labels!r}: this model segments only {name!r}")
+        return [(name, value, None)]
+
+    def condition(self, patches: torch.Tensor, texts=None, guidance: torch.Tensor | None = None, repeats: int = 1):
         """Per-patch condition (VLM embedding + FiLM scale/shift [+ image features]), once per patch.
 
         The VLM sees the image channels only; a click-trained model also gets the click-guidance channels
-        (``guidance (B, 2, *patch)``; none given = no click = zeros, the automatic mode)."""
-        emb = patch_condition(self.vlm, patches, texts)
+        (``guidance (B * repeats, 2, *patch)``; none given = no click = zeros, the automatic mode). ``repeats``:
+        each patch with ``repeats`` texts in a row (a prompted model's labels); its image is embedded once."""
+        emb = patch_condition(self.vlm, patches, texts, repeats=repeats)
+        if repeats > 1:
+            patches = patches.repeat_interleave(repeats, dim=0)
         g = self.model.cfg.guidance_channels
         if g:
             if guidance is None:
@@ -118,12 +152,14 @@ class DFMSystem(nn.Module):
                         sampler: str = "euler", steps: int = 8, num_samples: int = 1, output: str = "p_final",
                         precision: str | None = None, max_batch_voxels: int | None = None,
                         allow_roi_mismatch: bool = False, guidance: torch.Tensor | None = None,
-                        hold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        hold: torch.Tensor | None = None, per_window: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``windows (B, C, *patch)`` + one text and one seed per window -> ``(mean, variance)``, each
         ``(B, 1, *patch)`` on the system's device. See the module docstring for what it guarantees.
 
-        Clicks (:mod:`lib.clicks`): ``guidance (B, 2, *patch)`` click maps for a click-trained model, ``hold
-        (B, 2, *patch)`` mask and value of voxels the sampler holds in ``x_t``."""
+        ``per_window = L``: every window is predicted for L texts (a prompted model's labels): ``texts`` and
+        ``seeds`` hold ``B * L`` entries (window-major) and the result ``B * L`` items; each window's image is
+        embedded by the VLM once. Clicks (:mod:`lib.clicks`): ``guidance (B * L, 2, *patch)`` click maps for a
+        click-trained model, ``hold (B * L, 2, *patch)`` mask and value of voxels the sampler holds in ``x_t``."""
         cfg = self.model.cfg
         patch = list(self.hparams.preprocessing.patch_size)
         if windows.ndim != cfg.spatial_dims + 2:
@@ -131,19 +167,21 @@ class DFMSystem(nn.Module):
                              f"{'H, W' if cfg.spatial_dims == 2 else 'H, W, D'}); got {tuple(windows.shape)}")
         if list(windows.shape[2:]) != patch and not allow_roi_mismatch:
             raise ConfigError(roi_mismatch_message(list(windows.shape[2:]), patch))
-        if len(seeds) != windows.shape[0]:
-            raise ValueError(f"one seed per window: {len(seeds)} seeds for {windows.shape[0]} windows")
+        if len(seeds) != windows.shape[0] * per_window:
+            raise ValueError(f"one seed per window and text: {len(seeds)} seeds for {windows.shape[0]} windows x "
+                             f"{per_window}")
         validate_sampler(sampler, steps, num_samples, 0.0, 1, output)
         dev = self.device
         prec = precision or self.hparams.precision
         windows = windows.to(dev).float()
-        b, m = windows.shape[0], num_samples
+        b, m = windows.shape[0] * per_window, num_samples
         spatial = tuple(windows.shape[2:])
         if hold is not None:
             hold = hold.to(dev).float()
         with eval_mode(self.model, self.vlm), precision_policy.reproducible(), \
                 precision_policy.autocast(prec, dev):
-            cond = self.condition(windows, texts, None if guidance is None else guidance.to(dev).float())
+            cond = self.condition(windows, texts, None if guidance is None else guidance.to(dev).float(),
+                                  repeats=per_window)
             if not self.model.dfm:
                 p = torch.sigmoid(self.model(None, None, cond).float())
                 return p, torch.zeros_like(p)
@@ -274,17 +312,22 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: DFMSystem, text: str | None = None,
-                 seed: int | None = None, return_variance: bool = False, clicks: Clicks | None = None,
-                 cache: WindowCache | None = None, click_sigma: float | None = None, hold_radius: int | None = None):
-        """``inputs``: one preprocessed image ``(1, C, *spatial)``; returns ``(1, 1, *spatial)`` probabilities.
+                 seed: int | None = None, return_variance: bool = False, clicks=None,
+                 cache: WindowCache | None = None, click_sigma: float | None = None, hold_radius: int | None = None,
+                 prompts: Sequence[str] | None = None):
+        """``inputs``: one preprocessed image ``(1, C, *spatial)``; returns ``(1, L, *spatial)`` probabilities, one
+        channel per prompt (L = 1 without ``prompts``).
 
         ``seed``: the image's seed (default: the inferer's; callers derive it from the image id with
-        :func:`seed_for`); every window derives its own from it and its position.
-        ``clicks``: points in this (preprocessed) grid's voxel coordinates: click-guidance channels for a
-        click-trained model (Gaussian of ``click_sigma``, default the checkpoint's) and, with ``hold_radius >= 0``
-        (default the checkpoint's), the held voxels of the sampler; both travel with the image through MONAI's
-        window slicing. ``cache``: reuse the result of every window whose input did not change (a click changes
-        only the windows its truncated guidance bump or held voxels reach).
+        :func:`seed_for`); every window derives its own from it and its position (and, with ``prompts``, the
+        prompt's text: a label's result does not depend on which other labels were asked for).
+        ``prompts``: the texts of a prompted model's labels (or a free prompt); every window is predicted for each,
+        batched (:meth:`DFMSystem.predict_windows` ``per_window``).
+        ``clicks``: points in this (preprocessed) grid's voxel coordinates (one :class:`Clicks`, or one per prompt):
+        click-guidance channels for a click-trained model (Gaussian of ``click_sigma``, default the checkpoint's)
+        and, with ``hold_radius >= 0`` (default the checkpoint's), the held voxels of the sampler; both travel with
+        the image through MONAI's window slicing. ``cache``: reuse the result of every window whose input did not
+        change (a click changes only the windows its truncated guidance bump or held voxels reach).
         """
         if inputs.ndim != len(self.roi_size) + 2:
             raise ValueError(f"the inferer's roi_size {self.roi_size} is {len(self.roi_size)}D; "
@@ -295,7 +338,14 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
             raise ValueError(f"the model expects {network.model.cfg.in_channels} image channel(s); "
                              f"got {inputs.shape[1]}")
         image_seed = self.seed if seed is None else int(seed)
-        texts_of = network.texts_for(text, 1)
+        if prompts is not None:
+            prompts = [str(p) for p in prompts]
+            if not prompts:
+                raise ValueError("prompts is empty")
+            texts_of = prompts
+        else:
+            texts_of = network.texts_for(text, 1)
+        n_p = len(prompts) if prompts is not None else 1
         device = self.device or network.device
         c = inputs.shape[1]
         hp = network.hparams
@@ -303,28 +353,38 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         radius = int(hold_radius if hold_radius is not None else hp.clicks.hold_radius)
         # a click model always gets its guidance (and hold) channels, zero without clicks (= what the network and
         # the sampler do with none): windows that no click reaches then have the same bytes with and without clicks
-        clicks = clicks or Clicks()
+        per_prompt = list(clicks) if isinstance(clicks, (list, tuple)) else [clicks or Clicks()] * n_p
+        if len(per_prompt) != n_p:
+            raise ValueError(f"{len(per_prompt)} click sets for {n_p} prompt(s)")
+        per_prompt = [k or Clicks() for k in per_prompt]
         extra = []
         if network.takes_clicks:
-            extra.append(guidance_maps(clicks, inputs.shape[2:], sigma, device=inputs.device)[None])
+            extra += [guidance_maps(k, inputs.shape[2:], sigma, device=inputs.device)[None] for k in per_prompt]
         n_guid = sum(e.shape[1] for e in extra)
-        if radius >= 0 and (clicks or network.takes_clicks):
-            extra.append(hold_maps(clicks, inputs.shape[2:], radius, device=inputs.device)[None])
+        if radius >= 0 and (any(per_prompt) or network.takes_clicks):
+            extra += [hold_maps(k, inputs.shape[2:], radius, device=inputs.device)[None] for k in per_prompt]
         n_hold = sum(e.shape[1] for e in extra) - n_guid
         if extra:
             inputs = torch.cat([inputs.float()] + [e.to(inputs.device) for e in extra], dim=1)
-        settings = (self.sampler, self.steps, self.num_samples, self.output, self.precision, text,
-                    network.cache_token, n_guid, n_hold)
+        settings = (self.sampler, self.steps, self.num_samples, self.output, self.precision,
+                    text if prompts is None else tuple(prompts), network.cache_token, n_guid, n_hold)
         self.last_windows = {"windows": 0, "rerun": 0}
 
+        def per_item(x, n):  # (n, L * k, ...) channels of L prompts -> (n * L, k, ...)
+            return x.reshape(n * n_p, x.shape[1] // n_p, *x.shape[2:])
+
         def run(windows, seeds):
+            n = windows.shape[0]
             return network.predict_windows(
-                windows[:, :c], None if texts_of is None else texts_of * windows.shape[0], seeds,
+                windows[:, :c], None if texts_of is None else texts_of * n, seeds,
                 sampler=self.sampler, steps=self.steps, num_samples=self.num_samples, output=self.output,
                 precision=self.precision, max_batch_voxels=self.max_batch_voxels,
                 allow_roi_mismatch=self.allow_roi_mismatch,
-                guidance=windows[:, c:c + n_guid] if n_guid else None,
-                hold=windows[:, c + n_guid:] if n_hold else None)
+                guidance=per_item(windows[:, c:c + n_guid], n) if n_guid else None,
+                hold=per_item(windows[:, c + n_guid:], n) if n_hold else None, per_window=n_p)
+
+        def item_seeds(ws: int) -> list[int]:
+            return [ws] if prompts is None else [derive_seed(ws, "prompt", p) for p in prompts]
 
         def predictor(windows: torch.Tensor, slices):
             seeds = [window_seed(image_seed, s) for s in slices]
@@ -332,13 +392,15 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
             self.last_windows["windows"] += n
             if cache is None:
                 self.last_windows["rerun"] += n
-                mean, var = run(windows, seeds)
-                return {"prob": mean, "var": var}
+                mean, var = run(windows, [x for ws in seeds for x in item_seeds(ws)])
+                return {"prob": mean.reshape(n, n_p, *mean.shape[2:]), "var": var.reshape(n, n_p, *var.shape[2:])}
             keys = [WindowCache.key(windows[i], seeds[i], settings) for i in range(n)]
             found = [cache.get(k) for k in keys]
             todo = [i for i in range(n) if found[i] is None]
             if todo:
-                mean, var = run(windows[todo], [seeds[i] for i in todo])
+                mean, var = run(windows[todo], [x for i in todo for x in item_seeds(seeds[i])])
+                mean = mean.reshape(len(todo), n_p, *mean.shape[2:])
+                var = var.reshape(len(todo), n_p, *var.shape[2:])
                 for j, i in enumerate(todo):
                     found[i] = (mean[j], var[j])
                     cache.put(keys[i], found[i])

@@ -48,6 +48,8 @@ def build_system(hp: HParams, device: str | torch.device = "cpu") -> DFMSystem:
         vlm = VLMEncoder.from_pretrained(hp.vlm, device=device)
         hp.vlm = vlm.resolved_config()
     hp = hp.resolved()
+    if vlm is not None:
+        vlm.cfg = hp.vlm  # resolved: the view's axis codes
     model = ConditionalUNet(hp.model).to(device)
     return DFMSystem(model, vlm, hp).to(device).eval()
 
@@ -100,7 +102,8 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
     hp = system.hparams
     image = batch["image"].to(device).float()
     x1 = batch["label"].to(device).float()
-    texts = patch_texts(batch["items"], hp.vlm) if system.vlm is not None else None
+    # a prompted model: each patch's text is the prompt drawn with its structure (lib.structures.RandStructured)
+    texts = batch.get("texts") or (patch_texts(batch["items"], hp.vlm) if system.vlm is not None else None)
     guidance = None
     if system.takes_clicks:
         rng = rng if rng is not None else np.random.default_rng()
@@ -220,12 +223,12 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     train_ds = CacheDataset(list(train_items), transform=system.preprocessing, progress=progress, num_workers=0)
     val_pre = [system.preprocessing({k: v for k, v in it.items() if k in ("image", "text", "case_id")})
                for it in val_items]
-    lab_t = label_transforms(hp.preprocessing)
+    lab_t = label_transforms(hp.preprocessing, structures=hp.structures)
     val_lab = [lab_t({"label": it["label"]}) for it in val_items]
     inferer = make_inferer(system)
 
     batcher = PatchBatcher(hp.preprocessing, tc.patches_per_image, augment=tc.augment, seed=tc.seed,
-                           augmentation=tc.augmentation)
+                           augmentation=tc.augmentation, structures=hp.structures)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     best = {"dice": -1.0}
     history: list[dict] = []

@@ -209,8 +209,19 @@ def load_transforms(keys: Sequence[str]) -> list:
     ]
 
 
-def preprocess(cfg: PreprocConfig, load: bool = True) -> Compose:
-    """Load (optional) + check + orientation + spacing + intensity + binary label (when a label is given).
+def _truth(cfg: PreprocConfig, structures, key: str = "label") -> MapTransform:
+    """``label > label_threshold``, or for a prompted model one binary channel per structure
+    (:class:`lib.structures.StructureTruthd`, derived on the label as loaded)."""
+    if structures:
+        from .structures import StructureTruthd
+
+        return StructureTruthd(keys=key, structures=structures, allow_missing_keys=True)
+    return BinarizeLabeld(keys=key, threshold=cfg.label_threshold, allow_missing_keys=True)
+
+
+def preprocess(cfg: PreprocConfig, load: bool = True, structures=None) -> Compose:
+    """Load (optional) + check + orientation + spacing + intensity + binary label (when a label is given; one
+    channel per structure for a prompted model).
 
     One pipeline for items with and without a label. Its spatial steps are invertible: invert a prediction with
     the SAME instance (MONAI matches inverse operations to the transform object that applied them), e.g.
@@ -223,7 +234,7 @@ def preprocess(cfg: PreprocConfig, load: bool = True) -> Compose:
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
         CheckImaged(keys="image", num_channels=cfg.num_channels, spatial_dims=cfg.spatial_dims, label_key="label"),
         RecordGridd(keys="image"),
-        BinarizeLabeld(keys="label", threshold=cfg.label_threshold, allow_missing_keys=True),
+        _truth(cfg, structures),
     ]
     if cfg.orientation:
         t.append(Orientationd(keys=keys, axcodes=cfg.orientation, allow_missing_keys=True))
@@ -238,11 +249,12 @@ def preprocess(cfg: PreprocConfig, load: bool = True) -> Compose:
     return CheckedCompose(t)
 
 
-def label_transforms(cfg: PreprocConfig, label_key: str = "label") -> Compose:
-    """The reference label in its ORIGINAL geometry (no resampling), binarised: what metrics compare against."""
+def label_transforms(cfg: PreprocConfig, label_key: str = "label", structures=None) -> Compose:
+    """The reference label in its ORIGINAL geometry (no resampling), binarised (one channel per structure for a
+    prompted model): what metrics compare against."""
     return CheckedCompose(load_transforms([label_key]) + [
         EnsureTyped(keys=label_key, dtype=torch.float32, track_meta=True),
-        BinarizeLabeld(keys=label_key, threshold=cfg.label_threshold),
+        _truth(cfg, structures, label_key),
     ])
 
 

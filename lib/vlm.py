@@ -4,9 +4,13 @@
 window: the same code, on the same kind of input (a preprocessed patch of the patch/roi size), never on the whole
 image. How a patch becomes the VLM's input:
 
-1. 2D views. A 2D patch is one view. A 3D patch (``C, H, W, D``, D the axial axis after ``Orientation``) gives
-   ``num_slices`` evenly spaced axial slices, slice ``i`` at index ``floor((i + 0.5) * D / num_slices)``; their
-   embeddings are mean-pooled.
+1. 2D views, as a radiologist sees them (``view="display"``; a pretrained CLIP was trained on upright photographs).
+   A 2D patch is one view: MONAI loads a PNG as (x, y), so the view is its transpose (rows top to bottom, columns
+   left to right, as the file displays). A 3D patch gives ``num_slices`` evenly spaced axial slices (along the S/I
+   axis named by the preprocessing's orientation codes, ``vlm.axcodes``), slice ``i`` at index
+   ``floor((i + 0.5) * D / num_slices)``, each in the radiological convention: anterior at the top, the patient's
+   right on the image's left (seen from the feet); their embeddings are mean-pooled. ``view="array"`` (checkpoints
+   from before 2026-11-28) feeds the array's own axes: a PNG transposed, 3D slices along the last axis.
 2. A fixed intensity window ``(low, high)`` (in preprocessed units) maps each view to [0, 1], clipped; no
    per-window normalisation, so the mapping is the same wherever the patch comes from.
 3. Channels to RGB: 1 channel is replicated, 2 channels become ``(c0, c1, (c0 + c1) / 2)``, 3 or more: the first
@@ -127,13 +131,16 @@ class VLMEncoder(nn.Module):
     # -- patches -> 2D RGB views in [0, 1] ----------------------------------------------------------------------
     def views(self, patches: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(B, C, *spatial) -> (B * S, 3, H, W) views in [0, 1], and S (views per patch)."""
-        if patches.ndim == 5:
+        display = getattr(self.cfg, "view", "array") == "display"
+        if patches.ndim == 5 and display:
+            v, s = display_slices(patches, self.cfg.axcodes, self.cfg.num_slices)
+        elif patches.ndim == 5:
             idx = axial_slice_indices(patches.shape[-1], self.cfg.num_slices)
             v = patches[..., idx]  # B, C, H, W, S
             s = len(idx)
             v = v.permute(0, 4, 1, 2, 3).reshape(-1, *v.shape[1:4])  # B*S, C, H, W
         elif patches.ndim == 4:
-            v, s = patches, 1
+            v, s = (patches.transpose(-1, -2) if display else patches), 1  # (x, y) -> rows y, columns x
         else:
             raise VLMError(f"patches must be (B, C, H, W) or (B, C, H, W, D); got shape {tuple(patches.shape)}")
         lo, hi = self.cfg.intensity_window
@@ -156,7 +163,12 @@ class VLMEncoder(nn.Module):
         return emb.view(patches.shape[0], s, -1).mean(1)
 
     def _encode_text_uncached(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        if str(getattr(self.model.config, "model_type", "")).startswith("siglip"):
+            # SigLIP was trained on texts padded to its full length (its model card: padding="max_length")
+            n = int(self.model.config.text_config.max_position_embeddings)
+            tok = self.tokenizer(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+        else:
+            tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         tok = {k: v.to(self.device) for k, v in tok.items()}
         return F.normalize(_features(self.model.get_text_features(**tok)).float(), dim=-1)
 
@@ -166,7 +178,49 @@ class VLMEncoder(nn.Module):
         if missing:
             for t, e in zip(missing, self._encode_text_uncached(list(missing))):
                 self._text_cache[t] = e
-        return torch.stack([self._text_cache[t] for t in texts])
+        e = torch.stack([self._text_cache[t] for t in texts])
+        if self.text_center is not None:
+            e = F.normalize(e - self.text_center.to(e.device), dim=-1)
+        return e
+
+    text_center: torch.Tensor | None = None
+
+    def center_texts_on(self, prompts: Sequence[str]) -> None:
+        """A prompted model's text embeddings relative to its prompts' mean, re-normalised (``vlm.center_prompts``).
+
+        CLIP-family text embeddings of related prompts are nearly parallel (the tiny CLIP: cosine 0.96 between
+        "the patient's right lung ..." and "... left lung ..."; real CLIPs behave alike for medical prompts), so the
+        FiLM heads would see almost the same vector for every label. Centred on the mean of the model's own prompts
+        (a fixed vector: the same prompts and VLM give the same centre in training and inference), the labels'
+        embeddings point apart; a free prompt is centred on the same vector."""
+        self.text_center = None
+        self.text_center = self.encode_texts(list(dict.fromkeys(prompts))).mean(0)
+
+
+def display_slices(patches: torch.Tensor, axcodes: str | None, num_slices: int) -> tuple[torch.Tensor, int]:
+    """``(B, C, *3 spatial)`` with axis codes ``axcodes`` (e.g. "RAS") -> ``(B * S, C, rows, columns)`` axial
+    slices in the radiological convention: rows from anterior (top) to posterior, columns from the patient's right
+    (image left) to the patient's left."""
+    codes = (axcodes or "").upper()
+    if len(codes) != 3:
+        raise VLMError(f"display views of 3D patches need the 3 axis codes of the preprocessing's orientation; "
+                       f"got {axcodes!r}")
+
+    def axis(pair: str) -> tuple[int, str]:
+        found = [(i, c) for i, c in enumerate(codes) if c in pair]
+        if len(found) != 1:
+            raise VLMError(f"axis codes {codes!r} do not name one {'/'.join(pair)} axis")
+        return found[0]
+
+    (lr, lr_c), (ap, ap_c), (si, _) = axis("LR"), axis("AP"), axis("SI")
+    idx = axial_slice_indices(patches.shape[2 + si], num_slices)
+    v = patches.index_select(2 + si, torch.as_tensor(idx, device=patches.device))
+    v = v.permute(0, 2 + si, 1, 2 + ap, 2 + lr)  # B, S, C, AP, LR
+    if ap_c == "A":  # index grows towards anterior: flip so that anterior is row 0
+        v = v.flip(-2)
+    if lr_c == "R":  # index grows towards the patient's right: flip so that the right is column 0
+        v = v.flip(-1)
+    return v.reshape(-1, *v.shape[2:]), len(idx)
 
 
 def patch_texts(items: Sequence[dict], cfg: VLMConfig) -> list[str] | None:
@@ -185,19 +239,23 @@ def patch_texts(items: Sequence[dict], cfg: VLMConfig) -> list[str] | None:
     return texts
 
 
-def patch_condition(vlm: VLMEncoder | None, patches: torch.Tensor, texts: Sequence[str] | None = None
-                    ) -> torch.Tensor | None:
+def patch_condition(vlm: VLMEncoder | None, patches: torch.Tensor, texts: Sequence[str] | None = None,
+                    repeats: int = 1) -> torch.Tensor | None:
     """THE conditioning function: a batch of preprocessed patches (+ a text per patch) -> ``(B, embed_dim)``.
 
-    Training calls it on every random patch, the sliding-window inferer on every window.
+    Training calls it on every random patch, the sliding-window inferer on every window. ``repeats``: each patch
+    is conditioned on ``repeats`` texts in a row (a prompted model's labels, ``texts`` of length ``B * repeats``);
+    its image is embedded once -> ``(B * repeats, embed_dim)``.
     """
     if vlm is None:
         return None
     emb = vlm.encode_images(patches)
+    if repeats > 1:
+        emb = emb.repeat_interleave(repeats, dim=0)
     if vlm.cfg.text_mode != "none":
-        if texts is None or len(texts) != patches.shape[0]:
+        if texts is None or len(texts) != emb.shape[0]:
             raise VLMError(f"text_mode={vlm.cfg.text_mode!r}: need one text per patch "
-                           f"({patches.shape[0]}), got {None if texts is None else len(texts)}")
+                           f"({emb.shape[0]}), got {None if texts is None else len(texts)}")
         emb = torch.cat([emb, vlm.encode_texts(list(texts)).to(emb.device)], dim=-1)
     return emb
 
@@ -255,6 +313,45 @@ def make_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, pro
     proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
                                                             crop_size={"height": image_size, "width": image_size}),
                          tokenizer=tok)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return path
+
+
+def make_tiny_siglip(path: str | Path, image_size: int = 32, hidden: int = 32, seed: int = 0) -> Path:
+    """Write a tiny randomly initialised SigLIP (``SiglipModel``, its image processor and a SentencePiece
+    ``SiglipTokenizer`` trained here on a few prompts) with save_pretrained: the same ``from_pretrained`` path as
+    ``google/siglip-base-patch16-224``. Random weights, like :func:`make_tiny_clip`."""
+    import sentencepiece as spm
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "_spm"
+    tmp.mkdir(exist_ok=True)
+    corpus = ["both lung fields in a chest x-ray", "the patient's right lung", "the patient's left lung",
+              "whole tumour with oedema in a brain MRI", "tumour core", "enhancing tumour", "a lesion in a CT scan",
+              "a cyst in a CT scan", "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,'-"]
+    (tmp / "corpus.txt").write_text("\n".join(corpus * 20))
+    spm.SentencePieceTrainer.train(input=str(tmp / "corpus.txt"), model_prefix=str(tmp / "spiece"), vocab_size=128,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+                                   eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2,
+                                   hard_vocab_limit=False)
+    tok = SiglipTokenizer(vocab_file=str(tmp / "spiece.model"))
+    cfg = SiglipConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=len(tok), max_position_embeddings=16, pad_token_id=0, bos_token_id=None,
+                         eos_token_id=1),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=image_size, patch_size=max(4, image_size // 8)),
+    )
+    torch.manual_seed(seed)
+    model = SiglipModel(cfg)
+    proc = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": image_size, "width": image_size}),
+                           tokenizer=tok)
     model.save_pretrained(path)
     proc.save_pretrained(path)
     for f in tmp.iterdir():

@@ -120,7 +120,9 @@ class DFMVLMApp(MONAILabelApp):
 
         ds = super()._init_dicomweb_datastore()
         ds.__class__ = CheckedDICOMWebDatastore  # same client, cache and settings; only get_image_uri/save_label differ
-        ds.default_label_info = [{"name": n, "model_name": "DFM+VLM"} for c in self.models.values() for n in c.labels]
+        # a DICOMweb store holds CT/MR volumes: segments are named by the 3D models' label maps (value -> name)
+        ds.default_label_names = {v: n for c in self.models.values() if getattr(c, "dimension", 3) == 3
+                                  for n, v in reversed(list(c.labels.items()))}
         return ds
 
     def info(self):

@@ -266,6 +266,7 @@ def interactive_task(tmp_path, make_system):
     hp = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0]).hparams
     hp.preprocessing.orientation = "RAS"
     hp.clicks.enabled = True
+    hp.labels = {"lesion": 1}  # the task serves the checkpoint's labels
     torch.manual_seed(0)
     system = build_system(hp)
     path = tmp_path / "models" / "dfm_vlm_3d.pt"

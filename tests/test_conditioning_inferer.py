@@ -37,7 +37,7 @@ def test_tiny_clip_loads_through_from_pretrained(tiny_clip):
 
 def test_3d_patches_use_evenly_spaced_axial_slices(tiny_clip):
     assert axial_slice_indices(16, 3) == [2, 8, 13]
-    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(tiny_clip), num_slices=3))
+    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(tiny_clip), num_slices=3, view="array"))
     vol = torch.rand(2, 2, 24, 24, 16)
     views, s = enc.views(vol)
     assert s == 3 and views.shape == (6, 3, 24, 24)

@@ -42,11 +42,21 @@ class DFMTaskConfig(TaskConfig):
         self.checkpoint = conf.get(f"{name}_checkpoint") or str(SAMPLE_MODELS / f"{name}.pt")
         self.published = os.path.join(model_dir, f"{name}.pt")
         self.path = [self.checkpoint, self.published]  # the last existing file is served
-        self.labels = dict(self.hparams.labels)
+        self.labels = self._label_map()
         self.dimension = self.hparams.preprocessing.spatial_dims
         self._infer = None
         self._interactive = None
         self._scoring = None
+
+    def _label_map(self) -> dict:
+        """The served checkpoint's ``{name: value}`` (a prompted model: its structures), else the preset's."""
+        for p in reversed(self.path):
+            if os.path.exists(p):
+                try:
+                    return load_checkpoint(p).hparams.label_map
+                except CheckpointError as e:
+                    logger.warning("%s: %s", self.name, e)
+        return self.hparams.label_map
 
     def _sampler_defaults(self):
         for p in reversed(self.path):

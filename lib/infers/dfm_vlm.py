@@ -21,12 +21,13 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import device_list
 
 from lib.checkpoint import CheckpointError, load_system
-from lib.clicks import parse_clicks, uncertain_mask
+from lib.clicks import parse_clicks, parse_label_clicks, uncertain_mask
 from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
 from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
+from lib.structures import paint
 from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 INTERACTIVE_TYPE = InferType.DEEPEDIT
 UNCERTAIN_VALUE = 2  # label value of the optional "uncertain" segment (request parameter uncertain_segment)
 REQUEST_KEYS = ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed", "precision")
+# also: "labels" (a prompted model: a subset of its structures), "prompt" (a free text prompt), clicks (interactive)
 
 
 class ModelNotReady(RuntimeError):
@@ -105,24 +107,44 @@ class DFMPreprocessd:
             img = pre["image"]
             shape = [int(v) for v in img.meta.get("spatial_shape", img.shape[1:])] if hasattr(img, "meta") \
                 else list(img.shape[1:])
-            d["_clicks"] = parse_clicks(d, self.labels, self.system.hparams.preprocessing.spatial_dims, shape)
+            dims = self.system.hparams.preprocessing.spatial_dims
+            if self.system.structures:  # a prompted model: clicks per structure (lib.clicks.parse_label_clicks)
+                targets = self.system.prompts(_labels_param(d), d.get("prompt"))
+                names = [s.name for s in self.system.structures]
+                target = _first(d.get("label")) or (targets[0][0] if len(targets) == 1 else None)
+                d["_clicks"] = parse_label_clicks(d, names, dims, shape, target=target)
+            else:
+                d["_clicks"] = parse_clicks(d, self.labels, dims, shape)
         return d
 
 
+def _labels_param(d: dict):
+    """The request's ``labels`` (a list or a comma-separated string; absent: every structure)."""
+    v = d.get("labels")
+    if v is None or isinstance(v, (list, tuple)):
+        return v
+    return str(v)
+
+
 class DFMPostprocessd:
-    """prob > 0.5 -> uint8 label on the input's grid (the probability map was inverted already), + result JSON."""
+    """prob > 0.5 -> one uint8 label map on the input's grid (the probability map was inverted already): each
+    target painted with its value in the model's order, the most specific last (:func:`lib.structures.paint`);
+    + result JSON."""
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         prob = d["prob"]
-        label = (prob[0] > 0.5).to(torch.uint8)
+        targets = d.pop("_targets", None) or [("foreground", 1, None)]
+        label = paint(prob, [t[1] for t in targets])
         res = d.setdefault("result", {})
         unc = d.pop("_uncertain", None)
-        if unc is not None:  # the disagreement of the M samples as a second segment (never on a clicked voxel)
-            label[torch.as_tensor(unc)] = UNCERTAIN_VALUE
+        if unc is not None:  # the disagreement of the M samples as a segment of its own (never on a clicked voxel)
+            label[torch.as_tensor(unc)] = d.get("_uncertain_value", UNCERTAIN_VALUE)
             res["uncertain_fraction"] = float(torch.as_tensor(unc).float().mean())
         d["pred"] = MetaTensor(label, affine=prob.affine, meta=dict(prob.meta)) if isinstance(prob, MetaTensor) else label
-        res["foreground_fraction"] = float((label == 1).float().mean())
+        res["foreground_fraction"] = float(sum((label == t[1]).float().mean() for t in targets))
+        if len(targets) > 1 or d.get("_prompted"):
+            res["fractions"] = {t[0]: float((label == t[1]).float().mean()) for t in targets}
         return d
 
 
@@ -254,13 +276,22 @@ class DFMVLMInfer(BasicInferTask):
         uncertain = str(_first(data.get("uncertain_segment", "false"))).lower() in ("1", "true", "yes")
         if uncertain and inferer.num_samples < 2:
             raise ConfigError("parameter 'uncertain_segment' needs num_samples >= 2 (the samples' disagreement)")
+        prompt = data.get("prompt")
+        prompt = None if prompt is None or str(_first(prompt)).strip() == "" else str(_first(prompt))
         out = predict_preprocessed(system, pre, inferer, clicks=clicks, cache=self.window_cache, hold_radius=hold,
-                                   return_variance=uncertain)
+                                   return_variance=uncertain, labels=_labels_param(data), prompt=prompt)
+        targets = out["targets"]
+        all_clicks = list(clicks.values()) if isinstance(clicks, dict) else [clicks] if clicks else []
         if uncertain:
-            mask = torch.as_tensor(uncertain_mask(out["var"][0]))
-            for p in (clicks.fg + clicks.bg) if clicks else []:
-                mask[tuple(int(v) for v in p)] = False  # a clicked voxel is what the user said
+            mask = torch.as_tensor(uncertain_mask(out["var"].max(0).values))  # where any target's samples disagree
+            for k in all_clicks:
+                for p in k.fg + k.bg:
+                    mask[tuple(int(v) for v in p)] = False  # a clicked voxel is what the user said
             data["_uncertain"] = mask
+            data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(t[1] for t in targets) + 1) \
+                if system.structures else UNCERTAIN_VALUE
+        data["_targets"] = targets
+        data["_prompted"] = bool(system.structures)
         data["prob"] = out["prob"]
         data.pop("_dfm_pre", None)
         res = data.setdefault("result", {})
@@ -269,16 +300,34 @@ class DFMVLMInfer(BasicInferTask):
         res.update({"checkpoint": self.get_path(), "sampler": inferer.sampler, "steps": inferer.steps,
                     "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed,
                     "precision": inferer.precision or system.hparams.precision, "device": str(system.device)})
+        if system.structures or prompt is not None:
+            res["label_names"] = {t[0]: t[1] for t in targets}  # Slicer names the segments by these
+            res["labels"] = [t[0] for t in targets]
+            if prompt is not None:
+                res["prompt"] = prompt
         if uncertain:
-            names = dict(self.labels) if isinstance(self.labels, dict) else {str(self.labels): 1}
-            res["label_names"] = {**names, "uncertain": UNCERTAIN_VALUE}  # Slicer names the segments by these
+            names = res.get("label_names") or (dict(self.labels) if isinstance(self.labels, dict)
+                                               else {str(self.labels): 1})
+            res["label_names"] = {**names, "uncertain": data["_uncertain_value"]}
+        if "label_names" in res:
+            res["dfm_label_names"] = dict(res["label_names"])
         if self.interactive:
-            res.update({"clicks": {"foreground": len(clicks.fg), "background": len(clicks.bg)} if clicks else
-                        {"foreground": 0, "background": 0},
+            n_fg = sum(len(k.fg) for k in all_clicks)
+            n_bg = len(all_clicks[0].bg) if all_clicks else 0
+            res.update({"clicks": {"foreground": n_fg, "background": n_bg},
                         "guidance": system.takes_clicks,
                         "hold_radius": system.hparams.clicks.hold_radius if hold is None else hold,
                         "windows": out["windows"]["windows"], "windows_rerun": out["windows"]["rerun"]})
         return data
+
+    def __call__(self, request, callbacks=None):
+        label_file, res = super().__call__(request, callbacks)
+        # MONAI Label sets label_names to the task's labels after the writer: a prompted request (a subset, a free
+        # prompt) or the uncertain segment names its own
+        names = res.pop("dfm_label_names", None) if isinstance(res, dict) else None
+        if names is not None:
+            res["label_names"] = names
+        return label_file, res
 
     def writer(self, data, extension=None, dtype=None):
         return super().writer(data, extension=extension, dtype=dtype or "uint8")

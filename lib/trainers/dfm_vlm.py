@@ -80,6 +80,8 @@ class _TrainStep:
         n = batch["image"].shape[0]
         batch = {"image": batch["image"], "label": batch["label"],
                  "items": [{"text": t} for t in batch.get("text", [None] * n)]}
+        if system.structures:  # a prompted model: the prompt drawn with each patch's structure (RandStructured)
+            batch["texts"] = list(batch["items"][i]["text"] for i in range(n))
         loss = train_loss(system, batch, engine.state.device, network=engine.network, rng=self.rng)
         engine.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -144,7 +146,7 @@ class DFMVLMTrain(BasicTrainTask):
                "multi_gpu": True, "pretrained": True}
         cfg.update(config or {})
         super().__init__(model_dir, description, config=cfg, amp=False, publish_path=None,
-                         key_metric_filename="ignite_model.pt", labels=list(hparams.labels), **kwargs)
+                         key_metric_filename="ignite_model.pt", labels=list(hparams.label_map), **kwargs)
         self.hparams = hparams
         self.publish_path = publish_path
         self.init_paths = list(init_paths)
@@ -184,6 +186,8 @@ class DFMVLMTrain(BasicTrainTask):
             vlm = VLMEncoder.from_pretrained(dataclasses.replace(hp.vlm, name_or_path=self.vlm or hp.vlm.name_or_path))
             hp.vlm = vlm.resolved_config()
         hp = hp.resolved()
+        if vlm is not None:
+            vlm.cfg = hp.vlm  # resolved: the view's axis codes
         return ConditionalUNet(hp.model), hp, vlm
 
     def network(self, context: Context):
@@ -208,8 +212,8 @@ class DFMVLMTrain(BasicTrainTask):
         hp = context.system.hparams
         k = int(context.request.get("patches_per_image", hp.train.patches_per_image))
         augment = str(context.request.get("augment", hp.train.augment)).lower() in ("true", "1")
-        return list(preprocess(hp.preprocessing).transforms) + patch_transforms(hp.preprocessing, k, augment,
-                                                                                 hp.train.augmentation)
+        return list(preprocess(hp.preprocessing, structures=hp.structures).transforms) + patch_transforms(
+            hp.preprocessing, k, augment, hp.train.augmentation, structures=hp.structures)
 
     def train_post_transforms(self, context: Context):
         return []

@@ -1,0 +1,170 @@
+"""Prompted models: several structures in one model, each chosen by its text prompt.
+
+A preset lists ``structures`` (:class:`lib.config.StructureConfig`): a name, a value in the multi-label map, one or
+more prompts and how the structure's binary truth is derived from the label file:
+
+* ``{"values": [1, 3, 4]}``: the label's value is one of these (BraTS tumour core);
+* ``{"above": 127}``: the label's value is above this (a 0/255 mask);
+* ``+ "side": "low" | "high"`` (and ``"axis"``, default 0): of the two largest connected components of that
+  mask, the one whose centre lies lower / higher along that array axis of the label *as loaded*. The chest X-ray
+  preset splits the lungs so: MONAI loads a PNG as (x, y), axis 0 runs from the image's left to its right, and in a
+  PA (or AP) chest radiograph displayed in the standard way the patient's RIGHT lung is on the image's LEFT: "the
+  right lung" (the patient's, as a radiology report says it) is ``side: low``. With a single component (lungs
+  touching), that component goes to the side its centre is on; the other side is empty.
+
+One function, :func:`structure_truth`, derives a truth: the training preprocessing (before orientation and
+spacing, so every structure is resampled the same way), the evaluation labels (original geometry) and the app's
+trainer all call it. Training draws one structure per image (:class:`RandStructured`, probability proportional to
+``weight``; the patch centres then follow that structure's mask), conditions the patch on ``[image embedding,
+prompt embedding]`` and trains the binary DFM on that structure's mask.
+
+Multi-label maps (:func:`paint`): structures are painted in the preset's order, each over the ones before; the
+presets list the general structures first (whole tumour, then tumour core, then enhancing tumour; both lungs, then
+each lung), so where masks nest or overlap **the most specific structure wins**.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable
+
+from .config import ConfigError
+
+TRUTH_KEYS = {"values", "above", "side", "axis"}
+
+
+class StructureError(ConfigError):
+    """A label or prompt request names no structure of the model (the app answers 422)."""
+
+
+def check_truth(truth: dict, name: str = "") -> None:
+    where = f"structure {name!r}: truth" if name else "truth"
+    if not isinstance(truth, dict):
+        raise ConfigError(f"{where} must be a mapping, got {truth!r}")
+    unknown = set(truth) - TRUTH_KEYS
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}; known: {sorted(TRUTH_KEYS)}")
+    if ("values" in truth) == ("above" in truth):
+        raise ConfigError(f"{where} needs exactly one of 'values' (a list of label values) or 'above' (a threshold)")
+    if "values" in truth and (not isinstance(truth["values"], list) or not truth["values"]):
+        raise ConfigError(f"{where} 'values' must be a non-empty list, got {truth['values']!r}")
+    if truth.get("side") not in (None, "low", "high"):
+        raise ConfigError(f"{where} 'side' must be 'low' or 'high', got {truth['side']!r}")
+    if "axis" in truth and not isinstance(truth["axis"], int):
+        raise ConfigError(f"{where} 'axis' must be an integer, got {truth['axis']!r}")
+
+
+def _side(mask: np.ndarray, side: str, axis: int) -> np.ndarray:
+    """Of the two largest connected components of ``mask`` (spatial array), the lower / higher one along ``axis``."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(lab.ravel())[1:]
+    keep = np.argsort(sizes)[::-1][:2] + 1
+    centres = [float(np.nonzero(lab == k)[axis].mean()) for k in keep]
+    if len(keep) == 1:  # one component: it goes to the side its centre is on
+        low = centres[0] < (mask.shape[axis] - 1) / 2
+        return (lab == keep[0]) if (low == (side == "low")) else np.zeros_like(mask)
+    order = np.argsort(centres)
+    k = keep[order[0] if side == "low" else order[-1]]
+    return lab == k
+
+
+def structure_truth(label, truth: dict) -> np.ndarray:
+    """The binary truth ``(1, *spatial)`` (float32 0/1) of one structure from a label map ``(1, *spatial)``."""
+    arr = np.asarray(label.detach().cpu() if isinstance(label, torch.Tensor) else label)
+    if arr.ndim < 2 or arr.shape[0] != 1:
+        raise ValueError(f"a label map must have one channel first, got shape {arr.shape}")
+    arr = arr[0]
+    if "values" in truth:
+        m = np.isin(np.rint(arr).astype(np.int64), [int(v) for v in truth["values"]])
+    else:
+        m = arr > float(truth["above"])
+    if truth.get("side"):
+        axis = int(truth.get("axis", 0))
+        if not -m.ndim <= axis < m.ndim:
+            raise ValueError(f"truth axis {axis} does not exist in a {m.ndim}D label")
+        m = _side(m, truth["side"], axis)
+    return m[None].astype(np.float32)
+
+
+class StructureTruthd(MapTransform):
+    """A label map -> one binary channel per structure (the preset's order), each by :func:`structure_truth`."""
+
+    def __init__(self, keys: KeysCollection, structures: Sequence, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.structures = list(structures)
+
+    def __call__(self, data):
+        from .transforms import InputError, _name
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            if lab.shape[0] != 1:
+                raise InputError(f"{_name(d, key)}: a label must have one channel, got shape {tuple(lab.shape)}")
+            chans = [structure_truth(lab, s.truth) for s in self.structures]
+            if isinstance(lab, torch.Tensor):  # (lab * 0 + truth): a MetaTensor keeps the label's geometry
+                d[key] = torch.cat([lab.float() * 0 + torch.as_tensor(c, device=lab.device) for c in chans])
+            else:
+                d[key] = np.concatenate(chans)
+        return d
+
+
+class RandStructured(Randomizable, MapTransform):
+    """Draw one structure per image (probability proportional to ``weight``): ``label`` becomes its channel, and
+    ``text`` one of its prompts (drawn), ``structure`` its name. Seeded with the other random transforms."""
+
+    def __init__(self, structures: Sequence, label_key: str = "label"):
+        MapTransform.__init__(self, [label_key])
+        self.structures = list(structures)
+        w = np.array([s.weight for s in self.structures], dtype=float)
+        self.p = w / w.sum()
+        self.label_key = label_key
+        self._s = self._prompt = 0
+
+    def randomize(self, data=None) -> None:
+        self._s = int(self.R.choice(len(self.structures), p=self.p))
+        self._prompt = int(self.R.randint(len(self.structures[self._s].prompts)))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]):
+        d = dict(data)
+        self.randomize()
+        s = self.structures[self._s]
+        lab = d[self.label_key]
+        if lab.shape[0] != len(self.structures):
+            raise ValueError(f"the label has {lab.shape[0]} channel(s), the model {len(self.structures)} structures")
+        d[self.label_key] = lab[self._s:self._s + 1]
+        d["text"] = s.prompts[self._prompt]
+        d["structure"] = s.name
+        return d
+
+
+def select(structures: Sequence, labels: Sequence[str] | str | None = None) -> list:
+    """The structures a request names (comma-separated or a list; None / empty / "all": every one), in the model's
+    painting order."""
+    if labels is None or labels == "" or labels == "all" or labels == ["all"]:
+        return list(structures)
+    if isinstance(labels, str):
+        labels = [x.strip() for x in labels.split(",") if x.strip()]
+    names = [s.name for s in structures]
+    unknown = [x for x in labels if x not in names]
+    if unknown:
+        raise StructureError(f"label(s) {unknown} are not structures of this model; it segments {names}")
+    want = set(labels)
+    return [s for s in structures if s.name in want]
+
+
+def paint(probs: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
+    """``probs (L, *spatial)`` in painting order -> one uint8 label map: each ``> 0.5`` painted with its value over
+    the ones before it (the most specific structure, listed last, wins)."""
+    out = torch.zeros(probs.shape[1:], dtype=torch.uint8)
+    for p, v in zip(probs, values):
+        out[torch.as_tensor(p) > 0.5] = int(v)
+    return out

@@ -1,0 +1,258 @@
+"""Prompted models: several structures in one model, chosen by text through the VLM; views in display orientation;
+a tiny SigLIP through the whole pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib.checkpoint import load_checkpoint, load_system, save_checkpoint
+from lib.config import ConfigError, HParams, StructureConfig, VLMConfig
+from lib.data import PatchBatcher
+from lib.evaluation import evaluate_items, make_inferer, predict_item
+from lib.structures import StructureError, paint, structure_truth
+from lib.training import build_system, train
+from lib.transforms import preprocess
+from lib.vlm import VLMEncoder, make_tiny_siglip, patch_condition
+
+from conftest import tiny_hparams
+
+TWO = [StructureConfig(name="upper", value=1, prompts=["the upper blob", "top blob"], truth={"values": [1]}),
+       StructureConfig(name="lower", value=2, prompts=["the lower blob"], truth={"values": [2]})]
+
+
+def prompted_hparams(clip, structures=TWO, **kw) -> HParams:
+    hp = tiny_hparams(clip, **kw)
+    hp.structures = [dataclasses.replace(s) for s in structures]
+    hp.vlm.prompt = None
+    return hp
+
+
+def two_blob_case(folder, name: str, seed: int, size: int = 32) -> dict:
+    """A 2D image with two discs, a bright one in the upper half (label 1) and a dark one in the lower half
+    (label 2): every image holds both, so only the prompt says which one is asked for."""
+    rng = np.random.default_rng(seed)
+    y, x = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    lab = np.zeros((size, size), np.uint8)
+    img = 0.15 * rng.standard_normal((size, size))
+    for value, cy, contrast in ((1, rng.uniform(7, 10), 1.0), (2, rng.uniform(22, 25), -1.0)):
+        cx, r = rng.uniform(9, 23), rng.uniform(4, 6)
+        disc = (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+        lab[disc] = value
+        img[disc] += contrast
+    folder.mkdir(parents=True, exist_ok=True)
+    ip, lp = folder / f"{name}.nii.gz", folder / f"{name}_label.nii.gz"
+    nib.save(nib.Nifti1Image(img.astype(np.float32), np.eye(4)), str(ip))
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(lp))
+    return {"image": str(ip), "label": str(lp), "case_id": name}
+
+
+# -- truths -------------------------------------------------------------------------------------------------------
+def test_structure_truths_values_threshold_and_sides():
+    lab = np.zeros((1, 40, 30), np.float32)
+    lab[0, 3:12, 5:25] = 255  # low along axis 0 (the image's left for a PNG: the patient's right lung)
+    lab[0, 20:38, 5:25] = 255  # high, larger
+    lab[0, 15, 15] = 255  # a stray pixel: a third component, ignored by the side split
+    both = structure_truth(lab, {"above": 127})
+    low = structure_truth(lab, {"above": 127, "side": "low", "axis": 0})
+    high = structure_truth(lab, {"above": 127, "side": "high", "axis": 0})
+    assert both.sum() == 9 * 20 + 18 * 20 + 1
+    assert low.sum() == 9 * 20 and low[0, 3:12, 5:25].all()
+    assert high.sum() == 18 * 20 and high[0, 20:38, 5:25].all()
+    # along axis 1 instead, the two lungs are on one side: the two largest components are split by their centres
+    assert structure_truth(lab, {"above": 127, "side": "low", "axis": 1}).sum() in (9 * 20, 18 * 20)
+    # one component: it belongs to the side its centre is on
+    one = np.zeros((1, 40, 30), np.float32)
+    one[0, 25:35, 5:25] = 255
+    assert structure_truth(one, {"above": 127, "side": "low"}).sum() == 0
+    assert structure_truth(one, {"above": 127, "side": "high"}).sum() == 200
+    brats = np.array([[0, 1, 2, 3, 4]], np.float32)
+    assert structure_truth(brats, {"above": 0}).tolist() == [[0, 1, 1, 1, 1]]
+    assert structure_truth(brats, {"values": [1, 3, 4]}).tolist() == [[0, 1, 0, 1, 1]]
+    assert structure_truth(brats, {"values": [4]}).tolist() == [[0, 0, 0, 0, 1]]
+
+
+def test_structures_are_checked_and_travel_in_the_checkpoint(tmp_path, tiny_clip):
+    bad = [dataclasses.replace(TWO[0]), dataclasses.replace(TWO[1], name="upper")]
+    with pytest.raises(ConfigError, match="unique"):
+        prompted_hparams(tiny_clip, bad).resolved()
+    with pytest.raises(ConfigError, match="exactly one of 'values'"):
+        prompted_hparams(tiny_clip, [dataclasses.replace(TWO[0], truth={"side": "low"})]).resolved()
+    with pytest.raises(ConfigError, match="text_mode 'label'"):
+        hp = prompted_hparams(tiny_clip)
+        hp.vlm.text_mode = "none"
+        hp.resolved()
+    with pytest.raises(ConfigError, match="unknown structures\\[0\\]"):
+        HParams.from_dict({"structures": [{"name": "a", "value": 1, "prompts": ["a"], "truth": {"above": 0},
+                                           "colour": "red"}]})
+    system = build_system(prompted_hparams(tiny_clip))
+    assert system.hparams.labels == {"upper": 1, "lower": 2}
+    save_checkpoint(tmp_path / "m.pt", system.model, system.hparams)
+    ck = load_checkpoint(tmp_path / "m.pt")
+    assert [s.name for s in ck.hparams.structures] == ["upper", "lower"]
+    assert ck.hparams.structures[0].prompts == ["the upper blob", "top blob"]
+    assert ck.hparams.label_map == {"upper": 1, "lower": 2} and ck.hparams.vlm.view == "display"
+
+
+def test_a_checkpoint_from_before_display_views_keeps_array_views(tmp_path, make_system):
+    system = make_system()
+    save_checkpoint(tmp_path / "old.pt", system.model, system.hparams)
+    ck = torch.load(tmp_path / "old.pt", weights_only=True)
+    del ck["hyper_parameters"]["vlm"]["view"]
+    torch.save(ck, tmp_path / "old.pt")
+    old = load_system(tmp_path / "old.pt")
+    assert old.hparams.vlm.view == "array" and old.vlm.cfg.view == "array"
+    x = torch.rand(1, 1, 32, 32)
+    lo, hi = old.hparams.vlm.intensity_window
+    array_order = ((x - lo) / (hi - lo)).clamp(0, 1).expand(-1, 3, -1, -1)
+    assert torch.allclose(old.vlm.views(x)[0], array_order)  # the old, array-ordered views
+
+
+# -- views as a pretrained CLIP expects them ----------------------------------------------------------------------
+def test_vlm_views_are_in_display_orientation(tmp_path, tiny_clip):
+    """An asymmetric image whose displayed view is known: a bright bar in the top-left corner of a wide PNG, and a
+    marker at the patient's right-anterior in an LPS-stored NIfTI (radiological view: anterior at the top, the
+    patient's right on the image's left)."""
+    rows, cols = 30, 50
+    disp = np.zeros((rows, cols), np.uint8)
+    disp[:6, :20] = 255  # the top-left corner, as any viewer shows the file
+    Image.fromarray(disp).save(tmp_path / "wide.png")
+    hp = tiny_hparams(tiny_clip)
+    hp.preprocessing.intensity = {"type": "range", "a_min": 0.0, "a_max": 255.0}
+    system = build_system(hp)
+    img = preprocess(system.hparams.preprocessing)({"image": str(tmp_path / "wide.png")})["image"]
+    assert tuple(img.shape) == (1, cols, rows)  # MONAI: (x, y)
+    view, s = system.vlm.views(img[None].as_tensor())
+    assert s == 1 and tuple(view.shape) == (1, 3, rows, cols)
+    assert torch.equal(view[0, 0] > 0.5, torch.as_tensor(disp > 127))
+
+    # 3D: stored LPS-like (i -> patient's left, j -> posterior), so the patient's right-anterior is low i, low j
+    vol = np.zeros((20, 24, 16), np.float32)
+    vol[:5, :4, :] = 1.0
+    nib.save(nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0])), str(tmp_path / "lps.nii.gz"))
+    hp3 = tiny_hparams(tiny_clip, spatial_dims=3, patch=[16, 16, 16])
+    hp3.preprocessing.orientation = "RAS"
+    hp3.vlm.axcodes = None
+    system3 = build_system(hp3)
+    assert system3.vlm.cfg.axcodes == "RAS"
+    img3 = preprocess(system3.hparams.preprocessing)({"image": str(tmp_path / "lps.nii.gz")})["image"]
+    views3, s3 = system3.vlm.views(img3[None].as_tensor())
+    expect = np.zeros((24, 20), bool)  # rows: anterior -> posterior (24), columns: patient's right -> left (20)
+    expect[:4, :5] = True
+    assert s3 == 3 and tuple(views3.shape) == (3, 3, 24, 20)
+    for v in views3:
+        assert torch.equal(v[0] > 0.5, torch.as_tensor(expect))
+    with pytest.raises(ConfigError, match="axis codes"):
+        bad = tiny_hparams(tiny_clip, spatial_dims=3)
+        bad.vlm.axcodes = None
+        bad.resolved()
+
+
+# -- training draws structures ------------------------------------------------------------------------------------
+def test_training_draws_one_structure_per_image_by_weight_with_its_prompt(tmp_path, tiny_clip):
+    structures = [dataclasses.replace(TWO[0], weight=1.0), dataclasses.replace(TWO[1], weight=3.0)]
+    system = build_system(prompted_hparams(tiny_clip, structures, patch=[16, 16]))
+    hp = system.hparams
+    item = system.preprocessing(two_blob_case(tmp_path, "c0", 0))
+    assert item["label"].shape[0] == 2
+    batcher = PatchBatcher(hp.preprocessing, 1, augment=False, seed=0, structures=hp.structures)
+    drawn = {"upper": 0, "lower": 0}
+    prompts = set()
+    for k in range(200):
+        b = batcher([item])
+        text = b["texts"][0]
+        name = next(s.name for s in hp.structures if text in s.prompts)
+        drawn[name] += 1
+        prompts.add(text)
+        # the patch's label is that structure's truth, never the other's
+        other = 1 - [s.name for s in hp.structures].index(name)
+        assert b["label"].sum() == 0 or (b["label"][0, 0] > 0).sum() > 0
+        c = b["center"][0]
+        lo = [ci - 8 for ci in c]
+        crop_other = item["label"][other, lo[0]:lo[0] + 16, lo[1]:lo[1] + 16]
+        assert not (b["label"][0, 0].bool() & crop_other.bool()).any()
+    assert 0.15 < drawn["upper"] / 200 < 0.35  # weight 1 : 3
+    assert prompts == {"the upper blob", "top blob", "the lower blob"}  # every prompt of a structure is drawn
+
+
+# -- inference by prompt ------------------------------------------------------------------------------------------
+def test_labels_are_one_batched_run_and_a_label_does_not_depend_on_the_others(tmp_path, tiny_clip):
+    torch.manual_seed(0)
+    system = build_system(prompted_hparams(tiny_clip, patch=[16, 16]))
+    with torch.no_grad():
+        for h in system.model.vlm_film_heads.values():
+            h.weight.normal_(0, 0.5)
+    item = two_blob_case(tmp_path, "c1", 1)
+    calls = []
+    enc = system.vlm.encode_images
+    system.vlm.encode_images = lambda p: (calls.append(p.shape[0]), enc(p))[1]
+    inf = make_inferer(system, sw_batch_size=2, num_samples=2)
+    both = predict_item(system, item, inf)
+    assert [t[0] for t in both["targets"]] == ["upper", "lower"] and both["prob"].shape[0] == 2
+    windows = both["windows"]["windows"]
+    assert sum(calls) == windows  # each window's image is embedded once for both prompts
+    upper = predict_item(system, item, make_inferer(system, sw_batch_size=1, num_samples=2), labels=["upper"])
+    lower = predict_item(system, item, inf, labels="lower")
+    assert upper["prob"].shape[0] == 1
+    assert torch.allclose(upper["prob"][0], both["prob"][0], atol=1e-6)
+    assert torch.allclose(lower["prob"][0], both["prob"][1], atol=1e-6)
+    assert not torch.allclose(both["prob"][0], both["prob"][1], atol=1e-3)  # the prompt changes the result
+    free = predict_item(system, item, inf, prompt="the upper blob")
+    assert free["targets"] == [("the upper blob", 1, "the upper blob")]
+    assert torch.allclose(free["prob"][0], both["prob"][0], atol=1e-6)  # a label = its (first) prompt
+    with pytest.raises(StructureError, match="not structures of this model"):
+        predict_item(system, item, inf, labels=["liver"])
+    with pytest.raises(StructureError, match="empty"):
+        predict_item(system, item, inf, prompt="  ")
+
+
+def test_paint_most_specific_last_wins():
+    probs = torch.zeros(3, 4)
+    probs[0, :4] = 0.9  # whole tumour
+    probs[1, 1:3] = 0.8  # tumour core
+    probs[2, 2] = 0.7  # enhancing
+    assert paint(probs, [1, 2, 3]).tolist() == [1, 2, 3, 1]
+
+
+def test_the_conditioning_is_used_the_wrong_prompt_gives_a_worse_dice(tmp_path, tiny_clip):
+    """Two discs in every image; only the prompt says which one: a trained prompted model segments the asked one,
+    and the other prompt's result scores far below on this one's truth (the wrong-prompt control, in small)."""
+    items = [two_blob_case(tmp_path / "d", f"c{i}", i) for i in range(10)]
+    hp = prompted_hparams(tiny_clip, [dataclasses.replace(TWO[0], prompts=["the upper blob"]), TWO[1]],
+                          patch=[32, 32], features=(8, 16, 32), steps=2)
+    hp.train = dataclasses.replace(hp.train, images_per_batch=4, patches_per_image=1, lr=5e-3)
+    torch.manual_seed(0)
+    res = train(hp, items[:8], items[8:], tmp_path / "run", max_iterations=120, progress=False)
+    system = load_system(res.best_checkpoint)
+    cases, summary = evaluate_items(system, items[8:])
+    m = summary["dice_matrix"]
+    assert m["upper"]["upper"] > 0.8 and m["lower"]["lower"] > 0.8, m
+    assert m["upper"]["lower"] < m["lower"]["lower"] - 0.5 and m["lower"]["upper"] < m["upper"]["upper"] - 0.5, m
+    assert set(summary["structures"]) == {"upper", "lower"}
+    assert abs(cases[0]["dice"] - np.mean([cases[0]["structures"][n]["dice"] for n in ("upper", "lower")])) < 1e-9
+
+
+# -- a tiny SigLIP, offline, through the whole pipeline -----------------------------------------------------------
+def test_a_tiny_siglip_runs_the_whole_pipeline(tmp_path):
+    sig = make_tiny_siglip(tmp_path / "tiny-siglip")
+    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(sig), text_mode="label", prompt="x"))
+    assert type(enc.model).__name__ == "SiglipModel" and type(enc.tokenizer).__name__ == "SiglipTokenizer"
+    # SigLIP texts are padded to the full length: a prompt's embedding does not depend on its batch companions
+    alone = enc._encode_text_uncached(["tumour core"])
+    with_long = enc._encode_text_uncached(["tumour core", "whole tumour with oedema in a brain MRI"])
+    assert torch.allclose(alone[0], with_long[0], atol=1e-5)
+    hp = prompted_hparams(sig, patch=[16, 16])
+    items = [two_blob_case(tmp_path / "d", f"c{i}", i) for i in range(3)]
+    res = train(hp, items[:2], items[2:], tmp_path / "run", max_iterations=3, progress=False)
+    system = load_system(res.best_checkpoint)
+    assert system.hparams.vlm.name_or_path == str(sig) and type(system.vlm.model).__name__ == "SiglipModel"
+    out = predict_item(system, items[2], labels=["lower"])
+    assert tuple(out["prob"].shape) == (1, 32, 32) and 0.0 <= float(out["prob"].min()) <= float(out["prob"].max()) <= 1
+    e = patch_condition(system.vlm, torch.rand(2, 1, 16, 16), ["a", "b", "a", "b"], repeats=2)
+    assert e.shape == (4, system.model.cfg.cond_dim) and torch.equal(e[0, :enc.image_embed_dim],
+                                                                      e[1, :enc.image_embed_dim])
