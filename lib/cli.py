@@ -223,9 +223,10 @@ def cmd_evaluate(a) -> int:
         print("mean Dice, prompt (rows) x truth (columns): " + " | ".join(cols))
         for r, row in summary["dice_matrix"].items():
             print(f"  {r}: " + " | ".join(f"{row[c]:.4f}" if row[c] is not None else "-" for c in cols))
-    print(f"{a.split}: n={summary['n']} Dice mean {d.get('mean', float('nan')):.4f} median "
-          f"{d.get('median', float('nan')):.4f} min {d.get('min', float('nan')):.4f}; "
-          f"HD95 mean {summary.get('hd95', {}).get('mean', float('nan')):.2f}; {wall:.0f} s -> {out}")
+    hd = f"; HD95 mean {summary['hd95']['mean']:.2f}" if summary.get("hd95") else ""
+    what = "Dice (mean of the structures)" if summary.get("structures") else "Dice"
+    print(f"{a.split}: n={summary['n']} {what} mean {d.get('mean', float('nan')):.4f} median "
+          f"{d.get('median', float('nan')):.4f} min {d.get('min', float('nan')):.4f}{hd}; {wall:.0f} s -> {out}")
     return 0
 
 

@@ -147,13 +147,15 @@ class RandStructured(Randomizable, MapTransform):
 
 
 def select(structures: Sequence, labels: Sequence[str] | str | None = None) -> list:
-    """The structures a request names (comma-separated or a list; None / empty / "all": every one), in the model's
-    painting order."""
+    """The structures a request names (comma-separated or a list, by name or by value as VISTA3D's class prompts;
+    None / empty / "all": every one), in the model's painting order."""
     if labels is None or labels == "" or labels == "all" or labels == ["all"]:
         return list(structures)
-    if isinstance(labels, str):
-        labels = [x.strip() for x in labels.split(",") if x.strip()]
+    if isinstance(labels, (str, int)):
+        labels = [x.strip() for x in str(labels).split(",") if x.strip()]
     names = [s.name for s in structures]
+    by_value = {str(s.value): s.name for s in structures}
+    labels = [by_value.get(str(x), str(x)) if str(x) not in names else str(x) for x in labels]  # a value names it too
     unknown = [x for x in labels if x not in names]
     if unknown:
         raise StructureError(f"label(s) {unknown} are not structures of this model; it segments {names}")

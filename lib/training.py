@@ -303,8 +303,11 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
 
         bar = tqdm(total=max_it or int(budget), unit="it" if max_it else "s", desc="train")
 
+    validated_at = [-1]
+
     def validate(final: bool) -> None:
         nonlocal best, val_s_est
+        validated_at[0] = it
         if not main_rank:  # validation and checkpoints: rank 0 (the others wait at the next collective)
             save_state()
             return
@@ -384,7 +387,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 bar.refresh()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", it=it)
     logger.info("rank %d of %d: %d patches in this process's %d iterations", rank, world, patches_seen, it)
-    validate(final=True)
+    if validated_at[0] != it:  # the budget often ends right after a periodic validation: not twice in a row
+        validate(final=True)
     if loss_f is not None:
         loss_f.close()
     if world > 1:

@@ -198,6 +198,7 @@ def test_labels_are_one_batched_run_and_a_label_does_not_depend_on_the_others(tm
     assert sum(calls) == windows  # each window's image is embedded once for both prompts
     upper = predict_item(system, item, make_inferer(system, sw_batch_size=1, num_samples=2), labels=["upper"])
     lower = predict_item(system, item, inf, labels="lower")
+    assert [t[0] for t in predict_item(system, item, inf, labels="2,upper")["targets"]] == ["upper", "lower"]
     assert upper["prob"].shape[0] == 1
     assert torch.allclose(upper["prob"][0], both["prob"][0], atol=1e-6)
     assert torch.allclose(lower["prob"][0], both["prob"][1], atol=1e-6)
@@ -256,3 +257,49 @@ def test_a_tiny_siglip_runs_the_whole_pipeline(tmp_path):
     e = patch_condition(system.vlm, torch.rand(2, 1, 16, 16), ["a", "b", "a", "b"], repeats=2)
     assert e.shape == (4, system.model.cfg.cond_dim) and torch.equal(e[0, :enc.image_embed_dim],
                                                                       e[1, :enc.image_embed_dim])
+
+
+# -- the app's tasks, in-process --------------------------------------------------------------------------------------
+def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_path, tiny_clip):
+    from lib.clicks import ClickError
+    from lib.configs.dfm_vlm_2d import DFMVLM2D
+
+    hp = prompted_hparams(tiny_clip, patch=[16, 16])
+    hp.clicks.enabled = True
+    torch.manual_seed(0)
+    system = build_system(hp)
+    with torch.no_grad():
+        for h in system.model.vlm_film_heads.values():
+            h.weight.normal_(0, 0.5)
+    path = tmp_path / "models" / "dfm_vlm_2d.pt"
+    save_checkpoint(path, system.model, system.hparams)
+    cfg = DFMVLM2D()
+    cfg.init("dfm_vlm_2d", str(tmp_path / "model"), {"dfm_vlm_2d_checkpoint": str(path)}, None)
+    auto, task = cfg.infer(), cfg.interactive_infer()
+    assert auto.labels == {"upper": 1, "lower": 2} and task.labels == {"upper": 1, "lower": 2, "background": 0}
+    item = two_blob_case(tmp_path / "img", "c0", 0)
+    req = {"image": item["image"], "skip_writer": True, "device": "cpu", "steps": 2}
+    _, d = auto(dict(req))
+    full = np.asarray(d["pred"])
+    core = predict_item(load_system(path), item, make_inferer(load_system(path), steps=2))
+    assert np.array_equal(full, paint(core["prob"], [1, 2]).numpy())  # the app's map is the core's, painted
+    assert d["result"]["label_names"] == {"upper": 1, "lower": 2}
+    _, d = auto({**req, "labels": "lower"})
+    assert d["result"]["label_names"] == {"lower": 2}
+    assert np.array_equal(np.asarray(d["pred"]) == 2, core["prob"][1].numpy() > 0.5)
+    with pytest.raises(StructureError, match="not structures"):
+        auto({**req, "labels": ["liver"]})
+    # clicks: under a structure's name positive for it, background negative for all, painted as clicked -- also
+    # where the other structure (painted after it) is predicted
+    assert (full == 2).any() and (full > 0).any()
+    up, bg = [int(v) for v in np.argwhere(full == 2)[0]], [int(v) for v in np.argwhere(full > 0)[-1]]
+    _, d = task({**req, "upper": [up], "background": [bg]})
+    out = np.asarray(d["pred"])
+    assert out[tuple(up)] == 1 and out[tuple(bg)] == 0
+    assert d["result"]["clicks"] == {"foreground": 1, "background": 1}
+    _, d2 = task({**req, "foreground": [up], "background": [bg], "label": "upper"})
+    assert np.array_equal(np.asarray(d2["pred"]), out) and d2["result"]["windows_rerun"] == 0  # same clicks
+    with pytest.raises(ClickError, match="need the structure"):
+        task({**req, "foreground": [up], "label": "background"})
+    _, d3 = task({**req, "foreground": [up], "labels": ["lower"]})  # one structure asked: its foreground
+    assert np.asarray(d3["pred"])[tuple(up)] == 2

@@ -109,13 +109,21 @@ class DFMPreprocessd:
                 else list(img.shape[1:])
             dims = self.system.hparams.preprocessing.spatial_dims
             if self.system.structures:  # a prompted model: clicks per structure (lib.clicks.parse_label_clicks)
-                targets = self.system.prompts(_labels_param(d), d.get("prompt"))
+                targets = self.system.prompts(_labels_param(d), _prompt_param(d))
                 names = [s.name for s in self.system.structures]
-                target = _first(d.get("label")) or (targets[0][0] if len(targets) == 1 else None)
+                # Slicer sends the selected segment as "label" ("background" when placing negative points)
+                target = _first(d.get("label"))
+                target = target if target in names else (targets[0][0] if len(targets) == 1 else None)
                 d["_clicks"] = parse_label_clicks(d, names, dims, shape, target=target)
             else:
                 d["_clicks"] = parse_clicks(d, self.labels, dims, shape)
         return d
+
+
+def _prompt_param(d: dict) -> str | None:
+    """The request's free ``prompt`` (absent or empty: none)."""
+    v = d.get("prompt")
+    return None if v is None or str(_first(v)).strip() == "" else str(_first(v))
 
 
 def _labels_param(d: dict):
@@ -136,6 +144,8 @@ class DFMPostprocessd:
         prob = d["prob"]
         targets = d.pop("_targets", None) or [("foreground", 1, None)]
         label = paint(prob, [t[1] for t in targets])
+        for p, value in d.pop("_clicked", None) or []:
+            label[tuple(int(v) for v in p)] = value
         res = d.setdefault("result", {})
         unc = d.pop("_uncertain", None)
         if unc is not None:  # the disagreement of the M samples as a segment of its own (never on a clicked voxel)
@@ -276,8 +286,7 @@ class DFMVLMInfer(BasicInferTask):
         uncertain = str(_first(data.get("uncertain_segment", "false"))).lower() in ("1", "true", "yes")
         if uncertain and inferer.num_samples < 2:
             raise ConfigError("parameter 'uncertain_segment' needs num_samples >= 2 (the samples' disagreement)")
-        prompt = data.get("prompt")
-        prompt = None if prompt is None or str(_first(prompt)).strip() == "" else str(_first(prompt))
+        prompt = _prompt_param(data)
         out = predict_preprocessed(system, pre, inferer, clicks=clicks, cache=self.window_cache, hold_radius=hold,
                                    return_variance=uncertain, labels=_labels_param(data), prompt=prompt)
         targets = out["targets"]
@@ -292,6 +301,10 @@ class DFMVLMInfer(BasicInferTask):
                 if system.structures else UNCERTAIN_VALUE
         data["_targets"] = targets
         data["_prompted"] = bool(system.structures)
+        if isinstance(clicks, dict):  # after painting, a clicked voxel keeps what the user clicked it as
+            values = {t[0]: t[1] for t in targets}
+            data["_clicked"] = [(p, values[n]) for n, k in clicks.items() if n in values for p in k.fg] + \
+                [(p, 0) for p in (all_clicks[0].bg if all_clicks else [])]
         data["prob"] = out["prob"]
         data.pop("_dfm_pre", None)
         res = data.setdefault("result", {})
