@@ -175,8 +175,8 @@ def cmd_predict(a) -> int:
         meta = {"filename_or_obj": it["case_id"]}
         saver_p(r["prob"], meta_data={**r["prob"].meta, **meta})  # one channel per target
         # one label map: each target > 0.5 painted with its value, the most specific (listed last) on top
-        label = paint(r["prob"], [t[1] for t in r["targets"]])[None]
-        saver_l(label.to(r["prob"].dtype), meta_data={**r["prob"].meta, **meta})
+        label = r["prob"][:1] * 0 + paint(r["prob"], [t[1] for t in r["targets"]])[None]  # keeps the geometry
+        saver_l(label, meta_data={**r["prob"].meta, **meta})
         if len(r["targets"]) > 1 or system.structures:
             (out / f"{it['case_id']}_labels.json").write_text(json.dumps({t[0]: t[1] for t in r["targets"]}))
         if a.save_variance:
