@@ -102,6 +102,7 @@ class DFMSystem(nn.Module):
     def prompts(self, labels=None, prompt: str | None = None) -> list[tuple[str, int, str]]:
         """``(name, value, prompt)`` of what a request asks for: a free ``prompt`` (named by itself, value 1), the
         named ``labels`` of a prompted model (default: all, in painting order), or a one-structure model's label."""
+        from .config import StructureConfig
         from .structures import StructureError, select
 
         if prompt is not None:
@@ -114,9 +115,7 @@ class DFMSystem(nn.Module):
         if self.structures:
             return [(s.name, s.value, s.prompts[0]) for s in select(self.structures, labels)]
         name, value = next(iter(self.hparams.labels.items()))
-        if labels not in (None, "", "all", ["all"]) and [x for x in ([labels] if isinstance(labels, str) else labels)
-                                                         if x not in (name, "all")]:
-            raise StructureError(f"label(s) {labels!r}: this model segments only {name!r}")
+        select([StructureConfig(name, value, [name], {"above": 0})], labels)  # refuses any other name or value
         return [(name, value, None)]
 
     def condition(self, patches: torch.Tensor, texts=None, guidance: torch.Tensor | None = None, repeats: int = 1):

@@ -102,13 +102,11 @@ class StructureTruthd(MapTransform):
         self.structures = list(structures)
 
     def __call__(self, data):
-        from .transforms import InputError, _name
+        from .transforms import one_channel_label
 
         d = dict(data)
         for key in self.key_iterator(d):
-            lab = d[key]
-            if lab.shape[0] != 1:
-                raise InputError(f"{_name(d, key)}: a label must have one channel, got shape {tuple(lab.shape)}")
+            lab = one_channel_label(d, key)
             chans = [structure_truth(lab, s.truth) for s in self.structures]
             if isinstance(lab, torch.Tensor):  # (lab * 0 + truth): a MetaTensor keeps the label's geometry
                 d[key] = torch.cat([lab.float() * 0 + torch.as_tensor(c, device=lab.device) for c in chans])

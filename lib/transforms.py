@@ -165,6 +165,14 @@ class RecordGridd(MapTransform):
         return d
 
 
+def one_channel_label(d: Mapping, key: Hashable):
+    """``d[key]``, a label map with one channel first; else InputError naming the file."""
+    lab = d[key]
+    if lab.shape[0] != 1:
+        raise InputError(f"{_name(d, key)}: a label must have one channel, got shape {tuple(lab.shape)}")
+    return lab
+
+
 class BinarizeLabeld(MapTransform):
     """``label > threshold`` as a float 0/1 map (the binary truth)."""
 
@@ -175,9 +183,7 @@ class BinarizeLabeld(MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            lab = d[key]
-            if lab.shape[0] != 1:
-                raise InputError(f"{_name(d, key)}: a label must have one channel, got shape {tuple(lab.shape)}")
+            lab = one_channel_label(d, key)
             d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) else \
                 (np.asarray(lab) > self.threshold).astype(np.float32)
         return d

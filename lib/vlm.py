@@ -70,6 +70,7 @@ class VLMEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.text_center: torch.Tensor | None = None  # a prompted model's prompt mean (center_texts_on)
         with torch.no_grad():
             dummy = torch.zeros(3, 16, 16)
             pix = self.image_processor(images=[dummy], return_tensors="pt", do_rescale=False)["pixel_values"]
@@ -182,8 +183,6 @@ class VLMEncoder(nn.Module):
         if self.text_center is not None:
             e = F.normalize(e - self.text_center.to(e.device), dim=-1)
         return e
-
-    text_center: torch.Tensor | None = None
 
     def center_texts_on(self, prompts: Sequence[str]) -> None:
         """A prompted model's text embeddings relative to its prompts' mean, re-normalised (``vlm.center_prompts``).
@@ -313,11 +312,16 @@ def make_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, pro
     proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
                                                             crop_size={"height": image_size, "width": image_size}),
                          tokenizer=tok)
+    return _save_tiny(model, proc, path, tmp)
+
+
+def _save_tiny(model, processor, path: Path, scratch: Path) -> Path:
+    """``save_pretrained`` of a tiny VLM and its processor; the tokenizer's scratch folder removed."""
     model.save_pretrained(path)
-    proc.save_pretrained(path)
-    for f in tmp.iterdir():
+    processor.save_pretrained(path)
+    for f in scratch.iterdir():
         f.unlink()
-    tmp.rmdir()
+    scratch.rmdir()
     return path
 
 
@@ -352,9 +356,4 @@ def make_tiny_siglip(path: str | Path, image_size: int = 32, hidden: int = 32, s
     model = SiglipModel(cfg)
     proc = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": image_size, "width": image_size}),
                            tokenizer=tok)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
-    return path
+    return _save_tiny(model, proc, path, tmp)

@@ -42,30 +42,25 @@ class DFMTaskConfig(TaskConfig):
         self.checkpoint = conf.get(f"{name}_checkpoint") or str(SAMPLE_MODELS / f"{name}.pt")
         self.published = os.path.join(model_dir, f"{name}.pt")
         self.path = [self.checkpoint, self.published]  # the last existing file is served
-        self.labels = self._label_map()
+        self._served = self._served_hparams()  # read once: the labels (a prompted model's structures), sampler
+        self.labels = self._served.label_map
         self.dimension = self.hparams.preprocessing.spatial_dims
         self._infer = None
         self._interactive = None
         self._scoring = None
 
-    def _label_map(self) -> dict:
-        """The served checkpoint's ``{name: value}`` (a prompted model: its structures), else the preset's."""
+    def _served_hparams(self):
+        """The hyper-parameters of the checkpoint served first (the last existing path), else the preset's."""
         for p in reversed(self.path):
             if os.path.exists(p):
                 try:
-                    return load_checkpoint(p).hparams.label_map
+                    return load_checkpoint(p).hparams
                 except CheckpointError as e:
                     logger.warning("%s: %s", self.name, e)
-        return self.hparams.label_map
+        return self.hparams
 
     def _sampler_defaults(self):
-        for p in reversed(self.path):
-            if os.path.exists(p):
-                try:
-                    return load_checkpoint(p).hparams.sampler
-                except CheckpointError as e:
-                    logger.warning("%s: %s", self.name, e)
-        return copy.deepcopy(self.hparams.sampler)
+        return copy.deepcopy(self._served.sampler)
 
     def infer(self):
         from lib.infers.dfm_vlm import DFMVLMInfer
