@@ -303,3 +303,11 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
         task({**req, "foreground": [up], "label": "background"})
     _, d3 = task({**req, "foreground": [up], "labels": ["lower"]})  # one structure asked: its foreground
     assert np.asarray(d3["pred"])[tuple(up)] == 2
+
+
+def test_a_one_structure_model_answers_its_label_and_refuses_others(make_system):
+    system = make_system()
+    assert system.prompts() == [("blob", 1, None)] == system.prompts(["blob"]) == system.prompts("1")
+    with pytest.raises(StructureError, match="not structures of this model"):
+        system.prompts(["liver"])
+    assert system.prompts(prompt="a bright blob") == [("a bright blob", 1, "a bright blob")]
