@@ -97,8 +97,8 @@ class CheckedDICOMWebDatastore(DICOMWebDatastore):
         """
         label_info = dict(label_info or {})
         # MONAI Label pairs the i-th label value present in the file with label_info[i]: build the list in that order,
-        # named by value from the models' label maps (a prompted model: lesion = 1, cyst = 2) unless the client sent
-        # its own, and give each segment its real value as labelID (dcmqi reads the voxels by it)
+        # named by value from the models' label maps (the prompted sample model: lesion = 1, vertebra = 2) unless the
+        # client sent its own, and give each segment its real value as labelID (dcmqi reads the voxels by it)
         values = _label_values(label_filename)
         given = label_info.get("label_info")
         names = getattr(self, "default_label_names", None) or {}

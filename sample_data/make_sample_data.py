@@ -3,8 +3,9 @@
     python sample_data/make_sample_data.py            # images + labels (seconds)
     python sample_data/make_sample_data.py --train    # + tiny CLIP + default checkpoints (a few CPU minutes)
 
-* 3D: CT-like volumes (HU) of a body with one lesion, 64x64x40 at 1.5x1.5x2.5 mm with an LPS-style affine
-  (x and y flipped) and a non-zero origin; ``phantom_ct_XX.nii.gz``. The first five have ``labels/final``.
+* 3D: CT-like volumes (HU) of a body with one lesion (label 1) and a vertebra (bone, label 2), 64x64x40 at
+  1.5x1.5x2.5 mm with an LPS-style affine (x and y flipped) and a non-zero origin; ``phantom_ct_XX.nii.gz``. The
+  first five have ``labels/final``. The 3D model is prompted: one map with both labels, each chosen by its prompt.
 * 2D: chest-radiograph-like 256x256 PNGs (a bright thorax, two darker lung fields, a spine); label = lungs;
   ``phantom_xray_XX.png``. The first four have ``labels/final``.
 * ``models/vlm/tiny-clip``: a tiny random CLIP (save_pretrained) -- NOT a real VLM, see the README.
@@ -37,7 +38,13 @@ def ct_phantom(seed: int, shape=(64, 64, 40)) -> tuple[np.ndarray, np.ndarray]:
     lesion &= body
     img = np.where(body, 40.0, -1000.0) + np.where(lesion, rng.uniform(110, 160), 0.0)
     img = img + rng.normal(0, 18, shape) * body
-    return np.round(img).astype(np.int16), lesion.astype(np.uint8)
+    # a vertebra: a bone cylinder along z behind the body's centre (drawn after the lesion, so the lesion of each
+    # seed is what it was before the phantom had a second structure); where they meet, the lesion is kept
+    vc, vr = [rng.uniform(29, 35), rng.uniform(45, 49)], rng.uniform(3.5, 5.0)
+    vertebra = (((g[0] - vc[0]) ** 2 + (g[1] - vc[1]) ** 2) <= vr ** 2) & body & ~lesion
+    img = img + np.where(vertebra, rng.uniform(450, 650) - 40.0, 0.0)
+    label = lesion.astype(np.uint8) + 2 * vertebra.astype(np.uint8)
+    return np.round(img).astype(np.int16), label
 
 
 def xray_phantom(seed: int, size=256) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +84,7 @@ def make_images(root: Path, n3d: int = 8, n2d: int = 6, labelled3d: int = 5, lab
             Image.fromarray(lab).save(root / "labels" / "final" / name, optimize=True)
 
 
-def train_defaults(root: Path, minutes: float) -> None:
+def train_defaults(root: Path, minutes: float, only: str | None = None) -> None:
     import torch
 
     from lib.config import load_preset
@@ -89,6 +96,8 @@ def train_defaults(root: Path, minutes: float) -> None:
     models = root / "models"
     make_tiny_clip(models / "vlm" / "tiny-clip", image_size=32, hidden=32, projection_dim=32, seed=0)
     for name, pattern in (("dfm_vlm_3d", "phantom_ct_*.nii.gz"), ("dfm_vlm_2d", "phantom_xray_*.png")):
+        if only and only != name:
+            continue
         items = []
         for lab in sorted((root / "labels" / "final").glob(pattern)):
             it = {"image": str(root / lab.name), "label": str(lab)}
@@ -101,7 +110,8 @@ def train_defaults(root: Path, minutes: float) -> None:
         ck = torch.load(res.best_checkpoint, weights_only=True)
         ck["hyper_parameters"]["vlm"]["name_or_path"] = "vlm/tiny-clip"  # found beside the checkpoint
         torch.save(ck, models / f"{name}.pt")
-        print(f"{name}: best validation Dice {res.best_val.get('dice'):.3f} after {res.iterations} iterations")
+        per = {k: round(v, 3) for k, v in res.best_val.items() if k.startswith("dice")}
+        print(f"{name}: best validation {per} after {res.iterations} iterations")
     (models / "README.md").write_text(
         "Default checkpoints trained on the synthetic phantoms of this folder by `make_sample_data.py --train`.\n"
         "`vlm/tiny-clip` is a tiny RANDOMLY initialised CLIP, not a real VLM (see the project README).\n")
@@ -112,11 +122,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--train", action="store_true", help="also train the default checkpoints")
     ap.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
+    ap.add_argument("--only", choices=("dfm_vlm_3d", "dfm_vlm_2d"), help="train only this model")
     a = ap.parse_args()
     root = Path(a.out)
     make_images(root)
     if a.train:
-        train_defaults(root, a.minutes)
+        train_defaults(root, a.minutes, a.only)
     print(json.dumps(sorted(p.name for p in root.iterdir())))
 
 

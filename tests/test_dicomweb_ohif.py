@@ -138,9 +138,12 @@ def test_infer_on_the_ct_series_has_its_geometry(stack):
     rshape, raff = _canonical(nib.load(str(rec["ct"]["reference"])))
     assert shape == rshape and np.allclose(aff, raff, atol=1e-3)
     lab = np.asarray(nib.as_closest_canonical(nib.load(str(out))).dataobj)
-    truth = np.asarray(nib.as_closest_canonical(nib.load(str(ROOT / "sample_data" / "phantom_ct_05.nii.gz"))).dataobj) > 120
-    dice = 2 * (lab.astype(bool) & truth).sum() / (lab.astype(bool).sum() + truth.sum())
-    assert dice > 0.5, f"the default model misses the lesion of the CT written to the PACS (Dice {dice:.2f})"
+    ct = np.asarray(nib.as_closest_canonical(nib.load(str(ROOT / "sample_data" / "phantom_ct_05.nii.gz"))).dataobj)
+    # the phantom: body ~40 HU, lesion 150-200 HU (label 1), vertebra 450-650 HU (label 2), noise 18 HU
+    for name, value, truth in (("lesion", 1, (ct > 120) & (ct < 350)), ("vertebra", 2, ct > 350)):
+        pred = lab == value
+        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+        assert dice > 0.5, f"the default model misses the {name} of the CT written to the PACS (Dice {dice:.2f})"
 
 
 @needs_defaults
@@ -157,7 +160,7 @@ def test_infer_on_real_vendor_series_keeps_their_geometry(stack):
         shape, aff = _canonical(nib.load(str(out)))
         rshape, raff = _canonical(nib.load(str(s["reference"])))
         assert shape == rshape and np.allclose(aff, raff, atol=1e-2), (name, shape, rshape, aff, raff)
-        assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1}
+        assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1, 2}  # lesion, vertebra
 
 
 @needs_defaults
@@ -221,6 +224,8 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     instances[0].save_as(str(ARTIFACTS / "stored_seg.dcm"))
     desc = seg.get_segment_description(1)
     assert desc.segment_label == "lesion" and desc.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    # the label map holds both structures of the prompted sample model: one segment per value, named by value
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["lesion", "vertebra"]
     assert seg.SegmentSequence[0].SegmentAlgorithmName == "DFM+VLM"
     ref = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
     assert ref == uid
@@ -238,7 +243,8 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     for sop, k in sop_to_k.items():
         idx = list(sop_to_k).index(sop)
         seg_vol[:, :, k] = pixels[idx].T  # SEG frames are (rows=j, cols=i)
-    assert np.array_equal(seg_vol > 0, label > 0), f"{(seg_vol > 0).sum()} vs {(label > 0).sum()} voxels"
+    assert set(np.unique(label).tolist()) == {0, 1, 2}
+    assert np.array_equal(seg_vol, label), f"{np.bincount(seg_vol.ravel())} vs {np.bincount(label.ravel())} voxels"
     after = pacs.instance_hashes()
     assert {k: v for k, v in after.items() if k in before} == before, "stored instances were altered"
 

@@ -1,4 +1,4 @@
-"""3D DFM+VLM model for CT/MR volumes (the sample data's phantom lesions; retrain on your studies)."""
+"""3D DFM+VLM model for CT/MR volumes (sample data: phantom lesions and vertebrae, chosen by prompt)."""
 
 from lib.configs._common import DFMTaskConfig
 
