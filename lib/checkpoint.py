@@ -15,6 +15,7 @@ Loading is strict and never trusts a code default over the checkpoint:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -76,30 +77,34 @@ def save_checkpoint(path: str | os.PathLike, model: ConditionalUNet, hparams: HP
     return atomic_torch_save(payload, path)
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename: a reader (or a restart after a
-    ``kill -9``) sees the old file or the new one, never a partial one. A failure (disk full, unwritable folder)
-    leaves the old file in place and raises :class:`CheckpointError` saying why."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """``write(f)`` into a temporary file beside ``path`` (same file system; a hidden name that matches no image
+    pattern), flush, fsync, then ``os.replace``: a reader (or a restart after a ``kill -9``) sees the old file or the
+    new one, never a partial one. A failure (disk full, unwritable folder) removes the temporary file, leaves the old
+    file in place and raises the ``OSError``."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is kept)") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
-        with __import__("contextlib").suppress(FileNotFoundError):
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is "
-                                  f"kept)") from e
         raise
     return path
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`. A failure leaves the old file in place and raises
+    :class:`CheckpointError` saying why."""
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is kept)") from e
 
 
 ALLOW_PICKLE_ENV = "DFM_ALLOW_PICKLED_CHECKPOINTS"

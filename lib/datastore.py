@@ -17,13 +17,15 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
-
+from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
-from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 
+from lib.checkpoint import atomic_write
 from lib.dicom import series_to_nifti
 from lib.transforms import InputError
 
@@ -199,7 +201,32 @@ class CheckedLocalDatastore(LocalDatastore):
             check_label_file(label_filename, self.get_image_uri(image_id), image_id)
         except InputError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        return self._store_label(image_id, label_filename, label_tag or "final", label_info)
+
+    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        """MONAI Label 0.8.5's ``LocalDatastore.save_label`` with one change: it copied the upload over the stored
+        label in place (``shutil.copy``), so a full disk or a ``kill -9`` during the copy left a partial label. Here
+        the copy goes through :func:`lib.checkpoint.atomic_write` (a hidden file beside it, fsync, ``os.replace``):
+        the stored label is the old file or the new one. A failed write answers 507 and keeps the old label."""
+        from fastapi import HTTPException
+
+        obj = self._datastore.objects[image_id]
+        _, ext = self._to_id(os.path.basename(label_filename))
+        folder = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, ext)
+        with FileLock(self._lock_file):
+            try:
+                with open(label_filename, "rb") as src:
+                    atomic_write(os.path.join(folder, name), lambda f: shutil.copyfileobj(src, f))
+            except OSError as e:
+                raise HTTPException(status_code=507, detail=f"cannot store the {label_tag} label of {image_id!r}: "
+                                                            f"{e.strerror or e} (the stored label, if any, is "
+                                                            f"kept)") from None
+            info = dict(label_info or {})
+            info.update(ts=int(time.time()), name=name)
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        return image_id
 
 
 def _label_values(path) -> list[int]:

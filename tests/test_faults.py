@@ -98,6 +98,52 @@ def test_a_disk_that_fills_up_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         atomic_torch_save({"w": torch.ones(1)}, blocked / "best.pt")
 
 
+def test_a_label_write_that_fails_half_way_keeps_the_stored_label(tmp_path, monkeypatch):
+    """MONAI Label copied an upload over the stored label in place: a full disk (or a kill -9) half-way through
+    left a partial label. The checked datastore writes beside it and renames: the old label stays whole, no
+    partial file is left, the error says why (507), and the next save works."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+    from fastapi import HTTPException
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(ROOT / "sample_data" / "phantom_ct_06.nii.gz", studies)
+    img = nib.load(studies / "phantom_ct_06.nii.gz")
+    uploads = []
+    for k in range(2):
+        lab = np.zeros(img.shape, np.uint8)
+        lab[k::2, 10:30] = 1
+        uploads.append(tmp_path / f"upload{k}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, img.affine), str(uploads[-1]))
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    ds.save_label("phantom_ct_06", str(uploads[0]), "final", {})
+    stored = studies / "labels" / "final" / "phantom_ct_06.nii.gz"
+    good = stored.read_bytes()
+    assert good == uploads[0].read_bytes()
+
+    def disk_full(src, dst, *a, **k):
+        dst.write(src.read(100))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfileobj", disk_full)
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom_ct_06", str(uploads[1]), "final", {})
+    assert e.value.status_code == 507 and "No space left on device" in e.value.detail and "kept" in e.value.detail
+    assert stored.read_bytes() == good, "a failed write changed the stored label"
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["phantom_ct_06.nii.gz"], "a partial file was left"
+    monkeypatch.undo()
+    ds.save_label("phantom_ct_06", str(uploads[1]), "final", {"client": "test"})
+    assert stored.read_bytes() == uploads[1].read_bytes()
+    reopened = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])  # the index on disk lists it
+    assert reopened.get_label_uri(reopened.get_label_by_image_id("phantom_ct_06", "final"), "final") == str(stored)
+    assert reopened.get_label_info("phantom_ct_06", "final")["client"] == "test"
+
+
 class _Payload:
     """What a hostile checkpoint carries: unpickling it would run ``os.system``."""
 
