@@ -185,6 +185,32 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
                          f"got min {float(lab.min()):g}, max {float(lab.max()):g})")
 
 
+INDEX_NAME = "datastore_v2.json"  # MONAI Label 0.8.5's LocalDatastore index in the studies folder
+
+
+def set_aside_unreadable_index(studies: str | os.PathLike, name: str = INDEX_NAME) -> str | None:
+    """MONAI Label writes its datastore index in place; a kill -9 (or a full disk) during that write leaves a
+    truncated file, and the next start fails (``LocalDatastoreModel`` validation error): the server is down until
+    someone edits the file. An index that cannot be read is renamed ``<name>.unreadable-<time>`` (kept for
+    inspection) and MONAI Label rebuilds the index from the image and label files, which are the data; what is lost
+    is per-label metadata (client info, timestamps). Returns the new name of a set-aside file."""
+    from monailabel.datastore.local import LocalDatastoreModel
+
+    path = os.path.join(os.fspath(studies), name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            LocalDatastoreModel.model_validate_json(f.read())
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, aside)
+        logger.error("the datastore index %s could not be read (%s); set aside as %s, rebuilt from the files",
+                     path, str(e).splitlines()[0][:200], aside)
+        return aside
+
+
 class CheckedLocalDatastore(LocalDatastore):
     """MONAI Label's folder datastore whose ``save_label`` refuses what would replace a good label with garbage:
     an unknown image (404), an id or tag that is a path (422), a file that is not a label map of the image's shape

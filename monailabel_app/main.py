@@ -104,11 +104,14 @@ class DFMVLMApp(MONAILabelApp):
         return s
 
     def init_datastore(self):
-        """The folder datastore checks labels before storing them (lib.datastore.CheckedLocalDatastore)."""
+        """The folder datastore checks labels before storing them (lib.datastore.CheckedLocalDatastore); an index
+        left unreadable by a kill is set aside and rebuilt from the files (lib.datastore.set_aside_unreadable_index)."""
         from monailabel.datastore.local import LocalDatastore
 
-        from lib.datastore import CheckedLocalDatastore
+        from lib.datastore import CheckedLocalDatastore, set_aside_unreadable_index
 
+        if os.path.isdir(self.studies):
+            set_aside_unreadable_index(self.studies)
         ds = super().init_datastore()
         if type(ds) is LocalDatastore:
             ds.__class__ = CheckedLocalDatastore  # same folder, index and settings; only save_label differs

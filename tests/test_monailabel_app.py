@@ -216,14 +216,23 @@ def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, serv
     assert ck["format"] == "dfm-vlm-checkpoint" and ck["hyper_parameters"]["model"]["vlm_film_decoder_stages"] == [0, 1, 2]
     # the sample model is click-trained: the MONAI Label trainer fine-tunes it with simulated clicks (train_loss)
     assert ck["hyper_parameters"]["clicks"]["enabled"] and ck["hyper_parameters"]["model"]["guidance_channels"] == 2
+    import hashlib
+
+    def sha(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    assert before["sha256"] == sha(before["path"])  # /info names the version it serves
     _, params = client.infer("dfm_vlm_3d", "phantom_ct_05", {"steps": 2})
     assert params["checkpoint"] == str(published)
+    assert params["checkpoint_sha256"] == sha(published) != before["sha256"]  # each answer names its version
     # a second training run replaces the file atomically; the next request picks it up (no restart)
     mtime = published.stat().st_mtime
     client.train_start("dfm_vlm_3d", {"max_epochs": 1, "val_split": 0.34})
     _wait_for_training(client, server)
     assert published.stat().st_mtime > mtime
     assert client.info()["models"]["dfm_vlm_3d"]["checkpoint"]["modified_time"] == published.stat().st_mtime
+    assert client.infer("dfm_vlm_3d", "phantom_ct_05", {"steps": 2})[1]["checkpoint_sha256"] == sha(published) \
+        != params["checkpoint_sha256"]
 
 
 @needs_defaults

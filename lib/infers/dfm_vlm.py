@@ -8,6 +8,7 @@ A new checkpoint file (the trainer publishes atomically) is picked up at the nex
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -41,6 +42,15 @@ REQUEST_KEYS = ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "
 
 class ModelNotReady(RuntimeError):
     """No usable checkpoint: the model must not be served (never with random weights)."""
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file (a checkpoint: which version answered a request)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _first(v):
@@ -215,13 +225,17 @@ class DFMVLMInfer(BasicInferTask):
             if failed and failed[:2] == (path, mtime) and time.monotonic() - failed[2] < self.RETRY_FAILED_S:
                 raise ModelNotReady(failed[3])  # /info polls often: do not retry a failing load (hub lookups) each time
             try:
+                digest = file_sha256(path)
                 system = load_system(path, device=device, vlm=self.vlm)
             except (CheckpointError, VLMError, ConfigError, OSError) as e:
                 reason = f"checkpoint {path} cannot be served: {e}"
                 self._failures[device] = (path, mtime, time.monotonic(), reason)
                 raise ModelNotReady(reason) from e
             self._failures.pop(device, None)
-            logger.info("loaded %s (mtime %s) on %s", path, time.ctime(mtime), device)
+            if os.stat(path).st_mtime != mtime:  # replaced while it loaded: the digest may name the other file
+                digest = None
+            system.checkpoint_sha256 = digest  # which checkpoint answered: every result names it
+            logger.info("loaded %s (mtime %s, sha256 %s) on %s", path, time.ctime(mtime), digest, device)
             self._systems[device] = (system, path, mtime)
             return system
 
@@ -240,7 +254,9 @@ class DFMVLMInfer(BasicInferTask):
         if path:
             i["checkpoint"] = {"path": path, "modified_time": os.stat(path).st_mtime}
             try:
-                hp = self.system(self.default_device()).hparams
+                system = self.system(self.default_device())
+                i["checkpoint"]["sha256"] = getattr(system, "checkpoint_sha256", None)
+                hp = system.hparams
                 i["sampler_defaults"] = {"sampler": hp.sampler.name, "steps": hp.sampler.steps,
                                          "num_samples": hp.sampler.num_samples, "overlap": hp.sampler.overlap,
                                          "roi_size": hp.sampler.roi_size, "precision": hp.precision}
@@ -310,7 +326,8 @@ class DFMVLMInfer(BasicInferTask):
         res = data.setdefault("result", {})
         if inferer.num_samples > 1:  # the same scores as the active-learning scoring method
             res["uncertainty"] = uncertainty_scores(out["prob_pre"], out["var_pre"])
-        res.update({"checkpoint": self.get_path(), "sampler": inferer.sampler, "steps": inferer.steps,
+        res.update({"checkpoint": self.get_path(), "checkpoint_sha256": getattr(system, "checkpoint_sha256", None),
+                    "sampler": inferer.sampler, "steps": inferer.steps,
                     "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed,
                     "precision": inferer.precision or system.hparams.precision, "device": str(system.device)})
         if system.structures or prompt is not None:
