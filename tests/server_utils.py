@@ -35,7 +35,7 @@ def copy_sample_data(dst: Path) -> Path:
 
 class Server:
     def __init__(self, studies: str, workdir: Path, conf: dict | None = None, env: dict | None = None,
-                 timeout: float = 240):
+                 timeout: float = 240, args: tuple = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"server_{self.port}.log"
@@ -43,6 +43,7 @@ class Server:
                "--studies", studies, "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in (conf or {}).items():
             cmd += ["--conf", k, str(v)]
+        cmd += [str(x) for x in args]  # other start_server options (e.g. --workers 2)
         e = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **(env or {})}
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=e,

@@ -48,3 +48,32 @@ def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(tmp_pa
     assert curve[-1][1] < curve[0][1] - 0.1  # it trained
     diff = max(float((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max()) for k in a["state_dict"])
     assert diff < TOLERANCE, diff
+
+
+def test_two_nodes_through_torchrun_rendezvous_train_like_one_process(tmp_path, tiny_clip):
+    """Several nodes: one torchrun per node (here two on this machine, one process each) meet through torchrun's
+    c10d rendezvous at an endpoint, as on a cluster; the result is the one-process training of the same global
+    batch."""
+    from server_utils import free_port
+
+    preset, datalist = write_run_files(tmp_path, tiny_clip, state_every_it=0)
+    args = ["-m", "lib", "train", "--preset", str(preset), "--datalist", str(datalist), "--max-iterations", "4",
+            "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(k), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                               "--rdzv_id", "dfm_test", *args, "--out", str(tmp_path / "nodes")], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n---\n".join(log[-2000:] for log in logs)
+    seen = sorted(int(r) for log in logs for r in re.findall(r"rank (\d) of 2: 8 patches", log))
+    assert seen == [0, 1], logs  # one rank on each node, each its half of the global batch
+    assert json.loads((tmp_path / "nodes" / "machine.json").read_text())["distributed"]["world_size"] == 2
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "nodes" / "last.pt", weights_only=True)
+    diff = max(float((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max()) for k in a["state_dict"])
+    assert diff < TOLERANCE, diff
