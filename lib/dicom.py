@@ -87,8 +87,46 @@ def is_gantry_tilt(datasets: Sequence[pydicom.Dataset]) -> bool:
     return cos < 0.9999
 
 
+def series_index_orientation(datasets: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """The nibabel orientation of the series' own voxel order: i along the row direction cosine (the columns), j along
+    the column direction cosine (the rows), k ascending along their cross product. It is the order of ITK (MONAI
+    Label's own DICOM conversion, MONAI's ITKReader, 3D Slicer's DICOM reader) and of OHIF/cornerstone's volume
+    (``sortImageIdsAndGetSpacing``), whose ``worldToIndex`` gives the points OHIF sends as clicks."""
+    import nibabel as nib
+
+    iop = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
+    row, col = iop[:3], iop[3:]
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row, col, np.cross(row, col)
+    return nib.orientations.io_orientation(np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)  # DICOM LPS -> NIfTI RAS
+
+
+def to_series_order(path: str | os.PathLike, datasets: Sequence[pydicom.Dataset]) -> bool:
+    """Rewrite the NIfTI at ``path`` (same voxels, same physical geometry) so that its array runs in the series' own
+    voxel order (:func:`series_index_orientation`); returns whether it had to change. dicom2nifti's
+    ``reorient_nifti`` makes an LAS-like array instead: a standard axial series came out with its rows reversed,
+    so a click OHIF sent in the series' indices landed on the mirror-image voxel (and OHIF drew returned labels
+    mirrored)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    now = nib.orientations.io_orientation(img.affine)
+    want = series_index_orientation(datasets)
+    if np.array_equal(now, want):
+        return False
+    t = nib.orientations.ornt_transform(now, want)
+    raw = nib.orientations.apply_orientation(np.asanyarray(img.dataobj.get_unscaled()), t)  # stored values, dtype
+    affine = img.affine @ nib.orientations.inv_ornt_aff(t, img.shape)
+    out = nib.Nifti1Image(np.ascontiguousarray(raw), affine, img.header)  # the header keeps dtype and scaling
+    out.set_sform(affine, code=int(img.header["sform_code"]) or 1)
+    out.set_qform(affine, code=int(img.header["qform_code"]) or 1)
+    nib.save(out, str(path))
+    return True
+
+
 def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike) -> dict:
-    """Convert one series with dicom2nifti; returns ``{"path", "corrections"}`` or raises InputError."""
+    """Convert one series with dicom2nifti, the array in the series' own voxel order (:func:`to_series_order`);
+    returns ``{"path", "corrections"}`` or raises InputError."""
     import dicom2nifti
     import dicom2nifti.settings as d2n_settings
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
@@ -114,6 +152,7 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike) -> d
             d2n_settings.enable_validate_orthogonal()
             d2n_settings.disable_resampling()
         dicom2nifti.dicom_series_to_nifti(folder, out_path, reorient_nifti=True)
+        to_series_order(out_path, datasets)
     except ConversionValidationError as e:
         raise InputError(f"DICOM series {name}: not a regular volume ({e})") from e
     except (ConversionError, ValueError, IndexError, AttributeError) as e:

@@ -86,6 +86,70 @@ def test_png_clicks_use_monai_x_y_indices(tmp_path):
     assert float(img[0][q]) > 0
 
 
+def _cornerstone_volume(folder) -> tuple[np.ndarray, list]:
+    """A DICOM series as OHIF (cornerstone3D) builds its volume, written here from pydicom: slices sorted ascending
+    along row x column cosine (``sortImageIdsAndGetSpacing``), each slice's pixels indexed (column, row). OHIF's
+    point tools send ``worldToIndex`` of this volume: these indices."""
+    from pathlib import Path
+
+    import pydicom
+
+    dss = [pydicom.dcmread(str(f)) for f in sorted(Path(folder).iterdir()) if f.is_file()]
+    iop = np.array([float(v) for v in dss[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    dss.sort(key=lambda d: float(np.dot([float(v) for v in d.ImagePositionPatient], normal)))
+    vol = np.stack([d.pixel_array.T * float(getattr(d, "RescaleSlope", 1)) + float(getattr(d, "RescaleIntercept", 0))
+                    for d in dss], axis=-1)
+    return vol, dss
+
+
+def _check_series_order(folder, out):
+    """The converted series has OHIF's (and ITK's) voxel order and ITK's geometry."""
+    from monai.transforms import LoadImage
+
+    from lib.dicom import series_to_nifti
+
+    series_to_nifti(folder, out)
+    ours = LoadImage(image_only=True)(str(out))
+    ohif, _ = _cornerstone_volume(folder)
+    itk = LoadImage(image_only=True, reader="ITKReader")(str(folder))
+    assert tuple(ours.shape) == ohif.shape and np.allclose(np.asarray(ours), ohif), folder
+    assert np.allclose(np.asarray(ours), np.asarray(itk))
+    assert np.allclose(ours.affine.numpy(), itk.affine.numpy(), atol=1e-3), (ours.affine, itk.affine)
+
+
+@pytest.mark.parametrize("axes", ["sample", "ras", "flipped_z", "coronal"])
+def test_a_dicom_series_keeps_its_own_voxel_order_so_ohif_clicks_land_where_shown(tmp_path, axes):
+    """OHIF sends clicks as indices of its own volume of the DICOM series; the server converts the series to NIfTI
+    and reads the points as indices of that NIfTI. dicom2nifti's reorientation reversed the rows of a standard
+    axial series (an OHIF click landed on the mirror-image voxel, and a returned label was drawn mirrored): the
+    converted array must run in the series' own order, the order of OHIF and of ITK (MONAI Label's own
+    conversion, 3D Slicer)."""
+    from lib.dicom import write_ct_series
+
+    from conftest import ROOT
+
+    img = nib.load(str(ROOT / "sample_data" / "phantom_ct_05.nii.gz"))
+    vol = np.asarray(img.dataobj, dtype=float)
+    affine = {"sample": img.affine, "ras": np.diag([1.5, 1.5, 2.5, 1.0]), "flipped_z": np.diag([1.5, -1.5, -2.5, 1.0]),
+              "coronal": np.array([[1.5, 0, 0, 0], [0, 0, 2.5, 0], [0, -1.5, 0, 0], [0, 0, 0, 1.0]])}[axes]
+    write_ct_series(vol, affine, tmp_path / "ct", seed=axes)
+    _check_series_order(tmp_path / "ct", tmp_path / "ct.nii.gz")
+
+
+def test_real_vendor_series_keep_their_own_voxel_order(tmp_path):
+    """The same on real MR series of four vendors: sagittal, oblique, non-isotropic (../shared/data/dicom)."""
+    from conftest import SHARED
+
+    vendor = SHARED / "dicom" / "vendor_mr"
+    if not vendor.exists():
+        pytest.skip(f"real DICOM data not found at {vendor}")
+    names = ["ge_anatomical_001", "generic_anatomical_002_non_isotropic", "hitachi_anatomical_001",
+             "siemens_anatomical_001"]
+    for name in names:
+        _check_series_order(vendor / name, tmp_path / f"{name}.nii.gz")
+
+
 # -- maps, sampler hold -------------------------------------------------------------------------------------------
 def test_guidance_is_a_truncated_gaussian_and_the_hold_marks_the_clicked_voxels():
     c = Clicks().add((5, 5), True).add((15, 12), False)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,14 +20,25 @@ from test_faults import write_run_files
 TOLERANCE = 1e-4
 
 
-def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, tiny_clip):
+def _one_process_run(tmp_path, tiny_clip, iterations: int):
+    """The training arguments, environment and the one-process run every distributed run is compared with."""
     preset, datalist = write_run_files(tmp_path, tiny_clip, state_every_it=0)
-    args = ["-m", "lib", "train", "--preset", str(preset), "--datalist", str(datalist), "--max-iterations", "6",
-            "--no-progress"]
+    args = ["-m", "lib", "train", "--preset", str(preset), "--datalist", str(datalist), "--max-iterations",
+            str(iterations), "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
+    return args, env, one
+
+
+def _max_param_diff(a: Path, b: Path) -> float:
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return max(float((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max()) for k in a["state_dict"])
+
+
+def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, tiny_clip):
+    args, env, one = _one_process_run(tmp_path, tiny_clip, 6)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
@@ -46,7 +58,7 @@ def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(tmp_pa
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     assert a["hyper_parameters"] == b["hyper_parameters"]  # the same checkpoint format, written by rank 0
     assert curve[-1][1] < curve[0][1] - 0.1  # it trained
-    diff = max(float((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max()) for k in a["state_dict"])
+    diff = _max_param_diff(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt")
     assert diff < TOLERANCE, diff
 
 
@@ -56,13 +68,7 @@ def test_two_nodes_through_torchrun_rendezvous_train_like_one_process(tmp_path, 
     batch."""
     from server_utils import free_port
 
-    preset, datalist = write_run_files(tmp_path, tiny_clip, state_every_it=0)
-    args = ["-m", "lib", "train", "--preset", str(preset), "--datalist", str(datalist), "--max-iterations", "4",
-            "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    args, env, _ = _one_process_run(tmp_path, tiny_clip, 4)
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(k), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
@@ -73,7 +79,5 @@ def test_two_nodes_through_torchrun_rendezvous_train_like_one_process(tmp_path, 
     seen = sorted(int(r) for log in logs for r in re.findall(r"rank (\d) of 2: 8 patches", log))
     assert seen == [0, 1], logs  # one rank on each node, each its half of the global batch
     assert json.loads((tmp_path / "nodes" / "machine.json").read_text())["distributed"]["world_size"] == 2
-    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "nodes" / "last.pt", weights_only=True)
-    diff = max(float((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max()) for k in a["state_dict"])
+    diff = _max_param_diff(tmp_path / "one" / "last.pt", tmp_path / "nodes" / "last.pt")
     assert diff < TOLERANCE, diff
