@@ -2,7 +2,8 @@
 # Interactive segmentation, measured: click-trained models and the robot users (bench/clicks_bench.py).
 #   bash bench/clicks.sh cxr      cxr_lung: train with clicks (42 min, AVX2 dispatch like bench/cxr.sh AVX2=1),
 #                                 evaluate the automatic mode, robots on validation and test
-#   bash bench/clicks.sh brats    BraTS: train with clicks on 3 cases (8 min), evaluate case 0006, robots
+#   bash bench/clicks.sh brats    BraTS: train with clicks on 3 cases (20 min), evaluate case 0006, robots,
+#                                 then the sampler's hold of clicked voxels (radius -1/1/3) on case 0006
 #   bash bench/clicks.sh hold     cxr_lung validation (first 20): the sampler's hold of clicked voxels, radius -1/0/2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ brats)
   mkdir -p $OUT
   [ -f runs/brats/datalist.json ] || $PY bench/brats_datalist.py $DATA/brats_wt runs/brats/datalist.json
   if [ ! -f $OUT/train_result.json ]; then
-    $PY -m lib train --preset brats_wt --datalist runs/brats/datalist.json --out $OUT --minutes "${MIN:-8}" \
+    $PY -m lib train --preset brats_wt --datalist runs/brats/datalist.json --out $OUT --minutes "${MIN:-20}" \
       --set clicks.enabled=true --set clicks.no_click_prob=0.5 --no-progress > $OUT/train.log 2>&1
   fi
   $PY -m lib evaluate --checkpoint $OUT/best.pt --datalist runs/brats/datalist.json --split test \
@@ -44,6 +45,8 @@ brats)
   # test = case 0006 (held out); validation = the 3 training cases (the dev cases)
   $PY bench/clicks_bench.py --checkpoint $OUT/best.pt --datalist runs/brats/datalist.json \
     --split test validation --robots oracle uncertain --num-samples 4 --out runs/bench/clicks_brats
+  $PY bench/clicks_bench.py --checkpoint $OUT/best.pt --datalist runs/brats/datalist.json \
+    --split test --robots oracle --num-samples 4 --clicks 5 --hold-radius -1 1 3 --out runs/bench/clicks_brats_hold
   ;;
 *) echo "usage: bash bench/clicks.sh cxr|hold|brats"; exit 2 ;;
 esac
