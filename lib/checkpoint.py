@@ -235,6 +235,11 @@ def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None 
         # written before views were shown in display orientation: it was trained on the array's own axes
         raw["vlm"] = {**raw["vlm"], "view": "array"}
         notes.append("vlm.view missing (a checkpoint from before 2026-11-28): its VLM views stay in array order")
+    if isinstance(raw.get("sampler"), dict) and raw["sampler"].get("max_batch_voxels") == 2 ** 21:
+        # the fixed default before "auto" (2026-11-28), recorded by every checkpoint, never a choice: one call of
+        # up to 2**21 voxels is 2x slower on a CPU than small calls (bench/cap_bench.py)
+        raw["sampler"] = {**raw["sampler"], "max_batch_voxels": "auto"}
+        notes.append("sampler.max_batch_voxels = 2**21 (the default before 2026-11-28) read as 'auto'")
     try:
         hp = HParams.from_dict(raw)
     except (ConfigError, TypeError) as e:

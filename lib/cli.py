@@ -63,6 +63,9 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-samples", type=int)
     g.add_argument("--overlap", type=float)
     g.add_argument("--sw-batch-size", type=int)
+    g.add_argument("--max-batch-voxels", type=_cap, metavar="auto|N",
+                   help="(window x sample) items per network call x window voxels: 'auto' (by device, "
+                        "bench/cap_bench.py) or an integer cap; changes speed and memory, not the result")
     g.add_argument("--roi-size", type=int, nargs="+")
     g.add_argument("--seed", type=int)
     g.add_argument("--output", choices=["p_final", "last_posterior"], help="what each sample contributes")
@@ -85,7 +88,20 @@ def _inferer(system, a):
 
     return make_inferer(system, sampler=a.sampler, steps=a.steps, num_samples=a.num_samples, overlap=a.overlap,
                         sw_batch_size=a.sw_batch_size, roi_size=a.roi_size, seed=a.seed, output=a.output,
-                        precision=a.precision, allow_roi_mismatch=a.allow_roi_mismatch)
+                        precision=a.precision, allow_roi_mismatch=a.allow_roi_mismatch,
+                        max_batch_voxels=a.max_batch_voxels)
+
+
+def _cap(text: str):
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"'auto' or an integer >= 1, got {text!r}")
+    return v
 
 
 def cmd_make_tiny_vlm(a) -> int:

@@ -123,7 +123,9 @@ class SamplerConfig:
     overlap: float = 0.25
     sw_batch_size: int = 4
     blend_mode: str = "gaussian"
-    max_batch_voxels: int = 2 ** 21  # memory cap: (window x sample) items per network call x window voxels
+    # (window x sample) items per network call x window voxels: a memory cap and, on a CPU, a speed knob.
+    # "auto": lib.inferer.items_per_call picks by device (measured, bench/cap_bench.py); an integer is used as given
+    max_batch_voxels: int | str = "auto"
 
     def resolved(self, patch_size: list[int] | None = None) -> "SamplerConfig":
         c = dataclasses.replace(self)
@@ -131,8 +133,9 @@ class SamplerConfig:
             c.roi_size = list(patch_size) if patch_size is not None else None
         elif patch_size is not None and [int(v) for v in c.roi_size] != [int(v) for v in patch_size]:
             raise ConfigError(roi_mismatch_message(c.roi_size, patch_size))
-        if not isinstance(c.max_batch_voxels, int) or c.max_batch_voxels < 1:
-            raise ConfigError(f"max_batch_voxels must be an integer >= 1, got {c.max_batch_voxels!r}")
+        if c.max_batch_voxels != "auto" and (not isinstance(c.max_batch_voxels, int)
+                                             or isinstance(c.max_batch_voxels, bool) or c.max_batch_voxels < 1):
+            raise ConfigError(f"max_batch_voxels must be 'auto' or an integer >= 1, got {c.max_batch_voxels!r}")
         validate_sampler(c.name, c.steps, c.num_samples, c.overlap, c.sw_batch_size, c.output)
         return c
 

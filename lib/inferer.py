@@ -10,8 +10,8 @@ through :class:`DFMSlidingWindowInferer` (a thin subclass of MONAI's ``SlidingWi
    eval mode) under the one precision policy (:mod:`lib.precision`);
 3. conditions each window once (:func:`lib.vlm.patch_condition` + FiLM, and for ``arch="cached"`` the whole image
    path of the U-Net);
-4. runs the M samples of all windows *batched* along the batch axis (``repeat_interleave``), at most
-   ``max_batch_voxels // window voxels`` (window x sample) items per network call (the memory cap);
+4. runs the M samples of all windows *batched* along the batch axis (``repeat_interleave``), in network calls of
+   :func:`items_per_call` (window x sample) items (the memory cap, which on a CPU is also a speed knob);
 5. draws every random number of sample ``m`` of a window from its own stream, seeded by
    ``(seed, image id, window position, m)``: the result does not depend on ``sw_batch_size``, on the order of the
    windows, on the memory cap or on other images;
@@ -149,7 +149,7 @@ class DFMSystem(nn.Module):
     @torch.no_grad()
     def predict_windows(self, windows: torch.Tensor, texts: Sequence[str] | None, seeds: Sequence[int], *,
                         sampler: str = "euler", steps: int = 8, num_samples: int = 1, output: str = "p_final",
-                        precision: str | None = None, max_batch_voxels: int | None = None,
+                        precision: str | None = None, max_batch_voxels: int | str | None = None,
                         allow_roi_mismatch: bool = False, guidance: torch.Tensor | None = None,
                         hold: torch.Tensor | None = None, per_window: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``windows (B, C, *patch)`` + one text and one seed per window -> ``(mean, variance)``, each
@@ -187,7 +187,7 @@ class DFMSystem(nn.Module):
             hp = self.hparams
             scheduler = make_scheduler(hp.flow)
             fn = sampler_function(sampler)
-            cap = max(1, int(max_batch_voxels or hp.sampler.max_batch_voxels) // max(1, windows[0, 0].numel()))
+            cap = items_per_call(windows[0, 0].numel(), dev, max_batch_voxels or hp.sampler.max_batch_voxels)
             outs = []
             for start in range(0, b * m, cap):
                 idx = torch.arange(start, min(start + cap, b * m))
@@ -200,6 +200,26 @@ class DFMSystem(nn.Module):
                 outs.append(trace["last_posterior"] if output == "last_posterior" else p_final)
         out = torch.cat(outs).float().view(b, m, 1, *spatial)
         return out.mean(1), out.var(1, unbiased=False)
+
+
+CPU_AUTO_VOXELS = 2 ** 16
+CUDA_AUTO_VOXELS = 2 ** 21
+
+
+def items_per_call(window_voxels: int, device, max_batch_voxels: int | str | None = "auto") -> int:
+    """(window x sample) items per network call of :meth:`DFMSystem.predict_windows`.
+
+    An integer ``max_batch_voxels`` is a cap: ``max_batch_voxels // window_voxels`` items (at least 1). ``"auto"``
+    (the default) depends on the device, as measured by ``bench/cap_bench.py`` (README, "Sampler cost"): on a GPU
+    2**21 voxels (memory is the only limit); on a CPU small calls are faster -- 4-8 items of 96**2 beat 32 by 2x,
+    and one 48**3 item per call is 4x slower than two (AVX2 and AVX512 alike) -- so ``2**16 // window_voxels``
+    items, at least 2. The result does not depend on it (every item has its own noise stream)."""
+    vox = max(1, int(window_voxels))
+    if max_batch_voxels is None or max_batch_voxels == "auto":
+        if torch.device(device).type == "cpu":
+            return max(2, CPU_AUTO_VOXELS // vox)
+        return max(1, CUDA_AUTO_VOXELS // vox)
+    return max(1, int(max_batch_voxels) // vox)
 
 
 class WindowCache:
@@ -273,7 +293,7 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
     def __init__(self, roi_size, sw_batch_size: int = 4, overlap: float = 0.25, mode: str = "gaussian",
                  sigma_scale: float = 0.125, sampler: str = "euler", steps: int = 8, num_samples: int = 1,
                  output: str = "p_final", seed: int = 0, device: str | torch.device | None = None,
-                 precision: str | None = None, max_batch_voxels: int | None = None,
+                 precision: str | None = None, max_batch_voxels: int | str | None = None,
                  allow_roi_mismatch: bool = False, progress: bool = False):
         validate_sampler(sampler, steps, num_samples, overlap, sw_batch_size, output)
         if precision is not None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from lib.config import VLMConfig
+from lib.config import ConfigError, VLMConfig
 from lib.data import random_patch_batch
 from lib.inferer import DFMSlidingWindowInferer
 from lib.training import train_loss
@@ -136,7 +136,7 @@ def test_same_seed_same_output_whatever_the_batching_window_order_and_threads(ma
     img = torch.rand(1, 1, 80, 72, generator=torch.Generator().manual_seed(1))
     ref = DFMSlidingWindowInferer([32, 32], sw_batch_size=1, overlap=0.25, steps=3, num_samples=3)(img, system,
                                                                                                    seed=5)
-    for bs, cap in ((4, None), (8, None), (8, 32 * 32)):
+    for bs, cap in ((4, None), (8, None), (8, 32 * 32), (8, "auto"), (4, 5 * 32 * 32)):
         out = DFMSlidingWindowInferer([32, 32], sw_batch_size=bs, overlap=0.25, steps=3, num_samples=3,
                                       max_batch_voxels=cap)(img, system, seed=5)
         assert (out - ref).abs().max() < 1e-5, (bs, cap, (out - ref).abs().max())
@@ -270,3 +270,44 @@ def test_random_patch_batch_respects_pos_neg_ratio(make_system):
     centers = np.array(b["center"])
     inside = ((centers >= 40) & (centers < 56)).all(axis=1)
     assert not inside.any(), "negative centres must lie in the background"
+
+
+def test_items_per_call_auto_by_device_and_explicit_caps_as_given():
+    """The memory cap's "auto": on a CPU small calls (measured 2x faster for 2D, and at least 2 items: one 48^3 item
+    per call 4x slower, bench/cap_bench.py), on a GPU up to 2**21 voxels; an integer is a cap, used as given."""
+    from lib.config import SamplerConfig
+    from lib.inferer import items_per_call
+
+    assert SamplerConfig().max_batch_voxels == "auto"
+    assert items_per_call(96 * 96, "cpu") == 7  # 2**16 // 9216
+    assert items_per_call(48 ** 3, "cpu") == 2  # at least 2
+    assert items_per_call(96 * 96, "cuda") == 227 and items_per_call(48 ** 3, "cuda:0") == 18
+    assert items_per_call(96 * 96, "cpu", 2 ** 21) == 227  # an explicit cap is honoured, on a CPU too
+    assert items_per_call(48 ** 3, "cpu", 48 ** 3) == 1
+    assert items_per_call(96 * 96, "cpu", None) == 7
+    with pytest.raises(ConfigError, match="max_batch_voxels"):
+        SamplerConfig(max_batch_voxels="fast").resolved()
+    with pytest.raises(ConfigError, match="max_batch_voxels"):
+        SamplerConfig(max_batch_voxels=0).resolved()
+
+
+def test_predict_windows_uses_the_auto_cap(make_system, monkeypatch):
+    """The predictor's network calls follow items_per_call: 4 windows x 8 samples of 32^2 on a CPU run in calls of
+    2**16 // 1024 = 64 items (one call), an explicit cap of 3 windows' voxels in calls of 3."""
+    system = make_system(arch="cached")
+    sizes = []
+    real = system.model.forward
+
+    def spy(x, *a, **k):
+        if x is not None:
+            sizes.append(x.shape[0])
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(system.model, "forward", spy)
+    wins = torch.rand(4, 1, 32, 32)
+    texts = system.texts_for(None, 4)
+    system.predict_windows(wins, texts, [0, 1, 2, 3], steps=1, num_samples=8)
+    assert set(sizes) == {32}, sizes
+    sizes.clear()
+    system.predict_windows(wins, texts, [0, 1, 2, 3], steps=1, num_samples=8, max_batch_voxels=3 * 32 * 32)
+    assert set(sizes) == {3, 2}, sizes  # 32 items = 10 calls of 3 + one of 2, per network evaluation

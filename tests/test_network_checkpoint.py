@@ -247,3 +247,16 @@ def test_a_checkpoint_resaved_elsewhere_still_finds_its_relative_vlm(tmp_path, m
     save_checkpoint(tmp_path / "elsewhere" / "model.pt", loaded.model, loaded.hparams)
     again = load_system(tmp_path / "elsewhere" / "model.pt")
     assert again.vlm.embed_dim == loaded.vlm.embed_dim
+
+
+def test_the_old_fixed_memory_cap_loads_as_auto_and_a_chosen_one_is_kept(tmp_path, make_system):
+    """Checkpoints written before the "auto" cap recorded 2**21, the default then (2x slower on a CPU than small
+    calls): it loads as "auto", with a note; any other recorded cap was a choice and is kept."""
+    system = make_system()
+    for recorded, expected in ((2 ** 21, "auto"), (3 * 2 ** 18, 3 * 2 ** 18), ("auto", "auto")):
+        system.hparams.sampler.max_batch_voxels = recorded
+        path = tmp_path / f"cap_{recorded}.pt"
+        save_checkpoint(path, system.model, system.hparams)
+        ck = load_checkpoint(path)
+        assert ck.hparams.sampler.max_batch_voxels == expected, recorded
+        assert any("max_batch_voxels" in n for n in ck.notes) == (recorded == 2 ** 21)
