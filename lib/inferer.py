@@ -202,7 +202,7 @@ class DFMSystem(nn.Module):
         return out.mean(1), out.var(1, unbiased=False)
 
 
-CPU_AUTO_VOXELS = 2 ** 16
+CPU_AUTO_VOXELS = 40 * 1024  # 4 items of 96^2: measured fastest on this CPU (bench/cap_bench.py, README)
 CUDA_AUTO_VOXELS = 2 ** 21
 
 
@@ -211,9 +211,10 @@ def items_per_call(window_voxels: int, device, max_batch_voxels: int | str | Non
 
     An integer ``max_batch_voxels`` is a cap: ``max_batch_voxels // window_voxels`` items (at least 1). ``"auto"``
     (the default) depends on the device, as measured by ``bench/cap_bench.py`` (README, "Sampler cost"): on a GPU
-    2**21 voxels (memory is the only limit); on a CPU small calls are faster -- 4-8 items of 96**2 beat 32 by 2x,
-    and one 48**3 item per call is 4x slower than two (AVX2 and AVX512 alike) -- so ``2**16 // window_voxels``
-    items, at least 2. The result does not depend on it (every item has its own noise stream)."""
+    2**21 voxels (memory is the only limit); on a CPU small calls are faster -- 3-5 items of 96**2 beat 7-8 by
+    1.3-1.9x and 32 by 2x, and one 48**3 item per call is 4x slower than two (AVX2 and AVX512 alike) -- so
+    ``CPU_AUTO_VOXELS // window_voxels`` items (4 of 96**2), at least 2. The draws do not depend on it (every item
+    has its own noise stream)."""
     vox = max(1, int(window_voxels))
     if max_batch_voxels is None or max_batch_voxels == "auto":
         if torch.device(device).type == "cpu":

@@ -279,12 +279,12 @@ def test_items_per_call_auto_by_device_and_explicit_caps_as_given():
     from lib.inferer import items_per_call
 
     assert SamplerConfig().max_batch_voxels == "auto"
-    assert items_per_call(96 * 96, "cpu") == 7  # 2**16 // 9216
+    assert items_per_call(96 * 96, "cpu") == 4  # 40960 // 9216
     assert items_per_call(48 ** 3, "cpu") == 2  # at least 2
     assert items_per_call(96 * 96, "cuda") == 227 and items_per_call(48 ** 3, "cuda:0") == 18
     assert items_per_call(96 * 96, "cpu", 2 ** 21) == 227  # an explicit cap is honoured, on a CPU too
     assert items_per_call(48 ** 3, "cpu", 48 ** 3) == 1
-    assert items_per_call(96 * 96, "cpu", None) == 7
+    assert items_per_call(96 * 96, "cpu", None) == 4
     with pytest.raises(ConfigError, match="max_batch_voxels"):
         SamplerConfig(max_batch_voxels="fast").resolved()
     with pytest.raises(ConfigError, match="max_batch_voxels"):
@@ -293,7 +293,7 @@ def test_items_per_call_auto_by_device_and_explicit_caps_as_given():
 
 def test_predict_windows_uses_the_auto_cap(make_system, monkeypatch):
     """The predictor's network calls follow items_per_call: 4 windows x 8 samples of 32^2 on a CPU run in calls of
-    2**16 // 1024 = 64 items (one call), an explicit cap of 3 windows' voxels in calls of 3."""
+    40960 // 1024 = 40 items (one call), an explicit cap of 3 windows' voxels in calls of 3."""
     system = make_system(arch="cached")
     sizes = []
     real = system.model.forward
