@@ -283,8 +283,10 @@ class ClickConfig:
     sampler's optional hold of clicked voxels in ``x_t``."""
 
     enabled: bool = False  # the model takes 2 guidance channels (positive, negative) and trains with clicks
-    sigma: float = 2.0  # Gaussian bump of each click, in network voxels (truncated at 3 sigma)
-    no_click_prob: float = 0.3  # share of training patches without any click (keeps the automatic mode)
+    # Gaussian bump of each click, in network voxels (truncated at 3 sigma). 3 measured better than 2 on cxr_lung
+    # (test Dice@3 0.9757 vs 0.9718/0.9693, automatic mode kept) and alike on BraTS (README, "Clicks, measured")
+    sigma: float = 3.0
+    no_click_prob: float = 0.5  # share of training patches without any click (keeps the automatic mode; as measured)
     max_random: int = 3  # random clicks per patch: 0..max_random positive and 0..max_random negative
     corrective_prob: float = 0.5  # share of training iterations that add corrective clicks
     corrective_rounds: int = 2  # up to this many rounds: predict, click the centre of the largest error region

@@ -231,6 +231,7 @@ def click_system(make_system):
 
     hp = system.hparams
     hp.clicks.enabled = True
+    hp.clicks.sigma = 2.0  # the window arithmetic below (reach 3 sigma = 6 voxels); not the default (3)
     torch.manual_seed(0)
     system = build_system(hp)
     with torch.no_grad():
@@ -294,6 +295,24 @@ def test_a_new_click_reruns_only_the_windows_it_reaches_and_the_result_is_exact(
     p3 = other(x, click_system, clicks=c, cache=cache)
     assert other.last_windows["rerun"] == 9
     assert torch.allclose(p3, other(x, click_system, clicks=c), atol=1e-5)
+
+
+def test_a_checkpoint_is_served_with_the_click_sigma_it_was_trained_with(tmp_path, click_system):
+    """The shipped sample models were trained with sigma 2, the default is now 3: a loaded checkpoint's guidance
+    maps use its recorded sigma (a model fed clicks of another width than it learned answers differently)."""
+    from lib.checkpoint import load_system, save_checkpoint
+    from lib.config import ClickConfig
+
+    assert ClickConfig().sigma != click_system.hparams.clicks.sigma == 2.0
+    save_checkpoint(tmp_path / "m.pt", click_system.model, click_system.hparams)
+    loaded = load_system(tmp_path / "m.pt")
+    assert loaded.hparams.clicks.sigma == 2.0
+    x = torch.rand(1, 1, 40, 40)
+    c = Clicks().add((20, 20), True)
+    inf = make_inferer(loaded, steps=2, num_samples=2)
+    served = inf(x, loaded, clicks=c)
+    assert torch.allclose(served, inf(x, loaded, clicks=c, click_sigma=2.0), atol=1e-6)
+    assert (served - inf(x, loaded, clicks=c, click_sigma=ClickConfig().sigma)).abs().max() > 1e-2
 
 
 def test_training_with_simulated_clicks_uses_the_guidance(click_system):
