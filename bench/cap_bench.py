@@ -4,19 +4,17 @@
 
 :meth:`lib.inferer.DFMSystem.predict_windows` runs the (window x sample) items of a call in chunks of at most
 ``max_batch_voxels // window voxels`` items. Every item draws from its own seeded stream, so the chunk size changes
-the time, not the result (checked here: the largest difference to the first variant is printed). Windows: the
-preset's ``sw_batch_size`` windows of its patch size (cut from a real chest X-ray for 2D when ../shared/data is
-there, else random), the preset's backbone and sampler, random weights (timing only). Variants are interleaved
-round-robin; the median of ``--repeats`` rounds is reported relative to the preset's current cap.
+the time, not the draws; what remains is the floating-point order of a batched convolution, which can now and then
+flip a Bernoulli draw (the largest difference to the first variant is printed). Windows: the preset's
+``sw_batch_size`` windows of its patch size (cut from a real chest X-ray for 2D when ../shared/data is there, else
+random), the preset's backbone and sampler, random weights (timing only). Variants are interleaved round-robin; the
+median of ``--repeats`` rounds is reported relative to the fastest.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ from lib.training import build_system  # noqa: E402
 from lib.vlm import ensure_tiny_clip  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_bench import windows_for  # noqa: E402
+from speed_bench import interleaved_medians, windows_for, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,18 +62,9 @@ def main() -> None:
                                  num_samples=sp.num_samples, precision=a.precision,
                                  max_batch_voxels=items * vox)
 
-    variants = {n: n for n in a.items}
     ref = call(a.items[0])[0]
-    diff = {n: float((call(n)[0] - ref).abs().max()) for n in a.items}  # also the warm-up
-    times: dict[int, list[float]] = {n: [] for n in variants}
-    t_start = time.perf_counter()
-    for _ in range(a.repeats):
-        for n in variants:
-            t0 = time.perf_counter()
-            call(n)
-            times[n].append(time.perf_counter() - t0)
-    wall = time.perf_counter() - t_start
-    med = {n: statistics.median(v) for n, v in times.items()}
+    diff = {n: float((call(n)[0] - ref).abs().max()) for n in a.items}
+    med, wall = interleaved_medians({n: (lambda n=n: call(n)) for n in a.items}, a.repeats)
     best = min(med, key=med.get)
     info = describe(a.precision, a.device)
     print(f"command: python {' '.join(sys.argv)}")
@@ -88,9 +77,7 @@ def main() -> None:
                      "ratio_to_best": med[n] / med[best], "max_abs_diff_to_first": diff[n]})
         print(f"  {n:3d} items per call (max_batch_voxels {n * vox:>9d}): {1000 * med[n]:8.1f} ms  "
               f"x{med[n] / med[best]:5.2f} of the fastest   max |diff| {diff[n]:.2e}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"command": sys.argv, "machine": info, "rows": rows, "wall_s": wall},
-                                      indent=1))
+    write_result(a.out, info, rows, wall)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,25 @@ def windows_for(hp, n: int) -> torch.Tensor:
     return torch.rand(n, hp.preprocessing.num_channels, *patch, generator=g)
 
 
+def interleaved_medians(variants: dict, repeats: int) -> tuple[dict, float]:
+    """Warm each variant up once, then time ``repeats`` round-robin rounds: ``({key: median seconds}, wall)``."""
+    times: dict = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    t_start = time.perf_counter()
+    for _ in range(repeats):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, time.perf_counter() - t_start
+
+
+def write_result(out: str, info: dict, rows: list[dict], wall: float) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"command": sys.argv, "machine": info, "rows": rows, "wall_s": wall}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cxr_lung")
@@ -120,17 +139,7 @@ def main() -> None:
             variants[f"{name} euler K={a.steps} fp32"] = call(s, precision="fp32", sampler="euler", steps=a.steps)
         variants["plain one pass bf16"] = call(plain, precision="bf16")
 
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up
-        fn()
-    t_start = time.perf_counter()
-    for _ in range(a.repeats):
-        for k, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    wall = time.perf_counter() - t_start
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, wall = interleaved_medians(variants, a.repeats)
     base = med["plain one pass"]
     info = describe(a.precision, a.device)
     print(f"command: python {' '.join(sys.argv)}")
@@ -145,8 +154,7 @@ def main() -> None:
         b = med[f"{name} M={a.samples}xK={a.sample_steps} batched"]
         sq = med[f"{name} M={a.samples}xK={a.sample_steps} sequential"]
         print(f"  {name}: M={a.samples} batched vs sequential: {sq / b:.2f}x faster")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"command": sys.argv, "machine": info, "rows": rows, "wall_s": wall}, indent=1))
+    write_result(a.out, info, rows, wall)
 
 
 if __name__ == "__main__":
