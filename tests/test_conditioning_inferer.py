@@ -311,3 +311,28 @@ def test_predict_windows_uses_the_auto_cap(make_system, monkeypatch):
     sizes.clear()
     system.predict_windows(wins, texts, [0, 1, 2, 3], steps=1, num_samples=8, max_batch_voxels=3 * 32 * 32)
     assert set(sizes) == {3, 2}, sizes  # 32 items = 10 calls of 3 + one of 2, per network evaluation
+    sizes.clear()
+    import lib.inferer
+
+    # the CPU's auto value (not the GPU's, not the checkpoint's number) decides: 5 windows' voxels -> calls of 5
+    monkeypatch.setattr(lib.inferer, "CPU_AUTO_VOXELS", 5 * 32 * 32)
+    system.predict_windows(wins, texts, [0, 1, 2, 3], steps=1, num_samples=8)
+    assert set(sizes) == {5, 2}, sizes  # 6 calls of 5 + one of 2
+
+
+def test_the_cli_cap_reaches_the_inferer_and_refuses_nonsense(make_system, capsys):
+    """``--max-batch-voxels auto|N`` on predict/evaluate: parsed, refused when not 'auto' or an integer >= 1 (exit 2
+    naming the rule), and handed to the one inferer."""
+    from lib.cli import _inferer, build_parser
+
+    base = ["evaluate", "--checkpoint", "m.pt", "--datalist", "d.json", "--out", "o"]
+    for text, expected in (("auto", "auto"), ("4096", 4096), (None, None)):
+        a = build_parser().parse_args(base + ([] if text is None else ["--max-batch-voxels", text]))
+        assert a.max_batch_voxels == expected
+        # not given: the checkpoint's own setting ("auto" here)
+        assert _inferer(make_system(), a).max_batch_voxels == (expected or "auto")
+    for bad in ("0", "-5", "fast", "1e6"):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(base + ["--max-batch-voxels", bad])
+        assert e.value.code == 2
+        assert "'auto' or an integer >= 1" in capsys.readouterr().err
