@@ -286,38 +286,3 @@ def random_clicks(truth: np.ndarray, rng: np.random.Generator, max_clicks: int) 
         for i in rng.choice(w.size, size=int(n), p=w):
             c.add(np.unravel_index(int(i), region.shape), positive)
     return c
-
-
-def disguise(image: np.ndarray, truth: np.ndarray, rng: np.random.Generator,
-             radius: tuple[float, float] = (0.15, 0.4), strength: tuple[float, float] = (0.2, 0.9)
-             ) -> tuple[np.ndarray, tuple[tuple[int, ...], bool] | None]:
-    """Training augmentation for clicks that must count over a region: a ball (radius a random share ``radius`` of
-    the patch's smallest side) around a random voxel of the structure (or of the background next to it) is made to
-    look like the other side -- every channel shifted by a random share ``strength`` of the difference between the
-    structure's and the background's mean, smoothly at the edge -- and clicked at its centre, positive for a
-    disguised part of the structure, negative for disguised background. The truth is unchanged: in that part the
-    click, not the image, says what is there, as when a user clicks a part of a tumour the model misses.
-
-    ``image``: ``(C, *spatial)``; ``truth``: ``(*spatial)`` bool. Returns the new image and the click (None, image
-    unchanged, where the patch has no structure or no background)."""
-    from scipy import ndimage
-
-    truth = np.asarray(truth, dtype=bool)
-    if not truth.any() or truth.all():
-        return image, None
-    positive = bool(rng.random() < 0.5)
-    side = truth if positive else (ndimage.binary_dilation(truth, iterations=3) & ~truth)
-    idx = np.flatnonzero(side)
-    centre = np.unravel_index(int(idx[rng.integers(len(idx))]), truth.shape)
-    r = float(rng.uniform(*radius)) * min(truth.shape)
-    grid = np.indices(truth.shape, dtype=np.float32)
-    ball = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= r * r
-    region = ball & (truth if positive else ~truth)
-    # the connected part around the centre: the click says what this part is
-    lab, _ = ndimage.label(region)
-    region = lab == lab[centre]
-    weight = ndimage.gaussian_filter(region.astype(np.float32), 1.0)
-    contrast = np.stack([image[c][truth].mean() - image[c][~truth].mean() for c in range(image.shape[0])])
-    shift = float(rng.uniform(*strength)) * contrast * (-1.0 if positive else 1.0)
-    out = image + shift.reshape((-1,) + (1,) * truth.ndim).astype(image.dtype) * weight[None]
-    return out.astype(image.dtype), (region_centre(region), positive)

@@ -291,18 +291,13 @@ class ClickConfig:
     corrective_prob: float = 0.5  # share of training iterations that add corrective clicks
     corrective_rounds: int = 2  # up to this many rounds: predict, click the centre of the largest error region
     hold_radius: int = -1  # the sampler holds voxels within this radius of a click in x_t; -1: no hold
-    # share of clicked training patches in which a part of the structure is made to look like background (or a
-    # part of the background like the structure) and clicked: the click, not the image, says what that part is
-    # (lib.clicks.disguise); 0 = off
-    disguise_prob: float = 0.0
 
     def resolved(self) -> "ClickConfig":
         c = dataclasses.replace(self)
         if not c.sigma > 0:
             raise ConfigError(f"clicks.sigma must be > 0, got {c.sigma}")
-        if not all(0.0 <= v <= 1.0 for v in (c.no_click_prob, c.corrective_prob, c.disguise_prob)):
-            raise ConfigError("clicks.no_click_prob, clicks.corrective_prob and clicks.disguise_prob must be in "
-                              "[0, 1]")
+        if not 0.0 <= c.no_click_prob <= 1.0 or not 0.0 <= c.corrective_prob <= 1.0:
+            raise ConfigError("clicks.no_click_prob and clicks.corrective_prob must be in [0, 1]")
         if c.max_random < 1 or c.corrective_rounds < 0:
             raise ConfigError("clicks.max_random must be >= 1 and clicks.corrective_rounds >= 0")
         if not isinstance(c.hold_radius, int) or c.hold_radius < -1:

@@ -26,7 +26,7 @@ import torch
 from monai.data import CacheDataset
 
 from .checkpoint import atomic_torch_save, save_checkpoint
-from .clicks import Clicks, disguise, guidance_maps, hold_maps, next_click, random_clicks
+from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
 from .config import ConfigError, HParams
 from .data import PatchBatcher
 from .evaluation import evaluate_items, make_inferer
@@ -55,21 +55,18 @@ def build_system(hp: HParams, device: str | torch.device = "cpu") -> DFMSystem:
 
 
 def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, texts, rng: np.random.Generator
-                     ) -> tuple[list[Clicks], torch.Tensor]:
+                     ) -> list[Clicks]:
     """Clicks of a training batch, as DeepEdit trains: a share ``clicks.no_click_prob`` of patches gets none (the
     automatic mode); in an iteration with corrective clicks (probability ``clicks.corrective_prob``) each other patch
     starts from random clicks or none, then 1..``corrective_rounds`` rounds of: predict with the clicks so far
     (:meth:`DFMSystem.predict_windows`, one Euler step -- the predictor every caller uses), click the centre of the
     largest error region (:func:`lib.clicks.next_click`); otherwise each gets random clicks
-    (:func:`lib.clicks.random_clicks`). With ``clicks.disguise_prob``, that share of the clicked patches first gets a
-    part of the structure disguised as background (or of the background as structure) and a click there
-    (:func:`lib.clicks.disguise`). Returns the clicks and the (possibly disguised) images."""
+    (:func:`lib.clicks.random_clicks`)."""
     cc = system.hparams.clicks
     b, spatial = image.shape[0], tuple(image.shape[2:])
     truth = x1.detach().cpu().numpy()[:, 0] > 0.5
     corrective = cc.corrective_rounds > 0 and rng.random() < cc.corrective_prob
     clicks, active = [], []
-    disguised = None
     for i in range(b):
         if rng.random() < cc.no_click_prob:
             clicks.append(Clicks())
@@ -77,13 +74,6 @@ def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, t
         active.append(i)
         start_random = (not corrective) or rng.random() < 0.5
         clicks.append(random_clicks(truth[i], rng, cc.max_random) if start_random else Clicks())
-        if cc.disguise_prob > 0 and rng.random() < cc.disguise_prob:
-            new, click = disguise(image[i].detach().cpu().numpy(), truth[i], rng)
-            if click is not None:
-                image = image.clone() if disguised is None else image
-                disguised = True
-                image[i] = torch.as_tensor(new, device=image.device)
-                clicks[i].add(*click)
     if corrective and active:
         for _ in range(int(rng.integers(1, cc.corrective_rounds + 1))):
             g = torch.stack([guidance_maps(clicks[i], spatial, cc.sigma) for i in active])
@@ -98,7 +88,7 @@ def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, t
                 c = next_click(pred[j], truth[i])
                 if c is not None:
                     clicks[i].add(*c)
-    return clicks, image
+    return clicks
 
 
 def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generator | None = None,
@@ -117,7 +107,7 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
     guidance = None
     if system.takes_clicks:
         rng = rng if rng is not None else np.random.default_rng()
-        clicks, image = simulated_clicks(system, image, x1, texts, rng)
+        clicks = simulated_clicks(system, image, x1, texts, rng)
         guidance = torch.stack([guidance_maps(c, image.shape[2:], hp.clicks.sigma) for c in clicks]).to(device)
     with precision_policy.autocast(hp.precision, device):  # the policy prediction uses (lib.precision)
         cond = system.condition(image, texts, guidance)

@@ -324,8 +324,7 @@ def test_training_with_simulated_clicks_uses_the_guidance(click_system):
     img = torch.rand(4, 1, 32, 32)
     lab = torch.zeros(4, 1, 32, 32)
     lab[:, :, 8:24, 8:24] = 1
-    clicks, same = simulated_clicks(click_system, img, lab, ["a bright blob"] * 4, np.random.default_rng(0))
-    assert same is img  # no disguise asked: the images are the batch's
+    clicks = simulated_clicks(click_system, img, lab, ["a bright blob"] * 4, np.random.default_rng(0))
     assert all(len(c) >= 1 for c in clicks)
     for c in clicks:
         assert all(lab[0, 0][tuple(int(v) for v in p)] == 1 for p in c.fg)
@@ -338,54 +337,6 @@ def test_training_with_simulated_clicks_uses_the_guidance(click_system):
     b = float(train_loss(click_system, batch, "cpu", generator=torch.Generator().manual_seed(0),
                          rng=np.random.default_rng(0)))
     assert abs(a - b) > 1e-4
-
-
-def test_disguise_makes_a_part_look_like_the_other_side_and_clicks_it():
-    """lib.clicks.disguise: a connected part of the structure is shifted towards the background's intensity (or of
-    the background towards the structure's) and clicked at its centre with the truth's sign; nothing else moves."""
-    from scipy import ndimage
-
-    from lib.clicks import disguise
-
-    truth = np.zeros((40, 40), bool)
-    truth[8:32, 8:32] = True
-    image = np.where(truth, 1.0, 0.0)[None].astype(np.float32) + 0.05 * np.random.default_rng(1).random((1, 40, 40),
-                                                                                                      dtype=np.float32)
-    signs = set()
-    for seed in range(12):
-        new, click = disguise(image, truth, np.random.default_rng(seed))
-        point, positive = click
-        signs.add(positive)
-        assert truth[point] == positive  # the click says what the truth is there
-        moved = np.abs(new - image)[0] > 1e-3
-        assert moved[point]
-        # the clicked voxel now looks more like the other side: darker inside the structure, brighter outside
-        assert (new[0][point] < image[0][point]) if positive else (new[0][point] > image[0][point])
-        # only the clicked side moves (plus the edge smoothing), and not all of it: one part
-        side = truth if positive else ~truth
-        assert not moved[~ndimage.binary_dilation(side, iterations=4)].any()
-        assert (moved & side).sum() < side.sum()
-    assert signs == {True, False}
-    assert disguise(image, np.zeros_like(truth), np.random.default_rng(0))[1] is None
-
-
-def test_training_disguises_clicked_patches_when_asked(click_system):
-    """clicks.disguise_prob = 1: every clicked patch is disguised and carries the disguise's click (seen failing with
-    the disguised image dropped and with the click not added)."""
-    from lib.training import simulated_clicks
-
-    hp = click_system.hparams
-    hp.clicks.no_click_prob, hp.clicks.corrective_prob, hp.clicks.disguise_prob = 0.0, 0.0, 1.0
-    img = torch.rand(4, 1, 32, 32) * 0.1
-    lab = torch.zeros(4, 1, 32, 32)
-    lab[:, :, 8:24, 8:24] = 1
-    img = img + lab
-    clicks, out = simulated_clicks(click_system, img, lab, ["a bright blob"] * 4, np.random.default_rng(0))
-    assert out.shape == img.shape and not torch.equal(out, img)
-    for i, c in enumerate(clicks):
-        moved = (out[i, 0] - img[i, 0]).abs() > 1e-3
-        assert moved.any()
-        assert any(moved[tuple(int(v) for v in p)] for p in c.fg + c.bg)  # a click sits in the disguised part
 
 
 # -- the interactive MONAI Label task ------------------------------------------------------------------------------
