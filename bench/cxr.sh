@@ -14,9 +14,9 @@ MIN=${1:-42}
 
 [ -n "${AVX2:-}" ] && export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 for run in cached unet plain; do
-  extra=()
-  [ $run = unet ] && extra=(--set model.arch=unet)
-  [ $run = plain ] && extra=(--set model.mode=plain --set vlm.name_or_path=null)
+  extra=(--set clicks.enabled=false)  # the architecture comparison, click-less as measured (bench/clicks.sh: the preset)
+  [ $run = unet ] && extra+=(--set model.arch=unet)
+  [ $run = plain ] && extra+=(--set model.mode=plain --set vlm.name_or_path=null)
   mkdir -p runs/cxr_$run
   if [ ! -f runs/cxr_$run/train_result.json ]; then
     $PY -m lib train --preset cxr_lung --datalist "$DATA" --out runs/cxr_$run --minutes "$MIN" "${extra[@]}" \
