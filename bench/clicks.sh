@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interactive segmentation, measured: click-trained models and the robot users (bench/clicks_bench.py).
-#   bash bench/clicks.sh cxr      cxr_lung: train with clicks (42 min, AVX2 dispatch like bench/cxr.sh AVX2=1),
+#   bash bench/clicks.sh cxr      cxr_lung: train the preset (clicks trained in; 42 min, AVX2 dispatch like bench/cxr.sh AVX2=1),
 #                                 evaluate the automatic mode, robots on validation and test
 #   SIGMA=2 bash bench/clicks.sh cxr|hold|brats   click maps of sigma 2 network voxels (default 3) -> runs/*_s2
 #   bash bench/clicks.sh brats    BraTS: train with clicks on 3 cases (20 min), evaluate case 0006, robots,
@@ -19,7 +19,7 @@ cxr)
   if [ ! -f $OUT/train_result.json ]; then
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $PY -m lib train --preset cxr_lung \
       --datalist $DATA/cxr_lung/datalist.json --out $OUT --minutes "${MIN:-42}" \
-      --set clicks.enabled=true --set clicks.no_click_prob=0.5 --set clicks.sigma=$SIGMA --no-progress \
+      --set clicks.sigma=$SIGMA --no-progress \
       > $OUT/train.log 2>&1
   fi
   for split in validation test; do

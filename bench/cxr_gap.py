@@ -1,0 +1,86 @@
+"""Where does a checkpoint's validation Dice go? Three checks on one split, through the code ``evaluate`` runs.
+
+    python bench/cxr_gap.py --checkpoint runs/cxr_clicks_s3/best.pt \
+        --datalist ../shared/data/cxr_lung/datalist.json --split validation --out runs/bench/cxr_gap.json
+
+* **as evaluated**: ``predict_item`` (the one predictor path), ``prob > 0.5``, :func:`lib.evaluation.case_metrics`;
+* **post-processed**: the same label after MONAI's ``KeepLargestConnectedComponent(num_components=2)`` (two lungs)
+  and ``FillHoles``;
+* **resolution ceiling**: the truth itself taken through the checkpoint's preprocessing (resampling to its grid)
+  and back with the inversion every prediction takes (:func:`lib.evaluation.to_original`), scored against the
+  truth: what a perfect prediction on the network's grid would score;
+* the worst cases with their recall and precision (under- or over-segmented).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import FillHoles, KeepLargestConnectedComponent
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib.checkpoint import load_system  # noqa: E402
+from lib.cli import _quiet  # noqa: E402
+from lib.data import load_datalist  # noqa: E402
+from lib.evaluation import case_metrics, make_inferer, predict_preprocessed, preprocess_item, to_original  # noqa: E402
+from lib.transforms import label_transforms  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--datalist", required=True)
+    ap.add_argument("--split", default="validation")
+    ap.add_argument("--components", type=int, default=2, help="components kept by the post-processing")
+    ap.add_argument("--worst", type=int, default=6)
+    ap.add_argument("--out", default="runs/bench/cxr_gap.json")
+    a = ap.parse_args()
+    _quiet()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    system = load_system(a.checkpoint)
+    inferer = make_inferer(system)
+    lab_t = label_transforms(system.hparams.preprocessing, structures=system.structures)
+    post = [KeepLargestConnectedComponent(applied_labels=[1], num_components=a.components), FillHoles()]
+    rows = []
+    for item in load_datalist(a.datalist, a.split):
+        truth = lab_t({"label": item["label"]})["label"]
+        # the prediction exactly as evaluate makes it (the image preprocessed alone); the truth's own pass separately
+        pred = (predict_preprocessed(system, preprocess_item(system, item), inferer)["prob"][:1] > 0.5).float()
+        d = preprocess_item(system, item, with_label=True)
+        pp = pred.clone()  # MONAI's KeepLargestConnectedComponent may work in place
+        for t in post:
+            pp = t(pp)
+        back = (to_original(d["label"][:1].float(), d, system) > 0.5).float()
+        m = case_metrics(pred, truth)
+        rows.append({"case_id": item.get("case_id"), "dice": m["dice"], "recall": m["recall"],
+                     "precision": m["precision"], "dice_postprocessed": case_metrics(pp, truth)["dice"],
+                     "dice_truth_through_grid": case_metrics(back, truth)["dice"]})
+    wall = time.perf_counter() - t0
+
+    def mean(k):
+        return float(np.mean([r[k] for r in rows]))
+
+    summary = {"as_evaluated": mean("dice"), "postprocessed": mean("dice_postprocessed"),
+               "resolution_ceiling": mean("dice_truth_through_grid"),
+               "worst": sorted(rows, key=lambda r: r["dice"])[:a.worst]}
+    meta = {"command": " ".join(sys.argv), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "wall_seconds": round(wall, 1), "n": len(rows)}
+    print(f"{a.split} (n={len(rows)}): Dice as evaluated {summary['as_evaluated']:.4f}, post-processed "
+          f"{summary['postprocessed']:.4f}, truth through the network grid and back {summary['resolution_ceiling']:.4f}")
+    for r in summary["worst"]:
+        print(f"  {r['case_id']}: Dice {r['dice']:.3f} recall {r['recall']:.3f} precision {r['precision']:.3f}")
+    print(f"CPU {meta['cpu_capability']}, {meta['threads']} threads, {meta['wall_seconds']} s")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"meta": meta, "summary": summary, "cases": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
