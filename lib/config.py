@@ -321,6 +321,10 @@ class TrainConfig:
     augmentation: dict = field(default_factory=lambda: dict(AUGMENTATION))
     autocast: str | None = None  # legacy (before HParams.precision): "none" -> precision "fp32", "bf16" -> "auto"
     num_threads: int | None = None
+    # exponential moving average of the weights (torch.optim.swa_utils.AveragedModel), 0: off. When on, validation,
+    # best.pt and last.pt hold the averaged weights (what is served); resume.pt keeps both. The decay warms up as
+    # min(ema_decay, (1 + n) / (10 + n)) after n updates, so early validations are not dominated by the initial weights
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -460,6 +464,8 @@ def _precision_of(precision: str, train: TrainConfig) -> tuple[str, TrainConfig]
         train.autocast = None
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no weight averaging), got {train.ema_decay!r}")
     return precision, train
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from monai.data import CacheDataset
+from torch.optim.swa_utils import AveragedModel
 
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
@@ -158,6 +159,20 @@ def _broadcast_clock(elapsed: float, train_s: float, device) -> tuple[float, flo
     return float(clock[0]), float(clock[1])
 
 
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """PyTorch's ``AveragedModel`` as an exponential moving average of ``model``'s weights and buffers, with the
+    decay warmed up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates; ``None`` when ``decay`` is 0."""
+    if not decay:
+        return None
+
+    @torch.no_grad()
+    def ema(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
+
+
 def lr_at(progress: float, base: float, warmup: float = 0.03) -> float:
     if progress < warmup:
         return base * (0.1 + 0.9 * progress / warmup)
@@ -230,6 +245,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     batcher = PatchBatcher(hp.preprocessing, tc.patches_per_image, augment=tc.augment, seed=tc.seed,
                            augmentation=tc.augmentation, structures=hp.structures)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    averaged = weight_average(model, tc.ema_decay)
     best = {"dice": -1.0}
     history: list[dict] = []
     best_path, last_path, state_path = out / "best.pt", out / "last.pt", out / "resume.pt"
@@ -252,6 +268,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                               f"{st['max_iterations']}; this command asks for {budget} s / {max_it}: resume "
                               f"with the interrupted command's --minutes / --max-iterations")
         model.load_state_dict(st["model"])
+        if averaged is not None:
+            averaged.load_state_dict(st["averaged"])
         opt.load_state_dict(st["optimizer"])
         it, train_s, next_val, val_s_est = st["iteration"], st["train_seconds"], st["next_val"], st["val_seconds"]
         losses, history, best = list(st["losses"]), list(st["history"]), dict(st["best"])
@@ -292,6 +310,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
               "elapsed_seconds": time.perf_counter() - t_start, "losses": losses[-200:], "history": history,
               "best": {k: v for k, v in best.items() if k != "cases"},
               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "averaged": averaged.state_dict() if averaged is not None else None,
               "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
               "numpy_rng": np_rng.bit_generator.state,
               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -312,7 +331,12 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             save_state()
             return
         v0 = time.perf_counter()
-        cases, summ = evaluate_items(system, val_items, inferer, preprocessed=val_pre, labels=val_lab)
+        served = averaged.module if averaged is not None else model  # what the checkpoints hold and the app serves
+        system.model = served
+        try:
+            cases, summ = evaluate_items(system, val_items, inferer, preprocessed=val_pre, labels=val_lab)
+        finally:
+            system.model = model
         val_s_est = time.perf_counter() - v0
         dice = summ.get("dice", {}).get("mean", float("nan"))
         rec = {"iteration": it, "train_seconds": round(train_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -320,10 +344,10 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                "val_hd95": summ.get("hd95", {}).get("mean"), "val_seconds": round(val_s_est, 1), "final": final}
         history.append(rec)
         metrics = {"val": summ, "iteration": it, "train_seconds": train_s}
-        save_checkpoint(last_path, model, hp, metrics=metrics)
+        save_checkpoint(last_path, served, hp, metrics=metrics)
         if dice > best["dice"]:
             best = {"dice": dice, "iteration": it, "summary": summ, "cases": cases}
-            save_checkpoint(best_path, model, hp, metrics=metrics)
+            save_checkpoint(best_path, served, hp, metrics=metrics)
             (out / "best_val_cases.json").write_text(json.dumps(cases, indent=1))
         (out / "history.json").write_text(json.dumps(history, indent=1))
         save_state()
@@ -366,6 +390,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         train_s += time.perf_counter() - s0
         loss_value = float(loss)
         if world > 1:

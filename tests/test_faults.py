@@ -14,7 +14,8 @@ import torch
 
 from conftest import ROOT, tiny_hparams
 from lib.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
-from lib.training import load_train_state
+from lib.config import HParams
+from lib.training import build_system, load_train_state
 from lib.cli import main as cli
 from test_inputs_evaluation import _phantom_datalist
 
@@ -24,10 +25,11 @@ def _train_cmd(preset, datalist, out, *extra):
             str(out), "--max-iterations", "20", "--no-progress", *extra]
 
 
-def write_run_files(tmp_path, clip, state_every_it=4):
+def write_run_files(tmp_path, clip, state_every_it=4, ema_decay=0.0):
     hp = tiny_hparams(clip, spacing=[1.0, 1.0])
     hp.train.augment = True  # random crops, flips, intensities: their streams must resume (and shard) too
     hp.train.state_every_it = state_every_it
+    hp.train.ema_decay = ema_decay
     preset = tmp_path / "preset.json"
     preset.write_text(json.dumps(hp.to_dict()))
     return preset, _phantom_datalist(tmp_path)
@@ -35,7 +37,8 @@ def write_run_files(tmp_path, clip, state_every_it=4):
 
 @pytest.fixture
 def run_files(tmp_path, tiny_clip):
-    return write_run_files(tmp_path, tiny_clip)
+    # with a weight average, whose state must resume too (the checkpoints hold the averaged weights)
+    return write_run_files(tmp_path, tiny_clip, ema_decay=0.8)
 
 
 def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):
@@ -60,6 +63,22 @@ def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):
     assert len(curve_a) == 21 and curve_b == curve_a  # iterations 1..20, the same losses to 6 decimals
     for name in ("best.pt", "last.pt"):
         assert load_checkpoint(b / name).metrics["iteration"] == 20
+    # the served weights are the average, resumed with the rest: the same as the uninterrupted run's, not the raw ones
+    state = load_train_state(b / "resume.pt")
+    served = load_checkpoint(b / "last.pt").model.state_dict()
+    uninterrupted = load_checkpoint(tmp_path / "a" / "last.pt").model.state_dict()
+    for k, v in served.items():
+        assert torch.allclose(v, uninterrupted[k], atol=1e-6), k
+        assert torch.equal(v, state["averaged"]["module." + k]), k
+    raw = state["model"]
+    torch.manual_seed(0)  # the run's seed: its initial weights
+    initial = build_system(HParams.from_file(preset)).model.state_dict()
+
+    def dist(x, y):
+        return sum(float((x[k].float() - y[k].float()).norm() ** 2) for k in served) ** 0.5
+
+    # an average of the last few iterations (decay 0.8): near the raw weights, not the initial ones, not equal to either
+    assert 0 < dist(served, raw) < 0.25 * dist(initial, raw), (dist(served, raw), dist(initial, raw))
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, capsys):

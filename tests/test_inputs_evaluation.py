@@ -116,10 +116,13 @@ def _phantom_datalist(tmp_path, n_train=6, n_val=3, shape=(40, 40)):
     return p
 
 
-def test_validation_logged_during_training_equals_evaluate(tmp_path, tiny_clip):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["weights", "weight_average"])
+def test_validation_logged_during_training_equals_evaluate(tmp_path, tiny_clip, ema_decay):
     datalist = _phantom_datalist(tmp_path)
     preset = tmp_path / "preset.json"
-    preset.write_text(json.dumps(tiny_hparams(tiny_clip, spacing=[1.0, 1.0]).to_dict()))
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    hp.train.ema_decay = ema_decay  # validation scores the weights best.pt holds: the average when there is one
+    preset.write_text(json.dumps(hp.to_dict()))
     out = tmp_path / "run"
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
                 "--max-iterations", "25", "--no-progress"]) == 0
