@@ -47,7 +47,7 @@ def spacing_of(label) -> list[float] | None:
 
 
 def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, exclude: float,
-             cache: WindowCache, scope: str | None = None) -> dict:
+             cache: WindowCache) -> dict:
     spacing = spacing_of(truth)
     truth_np = np.asarray(truth[0]) > 0.5
     clicks = Clicks()
@@ -56,7 +56,7 @@ def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, 
         t0 = time.perf_counter()
         d = preprocess_item(system, item)  # the app loads and preprocesses the image at every request
         out = predict_preprocessed(system, d, inferer, return_variance=(robot == "uncertain"), clicks=clicks,
-                                   cache=cache, hold_radius=hold_radius, click_scope=scope)
+                                   cache=cache, hold_radius=hold_radius)
         pred = (out["prob"][0] > 0.5).numpy()
         dt = time.perf_counter() - t0
         m = case_metrics(torch.as_tensor(pred[None]).float(), truth, spacing=spacing)
@@ -119,10 +119,6 @@ def main() -> None:
     ap.add_argument("--robots", nargs="+", default=["oracle", "uncertain"], choices=["oracle", "uncertain"])
     ap.add_argument("--hold-radius", type=int, nargs="+", default=[None],
                     help="sampler hold of clicked voxels in x_t (-1 none); several values are compared")
-    ap.add_argument("--scope", nargs="+", default=[None], choices=["local", "global"],
-                    help="what a click may change (clicks.scope; default the checkpoint's); several are compared")
-    ap.add_argument("--reach", type=float, nargs="+", default=[None],
-                    help="local scope: changes connected within reach * sigma of a click (default the checkpoint's)")
     ap.add_argument("--num-samples", type=int, help="M (default: the checkpoint's; the uncertain robot needs > 1)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--exclude", type=float, default=5.0)
@@ -139,20 +135,16 @@ def main() -> None:
     print(f"checkpoint {a.checkpoint} (guidance channels: {system.takes_clicks}); sampler {inferer.settings()}; "
           f"CPU capability {cpu}, {torch.get_num_threads()} threads")
     results, rows = {}, []
-    default_reach = system.hparams.clicks.reach
     t_all = time.perf_counter()
     for split in a.split:
         items = load_datalist(a.datalist, split)[: a.limit]
         truths = [lab_t({"label": it["label"]})["label"] for it in items]
         for robot in a.robots:
-            for hold, scope, reach in [(h, sc, r) for h in a.hold_radius for sc in a.scope for r in a.reach]:
-                system.hparams.clicks.reach = default_reach if reach is None else reach
+            for hold in a.hold_radius:
                 cache = WindowCache()  # one per robot run, as the app keeps one per model
-                cases = [run_case(system, inferer, it, tr, a.clicks, robot, hold, a.exclude, cache, scope)
+                cases = [run_case(system, inferer, it, tr, a.clicks, robot, hold, a.exclude, cache)
                          for it, tr in zip(items, truths)]
-                key = (f"{split}/{robot}/hold={system.hparams.clicks.hold_radius if hold is None else hold}"
-                       f"/scope={scope or system.hparams.clicks.scope}" +
-                       (f"/reach={reach:g}" if reach is not None else ""))
+                key = f"{split}/{robot}/hold={system.hparams.clicks.hold_radius if hold is None else hold}"
                 results[key] = s = summarize(cases, a.clicks)
                 for c in cases:
                     rows.append({"run": key, "case_id": c["case_id"], **{f"dice@{k}": round(v, 4)

@@ -208,43 +208,6 @@ def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None) ->
     return torch.stack([mask, value])
 
 
-# -- what a click may change ----------------------------------------------------------------------------------------
-SCOPES = ("local", "global")
-
-
-def local_edit_mask(prob: torch.Tensor, auto: torch.Tensor, clicks: Sequence[Clicks], reach: float) -> torch.Tensor:
-    """Where a clicked prediction replaces the automatic one (``clicks.scope = "local"``), per channel: a positive
-    click adds the foreground that the clicked prediction added *connected to it* (a component of ``prob > 0.5 and
-    auto <= 0.5``, 8/26-connected, with a voxel within ``reach`` network voxels of the click), a negative click
-    removes the foreground connected to it that the clicked prediction removed; everything else keeps the automatic
-    result. ``prob``, ``auto``: ``(C, *spatial)`` on the network grid; ``clicks``: one :class:`Clicks` per channel
-    on that grid. A click therefore never changes the label far from it or against its own sign (what the global
-    re-prediction does: a click can move the boundary of the other lung)."""
-    from scipy import ndimage
-
-    new = np.asarray(prob.detach().cpu() > 0.5)
-    old = np.asarray(auto.detach().cpu() > 0.5)
-    keep = np.zeros(new.shape, dtype=bool)
-    spatial = new.shape[1:]
-    structure = ndimage.generate_binary_structure(len(spatial), len(spatial))
-    r = int(math.ceil(reach))
-    for ch, k in enumerate(clicks):
-        for changed, pts in ((new[ch] & ~old[ch], k.fg), (old[ch] & ~new[ch], k.bg)):
-            if not pts or not changed.any():
-                continue
-            comp, _ = ndimage.label(changed, structure=structure)
-            ids: set[int] = set()
-            for p in pts:
-                q = [min(max(int(round(c)), 0), n - 1) for c, n in zip(p, spatial)]
-                box = tuple(slice(max(0, c - r), min(n, c + r + 1)) for c, n in zip(q, spatial))
-                near = np.stack(np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij"))
-                ball = ((near - np.asarray(q).reshape(-1, *([1] * len(q)))) ** 2).sum(0) <= reach * reach
-                ids.update(int(v) for v in np.unique(comp[box][ball]) if v)
-            if ids:
-                keep[ch] |= np.isin(comp, sorted(ids))
-    return torch.from_numpy(keep)
-
-
 # -- where to click: the robot user, and the trainer's corrective clicks ------------------------------------------
 def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """The largest face-connected component (MONAI's ``get_largest_connected_component_mask``) and its size."""

@@ -291,12 +291,6 @@ class ClickConfig:
     corrective_prob: float = 0.5  # share of training iterations that add corrective clicks
     corrective_rounds: int = 2  # up to this many rounds: predict, click the centre of the largest error region
     hold_radius: int = -1  # the sampler holds voxels within this radius of a click in x_t; -1: no hold
-    # what a click may change (lib.clicks.local_edit_mask): "local" -- only the foreground it adds (positive) or
-    # removes (negative) connected to it, the automatic result elsewhere; "global" -- the model's whole re-prediction
-    scope: str = "local"
-    # "local": the changes connected to a click within reach * sigma network voxels of it count (3: where the click's
-    # guidance map is not zero)
-    reach: float = 3.0
 
     def resolved(self) -> "ClickConfig":
         c = dataclasses.replace(self)
@@ -308,10 +302,6 @@ class ClickConfig:
             raise ConfigError("clicks.max_random must be >= 1 and clicks.corrective_rounds >= 0")
         if not isinstance(c.hold_radius, int) or c.hold_radius < -1:
             raise ConfigError(f"clicks.hold_radius must be an integer >= -1, got {c.hold_radius!r}")
-        if not c.reach >= 0:
-            raise ConfigError(f"clicks.reach must be >= 0 (in units of clicks.sigma), got {c.reach}")
-        if c.scope not in ("local", "global"):
-            raise ConfigError(f"clicks.scope must be 'local' or 'global', got {c.scope!r}")
         return c
 
 

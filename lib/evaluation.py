@@ -20,8 +20,7 @@ from monai.data import MetaTensor
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_confusion_matrix_metric, get_confusion_matrix
 from monai.transforms import Invertd
 
-from .clicks import SCOPES, Clicks, local_edit_mask, to_network_grid
-from .config import ConfigError
+from .clicks import Clicks, to_network_grid
 from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
 from .transforms import InputError, label_transforms
 
@@ -55,7 +54,7 @@ def to_original(prob: torch.Tensor, preprocessed: dict, system: DFMSystem) -> Me
 def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowInferer | None = None,
                          return_variance: bool = False, clicks: Clicks | dict | None = None,
                          cache: WindowCache | None = None, hold_radius: int | None = None,
-                         labels=None, prompt: str | None = None, click_scope: str | None = None) -> dict:
+                         labels=None, prompt: str | None = None) -> dict:
     """Run the inferer on a preprocessed item: ``prob_pre``/``var_pre`` in preprocessed space, ``prob`` (and with
     ``return_variance`` ``var``) in the original geometry, one channel per target; ``targets``: their
     ``(name, value, prompt)`` (:meth:`DFMSystem.prompts`: a prompted model's ``labels`` -- default all -- or a
@@ -64,10 +63,7 @@ def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowIn
     ``clicks``: in the ORIGINAL image's voxel indices (:func:`lib.clicks.parse_clicks`), one :class:`Clicks` for
     every target or ``{name: Clicks}``; mapped to the network grid through the preprocessing's affines, given to
     the model, and every clicked voxel of the target's ``prob`` is set to 1 (positive) or 0 (negative): the label
-    says what the user clicked. ``cache``: re-run only changed windows. ``click_scope`` (default the checkpoint's
-    ``clicks.scope``): "local" keeps the automatic result (the same call without clicks: all cache hits after the
-    first request) except where :func:`lib.clicks.local_edit_mask` lets a click change it; "global" returns the
-    clicked prediction as it is.
+    says what the user clicked. ``cache``: re-run only changed windows.
     """
     inferer = inferer or make_inferer(system)
     targets = system.prompts(labels, prompt)
@@ -81,20 +77,9 @@ def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowIn
     else:
         per = [clicks or Clicks()] * len(targets)
     net = [to_network_grid(k, image) if k else Clicks() for k in per]
-    scope = click_scope or system.hparams.clicks.scope
-    if scope not in SCOPES:
-        raise ConfigError(f"click scope must be one of {SCOPES}, got {scope!r}")
-    auto = None
-    if any(net) and scope == "local":  # the automatic result first: the window statistics are the clicked call's
-        auto = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True, clicks=[Clicks()] * len(net),
-                       cache=cache, prompts=texts)
     prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True, clicks=net,
                         cache=cache, hold_radius=hold_radius, prompts=texts)
     prob, var = prob[0].cpu(), var[0].cpu()
-    if auto is not None:
-        keep = local_edit_mask(prob, auto[0][0].cpu(), net, reach=system.hparams.clicks.reach * system.hparams.clicks.sigma)
-        prob = torch.where(keep, prob, auto[0][0].cpu())
-        var = torch.where(keep, var, auto[1][0].cpu())
     out = {"prob_pre": prob, "var_pre": var, "prob": to_original(prob, d, system),
            "windows": dict(inferer.last_windows), "targets": targets}
     for ch, k in enumerate(per):

@@ -10,7 +10,7 @@ import torch
 
 from lib.clicks import (ClickError, Clicks, guidance_maps, hold_maps, next_click, parse_clicks, random_clicks,
                         to_network_grid, uncertain_region_centre)
-from lib.config import ConfigError, PreprocConfig
+from lib.config import PreprocConfig
 from lib.evaluation import make_inferer, predict_item, preprocess_item
 from lib.inferer import WindowCache
 from lib.samplers import sampler_dfm_euler, sampler_dfm_heun
@@ -383,14 +383,8 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
         assert all(out[tuple(p)] == 1 for p in fg) and all(out[tuple(p)] == 0 for p in bg)
         res = d["result"]
         assert res["clicks"] == {"foreground": len(fg), "background": len(bg)} and res["guidance"] is True
-        assert res["click_scope"] == "local"  # the checkpoint's
     with pytest.raises(ClickError, match=r"lesion\[0\] = \[99, 0, 0\] is outside the image"):
         task({"image": entry["image"], "skip_writer": True, "device": "cpu", "lesion": [[99, 0, 0]]})
-    _, d = task({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", "foreground": fg,
-                 "click_scope": "global"})
-    assert d["result"]["click_scope"] == "global" and all(np.asarray(d["pred"])[tuple(p)] == 1 for p in fg)
-    with pytest.raises(ConfigError, match="parameter 'click_scope' must be one of"):
-        task({"image": entry["image"], "skip_writer": True, "device": "cpu", "foreground": fg, "click_scope": "all"})
 
 
 def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, interactive_task):
@@ -417,57 +411,3 @@ def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, intera
 
     with pytest.raises(ConfigError, match="uncertain_segment' needs num_samples >= 2"):
         task({**req, "num_samples": 1, "uncertain_segment": True})
-
-
-def test_local_scope_keeps_only_the_change_connected_to_a_click_with_its_sign():
-    from lib.clicks import local_edit_mask
-
-    auto = torch.zeros(1, 30, 30)
-    auto[0, 5:12, 5:12] = 1.0  # an automatic blob
-    prob = auto.clone()
-    prob[0, 5:12, 12:16] = 1.0  # grown next to the positive click
-    prob[0, 20:25, 20:25] = 1.0  # a new blob far from every click
-    prob[0, 5:7, 5:12] = 0.0  # a strip removed next to the positive click (against its sign)
-    pos = Clicks().add((8, 14), True)
-    keep = local_edit_mask(prob, auto, [pos], reach=2.0)[0]
-    assert keep[5:12, 12:16].all() and int(keep.sum()) == 28  # only the growth it touches
-    out = torch.where(keep, prob[0], auto[0])
-    assert torch.equal(out[20:25, 20:25], torch.zeros(5, 5)) and out[5:7, 5:12].eq(1).all()
-    far = Clicks().add((8, 20), True)  # 5 voxels from the growth: out of reach
-    assert not local_edit_mask(prob, auto, [far], reach=2.0).any()
-    assert local_edit_mask(prob, auto, [far], reach=5.0)[0, 5:12, 12:16].all()
-    neg = Clicks().add((5.4, 8.2), False)  # a negative click keeps the removal it touches, nothing else
-    keep = local_edit_mask(prob, auto, [neg], reach=1.0)[0]
-    assert keep[5:7, 5:12].all() and int(keep.sum()) == 14
-    # per channel: a click of channel 1 changes nothing in channel 0
-    two = local_edit_mask(prob.repeat(2, 1, 1), auto.repeat(2, 1, 1), [Clicks(), pos], reach=2.0)
-    assert not two[0].any() and torch.equal(two[1], local_edit_mask(prob, auto, [pos], reach=2.0)[0])
-
-
-def test_a_click_in_local_scope_changes_the_label_only_near_it_and_only_with_its_sign(tmp_path, click_system):
-    from scipy import ndimage
-
-    from lib.evaluation import predict_preprocessed
-
-    item = _image(tmp_path)
-    click_system.hparams.clicks.reach = 1.0  # one sigma (2 voxels): tighter than the default 3, a sharper check
-    inf = make_inferer(click_system, steps=2)
-    d = preprocess_item(click_system, item)
-    auto = predict_preprocessed(click_system, d, inf)["prob"][0] > 0.5
-    p = tuple(int(v) for v in np.argwhere(~auto.numpy())[len(np.argwhere(~auto.numpy())) // 2])
-    clicks = Clicks().add(p, True)
-    cache = WindowCache()
-    glob = predict_preprocessed(click_system, d, inf, clicks=clicks, click_scope="global")["prob"][0] > 0.5
-    local = predict_preprocessed(click_system, d, inf, clicks=clicks, cache=cache)  # the checkpoint's: local
-    assert click_system.hparams.clicks.scope == "local"
-    lab = local["prob"][0] > 0.5
-    assert bool(lab[p]) and not (auto & ~lab).any()  # the clicked voxel; nothing removed by a positive click
-    added = (lab & ~auto).numpy()
-    comp, n = ndimage.label(added, structure=np.ones((3, 3)))
-    for i in range(1, n + 1):  # every added region reaches the click (this image is the network grid)
-        pts = np.argwhere(comp == i)
-        reach = click_system.hparams.clicks.reach * click_system.hparams.clicks.sigma
-        assert np.sqrt(((pts - np.asarray(p)) ** 2).sum(1)).min() <= reach + 1e-6
-    # the global re-prediction changed more (elsewhere, or against the click's sign): the scope did something
-    assert (glob != lab).sum() > 0
-    assert local["windows"]["windows"] == 9 and 0 < local["windows"]["rerun"] < 9  # the clicked call's statistics

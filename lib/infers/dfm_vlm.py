@@ -22,7 +22,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import device_list
 
 from lib.checkpoint import CheckpointError, load_system
-from lib.clicks import SCOPES, parse_clicks, parse_label_clicks, uncertain_mask
+from lib.clicks import parse_clicks, parse_label_clicks, uncertain_mask
 from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
 from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
@@ -299,18 +299,12 @@ class DFMVLMInfer(BasicInferTask):
             hold = _as_int("hold_radius", data["hold_radius"])
             if hold < -1:
                 raise ConfigError(f"parameter 'hold_radius' must be >= -1 (-1: no hold), got {hold}")
-        scope = None
-        if data.get("click_scope") is not None:
-            scope = str(_first(data["click_scope"]))
-            if scope not in SCOPES:
-                raise ConfigError(f"parameter 'click_scope' must be one of {SCOPES}, got {scope!r}")
         uncertain = str(_first(data.get("uncertain_segment", "false"))).lower() in ("1", "true", "yes")
         if uncertain and inferer.num_samples < 2:
             raise ConfigError("parameter 'uncertain_segment' needs num_samples >= 2 (the samples' disagreement)")
         prompt = _prompt_param(data)
         out = predict_preprocessed(system, pre, inferer, clicks=clicks, cache=self.window_cache, hold_radius=hold,
-                                   return_variance=uncertain, labels=_labels_param(data), prompt=prompt,
-                                   click_scope=scope)
+                                   return_variance=uncertain, labels=_labels_param(data), prompt=prompt)
         targets = out["targets"]
         all_clicks = list(clicks.values()) if isinstance(clicks, dict) else [clicks] if clicks else []
         if uncertain:
@@ -353,7 +347,6 @@ class DFMVLMInfer(BasicInferTask):
             res.update({"clicks": {"foreground": n_fg, "background": n_bg},
                         "guidance": system.takes_clicks,
                         "hold_radius": system.hparams.clicks.hold_radius if hold is None else hold,
-                        "click_scope": scope or system.hparams.clicks.scope,
                         "windows": out["windows"]["windows"], "windows_rerun": out["windows"]["rerun"]})
         return data
 
