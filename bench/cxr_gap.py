@@ -9,6 +9,8 @@
 * **resolution ceiling**: the truth itself taken through the checkpoint's preprocessing (resampling to its grid)
   and back with the inversion every prediction takes (:func:`lib.evaluation.to_original`), scored against the
   truth: what a perfect prediction on the network's grid would score;
+* **other thresholds** of the mean probability (``--thresholds``; the product thresholds at 0.5): whether the
+  under-segmented cases are a threshold away from their truth;
 * the worst cases with their recall and precision (under- or over-segmented).
 """
 
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--split", default="validation")
     ap.add_argument("--components", type=int, default=2, help="components kept by the post-processing")
     ap.add_argument("--worst", type=int, default=6)
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--out", default="runs/bench/cxr_gap.json")
     a = ap.parse_args()
     _quiet()
@@ -53,7 +56,8 @@ def main() -> None:
     for item in load_datalist(a.datalist, a.split):
         truth = lab_t({"label": item["label"]})["label"]
         # the prediction exactly as evaluate makes it (the image preprocessed alone); the truth's own pass separately
-        pred = (predict_preprocessed(system, preprocess_item(system, item), inferer)["prob"][:1] > 0.5).float()
+        prob = predict_preprocessed(system, preprocess_item(system, item), inferer)["prob"][:1]
+        pred = (prob > 0.5).float()
         d = preprocess_item(system, item, with_label=True)
         pp = pred.clone()  # MONAI's KeepLargestConnectedComponent may work in place
         for t in post:
@@ -62,7 +66,8 @@ def main() -> None:
         m = case_metrics(pred, truth)
         rows.append({"case_id": item.get("case_id"), "dice": m["dice"], "recall": m["recall"],
                      "precision": m["precision"], "dice_postprocessed": case_metrics(pp, truth)["dice"],
-                     "dice_truth_through_grid": case_metrics(back, truth)["dice"]})
+                     "dice_truth_through_grid": case_metrics(back, truth)["dice"],
+                     **{f"dice_at_{t:g}": case_metrics((prob > t).float(), truth)["dice"] for t in a.thresholds}})
     wall = time.perf_counter() - t0
 
     def mean(k):
@@ -70,11 +75,14 @@ def main() -> None:
 
     summary = {"as_evaluated": mean("dice"), "postprocessed": mean("dice_postprocessed"),
                "resolution_ceiling": mean("dice_truth_through_grid"),
+               "by_threshold": {f"{t:g}": mean(f"dice_at_{t:g}") for t in a.thresholds},
                "worst": sorted(rows, key=lambda r: r["dice"])[:a.worst]}
     meta = {"command": " ".join(sys.argv), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "wall_seconds": round(wall, 1), "n": len(rows)}
     print(f"{a.split} (n={len(rows)}): Dice as evaluated {summary['as_evaluated']:.4f}, post-processed "
           f"{summary['postprocessed']:.4f}, truth through the network grid and back {summary['resolution_ceiling']:.4f}")
+    print("  by threshold of the mean probability: " +
+          ", ".join(f"{t}: {v:.4f}" for t, v in summary["by_threshold"].items()))
     for r in summary["worst"]:
         print(f"  {r['case_id']}: Dice {r['dice']:.3f} recall {r['recall']:.3f} precision {r['precision']:.3f}")
     print(f"CPU {meta['cpu_capability']}, {meta['threads']} threads, {meta['wall_seconds']} s")
