@@ -152,6 +152,9 @@ class DFMVLMTrain(BasicTrainTask):
         self.init_paths = list(init_paths)
         self.vlm = vlm
         self.dimension = hparams.preprocessing.spatial_dims
+        if tc.ema_decay:
+            logger.warning("train.ema_decay = %s is not applied by the MONAI Label trainer (its epochs publish the "
+                           "trained weights); python -m lib train averages them", tc.ema_decay)
 
     # -- data: only images of this model's dimensionality, with a final label ---------------------------------
     def pre_process(self, request, datastore):
