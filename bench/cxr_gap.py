@@ -46,7 +46,6 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/cxr_gap.json")
     a = ap.parse_args()
     _quiet()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     system = load_system(a.checkpoint)
     inferer = make_inferer(system)
