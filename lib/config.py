@@ -355,6 +355,8 @@ class HParams:
     def resolved(self) -> "HParams":
         """Every field explicit and consistent; raises ConfigError naming what disagrees."""
         precision, train = _precision_of(self.precision, self.train)
+        if not 0.0 <= train.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no weight averaging), got {train.ema_decay!r}")
         pre = self.preprocessing.resolved()
         structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
         labels = dict(self.labels)
@@ -464,8 +466,6 @@ def _precision_of(precision: str, train: TrainConfig) -> tuple[str, TrainConfig]
         train.autocast = None
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not 0.0 <= train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no weight averaging), got {train.ema_decay!r}")
     return precision, train
 
 

@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, tiny_hparams
 from lib.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
-from lib.config import HParams
+from lib.config import ConfigError, HParams, TrainConfig
 from lib.training import build_system, load_train_state
 from lib.cli import main as cli
 from test_inputs_evaluation import _phantom_datalist
@@ -79,6 +79,13 @@ def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):
 
     # an average of the last few iterations (decay 0.8): near the raw weights, not the initial ones, not equal to either
     assert 0 < dist(served, raw) < 0.25 * dist(initial, raw), (dist(served, raw), dist(initial, raw))
+
+
+def test_weight_average_decay_outside_0_1_is_refused():
+    for bad in (1.0, 1.5, -0.1):  # 1 would never move from the initial weights; < 0 extrapolates past the current
+        with pytest.raises(ConfigError, match=r"train\.ema_decay must be in \[0, 1\)"):
+            HParams(train=TrainConfig(ema_decay=bad)).resolved()
+    assert HParams(train=TrainConfig(ema_decay=0.999)).resolved().train.ema_decay == 0.999
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, capsys):
