@@ -46,9 +46,6 @@ class ModelConfig:
     arch: str = "unet"
     step_blocks: int = 1
     guidance_channels: int = 0  # 2 for a click-trained model (positive, negative click maps; lib.clicks)
-    # 0, or spatial_dims: position channels (each voxel's place in the whole image grid, -1..1 along every axis;
-    # lib.transforms.coordinate_map) after the image channels, so a patch or window knows where in the image it is
-    coord_channels: int = 0
     norm: str = "instance"
     dropout: float = 0.0
 
@@ -68,9 +65,6 @@ class ModelConfig:
             c.arch = "unet"  # a one-pass model has no sampler steps to cache for
         if not isinstance(c.step_blocks, int) or c.step_blocks < 0:
             raise ConfigError(f"step_blocks must be an integer >= 0, got {c.step_blocks!r}")
-        if c.coord_channels not in (0, c.spatial_dims):
-            raise ConfigError(f"coord_channels must be 0 or spatial_dims ({c.spatial_dims}: one position channel "
-                              f"per axis), got {c.coord_channels!r}")
         if c.guidance_channels not in (0, 2):
             raise ConfigError(f"guidance_channels must be 0 or 2 (positive and negative clicks), got {c.guidance_channels!r}")
         if len(c.features) < 2:
@@ -260,9 +254,6 @@ class PreprocConfig:
     patch_size: list[int] = field(default_factory=lambda: [128, 128])
     pos: float = 1.0
     neg: float = 1.0
-    # position channels: the network also gets every voxel's place in the image grid (lib.transforms.coordinate_map,
-    # sets model.coord_channels); the VLM sees the image channels only
-    coords: bool = False
 
     def resolved(self) -> "PreprocConfig":
         if len(self.patch_size) != self.spatial_dims:
@@ -391,7 +382,6 @@ class HParams:
         model = dataclasses.replace(self.model)
         clicks = self.clicks.resolved()
         model.guidance_channels = 2 if clicks.enabled else 0
-        model.coord_channels = pre.spatial_dims if pre.coords else 0
         if model.spatial_dims != pre.spatial_dims:
             raise ConfigError(f"model spatial_dims={model.spatial_dims} but preprocessing spatial_dims={pre.spatial_dims}")
         if model.in_channels != pre.num_channels:

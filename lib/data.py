@@ -10,8 +10,6 @@ from typing import Sequence
 import torch
 from monai.transforms import (
     Compose,
-    ConcatItemsd,
-    DeleteItemsd,
     RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -21,7 +19,7 @@ from monai.transforms import (
 )
 
 from .config import PreprocConfig
-from .transforms import CoordinateMapd, InputError
+from .transforms import InputError
 
 
 def case_id(item: dict) -> str:
@@ -80,9 +78,7 @@ def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True,
     [prompted model: draw one structure (:class:`lib.structures.RandStructured`): its mask becomes the label, one
     of its prompts the text] -> [augmentation: random affine of the whole image with zero padding] -> pad to the patch size ->
     ``RandCropByPosNegLabeld`` (``num_samples`` patches, positive/negative centres at ``pos : neg``) ->
-    [augmentation: intensity scale, shift, gamma]. With ``cfg.coords`` the position channels
-    (:func:`lib.transforms.coordinate_map` of the image after the affine) are cropped with it and appended to the
-    image channels last. ``augmentation``: see :data:`lib.config.AUGMENTATION`.
+    [augmentation: intensity scale, shift, gamma]. ``augmentation``: see :data:`lib.config.AUGMENTATION`.
     """
     from .config import AUGMENTATION
 
@@ -100,9 +96,6 @@ def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True,
         translate = [aug["translate"] * p for p in cfg.patch_size] if aug["translate"] else None
         t.append(RandAffined(keys=keys, prob=aug["prob"], rotate_range=rot, scale_range=aug["scale"],
                              translate_range=translate, mode=("bilinear", "nearest"), padding_mode="zeros"))
-    if cfg.coords:  # positions of the grid the network sees (after the affine, as a window's are of its image)
-        t.append(CoordinateMapd("image", "coords"))
-        keys = keys + ["coords"]
     t.append(SpatialPadd(keys=keys, spatial_size=cfg.patch_size))
     t.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos,
                                     neg=cfg.neg, num_samples=num_patches, allow_smaller=False))
@@ -110,8 +103,6 @@ def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True,
         t += [RandScaleIntensityd(keys="image", factors=0.15, prob=0.5),
               RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
               RandAdjustContrastd(keys="image", gamma=tuple(aug["gamma"]), prob=0.3)]
-    if cfg.coords:  # after the intensity augmentation, which must not touch them: image channels, then positions
-        t += [ConcatItemsd(keys=["image", "coords"], name="image"), DeleteItemsd(keys="coords")]
     return t
 
 

@@ -43,7 +43,6 @@ from .network import ConditionalUNet
 from .samplers import ItemNoise, derive_seed, sample_source_like, sampler_function
 from .vlm import VLMEncoder, patch_condition
 from .clicks import Clicks, guidance_maps, hold_maps
-from .transforms import coordinate_map
 
 
 @contextlib.contextmanager
@@ -124,15 +123,8 @@ class DFMSystem(nn.Module):
 
         The VLM sees the image channels only; a click-trained model also gets the click-guidance channels
         (``guidance (B * repeats, 2, *patch)``; none given = no click = zeros, the automatic mode). ``repeats``:
-        each patch with ``repeats`` texts in a row (a prompted model's labels); its image is embedded once.
-        A model with ``coord_channels`` takes ``patches`` with its position channels after the image channels
-        (:func:`lib.transforms.coordinate_map`): the network sees them, the VLM does not."""
-        want = self.model.cfg.in_channels + self.model.cfg.coord_channels
-        if patches.shape[1] != want:
-            pos = f" + {self.model.cfg.coord_channels} position" if self.model.cfg.coord_channels else ""
-            raise ValueError(f"the model expects patches of {self.model.cfg.in_channels} image{pos} channel(s); "
-                             f"got {patches.shape[1]}")
-        emb = patch_condition(self.vlm, patches[:, :self.model.cfg.in_channels], texts, repeats=repeats)
+        each patch with ``repeats`` texts in a row (a prompted model's labels); its image is embedded once."""
+        emb = patch_condition(self.vlm, patches, texts, repeats=repeats)
         if repeats > 1:
             patches = patches.repeat_interleave(repeats, dim=0)
         g = self.model.cfg.guidance_channels
@@ -385,19 +377,13 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         if len(per_prompt) != n_p:
             raise ValueError(f"{len(per_prompt)} click sets for {n_p} prompt(s)")
         per_prompt = [k or Clicks() for k in per_prompt]
-        # extra channels, cut into windows with the image: positions in this image (a model with coord_channels),
-        # then click guidance, then held voxels
         extra = []
-        if network.model.cfg.coord_channels:
-            extra.append(coordinate_map(inputs.shape[2:], device=inputs.device)[None])
-            c += network.model.cfg.coord_channels
-        guid, held = [], []
         if network.takes_clicks:
-            guid = [guidance_maps(k, inputs.shape[2:], sigma, device=inputs.device)[None] for k in per_prompt]
+            extra += [guidance_maps(k, inputs.shape[2:], sigma, device=inputs.device)[None] for k in per_prompt]
+        n_guid = sum(e.shape[1] for e in extra)
         if radius >= 0 and (any(per_prompt) or network.takes_clicks):
-            held = [hold_maps(k, inputs.shape[2:], radius, device=inputs.device)[None] for k in per_prompt]
-        n_guid, n_hold = sum(e.shape[1] for e in guid), sum(e.shape[1] for e in held)
-        extra += guid + held
+            extra += [hold_maps(k, inputs.shape[2:], radius, device=inputs.device)[None] for k in per_prompt]
+        n_hold = sum(e.shape[1] for e in extra) - n_guid
         if extra:
             inputs = torch.cat([inputs.float()] + [e.to(inputs.device) for e in extra], dim=1)
         settings = (self.sampler, self.steps, self.num_samples, self.output, self.precision,

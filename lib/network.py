@@ -1,7 +1,6 @@
 """Conditional U-Net for 2D and 3D: ``logits = model(x_t, t, cond)``.
 
-* Inputs: the image channels, with ``coord_channels`` the voxels' positions in the whole image
-  (:func:`lib.transforms.coordinate_map`), for a click-trained model two click-guidance channels (:mod:`lib.clicks`), and, in ``"dfm"`` mode, the current binary state ``x_t`` as one more channel; a
+* Inputs: the image channels, for a click-trained model two click-guidance channels (:mod:`lib.clicks`), and, in ``"dfm"`` mode, the current binary state ``x_t`` as one more channel; a
   sinusoidal embedding of ``t`` added inside every residual block.
 * VLM conditioning: FiLM heads ``vlm_film_heads.{stage}`` (one linear layer each, ``h <- h * (1 + scale) + shift``,
   as in CLIPSeg) applied at the decoder stages listed in ``vlm_film_decoder_stages``. Decoder stage 0 is the
@@ -101,7 +100,7 @@ class ConditionalUNet(nn.Module):
         self.dfm = cfg.mode == "dfm"
         self.cached = self.dfm and cfg.arch == "cached"
         # click guidance channels (lib.clicks) enter with the image: once per window for arch "cached"
-        cin = cfg.in_channels + cfg.coord_channels + cfg.guidance_channels + (1 if self.dfm and not self.cached else 0)
+        cin = cfg.in_channels + cfg.guidance_channels + (1 if self.dfm and not self.cached else 0)
         tdim = cfg.time_embed_dim if self.dfm else 0
         if self.dfm:
             self.time_mlp = nn.Sequential(nn.Linear(tdim, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
@@ -146,10 +145,9 @@ class ConditionalUNet(nn.Module):
                 f"the model is {self.cfg.spatial_dims}D and expects a (batch, channel, "
                 f"{'H, W' if self.cfg.spatial_dims == 2 else 'H, W, D'}) image; got shape {tuple(image.shape)}"
             )
-        want = self.cfg.in_channels + self.cfg.coord_channels + self.cfg.guidance_channels
+        want = self.cfg.in_channels + self.cfg.guidance_channels
         if image.shape[1] != want:
-            extra = f" + {self.cfg.coord_channels} position" if self.cfg.coord_channels else ""
-            extra += f" + {self.cfg.guidance_channels} click-guidance" if self.cfg.guidance_channels else ""
+            extra = f" + {self.cfg.guidance_channels} click-guidance" if self.cfg.guidance_channels else ""
             raise ValueError(f"the model expects {self.cfg.in_channels} image{extra} channel(s); got {image.shape[1]}")
         film = None
         if self.vlm_film_decoder_stages:

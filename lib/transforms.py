@@ -165,30 +165,6 @@ class RecordGridd(MapTransform):
         return d
 
 
-def coordinate_map(spatial_shape: Sequence[int], device=None) -> torch.Tensor:
-    """``(len(spatial_shape), *spatial_shape)``: every voxel's position in the grid, ``-1 .. 1`` along each axis
-    (channel i varies along axis i). A model with ``coord_channels`` gets these after its image channels: training
-    takes them of the (augmented) image before cropping each patch (:func:`lib.data.patch_transforms`), inference of
-    the preprocessed image before cutting its windows (:class:`lib.inferer.DFMSlidingWindowInferer`) -- one
-    definition, so a window carries the same positions as a training patch cut at the same place."""
-    axes = [torch.linspace(-1.0, 1.0, int(n), device=device) if int(n) > 1 else torch.zeros(1, device=device)
-            for n in spatial_shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
-
-
-class CoordinateMapd(MapTransform):
-    """``d[out_key] = coordinate_map`` of ``d[key]``'s spatial grid (a plain tensor, no metadata)."""
-
-    def __init__(self, key: str = "image", out_key: str = "coords"):
-        super().__init__([key])
-        self.key, self.out_key = key, out_key
-
-    def __call__(self, data):
-        d = dict(data)
-        d[self.out_key] = coordinate_map(d[self.key].shape[1:])
-        return d
-
-
 def one_channel_label(d: Mapping, key: Hashable):
     """``d[key]``, a label map with one channel first; else InputError naming the file."""
     lab = d[key]

@@ -33,7 +33,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 def tiny_hparams(clip: Path | None, spatial_dims: int = 2, features=(8, 16, 32), patch=None, channels: int = 1,
                  text_mode: str = "label", stages=None, mode: str = "dfm", spacing=None, steps: int = 3,
-                 arch: str = "unet", precision: str = "fp32", coords: bool = False) -> HParams:
+                 arch: str = "unet", precision: str = "fp32") -> HParams:
     """Tiny hyper-parameters; fp32 so that exact comparisons hold on every CPU (the bf16 policy has its own tests)."""
     patch = list(patch or ([32, 32] if spatial_dims == 2 else [16, 16, 16]))
     return HParams(
@@ -45,8 +45,7 @@ def tiny_hparams(clip: Path | None, spatial_dims: int = 2, features=(8, 16, 32),
                       prompt="a bright blob", intensity_window=(-1.0, 2.0),
                       axcodes="RAS" if spatial_dims == 3 else None),
         preprocessing=PreprocConfig(spatial_dims=spatial_dims, num_channels=channels, spacing=spacing,
-                                    intensity={"type": "none"}, label_threshold=0.0, patch_size=patch,
-                                    coords=coords),
+                                    intensity={"type": "none"}, label_threshold=0.0, patch_size=patch),
         train=TrainConfig(lr=3e-3, images_per_batch=2, patches_per_image=2, val_every_s=1e9, augment=False),
         labels={"blob": 1},
         precision=precision,
