@@ -325,6 +325,10 @@ class TrainConfig:
     # best.pt and last.pt hold the averaged weights (what is served); resume.pt keeps both. The decay warms up as
     # min(ema_decay, (1 + n) / (10 + n)) after n updates, so early validations are not dominated by the initial weights
     ema_decay: float = 0.0
+    # hard-image sampling (lib.training.HardImageSampler): the share of each image's draw probability that follows
+    # its recent difficulty (patch BCE relative to the mean at the same flow time t), the rest uniform. 0: uniform
+    hard_share: float = 0.0
+    hard_decay: float = 0.5  # moving average of an image's difficulty over the times it is drawn
 
 
 @dataclass

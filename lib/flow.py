@@ -81,13 +81,16 @@ def flow_loss(logits: torch.Tensor, x1: torch.Tensor, dice_weight: float = 0.0) 
 
 
 def training_step(model, cond, x1: torch.Tensor, flow: FlowConfig, generator: torch.Generator | None = None,
-                  dfm: bool | None = None) -> torch.Tensor:
+                  dfm: bool | None = None, info: dict | None = None) -> torch.Tensor:
     """One loss evaluation: draw ``t`` and ``x_t`` per patch, ``logits = model(x_t, t, cond)``, BCE on ``x1``.
 
     A ``"plain"`` model (the baseline) ignores ``x_t`` and ``t``; its loss is the same BCE on ``x1``. ``dfm``
-    defaults to ``model.dfm`` (pass it when ``model`` is wrapped, e.g. in DistributedDataParallel).
+    defaults to ``model.dfm`` (pass it when ``model`` is wrapped, e.g. in DistributedDataParallel). ``info``: filled
+    with each patch's ``t`` and its own BCE (``item_bce``, detached; their mean is the BCE of the batch), which the
+    training loop's hard-image sampling reads (:class:`lib.training.HardImageSampler`).
     """
     dfm = getattr(model, "dfm", True) if dfm is None else dfm
+    t = None
     if dfm:
         path = MixtureBinaryPath(make_scheduler(flow), flow.source_p)
         t = uniform((x1.shape[0],), generator, x1.device)
@@ -95,4 +98,9 @@ def training_step(model, cond, x1: torch.Tensor, flow: FlowConfig, generator: to
         logits = model(x_t, t, cond)
     else:
         logits = model(None, None, cond)
+    if info is not None:
+        with torch.no_grad():
+            per = F.binary_cross_entropy_with_logits(logits.float(), x1.float(), reduction="none")
+            info["item_bce"] = per.flatten(1).mean(1).detach()
+            info["t"] = (t if t is not None else torch.ones(x1.shape[0], device=x1.device)).detach()
     return flow_loss(logits, x1, flow.dice_weight)

@@ -93,12 +93,14 @@ def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, t
 
 
 def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generator | None = None,
-               network: torch.nn.Module | None = None, rng: np.random.Generator | None = None) -> torch.Tensor:
+               network: torch.nn.Module | None = None, rng: np.random.Generator | None = None,
+               info: dict | None = None) -> torch.Tensor:
     """The loss of one patch batch: per-patch VLM conditioning, ``t`` and ``x_t`` per patch, BCE on ``x1``.
 
     Shared by this loop and the MONAI Label trainer. ``batch``: ``image``, ``label`` and ``items`` (the source entry
     of every patch, for its text). ``network``: the module to run (e.g. DDP-wrapped ``system.model``). A
     click-trained model (``clicks.enabled``) gets the guidance maps of :func:`simulated_clicks` (``rng``).
+    ``info``: see :func:`lib.flow.training_step` (each patch's ``t`` and BCE).
     """
     hp = system.hparams
     image = batch["image"].to(device).float()
@@ -112,7 +114,7 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
         guidance = torch.stack([guidance_maps(c, image.shape[2:], hp.clicks.sigma) for c in clicks]).to(device)
     with precision_policy.autocast(hp.precision, device):  # the policy prediction uses (lib.precision)
         cond = system.condition(image, texts, guidance)
-        return training_step(network or system.model, cond, x1, hp.flow, generator, dfm=system.model.dfm)
+        return training_step(network or system.model, cond, x1, hp.flow, generator, dfm=system.model.dfm, info=info)
 
 
 STATE_FORMAT = "dfm-vlm-train-state"
@@ -120,6 +122,64 @@ STATE_FORMAT = "dfm-vlm-train-state"
 
 class ResumeError(ConfigError):
     """A training state that cannot be resumed here (CLI: exit 2 with the reason)."""
+
+
+class HardImageSampler:
+    """Which training images make each batch: uniformly (``share`` 0, the default: the very draw of
+    ``np_rng.choice(n, size, replace=False)``), or more often the images the model currently gets wrong
+    (``train.hard_share`` > 0; image-level hard-example mining).
+
+    An image's *difficulty* is a moving average (``decay``) of its patches' BCE, each divided by the running mean
+    BCE of all patches drawn at a similar flow time ``t`` (``bins`` bins of [0, 1]): the BCE of a patch depends
+    mostly on ``t`` (how many voxels ``x_t`` already reveals), so the raw loss would favour the images that happened
+    to draw a small ``t``. Images not drawn yet keep difficulty 1 (the average). Draw probabilities:
+    ``(1 - share) / n + share * difficulty / sum(difficulty)``, without replacement within a batch.
+    """
+
+    def __init__(self, n: int, share: float = 0.0, decay: float = 0.5, bins: int = 8, bin_decay: float = 0.99):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"train.hard_share must be within [0, 1], got {share}")
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"train.hard_decay must be within [0, 1), got {decay}")
+        self.n, self.share, self.decay, self.bin_decay = int(n), float(share), float(decay), float(bin_decay)
+        self.difficulty = np.ones(self.n, dtype=np.float64)
+        self.bin_mean = np.full(int(bins), np.nan, dtype=np.float64)
+
+    def probabilities(self) -> np.ndarray:
+        d = np.maximum(self.difficulty, 1e-6)
+        return (1.0 - self.share) / self.n + self.share * d / d.sum()
+
+    def draw(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        if self.share == 0.0:
+            return rng.choice(self.n, size=size, replace=False)
+        return rng.choice(self.n, size=size, replace=False, p=self.probabilities())
+
+    def update(self, images: Sequence[int], t: Sequence[float], bce: Sequence[float]) -> None:
+        """``images[k]``: the training image of patch k, drawn at flow time ``t[k]`` with loss ``bce[k]``."""
+        images, t, bce = np.asarray(images, int), np.asarray(t, float), np.asarray(bce, float)
+        b = np.minimum((t * len(self.bin_mean)).astype(int), len(self.bin_mean) - 1)
+        rel = np.empty(len(bce))
+        for k in range(len(bce)):  # relative to the mean BCE at this t *before* this patch joins it
+            m = self.bin_mean[b[k]]
+            rel[k] = 1.0 if not np.isfinite(m) else bce[k] / max(m, 1e-8)
+        for j in range(len(self.bin_mean)):
+            sel = bce[b == j]
+            if sel.size:
+                m = self.bin_mean[j]
+                self.bin_mean[j] = sel.mean() if not np.isfinite(m) else \
+                    self.bin_decay * m + (1 - self.bin_decay) * sel.mean()
+        for i in np.unique(images):
+            self.difficulty[i] = self.decay * self.difficulty[i] + (1 - self.decay) * rel[images == i].mean()
+
+    def state_dict(self) -> dict:
+        return {"difficulty": self.difficulty.tolist(), "bin_mean": self.bin_mean.tolist()}
+
+    def load_state_dict(self, st: dict) -> None:
+        d = np.asarray(st["difficulty"], dtype=np.float64)
+        if d.shape != (self.n,):
+            raise ResumeError(f"the saved hard-image sampler knows {d.size} training images; this run has {self.n}")
+        self.difficulty = d
+        self.bin_mean = np.asarray(st["bin_mean"], dtype=np.float64)
 
 
 def load_train_state(path: str | os.PathLike) -> dict:
@@ -246,6 +306,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                            augmentation=tc.augmentation, structures=hp.structures)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     averaged = weight_average(model, tc.ema_decay)
+    hard = HardImageSampler(len(train_ds), tc.hard_share, tc.hard_decay)
     best = {"dice": -1.0}
     history: list[dict] = []
     best_path, last_path, state_path = out / "best.pt", out / "last.pt", out / "resume.pt"
@@ -278,6 +339,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         if device.type == "cuda" and st.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(st["cuda_rng"], device)
         np_rng.bit_generator.state = st["numpy_rng"]
+        if st.get("hard_images") is not None:
+            hard.load_state_dict(st["hard_images"])
         logger.info("resumed %s at iteration %d (%.0f s of training, best Dice %.4f)", state_path, it, train_s,
                     best["dice"])
     loss_log = out / "losses.csv"
@@ -313,6 +376,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
               "averaged": averaged.state_dict() if averaged is not None else None,
               "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
               "numpy_rng": np_rng.bit_generator.state,
+              "hard_images": hard.state_dict() if tc.hard_share else None,
               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         atomic_torch_save(st, state_path)
 
@@ -350,6 +414,10 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             save_checkpoint(best_path, served, hp, metrics=metrics)
             (out / "best_val_cases.json").write_text(json.dumps(cases, indent=1))
         (out / "history.json").write_text(json.dumps(history, indent=1))
+        if tc.hard_share:
+            ids = [str(t.get("case_id", k)) for k, t in enumerate(train_items)]
+            (out / "hard_images.json").write_text(json.dumps(
+                dict(sorted(zip(ids, np.round(hard.difficulty, 4).tolist()), key=lambda kv: -kv[1])), indent=0))
         save_state()
         logger.info("validation @%d: Dice %.4f (best %.4f @%d), %.0f s", it, dice, best["dice"],
                     best.get("iteration", -1), val_s_est)
@@ -375,7 +443,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         for g in opt.param_groups:
             g["lr"] = lr_at(progress_frac, tc.lr)
         s0 = time.perf_counter()
-        idx = np_rng.choice(len(train_ds), size=n_img, replace=False)
+        idx = hard.draw(np_rng, n_img)
         # rank r takes slots r, r + world, ... of the global batch; every slot's patches, augmentations, t and x_t
         # come from streams keyed by (seed, iteration, slot): the same whatever the number of ranks
         slots = list(range(n_img))[rank::world]
@@ -384,14 +452,25 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         per_item = len(batch["image"]) // max(1, len(slots))
         noise = ItemNoise([derive_seed(tc.seed, "flow", it, k, j) for k in slots for j in range(per_item)],
                           device=device)
+        info: dict | None = {} if tc.hard_share else None
         loss = train_loss(system, batch, device, generator=noise, network=network,
-                          rng=np.random.default_rng([tc.seed, it, rank]))
+                          rng=np.random.default_rng([tc.seed, it, rank]), info=info)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if averaged is not None:
             averaged.update_parameters(model)
+        if info is not None:
+            # every rank's patches (slot k of the global batch = image idx[k]): all ranks keep the same sampler
+            t_k = torch.zeros(n_img, per_item, device=device)
+            bce_k = torch.zeros(n_img, per_item, device=device)
+            t_k[slots] = info["t"].float().view(len(slots), per_item)
+            bce_k[slots] = info["item_bce"].float().view(len(slots), per_item)
+            if world > 1:
+                torch.distributed.all_reduce(t_k)
+                torch.distributed.all_reduce(bce_k)
+            hard.update(np.repeat(idx, per_item), t_k.flatten().cpu().numpy(), bce_k.flatten().cpu().numpy())
         train_s += time.perf_counter() - s0
         loss_value = float(loss)
         if world > 1:

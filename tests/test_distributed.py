@@ -20,9 +20,9 @@ from test_faults import write_run_files
 TOLERANCE = 1e-4
 
 
-def _one_process_run(tmp_path, tiny_clip, iterations: int):
+def _one_process_run(tmp_path, tiny_clip, iterations: int, hard_share: float = 0.0):
     """The training arguments, environment and the one-process run every distributed run is compared with."""
-    preset, datalist = write_run_files(tmp_path, tiny_clip, state_every_it=0)
+    preset, datalist = write_run_files(tmp_path, tiny_clip, state_every_it=0, hard_share=hard_share)
     args = ["-m", "lib", "train", "--preset", str(preset), "--datalist", str(datalist), "--max-iterations",
             str(iterations), "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -38,7 +38,9 @@ def _max_param_diff(a: Path, b: Path) -> float:
 
 
 def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, tiny_clip):
-    args, env, one = _one_process_run(tmp_path, tiny_clip, 6)
+    # with hard-image sampling: every rank must keep the same difficulties (all ranks' patch losses) to draw the
+    # same global batches
+    args, env, one = _one_process_run(tmp_path, tiny_clip, 6, hard_share=0.5)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)

@@ -25,11 +25,12 @@ def _train_cmd(preset, datalist, out, *extra):
             str(out), "--max-iterations", "20", "--no-progress", *extra]
 
 
-def write_run_files(tmp_path, clip, state_every_it=4, ema_decay=0.0):
+def write_run_files(tmp_path, clip, state_every_it=4, ema_decay=0.0, hard_share=0.0):
     hp = tiny_hparams(clip, spacing=[1.0, 1.0])
     hp.train.augment = True  # random crops, flips, intensities: their streams must resume (and shard) too
     hp.train.state_every_it = state_every_it
     hp.train.ema_decay = ema_decay
+    hp.train.hard_share = hard_share
     preset = tmp_path / "preset.json"
     preset.write_text(json.dumps(hp.to_dict()))
     return preset, _phantom_datalist(tmp_path)
@@ -37,8 +38,9 @@ def write_run_files(tmp_path, clip, state_every_it=4, ema_decay=0.0):
 
 @pytest.fixture
 def run_files(tmp_path, tiny_clip):
-    # with a weight average, whose state must resume too (the checkpoints hold the averaged weights)
-    return write_run_files(tmp_path, tiny_clip, ema_decay=0.8)
+    # with a weight average, whose state must resume too (the checkpoints hold the averaged weights), and hard-image
+    # sampling, whose difficulties choose the next batches: they must resume too
+    return write_run_files(tmp_path, tiny_clip, ema_decay=0.8, hard_share=0.5)
 
 
 def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):

@@ -155,6 +155,9 @@ class DFMVLMTrain(BasicTrainTask):
         if tc.ema_decay:
             logger.warning("train.ema_decay = %s is not applied by the MONAI Label trainer (its epochs publish the "
                            "trained weights); python -m lib train averages them", tc.ema_decay)
+        if tc.hard_share:
+            logger.warning("train.hard_share = %s is not applied by the MONAI Label trainer (its epochs visit every "
+                           "labelled image once); python -m lib train samples hard images more often", tc.hard_share)
 
     # -- data: only images of this model's dimensionality, with a final label ---------------------------------
     def pre_process(self, request, datastore):
