@@ -158,10 +158,8 @@ class HardImageSampler:
         """``images[k]``: the training image of patch k, drawn at flow time ``t[k]`` with loss ``bce[k]``."""
         images, t, bce = np.asarray(images, int), np.asarray(t, float), np.asarray(bce, float)
         b = np.minimum((t * len(self.bin_mean)).astype(int), len(self.bin_mean) - 1)
-        rel = np.empty(len(bce))
-        for k in range(len(bce)):  # relative to the mean BCE at this t *before* this patch joins it
-            m = self.bin_mean[b[k]]
-            rel[k] = 1.0 if not np.isfinite(m) else bce[k] / max(m, 1e-8)
+        m = self.bin_mean[b]  # relative to the mean BCE at this t *before* this batch joins it
+        rel = np.where(np.isfinite(m), bce / np.maximum(np.nan_to_num(m, nan=1.0), 1e-8), 1.0)
         for j in range(len(self.bin_mean)):
             sel = bce[b == j]
             if sel.size:
