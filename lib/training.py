@@ -430,7 +430,11 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         if it > 0 and (max_it is None or it < max_it):
             if train_s >= next_val:
                 next_val = train_s + tc.val_every_s
-                validate(final=False)
+                # a time budget that would end within a few iterations after this validation (the loop stops once
+                # the time left is under 1.1 validations): the final validation stands in for it, and its time goes
+                # to training (every 42-minute run validated twice at its end, one iteration apart, over budget)
+                if max_it is not None or elapsed + 2.1 * max(val_s_est, 1.0) + 5 * train_s / it < budget:
+                    validate(final=False)
             elif train_s >= next_state_s or (tc.state_every_it and it % tc.state_every_it == 0):
                 save_state()
         if max_it is not None and it >= max_it:
