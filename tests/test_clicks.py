@@ -173,13 +173,15 @@ def test_the_sampler_holds_clicked_voxels_at_every_step(fn):
     hold[:, 0, 4:6, 4:6] = 1
     hold[:, 1, 4:6, 4:6] = 1
     trace = {}
-    fn(model, None, torch.zeros(2, 1, 16, 16), 4, make_scheduler(
+    p = fn(model, None, torch.zeros(2, 1, 16, 16), 4, make_scheduler(
         __import__("lib.config", fromlist=["FlowConfig"]).FlowConfig()), torch.Generator().manual_seed(0),
         trace=trace, hold=hold)
     assert len(seen) >= 4
     for x in seen + [trace["x_final"]]:
         assert bool((x[:, :, 4:6, 4:6] == 1).all())
     assert float(trace["x_final"].sum()) == 2 * 4  # everything else followed the model
+    # p_final: a held voxel is known (probability 1 here, though the network says 0); elsewhere the network's
+    assert bool((p[:, :, 4:6, 4:6] == 1).all()) and float(p.sum()) == pytest.approx(8 + 2 * 252 / (1 + np.exp(8)))
 
 
 # -- where the robot clicks --------------------------------------------------------------------------------------
