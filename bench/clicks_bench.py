@@ -15,6 +15,9 @@ task's :class:`lib.inferer.WindowCache`, inversion to the image's grid, clicked 
   click is the truth at that voxel (the user looks and says which side it is on). Voxels within ``--exclude``
   voxels of earlier clicks are not suggested again.
 
+``--hold-radius`` / ``--grow`` compare the sampler's optional holds (a ball around each click; a positive click's
+threshold flood fill, ``RADIUS:TOLERANCE[:CHANNELS[:SIDE]]``, e.g. ``12:0.2:0:above`` for BraTS FLAIR, or ``off``).
+
 NoC@x: the number of clicks after which Dice >= x (0 when the automatic result reaches it), capped at K (not
 reached = K). Prints the table and the CPU; writes ``summary.json``, ``cases.csv`` and ``dice_per_click.png``.
 """
@@ -47,7 +50,7 @@ def spacing_of(label) -> list[float] | None:
 
 
 def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, exclude: float,
-             cache: WindowCache) -> dict:
+             cache: WindowCache, grow=(None, None, None, None)) -> dict:
     spacing = spacing_of(truth)
     truth_np = np.asarray(truth[0]) > 0.5
     clicks = Clicks()
@@ -56,7 +59,8 @@ def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, 
         t0 = time.perf_counter()
         d = preprocess_item(system, item)  # the app loads and preprocesses the image at every request
         out = predict_preprocessed(system, d, inferer, return_variance=(robot == "uncertain"), clicks=clicks,
-                                   cache=cache, hold_radius=hold_radius)
+                                   cache=cache, hold_radius=hold_radius, grow_radius=grow[0],
+                                   grow_tolerance=grow[1], grow_channels=grow[2], grow_side=grow[3])
         pred = (out["prob"][0] > 0.5).numpy()
         dt = time.perf_counter() - t0
         m = case_metrics(torch.as_tensor(pred[None]).float(), truth, spacing=spacing)
@@ -119,6 +123,10 @@ def main() -> None:
     ap.add_argument("--robots", nargs="+", default=["oracle", "uncertain"], choices=["oracle", "uncertain"])
     ap.add_argument("--hold-radius", type=int, nargs="+", default=[None],
                     help="sampler hold of clicked voxels in x_t (-1 none); several values are compared")
+    ap.add_argument("--grow", nargs="+", default=[None],
+                    help="RADIUS:TOLERANCE[:CHANNEL,...[:SIDE]] of the sampler's hold of what a positive click "
+                         "grows to (lib.clicks.grown_region), or off; several are compared; default the "
+                         "checkpoint's")
     ap.add_argument("--num-samples", type=int, help="M (default: the checkpoint's; the uncertain robot needs > 1)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--exclude", type=float, default=5.0)
@@ -140,11 +148,20 @@ def main() -> None:
         items = load_datalist(a.datalist, split)[: a.limit]
         truths = [lab_t({"label": it["label"]})["label"] for it in items]
         for robot in a.robots:
-            for hold in a.hold_radius:
+            for hold, grow in [(h, g) for h in a.hold_radius for g in a.grow]:
+                gp = [] if grow is None else ["-1", "0"] if grow == "off" else grow.split(":")
+                gr = (None, None, None, None) if grow is None else \
+                    (int(gp[0]), float(gp[1]), [int(v) for v in gp[2].split(",")] if len(gp) > 2 and gp[2] else None,
+                     gp[3] if len(gp) > 3 else None)
                 cache = WindowCache()  # one per robot run, as the app keeps one per model
-                cases = [run_case(system, inferer, it, tr, a.clicks, robot, hold, a.exclude, cache)
+                cases = [run_case(system, inferer, it, tr, a.clicks, robot, hold, a.exclude, cache, gr)
                          for it, tr in zip(items, truths)]
-                key = f"{split}/{robot}/hold={system.hparams.clicks.hold_radius if hold is None else hold}"
+                cc = system.hparams.clicks
+                key = f"{split}/{robot}/hold={cc.hold_radius if hold is None else hold}"
+                if grow is not None or cc.grow_radius >= 0:
+                    key += f"/grow={grow}" if grow is not None else \
+                        f"/grow={cc.grow_radius}:{cc.grow_tolerance:g}" + \
+                        (f":{','.join(map(str, cc.grow_channels))}" if cc.grow_channels else ":") + f":{cc.grow_side}"
                 results[key] = s = summarize(cases, a.clicks)
                 for c in cases:
                     rows.append({"run": key, "case_id": c["case_id"], **{f"dice@{k}": round(v, 4)

@@ -188,20 +188,89 @@ def guidance_maps(clicks: Clicks, shape: Sequence[int], sigma: float, truncate: 
     return out
 
 
-def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None) -> torch.Tensor:
-    """``(2, *shape)``: a mask of the voxels within ``radius`` of a click (the nearest voxel for radius 0) and the
-    value they are held at (1 positive, 0 negative; where both reach, the nearer click wins)."""
+GROW_SIDES = ("both", "above", "below")
+
+
+def grown_region(image: np.ndarray, point: Sequence[float], radius: int, tolerance: float,
+                 side: str = "both", max_share: float = 0.5) -> np.ndarray:
+    """The voxels a click *grows* to (the hold's image-adaptive neighbourhood, ``clicks.grow_radius``): within
+    ``radius`` of the click's voxel, face-connected to the click through voxels whose every channel of ``image
+    (C, *shape)`` is, against the click's own intensity ``s`` (the mean over the click's voxel and its face
+    neighbours), within ``tolerance`` (``side="both"``: ``|I - s| <= tol``), at least as bright (``"above"``:
+    ``I >= s - tol``, a hyperintense lesion: "this and brighter") or at least as dark (``"below"``: ``I <= s +
+    tol``) -- Slicer's threshold flood fill, bounded by a ball.
+
+    A fill that takes more than ``max_share`` of its ball is not following a structure but leaking into the
+    tissue around it (on BraTS a click on a dark necrotic part, "this and brighter", took most of the brain): the
+    ball shrinks (3/4, 1/2, 1/4 of ``radius``) until the fill stays within the share; if none does, the click
+    grows to nothing but its own voxel. The click's voxel is always in it."""
+    if side not in GROW_SIDES:
+        raise ConfigError(f"grow side must be one of {GROW_SIDES}, got {side!r}")
+    from scipy import ndimage
+
+    image = np.asarray(image, dtype=np.float32)
+    shape = image.shape[1:]
+    q = tuple(min(max(int(round(c)), 0), s - 1) for c, s in zip(point, shape))
+    lo = [max(0, c - radius) for c in q]
+    hi = [min(s, c + radius + 1) for c, s in zip(q, shape)]
+    box = image[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))]
+    qb = tuple(c - a for c, a in zip(q, lo))
+    g = np.meshgrid(*[np.arange(a, b) - c for a, b, c in zip(lo, hi, q)], indexing="ij")
+    d2 = sum(x.astype(np.float32) ** 2 for x in g)
+    near = sum(np.abs(x) for x in g) <= 1  # the click's voxel and its face neighbours
+    seed = box[:, near].mean(axis=1)
+    diff = box - seed.reshape((-1,) + (1,) * len(shape))
+    ok = np.abs(diff) <= tolerance if side == "both" else diff >= -tolerance if side == "above" else diff <= tolerance
+    ok = np.all(ok, axis=0)
+    region = np.zeros(box.shape[1:], dtype=bool)
+    region[qb] = True
+    for r in sorted({radius, 3 * radius // 4, radius // 2, radius // 4} - {0}, reverse=True):
+        ball = d2 <= r * r + 1e-6
+        similar = ball & ok
+        similar[qb] = True
+        lab, _ = ndimage.label(similar)  # face connectivity: a one-voxel bridge at a corner does not leak
+        fill = lab == lab[qb]
+        if fill.sum() <= max_share * ball.sum():
+            region = fill
+            break
+    out = np.zeros(shape, dtype=bool)
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = region
+    return out
+
+
+def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, image=None, grow_radius: int = -1,
+              grow_tolerance: float = 0.0, grow_side: str = "both") -> torch.Tensor:
+    """``(2, *shape)``: a mask of the voxels the sampler holds and the value they are held at (1 positive, 0
+    negative; where two clicks reach, the nearer click wins): those within ``radius`` of a click (the nearest voxel
+    for radius 0; -1: none), and with ``grow_radius >= 0`` and ``image (C, *shape)`` (the network-grid image) the
+    *positive* click's :func:`grown_region` as well (``grow_side``). A negative click does not grow: it holds its
+    own voxel at 0 and releases the grown voxels nearer to it than to the positive click that grew them ("the fill
+    went too far here")."""
     mask = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
     value = torch.zeros_like(mask)
     best = torch.full_like(mask, float("inf"))
-    if not clicks or radius < 0:
+    grow = grow_radius >= 0 and image is not None
+    if not clicks or (radius < 0 and not grow):
         return torch.stack([mask, value])
+    if grow:
+        img = torch.as_tensor(image).detach().float().cpu().numpy()
+        if img.shape[1:] != tuple(shape):
+            raise ValueError(f"hold_maps: image of shape {img.shape[1:]} for a grid of {tuple(shape)}")
     grid = _grid(shape, device)
     for v, pts in ((1.0, clicks.fg), (0.0, clicks.bg)):
         for p in pts:
             q = [min(max(int(round(c)), 0), s - 1) for c, s in zip(p, shape)]  # the click's voxel
             d2 = sum((g - float(c)) ** 2 for g, c in zip(grid, q))
-            near = (d2 <= radius * radius + 1e-6) & (d2 < best)
+            reach = d2 <= radius * radius + 1e-6 if radius >= 0 else torch.zeros_like(mask, dtype=torch.bool)
+            if grow and v > 0:
+                reach = reach | torch.as_tensor(grown_region(img, q, grow_radius, grow_tolerance, grow_side),
+                                                device=device)
+            elif grow:  # a negative click releases the grown voxels nearer to it than to their positive click
+                release = (mask > 0) & (value > 0) & (d2 < best)
+                mask = torch.where(release, torch.zeros_like(mask), mask)
+                best = torch.where(release, torch.full_like(best, float("inf")), best)
+                reach = reach | (d2 < 0.5)  # and holds its own voxel
+            near = reach & (d2 < best)
             best = torch.where(near, d2, best)
             mask = torch.where(near, torch.ones_like(mask), mask)
             value = torch.where(near, torch.full_like(value, v), value)

@@ -291,6 +291,13 @@ class ClickConfig:
     corrective_prob: float = 0.5  # share of training iterations that add corrective clicks
     corrective_rounds: int = 2  # up to this many rounds: predict, click the centre of the largest error region
     hold_radius: int = -1  # the sampler holds voxels within this radius of a click in x_t; -1: no hold
+    # the sampler also holds the voxels a click grows to (lib.clicks.grown_region: connected to the click, every
+    # channel within grow_tolerance of the click's intensity, within grow_radius network voxels); -1: no growing
+    grow_radius: int = -1
+    grow_tolerance: float = 0.5
+    grow_channels: list[int] | None = None  # the image channels compared (None: all), e.g. BraTS FLAIR only
+    grow_side: str = "both"  # a positive click grows to: "both" (similar), "above" (as bright or brighter), "below"
+    # (negative clicks do not grow; they release the grown voxels nearer to them than to their positive click)
 
     def resolved(self) -> "ClickConfig":
         c = dataclasses.replace(self)
@@ -302,6 +309,16 @@ class ClickConfig:
             raise ConfigError("clicks.max_random must be >= 1 and clicks.corrective_rounds >= 0")
         if not isinstance(c.hold_radius, int) or c.hold_radius < -1:
             raise ConfigError(f"clicks.hold_radius must be an integer >= -1, got {c.hold_radius!r}")
+        if not isinstance(c.grow_radius, int) or c.grow_radius < -1:
+            raise ConfigError(f"clicks.grow_radius must be an integer >= -1, got {c.grow_radius!r}")
+        if not (isinstance(c.grow_tolerance, (int, float)) and c.grow_tolerance >= 0):
+            raise ConfigError(f"clicks.grow_tolerance must be a number >= 0, got {c.grow_tolerance!r}")
+        if c.grow_side not in ("both", "above", "below"):
+            raise ConfigError(f"clicks.grow_side must be 'both', 'above' or 'below', got {c.grow_side!r}")
+        if c.grow_channels is not None and (not isinstance(c.grow_channels, (list, tuple)) or not c.grow_channels
+                                            or not all(isinstance(v, int) and v >= 0 for v in c.grow_channels)):
+            raise ConfigError(f"clicks.grow_channels must be a non-empty list of channel indices or null, "
+                              f"got {c.grow_channels!r}")
         return c
 
 

@@ -334,7 +334,9 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
     def __call__(self, inputs: torch.Tensor, network: DFMSystem, text: str | None = None,
                  seed: int | None = None, return_variance: bool = False, clicks=None,
                  cache: WindowCache | None = None, click_sigma: float | None = None, hold_radius: int | None = None,
-                 prompts: Sequence[str] | None = None):
+                 prompts: Sequence[str] | None = None, grow_radius: int | None = None,
+                 grow_tolerance: float | None = None, grow_channels: Sequence[int] | None = None,
+                 grow_side: str | None = None):
         """``inputs``: one preprocessed image ``(1, C, *spatial)``; returns ``(1, L, *spatial)`` probabilities, one
         channel per prompt (L = 1 without ``prompts``).
 
@@ -346,7 +348,10 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         ``clicks``: points in this (preprocessed) grid's voxel coordinates (one :class:`Clicks`, or one per prompt):
         click-guidance channels for a click-trained model (Gaussian of ``click_sigma``, default the checkpoint's)
         and, with ``hold_radius >= 0`` (default the checkpoint's), the held voxels of the sampler; both travel with
-        the image through MONAI's window slicing. ``cache``: reuse the result of every window whose input did not
+        the image through MONAI's window slicing; with ``grow_radius >= 0`` (default the checkpoint's) the sampler
+        also holds what each click grows to in this image (:func:`lib.clicks.grown_region`, ``grow_tolerance``
+        on the image channels ``grow_channels``, ``grow_side``).
+        ``cache``: reuse the result of every window whose input did not
         change (a click changes only the windows its truncated guidance bump or held voxels reach).
         """
         if inputs.ndim != len(self.roi_size) + 2:
@@ -371,6 +376,8 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         hp = network.hparams
         sigma = float(click_sigma if click_sigma is not None else hp.clicks.sigma)
         radius = int(hold_radius if hold_radius is not None else hp.clicks.hold_radius)
+        grow = int(grow_radius if grow_radius is not None else hp.clicks.grow_radius)
+        tol = float(grow_tolerance if grow_tolerance is not None else hp.clicks.grow_tolerance)
         # a click model always gets its guidance (and hold) channels, zero without clicks (= what the network and
         # the sampler do with none): windows that no click reaches then have the same bytes with and without clicks
         per_prompt = list(clicks) if isinstance(clicks, (list, tuple)) else [clicks or Clicks()] * n_p
@@ -381,8 +388,14 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         if network.takes_clicks:
             extra += [guidance_maps(k, inputs.shape[2:], sigma, device=inputs.device)[None] for k in per_prompt]
         n_guid = sum(e.shape[1] for e in extra)
-        if radius >= 0 and (any(per_prompt) or network.takes_clicks):
-            extra += [hold_maps(k, inputs.shape[2:], radius, device=inputs.device)[None] for k in per_prompt]
+        if (radius >= 0 or grow >= 0) and (any(per_prompt) or network.takes_clicks):
+            ch = grow_channels if grow_channels is not None else hp.clicks.grow_channels
+            if grow >= 0 and ch is not None and max(ch) >= c:
+                raise ValueError(f"clicks.grow_channels {ch} names a channel the {c}-channel image does not have")
+            grow_image = inputs[0] if ch is None else inputs[0, list(ch)]
+            extra += [hold_maps(k, inputs.shape[2:], radius, device=inputs.device, image=grow_image,
+                                grow_radius=grow, grow_tolerance=tol,
+                                grow_side=grow_side or hp.clicks.grow_side)[None] for k in per_prompt]
         n_hold = sum(e.shape[1] for e in extra) - n_guid
         if extra:
             inputs = torch.cat([inputs.float()] + [e.to(inputs.device) for e in extra], dim=1)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.clicks import (ClickError, Clicks, guidance_maps, hold_maps, next_click, parse_clicks, random_clicks,
-                        to_network_grid, uncertain_region_centre)
+from lib.clicks import (ClickError, Clicks, grown_region, guidance_maps, hold_maps, next_click, parse_clicks,
+                        random_clicks, to_network_grid, uncertain_region_centre)
 from lib.config import PreprocConfig
 from lib.evaluation import make_inferer, predict_item, preprocess_item
 from lib.inferer import WindowCache
@@ -160,6 +160,71 @@ def test_guidance_is_a_truncated_gaussian_and_the_hold_marks_the_clicked_voxels(
     assert h[0].sum() == 10 and h[1, 5, 5] == 1 and h[1, 15, 12] == 0 and h[0, 15, 12] == 1
 
 
+def _two_regions() -> np.ndarray:
+    """(2, 30, 30): channel 0 bright (2.0) in a 10x12 block at rows 5..14, cols 5..16, a second bright block at
+    rows 5..14, cols 19..24 touching the first only at one corner through a diagonal voxel, noise-free elsewhere
+    (0.0); channel 1 noise that the lesion does not show in."""
+    img = np.zeros((2, 30, 30), np.float32)
+    img[0, 5:15, 5:17] = 2.0
+    img[0, 15, 17] = 2.0  # touches the block only diagonally (corner to corner)
+    img[0, 16:26, 18:25] = 2.0  # a second block, diagonal to that voxel only
+    img[1] = np.random.default_rng(0).normal(0, 3.0, (30, 30))
+    return img
+
+
+def test_a_click_grows_to_the_connected_similar_voxels_within_its_radius():
+    img = _two_regions()
+    g = grown_region(img[:1], (9, 10), radius=20, tolerance=0.5)
+    assert g[5:15, 5:17].all() and g.sum() == 120  # the whole block and nothing else: not the dark background,
+    assert not g[15, 17] and not g[16:26, 18:25].any()  # not through the diagonal (face connectivity)
+    # bounded by the ball: radius 3 keeps the voxels within 3 of the click
+    g3 = grown_region(img[:1], (9, 10), radius=3, tolerance=0.5, max_share=1.0)
+    pts = np.argwhere(g3)
+    assert len(pts) == 29 and ((pts - [9, 10]) ** 2).sum(1).max() <= 9
+    # all compared channels must agree: channel 1's noise breaks the block apart; the click's voxel is always in
+    g2 = grown_region(img, (9, 10), radius=20, tolerance=0.5)
+    assert g2[9, 10] and g2.sum() < 40
+
+
+def test_a_grown_click_takes_its_side_and_does_not_leak_over_its_ball():
+    # a lesion brighter towards its centre: "above" from its rim takes the brighter core, "both" only the rim's band
+    img = np.zeros((1, 40, 40), np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    img[0][r <= 8] = 1.0 + (8 - r[r <= 8]) * 0.25  # 1.0 at the rim, 3.0 at the centre
+    above = grown_region(img, (20, 13), radius=30, tolerance=0.1, side="above")
+    both = grown_region(img, (20, 13), radius=30, tolerance=0.1, side="both")
+    assert above[r <= 7].all() and not above[r > 8].any() and both.sum() < above.sum() / 2
+    below = grown_region(img, (20, 13), radius=30, tolerance=0.1, side="below")
+    assert not below[r < 7].any()  # the core is brighter: "below" does not take it
+    # the fill would take nearly all of its ball (the background around a dark click, "this and brighter"): the
+    # ball shrinks until the fill is at most half of it, here down to the click's voxel alone
+    dark = np.full((1, 40, 40), 1.0, np.float32)
+    dark[0, 20, 20] = -1.0
+    leak = grown_region(dark, (20, 20), radius=12, tolerance=0.1, side="above")
+    assert leak.sum() == 1 and leak[20, 20]
+    assert grown_region(dark, (20, 20), radius=12, tolerance=0.1, side="above", max_share=1.0).sum() > 400
+    # a fill of about a quarter of its ball (a click in a corner of a bright quadrant) stays whole
+    quad = np.zeros((1, 40, 40), np.float32)
+    quad[0, :20, :20] = 1.0
+    h = grown_region(quad, (18, 18), radius=8, tolerance=0.1)
+    ball = np.hypot(yy - 18, xx - 18) <= 8
+    assert h.sum() == (ball & (xx < 20) & (yy < 20)).sum() and h.sum() <= 0.5 * ball.sum()
+
+
+def test_the_hold_of_a_grown_click_marks_its_region_and_a_negative_click_releases_its_side():
+    img = _two_regions()[:1]
+    c = Clicks().add((9, 10), True)
+    h = hold_maps(c, (30, 30), radius=-1, image=torch.as_tensor(img), grow_radius=20, grow_tolerance=0.5)
+    assert h[0].sum() == 120 and bool((h[1][h[0] > 0] == 1).all())
+    assert hold_maps(c, (30, 30), radius=-1).sum() == 0  # no growing, no ball: nothing held
+    c.add((9, 15), False)  # a negative click inside the block: the voxels nearer to it are released, its own is 0
+    h = hold_maps(c, (30, 30), radius=-1, image=torch.as_tensor(img), grow_radius=20, grow_tolerance=0.5)
+    assert h[0, 9, 15] == 1 and h[1, 9, 15] == 0
+    assert h[0, 9, 12] == 1 and h[1, 9, 12] == 1 and h[0, 9, 13] == 0 and h[0, 9, 16] == 0
+    assert h[0].sum() == 10 * 8 + 1  # columns 5..12 of the block stay held at 1
+
+
 @pytest.mark.parametrize("fn", [sampler_dfm_euler, sampler_dfm_heun])
 def test_the_sampler_holds_clicked_voxels_at_every_step(fn):
     """A model that pushes every voxel to 0; the held voxels must stay 1 in every state the sampler visits."""
@@ -270,6 +335,39 @@ def test_every_clicked_voxel_is_labelled_as_clicked(tmp_path, click_system):
     lab = predict_preprocessed(click_system, d, inf, clicks=clicks)["prob"][0] > 0.5
     assert all(bool(lab[tuple(int(v) for v in p)]) for p in clicks.fg)
     assert not any(bool(lab[tuple(int(v) for v in p)]) for p in clicks.bg)
+
+
+def test_the_inferer_holds_what_a_click_grows_to_in_the_image_it_segments(click_system, monkeypatch):
+    """One 32x32 window (the training patch) = the whole image: the hold that reaches the sampler is the grown region
+    of the click in this image (its bright block), from the request's or the checkpoint's grow settings."""
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 4:14, 6:20] = 2.0
+    x[0, 0, 14:18, 6:20] = 2.8  # joins the block within a tolerance of 1.0, not of 0.5 (the checkpoint's)
+    seen = []
+    real = click_system.predict_windows
+
+    def spy(*a, **kw):
+        seen.append(kw.get("hold"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(click_system, "predict_windows", spy)
+    inf = make_inferer(click_system, steps=2)
+    c = Clicks().add((8, 10), True)
+    inf(x, click_system, clicks=c)
+    assert seen[-1] is None  # the checkpoint grows nothing (grow_radius -1) and holds nothing
+    inf(x, click_system, clicks=c, grow_radius=30, grow_tolerance=1.0)
+    h = seen[-1]
+    assert h is not None and h.shape == (1, 2, 32, 32)
+    want = torch.zeros(32, 32)
+    want[4:18, 6:20] = 1
+    assert torch.equal(h[0, 0], want) and torch.equal(h[0, 1], want)
+    click_system.hparams.clicks.grow_radius = 30  # the checkpoint's settings when the request says nothing
+    try:
+        inf(x, click_system, clicks=c)
+        want[14:18] = 0  # the checkpoint's tolerance (0.5) leaves the brighter part out
+        assert torch.equal(seen[-1][0, 0], want)
+    finally:
+        click_system.hparams.clicks.grow_radius = -1
 
 
 def test_a_new_click_reruns_only_the_windows_it_reaches_and_the_result_is_exact(click_system):
@@ -387,6 +485,34 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
         assert res["clicks"] == {"foreground": len(fg), "background": len(bg)} and res["guidance"] is True
     with pytest.raises(ClickError, match=r"lesion\[0\] = \[99, 0, 0\] is outside the image"):
         task({"image": entry["image"], "skip_writer": True, "device": "cpu", "lesion": [[99, 0, 0]]})
+    # a flood-fill click (request grow_radius / grow_tolerance): it reaches the predictor, is reported, and bad
+    # values name the parameter
+    import lib.infers.dfm_vlm as infer_module
+
+    seen = []
+    real = infer_module.predict_preprocessed
+
+    def spy(*a, **kw):
+        seen.append((kw.get("grow_radius"), kw.get("grow_tolerance")))
+        return real(*a, **kw)
+
+    infer_module.predict_preprocessed = spy
+    try:
+        _, d = task({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", "foreground": fg[:1],
+                     "grow_radius": "6", "grow_tolerance": 0.5})
+    finally:
+        infer_module.predict_preprocessed = real
+    assert seen == [(6, 0.5)]
+    assert d["result"]["grow_radius"] == 6 and d["result"]["grow_tolerance"] == 0.5
+    assert np.asarray(d["pred"])[tuple(fg[0])] == 1
+    from lib.config import ConfigError
+
+    for bad, needle in (({"grow_radius": -2}, "'grow_radius' must be >= -1"),
+                        ({"grow_radius": "x"}, "'grow_radius' must be an integer"),
+                        ({"grow_tolerance": -1}, "'grow_tolerance' must be a finite number >= 0"),
+                        ({"grow_tolerance": "nan"}, "'grow_tolerance' must be a finite number >= 0")):
+        with pytest.raises(ConfigError, match=needle):
+            task({"image": entry["image"], "skip_writer": True, "device": "cpu", "foreground": fg[:1], **bad})
 
 
 def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, interactive_task):

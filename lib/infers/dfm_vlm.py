@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -299,11 +300,21 @@ class DFMVLMInfer(BasicInferTask):
             hold = _as_int("hold_radius", data["hold_radius"])
             if hold < -1:
                 raise ConfigError(f"parameter 'hold_radius' must be >= -1 (-1: no hold), got {hold}")
+        grow = tol = None
+        if data.get("grow_radius") is not None:
+            grow = _as_int("grow_radius", data["grow_radius"])
+            if grow < -1:
+                raise ConfigError(f"parameter 'grow_radius' must be >= -1 (-1: no growing), got {grow}")
+        if data.get("grow_tolerance") is not None:
+            tol = _as_float("grow_tolerance", data["grow_tolerance"])
+            if not (tol >= 0 and math.isfinite(tol)):
+                raise ConfigError(f"parameter 'grow_tolerance' must be a finite number >= 0, got {tol}")
         uncertain = str(_first(data.get("uncertain_segment", "false"))).lower() in ("1", "true", "yes")
         if uncertain and inferer.num_samples < 2:
             raise ConfigError("parameter 'uncertain_segment' needs num_samples >= 2 (the samples' disagreement)")
         prompt = _prompt_param(data)
         out = predict_preprocessed(system, pre, inferer, clicks=clicks, cache=self.window_cache, hold_radius=hold,
+                                   grow_radius=grow, grow_tolerance=tol,
                                    return_variance=uncertain, labels=_labels_param(data), prompt=prompt)
         targets = out["targets"]
         all_clicks = list(clicks.values()) if isinstance(clicks, dict) else [clicks] if clicks else []
@@ -347,6 +358,8 @@ class DFMVLMInfer(BasicInferTask):
             res.update({"clicks": {"foreground": n_fg, "background": n_bg},
                         "guidance": system.takes_clicks,
                         "hold_radius": system.hparams.clicks.hold_radius if hold is None else hold,
+                        "grow_radius": system.hparams.clicks.grow_radius if grow is None else grow,
+                        "grow_tolerance": system.hparams.clicks.grow_tolerance if tol is None else tol,
                         "windows": out["windows"]["windows"], "windows_rerun": out["windows"]["rerun"]})
         return data
 
