@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import GROW_SIDES, ConfigError
 
 
 class ClickError(ConfigError):
@@ -188,9 +188,6 @@ def guidance_maps(clicks: Clicks, shape: Sequence[int], sigma: float, truncate: 
     return out
 
 
-GROW_SIDES = ("both", "above", "below")
-
-
 def grown_region(image: np.ndarray, point: Sequence[float], radius: int, tolerance: float,
                  side: str = "both", max_share: float = 0.5) -> np.ndarray:
     """The voxels a click *grows* to (the hold's image-adaptive neighbourhood, ``clicks.grow_radius``): within
@@ -239,11 +236,11 @@ def grown_region(image: np.ndarray, point: Sequence[float], radius: int, toleran
 
 
 def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, image=None, grow_radius: int = -1,
-              grow_tolerance: float = 0.0, grow_side: str = "both") -> torch.Tensor:
+              grow_tolerance: float = 0.0, grow_side: str = "both", grow_channels=None) -> torch.Tensor:
     """``(2, *shape)``: a mask of the voxels the sampler holds and the value they are held at (1 positive, 0
     negative; where two clicks reach, the nearer click wins): those within ``radius`` of a click (the nearest voxel
-    for radius 0; -1: none), and with ``grow_radius >= 0`` and ``image (C, *shape)`` (the network-grid image) the
-    *positive* click's :func:`grown_region` as well (``grow_side``). A negative click does not grow: it holds its
+    for radius 0; -1: none), and with ``grow_radius >= 0`` and ``image (C, *shape)`` (the network-grid image; its
+    channels ``grow_channels``, default all, are compared) the *positive* click's :func:`grown_region` as well (``grow_side``). A negative click does not grow: it holds its
     own voxel at 0 and releases the grown voxels nearer to it than to the positive click that grew them ("the fill
     went too far here")."""
     mask = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
@@ -254,6 +251,11 @@ def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, im
         return torch.stack([mask, value])
     if grow:
         img = torch.as_tensor(image).detach().float().cpu().numpy()
+        if grow_channels is not None:
+            if max(grow_channels) >= img.shape[0]:
+                raise ConfigError(f"clicks.grow_channels {list(grow_channels)} names a channel the "
+                                  f"{img.shape[0]}-channel image does not have")
+            img = img[list(grow_channels)]
         if img.shape[1:] != tuple(shape):
             raise ValueError(f"hold_maps: image of shape {img.shape[1:]} for a grid of {tuple(shape)}")
     grid = _grid(shape, device)

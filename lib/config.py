@@ -277,6 +277,9 @@ AUGMENTATION = {
 }
 
 
+GROW_SIDES = ("both", "above", "below")  # lib.clicks.grown_region
+
+
 @dataclass
 class ClickConfig:
     """Interactive segmentation (:mod:`lib.clicks`): click-guidance channels trained with simulated clicks, and the
@@ -313,8 +316,8 @@ class ClickConfig:
             raise ConfigError(f"clicks.grow_radius must be an integer >= -1, got {c.grow_radius!r}")
         if not (isinstance(c.grow_tolerance, (int, float)) and c.grow_tolerance >= 0):
             raise ConfigError(f"clicks.grow_tolerance must be a number >= 0, got {c.grow_tolerance!r}")
-        if c.grow_side not in ("both", "above", "below"):
-            raise ConfigError(f"clicks.grow_side must be 'both', 'above' or 'below', got {c.grow_side!r}")
+        if c.grow_side not in GROW_SIDES:
+            raise ConfigError(f"clicks.grow_side must be one of {GROW_SIDES}, got {c.grow_side!r}")
         if c.grow_channels is not None and (not isinstance(c.grow_channels, (list, tuple)) or not c.grow_channels
                                             or not all(isinstance(v, int) and v >= 0 for v in c.grow_channels)):
             raise ConfigError(f"clicks.grow_channels must be a non-empty list of channel indices or null, "

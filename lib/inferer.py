@@ -389,13 +389,10 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
             extra += [guidance_maps(k, inputs.shape[2:], sigma, device=inputs.device)[None] for k in per_prompt]
         n_guid = sum(e.shape[1] for e in extra)
         if (radius >= 0 or grow >= 0) and (any(per_prompt) or network.takes_clicks):
-            ch = grow_channels if grow_channels is not None else hp.clicks.grow_channels
-            if grow >= 0 and ch is not None and max(ch) >= c:
-                raise ValueError(f"clicks.grow_channels {ch} names a channel the {c}-channel image does not have")
-            grow_image = inputs[0] if ch is None else inputs[0, list(ch)]
-            extra += [hold_maps(k, inputs.shape[2:], radius, device=inputs.device, image=grow_image,
-                                grow_radius=grow, grow_tolerance=tol,
-                                grow_side=grow_side or hp.clicks.grow_side)[None] for k in per_prompt]
+            extra += [hold_maps(k, inputs.shape[2:], radius, device=inputs.device, image=inputs[0],
+                                grow_radius=grow, grow_tolerance=tol, grow_side=grow_side or hp.clicks.grow_side,
+                                grow_channels=grow_channels if grow_channels is not None else hp.clicks.grow_channels
+                                )[None] for k in per_prompt]
         n_hold = sum(e.shape[1] for e in extra) - n_guid
         if extra:
             inputs = torch.cat([inputs.float()] + [e.to(inputs.device) for e in extra], dim=1)

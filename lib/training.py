@@ -78,10 +78,9 @@ def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, t
     if corrective and active:
         for _ in range(int(rng.integers(1, cc.corrective_rounds + 1))):
             g = torch.stack([guidance_maps(clicks[i], spatial, cc.sigma) for i in active])
-            ch = list(cc.grow_channels) if cc.grow_channels is not None else list(range(image.shape[1]))
-            h = torch.stack([hold_maps(clicks[i], spatial, cc.hold_radius, image=image[i, ch],
-                                       grow_radius=cc.grow_radius, grow_tolerance=cc.grow_tolerance,
-                                       grow_side=cc.grow_side)
+            h = torch.stack([hold_maps(clicks[i], spatial, cc.hold_radius, image=image[i], grow_radius=cc.grow_radius,
+                                       grow_tolerance=cc.grow_tolerance, grow_side=cc.grow_side,
+                                       grow_channels=cc.grow_channels)
                              for i in active]) if (cc.hold_radius >= 0 or cc.grow_radius >= 0) else None
             mean, _ = system.predict_windows(
                 image[active], None if texts is None else [texts[i] for i in active],

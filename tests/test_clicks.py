@@ -415,6 +415,38 @@ def test_a_checkpoint_is_served_with_the_click_sigma_it_was_trained_with(tmp_pat
     assert (served - inf(x, loaded, clicks=c, click_sigma=ClickConfig().sigma)).abs().max() > 1e-2
 
 
+def test_training_corrective_predictions_hold_the_fill_the_app_would(click_system, monkeypatch):
+    """One path: with clicks.grow_radius set, the corrective rounds of training predict with the same hold as the
+    inferer builds (lib.clicks.hold_maps on each patch, the checkpoint's grow settings); a bad channel is named."""
+    from lib.config import ConfigError
+    from lib.training import simulated_clicks
+
+    cc = click_system.hparams.clicks
+    cc.no_click_prob, cc.corrective_prob, cc.grow_radius, cc.grow_channels = 0.0, 1.0, 20, [0]
+    seen = []
+    real = click_system.predict_windows
+
+    def spy(*a, **kw):
+        seen.append(kw.get("hold"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(click_system, "predict_windows", spy)
+    img = torch.zeros(2, 1, 32, 32)
+    img[:, :, 8:24, 8:24] = 2.0
+    lab = (img > 1).float()
+    try:
+        clicks = simulated_clicks(click_system, img, lab, ["a bright blob"] * 2, np.random.default_rng(1))
+        assert seen and all(h is not None for h in seen) and any(c.fg for c in clicks)
+        # a positive click in the block fills the block (16 x 16 voxels); with clicks.grow_radius off only the
+        # clicked voxels would be held (or no hold at all)
+        assert max(float(h[j, 0].sum()) for h in seen for j in range(h.shape[0])) >= 256
+        cc.grow_channels = [3]
+        with pytest.raises(ConfigError, match=r"grow_channels \[3\] names a channel the 1-channel image"):
+            simulated_clicks(click_system, img, lab, ["a bright blob"] * 2, np.random.default_rng(1))
+    finally:
+        cc.grow_radius, cc.grow_channels = -1, None
+
+
 def test_training_with_simulated_clicks_uses_the_guidance(click_system):
     """train_loss draws clicks (random and corrective) and feeds them: the loss changes with the clicks drawn."""
     from lib.training import simulated_clicks, train_loss
