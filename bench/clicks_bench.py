@@ -16,7 +16,8 @@ task's :class:`lib.inferer.WindowCache`, inversion to the image's grid, clicked 
   voxels of earlier clicks are not suggested again.
 
 ``--hold-radius`` / ``--grow`` compare the sampler's optional holds (a ball around each click; a positive click's
-threshold flood fill, ``RADIUS:TOLERANCE[:CHANNELS[:SIDE]]``, e.g. ``12:0.2:0:above`` for BraTS FLAIR, or ``off``).
+threshold flood fill, ``RADIUS:TOLERANCE[:CHANNELS[:SIDE[:SCALE]]]``, e.g. ``12:0.2:0:above`` for BraTS FLAIR, or
+``off``; ``SCALE``: ``clicks.grow_scale``, the fill's ball follows the click's distance to the segmentation).
 
 NoC@x: the number of clicks after which Dice >= x (0 when the automatic result reaches it), capped at K (not
 reached = K). Prints the table and the CPU; writes ``summary.json``, ``cases.csv`` and ``dice_per_click.png``.
@@ -50,7 +51,7 @@ def spacing_of(label) -> list[float] | None:
 
 
 def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, exclude: float,
-             cache: WindowCache, grow=(None, None, None, None)) -> dict:
+             cache: WindowCache, grow=(None, None, None, None, None)) -> dict:
     spacing = spacing_of(truth)
     truth_np = np.asarray(truth[0]) > 0.5
     clicks = Clicks()
@@ -60,7 +61,8 @@ def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, 
         d = preprocess_item(system, item)  # the app loads and preprocesses the image at every request
         out = predict_preprocessed(system, d, inferer, return_variance=(robot == "uncertain"), clicks=clicks,
                                    cache=cache, hold_radius=hold_radius, grow_radius=grow[0],
-                                   grow_tolerance=grow[1], grow_channels=grow[2], grow_side=grow[3])
+                                   grow_tolerance=grow[1], grow_channels=grow[2], grow_side=grow[3],
+                                   grow_scale=grow[4])
         pred = (out["prob"][0] > 0.5).numpy()
         dt = time.perf_counter() - t0
         m = case_metrics(torch.as_tensor(pred[None]).float(), truth, spacing=spacing)
@@ -124,9 +126,9 @@ def main() -> None:
     ap.add_argument("--hold-radius", type=int, nargs="+", default=[None],
                     help="sampler hold of clicked voxels in x_t (-1 none); several values are compared")
     ap.add_argument("--grow", nargs="+", default=[None],
-                    help="RADIUS:TOLERANCE[:CHANNEL,...[:SIDE]] of the sampler's hold of what a positive click "
-                         "grows to (lib.clicks.grown_region), or off; several are compared; default the "
-                         "checkpoint's")
+                    help="RADIUS:TOLERANCE[:CHANNEL,...[:SIDE[:SCALE]]] of the sampler's hold of what a positive "
+                         "click grows to (lib.clicks.grown_region; SCALE: clicks.grow_scale), or off; several are "
+                         "compared; default the checkpoint's")
     ap.add_argument("--num-samples", type=int, help="M (default: the checkpoint's; the uncertain robot needs > 1)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--exclude", type=float, default=5.0)
@@ -150,9 +152,9 @@ def main() -> None:
         for robot in a.robots:
             for hold, grow in [(h, g) for h in a.hold_radius for g in a.grow]:
                 gp = [] if grow is None else ["-1", "0"] if grow == "off" else grow.split(":")
-                gr = (None, None, None, None) if grow is None else \
+                gr = (None, None, None, None, None) if grow is None else \
                     (int(gp[0]), float(gp[1]), [int(v) for v in gp[2].split(",")] if len(gp) > 2 and gp[2] else None,
-                     gp[3] if len(gp) > 3 else None)
+                     gp[3] if len(gp) > 3 and gp[3] else None, float(gp[4]) if len(gp) > 4 and gp[4] else None)
                 cache = WindowCache()  # one per robot run, as the app keeps one per model
                 cases = [run_case(system, inferer, it, tr, a.clicks, robot, hold, a.exclude, cache, gr)
                          for it, tr in zip(items, truths)]
@@ -161,7 +163,8 @@ def main() -> None:
                 if grow is not None or cc.grow_radius >= 0:
                     key += f"/grow={grow}" if grow is not None else \
                         f"/grow={cc.grow_radius}:{cc.grow_tolerance:g}" + \
-                        (f":{','.join(map(str, cc.grow_channels))}" if cc.grow_channels else ":") + f":{cc.grow_side}"
+                        (f":{','.join(map(str, cc.grow_channels))}" if cc.grow_channels else ":") + \
+                        f":{cc.grow_side}" + (f":{cc.grow_scale:g}" if cc.grow_scale else "")
                 results[key] = s = summarize(cases, a.clicks)
                 for c in cases:
                     rows.append({"run": key, "case_id": c["case_id"], **{f"dice@{k}": round(v, 4)

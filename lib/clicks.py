@@ -235,14 +235,35 @@ def grown_region(image: np.ndarray, point: Sequence[float], radius: int, toleran
     return out
 
 
+def scaled_grow_radius(reference: np.ndarray | None, point: Sequence[int], radius: int, scale: float) -> int:
+    """The ball radius of a positive click's fill with ``clicks.grow_scale`` > 0: ``min(radius, ceil(scale * d))``,
+    ``d`` the distance (network voxels) from the click's voxel to the nearest voxel of ``reference`` (the current
+    segmentation); ``radius`` where ``reference`` is None or empty, or ``scale`` is 0. A click far from the
+    segmentation marks a missed part (a fill up to ``radius``), one a few voxels from it a missed rim (a small
+    fill); a click inside the segmentation or touching it (one of its 26 neighbours, d < 2) corrects its boundary
+    and grows to nothing but its voxel (on BraTS such a fill added more false tumour than it found)."""
+    if not scale or reference is None:
+        return radius
+    pts = np.argwhere(np.asarray(reference, dtype=bool))
+    if not len(pts):
+        return radius
+    d = float(np.sqrt(((pts - np.asarray(point)[None]) ** 2).sum(1).min()))
+    return 0 if d < 2.0 else int(min(radius, math.ceil(scale * d - 1e-9)))
+
+
 def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, image=None, grow_radius: int = -1,
-              grow_tolerance: float = 0.0, grow_side: str = "both", grow_channels=None) -> torch.Tensor:
+              grow_tolerance: float = 0.0, grow_side: str = "both", grow_channels=None, grow_scale: float = 0.0,
+              reference=None) -> torch.Tensor:
     """``(2, *shape)``: a mask of the voxels the sampler holds and the value they are held at (1 positive, 0
     negative; where two clicks reach, the nearer click wins): those within ``radius`` of a click (the nearest voxel
     for radius 0; -1: none), and with ``grow_radius >= 0`` and ``image (C, *shape)`` (the network-grid image; its
-    channels ``grow_channels``, default all, are compared) the *positive* click's :func:`grown_region` as well (``grow_side``). A negative click does not grow: it holds its
-    own voxel at 0 and releases the grown voxels nearer to it than to the positive click that grew them ("the fill
-    went too far here")."""
+    channels ``grow_channels``, default all, are compared) the *positive* click's :func:`grown_region` as well
+    (``grow_side``). A negative click does not grow: it holds its own voxel at 0 and releases the grown voxels
+    nearer to it than to the positive click that grew them ("the fill went too far here").
+
+    ``grow_scale`` > 0 with ``reference`` (a boolean map of the current segmentation on this grid): each positive
+    click's ball is :func:`scaled_grow_radius` (clicks in their order, each measured against ``reference`` and the
+    fills of the positive clicks before it)."""
     mask = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
     value = torch.zeros_like(mask)
     best = torch.full_like(mask, float("inf"))
@@ -258,6 +279,11 @@ def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, im
             img = img[list(grow_channels)]
         if img.shape[1:] != tuple(shape):
             raise ValueError(f"hold_maps: image of shape {img.shape[1:]} for a grid of {tuple(shape)}")
+    ref = None
+    if grow and grow_scale and reference is not None:
+        ref = np.asarray(torch.as_tensor(reference).detach().cpu().numpy(), dtype=bool)
+        if ref.shape != tuple(shape):
+            raise ValueError(f"hold_maps: reference of shape {ref.shape} for a grid of {tuple(shape)}")
     grid = _grid(shape, device)
     for v, pts in ((1.0, clicks.fg), (0.0, clicks.bg)):
         for p in pts:
@@ -265,8 +291,11 @@ def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, im
             d2 = sum((g - float(c)) ** 2 for g, c in zip(grid, q))
             reach = d2 <= radius * radius + 1e-6 if radius >= 0 else torch.zeros_like(mask, dtype=torch.bool)
             if grow and v > 0:
-                reach = reach | torch.as_tensor(grown_region(img, q, grow_radius, grow_tolerance, grow_side),
-                                                device=device)
+                r = scaled_grow_radius(ref, q, grow_radius, grow_scale)
+                fill = grown_region(img, q, r, grow_tolerance, grow_side)
+                if ref is not None:
+                    ref = ref | fill
+                reach = reach | torch.as_tensor(fill, device=device)
             elif grow:  # a negative click releases the grown voxels nearer to it than to their positive click
                 release = (mask > 0) & (value > 0) & (d2 < best)
                 mask = torch.where(release, torch.zeros_like(mask), mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,9 @@ class ClickConfig:
     grow_channels: list[int] | None = None  # the image channels compared (None: all), e.g. BraTS FLAIR only
     grow_side: str = "both"  # a positive click grows to: "both" (similar), "above" (as bright or brighter), "below"
     # (negative clicks do not grow; they release the grown voxels nearer to them than to their positive click)
+    # > 0: a positive click's fill ball is min(grow_radius, ceil(grow_scale * d)), d its distance to the current
+    # segmentation (the automatic result and earlier fills; lib.clicks.scaled_grow_radius); 0: always grow_radius
+    grow_scale: float = 0.0
 
     def resolved(self) -> "ClickConfig":
         c = dataclasses.replace(self)
@@ -316,6 +320,8 @@ class ClickConfig:
             raise ConfigError(f"clicks.grow_radius must be an integer >= -1, got {c.grow_radius!r}")
         if not (isinstance(c.grow_tolerance, (int, float)) and c.grow_tolerance >= 0):
             raise ConfigError(f"clicks.grow_tolerance must be a number >= 0, got {c.grow_tolerance!r}")
+        if not (isinstance(c.grow_scale, (int, float)) and math.isfinite(c.grow_scale) and c.grow_scale >= 0):
+            raise ConfigError(f"clicks.grow_scale must be a finite number >= 0, got {c.grow_scale!r}")
         if c.grow_side not in GROW_SIDES:
             raise ConfigError(f"clicks.grow_side must be one of {GROW_SIDES}, got {c.grow_side!r}")
         if c.grow_channels is not None and (not isinstance(c.grow_channels, (list, tuple)) or not c.grow_channels

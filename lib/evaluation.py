@@ -56,7 +56,7 @@ def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowIn
                          cache: WindowCache | None = None, hold_radius: int | None = None,
                          labels=None, prompt: str | None = None, grow_radius: int | None = None,
                          grow_tolerance: float | None = None, grow_channels=None,
-                         grow_side: str | None = None) -> dict:
+                         grow_side: str | None = None, grow_scale: float | None = None) -> dict:
     """Run the inferer on a preprocessed item: ``prob_pre``/``var_pre`` in preprocessed space, ``prob`` (and with
     ``return_variance`` ``var``) in the original geometry, one channel per target; ``targets``: their
     ``(name, value, prompt)`` (:meth:`DFMSystem.prompts`: a prompted model's ``labels`` -- default all -- or a
@@ -66,8 +66,8 @@ def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowIn
     every target or ``{name: Clicks}``; mapped to the network grid through the preprocessing's affines, given to
     the model, and every clicked voxel of the target's ``prob`` is set to 1 (positive) or 0 (negative): the label
     says what the user clicked. ``cache``: re-run only changed windows. ``hold_radius``, ``grow_radius``,
-    ``grow_tolerance``, ``grow_channels``, ``grow_side``: the sampler's hold of clicked voxels (default the
-    checkpoint's ``clicks``).
+    ``grow_tolerance``, ``grow_channels``, ``grow_side``, ``grow_scale``: the sampler's hold of clicked voxels
+    (default the checkpoint's ``clicks``).
     """
     inferer = inferer or make_inferer(system)
     targets = system.prompts(labels, prompt)
@@ -83,7 +83,8 @@ def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowIn
     net = [to_network_grid(k, image) if k else Clicks() for k in per]
     prob, var = inferer(x, system, text=d.get("text"), seed=seed, return_variance=True, clicks=net,
                         cache=cache, hold_radius=hold_radius, prompts=texts, grow_radius=grow_radius,
-                        grow_tolerance=grow_tolerance, grow_channels=grow_channels, grow_side=grow_side)
+                        grow_tolerance=grow_tolerance, grow_channels=grow_channels, grow_side=grow_side,
+                        grow_scale=grow_scale)
     prob, var = prob[0].cpu(), var[0].cpu()
     out = {"prob_pre": prob, "var_pre": var, "prob": to_original(prob, d, system),
            "windows": dict(inferer.last_windows), "targets": targets}

@@ -336,7 +336,7 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
                  cache: WindowCache | None = None, click_sigma: float | None = None, hold_radius: int | None = None,
                  prompts: Sequence[str] | None = None, grow_radius: int | None = None,
                  grow_tolerance: float | None = None, grow_channels: Sequence[int] | None = None,
-                 grow_side: str | None = None):
+                 grow_side: str | None = None, grow_scale: float | None = None):
         """``inputs``: one preprocessed image ``(1, C, *spatial)``; returns ``(1, L, *spatial)`` probabilities, one
         channel per prompt (L = 1 without ``prompts``).
 
@@ -350,7 +350,9 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         and, with ``hold_radius >= 0`` (default the checkpoint's), the held voxels of the sampler; both travel with
         the image through MONAI's window slicing; with ``grow_radius >= 0`` (default the checkpoint's) the sampler
         also holds what each click grows to in this image (:func:`lib.clicks.grown_region`, ``grow_tolerance``
-        on the image channels ``grow_channels``, ``grow_side``).
+        on the image channels ``grow_channels``, ``grow_side``; with ``grow_scale`` > 0 each fill's ball follows
+        the click's distance to the automatic result -- this call without clicks, served from ``cache`` after the
+        first request -- and the earlier fills: :func:`lib.clicks.scaled_grow_radius`).
         ``cache``: reuse the result of every window whose input did not
         change (a click changes only the windows its truncated guidance bump or held voxels reach).
         """
@@ -384,6 +386,14 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         if len(per_prompt) != n_p:
             raise ValueError(f"{len(per_prompt)} click sets for {n_p} prompt(s)")
         per_prompt = [k or Clicks() for k in per_prompt]
+        scale = float(grow_scale if grow_scale is not None else hp.clicks.grow_scale)
+        refs, ref_windows = [None] * n_p, None
+        if grow >= 0 and scale > 0 and any(k.fg for k in per_prompt):
+            auto = self(inputs, network, text=text, seed=image_seed, cache=cache, prompts=prompts,
+                        hold_radius=radius, grow_radius=grow, grow_tolerance=tol, grow_channels=grow_channels,
+                        grow_side=grow_side, grow_scale=0.0, click_sigma=sigma)
+            refs = [(auto[0, j] > 0.5).cpu().numpy() for j in range(n_p)]
+            ref_windows = dict(self.last_windows)
         extra = []
         if network.takes_clicks:
             extra += [guidance_maps(k, inputs.shape[2:], sigma, device=inputs.device)[None] for k in per_prompt]
@@ -391,14 +401,16 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         if (radius >= 0 or grow >= 0) and (any(per_prompt) or network.takes_clicks):
             extra += [hold_maps(k, inputs.shape[2:], radius, device=inputs.device, image=inputs[0],
                                 grow_radius=grow, grow_tolerance=tol, grow_side=grow_side or hp.clicks.grow_side,
-                                grow_channels=grow_channels if grow_channels is not None else hp.clicks.grow_channels
-                                )[None] for k in per_prompt]
+                                grow_channels=grow_channels if grow_channels is not None else hp.clicks.grow_channels,
+                                grow_scale=scale, reference=ref)[None] for k, ref in zip(per_prompt, refs)]
         n_hold = sum(e.shape[1] for e in extra) - n_guid
         if extra:
             inputs = torch.cat([inputs.float()] + [e.to(inputs.device) for e in extra], dim=1)
         settings = (self.sampler, self.steps, self.num_samples, self.output, self.precision,
                     text if prompts is None else tuple(prompts), network.cache_token, n_guid, n_hold)
         self.last_windows = {"windows": 0, "rerun": 0}
+        if ref_windows:  # the automatic pass the fills are measured against: its re-run windows count as well
+            self.last_windows["rerun"] = ref_windows["rerun"]
 
         def per_item(x, n):  # (n, L * k, ...) channels of L prompts -> (n * L, k, ...)
             return x.reshape(n * n_p, x.shape[1] // n_p, *x.shape[2:])

@@ -76,17 +76,25 @@ def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, t
         start_random = (not corrective) or rng.random() < 0.5
         clicks.append(random_clicks(truth[i], rng, cc.max_random) if start_random else Clicks())
     if corrective and active:
+        act_texts = None if texts is None else [texts[i] for i in active]
+
+        def predict(g, h):
+            mean, _ = system.predict_windows(
+                image[active], act_texts, [int(v) for v in rng.integers(0, 2 ** 62, size=len(active))],
+                sampler="euler", steps=1, num_samples=1, guidance=g, hold=h)
+            return mean[:, 0].cpu().numpy() > 0.5
+
+        refs = [None] * len(active)
+        if cc.grow_radius >= 0 and cc.grow_scale > 0:  # the fills follow the automatic result, as in the app
+            none = torch.zeros((len(active), 2, *spatial), device=image.device)
+            refs = list(predict(none, none))
         for _ in range(int(rng.integers(1, cc.corrective_rounds + 1))):
             g = torch.stack([guidance_maps(clicks[i], spatial, cc.sigma) for i in active])
             h = torch.stack([hold_maps(clicks[i], spatial, cc.hold_radius, image=image[i], grow_radius=cc.grow_radius,
                                        grow_tolerance=cc.grow_tolerance, grow_side=cc.grow_side,
-                                       grow_channels=cc.grow_channels)
-                             for i in active]) if (cc.hold_radius >= 0 or cc.grow_radius >= 0) else None
-            mean, _ = system.predict_windows(
-                image[active], None if texts is None else [texts[i] for i in active],
-                [int(v) for v in rng.integers(0, 2 ** 62, size=len(active))], sampler="euler", steps=1,
-                num_samples=1, guidance=g, hold=h)
-            pred = mean[:, 0].cpu().numpy() > 0.5
+                                       grow_channels=cc.grow_channels, grow_scale=cc.grow_scale, reference=ref)
+                             for i, ref in zip(active, refs)]) if (cc.hold_radius >= 0 or cc.grow_radius >= 0) else None
+            pred = predict(g, h)
             for j, i in enumerate(active):
                 c = next_click(pred[j], truth[i])
                 if c is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lib.clicks import (ClickError, Clicks, grown_region, guidance_maps, hold_maps, next_click, parse_clicks,
-                        random_clicks, to_network_grid, uncertain_region_centre)
+                        random_clicks, scaled_grow_radius, to_network_grid, uncertain_region_centre)
 from lib.config import PreprocConfig
 from lib.evaluation import make_inferer, predict_item, preprocess_item
 from lib.inferer import WindowCache
@@ -225,6 +225,50 @@ def test_the_hold_of_a_grown_click_marks_its_region_and_a_negative_click_release
     assert h[0].sum() == 10 * 8 + 1  # columns 5..12 of the block stay held at 1
 
 
+def test_a_scaled_fill_follows_the_clicks_distance_to_the_segmentation():
+    """clicks.grow_scale: the ball of a positive click's fill is min(grow_radius, ceil(scale * d)), d its distance to
+    the current segmentation (the reference and the fills of the clicks before it)."""
+    img = np.zeros((1, 40, 40), np.float32)
+    img[0, 15:21, 2:38] = 1.0  # a bright band, 6 voxels high
+    ref = np.zeros((40, 40), bool)
+    ref[15:21, 2:9] = True  # its left end is segmented
+    assert scaled_grow_radius(ref, (18, 30), 12, 2.0) == 12  # 22 away: the whole radius
+    assert scaled_grow_radius(ref, (18, 11), 12, 2.0) == 6 and scaled_grow_radius(ref, (18, 11), 12, 0.0) == 12
+    assert scaled_grow_radius(ref, (18, 5), 12, 2.0) == 0  # inside: nothing but the click's voxel
+    assert scaled_grow_radius(ref, (16, 9), 12, 2.0) == 0  # touching it (d = 1)
+    assert scaled_grow_radius(ref, (14, 9), 12, 2.0) == 0  # touching it diagonally (d = 1.41)
+    assert scaled_grow_radius(ref, (18, 10), 12, 2.0) == 4  # 2 away: a missed rim
+    assert scaled_grow_radius(np.zeros_like(ref), (18, 11), 12, 2.0) == 12  # nothing segmented yet
+    kw = dict(image=torch.as_tensor(img), grow_radius=12, grow_tolerance=0.1)
+    inside = Clicks().add((18, 5), True)
+    assert hold_maps(inside, (40, 40), -1, **kw)[0].sum() > 80  # the band within 12 of it
+    assert hold_maps(inside, (40, 40), -1, grow_scale=2.0, reference=ref, **kw)[0].sum() == 1
+    # two clicks: the first, far away, fills the band's right part; the second, 7 voxels from the segmentation but
+    # 3 from the first fill, is measured against both (a ball of 6, whose fill leaks and shrinks to its voxel),
+    # so it does not fill the band back to the segmented end as a ball of 12 would
+    two = Clicks().add((18, 30), True).add((18, 15), True)
+    h = hold_maps(two, (40, 40), -1, grow_scale=2.0, reference=ref, **kw)
+    h_fixed = hold_maps(two, (40, 40), -1, **kw)
+    assert h[0, 18, 25] == 1 and h[0, 18, 15] == 1
+    assert h_fixed[0, 18, 4] == 1 and h[0, 18, 4] == 0 and h[0, 18, 12] == 0
+    with pytest.raises(ValueError, match="reference of shape"):
+        hold_maps(two, (40, 40), -1, grow_scale=2.0, reference=ref[:30], **kw)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("grow_scale", -1.0, "grow_scale must be a finite number >= 0"),
+    ("grow_scale", float("nan"), "grow_scale must be a finite number >= 0"),
+    ("grow_radius", -2, "grow_radius must be an integer >= -1"),
+    ("grow_side", "up", "grow_side must be one of"),
+])
+def test_bad_fill_settings_in_a_preset_are_named(field, value, needle):
+    from lib.config import ClickConfig, ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        ClickConfig(**{field: value}).resolved()
+    assert ClickConfig(grow_scale=2).resolved().grow_scale == 2
+
+
 @pytest.mark.parametrize("fn", [sampler_dfm_euler, sampler_dfm_heun])
 def test_the_sampler_holds_clicked_voxels_at_every_step(fn):
     """A model that pushes every voxel to 0; the held voxels must stay 1 in every state the sampler visits."""
@@ -370,6 +414,34 @@ def test_the_inferer_holds_what_a_click_grows_to_in_the_image_it_segments(click_
         click_system.hparams.clicks.grow_radius = -1
 
 
+def test_the_inferer_scales_each_fill_by_the_automatic_result(click_system, monkeypatch):
+    """grow_scale: the hold that reaches the sampler is hold_maps against the automatic result of the same image
+    (this inferer without clicks), which a cached session serves without re-running a window."""
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 4:10, 2:30] = 2.0  # a bright band
+    inf = make_inferer(click_system, steps=2)
+    auto = inf(x, click_system, grow_radius=12, grow_tolerance=0.5)[0, 0] > 0.5
+    c = Clicks().add((7, 16), True)
+    seen = []
+    real = click_system.predict_windows
+
+    def spy(*a, **kw):
+        seen.append(kw.get("hold"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(click_system, "predict_windows", spy)
+    cache = WindowCache()
+    inf(x, click_system, cache=cache, grow_radius=12, grow_tolerance=0.5)  # the session's automatic result
+    inf(x, click_system, clicks=c, cache=cache, grow_radius=12, grow_tolerance=0.5, grow_scale=1.0)
+    kw = dict(image=x[0], grow_radius=12, grow_tolerance=0.5)
+    want = hold_maps(c, (32, 32), -1, grow_scale=1.0, reference=auto, **kw)
+    assert auto.any() and not auto[7, 16]
+    assert not torch.equal(want, hold_maps(c, (32, 32), -1, **kw))  # the reference matters here
+    assert torch.equal(seen[-1][0], want)
+    assert len(seen) == 2  # the automatic pass came from the cache; only the click's window ran
+    assert inf.last_windows == {"windows": 1, "rerun": 1}
+
+
 def test_a_new_click_reruns_only_the_windows_it_reaches_and_the_result_is_exact(click_system):
     inf = make_inferer(click_system, steps=2, num_samples=2)
     x = torch.rand(1, 1, 80, 70)
@@ -443,8 +515,32 @@ def test_training_corrective_predictions_hold_the_fill_the_app_would(click_syste
         cc.grow_channels = [3]
         with pytest.raises(ConfigError, match=r"grow_channels \[3\] names a channel the 1-channel image"):
             simulated_clicks(click_system, img, lab, ["a bright blob"] * 2, np.random.default_rng(1))
+        # clicks.grow_scale: as in the app, each fill is measured against the patch's automatic result (a
+        # prediction without clicks) -- the reference every round's hold_maps gets
+        import lib.training as training
+
+        cc.grow_channels, cc.grow_scale = [0], 2.0
+        refs, outs = [], []
+        real_hold = training.hold_maps
+
+        def hold_spy(*a, **kw):
+            refs.append(kw.get("reference"))
+            return real_hold(*a, **kw)
+
+        def out_spy(*a, **kw):
+            r = real(*a, **kw)
+            outs.append((kw.get("guidance"), r[0]))
+            return r
+
+        monkeypatch.setattr(training, "hold_maps", hold_spy)
+        monkeypatch.setattr(click_system, "predict_windows", out_spy)
+        simulated_clicks(click_system, img, lab, ["a bright blob"] * 2, np.random.default_rng(1))
+        assert len(outs) >= 2 and float(outs[0][0].abs().sum()) == 0  # first: no clicks
+        auto = outs[0][1][:, 0].numpy() > 0.5
+        assert refs and all(r is not None for r in refs)
+        assert all(np.array_equal(r, auto[j % len(auto)]) for j, r in enumerate(refs))
     finally:
-        cc.grow_radius, cc.grow_channels = -1, None
+        cc.grow_radius, cc.grow_channels, cc.grow_scale = -1, None, 0.0
 
 
 def test_training_with_simulated_clicks_uses_the_guidance(click_system):
@@ -525,24 +621,36 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
     real = infer_module.predict_preprocessed
 
     def spy(*a, **kw):
-        seen.append((kw.get("grow_radius"), kw.get("grow_tolerance")))
+        seen.append((kw.get("hold_radius"), kw.get("grow_radius"), kw.get("grow_tolerance"), kw.get("grow_scale")))
         return real(*a, **kw)
 
+    # Slicer shows the task's config as its options and sends every entry with each request, as strings: the
+    # first entry of each hold option ("checkpoint") leaves the checkpoint's setting
+    opts = {k: v for k, v in task.config().items() if k in ("hold_radius", "grow_radius", "grow_tolerance", "grow_scale")}
+    assert len(opts) == 4 and all(v[0] == "checkpoint" for v in opts.values())
+    assert not any(k in auto.config() for k in opts)  # the automatic model has no clicks to hold
     infer_module.predict_preprocessed = spy
     try:
         _, d = task({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", "foreground": fg[:1],
-                     "grow_radius": "6", "grow_tolerance": 0.5})
+                     "grow_radius": "6", "grow_tolerance": 0.5, "grow_scale": "2"})
+        _, d0 = task({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", "foreground": fg[:1],
+                      **{k: v[0] for k, v in opts.items()}})
     finally:
         infer_module.predict_preprocessed = real
-    assert seen == [(6, 0.5)]
-    assert d["result"]["grow_radius"] == 6 and d["result"]["grow_tolerance"] == 0.5
+    assert seen == [(None, 6, 0.5, 2.0), (None, None, None, None)]
+    assert d["result"]["grow_radius"] == 6 and d["result"]["grow_tolerance"] == 0.5 and d["result"]["grow_scale"] == 2
+    cc = task.system("cpu").hparams.clicks
+    assert (d0["result"]["grow_radius"], d0["result"]["grow_scale"]) == (cc.grow_radius, cc.grow_scale)
     assert np.asarray(d["pred"])[tuple(fg[0])] == 1
     from lib.config import ConfigError
 
     for bad, needle in (({"grow_radius": -2}, "'grow_radius' must be >= -1"),
                         ({"grow_radius": "x"}, "'grow_radius' must be an integer"),
                         ({"grow_tolerance": -1}, "'grow_tolerance' must be a finite number >= 0"),
-                        ({"grow_tolerance": "nan"}, "'grow_tolerance' must be a finite number >= 0")):
+                        ({"grow_tolerance": "nan"}, "'grow_tolerance' must be a finite number >= 0"),
+                        ({"grow_scale": "-1"}, "'grow_scale' must be a finite number >= 0"),
+                        ({"grow_scale": "two"}, "'grow_scale' must be a number"),
+                        ({"hold_radius": "-3"}, "'hold_radius' must be >= -1")):
         with pytest.raises(ConfigError, match=needle):
             task({"image": entry["image"], "skip_writer": True, "device": "cpu", "foreground": fg[:1], **bad})
 

@@ -97,6 +97,40 @@ def sampler_params(req: dict) -> dict:
     return out
 
 
+# the sampler's hold of clicked voxels, per request; "checkpoint" (or absent, or empty): the checkpoint's setting.
+# An interactive task lists them in its config, which 3D Slicer's MONAILabel module shows as its options and sends
+# with every request (as strings)
+HOLD_OPTIONS = {"hold_radius": ["checkpoint", "-1", "0", "2", "4"],
+                "grow_radius": ["checkpoint", "-1", "4", "8", "12", "16"],
+                "grow_tolerance": ["checkpoint", "0.1", "0.2", "0.3", "0.5"],
+                "grow_scale": ["checkpoint", "0", "1", "2", "3"]}
+
+
+def hold_params(req: dict) -> tuple:
+    """``(hold_radius, grow_radius, grow_tolerance, grow_scale)`` of a request, None where it leaves the checkpoint's
+    (absent, empty or ``"checkpoint"``); raises ConfigError naming a bad value."""
+    def given(k):
+        v = _first(req.get(k))
+        return None if v is None or (isinstance(v, str) and v.strip().lower() in ("", "checkpoint")) else v
+
+    hold = grow = tol = scale = None
+    if given("hold_radius") is not None:
+        hold = _as_int("hold_radius", given("hold_radius"))
+        if hold < -1:
+            raise ConfigError(f"parameter 'hold_radius' must be >= -1 (-1: no hold), got {hold}")
+    if given("grow_radius") is not None:
+        grow = _as_int("grow_radius", given("grow_radius"))
+        if grow < -1:
+            raise ConfigError(f"parameter 'grow_radius' must be >= -1 (-1: no growing), got {grow}")
+    for k in ("grow_tolerance", "grow_scale"):
+        if given(k) is not None:
+            v = _as_float(k, given(k))
+            if not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"parameter {k!r} must be a finite number >= 0, got {v}")
+            tol, scale = (v, scale) if k == "grow_tolerance" else (tol, v)
+    return hold, grow, tol, scale
+
+
 class DFMPreprocessd:
     """Run the checkpoint's own preprocessing on the request's image (and keep the result for inversion); for an
     interactive model also read the request's clicks (in the image's own voxel indices; ClickError -> 422)."""
@@ -179,6 +213,8 @@ class DFMVLMInfer(BasicInferTask):
         cfg = {"sampler": [d.name] + [s for s in SAMPLERS if s != d.name], "steps": d.steps,
                "num_samples": d.num_samples, "overlap": d.overlap, "sw_batch_size": d.sw_batch_size, "seed": d.seed,
                "device": device_list()}  # "precision" is accepted too (default: the checkpoint's policy)
+        if interactive:
+            cfg.update({k: list(v) for k, v in HOLD_OPTIONS.items()})
         cfg.update(config or {})
         # interactive: the infer type that makes 3D Slicer's MONAILabel module and OHIF show their point tools
         super().__init__(path=list(path), network=None, type=INTERACTIVE_TYPE if interactive else InferType.SEGMENTATION,
@@ -295,26 +331,13 @@ class DFMVLMInfer(BasicInferTask):
         pre = dict(data["_dfm_pre"])
         pre["case_id"] = key
         clicks = data.pop("_clicks", None)
-        hold = None
-        if data.get("hold_radius") is not None:
-            hold = _as_int("hold_radius", data["hold_radius"])
-            if hold < -1:
-                raise ConfigError(f"parameter 'hold_radius' must be >= -1 (-1: no hold), got {hold}")
-        grow = tol = None
-        if data.get("grow_radius") is not None:
-            grow = _as_int("grow_radius", data["grow_radius"])
-            if grow < -1:
-                raise ConfigError(f"parameter 'grow_radius' must be >= -1 (-1: no growing), got {grow}")
-        if data.get("grow_tolerance") is not None:
-            tol = _as_float("grow_tolerance", data["grow_tolerance"])
-            if not (tol >= 0 and math.isfinite(tol)):
-                raise ConfigError(f"parameter 'grow_tolerance' must be a finite number >= 0, got {tol}")
+        hold, grow, tol, scale = hold_params(data)
         uncertain = str(_first(data.get("uncertain_segment", "false"))).lower() in ("1", "true", "yes")
         if uncertain and inferer.num_samples < 2:
             raise ConfigError("parameter 'uncertain_segment' needs num_samples >= 2 (the samples' disagreement)")
         prompt = _prompt_param(data)
         out = predict_preprocessed(system, pre, inferer, clicks=clicks, cache=self.window_cache, hold_radius=hold,
-                                   grow_radius=grow, grow_tolerance=tol,
+                                   grow_radius=grow, grow_tolerance=tol, grow_scale=scale,
                                    return_variance=uncertain, labels=_labels_param(data), prompt=prompt)
         targets = out["targets"]
         all_clicks = list(clicks.values()) if isinstance(clicks, dict) else [clicks] if clicks else []
@@ -360,6 +383,7 @@ class DFMVLMInfer(BasicInferTask):
                         "hold_radius": system.hparams.clicks.hold_radius if hold is None else hold,
                         "grow_radius": system.hparams.clicks.grow_radius if grow is None else grow,
                         "grow_tolerance": system.hparams.clicks.grow_tolerance if tol is None else tol,
+                        "grow_scale": system.hparams.clicks.grow_scale if scale is None else scale,
                         "windows": out["windows"]["windows"], "windows_rerun": out["windows"]["rerun"]})
         return data
 
