@@ -3,7 +3,7 @@
 #   bash bench/clicks.sh cxr      cxr_lung: train the preset (clicks trained in; 42 min, AVX2 dispatch like bench/cxr.sh AVX2=1),
 #                                 evaluate the automatic mode, robots on validation and test
 #   SIGMA=2 bash bench/clicks.sh cxr|hold|brats   click maps of sigma 2 network voxels (default 3) -> runs/*_s2
-#   bash bench/clicks.sh brats    BraTS: train with clicks on 3 cases (20 min), evaluate case 0006, robots,
+#   bash bench/clicks.sh brats    BraTS: train with clicks on 3 cases (20 min; the preset's flood-fill clicks), evaluate case 0006, robots,
 #                                 then the sampler's hold of clicked voxels (radius -1/1/3) on case 0006
 #   bash bench/clicks.sh hold     cxr_lung validation (first 20): the sampler's hold of clicked voxels, radius -1/0/2
 set -euo pipefail
