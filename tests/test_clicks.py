@@ -381,20 +381,26 @@ def test_every_clicked_voxel_is_labelled_as_clicked(tmp_path, click_system):
     assert not any(bool(lab[tuple(int(v) for v in p)]) for p in clicks.bg)
 
 
+def _spy_holds(system, monkeypatch) -> list:
+    """Record the ``hold`` every predict_windows call of ``system`` gets (and still run it)."""
+    seen = []
+    real = system.predict_windows
+
+    def spy(*a, **kw):
+        seen.append(kw.get("hold"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(system, "predict_windows", spy)
+    return seen
+
+
 def test_the_inferer_holds_what_a_click_grows_to_in_the_image_it_segments(click_system, monkeypatch):
     """One 32x32 window (the training patch) = the whole image: the hold that reaches the sampler is the grown region
     of the click in this image (its bright block), from the request's or the checkpoint's grow settings."""
     x = torch.zeros(1, 1, 32, 32)
     x[0, 0, 4:14, 6:20] = 2.0
     x[0, 0, 14:18, 6:20] = 2.8  # joins the block within a tolerance of 1.0, not of 0.5 (the checkpoint's)
-    seen = []
-    real = click_system.predict_windows
-
-    def spy(*a, **kw):
-        seen.append(kw.get("hold"))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(click_system, "predict_windows", spy)
+    seen = _spy_holds(click_system, monkeypatch)
     inf = make_inferer(click_system, steps=2)
     c = Clicks().add((8, 10), True)
     inf(x, click_system, clicks=c)
@@ -422,14 +428,7 @@ def test_the_inferer_scales_each_fill_by_the_automatic_result(click_system, monk
     inf = make_inferer(click_system, steps=2)
     auto = inf(x, click_system, grow_radius=12, grow_tolerance=0.5)[0, 0] > 0.5
     c = Clicks().add((7, 16), True)
-    seen = []
-    real = click_system.predict_windows
-
-    def spy(*a, **kw):
-        seen.append(kw.get("hold"))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(click_system, "predict_windows", spy)
+    seen = _spy_holds(click_system, monkeypatch)
     cache = WindowCache()
     inf(x, click_system, cache=cache, grow_radius=12, grow_tolerance=0.5)  # the session's automatic result
     inf(x, click_system, clicks=c, cache=cache, grow_radius=12, grow_tolerance=0.5, grow_scale=1.0)
@@ -495,14 +494,7 @@ def test_training_corrective_predictions_hold_the_fill_the_app_would(click_syste
 
     cc = click_system.hparams.clicks
     cc.no_click_prob, cc.corrective_prob, cc.grow_radius, cc.grow_channels = 0.0, 1.0, 20, [0]
-    seen = []
-    real = click_system.predict_windows
-
-    def spy(*a, **kw):
-        seen.append(kw.get("hold"))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(click_system, "predict_windows", spy)
+    seen = _spy_holds(click_system, monkeypatch)
     img = torch.zeros(2, 1, 32, 32)
     img[:, :, 8:24, 8:24] = 2.0
     lab = (img > 1).float()
@@ -521,7 +513,7 @@ def test_training_corrective_predictions_hold_the_fill_the_app_would(click_syste
 
         cc.grow_channels, cc.grow_scale = [0], 2.0
         refs, outs = [], []
-        real_hold = training.hold_maps
+        real_hold, real = training.hold_maps, click_system.predict_windows  # (the hold spy above)
 
         def hold_spy(*a, **kw):
             refs.append(kw.get("reference"))
