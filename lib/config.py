@@ -250,7 +250,9 @@ class PreprocConfig:
     num_channels: int = 1
     spacing: list[float] | None = None  # target spacing (mm, or pixels for PNG); None: keep
     orientation: str | None = None  # e.g. "RAS" for volumes; None: keep
-    intensity: dict = field(default_factory=lambda: {"type": "none"})  # "range" | "zscore" | "none"
+    # "range" (a_min..a_max -> 0..1) | "zscore" | "histogram" (the whole image's histogram equalised to 0..1,
+    # MONAI's HistogramNormalize, num_bins default 256; one-channel images) | "none"
+    intensity: dict = field(default_factory=lambda: {"type": "none"})
     label_threshold: float = 0.0  # binary truth = label > label_threshold
     patch_size: list[int] = field(default_factory=lambda: [128, 128])
     pos: float = 1.0
@@ -262,8 +264,10 @@ class PreprocConfig:
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise ConfigError(f"spacing {self.spacing} does not have spatial_dims={self.spatial_dims} values")
         t = self.intensity.get("type")
-        if t not in ("range", "zscore", "none"):
-            raise ConfigError(f"intensity type must be 'range', 'zscore' or 'none', got {t!r}")
+        if t not in ("range", "zscore", "histogram", "none"):
+            raise ConfigError(f"intensity type must be 'range', 'zscore', 'histogram' or 'none', got {t!r}")
+        if t == "histogram" and self.num_channels != 1:
+            raise ConfigError(f"intensity type 'histogram' equalises one channel; this model has {self.num_channels}")
         if t == "range" and not {"a_min", "a_max"} <= set(self.intensity):
             raise ConfigError("intensity type 'range' needs a_min and a_max")
         return dataclasses.replace(self, patch_size=[int(p) for p in self.patch_size])

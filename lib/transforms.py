@@ -18,6 +18,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    HistogramNormalized,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
@@ -252,6 +253,8 @@ def preprocess(cfg: PreprocConfig, load: bool = True, structures=None) -> Compos
                                       b_max=1.0, clip=bool(inten.get("clip", True))))
     elif inten["type"] == "zscore":
         t.append(NormalizeIntensityd(keys="image", nonzero=bool(inten.get("nonzero", True)), channel_wise=True))
+    elif inten["type"] == "histogram":  # the whole image (after resampling), never a window
+        t.append(HistogramNormalized(keys="image", num_bins=int(inten.get("num_bins", 256)), min=0, max=1))
     return CheckedCompose(t)
 
 

@@ -188,3 +188,29 @@ def test_audit_flags_what_differs(tmp_path):
     assert not {"pixel_duplicates", "unreadable"} & checks
     same = audit(a[:3], a[3:], "x", "y")
     assert not [f for f in same["flags"] if f["severity"] != "info"]
+
+
+def test_histogram_equalisation_is_a_whole_image_preprocessing_step(tmp_path):
+    """``intensity.type = "histogram"``: MONAI's histogram equalisation of the whole resampled image (the same
+    pipeline for training, validation and the app), so that a dark X-ray and a bright one of the same anatomy give
+    the same network input; refused for more than one channel."""
+    from lib.config import ConfigError, PreprocConfig
+    from lib.transforms import preprocess
+
+    cfg = PreprocConfig(spatial_dims=2, num_channels=1, intensity={"type": "histogram"}, patch_size=[32, 32])
+    rng = np.random.default_rng(0)
+    base = rng.random((120, 100)).astype(np.float32) ** 1.5  # a skewed histogram: its median is 0.35 of the range
+    pre = preprocess(cfg)
+    out = []
+    for k, gamma in enumerate((1.0, 0.5)):  # the same image, then a brighter rendering of it (median 0.59)
+        d = pre({"image": _img2d(tmp_path, f"img{k}.nii.gz", arr=(base ** gamma) * 255.0)})
+        out.append(d["image"].numpy().ravel())
+    for x in out:
+        assert x.min() >= 0.0 and x.max() <= 1.0
+        # equalised: the quantiles of the output are (nearly) uniform
+        assert np.percentile(x, [25, 50, 75]) == pytest.approx([0.25, 0.5, 0.75], abs=0.03)
+    # a monotone change of brightness leaves the equalised image (nearly) unchanged
+    assert np.abs(out[0] - out[1]).max() < 0.04
+    cfg.num_channels = 2
+    with pytest.raises(ConfigError, match="histogram"):
+        cfg.resolved()
