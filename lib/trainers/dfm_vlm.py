@@ -95,11 +95,8 @@ class _ValStep:
 
     def __init__(self, context: Context):
         self.context = context
-        self.rng = None  # simulated clicks (click-trained models): one stream per process, made at the first step
 
     def __call__(self, engine, batch) -> dict[str, Any]:
-        if self.rng is None:
-            self.rng = np.random.default_rng()
         system: DFMSystem = self.context.system
         items = []
         for i, img in enumerate(batch["image"]):
