@@ -368,12 +368,9 @@ def uncertain_region_centre(mean: np.ndarray, var: np.ndarray, spacing: Sequence
 
 
 # -- training: simulated clicks -----------------------------------------------------------------------------------
-def random_clicks(truth: np.ndarray, rng: np.random.Generator, max_clicks: int, boundary_prob: float = 0.0
-                  ) -> Clicks:
+def random_clicks(truth: np.ndarray, rng: np.random.Generator, max_clicks: int) -> Clicks:
     """0..max_clicks positive clicks inside the mask and 0..max_clicks negative ones outside (at least one click in
-    all), drawn with probability growing with the distance to the boundary (DeepGrow's interior preference); with
-    ``boundary_prob`` > 0 each click is instead, with that probability, drawn uniformly from its side's rim (the
-    voxels next to the other side: where a tool's uncertainty suggestions land, :func:`uncertain_region_centre`)."""
+    all), drawn with probability growing with the distance to the boundary (DeepGrow's interior preference)."""
     from scipy import ndimage
 
     c = Clicks()
@@ -384,12 +381,8 @@ def random_clicks(truth: np.ndarray, rng: np.random.Generator, max_clicks: int, 
     for region, n, positive in ((truth, n_pos, True), (~truth, n_neg, False)):
         if n == 0 or not region.any():
             continue
-        dist = ndimage.distance_transform_edt(region).ravel()
-        w = dist / dist.sum()
-        rim = (np.flatnonzero((dist > 0) & (dist <= 1.0)) if boundary_prob > 0 and (~region).any()
-               else np.empty(0, np.int64))
+        w = ndimage.distance_transform_edt(region).ravel()
+        w = w / w.sum()
         for i in rng.choice(w.size, size=int(n), p=w):
-            if rim.size and rng.random() < boundary_prob:
-                i = rim[rng.integers(rim.size)]
             c.add(np.unravel_index(int(i), region.shape), positive)
     return c

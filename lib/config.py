@@ -298,9 +298,6 @@ class ClickConfig:
     max_random: int = 3  # random clicks per patch: 0..max_random positive and 0..max_random negative
     corrective_prob: float = 0.5  # share of training iterations that add corrective clicks
     corrective_rounds: int = 2  # up to this many rounds: predict, click the centre of the largest error region
-    # share of the random clicks drawn on the rim of their side (next to the boundary) instead of inside it: the
-    # clicks a tool's uncertainty suggestions make (lib.clicks.random_clicks); 0: interior preference only
-    boundary_prob: float = 0.0
     hold_radius: int = -1  # the sampler holds voxels within this radius of a click in x_t; -1: no hold
     # the sampler also holds the voxels a click grows to (lib.clicks.grown_region: connected to the click, every
     # channel within grow_tolerance of the click's intensity, within grow_radius network voxels); -1: no growing
@@ -319,8 +316,6 @@ class ClickConfig:
             raise ConfigError(f"clicks.sigma must be > 0, got {c.sigma}")
         if not 0.0 <= c.no_click_prob <= 1.0 or not 0.0 <= c.corrective_prob <= 1.0:
             raise ConfigError("clicks.no_click_prob and clicks.corrective_prob must be in [0, 1]")
-        if not (isinstance(c.boundary_prob, (int, float)) and 0.0 <= c.boundary_prob <= 1.0):
-            raise ConfigError(f"clicks.boundary_prob must be a number in [0, 1], got {c.boundary_prob!r}")
         if c.max_random < 1 or c.corrective_rounds < 0:
             raise ConfigError("clicks.max_random must be >= 1 and clicks.corrective_rounds >= 0")
         if not isinstance(c.hold_radius, int) or c.hold_radius < -1:

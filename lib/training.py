@@ -74,7 +74,7 @@ def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, t
             continue
         active.append(i)
         start_random = (not corrective) or rng.random() < 0.5
-        clicks.append(random_clicks(truth[i], rng, cc.max_random, cc.boundary_prob) if start_random else Clicks())
+        clicks.append(random_clicks(truth[i], rng, cc.max_random) if start_random else Clicks())
     if corrective and active:
         act_texts = None if texts is None else [texts[i] for i in active]
 

@@ -333,39 +333,6 @@ def test_random_clicks_fall_inside_and_outside_the_mask():
         assert c and all(truth[tuple(map(int, p))] for p in c.fg) and not any(truth[tuple(map(int, p))] for p in c.bg)
 
 
-def test_boundary_clicks_lie_on_the_rim_of_their_side():
-    from scipy import ndimage
-
-    truth = np.zeros((40, 40), bool)
-    truth[8:30, 10:32] = True
-    d_in, d_out = ndimage.distance_transform_edt(truth), ndimage.distance_transform_edt(~truth)
-
-    def depths(prob):
-        rng = np.random.default_rng(1)
-        fg, bg = [], []
-        for _ in range(40):
-            c = random_clicks(truth, rng, 3, boundary_prob=prob)
-            assert all(truth[tuple(map(int, p))] for p in c.fg) and not any(truth[tuple(map(int, p))] for p in c.bg)
-            fg += [d_in[tuple(map(int, p))] for p in c.fg]
-            bg += [d_out[tuple(map(int, p))] for p in c.bg]
-        return np.array(fg), np.array(bg)
-
-    fg, bg = depths(1.0)
-    assert len(fg) > 20 and len(bg) > 20 and fg.max() == 1.0 and bg.max() == 1.0  # next to the other side
-    fg0, bg0 = depths(0.0)
-    assert np.mean(fg0 > 1.0) > 0.8 and np.mean(bg0 > 1.0) > 0.8  # the default prefers the interior
-    fg5, _ = depths(0.5)
-    assert 0.2 < np.mean(fg5 == 1.0) < 0.8
-
-
-@pytest.mark.parametrize("value", [-0.1, 1.5, "half"])
-def test_a_bad_boundary_click_share_is_named(value):
-    from lib.config import ClickConfig, ConfigError
-
-    with pytest.raises(ConfigError, match="clicks.boundary_prob"):
-        ClickConfig(boundary_prob=value).resolved()
-
-
 # -- through the one predictor ------------------------------------------------------------------------------------
 @pytest.fixture
 def click_system(make_system):
@@ -566,28 +533,6 @@ def test_training_corrective_predictions_hold_the_fill_the_app_would(click_syste
         assert all(np.array_equal(r, auto[j % len(auto)]) for j, r in enumerate(refs))
     finally:
         cc.grow_radius, cc.grow_channels, cc.grow_scale = -1, None, 0.0
-
-
-def test_training_draws_boundary_clicks_when_the_preset_asks(click_system):
-    """clicks.boundary_prob reaches the training's random clicks: with 1, every random click of a batch lies on the
-    rim of its side of the mask."""
-    from lib.training import simulated_clicks
-
-    cc = click_system.hparams.clicks
-    old = cc.no_click_prob, cc.corrective_prob, cc.boundary_prob
-    try:
-        cc.no_click_prob, cc.corrective_prob, cc.boundary_prob = 0.0, 0.0, 1.0
-        lab = torch.zeros(6, 1, 32, 32)
-        lab[:, :, 6:26, 6:26] = 1
-        clicks = simulated_clicks(click_system, torch.rand(6, 1, 32, 32), lab, None, np.random.default_rng(0))
-        pts = [(p, True) for c in clicks for p in c.fg] + [(p, False) for c in clicks for p in c.bg]
-        assert len(pts) >= 6
-        for p, positive in pts:
-            y, x = (int(v) for v in p)
-            inside = 6 <= y < 26 and 6 <= x < 26
-            assert inside == positive and (y in (5, 6, 25, 26) or x in (5, 6, 25, 26)), (p, positive)
-    finally:
-        cc.no_click_prob, cc.corrective_prob, cc.boundary_prob = old
 
 
 def test_training_with_simulated_clicks_uses_the_guidance(click_system):
