@@ -12,6 +12,9 @@
 * **other thresholds** of the mean probability (``--thresholds``; the product thresholds at 0.5): whether the
   under-segmented cases are a threshold away from their truth;
 * the worst cases with their recall and precision (under- or over-segmented);
+* **how thin the errors are**: the share of the error voxels (prediction xor truth) within half a network voxel
+  of the truth's other side (inside or outside), and the inscribed radius of the largest error region (what a click at its centre, as the
+  robot user of ``bench/clicks_bench.py`` clicks, can fix), in the label's units (mm, or pixels for a PNG);
 * ``--overlays PNG``: those worst cases drawn, the X-ray as its file displays it, the truth's outline red and the
   prediction's (``prob > 0.5``) cyan, so one can see whether the model or the annotation is off.
 """
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.checkpoint import load_system  # noqa: E402
 from lib.cli import _quiet  # noqa: E402
+from lib.clicks import _largest_component  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
 from lib.evaluation import case_metrics, make_inferer, predict_preprocessed, preprocess_item, to_original  # noqa: E402
 from lib.transforms import label_transforms  # noqa: E402
@@ -46,6 +50,7 @@ def main() -> None:
     ap.add_argument("--worst", type=int, default=6)
     ap.add_argument("--thresholds", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--out", default="runs/bench/cxr_gap.json")
+    ap.add_argument("--num-samples", type=int, help="M (default: the checkpoint's)")
     ap.add_argument("--overlays", default=None, help="PNG: the --worst cases, truth red, prediction cyan")
     a = ap.parse_args()
     _quiet()
@@ -54,7 +59,8 @@ def main() -> None:
     if a.overlays and system.hparams.preprocessing.spatial_dims != 2:
         raise SystemExit("--overlays draws 2D images; this checkpoint is "
                          f"{system.hparams.preprocessing.spatial_dims}D")
-    inferer = make_inferer(system)
+    inferer = make_inferer(system, num_samples=a.num_samples)
+    half_voxel = 0.5 * min(system.hparams.preprocessing.spacing)
     lab_t = label_transforms(system.hparams.preprocessing, structures=system.structures)
     post = [KeepLargestConnectedComponent(applied_labels=[1], num_components=a.components), FillHoles()]
     rows, preds = [], {}
@@ -71,8 +77,12 @@ def main() -> None:
         m = case_metrics(pred, truth)
         if a.overlays:
             preds[item.get("case_id")] = (item["image"], np.asarray(truth[0]) > 0.5, np.asarray(pred[0]) > 0.5)
+        near, radius = error_thickness(np.asarray(pred[0]) > 0.5, np.asarray(truth[0]) > 0.5,
+                                       [float(v) for v in getattr(truth, "pixdim", [1.0] * (truth.ndim - 1))],
+                                       half_voxel)
         rows.append({"case_id": item.get("case_id"), "dice": m["dice"], "recall": m["recall"],
-                     "precision": m["precision"], "dice_postprocessed": case_metrics(pp, truth)["dice"],
+                     "precision": m["precision"], "error_within_half_network_voxel": near,
+                     "largest_error_inscribed_radius": radius, "dice_postprocessed": case_metrics(pp, truth)["dice"],
                      "dice_truth_through_grid": case_metrics(back, truth)["dice"],
                      **{f"dice_at_{t:g}": case_metrics((prob > t).float(), truth)["dice"] for t in a.thresholds}})
     wall = time.perf_counter() - t0
@@ -82,12 +92,17 @@ def main() -> None:
 
     summary = {"as_evaluated": mean("dice"), "postprocessed": mean("dice_postprocessed"),
                "resolution_ceiling": mean("dice_truth_through_grid"),
+               "error_within_half_network_voxel": mean("error_within_half_network_voxel"),
+               "largest_error_inscribed_radius": mean("largest_error_inscribed_radius"),
                "by_threshold": {f"{t:g}": mean(f"dice_at_{t:g}") for t in a.thresholds},
                "worst": sorted(rows, key=lambda r: r["dice"])[:a.worst]}
     meta = {"command": " ".join(sys.argv), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "wall_seconds": round(wall, 1), "n": len(rows)}
     print(f"{a.split} (n={len(rows)}): Dice as evaluated {summary['as_evaluated']:.4f}, post-processed "
           f"{summary['postprocessed']:.4f}, truth through the network grid and back {summary['resolution_ceiling']:.4f}")
+    print(f"  error voxels within half a network voxel ({half_voxel:g}) of the truth's other side: "
+          f"{summary['error_within_half_network_voxel']:.2f}; largest error region's inscribed radius (mean) "
+          f"{summary['largest_error_inscribed_radius']:.2f}")
     print("  by threshold of the mean probability: " +
           ", ".join(f"{t}: {v:.4f}" for t, v in summary["by_threshold"].items()))
     for r in summary["worst"]:
@@ -97,6 +112,27 @@ def main() -> None:
     Path(a.out).write_text(json.dumps({"meta": meta, "summary": summary, "cases": rows}, indent=1))
     if a.overlays:
         draw_overlays(a.overlays, [(r, *preds[r["case_id"]]) for r in summary["worst"]], meta["command"])
+
+
+def error_thickness(pred: np.ndarray, truth: np.ndarray, spacing, half_voxel: float) -> tuple[float, float]:
+    """(share of the error voxels whose depth -- the distance to the nearest voxel on the truth's other side -- is
+    at most ``half_voxel``, inscribed radius of the largest
+    connected error region -- the larger of the largest missed and the largest false part, where the oracle robot
+    of ``bench/clicks_bench.py`` clicks (``lib.clicks.next_click``) --), in ``spacing`` units."""
+    from scipy import ndimage
+
+    err = pred ^ truth
+    if not err.any():
+        return 0.0, 0.0
+    # a voxel's depth: its distance to the nearest voxel of the truth's other side (1 voxel next to the surface)
+    depth = np.where(truth, ndimage.distance_transform_edt(truth, sampling=spacing),
+                     ndimage.distance_transform_edt(~truth, sampling=spacing)) if truth.any() and not truth.all() \
+        else np.full(err.shape, np.inf)
+    fn, n_fn = _largest_component(truth & ~pred)  # the oracle robot's region (lib.clicks.next_click)
+    fp, n_fp = _largest_component(pred & ~truth)
+    region = fn if n_fn >= n_fp else fp
+    radius = float(ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing).max())
+    return float((depth[err] <= half_voxel).mean()), radius
 
 
 def outline(mask: np.ndarray, width: int = 3) -> np.ndarray:
