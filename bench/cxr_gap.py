@@ -13,8 +13,8 @@
   under-segmented cases are a threshold away from their truth;
 * the worst cases with their recall and precision (under- or over-segmented);
 * **how thin the errors are**: the share of the error voxels (prediction xor truth) within half a network voxel
-  of the truth's other side (inside or outside), and the inscribed radius of the largest error region (what a click at its centre, as the
-  robot user of ``bench/clicks_bench.py`` clicks, can fix), in the label's units (mm, or pixels for a PNG);
+  of the truth's other side (inside or outside), and the inscribed radius of the largest error region (where the
+  robot user of ``bench/clicks_bench.py`` clicks), in the label's units (mm, or pixels for a PNG);
 * ``--overlays PNG``: those worst cases drawn, the X-ray as its file displays it, the truth's outline red and the
   prediction's (``prob > 0.5``) cyan, so one can see whether the model or the annotation is off.
 """
@@ -115,10 +115,10 @@ def main() -> None:
 
 
 def error_thickness(pred: np.ndarray, truth: np.ndarray, spacing, half_voxel: float) -> tuple[float, float]:
-    """(share of the error voxels whose depth -- the distance to the nearest voxel on the truth's other side -- is
-    at most ``half_voxel``, inscribed radius of the largest
-    connected error region -- the larger of the largest missed and the largest false part, where the oracle robot
-    of ``bench/clicks_bench.py`` clicks (``lib.clicks.next_click``) --), in ``spacing`` units."""
+    """``(share, radius)``: the share of the error voxels (``pred xor truth``) whose depth -- the distance to the
+    nearest voxel on the truth's other side -- is at most ``half_voxel``, and the inscribed radius of the oracle
+    robot's region (``lib.clicks.next_click``: the larger of the largest missed and the largest false part), both
+    in ``spacing`` units."""
     from scipy import ndimage
 
     err = pred ^ truth
