@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.checkpoint import load_system  # noqa: E402
 from lib.cli import _quiet  # noqa: E402
-from lib.clicks import _largest_component  # noqa: E402
+from lib.clicks import largest_error_region  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
 from lib.evaluation import case_metrics, make_inferer, predict_preprocessed, preprocess_item, to_original  # noqa: E402
 from lib.transforms import label_transforms  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
 def error_thickness(pred: np.ndarray, truth: np.ndarray, spacing, half_voxel: float) -> tuple[float, float]:
     """``(share, radius)``: the share of the error voxels (``pred xor truth``) whose depth -- the distance to the
     nearest voxel on the truth's other side -- is at most ``half_voxel``, and the inscribed radius of the oracle
-    robot's region (``lib.clicks.next_click``: the larger of the largest missed and the largest false part), both
+    robot's region (``lib.clicks.largest_error_region``, where ``next_click`` clicks), both
     in ``spacing`` units."""
     from scipy import ndimage
 
@@ -128,9 +128,7 @@ def error_thickness(pred: np.ndarray, truth: np.ndarray, spacing, half_voxel: fl
     depth = np.where(truth, ndimage.distance_transform_edt(truth, sampling=spacing),
                      ndimage.distance_transform_edt(~truth, sampling=spacing)) if truth.any() and not truth.all() \
         else np.full(err.shape, np.inf)
-    fn, n_fn = _largest_component(truth & ~pred)  # the oracle robot's region (lib.clicks.next_click)
-    fp, n_fp = _largest_component(pred & ~truth)
-    region = fn if n_fn >= n_fp else fp
+    region, _ = largest_error_region(pred, truth)  # the oracle robot's region (lib.clicks.next_click)
     radius = float(ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing).max())
     return float((depth[err] <= half_voxel).mean()), radius
 

@@ -330,11 +330,9 @@ def region_centre(region: np.ndarray, spacing: Sequence[float] | None = None) ->
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(dist)), region.shape))
 
 
-def next_click(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
-               ) -> tuple[tuple[int, ...], bool] | None:
-    """The robot user's click: the centre of the largest error region (connected component of the missed
-    foreground or of the false foreground, whichever is larger); positive where foreground was missed. None when
-    the prediction is perfect."""
+def largest_error_region(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """The robot user's region: the largest connected component of the missed foreground or of the false
+    foreground, whichever is larger, and whether it is missed foreground. None when the prediction is perfect."""
     pred = np.asarray(pred) > 0.5
     truth = np.asarray(truth) > 0.5
     fn, n_fn = _largest_component(truth & ~pred)
@@ -342,7 +340,18 @@ def next_click(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | N
     if n_fn == 0 and n_fp == 0:
         return None
     positive = n_fn >= n_fp
-    return region_centre(fn if positive else fp, spacing), positive
+    return (fn if positive else fp), positive
+
+
+def next_click(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
+               ) -> tuple[tuple[int, ...], bool] | None:
+    """The robot user's click: the centre of :func:`largest_error_region`; positive where foreground was missed.
+    None when the prediction is perfect."""
+    found = largest_error_region(pred, truth)
+    if found is None:
+        return None
+    region, positive = found
+    return region_centre(region, spacing), positive
 
 
 def uncertain_mask(var, threshold: float | None = None) -> np.ndarray:
