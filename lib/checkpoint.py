@@ -33,6 +33,7 @@ from . import __version__
 from .config import ConfigError, FlowConfig, HParams, ModelConfig, PreprocConfig, SamplerConfig, TrainConfig, \
     VLMConfig
 from .network import ConditionalUNet
+from .precision import served
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +331,12 @@ def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm
         # the system records the VLM it actually runs (a relative folder resolved beside the checkpoint), so a
         # checkpoint saved from it (e.g. a trainer publishing elsewhere) still finds its VLM
         hp = dataclasses.replace(hp, vlm=encoder.cfg)
+    # the precision it was trained in, where this device does it fast; fp32 where it does not (lib.precision.served)
+    runs_in = served(hp.precision, device)
+    if runs_in != hp.precision:
+        logger.info("%s was trained in %s; %s does not run %s fast (CPU %s): served in %s", path, hp.precision,
+                    device, hp.precision, torch.backends.cpu.get_cpu_capability(), runs_in)
+        hp = dataclasses.replace(hp, precision=runs_in)
     system = DFMSystem(ck.model, encoder, hp).to(device)
     system.checkpoint = ck
     return system

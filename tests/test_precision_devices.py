@@ -93,3 +93,31 @@ def test_the_predictor_runs_without_tf32_and_with_deterministic_cudnn_then_resto
         cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = saved
     assert seen and all(s == (False, True, False, False) for s in seen), seen
     assert after == (True, False, True, True)
+
+
+@pytest.mark.parametrize("capability,native,recorded,expected", [
+    ("AVX2", True, "bf16", "fp32"),     # trained on an AVX512-BF16 CPU, served on an AVX2 one: fp32 (13-36x faster)
+    ("AVX512", True, "bf16", "bf16"),   # where bf16 is fast, the precision it was trained in
+    ("AVX512", True, "fp32", "fp32"),   # an fp32-trained model never runs in bf16 by default (it costs Dice)
+    ("AVX2", True, "fp16", "fp32"),     # fp16 exists only on CUDA
+])
+def test_a_checkpoint_runs_in_its_training_precision_where_that_is_fast(monkeypatch, tmp_path, make_system,
+                                                                        capability, native, recorded, expected):
+    """load_system (the app, predict/evaluate, the MONAI Label trainer's fine-tuning) serves a checkpoint in the
+    precision its training recorded only where the hardware does it fast; a request can still force one."""
+    from lib.checkpoint import load_system, save_checkpoint
+    from lib.inferer import DFMSlidingWindowInferer
+
+    system = make_system()
+    system.hparams.precision = recorded
+    save_checkpoint(tmp_path / "m.pt", system.model, system.hparams)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(precision, "_cpu_native_bf16", lambda: native)
+    loaded = load_system(tmp_path / "m.pt")
+    assert loaded.hparams.precision == expected
+    calls = []
+    real = precision.autocast
+    monkeypatch.setattr(precision, "autocast", lambda s, d: calls.append(s) or real(s, d))
+    DFMSlidingWindowInferer([32, 32], steps=1)(torch.rand(1, 1, 32, 32), loaded)
+    DFMSlidingWindowInferer([32, 32], steps=1, precision="bf16")(torch.rand(1, 1, 32, 32), loaded)
+    assert calls == [expected, "bf16"], calls

@@ -178,7 +178,7 @@ class DFMVLMTrain(BasicTrainTask):
                     try:
                         # the same loader as prediction: the checkpoint's hyper-parameters, its VLM resolved
                         # beside it (recorded as resolved, so the published checkpoint finds it too)
-                        system = load_system(p, vlm=self.vlm)
+                        system = load_system(p, device=context.device, vlm=self.vlm)  # its precision there
                         logger.info("fine-tuning from %s", p)
                         return system.model, system.hparams, system.vlm
                     except CheckpointError as e:
