@@ -95,8 +95,10 @@ class VLMEncoder(nn.Module):
         local = Path(src).expanduser()
         if local.exists():
             src = str(local)
-        elif src.startswith((".", "/", "~")):
-            raise VLMError(f"VLM folder {cfg.name_or_path!r} does not exist")
+        elif src.startswith((".", "/", "~")) or src.count("/") > 1:  # a hub id is "name" or "owner/name"
+            raise VLMError(f"VLM folder {cfg.name_or_path!r} does not exist (the presets name a random tiny CLIP "
+                           f"for demos and benches, made by `python -m lib make-tiny-vlm {cfg.name_or_path}`; or "
+                           f"give a real VLM folder or hub id with --vlm)")
         try:
             model = AutoModel.from_pretrained(src)
             image_processor = AutoImageProcessor.from_pretrained(src)

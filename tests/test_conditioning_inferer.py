@@ -33,6 +33,9 @@ def test_tiny_clip_loads_through_from_pretrained(tiny_clip):
     assert torch.allclose(e[:, :16].norm(dim=-1), torch.ones(3), atol=1e-5)
     with pytest.raises(VLMError, match="does not exist"):
         VLMEncoder.from_pretrained(VLMConfig(name_or_path="./no/such/folder"))
+    # the presets' relative folder (not a hub id: "owner/name" has one slash): how to make it, not a hub error
+    with pytest.raises(VLMError, match="does not exist.*make-tiny-vlm runs/vlm/missing-clip"):
+        VLMEncoder.from_pretrained(VLMConfig(name_or_path="runs/vlm/missing-clip"))
 
 
 def test_3d_patches_use_evenly_spaced_axial_slices(tiny_clip):
