@@ -73,6 +73,12 @@ def resolve(setting: str, device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
+def recorded(setting: str, device: str | torch.device) -> str:
+    """What a training on ``device`` records: the precision ``setting`` resolves to there ("fp32", "bf16", "fp16"),
+    never "auto" (an "auto" record would let an fp32-trained model run in bf16 on another machine)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve(setting, device), "fp32")
+
+
 def served(recorded: str, device: str | torch.device) -> str:
     """The setting a loaded checkpoint runs in on ``device``, from the precision its training recorded.
 

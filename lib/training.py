@@ -289,8 +289,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     hp = system.hparams
     # "auto" is resolved HERE and recorded: a model is served in the precision it was trained in (an fp32-trained
     # cxr model scored Dice 0.76 instead of 0.956 under bf16 inference on an AVX512-BF16 CPU)
-    dtype = precision_policy.resolve(hp.precision, device)
-    hp.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    hp.precision = precision_policy.recorded(hp.precision, device)
     model = system.model
     machine = precision_policy.describe(hp.precision, device)
     if world > 1:

@@ -197,3 +197,29 @@ def test_monailabel_trainer_multi_process_path_runs_on_two_cpu_processes(tmp_pat
     assert "0 - Train Request (final)" in log and "1 - Train Request (final)" in log, log[-3000:]
     published = load_checkpoint(cfg.published)
     assert published.metrics["epoch"] == 2 and published.hparams.model.spatial_dims == 3
+
+
+@pytest.mark.parametrize("capability,native,expected", [("AVX2", True, "fp32"), ("AVX512", True, "bf16")])
+def test_the_monailabel_trainer_records_the_precision_it_trains_in(tmp_path, ckpt3d, make_system, monkeypatch,
+                                                                   capability, native, expected):
+    """From the preset ("auto") and from a bf16-trained checkpoint alike, the MONAI Label trainer runs and
+    publishes the precision this machine resolves, never "auto": an "auto" record of an fp32 training on an AVX2
+    CPU would run in bf16 on an AVX512-BF16 server (an fp32-trained cxr model lost 0.20 Dice in bf16)."""
+    from types import SimpleNamespace
+
+    import lib.precision as precision
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(precision, "_cpu_native_bf16", lambda: native)
+    trainer = _task(ckpt3d, tmp_path / "model").trainer()
+    assert trainer.hparams.precision == "auto"  # the preset
+    ctx = SimpleNamespace(pretrained=False, device=torch.device("cpu"))
+    trainer.network(ctx)
+    assert ctx.system.hparams.precision == expected
+    bf16 = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
+    bf16.hparams.preprocessing.orientation = "RAS"
+    bf16.hparams.precision = "bf16"
+    save_checkpoint(ckpt3d, bf16.model, bf16.hparams)
+    ctx = SimpleNamespace(pretrained=True, device=torch.device("cpu"))
+    trainer.network(ctx)
+    assert ctx.system.hparams.precision == expected

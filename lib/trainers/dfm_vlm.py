@@ -26,6 +26,7 @@ from ignite.engine import Events
 from ignite.metrics import Metric
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from lib import precision as precision_policy
 from lib.checkpoint import CheckpointError, load_system, save_checkpoint
 from lib.config import HParams
 from lib.data import case_id, patch_transforms
@@ -195,6 +196,8 @@ class DFMVLMTrain(BasicTrainTask):
 
     def network(self, context: Context):
         model, hp, vlm = self._initial(context)
+        # as lib.training.train: the precision this training runs in, recorded in what it publishes (never "auto")
+        hp = dataclasses.replace(hp, precision=precision_policy.recorded(hp.precision, context.device))
         model.train()
         if vlm is not None:
             vlm.to(context.device)
