@@ -79,7 +79,7 @@ def recorded(setting: str, device: str | torch.device) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve(setting, device), "fp32")
 
 
-def served(recorded: str, device: str | torch.device) -> str:
+def served(record: str, device: str | torch.device) -> str:
     """The setting a loaded checkpoint runs in on ``device``, from the precision its training recorded.
 
     Training resolves ``auto`` and records what it ran in. An fp32-trained model stays in fp32 everywhere (bf16
@@ -88,13 +88,13 @@ def served(recorded: str, device: str | torch.device) -> str:
     speed choice of the training machine, and on an AVX2-only CPU bf16 autocast is 13-36x slower than fp32 (a
     sample checkpoint trained on an AVX512-BF16 CPU, served in bf16 on an AVX2 CI machine, did not finish its
     tests in 90 minutes). An explicit request, ``--precision`` or ``precision=`` still forces any setting."""
-    check(recorded)
+    check(record)
     dev = torch.device(device)
-    if recorded == "bf16":
+    if record == "bf16":
         return "bf16" if resolve("auto", dev) == torch.bfloat16 else "fp32"
-    if recorded == "fp16":
+    if record == "fp16":
         return "fp16" if dev.type == "cuda" else "fp32"
-    return recorded
+    return record
 
 
 def autocast(setting: str, device: str | torch.device):
