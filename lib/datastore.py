@@ -176,7 +176,13 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
         raise InputError(f"image {image_id!r} cannot be read to check its label: {e}") from None
     ref = spatial(img)
     got = spatial(lab, min(len(ref), 3))
-    if got not in (ref, ref[:-1], ref[1:]):  # an image may carry a channel axis (RGB PNG, multi-channel volume)
+    # an image with a channel axis (RGB PNG, multi-channel volume: LoadImage's original_channel_dim) has a label
+    # without it; a volume without one does not (a single slice sent for a volume is not its label)
+    ch = img.meta.get("original_channel_dim") if hasattr(img, "meta") else None
+    allowed = [ref]
+    if isinstance(ch, (int, np.integer)) and -len(ref) <= int(ch) < len(ref):
+        allowed.append(ref[:int(ch) % len(ref)] + ref[int(ch) % len(ref) + 1:])
+    if got not in allowed:
         raise InputError(f"the label sent for {image_id!r} has shape {got}, the image {ref}: not its label")
     if lab.size == 0 or not np.isfinite(lab).all():
         raise InputError(f"the label sent for {image_id!r} has NaN/Inf or no voxels")

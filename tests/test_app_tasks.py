@@ -83,6 +83,38 @@ def test_info_infer_and_scoring_share_one_model_copy_on_the_default_device(tmp_p
     assert devices == ["cuda:7"], devices
 
 
+def test_a_score_is_reused_only_for_the_same_checkpoint_and_number_of_samples(tmp_path, ckpt3d):
+    """Found by a review: scores made with M = 2 were kept when scoring was asked with M = 8 (only the checkpoint's
+    time was compared), so the strategy ranked images by the cheaper, noisier estimate."""
+    from lib.activelearning.uncertainty import DFMUncertaintyScoring
+
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    entry = write_phantom_case(tmp_path / "studies", "case03", shape=(24, 24, 16))
+
+    class DS:
+        info: dict = {}
+
+        def get_unlabeled_images(self):
+            return ["case03"]
+
+        def get_image_uri(self, image_id):
+            return entry["image"]
+
+        def get_image_info(self, image_id):
+            return self.info.setdefault(image_id, {})
+
+        def update_image_info(self, image_id, d):
+            self.info.setdefault(image_id, {}).update(d)
+
+    ds, scoring = DS(), DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2)
+    assert scoring({}, ds)["executed"] == 1 and ds.info["case03"]["dfm_vlm_3d_uncertainty_num_samples"] == 2
+    assert scoring({"num_samples": 2}, ds)["skipped"] == 1
+    r = scoring({"num_samples": "3"}, ds)
+    assert r["executed"] == 1 and r["skipped"] == 0 and ds.info["case03"]["dfm_vlm_3d_uncertainty_num_samples"] == 3
+    for bad in ("x", 1, 2.5):
+        assert "num_samples" in scoring({"num_samples": bad}, ds).get("error", ""), bad
+
+
 def test_untrained_model_is_not_served(tmp_path):
     cfg = _task(tmp_path / "missing.pt", tmp_path / "model")
     task = cfg.infer()

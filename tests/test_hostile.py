@@ -147,3 +147,27 @@ def test_training_data_that_cannot_be_used_is_named(tmp_path, tiny_clip, capsys)
                     "--max-iterations", "1", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert phrase in err and "Traceback" not in err, err
+
+
+def test_a_label_must_have_its_images_spatial_shape_a_channel_axis_aside(tmp_path):
+    """``PUT /datastore/label``'s check (it replaces the stored final label): a label without the image's channel
+    axis is its label (an RGB X-ray, a multi-channel volume); a single slice of a volume is not (found by a review:
+    a (64, 64) label was accepted for a (64, 64, 40) volume, replaced the good label, and the next training failed)."""
+    from lib.datastore import check_label_file
+    from lib.transforms import InputError
+
+    vol = _nii(tmp_path / "vol.nii.gz", np.zeros((24, 20, 12)))
+    for shape in ((24, 20), (20, 12), (24, 20, 11)):
+        with pytest.raises(InputError, match=r"has shape .*not its label"):
+            check_label_file(str(_nii(tmp_path / "lab.nii.gz", np.zeros(shape), dtype=np.uint8)), str(vol), "vol")
+    check_label_file(str(_nii(tmp_path / "ok.nii.gz", np.ones((24, 20, 12)), dtype=np.uint8)), str(vol), "vol")
+    check_label_file(str(_nii(tmp_path / "ok1.nii.gz", np.ones((24, 20, 12, 1)), dtype=np.uint8)), str(vol), "vol")
+    multi = _nii(tmp_path / "multi.nii.gz", np.zeros((24, 20, 12, 2)))  # two channels (FLAIR, T1c)
+    check_label_file(str(tmp_path / "ok.nii.gz"), str(multi), "multi")
+    rgb = _png(tmp_path / "rgb.png", "RGB")
+    lab = tmp_path / "lab.png"
+    Image.fromarray(np.ones((36, 40), np.uint8)).save(lab)  # rows x columns of the 40 x 36 image
+    check_label_file(str(lab), str(rgb), "rgb")
+    Image.fromarray(np.ones((36, 3), np.uint8)).save(lab)
+    with pytest.raises(InputError, match="not its label"):
+        check_label_file(str(lab), str(rgb), "rgb")

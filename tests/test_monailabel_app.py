@@ -132,6 +132,8 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
     assert r.status_code == 422 and "overlap must be in [0, 1)" in r.json()["detail"]
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"sampler": "rk4"})
     assert r.status_code == 422 and "sampler must be one of" in r.json()["detail"]
+    r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"device": "tpu"})  # not silently the CPU
+    assert r.status_code == 422 and "'device' 'tpu' is not a device of this server" in r.json()["detail"], r.text
     (server.studies / "corrupt_ct.nii.gz").write_bytes(b"\x1f\x8b\x08 definitely not a volume")
     deadline = time.time() + 30
     while time.time() < deadline:  # the datastore picks up new files by itself
@@ -275,6 +277,10 @@ def test_a_bad_label_never_replaces_a_stored_one(client, server, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), img.affine), str(wrong_shape))
     r = put("phantom_ct_07", wrong_shape)
     assert r.status_code == 422 and "shape" in r.json()["detail"], r.text
+    one_slice = tmp_path / "slice.nii.gz"  # a volume has no channel axis to leave out
+    nib.save(nib.Nifti1Image(np.zeros(img.shape[:2], np.uint8), img.affine), str(one_slice))
+    r = put("phantom_ct_07", one_slice)
+    assert r.status_code == 422 and "not its label" in r.json()["detail"], r.text
     not_a_map = tmp_path / "float.nii.gz"
     nib.save(nib.Nifti1Image(np.full(img.shape, 0.5, np.float32), img.affine), str(not_a_map))
     r = put("phantom_ct_07", not_a_map)

@@ -72,6 +72,32 @@ def test_default_device_is_cuda_when_present(monkeypatch):
     assert precision.default_device() == "cpu"
 
 
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_a_device_named_as_3d_slicer_sends_it_runs_there(monkeypatch, gpus):
+    """3D Slicer sends the task's ``device`` option as MONAI Label lists it: on a GPU machine the GPU's *name*
+    (found by a review: the name was not "cuda...", so every Slicer request ran on the CPU of a GPU server)."""
+    from monailabel.utils.others.generic import device_list
+
+    from lib.infers.dfm_vlm import DFMVLMInfer, request_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    names = device_list()  # what the task's config lists and Slicer sends back, e.g. ['NVIDIA H100 80GB HBM3']
+    assert len(names) == gpus and "cpu" not in names
+    want = ["cuda"] if gpus == 1 else [f"cuda:{i}" for i in range(gpus)]
+    assert [request_device(n, "cuda") for n in names] == want
+    task = DFMVLMInfer.__new__(DFMVLMInfer)
+    assert DFMVLMInfer._device(task, {"device": [names[-1]]}) == want[-1]  # Slicer sends a one-element list
+    assert request_device(None, "cuda") == request_device("", "cuda") == "cuda"
+    assert request_device("cpu", "cuda") == "cpu" and request_device("cuda:0", "cpu") == "cuda:0"
+    for bad in ("tpu", f"cuda:{gpus}", "NVIDIA A100"):  # never a silent fall-back to the CPU
+        with pytest.raises(ConfigError, match=f"'device' '{bad}' is not a device of this server"):
+            request_device(bad, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert request_device("cuda", "cpu") == "cpu"  # as MONAI Label's name_to_device
+
+
 def test_the_predictor_runs_without_tf32_and_with_deterministic_cudnn_then_restores(make_system):
     """On CUDA, TF32 and cuDNN's per-batch-shape algorithm choice made the same seed give probabilities 0.045 apart
     for sw_batch_size 1 vs 8 (bench/results/gpu_h200/cuda_checks_before.json); the predictor turns both off while

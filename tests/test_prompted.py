@@ -303,6 +303,25 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
         task({**req, "foreground": [up], "label": "background"})
     _, d3 = task({**req, "foreground": [up], "labels": ["lower"]})  # one structure asked: its foreground
     assert np.asarray(d3["pred"])[tuple(up)] == 2
+    # a click for a structure the request does not ask for would vanish from the result: refused, named (found by a
+    # review: labels=lower with an 'upper' click came back 0 at the clicked voxel, counted as one click)
+    with pytest.raises(ClickError, match=r"\['upper'\], which this request does not ask for"):
+        task({**req, "labels": ["lower"], "upper": [up]})
+    with pytest.raises(ClickError, match=r"\['upper'\], which this request does not ask for"):
+        task({**req, "labels": ["lower"], "foreground": [up], "label": "upper"})
+    # a free prompt on the interactive model (found refused: the prompt was taken for a structure name): with no
+    # click it equals the automatic model's answer; its 'foreground' clicks are its own, whatever segment is selected
+    _, pa = auto({**req, "prompt": "a blob"})
+    _, pi = task({**req, "prompt": "a blob"})
+    assert np.array_equal(np.asarray(pi["pred"]), np.asarray(pa["pred"])) and pi["result"]["prompt"] == "a blob"
+    off = [int(v) for v in np.argwhere(np.asarray(pa["pred"]) == 0)[0]]
+    on = [int(v) for v in np.argwhere(np.asarray(pa["pred"]) == 1)[-1]] if (np.asarray(pa["pred"]) == 1).any() \
+        else [int(v) for v in np.argwhere(np.asarray(pa["pred"]) == 0)[-1]]
+    _, pc = task({**req, "prompt": "a blob", "foreground": [off], "background": [on], "label": "upper"})
+    assert np.asarray(pc["pred"])[tuple(off)] == 1 and np.asarray(pc["pred"])[tuple(on)] == 0
+    assert pc["result"]["clicks"] == {"foreground": 1, "background": 1}
+    with pytest.raises(ClickError, match="free prompt"):
+        task({**req, "prompt": "a blob", "upper": [up]})
 
 
 def test_a_one_structure_model_answers_its_label_and_refuses_others(make_system):

@@ -6,8 +6,8 @@ core path (:func:`lib.evaluation.predict_item`, ``num_samples=M``) and stores in
 * ``{model}_uncertainty``: the score the strategy ranks by (default: the per-voxel variance of the M samples summed
   and divided by the number of predicted foreground voxels -- boundary disagreement relative to object size;
   ``bench/uncertainty_bench.py`` measures how it ranks images by their Dice),
-* ``{model}_uncertainty_detail`` (all summaries) and ``{model}_uncertainty_ts`` (the checkpoint's mtime: an image
-  is rescored only when the model changed).
+* ``{model}_uncertainty_detail`` (all summaries), ``{model}_uncertainty_ts`` (the checkpoint's mtime) and
+  ``{model}_uncertainty_num_samples`` (M): an image is rescored when the model or M changed.
 
 ``DFMUncertaintyStrategy`` serves the unlabelled image with the highest score (scoring the unscored ones first).
 """
@@ -24,7 +24,8 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.data import case_id
 from lib.evaluation import make_inferer, predict_item, uncertainty_scores
-from lib.infers.dfm_vlm import DFMVLMInfer, ModelNotReady
+from lib.config import ConfigError
+from lib.infers.dfm_vlm import DFMVLMInfer, ModelNotReady, _as_int
 from lib.transforms import InputError, image_spatial_dims
 
 logger = logging.getLogger(__name__)
@@ -71,11 +72,18 @@ class DFMUncertaintyScoring(ScoringMethod):
         except ModelNotReady as e:
             return {"error": str(e)}
         model_ts = int(os.stat(path).st_mtime)
-        num_samples = int(request.get("num_samples", self.num_samples))
+        try:
+            num_samples = _as_int("num_samples", request.get("num_samples", self.num_samples))
+            if num_samples < 2:
+                raise ConfigError(f"parameter 'num_samples' must be >= 2 (the samples' variance), got {num_samples}")
+        except ConfigError as e:
+            return {"error": str(e)}
         done, skipped, failed = 0, 0, {}
         for image_id in self.candidates(datastore):
             info = datastore.get_image_info(image_id)
-            if info.get(f"{self.key}_ts") == model_ts and self.key in info:
+            # a score is reused only when the same checkpoint made it with the same number of samples
+            if info.get(f"{self.key}_ts") == model_ts and info.get(f"{self.key}_num_samples") == num_samples \
+                    and self.key in info:
                 skipped += 1
                 continue
             try:
@@ -85,7 +93,7 @@ class DFMUncertaintyScoring(ScoringMethod):
                 logger.warning("%s: %s", self.key, e)
                 continue
             datastore.update_image_info(image_id, {self.key: s[self.score], f"{self.key}_detail": s,
-                                                   f"{self.key}_ts": model_ts})
+                                                   f"{self.key}_ts": model_ts, f"{self.key}_num_samples": num_samples})
             done += 1
         return {"executed": done, "skipped": skipped, "failed": failed, "latency": round(time.time() - t0, 2)}
 

@@ -20,10 +20,10 @@ import torch
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from monailabel.utils.others.generic import device_list
+from monailabel.utils.others.generic import device_list, device_map
 
 from lib.checkpoint import CheckpointError, load_system
-from lib.clicks import parse_clicks, parse_label_clicks, uncertain_mask
+from lib.clicks import ClickError, parse_clicks, parse_label_clicks, uncertain_mask
 from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
 from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
@@ -131,6 +131,32 @@ def hold_params(req: dict) -> tuple:
     return hold, grow, tol, scale
 
 
+def request_device(value, default: str) -> str:
+    """The torch device a request names. 3D Slicer sends the task's ``device`` option as MONAI Label lists it
+    (``device_list()``: "cpu", or a GPU's *name*, "NAME:i" with several GPUs), REST clients torch's ("cuda",
+    "cuda:1"): names go through MONAI Label's ``device_map``, as its own tasks do; absent or empty -> ``default``;
+    CUDA asked on a machine without it -> the CPU (as MONAI Label's ``name_to_device``); anything else ->
+    ConfigError (422) naming it and the choices, never a silent fall-back to the CPU."""
+    v = _first(value)
+    if v is None or str(v).strip() == "":
+        return default
+    v = str(v).strip()
+    dev = device_map().get(v, v)
+    if dev == "cpu":
+        return "cpu"
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "cpu"
+        try:
+            index = torch.device(dev).index
+        except RuntimeError:
+            index = -1
+        if index is None or 0 <= index < torch.cuda.device_count():
+            return dev
+    raise ConfigError(f"parameter 'device' {v!r} is not a device of this server: one of {device_list()}, "
+                      f"'cpu', 'cuda' or 'cuda:N'")
+
+
 class DFMPreprocessd:
     """Run the checkpoint's own preprocessing on the request's image (and keep the result for inversion); for an
     interactive model also read the request's clicks (in the image's own voxel indices; ClickError -> 422)."""
@@ -154,15 +180,38 @@ class DFMPreprocessd:
                 else list(img.shape[1:])
             dims = self.system.hparams.preprocessing.spatial_dims
             if self.system.structures:  # a prompted model: clicks per structure (lib.clicks.parse_label_clicks)
-                targets = self.system.prompts(_labels_param(d), _prompt_param(d))
-                names = [s.name for s in self.system.structures]
-                # Slicer sends the selected segment as "label" ("background" when placing negative points)
-                target = _first(d.get("label"))
-                target = target if target in names else (targets[0][0] if len(targets) == 1 else None)
-                d["_clicks"] = parse_label_clicks(d, names, dims, shape, target=target)
+                d["_clicks"] = prompted_clicks(self.system, d, dims, shape)
             else:
                 d["_clicks"] = parse_clicks(d, self.labels, dims, shape)
         return d
+
+
+def prompted_clicks(system: DFMSystem, d: dict, dims: int, shape: Sequence[int]) -> dict:
+    """A prompted model's clicks, ``{target name: Clicks}`` for exactly the targets the request asks for (its
+    ``labels``, default all, or a free ``prompt``): points under a structure's name are positive for it,
+    ``background`` negative for every target, ``foreground`` (DeepGrow) for the request's ``label`` (3D Slicer sends
+    the selected segment) or the one target asked for. A click for a structure the request does not ask for would be
+    dropped from the result while the user sees it placed, so it is refused (ClickError -> 422, naming it)."""
+    prompt = _prompt_param(d)
+    targets = system.prompts(_labels_param(d), prompt)
+    asked = [t[0] for t in targets]
+    structures = [s.name for s in system.structures]
+    label = _first(d.get("label"))
+    if prompt is not None:  # one target, named by the prompt: a DeepGrow click is for it, whatever segment is selected
+        per = parse_label_clicks({k: v for k, v in d.items() if k != "foreground"}, structures, dims, shape)
+        named = [n for n in structures if per[n].fg]
+        if named:
+            raise ClickError(f"clicks under {named} with a free prompt ({prompt!r}): a free prompt segments one "
+                             "target; send its positive points as 'foreground'")
+        only = {k: d.get(k) for k in ("foreground", "background")}  # the prompt's text is no request key
+        return parse_label_clicks(only, asked, dims, shape, target=asked[0])
+    target = label if label in structures else (asked[0] if len(asked) == 1 else None)
+    clicks = parse_label_clicks(d, structures, dims, shape, target=target)
+    dropped = [n for n in structures if n not in asked and clicks[n].fg]
+    if dropped:
+        raise ClickError(f"positive clicks for {dropped}, which this request does not ask for (labels {asked}): add "
+                         f"{'it' if len(dropped) == 1 else 'them'} to 'labels' or leave the points out")
+    return {n: clicks[n] for n in asked}
 
 
 def _prompt_param(d: dict) -> str | None:
@@ -304,9 +353,7 @@ class DFMVLMInfer(BasicInferTask):
 
     # -- pipeline -----------------------------------------------------------------------------------------------
     def _device(self, data) -> str:
-        dev = data.get("device") if data else None
-        dev = str(_first(dev)) if dev else self.default_device()
-        return dev if (dev.startswith("cuda") and torch.cuda.is_available()) else "cpu"
+        return request_device(data.get("device") if data else None, self.default_device())
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         labels = list(self.labels) if isinstance(self.labels, (dict, list, tuple)) else [self.labels]
