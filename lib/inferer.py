@@ -40,7 +40,7 @@ from . import precision as precision_policy
 from .config import ConfigError, HParams, roi_mismatch_message, validate_sampler
 from .flow import make_scheduler
 from .network import ConditionalUNet
-from .samplers import ItemNoise, derive_seed, sample_source_like, sampler_function
+from .samplers import ItemNoise, derive_seed, mean_var, sample_source_like, sampler_function
 from .vlm import VLMEncoder, patch_condition
 from .clicks import Clicks, guidance_maps, hold_maps
 
@@ -199,7 +199,7 @@ class DFMSystem(nn.Module):
                 p_final = fn(self.model, c, x0, steps, scheduler, generator=noise, trace=trace, hold=h)
                 outs.append(trace["last_posterior"] if output == "last_posterior" else p_final)
         out = torch.cat(outs).float().view(b, m, 1, *spatial)
-        return out.mean(1), out.var(1, unbiased=False)
+        return mean_var(out, 1)
 
 
 CPU_AUTO_VOXELS = 40 * 1024  # 4 items of 96^2: measured fastest on this CPU (bench/cap_bench.py, README)

@@ -70,6 +70,14 @@ class ItemNoise:
         return out.to(self.device) if self.device is not None else out
 
 
+def mean_var(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance over ``dim``, two passes. ``Tensor.var`` over the sample axis of
+    ``(windows, samples, 1, *patch)`` took 3.4 ms for 4 x 8 windows of 96^2 and 39 ms for 4 x 4 of 48^3 on this
+    CPU, 30-40x the two passes (the same values to 3e-8): 5 % of a whole 8 x 2 prediction call."""
+    m = x.mean(dim)
+    return m, (x - m.unsqueeze(dim)).square().mean(dim)
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any tuple of ints/strings (stable across processes and machines)."""
     h = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
