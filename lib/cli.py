@@ -50,10 +50,35 @@ def _set(hp, assignments: list[str]):
         obj = getattr(hp, section, None)
         if obj is None or not hasattr(obj, key):
             raise ConfigError(f"--set {path}: no such hyper-parameter")
+        _check_type(path, getattr(obj, key), value, raw)
         if key == "features":
             value = tuple(value)
         setattr(obj, key, value)
     return hp
+
+
+def _check_type(path: str, current, value, raw: str) -> None:
+    """``--set`` gives a value of the kind the hyper-parameter holds (a number for a number, a list for a list, ...),
+    so a typo is one clear line, not a traceback deep in training."""
+    from .config import ConfigError
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(current, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(current, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(current, float):
+        ok, want = number(value), "a number"
+    elif isinstance(current, (list, tuple)):
+        ok, want = isinstance(value, list), "a JSON list, e.g. [96, 96]"
+    elif isinstance(current, dict):
+        ok, want = isinstance(value, dict), 'a JSON object, e.g. {"prob": 0.5}'
+    else:  # None or a string: several kinds are allowed (e.g. "auto" or an integer); the config checks them
+        return
+    if not ok:
+        raise ConfigError(f"--set {path}={raw}: expected {want} (it is now {json.dumps(current, default=str)})")
 
 
 def _sampler_args(p: argparse.ArgumentParser) -> None:
@@ -116,6 +141,10 @@ def cmd_make_tiny_vlm(a) -> int:
     return 0
 
 
+RUN_FILES = ("best.pt", "last.pt", "resume.pt", "history.json", "best_val_cases.json", "hard_images.json",
+             "train_result.json", "losses.csv", "hparams.json", "machine.json")
+
+
 def cmd_train(a) -> int:
     from .config import load_preset
     from .data import load_datalist
@@ -130,12 +159,28 @@ def cmd_train(a) -> int:
         from .structures import select
 
         hp.structures = select(hp.structures, a.structures) if hp.structures else select([], a.structures)
+    from .config import ConfigError
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    held = [n for n in ("best.pt", "resume.pt") if (out / n).exists()]
+    if held and not (a.resume or a.overwrite):
+        raise ConfigError(f"{out} already holds a run ({', '.join(held)}): --resume continues it, --overwrite "
+                          "replaces it, or give another --out")
+    if held and a.overwrite and not a.resume:  # no file of the old run stays beside the new one's
+        for n in RUN_FILES:
+            (out / n).unlink(missing_ok=True)
     tr = load_datalist(a.datalist, a.train_split)
     va = load_datalist(a.datalist, a.val_split)
     if a.limit_train:
         tr = tr[: a.limit_train]
     if a.limit_val:
         va = va[: a.limit_val]
+    for split, items in ((a.train_split, tr), (a.val_split, va)):
+        if not items:
+            raise ConfigError(f"split {split!r} of {a.datalist} has no images: nothing to "
+                              f"{'train on' if items is tr else 'validate (and choose best.pt) on'}")
     budget = a.minutes * 60 if a.minutes is not None else None
     logger.info("training on %d images, validating on %d (%s)", len(tr), len(va), a.val_split)
     res = train(hp, tr, va, a.out, device=_device(a.device), time_budget_s=budget, max_iterations=a.max_iterations,
@@ -174,11 +219,20 @@ def cmd_predict(a) -> int:
     from .evaluation import predict_item
     from .structures import paint
 
+    items = _items_from_args(a)
+    _check_out_folder(a.out)
+    seen: dict[str, object] = {}
+    for it in items:
+        if it["case_id"] in seen:
+            from .config import ConfigError
+
+            raise ConfigError(f"two images would write the same outputs {it['case_id']}_*.nii.gz: {seen[it['case_id']]}"
+                              f" and {it['image']}; predict them into separate --out folders")
+        seen[it["case_id"]] = it["image"]
     system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
     inferer = _inferer(system, a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    items = _items_from_args(a)
     saver_p = SaveImage(output_dir=out, output_postfix="prob", separate_folder=False, output_ext=".nii.gz",
                         print_log=False, resample=False)
     saver_l = SaveImage(output_dir=out, output_postfix="label", separate_folder=False, output_ext=".nii.gz",
@@ -208,11 +262,20 @@ def cmd_evaluate(a) -> int:
     from .evaluation import evaluate_items
     from .precision import describe
 
-    system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
-    inferer = _inferer(system, a)
+    from .config import ConfigError
+
     items = _items_from_args(a)
     if a.limit:
         items = items[: a.limit]
+    if not items:
+        raise ConfigError(f"split {a.split!r} of {a.datalist} has no images")
+    unlabelled = [str(it.get("image")) for it in items if not it.get("label")]
+    if unlabelled:
+        raise ConfigError(f"evaluate needs a label for every image; {len(unlabelled)} of {len(items)} have none "
+                          f"(e.g. {unlabelled[0]}): use predict for images without labels")
+    _check_out_folder(a.out)
+    system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
+    inferer = _inferer(system, a)
     t0 = time.perf_counter()
     cases, summary = evaluate_items(system, items, inferer, progress=not a.no_progress, structures=a.labels,
                                     prompt=a.prompt)
@@ -246,6 +309,23 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def _check_out_folder(path) -> None:
+    from .config import ConfigError
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"--out {path} is a file, not a folder")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"an integer >= 1, got {text!r}")
+    return v
+
+
 def _flat(case: dict) -> dict:
     """A case row for CSV: per-structure metrics as ``<metric>_<structure>``, the matrix as ``dice_<p>_vs_<t>``."""
     row = {k: v for k, v in case.items() if k not in ("structures", "dice_matrix")}
@@ -265,10 +345,12 @@ def cmd_audit(a) -> int:
     rep = audit(items_a, items_b, a.a, a.b, label_threshold=a.label_threshold, progress=not a.no_progress)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rep, indent=1, default=str))
+    def median(stat, fmt):
+        return format(stat["median"], fmt) if stat else "n/a"
+
     for s in (rep["a"], rep["b"]):
         print(f"{s['name']}: n={s['n']} shapes={s['shapes']} spacings={s['spacings']} "
-              f"p50 median={s['intensity_p50']['median'] if s['intensity_p50'] else None:.4g} "
-              f"fg median={s['fg_fraction']['median'] if s['fg_fraction'] else float('nan'):.4f}")
+              f"p50 median={median(s['intensity_p50'], '.4g')} fg median={median(s['fg_fraction'], '.4f')}")
     if not rep["flags"]:
         print("no differences flagged")
     for fl in rep["flags"]:
@@ -301,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-iterations", type=int)
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/resume.pt (the same command plus --resume)")
-    s.add_argument("--limit-train", type=int)
-    s.add_argument("--limit-val", type=int)
+    s.add_argument("--limit-train", type=_positive, help="the first N training images")
+    s.add_argument("--limit-val", type=_positive, help="the first N validation images")
+    s.add_argument("--overwrite", action="store_true", help="replace the run OUT already holds (default: refused)")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="training and validation precision (default: the preset's, normally 'auto')")
@@ -331,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             s.add_argument("--save-variance", action="store_true")
         else:
-            s.add_argument("--limit", type=int)
+            s.add_argument("--limit", type=_positive, help="the first N images")
         _sampler_args(s)
         s.set_defaults(fn=fn)
 

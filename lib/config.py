@@ -391,6 +391,17 @@ class HParams:
         precision, train = _precision_of(self.precision, self.train)
         if not 0.0 <= train.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no weight averaging), got {train.ema_decay!r}")
+        for k in ("images_per_batch", "patches_per_image"):
+            v = getattr(train, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"train.{k} must be an integer >= 1, got {v!r}")
+        for k, lo in (("lr", 0.0), ("val_every_s", 0.0)):
+            v = getattr(train, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= lo:
+                raise ConfigError(f"train.{k} must be a finite number > {lo:g}, got {v!r}")
+        if isinstance(train.weight_decay, bool) or not isinstance(train.weight_decay, (int, float)) \
+                or not train.weight_decay >= 0:
+            raise ConfigError(f"train.weight_decay must be a number >= 0, got {train.weight_decay!r}")
         pre = self.preprocessing.resolved()
         structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
         labels = dict(self.labels)

@@ -269,6 +269,9 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     learning-rate schedule where it was, the same random streams, so the loss curve (``losses.csv``, one row per
     iteration) continues the interrupted one."""
     t_start = time.perf_counter()
+    if not train_items or not val_items:
+        raise ConfigError(f"no {'training' if not train_items else 'validation'} images: nothing to "
+                          f"{'train on' if not train_items else 'validate (and choose best.pt) on'}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = hp.train
@@ -307,6 +310,14 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                for it in val_items]
     lab_t = label_transforms(hp.preprocessing, structures=hp.structures)
     val_lab = [lab_t({"label": it["label"]}) for it in val_items]
+    empty = [i for i in range(len(train_ds)) if "label" in train_ds[i] and not bool((train_ds[i]["label"] > 0).any())]
+    if main_rank and empty:  # a wrong label_threshold (or label files) shows here, not as a Dice of 0 at the end
+        msg = (f"{len(empty)} of {len(train_ds)} training labels have no foreground after preprocessing "
+               f"(preprocessing.label_threshold {hp.preprocessing.label_threshold!r})")
+        if len(empty) == len(train_ds):
+            logger.warning("%s: the model can only learn to answer background", msg)
+        else:
+            logger.info(msg)
     inferer = make_inferer(system)
 
     batcher = PatchBatcher(hp.preprocessing, tc.patches_per_image, augment=tc.augment, seed=tc.seed,
@@ -448,7 +459,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 save_state()
         if max_it is not None and it >= max_it:
             break
-        if max_it is None and elapsed + max(val_s_est, 1.0) * 1.1 >= budget:
+        # a time budget holds with an iteration limit too when it was given (--minutes): whichever comes first
+        if (max_it is None or time_budget_s is not None) and elapsed + max(val_s_est, 1.0) * 1.1 >= budget:
             break
         progress_frac = (it / max_it) if max_it else min(1.0, elapsed / max(1.0, budget - val_s_est))
         for g in opt.param_groups:

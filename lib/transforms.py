@@ -8,6 +8,7 @@ geometry with MONAI's ``Invertd``.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Hashable, Mapping, Sequence
 
@@ -28,6 +29,8 @@ from monai.transforms import (
 )
 
 from .config import PreprocConfig
+
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -95,22 +98,41 @@ class LoadImageChecked(MapTransform):
         self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **kwargs)
 
     def __call__(self, data):
+        import tempfile
+
         d = dict(data)
-        for key in self.key_iterator(d):
-            src = d[key]
-            files = src if isinstance(src, (list, tuple)) else [src]
-            for f in files:
-                if isinstance(f, (str, os.PathLike)) and not os.path.exists(f):
-                    raise InputError(f"{key} file not found: {f}")
-                if isinstance(f, (str, os.PathLike)) and os.path.isfile(f):
-                    check_file(f)
-        try:
-            return self.loader(d)
-        except InputError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any reader failure becomes a clear error naming the file
-            src = {k: d.get(k) for k in self.keys if k in d}
-            raise InputError(f"cannot read {src}: {type(e).__name__}: {e}") from e
+        with tempfile.TemporaryDirectory(prefix="dfm_series_") as tmp:
+            for key in self.key_iterator(d):
+                src = d[key]
+                files = list(src) if isinstance(src, (list, tuple)) else [src]
+                for n, f in enumerate(files):
+                    if isinstance(f, (str, os.PathLike)) and not os.path.exists(f):
+                        raise InputError(f"{key} file not found: {f}")
+                    if isinstance(f, (str, os.PathLike)) and os.path.isdir(f):
+                        files[n] = self._series(f, os.path.join(tmp, f"{key}_{n}.nii.gz"))
+                    elif isinstance(f, (str, os.PathLike)) and os.path.isfile(f):
+                        check_file(f)
+                d[key] = files if isinstance(src, (list, tuple)) else files[0]
+            try:
+                return self.loader(d)
+            except InputError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any reader failure becomes a clear error naming the file
+                src = {k: data.get(k) for k in self.keys if k in data}
+                raise InputError(f"cannot read {src}: {type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _series(folder, out: str) -> str:
+        """A folder is a DICOM series: converted by the one checked path (:func:`lib.dicom.series_to_nifti`, as the
+        DICOMweb datastore does), so an uneven, tilted or incomplete series is refused or corrected and named, never
+        read as an evenly spaced volume."""
+        from .dicom import series_to_nifti
+
+        res = series_to_nifti(folder, out)
+        for c in res["corrections"]:
+            logger.warning("DICOM series %s: %s", folder, c)
+        check_file(out)
+        return out
 
 
 class CheckImaged(MapTransform):

@@ -16,7 +16,7 @@ from PIL import Image
 from lib.checkpoint import save_checkpoint
 from lib.cli import main as cli
 from lib.training import build_system
-from conftest import tiny_hparams
+from conftest import SHARED, tiny_hparams
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,85 @@ def test_a_label_must_have_its_images_spatial_shape_a_channel_axis_aside(tmp_pat
     Image.fromarray(np.ones((36, 3), np.uint8)).save(lab)
     with pytest.raises(InputError, match="not its label"):
         check_label_file(str(lab), str(rgb), "rgb")
+
+
+DICOM = SHARED / "dicom"
+
+
+@pytest.mark.skipif(not DICOM.exists(), reason=f"DICOM data not found at {DICOM} (CI has ../shared/data)")
+def test_a_dicom_folder_on_the_command_line_takes_the_checked_series_conversion(tmp_path, ckpts, capsys):
+    """Found by a review: ``predict --image <series folder>`` read the folder with MONAI's reader, so a series with a
+    missing slice came out as an evenly spaced volume (exit 0). A folder now takes the path of the DICOMweb
+    datastore (lib.dicom.series_to_nifti): refused naming the problem, or the same geometry as that conversion."""
+    from lib.dicom import series_to_nifti
+
+    assert _predict(ckpts[3], DICOM / "malformed" / "sliceincrement" / "001", tmp_path / "bad") == 2
+    err = capsys.readouterr().err
+    assert "uneven slice increment" in err and "Traceback" not in err, err
+    series = DICOM / "vendor_mr" / "hitachi_anatomical_001"
+    assert _predict(ckpts[3], series, tmp_path / "ok") == 0
+    lab = nib.load(next((tmp_path / "ok").glob("*_label.nii.gz")))
+    series_to_nifti(series, tmp_path / "ref.nii.gz")
+    ref = nib.load(tmp_path / "ref.nii.gz")
+    assert lab.shape == ref.shape and np.allclose(lab.affine, ref.affine, atol=1e-4), (lab.affine, ref.affine)
+
+
+def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_clip, ckpts, capsys, caplog):
+    """Found by a review, each one line and exit 2 now instead of a lost run, a traceback or a silent surprise:
+    training into a folder that holds a run replaced its best.pt; an empty split ended with a best.pt that was never
+    written; ``--set`` typos raised deep in training; two images named alike overwrote each other's outputs;
+    ``evaluate`` without labels predicted everything, then crashed; ``--limit 0`` meant "all"; ``--minutes`` was
+    ignored beside an iteration limit; labels that are all background trained without a word."""
+    from test_inputs_evaluation import _phantom_datalist
+
+    datalist = _phantom_datalist(tmp_path, n_train=3, n_val=2, shape=(32, 32))
+    dl = json.loads(datalist.read_text())
+    dl["empty"] = []
+    dl["zeros"] = [{"image": it["image"], "label": str(_nii(tmp_path / f"z{k}.nii.gz", np.zeros((32, 32)),
+                                                            dtype=np.uint8))} for k, it in enumerate(dl["training"])]
+    datalist.write_text(json.dumps(dl))
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps(tiny_hparams(tiny_clip, spacing=[1.0, 1.0]).to_dict()))
+
+    def train(out, *extra):
+        return cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
+                    "--max-iterations", "2", "--no-progress", *extra])
+
+    def refused(code, *phrases):
+        err = capsys.readouterr().err
+        assert code == 2 and all(p in err for p in phrases) and "Traceback" not in err, (code, err)
+
+    run = tmp_path / "run"
+    assert train(run) == 0
+    digest = (run / "best.pt").read_bytes()
+    refused(train(run), "already holds a run", "--resume", "--overwrite")
+    assert (run / "best.pt").read_bytes() == digest
+    assert train(run, "--overwrite", "--set", "train.seed=1") == 0 and (run / "best.pt").read_bytes() != digest
+    refused(train(tmp_path / "e1", "--val-split", "empty"), "split 'empty'", "has no images")
+    refused(train(tmp_path / "e2", "--train-split", "empty"), "split 'empty'", "nothing to train on")
+    for setting, phrase in (("train.lr=abc", "expected a number"), ("model.features=5", "expected a JSON list"),
+                            ("preprocessing.patch_size=64", "expected a JSON list"),
+                            ("train.augment=1", "expected true or false"),
+                            ("train.images_per_batch=0", "train.images_per_batch must be an integer >= 1"),
+                            ("train.lr=-1", "train.lr must be a finite number > 0")):
+        refused(train(tmp_path / "e3", "--set", setting), phrase)
+    with pytest.raises(SystemExit):
+        cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(tmp_path / "e4"),
+             "--limit-val", "0", "--max-iterations", "1", "--no-progress"])
+    assert "an integer >= 1" in capsys.readouterr().err
+    # --minutes holds beside an iteration limit: whichever comes first
+    assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(tmp_path / "t"),
+                "--max-iterations", "2000", "--minutes", "0.02", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "t" / "train_result.json").read_text())["iterations"] < 2000
+    with caplog.at_level("WARNING", logger="lib.training"):
+        assert train(tmp_path / "z", "--train-split", "zeros") == 0
+    assert "3 of 3 training labels have no foreground" in caplog.text
+    # predict: two images of one name would overwrite each other's outputs; evaluate: labels are checked first
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a_img = _nii(tmp_path / "a" / "image.nii.gz", np.zeros((30, 30)))
+    b_img = _nii(tmp_path / "b" / "image.nii.gz", np.ones((30, 30)))
+    refused(cli(["predict", "--checkpoint", str(ckpts[2]), "--image", str(a_img), str(b_img), "--out",
+                 str(tmp_path / "p"), "--no-progress"]), "would write the same outputs image_", str(b_img))
+    refused(cli(["evaluate", "--checkpoint", str(tmp_path / "no.pt"), "--image", str(a_img), "--out",
+                 str(tmp_path / "ev"), "--no-progress"]), "evaluate needs a label for every image")
+    refused(_predict(ckpts[2], a_img, a_img), "is a file, not a folder")
