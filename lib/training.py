@@ -515,6 +515,11 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 bar.refresh()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", it=it)
     logger.info("rank %d of %d: %d patches in this process's %d iterations", rank, world, patches_seen, it)
+    if it == 0:  # a budget spent before the first step: no best.pt of random weights, no exit 0 that looks trained
+        if loss_f is not None:
+            loss_f.close()
+        raise ConfigError(f"the time budget ({budget:.0f} s) ended before the first training iteration (start-up "
+                          f"took {time.perf_counter() - t_start:.0f} s): give more --minutes")
     if validated_at[0] != it:  # the budget often ends right after a periodic validation: not twice in a row
         validate(final=True)
     if loss_f is not None:

@@ -239,8 +239,12 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     assert "an integer >= 1" in capsys.readouterr().err
     # --minutes holds beside an iteration limit: whichever comes first
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(tmp_path / "t"),
-                "--max-iterations", "2000", "--minutes", "0.02", "--no-progress"]) == 0
-    assert json.loads((tmp_path / "t" / "train_result.json").read_text())["iterations"] < 2000
+                "--max-iterations", "2000", "--minutes", "0.2", "--no-progress"]) == 0
+    assert 0 < json.loads((tmp_path / "t" / "train_result.json").read_text())["iterations"] < 2000
+    # a budget spent before the first iteration: no best.pt of random weights and no exit 0
+    refused(cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(tmp_path / "t0"),
+                 "--minutes", "0.0001", "--no-progress"]), "ended before the first training iteration")
+    assert not (tmp_path / "t0" / "best.pt").exists()
     with caplog.at_level("WARNING", logger="lib.training"):
         assert train(tmp_path / "z", "--train-split", "zeros") == 0
     assert "3 of 3 training labels have no foreground" in caplog.text
