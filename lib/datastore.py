@@ -217,10 +217,51 @@ def set_aside_unreadable_index(studies: str | os.PathLike, name: str = INDEX_NAM
         return aside
 
 
+def _same_bytes(a: str, b: str) -> bool:
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
 class CheckedLocalDatastore(LocalDatastore):
     """MONAI Label's folder datastore whose ``save_label`` refuses what would replace a good label with garbage:
     an unknown image (404), an id or tag that is a path (422), a file that is not a label map of the image's shape
     (422). The stored label is untouched by a refused request."""
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        """``PUT /datastore/image``: MONAI Label's ``add_image`` named the stored file after the id as given, so
+        ``image=../x`` wrote (and ``DELETE`` later removed) a file outside the studies folder, and a file that is no
+        image was stored as one. The id must be a plain name (422), the file an image this app can read (422), and
+        an image that has labels is not replaced by another file (409: its labels would describe another image)."""
+        from fastapi import HTTPException
+        from monai.transforms import LoadImage
+
+        from .transforms import check_file
+
+        image_id = check_name(image_id or self._to_id(os.path.basename(image_filename))[0], "image id")
+        obj = self._datastore.objects.get(image_id)
+        if obj is not None and obj.labels and _same_bytes(self.get_image_uri(image_id), image_filename):
+            return image_id  # the same image again (a client uploading before each Submit Label): nothing changes
+        if obj is not None and obj.labels:
+            raise HTTPException(status_code=409, detail=f"image {image_id!r} is in the datastore with labels "
+                                                        f"{sorted(obj.labels)}: remove it first, or upload the new "
+                                                        "file under another id")
+        try:
+            check_file(image_filename)
+            LoadImage(image_only=True)(image_filename)
+        except InputError as e:
+            raise HTTPException(status_code=422, detail=f"the image sent as {image_id!r} is refused: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any reader failure means: not an image
+            raise HTTPException(status_code=422, detail=f"the image sent as {image_id!r} is not a readable image: "
+                                                        f"{type(e).__name__}: {str(e)[:200]}") from None
+        return super().add_image(image_id, image_filename, image_info)
+
+    def remove_image(self, image_id: str) -> None:
+        check_name(image_id, "image id")
+        return super().remove_image(image_id)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         from fastapi import HTTPException

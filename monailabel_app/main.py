@@ -177,7 +177,7 @@ class DFMVLMApp(MONAILabelApp):
         if not os.path.isfile(p):
             return False
         tmp = os.path.realpath(tempfile.gettempdir())
-        if os.path.dirname(p) == tmp and re.fullmatch(r"tmp[a-z0-9_]{8}(\.[A-Za-z0-9]+)*", os.path.basename(p)):
+        if os.path.dirname(p) == tmp and re.fullmatch(r"tmp[a-z0-9_]{8}(\.[^/\\]*)?", os.path.basename(p)):
             return True
         sessions = getattr(self.sessions(), "store_path", None) if hasattr(self, "sessions") else None
         return bool(sessions) and p.startswith(os.path.realpath(sessions) + os.sep)

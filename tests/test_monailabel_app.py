@@ -127,9 +127,13 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
     r = _infer(server, "no_such_model", "phantom_ct_06")
     assert r.status_code == 404 and "unknown model 'no_such_model'" in r.json()["detail"]
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"steps": 0})
-    assert r.status_code == 422 and "steps must be an integer >= 1" in r.json()["detail"]
+    assert r.status_code == 422 and "steps must be an integer in [1, 256]" in r.json()["detail"]
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"overlap": 2})
-    assert r.status_code == 422 and "overlap must be in [0, 1)" in r.json()["detail"]
+    assert r.status_code == 422 and "overlap must be in [0, 0.9]" in r.json()["detail"]
+    # upper bounds: num_samples=100000 held a server's CPU until it was killed (a review)
+    for k, v in (("num_samples", 100000), ("steps", 10 ** 6), ("sw_batch_size", 10 ** 12), ("overlap", 0.999)):
+        r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {k: v})
+        assert r.status_code == 422 and k in r.json()["detail"], (k, r.status_code, r.text[:200])
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"sampler": "rk4"})
     assert r.status_code == 422 and "sampler must be one of" in r.json()["detail"]
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"device": "tpu"})  # not silently the CPU
@@ -299,6 +303,61 @@ def test_a_bad_label_never_replaces_a_stored_one(client, server, tmp_path):
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest, "a refused label changed the stored one"
     assert not any(p.name.startswith("evil") for p in server.studies.parent.rglob("*"))
     assert server.alive() and client.info()["models"]
+
+
+@needs_defaults
+def test_an_uploaded_image_gives_the_same_result_for_the_same_seed(server, tmp_path):
+    """Found by a review: an image sent with the request was seeded by its temporary file name (new each time), so
+    one file and one seed gave two results; a name with '-' in a suffix (``case.AP-view.png``) was refused."""
+    import io
+
+    body = (server.studies / "phantom_xray_04.png").read_bytes()
+
+    def upload(name):
+        r = requests.post(f"{server.url}/infer/dfm_vlm_2d", params={"output": "image"},
+                          data={"params": json.dumps({"steps": 2, "num_samples": 2})},
+                          files={"file": (name, body)}, timeout=600)
+        assert r.status_code == 200, (name, r.status_code, r.text[:300])
+        return np.asarray(Image.open(io.BytesIO(r.content))) if r.content[:4] == b"\x89PNG" else \
+            np.asarray(nib.Nifti1Image.from_bytes(__import__("gzip").decompress(r.content)).dataobj)
+
+    first, again, dashed = upload("xray.png"), upload("xray.png"), upload("case.AP-view.png")
+    assert first.any() and np.array_equal(first, again) and np.array_equal(first, dashed)
+
+
+@needs_defaults
+def test_an_uploaded_image_stays_in_the_studies_and_is_an_image(client, server, tmp_path):
+    """Found by a review: ``PUT /datastore/image?image=../x`` wrote a file beside the studies folder (and ``DELETE``
+    removed it there), a text file was stored as an image, and a labelled image could be replaced by another."""
+    def put(image, path):
+        with open(path, "rb") as f:
+            return requests.put(f"{server.url}/datastore/image", params={"image": image},
+                                files={"file": (os.path.basename(path), f)}, timeout=60)
+
+    png = tmp_path / "upload.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)).save(png)
+    for bad in ("../escaped", "a/b", "..", "/tmp/abs"):
+        r = put(bad, png)
+        assert r.status_code == 422 and "not a plain name" in r.json()["detail"], (bad, r.text)
+        r = requests.delete(f"{server.url}/datastore/image", params={"id": bad}, timeout=30)
+        assert r.status_code == 422, (bad, r.status_code, r.text)
+    assert not (server.studies.parent / "escaped.png").exists()
+    junk = tmp_path / "junk.png"
+    junk.write_text("this is not an image")
+    r = put("junk_upload", junk)
+    assert r.status_code == 422 and "junk_upload" in r.json()["detail"], r.text
+    labelled = server.studies / "phantom_ct_07.nii.gz"  # it has a final label (the label tests save one)
+    if (server.studies / "labels" / "final" / "phantom_ct_07.nii.gz").exists():
+        assert put("phantom_ct_07", labelled).status_code == 200  # the same bytes again: nothing changes
+        other = tmp_path / "other.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(other))
+        r = put("phantom_ct_07", other)
+        assert r.status_code == 409 and "with labels" in r.json()["detail"], r.text
+        assert nib.load(labelled).shape != (8, 8, 8)
+    r = put("upload_ok", png)
+    assert r.status_code == 200 and (server.studies / "upload_ok.png").exists(), r.text
+    assert requests.delete(f"{server.url}/datastore/image", params={"id": "upload_ok"}, timeout=30).status_code == 200
+    assert not (server.studies / "upload_ok.png").exists() and server.alive()
 
 
 @needs_defaults

@@ -131,6 +131,20 @@ def hold_params(req: dict) -> tuple:
     return hold, grow, tol, scale
 
 
+def seed_key(path: str) -> str:
+    """What an image's windows are seeded by (with the seed and each window's position): its case id -- the file
+    name, as ``evaluate`` uses it, so the app equals the core -- or, for a file uploaded with the request (MONAI Label
+    stores it as ``tmpXXXXXXXX<suffixes>`` in the temporary folder, a new name each time), its content: the same
+    upload and seed give the same result every time."""
+    import tempfile
+
+    real = os.path.realpath(path)
+    if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and os.path.basename(real).startswith("tmp") \
+            and os.path.isfile(real):
+        return "upload-" + file_sha256(real)[:32]
+    return case_id({"image": path})
+
+
 def request_device(value, default: str) -> str:
     """The torch device a request names. 3D Slicer sends the task's ``device`` option as MONAI Label lists it
     (``device_list()``: "cpu", or a GPU's *name*, "NAME:i" with several GPUs), REST clients torch's ("cuda",
@@ -374,7 +388,7 @@ class DFMVLMInfer(BasicInferTask):
         system = self.system(self._device(data))
         inferer = self.make_inferer(system, data)
         src = data.get("image_path")
-        key = case_id({"image": src}) if isinstance(src, str) and src else None
+        key = seed_key(src) if isinstance(src, str) and src else None
         pre = dict(data["_dfm_pre"])
         pre["case_id"] = key
         clicks = data.pop("_clicks", None)
