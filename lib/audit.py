@@ -27,7 +27,9 @@ def _axcodes(affine) -> str:
 
 
 def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
-    loader = LoadImage(image_only=False, ensure_channel_first=False)
+    # dtype=None: the stored data type (LoadImage's default float32 made every image "float32", so the
+    # different-data-types check could never fire)
+    loader = LoadImage(image_only=False, ensure_channel_first=False, dtype=None)
     rec: dict = {"case_id": item.get("case_id"), "entry_keys": sorted(k for k in item if k != "case_id"),
                  "has_text": bool(isinstance(item.get("text"), str) and item["text"].strip()),
                  "has_label": "label" in item}
@@ -55,7 +57,16 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
             lab = np.asarray(lab)
             rec["fg_fraction"] = float((lab > label_threshold).mean())
             rec["label_shape"] = list(lab.shape)
-            rec["label_matches_image"] = list(lab.shape) == list(a.shape)
+            # a multi-channel image (a list of files stacked first, an RGB or 4D file with a channel axis) has a
+            # label without that axis
+            spatial = list(a.shape)
+            ch = meta.get("original_channel_dim")
+            if isinstance(item["image"], (list, tuple)):
+                spatial = spatial[1:]
+            elif isinstance(ch, (int, np.integer)) and -len(spatial) <= int(ch) < len(spatial):
+                spatial.pop(int(ch))
+            rec["label_matches_image"] = [d for d in lab.shape] in (list(a.shape), spatial) or \
+                list(lab.shape[:len(spatial)]) == spatial and all(d == 1 for d in lab.shape[len(spatial):])
         except Exception as e:  # noqa: BLE001
             rec["label_error"] = f"{type(e).__name__}: {e}"
     return rec

@@ -302,7 +302,13 @@ def cmd_evaluate(a) -> int:
         print("mean Dice, prompt (rows) x truth (columns): " + " | ".join(cols))
         for r, row in summary["dice_matrix"].items():
             print(f"  {r}: " + " | ".join(f"{row[c]:.4f}" if row[c] is not None else "-" for c in cols))
-    hd = f"; HD95 mean {summary['hd95']['mean']:.2f}" if summary.get("hd95") else ""
+    hd = ""
+    if summary.get("hd95"):
+        h = summary["hd95"]
+        hd = f"; HD95 mean {h['mean']:.2f}" + (f" over {h['n']} of {summary['n']} cases (undefined where the "
+                                                f"prediction or the truth is empty)" if h["n"] < summary["n"] else "")
+    if summary.get("empty_prediction"):
+        hd += f"; {summary['empty_prediction']} case(s) with nothing predicted where the truth has foreground"
     what = "Dice (mean of the structures)" if summary.get("structures") else "Dice"
     print(f"{a.split}: n={summary['n']} {what} mean {d.get('mean', float('nan')):.4f} median "
           f"{d.get('median', float('nan')):.4f} min {d.get('min', float('nan')):.4f}{hd}; {wall:.0f} s -> {out}")

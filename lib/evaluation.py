@@ -214,11 +214,16 @@ def dice_of(pred_bin: torch.Tensor, truth: torch.Tensor) -> float | None:
 
 
 def _stats(vals) -> dict | None:
+    """Statistics of the defined values; ``undefined`` counts the cases left out (HD95 where the prediction or the
+    truth is empty, precision where the prediction is, recall where the truth is), so a mean over fewer cases is
+    never read as a mean over all of them."""
+    vals = list(vals)
+    undefined = sum(v is None for v in vals)
     vals = np.array([v for v in vals if v is not None], dtype=float)
     if not len(vals):
         return None
     return {"mean": float(vals.mean()), "median": float(np.median(vals)), "std": float(vals.std()),
-            "min": float(vals.min()), "max": float(vals.max()), "n": int(len(vals))}
+            "min": float(vals.min()), "max": float(vals.max()), "n": int(len(vals)), "undefined": int(undefined)}
 
 
 def summarize(cases: Sequence[dict]) -> dict:
@@ -227,6 +232,9 @@ def summarize(cases: Sequence[dict]) -> dict:
         st = _stats(c.get(k) for c in cases)
         if st:
             out[k] = st
+    # a total miss (nothing predicted where there is truth) has Dice 0 and no HD95 or precision: counted here
+    out["empty_prediction"] = sum(1 for c in cases if "precision" in c and c.get("precision") is None
+                                  and c.get("recall") is not None)
     if cases and "structures" in cases[0]:
         names = list(dict.fromkeys(n for c in cases for n in c.get("structures", {})))
         out["structures"] = {n: {k: _stats(c["structures"].get(n, {}).get(k) for c in cases)

@@ -103,6 +103,44 @@ class DFMVLMApp(MONAILabelApp):
             s.update(c.scoring_method())
         return s
 
+    def batch_infer(self, request, datastore=None):
+        """``POST /batch/infer/<model>``: MONAI Label's batch task assumes GPUs (on a CPU server it divided by an
+        empty device list: 500), runs every image of the datastore through every model (a CT through the 2D model:
+        422, and its one-worker loop stopped at that image, labelling nothing after it) and lets one bad image end
+        the batch. Here: an unknown model is a 404; only images of the model's dimension are taken (as the
+        uncertainty scoring does); without CUDA the batch runs on the CPU; an image that fails is reported in the
+        result (``{"error": ...}``) and the others go on."""
+        import torch
+
+        from lib.transforms import image_spatial_dims
+
+        model = request.get("model")
+        task = self._infers.get(model)
+        if task is None:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+        ds = datastore if datastore else self.datastore()
+        request = dict(request)
+        if not torch.cuda.is_available():
+            request["multi_gpu"], request["device"] = False, "cpu"
+        images = self._batch_infer.get_images(request, ds)
+        keep = []
+        for image_id in images:
+            try:
+                if image_spatial_dims(ds.get_image_uri(image_id)) == task.dimension:
+                    keep.append(image_id)
+            except Exception as e:  # noqa: BLE001 - an unreadable image is reported, not fatal
+                logger.warning("batch infer %s: cannot read %s: %s", model, image_id, e)
+        request["images"] = keep
+
+        def infer_one(req, store):
+            try:
+                return self.infer(req, store)
+            except HTTPException as e:
+                logger.warning("batch infer %s: %s: %s", model, req.get("image"), e.detail)
+                return {"error": str(e.detail)}
+
+        return self._batch_infer(request, ds, infer_one)
+
     def init_datastore(self):
         """The folder datastore checks labels before storing them (lib.datastore.CheckedLocalDatastore); an index
         left unreadable by a kill is set aside and rebuilt from the files (lib.datastore.set_aside_unreadable_index)."""

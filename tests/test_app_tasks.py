@@ -115,6 +115,32 @@ def test_a_score_is_reused_only_for_the_same_checkpoint_and_number_of_samples(tm
         assert "num_samples" in scoring({"num_samples": bad}, ds).get("error", ""), bad
 
 
+def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d):
+    """Found by a review: with --conf dfm_vlm_3d_checkpoint X, a dfm_vlm_3d.pt that an earlier session had published
+    into model_dir (shared by every --studies) was served instead of X, silently. X is served until a training here
+    publishes a newer file; without --conf the published file is served, as before."""
+    import os
+    import time
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    stale = model_dir / "dfm_vlm_3d.pt"
+    shutil.copy(ckpt3d, stale)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # last week's session
+    named = tmp_path / "named.pt"
+    shutil.copy(ckpt3d, named)
+    cfg = DFMVLM3D()
+    cfg.init("dfm_vlm_3d", str(model_dir), {"dfm_vlm_3d_checkpoint": str(named)}, None)
+    task = cfg.infer()
+    assert task.get_path() == str(named) == cfg.interactive_infer().get_path()
+    assert task.info()["checkpoint"]["path"] == str(named)
+    os.utime(stale, None)  # a training here publishes: served from the next request
+    assert task.get_path() == str(stale)
+    plain = DFMVLM3D()
+    plain.init("dfm_vlm_3d", str(model_dir), {}, None)
+    assert plain.infer().get_path() == str(stale)
+
+
 def test_untrained_model_is_not_served(tmp_path):
     cfg = _task(tmp_path / "missing.pt", tmp_path / "model")
     task = cfg.infer()

@@ -214,3 +214,35 @@ def test_histogram_equalisation_is_a_whole_image_preprocessing_step(tmp_path):
     cfg.num_channels = 2
     with pytest.raises(ConfigError, match="histogram"):
         cfg.resolved()
+
+
+def test_a_summary_says_how_many_cases_each_mean_is_over():
+    """Found by a review: with one perfect case and one total miss (nothing predicted), the summary gave Dice 0.5 but
+    HD95 mean 0.0 and precision 1.0 -- the miss has neither, and was left out without a word."""
+    from lib.evaluation import case_metrics, summarize
+
+    truth = torch.zeros(1, 20, 20)
+    truth[0, 5:15, 5:15] = 1
+    cases = [case_metrics(truth, truth), case_metrics(torch.zeros_like(truth), truth)]
+    assert cases[1]["hd95"] is None and cases[1]["precision"] is None and cases[1]["dice"] == 0.0
+    s = summarize(cases)
+    assert s["n"] == 2 and s["dice"]["n"] == 2 and s["dice"]["mean"] == 0.5
+    assert s["hd95"]["n"] == 1 and s["hd95"]["undefined"] == 1 and s["precision"]["undefined"] == 1
+    assert s["empty_prediction"] == 1
+    assert summarize(cases[:1])["empty_prediction"] == 0 and summarize(cases[:1])["hd95"]["undefined"] == 0
+
+
+def test_audit_sees_stored_data_types_and_multi_channel_labels(tmp_path):
+    """Found by a review: every image read as float32 (the loader's cast), so "stored data types differ" could never
+    be flagged; a two-file (multi-channel) image was flagged "label and image sizes differ" against its own label."""
+    a16 = (np.random.default_rng(0).random((16, 16, 8)) * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(a16, np.eye(4)), str(tmp_path / "ct16.nii.gz"))
+    nib.save(nib.Nifti1Image((a16 % 255).astype(np.uint8), np.eye(4)), str(tmp_path / "ct8.nii.gz"))
+    nib.save(nib.Nifti1Image((a16 > 500).astype(np.uint8), np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    two = [str(tmp_path / "ct16.nii.gz")] * 2
+    rep = audit([{"image": two, "label": str(tmp_path / "lab.nii.gz"), "case_id": "mc"}],
+                [{"image": str(tmp_path / "ct8.nii.gz"), "label": str(tmp_path / "lab.nii.gz"), "case_id": "u8"}],
+                "a", "b", progress=False)
+    checks = {f["check"] for f in rep["flags"]}
+    assert "dtypes" in checks and "label_shape" not in checks, rep["flags"]
+    assert rep["a"]["label_shape_mismatch"] == [] and rep["b"]["label_shape_mismatch"] == []

@@ -306,6 +306,21 @@ def test_a_bad_label_never_replaces_a_stored_one(client, server, tmp_path):
 
 
 @needs_defaults
+def test_batch_infer_runs_on_the_cpu_over_the_models_own_images(server):
+    """Found by a review: on a server without a GPU, POST /batch/infer answered 500 (a division by an empty GPU
+    list); with multi_gpu off, the CT of a mixed datastore stopped the 2D model's batch at its first image."""
+    r = requests.post(f"{server.url}/batch/infer/dfm_vlm_2d", params={"run_sync": "true"},
+                      json={"images": ["phantom_ct_06", "phantom_xray_05"], "steps": 2, "num_samples": 2},
+                      timeout=600)
+    assert r.status_code == 200, r.text[:500]
+    res = r.json()
+    assert "phantom_ct_06" not in str(res) and "phantom_xray_05" in str(res), res
+    labels = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]["phantom_xray_05"]
+    assert "original" in labels["labels"], labels
+    assert server.alive()
+
+
+@needs_defaults
 def test_an_uploaded_image_gives_the_same_result_for_the_same_seed(server, tmp_path):
     """Found by a review: an image sent with the request was seeded by its temporary file name (new each time), so
     one file and one seed gave two results; a name with '-' in a suffix (``case.AP-view.png``) was refused."""

@@ -15,12 +15,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from pathlib import Path
 
 from monailabel.interfaces.config import TaskConfig
 
 from lib.checkpoint import CheckpointError, load_checkpoint
 from lib.config import load_preset
+from lib.infers.dfm_vlm import live_paths
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +41,16 @@ class DFMTaskConfig(TaskConfig):
         if vlm and not os.path.isabs(vlm) and (REPO / vlm).exists():
             self.hparams.vlm.name_or_path = str(REPO / vlm)
         self.vlm = conf.get("vlm") or None
-        self.checkpoint = conf.get(f"{name}_checkpoint") or str(SAMPLE_MODELS / f"{name}.pt")
+        explicit = conf.get(f"{name}_checkpoint")
+        self.checkpoint = explicit or str(SAMPLE_MODELS / f"{name}.pt")
         self.published = os.path.join(model_dir, f"{name}.pt")
-        self.path = [self.checkpoint, self.published]  # the last existing file is served
+        self.path = [self.checkpoint, self.published]  # the last existing file is served (live_paths)
+        # a checkpoint named with --conf wins over one an earlier session published into model_dir (which every
+        # --studies shares); a training here publishes a newer one, which is then served
+        self.stale_before = time.time() if explicit and os.path.exists(self.published) else None
+        if self.stale_before is not None:
+            logger.warning("%s: serving %s (--conf %s_checkpoint), not %s, which an earlier session published; a "
+                           "training here replaces it and is then served", name, explicit, name, self.published)
         self._served = self._served_hparams()  # read once: the labels (a prompted model's structures), sampler
         self.labels = self._served.label_map
         self.dimension = self.hparams.preprocessing.spatial_dims
@@ -51,7 +60,7 @@ class DFMTaskConfig(TaskConfig):
 
     def _served_hparams(self):
         """The hyper-parameters of the checkpoint served first (the last existing path), else the preset's."""
-        for p in reversed(self.path):
+        for p in reversed(live_paths(self.path, self.stale_before)):
             if os.path.exists(p):
                 try:
                     return load_checkpoint(p).hparams
@@ -68,7 +77,7 @@ class DFMTaskConfig(TaskConfig):
         if self._infer is None:
             self._infer = DFMVLMInfer(path=self.path, labels=self.labels, dimension=self.dimension,
                                       description=self.DESCRIPTION, vlm=self.vlm,
-                                      sampler_defaults=self._sampler_defaults())
+                                      sampler_defaults=self._sampler_defaults(), stale_before=self.stale_before)
         return self._infer
 
     def interactive_infer(self):
@@ -84,7 +93,8 @@ class DFMTaskConfig(TaskConfig):
             self._interactive = DFMVLMInfer(path=self.path, labels=labels, dimension=self.dimension,
                                             description=f"{self.DESCRIPTION}; interactive: foreground/background "
                                                         "clicks", vlm=self.vlm,
-                                            sampler_defaults=self._sampler_defaults(), interactive=True)
+                                            sampler_defaults=self._sampler_defaults(), interactive=True,
+                                            stale_before=self.stale_before)
             self._interactive.share_models_with(auto)
         return self._interactive
 
@@ -93,6 +103,7 @@ class DFMTaskConfig(TaskConfig):
 
         return DFMVLMTrain(model_dir=os.path.join(self.model_dir, self.name), hparams=self.hparams,
                            publish_path=self.published, init_paths=self.path, vlm=self.vlm,
+                           stale_before=self.stale_before,
                            description=f"Train {self.name}: {self.DESCRIPTION}")
 
     def scoring_method(self):

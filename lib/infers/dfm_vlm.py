@@ -41,6 +41,18 @@ REQUEST_KEYS = ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "
 # also: "labels" (a prompted model: a subset of its structures), "prompt" (a free text prompt), clicks (interactive)
 
 
+def live_paths(paths: Sequence[str], stale_before: float | None = None) -> list[str]:
+    """The existing checkpoint files of ``paths`` in serving order (the last one is served): ``[the configured
+    checkpoint, the published one]``. With ``stale_before`` (a ``--conf <model>_checkpoint`` was given while a file
+    published by an earlier session sat in ``model_dir``), that published file counts only once a training here has
+    replaced it: the checkpoint the user named is served, not last week's model."""
+    out = [p for p in paths if p and os.path.exists(p)]
+    last = paths[-1] if paths else None
+    if stale_before is not None and len(out) > 1 and out[-1] == last and os.stat(last).st_mtime < stale_before:
+        out.pop()
+    return out
+
+
 class ModelNotReady(RuntimeError):
     """No usable checkpoint: the model must not be served (never with random weights)."""
 
@@ -271,7 +283,7 @@ class DFMVLMInfer(BasicInferTask):
 
     def __init__(self, path: Sequence[str], labels, dimension: int, description: str, vlm: str | None = None,
                  sampler_defaults: SamplerConfig | None = None, config: dict | None = None,
-                 interactive: bool = False, cache_bytes: int = 512 * 2 ** 20):
+                 interactive: bool = False, cache_bytes: int = 512 * 2 ** 20, stale_before: float | None = None):
         d = sampler_defaults or SamplerConfig()
         cfg = {"sampler": [d.name] + [s for s in SAMPLERS if s != d.name], "steps": d.steps,
                "num_samples": d.num_samples, "overlap": d.overlap, "sw_batch_size": d.sw_batch_size, "seed": d.seed,
@@ -283,12 +295,18 @@ class DFMVLMInfer(BasicInferTask):
         super().__init__(path=list(path), network=None, type=INTERACTIVE_TYPE if interactive else InferType.SEGMENTATION,
                          labels=labels, dimension=dimension, description=description, config=cfg)
         self.interactive = interactive
+        self.stale_before = stale_before  # lib.infers.dfm_vlm.live_paths
         # the windows of the last results: a new click re-runs only the windows it reaches (lib.inferer.WindowCache)
         self.window_cache = WindowCache(cache_bytes) if interactive else None
         self.vlm = vlm
         self._lock = threading.Lock()
         self._systems: dict[str, tuple[DFMSystem, str, float]] = {}
         self._failures: dict[str, tuple[str, float, float, str]] = {}
+
+    def get_path(self, validate=True):
+        """The checkpoint served: the last existing file of ``path`` (:func:`live_paths`)."""
+        live = live_paths(self.path, self.stale_before)
+        return live[-1] if live else None
 
     # -- readiness: a model is served only from a checkpoint that loads ------------------------------------
     def readiness(self) -> tuple[bool, str | None]:

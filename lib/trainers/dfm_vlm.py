@@ -29,6 +29,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from lib import precision as precision_policy
 from lib.checkpoint import CheckpointError, load_system, save_checkpoint
 from lib.config import HParams
+from lib.infers.dfm_vlm import live_paths
 from lib.data import case_id, patch_transforms
 from lib.evaluation import evaluate_items, make_inferer
 from lib.inferer import DFMSystem
@@ -136,7 +137,7 @@ class _Publish:
 class DFMVLMTrain(BasicTrainTask):
     def __init__(self, model_dir: str, hparams: HParams, publish_path: str, init_paths: list[str],
                  description: str = "Train the DFM+VLM model", vlm: str | None = None, config: dict | None = None,
-                 **kwargs):
+                 stale_before: float | None = None, **kwargs):
         tc = hparams.train
         cfg = {"max_epochs": 20, "val_split": 0.2, "train_batch_size": tc.images_per_batch, "val_batch_size": 1,
                "patches_per_image": tc.patches_per_image, "learning_rate": tc.lr, "augment": tc.augment,
@@ -148,6 +149,7 @@ class DFMVLMTrain(BasicTrainTask):
         self.hparams = hparams
         self.publish_path = publish_path
         self.init_paths = list(init_paths)
+        self.stale_before = stale_before  # fine-tune from what is served (lib.infers.dfm_vlm.live_paths)
         self.vlm = vlm
         self.dimension = hparams.preprocessing.spatial_dims
         if tc.ema_decay:
@@ -174,7 +176,7 @@ class DFMVLMTrain(BasicTrainTask):
     # -- the network comes from the latest checkpoint (its own hyper-parameters) or the preset --------------
     def _initial(self, context: Context) -> tuple[ConditionalUNet, HParams, VLMEncoder | None]:
         if context.pretrained:
-            for p in reversed(self.init_paths):
+            for p in reversed(live_paths(self.init_paths, self.stale_before)):
                 if p and os.path.exists(p):
                     try:
                         # the same loader as prediction: the checkpoint's hyper-parameters, its VLM resolved
