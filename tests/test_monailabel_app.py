@@ -131,8 +131,8 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"overlap": 2})
     assert r.status_code == 422 and "overlap must be in [0, 0.9]" in r.json()["detail"]
     # upper bounds: num_samples=100000 held a server's CPU until it was killed (a review)
-    for k, v in (("num_samples", 100000), ("steps", 10 ** 6), ("sw_batch_size", 10 ** 12), ("overlap", 0.999)):
-        r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {k: v})
+    for k, v in (("num_samples", 65), ("steps", 257), ("sw_batch_size", 1025), ("overlap", 0.95)):  # bound + 1
+        r = _infer(server, "dfm_vlm_2d", "phantom_xray_05", {k: v, "steps": 1} if k != "steps" else {k: v})
         assert r.status_code == 422 and k in r.json()["detail"], (k, r.status_code, r.text[:200])
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"sampler": "rk4"})
     assert r.status_code == 422 and "sampler must be one of" in r.json()["detail"]
@@ -361,14 +361,22 @@ def test_an_uploaded_image_stays_in_the_studies_and_is_an_image(client, server, 
     junk.write_text("this is not an image")
     r = put("junk_upload", junk)
     assert r.status_code == 422 and "junk_upload" in r.json()["detail"], r.text
-    labelled = server.studies / "phantom_ct_07.nii.gz"  # it has a final label (the label tests save one)
-    if (server.studies / "labels" / "final" / "phantom_ct_07.nii.gz").exists():
-        assert put("phantom_ct_07", labelled).status_code == 200  # the same bytes again: nothing changes
-        other = tmp_path / "other.nii.gz"
-        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(other))
-        r = put("phantom_ct_07", other)
-        assert r.status_code == 409 and "with labels" in r.json()["detail"], r.text
-        assert nib.load(labelled).shape != (8, 8, 8)
+    from test_hostile import _truncated
+
+    r = put("truncated_upload", _truncated(tmp_path))  # its header reads, its voxels do not
+    assert r.status_code == 422 and "truncated_upload" in r.json()["detail"], r.text
+    labelled = server.studies / "phantom_ct_07.nii.gz"
+    if not (server.studies / "labels" / "final" / "phantom_ct_07.nii.gz").exists():
+        lab = tmp_path / "lab07.nii.gz"
+        img = nib.load(labelled)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(lab))
+        client.save_label("phantom_ct_07", str(lab), tag="final")
+    assert put("phantom_ct_07", labelled).status_code == 200  # the same bytes again: nothing changes
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(other))
+    r = put("phantom_ct_07", other)
+    assert r.status_code == 409 and "with labels" in r.json()["detail"], r.text
+    assert nib.load(labelled).shape != (8, 8, 8)
     r = put("upload_ok", png)
     assert r.status_code == 200 and (server.studies / "upload_ok.png").exists(), r.text
     assert requests.delete(f"{server.url}/datastore/image", params={"id": "upload_ok"}, timeout=30).status_code == 200
