@@ -47,6 +47,62 @@ from lib.vlm import VLMError  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+TRAIN_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "patches_per_image")
+
+
+def check_train_request(app, model: str, params: dict | None) -> None:
+    """``POST /train/<model>``: MONAI Label starts the training in a background process before anything is checked,
+    so an unknown model or ``learning_rate=abc`` came back as a task that ended in ERROR (or, with ``run_sync``, a
+    500). Checked here first: 404 for an unknown model, 422 naming a parameter that is not what the trainer reads."""
+    import math
+
+    trainers = getattr(app, "_trainers", {}) or {}
+    if model and model not in trainers:
+        raise HTTPException(status_code=404, detail=f"unknown model {model!r} to train; available: {sorted(trainers)}")
+    p = params or {}
+    if not isinstance(p, dict):
+        raise HTTPException(status_code=422, detail=f"training parameters must be a JSON object, got {p!r}")
+
+    def bad(k, want):
+        raise HTTPException(status_code=422, detail=f"training parameter {k!r} must be {want}, got {p[k]!r}")
+
+    for k in TRAIN_INTS:
+        if k in p:
+            try:
+                v = float(p[k])
+                if isinstance(p[k], bool) or v != int(v) or v < 1:
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError):
+                bad(k, "an integer >= 1")
+    for k, lo, hi in (("learning_rate", 0.0, math.inf), ("val_split", 0.0, 1.0)):
+        if k in p:
+            try:
+                v = float(p[k])
+            except (TypeError, ValueError):
+                bad(k, "a number")
+            if isinstance(p[k], bool) or not math.isfinite(v) or not (lo < v < hi if k == "learning_rate" else
+                                                                        lo <= v < hi):
+                bad(k, "> 0" if k == "learning_rate" else "in [0, 1)")
+
+
+def _install_train_check() -> None:
+    """Wrap MONAI Label's ``/train/<model>`` handler (``monailabel.endpoints.train.run_model``, looked up when each
+    request comes) with :func:`check_train_request`."""
+    import monailabel.endpoints.train as ep
+    from monailabel.interfaces.utils.app import app_instance
+
+    if getattr(ep.run_model, "_dfm_checked", False):
+        return
+    original = ep.run_model
+
+    def run_model(model, params=None, run_sync=False, enqueue=False):
+        check_train_request(app_instance(), model, params)
+        return original(model, params, run_sync, enqueue)
+
+    run_model._dfm_checked = True
+    ep.run_model = run_model
+
+
 def discover_configs() -> dict[str, type]:
     """Model name (config module name) -> TaskConfig class, for every public module of ``lib.configs``."""
     out = {}
@@ -76,6 +132,7 @@ class DFMVLMApp(MONAILabelApp):
             c.init(n, self.model_dir, conf, None)
             self.models[n] = c
         logger.info("DFM+VLM models: %s (model dir %s)", names, self.model_dir)
+        _install_train_check()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)

@@ -136,6 +136,16 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
         assert r.status_code == 422 and k in r.json()["detail"], (k, r.status_code, r.text[:200])
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"sampler": "rk4"})
     assert r.status_code == 422 and "sampler must be one of" in r.json()["detail"]
+    # training: checked before MONAI Label starts its background process (was: a task ending in ERROR, or a 500)
+    r = requests.post(f"{server.url}/train/no_such_model", json={}, timeout=30)
+    assert r.status_code == 404 and "unknown model 'no_such_model'" in r.json()["detail"], r.text
+    for params, phrase in (({"learning_rate": "abc"}, "'learning_rate' must be a number"),
+                           ({"learning_rate": -1}, "'learning_rate' must be > 0"),
+                           ({"patches_per_image": "x"}, "'patches_per_image' must be an integer >= 1"),
+                           ({"max_epochs": 0}, "'max_epochs' must be an integer >= 1"),
+                           ({"val_split": 1.5}, "'val_split' must be in [0, 1)")):
+        r = requests.post(f"{server.url}/train/dfm_vlm_3d", params={"run_sync": "true"}, json=params, timeout=30)
+        assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"device": "tpu"})  # not silently the CPU
     assert r.status_code == 422 and "'device' 'tpu' is not a device of this server" in r.json()["detail"], r.text
     (server.studies / "corrupt_ct.nii.gz").write_bytes(b"\x1f\x8b\x08 definitely not a volume")
