@@ -121,12 +121,9 @@ def _cap(text: str):
     if text == "auto":
         return text
     try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"'auto' or an integer >= 1, got {text!r}")
-    return v
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"'auto' or an integer >= 1, got {text!r}") from None
 
 
 def cmd_make_tiny_vlm(a) -> int:
