@@ -127,7 +127,12 @@ def _cap(text: str):
 
 
 def cmd_make_tiny_vlm(a) -> int:
+    from .config import ConfigError
     from .vlm import make_tiny_clip, make_tiny_siglip
+
+    if (Path(a.out) / "config.json").exists() and not a.overwrite:
+        raise ConfigError(f"{a.out} already holds a model: checkpoints that name this folder would get other VLM "
+                          "weights (and other conditioning) without a word; give another folder, or --overwrite")
 
     if a.kind == "siglip":
         p = make_tiny_siglip(a.out, image_size=a.image_size, hidden=a.hidden, seed=a.seed)
@@ -374,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--projection-dim", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--kind", choices=["clip", "siglip"], default="clip", help="CLIPModel or SiglipModel")
+    s.add_argument("--overwrite", action="store_true", help="replace a model already in OUT (default: refused)")
     s.set_defaults(fn=cmd_make_tiny_vlm)
 
     s = sub.add_parser("train", help="train with sliding-window validation on whole images")

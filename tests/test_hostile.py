@@ -257,3 +257,17 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     refused(cli(["evaluate", "--checkpoint", str(tmp_path / "no.pt"), "--image", str(a_img), "--out",
                  str(tmp_path / "ev"), "--no-progress"]), "evaluate needs a label for every image")
     refused(_predict(ckpts[2], a_img, a_img), "is a file, not a folder")
+
+
+def test_make_tiny_vlm_does_not_replace_a_model_silently(tmp_path, capsys):
+    """Found by a review: running it again into the same folder (another --seed or --hidden) replaced the VLM under
+    every checkpoint that names the folder; with the same embedding size nothing would notice."""
+    out = tmp_path / "tiny-clip"
+    assert cli(["make-tiny-vlm", str(out), "--hidden", "16", "--projection-dim", "16"]) == 0
+    before = (out / "config.json").read_bytes()
+    assert cli(["make-tiny-vlm", str(out), "--hidden", "16", "--projection-dim", "16", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a model" in err and "--overwrite" in err, err
+    assert (out / "config.json").read_bytes() == before
+    assert cli(["make-tiny-vlm", str(out), "--hidden", "16", "--projection-dim", "16", "--seed", "1",
+                "--overwrite"]) == 0
