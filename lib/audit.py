@@ -65,8 +65,10 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
                 spatial = spatial[1:]
             elif isinstance(ch, (int, np.integer)) and -len(spatial) <= int(ch) < len(spatial):
                 spatial.pop(int(ch))
-            rec["label_matches_image"] = [d for d in lab.shape] in (list(a.shape), spatial) or \
-                list(lab.shape[:len(spatial)]) == spatial and all(d == 1 for d in lab.shape[len(spatial):])
+            got = list(lab.shape)
+            while len(got) > len(spatial) and got[-1] == 1:  # a label saved with a channel axis of 1
+                got.pop()
+            rec["label_matches_image"] = got in (list(a.shape), spatial)
         except Exception as e:  # noqa: BLE001
             rec["label_error"] = f"{type(e).__name__}: {e}"
     return rec

@@ -148,7 +148,7 @@ RUN_FILES = ("best.pt", "last.pt", "resume.pt", "history.json", "best_val_cases.
 
 
 def cmd_train(a) -> int:
-    from .config import load_preset
+    from .config import ConfigError, load_preset
     from .data import load_datalist
     from .training import train
 
@@ -161,28 +161,21 @@ def cmd_train(a) -> int:
         from .structures import select
 
         hp.structures = select(hp.structures, a.structures) if hp.structures else select([], a.structures)
-    from .config import ConfigError
-
+    _check_out_folder(a.out)
     out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
     held = [n for n in ("best.pt", "resume.pt") if (out / n).exists()]
     if held and not (a.resume or a.overwrite):
         raise ConfigError(f"{out} already holds a run ({', '.join(held)}): --resume continues it, --overwrite "
                           "replaces it, or give another --out")
-    if held and a.overwrite and not a.resume:  # no file of the old run stays beside the new one's
-        for n in RUN_FILES:
-            (out / n).unlink(missing_ok=True)
     tr = load_datalist(a.datalist, a.train_split)
     va = load_datalist(a.datalist, a.val_split)
     if a.limit_train:
         tr = tr[: a.limit_train]
     if a.limit_val:
         va = va[: a.limit_val]
-    for split, items in ((a.train_split, tr), (a.val_split, va)):
-        if not items:
-            raise ConfigError(f"split {split!r} of {a.datalist} has no images: nothing to "
-                              f"{'train on' if items is tr else 'validate (and choose best.pt) on'}")
+    if held and a.overwrite and not a.resume:  # no file of the old run stays beside the new one's
+        for n in RUN_FILES:
+            (out / n).unlink(missing_ok=True)
     budget = a.minutes * 60 if a.minutes is not None else None
     logger.info("training on %d images, validating on %d (%s)", len(tr), len(va), a.val_split)
     res = train(hp, tr, va, a.out, device=_device(a.device), time_budget_s=budget, max_iterations=a.max_iterations,

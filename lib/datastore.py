@@ -181,7 +181,8 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
     ch = img.meta.get("original_channel_dim") if hasattr(img, "meta") else None
     allowed = [ref]
     if isinstance(ch, (int, np.integer)) and -len(ref) <= int(ch) < len(ref):
-        allowed.append(ref[:int(ch) % len(ref)] + ref[int(ch) % len(ref) + 1:])
+        c = int(ch) % len(ref)
+        allowed.append(ref[:c] + ref[c + 1:])
     if got not in allowed:
         raise InputError(f"the label sent for {image_id!r} has shape {got}, the image {ref}: not its label")
     if lab.size == 0 or not np.isfinite(lab).all():

@@ -269,8 +269,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     learning-rate schedule where it was, the same random streams, so the loss curve (``losses.csv``, one row per
     iteration) continues the interrupted one."""
     t_start = time.perf_counter()
-    if not train_items or not val_items:
-        raise ConfigError(f"no {'training' if not train_items else 'validation'} images: nothing to "
+    if not train_items or not val_items:  # the CLI's and every script's check (the CLI names no split here)
+        raise ConfigError(f"the {'training' if not train_items else 'validation'} split has no images: nothing to "
                           f"{'train on' if not train_items else 'validate (and choose best.pt) on'}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +310,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                for it in val_items]
     lab_t = label_transforms(hp.preprocessing, structures=hp.structures)
     val_lab = [lab_t({"label": it["label"]}) for it in val_items]
-    empty = [i for i in range(len(train_ds)) if "label" in train_ds[i] and not bool((train_ds[i]["label"] > 0).any())]
+    labels = (train_ds[i].get("label") for i in range(len(train_ds)))  # each cached item read (copied) once
+    empty = [i for i, lab in enumerate(labels) if lab is not None and not bool((lab > 0).any())]
     if main_rank and empty:  # a wrong label_threshold (or label files) shows here, not as a Dice of 0 at the end
         msg = (f"{len(empty)} of {len(train_ds)} training labels have no foreground after preprocessing "
                f"(preprocessing.label_threshold {hp.preprocessing.label_threshold!r})")

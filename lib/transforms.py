@@ -98,10 +98,12 @@ class LoadImageChecked(MapTransform):
         self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **kwargs)
 
     def __call__(self, data):
+        import contextlib
         import tempfile
 
         d = dict(data)
-        with tempfile.TemporaryDirectory(prefix="dfm_series_") as tmp:
+        with contextlib.ExitStack() as stack:
+            tmp = None  # a folder for converted DICOM series, made only when a series is given
             for key in self.key_iterator(d):
                 src = d[key]
                 files = list(src) if isinstance(src, (list, tuple)) else [src]
@@ -109,6 +111,7 @@ class LoadImageChecked(MapTransform):
                     if isinstance(f, (str, os.PathLike)) and not os.path.exists(f):
                         raise InputError(f"{key} file not found: {f}")
                     if isinstance(f, (str, os.PathLike)) and os.path.isdir(f):
+                        tmp = tmp or stack.enter_context(tempfile.TemporaryDirectory(prefix="dfm_series_"))
                         files[n] = self._series(f, os.path.join(tmp, f"{key}_{n}.nii.gz"))
                     elif isinstance(f, (str, os.PathLike)) and os.path.isfile(f):
                         check_file(f)

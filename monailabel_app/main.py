@@ -53,8 +53,11 @@ TRAIN_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "patches_per_i
 def check_train_request(app, model: str, params: dict | None) -> None:
     """``POST /train/<model>``: MONAI Label starts the training in a background process before anything is checked,
     so an unknown model or ``learning_rate=abc`` came back as a task that ended in ERROR (or, with ``run_sync``, a
-    500). Checked here first: 404 for an unknown model, 422 naming a parameter that is not what the trainer reads."""
+    500). Checked here first, with the infer task's request parsers: 404 for an unknown model, 422 naming a
+    parameter that is not what the trainer reads."""
     import math
+
+    from lib.infers.dfm_vlm import _as_float, _as_int
 
     trainers = getattr(app, "_trainers", {}) or {}
     if model and model not in trainers:
@@ -62,27 +65,16 @@ def check_train_request(app, model: str, params: dict | None) -> None:
     p = params or {}
     if not isinstance(p, dict):
         raise HTTPException(status_code=422, detail=f"training parameters must be a JSON object, got {p!r}")
-
-    def bad(k, want):
-        raise HTTPException(status_code=422, detail=f"training parameter {k!r} must be {want}, got {p[k]!r}")
-
-    for k in TRAIN_INTS:
-        if k in p:
-            try:
-                v = float(p[k])
-                if isinstance(p[k], bool) or v != int(v) or v < 1:
-                    raise ValueError
-            except (TypeError, ValueError, OverflowError):
-                bad(k, "an integer >= 1")
-    for k, lo, hi in (("learning_rate", 0.0, math.inf), ("val_split", 0.0, 1.0)):
-        if k in p:
-            try:
-                v = float(p[k])
-            except (TypeError, ValueError):
-                bad(k, "a number")
-            if isinstance(p[k], bool) or not math.isfinite(v) or not (lo < v < hi if k == "learning_rate" else
-                                                                        lo <= v < hi):
-                bad(k, "> 0" if k == "learning_rate" else "in [0, 1)")
+    try:
+        for k in TRAIN_INTS:
+            if k in p and _as_int(k, p[k]) < 1:
+                raise ConfigError(f"parameter {k!r} must be an integer >= 1, got {p[k]!r}")
+        if "learning_rate" in p and not 0 < _as_float("learning_rate", p["learning_rate"]) < math.inf:
+            raise ConfigError(f"parameter 'learning_rate' must be > 0, got {p['learning_rate']!r}")
+        if "val_split" in p and not 0 <= _as_float("val_split", p["val_split"]) < 1:
+            raise ConfigError(f"parameter 'val_split' must be in [0, 1), got {p['val_split']!r}")
+    except ConfigError as e:
+        raise HTTPException(status_code=422, detail=f"training: {e}") from None
 
 
 def _install_train_check() -> None:
@@ -263,16 +255,14 @@ class DFMVLMApp(MONAILabelApp):
         """A file MONAI Label itself wrote for this request: an upload (``tempfile.NamedTemporaryFile`` in the
         temporary folder, run_inference) or a session's image (under the sessions folder). Any other path in
         ``image`` (a client can also set it through ``params``) would let a client make the server read its files."""
-        import re
-        import tempfile
+        from lib.infers.dfm_vlm import is_upload
 
         if "\x00" in path:  # os.path raises on it
             return False
         p = os.path.realpath(path)
         if not os.path.isfile(p):
             return False
-        tmp = os.path.realpath(tempfile.gettempdir())
-        if os.path.dirname(p) == tmp and re.fullmatch(r"tmp[a-z0-9_]{8}(\.[^/\\]*)?", os.path.basename(p)):
+        if is_upload(p):  # the same rule that seeds an upload by its content
             return True
         sessions = getattr(self.sessions(), "store_path", None) if hasattr(self, "sessions") else None
         return bool(sessions) and p.startswith(os.path.realpath(sessions) + os.sep)

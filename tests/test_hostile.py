@@ -225,8 +225,8 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     refused(train(run), "already holds a run", "--resume", "--overwrite")
     assert (run / "best.pt").read_bytes() == digest
     assert train(run, "--overwrite", "--set", "train.seed=1") == 0 and (run / "best.pt").read_bytes() != digest
-    refused(train(tmp_path / "e1", "--val-split", "empty"), "split 'empty'", "has no images")
-    refused(train(tmp_path / "e2", "--train-split", "empty"), "split 'empty'", "nothing to train on")
+    refused(train(tmp_path / "e1", "--val-split", "empty"), "the validation split has no images")
+    refused(train(tmp_path / "e2", "--train-split", "empty"), "the training split has no images", "nothing to train on")
     for setting, phrase in (("train.lr=abc", "expected a number"), ("model.features=5", "expected a JSON list"),
                             ("preprocessing.patch_size=64", "expected a JSON list"),
                             ("train.augment=1", "expected true or false"),

@@ -143,18 +143,24 @@ def hold_params(req: dict) -> tuple:
     return hold, grow, tol, scale
 
 
-def seed_key(path: str) -> str:
-    """What an image's windows are seeded by (with the seed and each window's position): its case id -- the file
-    name, as ``evaluate`` uses it, so the app equals the core -- or, for a file uploaded with the request (MONAI Label
-    stores it as ``tmpXXXXXXXX<suffixes>`` in the temporary folder, a new name each time), its content: the same
-    upload and seed give the same result every time."""
+def is_upload(path: str) -> bool:
+    """A file MONAI Label wrote for this request: an upload, stored by ``tempfile.NamedTemporaryFile`` as
+    ``tmpXXXXXXXX<the upload's suffixes>`` directly in the temporary folder (a new name each time)."""
+    import re
     import tempfile
 
+    if "\x00" in path:  # os.path raises on it
+        return False
     real = os.path.realpath(path)
-    if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and os.path.basename(real).startswith("tmp") \
-            and os.path.isfile(real):
-        return "upload-" + file_sha256(real)[:32]
-    return case_id({"image": path})
+    return os.path.isfile(real) and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and \
+        re.fullmatch(r"tmp[a-z0-9_]{8}(\.[^/\\]*)?", os.path.basename(real)) is not None
+
+
+def seed_key(path: str) -> str:
+    """What an image's windows are seeded by (with the seed and each window's position): its case id -- the file
+    name, as ``evaluate`` uses it, so the app equals the core -- or, for an upload (:func:`is_upload`, a new name
+    each time), its content: the same upload and seed give the same result every time."""
+    return "upload-" + file_sha256(path)[:32] if is_upload(path) else case_id({"image": path})
 
 
 def request_device(value, default: str) -> str:
