@@ -152,6 +152,17 @@ def roi_mismatch_message(roi_size, patch_size) -> str:
 MAX_STEPS, MAX_SAMPLES, MAX_OVERLAP, MAX_SW_BATCH = 256, 64, 0.9, 1024
 
 
+def check_patch_fits(size, features, what: str) -> None:
+    """A patch (or window) the U-Net can take: each side a multiple of 2 ** (levels - 1), since the encoder halves
+    it that many times and the decoder joins each upsampled map to its skip; else ConfigError naming the sizes
+    (not a tensor-size mismatch deep in the decoder)."""
+    step = 2 ** (len(features) - 1)
+    if any(int(p) % step for p in size):
+        fit = [max(step, round(int(p) / step) * step) for p in size]
+        raise ConfigError(f"{what} {list(size)}: every side must be a multiple of {step} (the U-Net's {len(features)} "
+                          f"levels, features {list(features)}, halve it {len(features) - 1} times); e.g. {fit}")
+
+
 def validate_sampler(name: str, steps: int, num_samples: int, overlap: float, sw_batch_size: int,
                      output: str = "p_final") -> None:
     if name not in SAMPLERS:
@@ -260,6 +271,10 @@ class PreprocConfig:
     # MONAI's HistogramNormalize, num_bins default 256; one-channel images) | "none"
     intensity: dict = field(default_factory=lambda: {"type": "none"})
     label_threshold: float = 0.0  # binary truth = label > label_threshold
+    # training targets on the network grid: False = the binary truth resampled nearest; True = the fraction of
+    # each voxel that is foreground (the truth smoothed against aliasing, then resampled linearly; lib.transforms
+    # .AntiAliasLabeld). The network's input (x_t) is built from ``fraction > 0.5`` either way.
+    soft_label: bool = False
     patch_size: list[int] = field(default_factory=lambda: [128, 128])
     pos: float = 1.0
     neg: float = 1.0
@@ -449,6 +464,7 @@ class HParams:
         else:
             model.cond_dim = None
         model = model.resolved()
+        check_patch_fits(pre.patch_size, model.features, "preprocessing.patch_size")
         sampler = self.sampler.resolved(pre.patch_size)
         if len(sampler.roi_size) != pre.spatial_dims:
             raise ConfigError(f"sampler roi_size {sampler.roi_size} does not match spatial_dims={pre.spatial_dims}")

@@ -95,7 +95,8 @@ def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True,
         rot = (aug["rotate"],) if sd == 2 else (aug["rotate"] * 0.66,) * 3
         translate = [aug["translate"] * p for p in cfg.patch_size] if aug["translate"] else None
         t.append(RandAffined(keys=keys, prob=aug["prob"], rotate_range=rot, scale_range=aug["scale"],
-                             translate_range=translate, mode=("bilinear", "nearest"), padding_mode="zeros"))
+                             translate_range=translate, mode=("bilinear", "bilinear" if cfg.soft_label else "nearest"),
+                             padding_mode="zeros"))
     t.append(SpatialPadd(keys=keys, spatial_size=cfg.patch_size))
     t.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos,
                                     neg=cfg.neg, num_samples=num_patches, allow_smaller=False))

@@ -94,7 +94,9 @@ def training_step(model, cond, x1: torch.Tensor, flow: FlowConfig, generator: to
     if dfm:
         path = MixtureBinaryPath(make_scheduler(flow), flow.source_p)
         t = uniform((x1.shape[0],), generator, x1.device)
-        x_t = path.sample(x1, t, generator)
+        # a soft target (PreprocConfig.soft_label: the foreground fraction of each voxel) is the BCE target; the
+        # state x_t reveals its binary truth (fraction > 0.5), as a binary label's state reveals the label
+        x_t = path.sample((x1 > 0.5).float(), t, generator)
         logits = model(x_t, t, cond)
     else:
         logits = model(None, None, cond)

@@ -19,6 +19,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    GaussianSmooth,
     HistogramNormalized,
     LoadImaged,
     MapTransform,
@@ -215,6 +216,27 @@ class BinarizeLabeld(MapTransform):
         return d
 
 
+class AntiAliasLabeld(MapTransform):
+    """Smooths a binary label before it is resampled to coarser ``pixdim`` (``soft_label``): Gaussian with
+    sigma = (ratio - 1) / 2 voxels on each axis that gets coarser by ``ratio`` (as scikit-image's ``resize``
+    anti-aliasing), so that the linear resampling after it gives each coarse voxel about the fraction of it that
+    is foreground instead of the value at one point (nearest: boundaries shift by up to half a coarse voxel)."""
+
+    def __init__(self, keys: KeysCollection, pixdim: Sequence[float], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.pixdim = [float(v) for v in pixdim]
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            have = [float(v) for v in lab.pixdim] if hasattr(lab, "pixdim") else [1.0] * len(self.pixdim)
+            sigma = [max(0.0, (want / max(h, 1e-6) - 1.0) / 2.0) for want, h in zip(self.pixdim, have)]
+            if any(s > 0 for s in sigma):
+                d[key] = GaussianSmooth(sigma=sigma)(lab.float())
+        return d
+
+
 class CheckedCompose(Compose):
     """MONAI ``Compose`` whose failures surface as :class:`InputError` with the root cause and the file named.
 
@@ -271,7 +293,10 @@ def preprocess(cfg: PreprocConfig, load: bool = True, structures=None) -> Compos
     if cfg.orientation:
         t.append(Orientationd(keys=keys, axcodes=cfg.orientation, allow_missing_keys=True))
     if cfg.spacing:
-        t.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"], allow_missing_keys=True))
+        if cfg.soft_label:  # the fraction of each network voxel that is foreground (see PreprocConfig.soft_label)
+            t.append(AntiAliasLabeld(keys="label", pixdim=cfg.spacing, allow_missing_keys=True))
+        t.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=["bilinear", "bilinear" if cfg.soft_label else "nearest"],
+                          allow_missing_keys=True))
     inten = cfg.intensity
     if inten["type"] == "range":
         t.append(ScaleIntensityRanged(keys="image", a_min=inten["a_min"], a_max=inten["a_max"], b_min=0.0,
