@@ -221,10 +221,21 @@ def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_world_size(), dist.get_rank(), device
 
 
-def _broadcast_clock(elapsed: float, train_s: float, device) -> tuple[float, float]:
-    clock = torch.tensor([elapsed, train_s], dtype=torch.float64, device=device)
+def _broadcast_clock(elapsed: float, train_s: float, val_s: float, device) -> tuple[float, float, float]:
+    """Rank 0's clocks: elapsed wall time, training time and the validation-time estimate (only rank 0 validates;
+    every stopping, validation and learning-rate decision reads all three)."""
+    clock = torch.tensor([elapsed, train_s, val_s], dtype=torch.float64, device=device)
     torch.distributed.broadcast(clock, 0)
-    return float(clock[0]), float(clock[1])
+    return float(clock[0]), float(clock[1]), float(clock[2])
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """Sum and sum of squares of all parameters (float64, exact digits): ranks that trained one model print the
+    same string."""
+    with torch.no_grad():
+        s = sum(float(p.double().sum()) for p in model.parameters())
+        q = sum(float(p.double().square().sum()) for p in model.parameters())
+    return f"{s!r}/{q!r}"
 
 
 def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
@@ -443,11 +454,19 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         if on_log:
             on_log(rec)
 
+    if main_rank and val_s_est == 0.0 and (max_it is None or time_budget_s is not None):
+        # until a validation measures itself: one validation image's time x their number, so that a budget that
+        # ends before the first periodic validation keeps the time of its final one (it overran by one validation)
+        v0 = time.perf_counter()
+        evaluate_items(system, val_items[:1], inferer, preprocessed=val_pre[:1], labels=val_lab[:1])
+        val_s_est = (time.perf_counter() - v0) * len(val_items)
+        logger.info("validation estimated at %.0f s (%d images; one took %.2f s)", val_s_est, len(val_items),
+                    val_s_est / len(val_items))
     model.train()
     while True:
         elapsed = time.perf_counter() - t_start
         if world > 1:  # every rank follows rank 0's clock: the same schedule, validations and stopping point
-            elapsed, train_s = _broadcast_clock(elapsed, train_s, device)
+            elapsed, train_s, val_s_est = _broadcast_clock(elapsed, train_s, val_s_est, device)
         if it > 0 and (max_it is None or it < max_it):
             if train_s >= next_val:
                 next_val = train_s + tc.val_every_s
@@ -456,6 +475,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 # to training (every 42-minute run validated twice at its end, one iteration apart, over budget)
                 if max_it is not None or elapsed + 2.1 * max(val_s_est, 1.0) + 5 * train_s / it < budget:
                     validate(final=False)
+                    if world > 1:  # rank 0 measured the validation: every rank stops and schedules with it
+                        elapsed, train_s, val_s_est = _broadcast_clock(elapsed, train_s, val_s_est, device)
             elif train_s >= next_state_s or (tc.state_every_it and it % tc.state_every_it == 0):
                 save_state()
         if max_it is not None and it >= max_it:
@@ -516,6 +537,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 bar.refresh()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", it=it)
     logger.info("rank %d of %d: %d patches in this process's %d iterations", rank, world, patches_seen, it)
+    if world > 1:
+        logger.info("rank %d of %d: parameter checksum %s", rank, world, parameter_checksum(model))
     if it == 0:  # a budget spent before the first step: no best.pt of random weights, no exit 0 that looks trained
         if loss_f is not None:
             loss_f.close()

@@ -83,3 +83,24 @@ def test_two_nodes_through_torchrun_rendezvous_train_like_one_process(tmp_path, 
     assert json.loads((tmp_path / "nodes" / "machine.json").read_text())["distributed"]["world_size"] == 2
     diff = _max_param_diff(tmp_path / "one" / "last.pt", tmp_path / "nodes" / "last.pt")
     assert diff < TOLERANCE, diff
+
+
+def test_two_gloo_ranks_under_a_time_budget_keep_one_model(tmp_path, tiny_clip):
+    """A time budget (``--minutes``) with validations: only rank 0 validates and measures their time, and every
+    rank's learning rate and stopping point read that time -- rank 0's, broadcast. (Each rank used its own: rank 1,
+    which never validates, ran another learning-rate schedule, so the ranks' weights drifted apart under DDP's
+    averaged gradients; a validation over 1 s would also have stopped rank 0 alone.)"""
+    preset, datalist = write_run_files(tmp_path, tiny_clip, state_every_it=0)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "lib", "train", "--preset", str(preset), "--datalist", str(datalist), "--minutes",
+                          "0.25", "--set", "train.val_every_s=2", "--no-progress", "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    log = two.stdout + two.stderr
+    assert two.returncode == 0, log[-3000:]
+    iterations = {int(r): int(n) for r, n in re.findall(r"rank (\d) of 2: \d+ patches in this process's (\d+)", log)}
+    sums = dict(re.findall(r"rank (\d) of 2: parameter checksum (\S+)", log))
+    assert len(iterations) == 2 and iterations[0] == iterations[1] > 0, iterations
+    assert len(sums) == 2 and sums["0"] == sums["1"], sums
+    history = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert len(history) >= 2, history  # periodic validations happened (what made the ranks differ)
