@@ -385,12 +385,16 @@ def random_clicks(truth: np.ndarray, rng: np.random.Generator, max_clicks: int) 
     c = Clicks()
     truth = np.asarray(truth) > 0.5
     n_pos, n_neg = rng.integers(0, max_clicks + 1, size=2)
-    if n_pos + n_neg == 0:
-        n_pos, n_neg = (1, 0) if truth.any() and rng.random() < 0.5 else (0, 1)
+    n_pos, n_neg = (n_pos if truth.any() else 0), (n_neg if not truth.all() else 0)  # no region, no click there
+    if n_pos + n_neg == 0:  # at least one click: a patch all background (or all foreground) gets one too
+        n_pos, n_neg = (1, 0) if truth.any() and (truth.all() or rng.random() < 0.5) else (0, 1)
     for region, n, positive in ((truth, n_pos, True), (~truth, n_neg, False)):
-        if n == 0 or not region.any():
+        if n == 0:
             continue
-        w = ndimage.distance_transform_edt(region).ravel()
+        if region.all():  # the whole patch (no boundary inside it): the distance to the patch's border
+            w = ndimage.distance_transform_edt(np.pad(region, 1))[(slice(1, -1),) * region.ndim].ravel()
+        else:
+            w = ndimage.distance_transform_edt(region).ravel()
         w = w / w.sum()
         for i in rng.choice(w.size, size=int(n), p=w):
             c.add(np.unravel_index(int(i), region.shape), positive)

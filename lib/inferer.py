@@ -37,7 +37,7 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from . import precision as precision_policy
-from .config import ConfigError, HParams, roi_mismatch_message, validate_sampler
+from .config import ConfigError, HParams, check_patch_fits, roi_mismatch_message, validate_sampler
 from .flow import make_scheduler
 from .network import ConditionalUNet
 from .samplers import ItemNoise, derive_seed, mean_var, sample_source_like, sampler_function
@@ -164,8 +164,10 @@ class DFMSystem(nn.Module):
         if windows.ndim != cfg.spatial_dims + 2:
             raise ValueError(f"the model is {cfg.spatial_dims}D: windows must be (batch, channel, "
                              f"{'H, W' if cfg.spatial_dims == 2 else 'H, W, D'}); got {tuple(windows.shape)}")
-        if list(windows.shape[2:]) != patch and not allow_roi_mismatch:
-            raise ConfigError(roi_mismatch_message(list(windows.shape[2:]), patch))
+        if list(windows.shape[2:]) != patch:
+            if not allow_roi_mismatch:
+                raise ConfigError(roi_mismatch_message(list(windows.shape[2:]), patch))
+            check_patch_fits(windows.shape[2:], cfg.features, "roi_size")
         if len(seeds) != windows.shape[0] * per_window:
             raise ValueError(f"one seed per window and text: {len(seeds)} seeds for {windows.shape[0]} windows x "
                              f"{per_window}")
@@ -254,7 +256,8 @@ class WindowCache:
             return v
 
     def put(self, key: str, value: tuple[torch.Tensor, torch.Tensor]) -> None:
-        value = tuple(v.detach().cpu() for v in value)
+        # a copy: a CPU view of one window would keep its whole batch's tensor alive beyond what the cache counts
+        value = tuple(v.detach().to("cpu", copy=True) for v in value)
         size = sum(v.numel() * v.element_size() for v in value)
         with self._lock:
             if key in self._d:

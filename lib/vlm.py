@@ -179,7 +179,12 @@ class VLMEncoder(nn.Module):
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if missing:
-            for t, e in zip(missing, self._encode_text_uncached(list(missing))):
+            # in fp32 whatever autocast the caller runs under: the cache outlives the call, and a text's embedding
+            # must not depend on the precision of the request that first used it (a bf16 request made every later
+            # fp32 request of that server use bf16-rounded text embeddings)
+            with torch.autocast(torch.device(self.device).type, enabled=False):
+                encoded = self._encode_text_uncached(list(missing))
+            for t, e in zip(missing, encoded):
                 self._text_cache[t] = e
         e = torch.stack([self._text_cache[t] for t in texts])
         if self.text_center is not None:

@@ -333,6 +333,34 @@ def test_random_clicks_fall_inside_and_outside_the_mask():
         assert c and all(truth[tuple(map(int, p))] for p in c.fg) and not any(truth[tuple(map(int, p))] for p in c.bg)
 
 
+def test_random_clicks_give_a_patch_without_a_boundary_its_click_too():
+    """A patch all background (common under positive/negative cropping) or all foreground gets at least one click,
+    of the only kind it can have, away from the patch's border (it got none in 3 of 16 draws: more click-less
+    patches than ``clicks.no_click_prob`` asks for)."""
+    rng = np.random.default_rng(0)
+    for full in (False, True):
+        truth = np.full((9, 9), full)
+        got = [random_clicks(truth, rng, 3) for _ in range(64)]
+        assert all(c for c in got)
+        assert all(not (c.bg if full else c.fg) for c in got)
+        pts = np.array([p for c in got for p in (c.fg or c.bg)], float)
+        assert np.abs(pts.mean(0) - 4).max() < 0.5, pts.mean(0)  # centred in the patch (not one corner)
+
+
+def test_the_window_cache_keeps_copies_not_views_of_a_batch():
+    """What the cache counts is what it holds: an entry cut from a batch (``mean[j]``) would keep the whole
+    batch's tensor alive, up to ``sw_batch_size`` times the cap."""
+    cache = WindowCache()
+    mean, var = torch.rand(8, 1, 32, 32), torch.rand(8, 1, 32, 32)
+    cache.put("k", (mean[3], var[3]))
+    got = cache.get("k")
+    assert torch.equal(got[0], mean[3]) and torch.equal(got[1], var[3])
+    for v in got:
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
+        assert v.untyped_storage().data_ptr() not in (mean.untyped_storage().data_ptr(),
+                                                      var.untyped_storage().data_ptr())
+
+
 # -- through the one predictor ------------------------------------------------------------------------------------
 @pytest.fixture
 def click_system(make_system):

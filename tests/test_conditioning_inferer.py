@@ -220,6 +220,29 @@ def test_roi_is_the_training_patch_unless_explicitly_allowed(make_system):
         DFMSlidingWindowInferer([64, 64], steps=2)(img, system)
     out = make_inferer(system, roi_size=[64, 64], steps=2, allow_roi_mismatch=True)(img, system)
     assert out.shape == img.shape
+    # an allowed roi the U-Net cannot take (3 levels: sides must be multiples of 4) is named, not a size mismatch
+    # deep in the decoder
+    with pytest.raises(ConfigError, match=r"roi_size \[30, 30\]: every side must be a multiple of 4"):
+        make_inferer(system, roi_size=[30, 30], steps=2, allow_roi_mismatch=True)(img, system)
+
+
+def test_a_patch_size_the_unet_cannot_take_is_refused_by_name(make_system):
+    make_system(patch=[32, 24])  # multiples of 4 (features 8, 16, 32): fine
+    with pytest.raises(ConfigError, match=r"preprocessing.patch_size \[32, 30\]: every side must be a multiple "
+                                          r"of 4 .*e.g. \[32, 32\]"):
+        make_system(patch=[32, 30])
+
+
+def test_a_text_embedding_does_not_depend_on_the_precision_that_first_used_it(tiny_clip):
+    """The text cache outlives a request: a text first encoded under bf16 autocast (a bf16 request, bf16 training)
+    must give later fp32 callers the fp32 embedding (it gave the bf16-rounded one: 2.8e-3 apart)."""
+    cfg = VLMConfig(name_or_path=str(tiny_clip), text_mode="label", prompt="lung")
+    first_bf16 = VLMEncoder.from_pretrained(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_bf16 = first_bf16.encode_texts(["the lungs"])
+    fresh = VLMEncoder.from_pretrained(cfg).encode_texts(["the lungs"])
+    assert torch.equal(first_bf16.encode_texts(["the lungs"]), fresh)
+    assert torch.equal(under_bf16, fresh)
 
 
 def test_prediction_runs_in_eval_mode_and_restores_each_module_s_own_mode(make_system):
