@@ -18,9 +18,9 @@ trainer all call it. Training draws one structure per image (:class:`RandStructu
 ``weight``; the patch centres then follow that structure's mask), conditions the patch on ``[image embedding,
 prompt embedding]`` and trains the binary DFM on that structure's mask.
 
-Multi-label maps (:func:`paint`): structures are painted in the preset's order, each over the ones before; the
-presets list the general structures first (whole tumour, then tumour core, then enhancing tumour; both lungs, then
-each lung), so where masks nest or overlap **the most specific structure wins**.
+Multi-label maps (:func:`paint`): the larger predicted structures are painted first, the smaller over them (whole
+tumour, then tumour core, then enhancing tumour; both lungs, then each lung; a vertebra, then a lesion touching
+it), so where masks nest or overlap **the most specific structure wins**, whatever the preset's order.
 """
 
 from __future__ import annotations
@@ -162,9 +162,13 @@ def select(structures: Sequence, labels: Sequence[str] | str | None = None) -> l
 
 
 def paint(probs: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
-    """``probs (L, *spatial)`` in painting order -> one uint8 label map: each ``> 0.5`` painted with its value over
-    the ones before it (the most specific structure, listed last, wins)."""
+    """``probs (L, *spatial)`` -> one uint8 label map: each ``> 0.5`` painted with its value, the larger predicted
+    structures first and the smaller over them, so where masks nest or overlap the most specific (smallest) one
+    wins -- a tumour core inside the whole tumour, a lesion touching a vertebra -- whatever order the preset lists
+    them in (equal sizes: the model's order, the later over the earlier)."""
+    masks = [torch.as_tensor(p) > 0.5 for p in probs]
+    order = sorted(range(len(masks)), key=lambda i: (-int(masks[i].sum()), i))
     out = torch.zeros(probs.shape[1:], dtype=torch.uint8)
-    for p, v in zip(probs, values):
-        out[torch.as_tensor(p) > 0.5] = int(v)
+    for i in order:
+        out[masks[i]] = int(values[i])
     return out

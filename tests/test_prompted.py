@@ -218,6 +218,17 @@ def test_paint_most_specific_last_wins():
     probs[1, 1:3] = 0.8  # tumour core
     probs[2, 2] = 0.7  # enhancing
     assert paint(probs, [1, 2, 3]).tolist() == [1, 2, 3, 1]
+    # whatever order they come in: the smallest (most specific) over the larger
+    assert paint(probs[[2, 0, 1]], [3, 1, 2]).tolist() == [1, 2, 3, 1]
+
+
+def test_paint_keeps_a_small_structure_that_touches_a_large_one():
+    """The sample CT: the lesion (listed first) touches the vertebra (listed second, larger); their truth keeps the
+    lesion where they meet (sample_data/make_sample_data.py), so the map must too."""
+    probs = torch.zeros(2, 10)
+    probs[0, 0:3] = 0.9  # lesion
+    probs[1, 2:10] = 0.8  # vertebra, overlapping the lesion at voxel 2
+    assert paint(probs, [1, 2]).tolist() == [1, 1, 1, 2, 2, 2, 2, 2, 2, 2]
 
 
 def test_the_conditioning_is_used_the_wrong_prompt_gives_a_worse_dice(tmp_path, tiny_clip):
@@ -290,7 +301,7 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
     with pytest.raises(StructureError, match="not structures"):
         auto({**req, "labels": ["liver"]})
     # clicks: under a structure's name positive for it, background negative for all, painted as clicked -- also
-    # where the other structure (painted after it) is predicted
+    # where the other structure is painted
     assert (full == 2).any() and (full > 0).any()
     up, bg = [int(v) for v in np.argwhere(full == 2)[0]], [int(v) for v in np.argwhere(full > 0)[-1]]
     _, d = task({**req, "upper": [up], "background": [bg]})

@@ -262,7 +262,7 @@ def _labels_param(d: dict):
 
 class DFMPostprocessd:
     """prob > 0.5 -> one uint8 label map on the input's grid (the probability map was inverted already): each
-    target painted with its value in the model's order, the most specific last (:func:`lib.structures.paint`);
+    target painted with its value, the smallest over the larger (:func:`lib.structures.paint`);
     + result JSON."""
 
     def __call__(self, data: dict) -> dict:
