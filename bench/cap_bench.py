@@ -64,7 +64,7 @@ def main() -> None:
 
     ref = call(a.items[0])[0]
     diff = {n: float((call(n)[0] - ref).abs().max()) for n in a.items}
-    med, wall = interleaved_medians({n: (lambda n=n: call(n)) for n in a.items}, a.repeats)
+    med, wall = interleaved_medians({n: (lambda n=n: call(n)) for n in a.items}, a.repeats, a.device)
     best = min(med, key=med.get)
     info = describe(a.precision, a.device)
     print(f"command: python {' '.join(sys.argv)}")

@@ -17,8 +17,10 @@ case "${1:-}" in
   cxr)
     MIN=${2:-42}
     OUT=runs/cxr_prompted
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $PY -m lib train --preset cxr_lung_prompted \
-      --datalist $DATA/cxr_lung/datalist.json --out $OUT --minutes "$MIN" --no-progress | tee $OUT.train.json
+    # (a second run of this script re-evaluates finished trainings: train refuses a folder that holds a run)
+    [ -f $OUT/train_result.json ] || ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $PY -m lib train \
+      --preset cxr_lung_prompted --datalist $DATA/cxr_lung/datalist.json --out $OUT --minutes "$MIN" --no-progress \
+      | tee $OUT.train.json
     for split in validation test; do
       ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $PY -m lib evaluate --checkpoint $OUT/best.pt \
         --datalist $DATA/cxr_lung/datalist.json --split $split --out $OUT/eval_$split --no-progress
@@ -30,14 +32,16 @@ case "${1:-}" in
     MIN=${2:-12}
     ONE=$($PY -c "print(round($MIN / 3, 2))")
     $PY bench/brats_datalist.py "$DATA/brats_wt" runs/brats/datalist.json
-    $PY -m lib train --preset brats_prompted --datalist runs/brats/datalist.json --out runs/brats_prompted \
-      --minutes "$MIN" --no-progress | tee runs/brats_prompted.train.json
+    [ -f runs/brats_prompted/train_result.json ] || $PY -m lib train --preset brats_prompted \
+      --datalist runs/brats/datalist.json --out runs/brats_prompted --minutes "$MIN" --no-progress \
+      | tee runs/brats_prompted.train.json
     $PY -m lib evaluate --checkpoint runs/brats_prompted/best.pt --datalist runs/brats/datalist.json --split test \
       --out runs/brats_prompted/eval_test --no-progress
     cp runs/brats_prompted/eval_test/summary.json $RES/brats_prompted_test.json
     for s in whole_tumour tumour_core enhancing_tumour; do
-      $PY -m lib train --preset brats_prompted --structures $s --datalist runs/brats/datalist.json \
-        --out runs/brats_single_$s --minutes "$ONE" --no-progress | tee runs/brats_single_$s.train.json
+      [ -f runs/brats_single_$s/train_result.json ] || $PY -m lib train --preset brats_prompted --structures $s \
+        --datalist runs/brats/datalist.json --out runs/brats_single_$s --minutes "$ONE" --no-progress \
+        | tee runs/brats_single_$s.train.json
       $PY -m lib evaluate --checkpoint runs/brats_single_$s/best.pt --datalist runs/brats/datalist.json \
         --split test --out runs/brats_single_$s/eval_test --no-progress
       cp runs/brats_single_$s/eval_test/summary.json $RES/brats_single_${s}_test.json

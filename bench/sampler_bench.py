@@ -59,6 +59,7 @@ def main() -> None:
                 variants.append((f"euler {2 * k - 1} steps x {m}", dict(sampler="euler", steps=2 * k - 1, num_samples=m)))
                 variants.append((f"heun {k} steps x {m}", dict(sampler="heun", steps=k, num_samples=m)))
     rows = []
+    t_start = time.perf_counter()
     for name, kw in variants:
         t0 = time.perf_counter()
         inferer = make_inferer(system, **kw)
@@ -74,7 +75,8 @@ def main() -> None:
               f"min {row['dice_min']:.4f})  HD95 {row['hd95_mean'] or float('nan'):.2f}  {dt:.0f} s", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"checkpoint": a.checkpoint, "split": a.split, "n": len(items), "rows": rows,
-                                       "command": sys.argv, "machine": describe(system.hparams.precision, a.device)},
+                                       "command": sys.argv, "machine": describe(system.hparams.precision, a.device),
+                                       "wall_s": round(time.perf_counter() - t_start, 1)},
                                       indent=1))
 
 

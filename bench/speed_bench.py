@@ -32,7 +32,7 @@ from lib.cli import _quiet  # noqa: E402
 from lib.config import load_preset  # noqa: E402
 from lib.flow import make_scheduler  # noqa: E402
 from lib.inferer import eval_mode  # noqa: E402
-from lib.precision import autocast, describe  # noqa: E402
+from lib.precision import autocast, describe, reproducible  # noqa: E402
 from lib.samplers import run_sampler  # noqa: E402
 from lib.training import build_system  # noqa: E402
 from lib.vlm import ensure_tiny_clip  # noqa: E402
@@ -60,16 +60,27 @@ def windows_for(hp, n: int) -> torch.Tensor:
     return torch.rand(n, hp.preprocessing.num_channels, *patch, generator=g)
 
 
-def interleaved_medians(variants: dict, repeats: int) -> tuple[dict, float]:
-    """Warm each variant up once, then time ``repeats`` round-robin rounds: ``({key: median seconds}, wall)``."""
+def _sync(device) -> None:
+    """A CUDA call returns before the GPU has finished: wait, so that each variant's time is its own work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(variants: dict, repeats: int, device="cpu") -> tuple[dict, float]:
+    """Warm each variant up once, then time ``repeats`` round-robin rounds: ``({key: median seconds}, wall)``. On
+    CUDA the GPU is synchronised before and after each timed call (before 2026-12-06 it was not, so a variant's
+    unfinished GPU work was charged to the next one: the GPU rows measured before then are not reliable)."""
     times: dict = {k: [] for k in variants}
     for fn in variants.values():  # warm-up
         fn()
+    _sync(device)
     t_start = time.perf_counter()
     for _ in range(repeats):
         for k, fn in variants.items():
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}, time.perf_counter() - t_start
 
@@ -125,7 +136,8 @@ def main() -> None:
 
         def sequential(s=s):
             # the earlier path: condition once, then run_sampler's loop over the M samples
-            with eval_mode(s), torch.no_grad(), autocast(a.precision, a.device):
+            # under the predictor's own settings (no TF32, deterministic cuDNN): only the batching differs
+            with eval_mode(s), torch.no_grad(), reproducible(), autocast(a.precision, a.device):
                 cond = s.condition(win.to(a.device), s.texts_for(None, len(win)))
                 run_sampler("euler", s.model, cond, (len(win), 1, *win.shape[2:]), a.sample_steps,
                             make_scheduler(s.hparams.flow), num_samples=a.samples,
@@ -139,7 +151,7 @@ def main() -> None:
             variants[f"{name} euler K={a.steps} fp32"] = call(s, precision="fp32", sampler="euler", steps=a.steps)
         variants["plain one pass bf16"] = call(plain, precision="bf16")
 
-    med, wall = interleaved_medians(variants, a.repeats)
+    med, wall = interleaved_medians(variants, a.repeats, a.device)
     base = med["plain one pass"]
     info = describe(a.precision, a.device)
     print(f"command: python {' '.join(sys.argv)}")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,7 +53,9 @@ def main() -> None:
         print(f"{i + 1}/{len(items)} {it['case_id']}: Dice {dice[it['case_id']]:.4f} "
               f"var/fg {s['variance_per_foreground_voxel']:.4f} mean var {s['mean_variance']:.5f}", flush=True)
     d = np.array([r["dice"] for r in rows])
-    report = {"checkpoint": a.checkpoint, "split": a.split, "n": len(rows), "num_samples": a.num_samples,
+    report = {"command": "python " + " ".join(sys.argv), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "device": str(system.device), "threads": torch.get_num_threads(),
+              "checkpoint": a.checkpoint, "split": a.split, "n": len(rows), "num_samples": a.num_samples,
               "seconds": round(time.perf_counter() - t0, 1), "scores": {}}
     q = max(1, len(rows) // 4)
     worst = set(np.argsort(d)[:q])

@@ -47,6 +47,8 @@ def main() -> None:
     info = describe(a.precision, a.device)
     print(f"command: python {' '.join(sys.argv)}\n{info}")
     rows = []
+    t_start = time.perf_counter()
+    x = vol.to(a.device)
     for arch in a.archs:
         hp = load_preset("brats_wt")
         hp.vlm.name_or_path = str(vlm)
@@ -55,7 +57,6 @@ def main() -> None:
         torch.manual_seed(0)
         system = build_system(hp, a.device)
         inf = make_inferer(system, steps=a.steps, num_samples=a.num_samples, sw_batch_size=a.sw_batch_size)
-        x = vol.to(a.device)
         inf(x[..., :48], system)  # warm-up
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -73,11 +74,21 @@ def main() -> None:
         n_win = len(dense_patch_slices(a.shape, hp.preprocessing.patch_size,
                                        _get_scan_interval(a.shape, hp.preprocessing.patch_size, 3, (0.25,) * 3)))
         row = {"arch": arch, "seconds": round(dt, 2), "windows": n_win, "steps": a.steps,
-               "num_samples": a.num_samples, "peak_memory_MiB": round(peak), "mean_prob": float(prob.mean())}
+               "num_samples": a.num_samples, "peak_memory_MiB": round(peak),
+               # CUDA: this call's peak allocation; CPU: the process's peak so far (ru_maxrss never goes down, so a
+               # later row cannot be lower than an earlier one)
+               "peak_memory_kind": "cuda max_memory_allocated" if a.device.startswith("cuda") else "process ru_maxrss",
+               "mean_prob": float(prob.mean())}
         rows.append(row)
         print(row, flush=True)
+        # the next architecture's peak must not include this one's output (a 240x240x155 float map: 34 MiB) or model;
+        # before 2026-12-06 it did, which put `cached` (measured second) 34 MiB too high
+        del prob, inf, system
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"command": sys.argv, "machine": info, "rows": rows}, indent=1))
+    Path(a.out).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "machine": info, "rows": rows,
+                                       "wall_s": round(time.perf_counter() - t_start, 1)}, indent=1))
 
 
 if __name__ == "__main__":

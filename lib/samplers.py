@@ -248,5 +248,4 @@ def run_sampler(name: str, model_fn: ModelFn, cond, shape, steps: int, scheduler
         outs.append(trace["last_posterior"] if output == "last_posterior" else p_final)
     if num_samples == 1:
         return outs[0], None
-    stack = torch.stack(outs)
-    return stack.mean(0), stack.var(0, unbiased=False)
+    return mean_var(torch.stack(outs), 0)  # the statistics predict_windows computes
