@@ -47,14 +47,29 @@ from lib.vlm import VLMError  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
-TRAIN_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "patches_per_image")
+TRAIN_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "patches_per_image", "early_stop_patience")
+TRAIN_BOOLS = ("pretrained", "multi_gpu")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def check_train_request(app, model: str, params: dict | None) -> None:
+def _as_bool(key: str, v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ConfigError(f"parameter {key!r} must be true or false, got {v!r}")
+
+
+def check_train_request(app, model: str, params: dict | None) -> dict | None:
     """``POST /train/<model>``: MONAI Label starts the training in a background process before anything is checked,
     so an unknown model or ``learning_rate=abc`` came back as a task that ended in ERROR (or, with ``run_sync``, a
     500). Checked here first, with the infer task's request parsers: 404 for an unknown model, 422 naming a
-    parameter that is not what the trainer reads."""
+    parameter that is not what the trainer reads. Returns the parameters as the trainer reads them: numbers and
+    booleans sent as strings (``"max_epochs": "1"``, ``"pretrained": "false"``) parsed (forwarded raw, ``"1"``
+    passed the check and then failed the task, ``"false"`` was true), ``name`` a plain name (it names the output
+    folder under ``model_dir``)."""
     import math
 
     from lib.infers.dfm_vlm import _as_float, _as_int
@@ -65,16 +80,29 @@ def check_train_request(app, model: str, params: dict | None) -> None:
     p = params or {}
     if not isinstance(p, dict):
         raise HTTPException(status_code=422, detail=f"training parameters must be a JSON object, got {p!r}")
+    out = dict(p)
     try:
         for k in TRAIN_INTS:
-            if k in p and _as_int(k, p[k]) < 1:
-                raise ConfigError(f"parameter {k!r} must be an integer >= 1, got {p[k]!r}")
-        if "learning_rate" in p and not 0 < _as_float("learning_rate", p["learning_rate"]) < math.inf:
-            raise ConfigError(f"parameter 'learning_rate' must be > 0, got {p['learning_rate']!r}")
-        if "val_split" in p and not 0 <= _as_float("val_split", p["val_split"]) < 1:
-            raise ConfigError(f"parameter 'val_split' must be in [0, 1), got {p['val_split']!r}")
+            if k in p:
+                out[k] = _as_int(k, p[k])
+                if out[k] < 1:
+                    raise ConfigError(f"parameter {k!r} must be an integer >= 1, got {p[k]!r}")
+        if "learning_rate" in p:
+            out["learning_rate"] = _as_float("learning_rate", p["learning_rate"])
+            if not 0 < out["learning_rate"] < math.inf:
+                raise ConfigError(f"parameter 'learning_rate' must be > 0, got {p['learning_rate']!r}")
+        if "val_split" in p:
+            out["val_split"] = _as_float("val_split", p["val_split"])
+            if not 0 <= out["val_split"] < 1:
+                raise ConfigError(f"parameter 'val_split' must be in [0, 1), got {p['val_split']!r}")
+        for k in TRAIN_BOOLS:
+            if k in p:
+                out[k] = _as_bool(k, p[k])
     except ConfigError as e:
         raise HTTPException(status_code=422, detail=f"training: {e}") from None
+    if "name" in p:
+        check_name(p["name"], "training parameter 'name'")
+    return out if params is not None else None
 
 
 def _install_train_check() -> None:
@@ -88,7 +116,7 @@ def _install_train_check() -> None:
     original = ep.run_model
 
     def run_model(model, params=None, run_sync=False, enqueue=False):
-        check_train_request(app_instance(), model, params)
+        params = check_train_request(app_instance(), model, params)
         return original(model, params, run_sync, enqueue)
 
     run_model._dfm_checked = True

@@ -61,3 +61,11 @@ def make_system(tiny_clip):
         return build_system(tiny_hparams(tiny_clip, **kw))
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_server_environment(monkeypatch):
+    """Each test is a fresh server: no model's start time (``DFM_STALE_BEFORE_*``, which an app config sets for
+    MONAI Label's subprocesses) carries over from an earlier test."""
+    for k in [k for k in os.environ if k.startswith("DFM_STALE_BEFORE_")]:
+        monkeypatch.delenv(k)

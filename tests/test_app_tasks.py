@@ -11,7 +11,8 @@ import torch
 from lib.checkpoint import load_system, save_checkpoint
 from lib.configs.dfm_vlm_3d import DFMVLM3D
 from lib.evaluation import make_inferer, predict_item
-from lib.infers.dfm_vlm import DFMVLMInfer, sampler_params
+from lib.configs._common import stale_env_key
+from lib.infers.dfm_vlm import DFMVLMInfer, live_paths, sampler_params
 from lib.phantoms import write_phantom_case
 from lib.config import ConfigError
 
@@ -111,17 +112,55 @@ def test_a_score_is_reused_only_for_the_same_checkpoint_and_number_of_samples(tm
     assert scoring({"num_samples": 2}, ds)["skipped"] == 1
     r = scoring({"num_samples": "3"}, ds)
     assert r["executed"] == 1 and r["skipped"] == 0 and ds.info["case03"]["dfm_vlm_3d_uncertainty_num_samples"] == 3
-    for bad in ("x", 1, 2.5):
+    for bad in ("x", 1, 2.5, 65, 100000):  # 65: over the bound, refused before any image (was a 500)
         assert "num_samples" in scoring({"num_samples": bad}, ds).get("error", ""), bad
+    # the strategy ranks only the served checkpoint's scores: after a training publishes, it rescores first (it
+    # ranked scores of the old and the new model side by side)
+    from lib.activelearning.uncertainty import DFMUncertaintyStrategy
+
+    strategy = DFMUncertaintyStrategy(scoring)
+    ds.info["case03"][f"{scoring.key}_num_samples"] = 2
+    ds.info["case03"][scoring.key] = -1.0  # a score that no checkpoint of today made
+    ds.info["case03"][f"{scoring.key}_ts"] = scoring.model_ts() - 1  # a nanosecond older: another file
+    res = strategy({}, ds)
+    assert res["id"] == "case03" and res[scoring.key] >= 0 and ds.info["case03"][f"{scoring.key}_ts"] == \
+        scoring.model_ts()
+    # an image that cannot be scored now keeps its old model's score, which must not outrank the current ones
+    broken = tmp_path / "studies" / "case04.nii.gz"
+    broken.write_bytes(b"not a volume")
+
+    class DS2(DS):
+        info = {"case03": dict(ds.info["case03"]), "case04": {scoring.key: 1e9, f"{scoring.key}_num_samples": 2,
+                                                              f"{scoring.key}_ts": 1}}
+
+        def get_unlabeled_images(self):
+            return ["case03", "case04"]
+
+        def get_image_uri(self, image_id):
+            return entry["image"] if image_id == "case03" else str(broken)
+
+    ds2 = DS2()
+    scoring.candidates = lambda datastore: datastore.get_unlabeled_images()  # the broken file is not 3D-checked
+    assert strategy({}, ds2)["id"] == "case03"
+    # two trainings can publish within one second (0.3 s epochs on the phantoms): their scores must differ in ts
+    import os
+
+    path = task.get_path()
+    second = os.stat(path).st_mtime_ns // 10 ** 9 * 10 ** 9
+    os.utime(path, ns=(second + 100_000_000, second + 100_000_000))
+    first = scoring.model_ts()
+    os.utime(path, ns=(second + 500_000_000, second + 500_000_000))
+    assert scoring.model_ts() != first
 
 
-def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d):
+def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):
     """Found by a review: with --conf dfm_vlm_3d_checkpoint X, a dfm_vlm_3d.pt that an earlier session had published
     into model_dir (shared by every --studies) was served instead of X, silently. X is served until a training here
     publishes a newer file; without --conf the published file is served, as before."""
     import os
     import time
 
+    monkeypatch.delenv(stale_env_key("dfm_vlm_3d"), raising=False)  # a fresh server
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     stale = model_dir / "dfm_vlm_3d.pt"
@@ -136,6 +175,15 @@ def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published
     assert task.info()["checkpoint"]["path"] == str(named)
     os.utime(stale, None)  # a training here publishes: served from the next request
     assert task.get_path() == str(stale)
+    # MONAI Label's training / scoring subprocesses build the app again later, with the server's environment: they
+    # too see this session's published file as current (each took its own start time: training #2 fine-tuned from
+    # the --conf file again, scoring scored it)
+    time.sleep(0.05)
+    child = DFMVLM3D()
+    child.init("dfm_vlm_3d", str(model_dir), {"dfm_vlm_3d_checkpoint": str(named)}, None)
+    assert child.stale_before == cfg.stale_before
+    trainer = child.trainer()
+    assert child.infer().get_path() == str(stale) == live_paths(trainer.init_paths, trainer.stale_before)[-1]
     plain = DFMVLM3D()
     plain.init("dfm_vlm_3d", str(model_dir), {}, None)
     assert plain.infer().get_path() == str(stale)
@@ -281,3 +329,25 @@ def test_the_monailabel_trainer_records_the_precision_it_trains_in(tmp_path, ckp
     ctx = SimpleNamespace(pretrained=True, device=torch.device("cpu"))
     trainer.network(ctx)
     assert ctx.system.hparams.precision == expected
+
+
+def test_training_parameters_reach_the_trainer_parsed():
+    """A review: ``"max_epochs": "1"`` passed the /train check and was forwarded raw, so the task failed later
+    (``'<' not supported between 'str' and 'int'``); ``"pretrained": "false"`` was truthy; ``name`` (the output
+    folder under model_dir) could be a path."""
+    import types
+
+    from fastapi import HTTPException
+
+    from monailabel_app.main import check_train_request
+
+    app = types.SimpleNamespace(_trainers={"m": object()})
+    got = check_train_request(app, "m", {"max_epochs": "2", "val_split": "0.25", "learning_rate": "1e-4",
+                                         "pretrained": "false", "multi_gpu": 0, "train_batch_size": 3, "x": "y"})
+    assert got == {"max_epochs": 2, "val_split": 0.25, "learning_rate": 1e-4, "pretrained": False,
+                   "multi_gpu": False, "train_batch_size": 3, "x": "y"}
+    assert check_train_request(app, "m", None) is None
+    for bad in ({"name": "../x"}, {"pretrained": "maybe"}, {"max_epochs": "1.5"}):
+        with pytest.raises(HTTPException) as e:
+            check_train_request(app, "m", bad)
+        assert e.value.status_code == 422, bad

@@ -143,7 +143,9 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
                            ({"learning_rate": -1}, "'learning_rate' must be > 0"),
                            ({"patches_per_image": "x"}, "'patches_per_image' must be an integer"),
                            ({"max_epochs": 0}, "'max_epochs' must be an integer >= 1"),
-                           ({"val_split": 1.5}, "'val_split' must be in [0, 1)")):
+                           ({"val_split": 1.5}, "'val_split' must be in [0, 1)"),
+                           ({"pretrained": "maybe"}, "'pretrained' must be true or false"),
+                           ({"name": "../../x"}, "is not a plain name")):
         r = requests.post(f"{server.url}/train/dfm_vlm_3d", params={"run_sync": "true"}, json=params, timeout=30)
         assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"device": "tpu"})  # not silently the CPU
@@ -243,7 +245,8 @@ def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, serv
     assert params["checkpoint_sha256"] == sha(published) != before["sha256"]  # each answer names its version
     # a second training run replaces the file atomically; the next request picks it up (no restart)
     mtime = published.stat().st_mtime
-    client.train_start("dfm_vlm_3d", {"max_epochs": 1, "val_split": 0.34})
+    # numbers as strings (as a form sends them) reach the trainer parsed (forwarded raw, the task ended in ERROR)
+    client.train_start("dfm_vlm_3d", {"max_epochs": "1", "val_split": "0.34"})
     _wait_for_training(client, server)
     assert published.stat().st_mtime > mtime
     assert client.info()["models"]["dfm_vlm_3d"]["checkpoint"]["modified_time"] == published.stat().st_mtime

@@ -6,10 +6,12 @@ core path (:func:`lib.evaluation.predict_item`, ``num_samples=M``) and stores in
 * ``{model}_uncertainty``: the score the strategy ranks by (default: the per-voxel variance of the M samples summed
   and divided by the number of predicted foreground voxels -- boundary disagreement relative to object size;
   ``bench/uncertainty_bench.py`` measures how it ranks images by their Dice),
-* ``{model}_uncertainty_detail`` (all summaries), ``{model}_uncertainty_ts`` (the checkpoint's mtime) and
+* ``{model}_uncertainty_detail`` (all summaries), ``{model}_uncertainty_ts`` (the checkpoint's mtime in ns) and
   ``{model}_uncertainty_num_samples`` (M): an image is rescored when the model or M changed.
 
-``DFMUncertaintyStrategy`` serves the unlabelled image with the highest score (scoring the unscored ones first).
+``DFMUncertaintyStrategy`` serves the unlabelled image with the highest *current* score (scoring first the images
+whose score is missing or was made by another checkpoint or another M: it ranked old and new models' scores
+together after a training published a new checkpoint).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.data import case_id
 from lib.evaluation import make_inferer, predict_item, uncertainty_scores
-from lib.config import ConfigError
+from lib.config import MAX_SAMPLES, ConfigError
 from lib.infers.dfm_vlm import DFMVLMInfer, ModelNotReady, _as_int
 from lib.transforms import InputError, image_spatial_dims
 
@@ -64,26 +66,34 @@ class DFMUncertaintyScoring(ScoringMethod):
         out = predict_item(system, {"image": uri, "case_id": case_id({"image": uri})}, inferer)
         return uncertainty_scores(out["prob_pre"], out["var_pre"])
 
+    def model_ts(self) -> int:
+        """The served checkpoint's mtime in nanoseconds (whole seconds let two trainings that published within one
+        second share their scores); raises ModelNotReady."""
+        return os.stat(self.infer_task.get_path()).st_mtime_ns
+
+    def is_current(self, info: dict, model_ts: int, num_samples: int) -> bool:
+        """A score is reused only when the served checkpoint made it with the same number of samples."""
+        return self.key in info and info.get(f"{self.key}_ts") == model_ts \
+            and info.get(f"{self.key}_num_samples") == num_samples
+
     def __call__(self, request, datastore: Datastore):
         t0 = time.time()
         try:
-            path = self.infer_task.get_path()
+            model_ts = self.model_ts()
             self.infer_task.system(self.infer_task.default_device())
         except ModelNotReady as e:
             return {"error": str(e)}
-        model_ts = int(os.stat(path).st_mtime)
         try:
             num_samples = _as_int("num_samples", request.get("num_samples", self.num_samples))
-            if num_samples < 2:
-                raise ConfigError(f"parameter 'num_samples' must be >= 2 (the samples' variance), got {num_samples}")
+            if not 2 <= num_samples <= MAX_SAMPLES:  # checked before any image (a bound hit in the loop: a 500)
+                raise ConfigError(f"parameter 'num_samples' must be an integer in [2, {MAX_SAMPLES}] (the samples' "
+                                  f"variance), got {num_samples}")
         except ConfigError as e:
             return {"error": str(e)}
         done, skipped, failed = 0, 0, {}
         for image_id in self.candidates(datastore):
             info = datastore.get_image_info(image_id)
-            # a score is reused only when the same checkpoint made it with the same number of samples
-            if info.get(f"{self.key}_ts") == model_ts and info.get(f"{self.key}_num_samples") == num_samples \
-                    and self.key in info:
+            if self.is_current(info, model_ts, num_samples):
                 skipped += 1
                 continue
             try:
@@ -104,14 +114,21 @@ class DFMUncertaintyStrategy(Strategy):
         self.scoring = scoring
 
     def __call__(self, request, datastore: Datastore):
-        key = self.scoring.key
+        key, m = self.scoring.key, self.scoring.num_samples
         candidates = self.scoring.candidates(datastore)
         if not candidates:
             return None
-        if any(key not in datastore.get_image_info(i) for i in candidates):
+        try:
+            ts = self.scoring.model_ts()
+        except ModelNotReady as e:
+            logger.warning("%s: %s", key, e)
+            return None
+        if not all(self.scoring.is_current(datastore.get_image_info(i), ts, m) for i in candidates):
             self.scoring({}, datastore)
-        scored = [(datastore.get_image_info(i).get(key), i) for i in candidates]
-        scored = [(s, i) for s, i in scored if s is not None]
+            ts = self.scoring.model_ts()
+        # only scores of the served checkpoint (with the default M): never old and new models' scores side by side
+        scored = [(datastore.get_image_info(i).get(key), i) for i in candidates
+                  if self.scoring.is_current(datastore.get_image_info(i), ts, m)]
         if not scored:
             return None
         score, image = max(scored)

@@ -30,6 +30,12 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE_MODELS = REPO / "sample_data" / "models"
 
 
+def stale_env_key(name: str) -> str:
+    """The environment variable that carries a model's ``stale_before`` (the server's start) to MONAI Label's
+    subprocesses."""
+    return "DFM_STALE_BEFORE_" + "".join(c if c.isalnum() else "_" for c in name).upper()
+
+
 class DFMTaskConfig(TaskConfig):
     PRESET: str = ""
     DESCRIPTION: str = ""
@@ -46,9 +52,17 @@ class DFMTaskConfig(TaskConfig):
         self.published = os.path.join(model_dir, f"{name}.pt")
         self.path = [self.checkpoint, self.published]  # the last existing file is served (live_paths)
         # a checkpoint named with --conf wins over one an earlier session published into model_dir (which every
-        # --studies shares); a training here publishes a newer one, which is then served
-        self.stale_before = time.time() if explicit and os.path.exists(self.published) else None
-        if self.stale_before is not None:
+        # --studies shares); a training here publishes a newer one, which is then served. "Here" is the server's
+        # start: MONAI Label runs training, scoring and batch inference in subprocesses that build the app again, and
+        # inherit the server's environment -- each used its own start time, so a checkpoint published by this
+        # session's first training looked stale to the next training (which fine-tuned from the --conf file again)
+        self.stale_before = None
+        if explicit:
+            key = stale_env_key(name)
+            self.stale_before = float(os.environ.get(key) or time.time())
+            os.environ[key] = repr(self.stale_before)
+        if self.stale_before is not None and os.path.exists(self.published) \
+                and os.stat(self.published).st_mtime < self.stale_before:
             logger.warning("%s: serving %s (--conf %s_checkpoint), not %s, which an earlier session published; a "
                            "training here replaces it and is then served", name, explicit, name, self.published)
         self._served = self._served_hparams()  # read once: the labels (a prompted model's structures), sampler
