@@ -102,6 +102,10 @@ def check_train_request(app, model: str, params: dict | None) -> dict | None:
         raise HTTPException(status_code=422, detail=f"training: {e}") from None
     if "name" in p:
         check_name(p["name"], "training parameter 'name'")
+    if "publish" in p and str(p["publish"]).lower() not in ("better", "always"):
+        raise HTTPException(status_code=422, detail=f"training: parameter 'publish' must be 'better' (the default: "
+                                                    f"only a model that beats the served one) or 'always', got "
+                                                    f"{p['publish']!r}")
     return out if params is not None else None
 
 

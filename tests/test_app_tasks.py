@@ -351,3 +351,55 @@ def test_training_parameters_reach_the_trainer_parsed():
         with pytest.raises(HTTPException) as e:
             check_train_request(app, "m", bad)
         assert e.value.status_code == 422, bad
+
+
+def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, make_system, ckpt3d, monkeypatch):
+    """A review: the first validation of every MONAI Label training was published whatever its Dice, so a short
+    fine-tune replaced a served 0.992 model with a 0.944 one. The served checkpoint's Dice on the run's validation
+    images, measured before the first epoch, is the one to beat; ``"publish": "always"`` keeps MONAI Label's own
+    behaviour (the run's best epoch)."""
+    import types
+
+    from ignite.engine import Events
+    from monailabel.tasks.train.basic_train import BasicTrainTask
+
+    from lib.trainers.dfm_vlm import _Publish
+
+    system = make_system()
+    ctx = types.SimpleNamespace(system=system, trainer=None, run_id="r", train_datalist=[], val_datalist=[])
+    path = tmp_path / "published.pt"
+    pub = _Publish(ctx, str(path), "val_mean_dice")
+    scores = iter([0.99, 0.95, 0.995])
+
+    class Evaluator:  # run(): one validation, whose EPOCH_COMPLETED handler is the publisher
+        state = types.SimpleNamespace(metrics={})
+
+        def run(self):
+            self.state.metrics = {"val_mean_dice": next(scores)}
+            pub(self)
+
+    ev = Evaluator()
+    pub.baseline_from(ev)(None)  # the served checkpoint, before the first epoch: measured, not published
+    assert pub.best == 0.99 and not path.exists()
+    ev.run()
+    assert not path.exists()  # 0.95: the served model stays
+    ev.run()
+    assert path.exists() and pub.best == 0.995
+
+    # the wiring: a fine-tune gets the baseline unless the request says "always"; a training from scratch does not
+    monkeypatch.setattr(BasicTrainTask, "finalize", lambda self, context: None)
+    trainer = _task(ckpt3d, tmp_path / "model").trainer()
+
+    class Engine:
+        def __init__(self):
+            self.handlers = []
+
+        def add_event_handler(self, event, handler):
+            self.handlers.append(event)
+
+    for request, tuned, want in (({}, str(ckpt3d), [Events.STARTED, Events.COMPLETED]),
+                                 ({"publish": "always"}, str(ckpt3d), []), ({}, None, [])):
+        c = types.SimpleNamespace(local_rank=0, evaluator=Engine(), trainer=Engine(), request=request,
+                                  fine_tuned_from=tuned)
+        trainer.finalize(c)
+        assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED], request
