@@ -296,13 +296,15 @@ def test_monailabel_trainer_multi_process_path_runs_on_two_cpu_processes(tmp_pat
 
     trainer({"multi_gpu": True, "gpus": "0,1", "device": "cpu", "distributed_backend": "gloo", "max_epochs": 2,
              "val_split": 0.34, "train_batch_size": 1, "patches_per_image": 2, "dataset": "Dataset",
-             "dataloader": "DataLoader"}, DS())
+             "dataloader": "DataLoader", "publish": "always"}, DS())
     out = capfd.readouterr()
     log = out.out + out.err
     # each spawned rank logs its own lines (the parent's go through pytest's logging capture)
     assert "0 - Train Request (final)" in log and "1 - Train Request (final)" in log, log[-3000:]
     published = load_checkpoint(cfg.published)
     assert published.metrics["epoch"] == 2 and published.hparams.model.spatial_dims == 3
+    # the epoch was chosen on all validation images (6 x 0.34: 2), not on rank 0's share (MONAI Label splits them)
+    assert published.metrics["val_cases"] == 2, published.metrics
 
 
 @pytest.mark.parametrize("capability,native,expected", [("AVX2", True, "fp32"), ("AVX512", True, "bf16")])

@@ -67,6 +67,13 @@ class CaseDice(Metric):
         return self._sum / self._n if self._n else 0.0
 
 
+class CaseCount(CaseDice):
+    """How many validation cases were scored (recorded with a published checkpoint)."""
+
+    def compute(self):
+        return self._n
+
+
 class _TrainStep:
     """The engine's training iteration (picklable: holds only the context's references at run time)."""
 
@@ -156,7 +163,8 @@ class _Publish:
             return
         self.best = value if value is not None else self.best
         model = ctx.system.model
-        metrics = {"val_mean_dice": value, "epoch": ctx.trainer.state.epoch if ctx.trainer else None,
+        metrics = {"val_mean_dice": value, "val_cases": engine.state.metrics.get("val_cases") if self.metric else None,
+                   "epoch": ctx.trainer.state.epoch if ctx.trainer else None,
                    "run_id": ctx.run_id, "train_images": len(ctx.train_datalist or []),
                    "val_images": len(ctx.val_datalist or [])}
         save_checkpoint(self.publish_path, model, ctx.system.hparams, metrics=metrics)
@@ -307,6 +315,18 @@ class DFMVLMTrain(BasicTrainTask):
         optimizer = self.optimizer(context)
         return torch.nn.parallel.DistributedDataParallel(network), optimizer
 
+    def _dataset(self, context, datalist, is_train, replace_rate=0.25):
+        """MONAI Label gives each rank of a multi-GPU training its share of the validation images too; rank 0 then
+        chose and published the best epoch by its share alone (half of them with 2 GPUs). Validation: every rank the
+        whole list (each validates everything: the same Dice everywhere; the sets of an annotation loop are small)."""
+        if is_train or not context.multi_gpu:
+            return super()._dataset(context, datalist, is_train, replace_rate)
+        context.multi_gpu = False
+        try:
+            return super()._dataset(context, datalist, is_train, replace_rate)
+        finally:
+            context.multi_gpu = True
+
     def _load_checkpoint(self, context, train_handlers):
         return None  # never load a bare state dict non-strictly: network() loads the self-describing checkpoint
 
@@ -320,6 +340,7 @@ class DFMVLMTrain(BasicTrainTask):
         return SupervisedEvaluator(
             device=context.device, val_data_loader=self.val_data_loader(context), network=context.network,
             inferer=self.val_inferer(context), key_val_metric=self.val_key_metric(context),
+            additional_metrics={"val_cases": CaseCount()},
             val_handlers=self.val_handlers(context), iteration_update=self.val_iteration_update(context))
 
     def _create_trainer(self, context: Context):
