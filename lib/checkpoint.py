@@ -241,6 +241,8 @@ def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None 
         # up to 2**21 voxels is 2x slower on a CPU than small calls (bench/cap_bench.py)
         raw["sampler"] = {**raw["sampler"], "max_batch_voxels": "auto"}
         notes.append("sampler.max_batch_voxels = 2**21 (the default before 2026-11-28) read as 'auto'")
+    # a checkpoint from before the policy names no precision: it is served in fp32 (what it was validated in)
+    raw = {**raw, "precision": raw.get("precision", "fp32")}
     try:
         hp = HParams.from_dict(raw)
     except (ConfigError, TypeError) as e:

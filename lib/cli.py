@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -48,10 +49,13 @@ def _set(hp, assignments: list[str]):
         except json.JSONDecodeError:
             value = raw
         obj = getattr(hp, section, None)
-        if obj is None or not hasattr(obj, key):
+        # a field of the section's dataclass (hasattr also matched properties and methods: AttributeError)
+        if obj is None or not dataclasses.is_dataclass(obj) or key not in {f.name for f in dataclasses.fields(obj)}:
             raise ConfigError(f"--set {path}: no such hyper-parameter")
         _check_type(path, getattr(obj, key), value, raw)
         if key == "features":
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+                raise ConfigError(f"--set {path}: every entry must be an integer >= 1, got {raw}")
             value = tuple(value)
         setattr(obj, key, value)
     return hp

@@ -416,7 +416,10 @@ class HParams:
             v = getattr(train, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"train.{k} must be an integer >= 1, got {v!r}")
-        for k, lo in (("lr", 0.0), ("val_every_s", 0.0)):
+        v = train.max_iterations  # None: the time budget alone (a string passed --set's check and failed later)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"train.max_iterations must be null or an integer >= 1, got {v!r}")
+        for k, lo in (("lr", 0.0), ("val_every_s", 0.0), ("time_budget_s", 0.0)):
             v = getattr(train, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= lo:
                 raise ConfigError(f"train.{k} must be a finite number > {lo:g}, got {v!r}")
@@ -507,8 +510,8 @@ class HParams:
                 if missing:
                     raise ConfigError(f"structures[{i}] misses {missing}")
             kwargs["structures"] = [StructureConfig(**st) for st in d["structures"]]
-        # a checkpoint from before the policy names no precision: it is served in fp32 (what it was validated in)
-        kwargs.setdefault("precision", "fp32")
+        # no precision: the default ("auto"; a legacy train.autocast maps onto it). A checkpoint without one is read
+        # as fp32 by lib.checkpoint.resolve_hparams (it was a preset file's fp32 too, against the documented auto)
         hp = cls(**kwargs)
         hp.precision, hp.train = _precision_of(hp.precision, hp.train)  # checkpoints from before the policy
         return hp

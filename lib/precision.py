@@ -90,6 +90,8 @@ def served(record: str, device: str | torch.device) -> str:
     tests in 90 minutes). An explicit request, ``--precision`` or ``precision=`` still forces any setting."""
     check(record)
     dev = torch.device(device)
+    if record == "auto":  # a checkpoint that does not say what it trained in (e.g. published by the MONAI Label
+        return "fp32"     # trainer before 2026-12-06): fp32, which every model runs in (auto could pick bf16)
     if record == "bf16":
         return "bf16" if resolve("auto", dev) == torch.bfloat16 else "fp32"
     if record == "fp16":

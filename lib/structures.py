@@ -147,10 +147,14 @@ class RandStructured(Randomizable, MapTransform):
 def select(structures: Sequence, labels: Sequence[str] | str | None = None) -> list:
     """The structures a request names (comma-separated or a list, by name or by value as VISTA3D's class prompts;
     None / empty / "all": every one), in the model's painting order."""
-    if labels is None or labels == "" or labels == "all" or labels == ["all"]:
+    if labels is None:
         return list(structures)
     if isinstance(labels, (str, int)):
         labels = [x.strip() for x in str(labels).split(",") if x.strip()]
+    else:
+        labels = [str(x).strip() for x in labels if str(x).strip()]
+    if not labels or [x.lower() for x in labels] == ["all"]:  # [], ",", " ", "ALL": every one (was: none, a 500)
+        return list(structures)
     names = [s.name for s in structures]
     by_value = {str(s.value): s.name for s in structures}
     labels = [by_value.get(str(x), str(x)) if str(x) not in names else str(x) for x in labels]  # a value names it too

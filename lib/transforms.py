@@ -115,7 +115,7 @@ class LoadImageChecked(MapTransform):
                         tmp = tmp or stack.enter_context(tempfile.TemporaryDirectory(prefix="dfm_series_"))
                         files[n] = self._series(f, os.path.join(tmp, f"{key}_{n}.nii.gz"))
                     elif isinstance(f, (str, os.PathLike)) and os.path.isfile(f):
-                        check_file(f)
+                        check_file(f, label=key != "image")  # a palette PNG is a valid label (as the datastore says)
                 d[key] = files if isinstance(src, (list, tuple)) else files[0]
             try:
                 return self.loader(d)

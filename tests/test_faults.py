@@ -222,7 +222,8 @@ def test_kill_9_of_the_server_in_the_middle_of_a_training_loses_nothing(tmp_path
         lab = tmp_path / "phantom_ct_07_label.nii.gz"
         nib.save(nib.Nifti1Image(truth, ct_affine()), str(lab))
         client.save_label("phantom_ct_07", str(lab), tag="final")
-        client.train_start("dfm_vlm_3d", {"max_epochs": 200, "val_split": 0.34, "patches_per_image": 2})
+        client.train_start("dfm_vlm_3d", {"max_epochs": 200, "val_split": 0.34, "patches_per_image": 2,
+                                          "publish": "always"})
         deadline = time.time() + 600
         while not published.exists() and time.time() < deadline:
             time.sleep(0.5)

@@ -271,3 +271,41 @@ def test_make_tiny_vlm_does_not_replace_a_model_silently(tmp_path, capsys):
     assert (out / "config.json").read_bytes() == before
     assert cli(["make-tiny-vlm", str(out), "--hidden", "16", "--projection-dim", "16", "--seed", "1",
                 "--overwrite"]) == 0
+
+
+def test_a_palette_png_label_goes_through_the_shared_preprocessing(tmp_path):
+    """The datastore accepts palette-coded label PNGs (a common way to store label maps); the shared preprocessing
+    refused them as "a palette PNG; save the image as greyscale", so training and evaluate failed on a label the
+    app had stored. A palette image is still refused as the *image* (above)."""
+    from lib.config import PreprocConfig
+    from lib.transforms import InputError, preprocess
+
+    img = np.zeros((36, 40), np.uint8)
+    img[5:20, 5:15] = 200
+    Image.fromarray(img).save(tmp_path / "i.png")
+    lab = Image.fromarray((img > 0).astype(np.uint8)).convert("P")
+    lab.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    lab.save(tmp_path / "l.png")
+    pre = preprocess(PreprocConfig(spatial_dims=2, num_channels=1, intensity={"type": "none"}, patch_size=[16, 16]))
+    out = pre({"image": str(tmp_path / "i.png"), "label": str(tmp_path / "l.png")})
+    assert float(out["label"].sum()) == float((img > 0).sum()) == 150
+    with pytest.raises(InputError, match="palette"):
+        pre({"image": str(tmp_path / "l.png")})
+
+
+def test_set_refuses_what_is_not_a_hyper_parameter_of_its_kind(tmp_path):
+    """A review: ``--set train.max_iterations=abc`` passed (its default is null, which was not type-checked) and
+    failed later in training; ``model.num_decoder_stages`` (a property) raised a bare AttributeError;
+    ``model.features=[16,"a"]`` a bare ValueError. Each is now one ConfigError naming the key."""
+    from lib.cli import _set
+    from lib.config import ConfigError, load_preset
+
+    for assignment, phrase in (("train.max_iterations=abc", "train.max_iterations must be null or an integer"),
+                               ("train.max_iterations=0", "train.max_iterations must be null or an integer"),
+                               ("model.num_decoder_stages=3", "no such hyper-parameter"),
+                               ("model.resolved=1", "no such hyper-parameter"),
+                               ('model.features=[16,"a"]', "every entry must be an integer")):
+        with pytest.raises(ConfigError, match=phrase):
+            _set(load_preset("dfm_vlm_2d"), [assignment]).resolved()
+    hp = _set(load_preset("dfm_vlm_2d"), ["train.max_iterations=5"])
+    assert hp.train.max_iterations == 5

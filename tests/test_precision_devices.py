@@ -147,3 +147,28 @@ def test_a_checkpoint_runs_in_its_training_precision_where_that_is_fast(monkeypa
     DFMSlidingWindowInferer([32, 32], steps=1)(torch.rand(1, 1, 32, 32), loaded)
     DFMSlidingWindowInferer([32, 32], steps=1, precision="bf16")(torch.rand(1, 1, 32, 32), loaded)
     assert calls == [expected, "bf16"], calls
+
+
+def test_a_checkpoint_that_records_auto_is_served_in_fp32():
+    """A review: ``auto`` records (the MONAI Label trainer published them before 2026-12-06) were served as ``auto``,
+    i.e. bf16 on a bf16 CPU, whatever the model was trained in (bf16 inference cost an fp32-trained model 0.20
+    Dice). Unknown training precision: fp32, which every model runs in."""
+    from lib.precision import served
+
+    assert served("auto", "cpu") == "fp32"
+    assert served("fp32", "cpu") == "fp32"
+
+
+def test_a_config_file_without_precision_gets_the_default_and_a_checkpoint_fp32():
+    """A review: every JSON config read through ``HParams.from_dict`` without a ``precision`` got fp32 (a
+    checkpoint's fallback), not the documented default ``auto``; the legacy ``train.autocast: "bf16"`` then became
+    fp32 instead of ``auto``. Checkpoints without a precision still load as fp32 (what they were validated in)."""
+    from lib.checkpoint import resolve_hparams
+    from lib.config import HParams
+
+    assert HParams.from_dict({}).precision == "auto" == HParams().precision
+    assert HParams.from_dict({"train": {"autocast": "bf16"}}).precision == "auto"
+    assert HParams.from_dict({"train": {"autocast": "none"}}).precision == "fp32"
+    raw = HParams().to_dict()
+    raw.pop("precision")
+    assert resolve_hparams(raw, {}).precision == "fp32"

@@ -341,3 +341,16 @@ def test_a_one_structure_model_answers_its_label_and_refuses_others(make_system)
     with pytest.raises(StructureError, match="not structures of this model"):
         system.prompts(["liver"])
     assert system.prompts(prompt="a bright blob") == [("a bright blob", 1, "a bright blob")]
+
+
+def test_an_empty_labels_request_means_every_structure():
+    """A review: ``labels: []`` (or ``","``, ``" "``) selected nothing and the request failed with an IndexError (a
+    500); the docstring and the README say empty means all. ``"ALL"`` is all too."""
+    import types
+
+    from lib.structures import select
+
+    s = [types.SimpleNamespace(name="a", value=1), types.SimpleNamespace(name="b", value=2)]
+    for every in (None, [], ",", " ", "all", "ALL", ["all"], [" "]):
+        assert [x.name for x in select(s, every)] == ["a", "b"], every
+    assert [x.name for x in select(s, "b, ")] == ["b"] and [x.name for x in select(s, [2])] == ["b"]
