@@ -173,18 +173,17 @@ class VLMEncoder(nn.Module):
         else:
             tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         tok = {k: v.to(self.device) for k, v in tok.items()}
-        return F.normalize(_features(self.model.get_text_features(**tok)).float(), dim=-1)
+        # in fp32 whatever autocast the caller runs under: the cache outlives the call, and a text's embedding must
+        # not depend on the precision of the request that first used it (a bf16 request made every later fp32
+        # request of that server use bf16-rounded text embeddings)
+        with torch.autocast(self.device.type, enabled=False):
+            return F.normalize(_features(self.model.get_text_features(**tok)).float(), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if missing:
-            # in fp32 whatever autocast the caller runs under: the cache outlives the call, and a text's embedding
-            # must not depend on the precision of the request that first used it (a bf16 request made every later
-            # fp32 request of that server use bf16-rounded text embeddings)
-            with torch.autocast(torch.device(self.device).type, enabled=False):
-                encoded = self._encode_text_uncached(list(missing))
-            for t, e in zip(missing, encoded):
+            for t, e in zip(missing, self._encode_text_uncached(list(missing))):
                 self._text_cache[t] = e
         e = torch.stack([self._text_cache[t] for t in texts])
         if self.text_center is not None:

@@ -48,18 +48,7 @@ logger = logging.getLogger(__name__)
 
 
 TRAIN_INTS = ("max_epochs", "train_batch_size", "val_batch_size", "patches_per_image", "early_stop_patience")
-TRAIN_BOOLS = ("pretrained", "multi_gpu")
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _as_bool(key: str, v) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
-        return v.strip().lower() in _TRUE
-    raise ConfigError(f"parameter {key!r} must be true or false, got {v!r}")
+TRAIN_BOOLS = ("pretrained", "multi_gpu", "augment")
 
 
 def check_train_request(app, model: str, params: dict | None) -> dict | None:
@@ -72,7 +61,7 @@ def check_train_request(app, model: str, params: dict | None) -> dict | None:
     folder under ``model_dir``)."""
     import math
 
-    from lib.infers.dfm_vlm import _as_float, _as_int
+    from lib.infers.dfm_vlm import _as_bool, _as_float, _as_int
 
     trainers = getattr(app, "_trainers", {}) or {}
     if model and model not in trainers:

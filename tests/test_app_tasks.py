@@ -345,11 +345,12 @@ def test_training_parameters_reach_the_trainer_parsed():
 
     app = types.SimpleNamespace(_trainers={"m": object()})
     got = check_train_request(app, "m", {"max_epochs": "2", "val_split": "0.25", "learning_rate": "1e-4",
-                                         "pretrained": "false", "multi_gpu": 0, "train_batch_size": 3, "x": "y"})
+                                         "pretrained": "false", "multi_gpu": 0, "train_batch_size": 3, "x": "y",
+                                         "augment": "off"})
     assert got == {"max_epochs": 2, "val_split": 0.25, "learning_rate": 1e-4, "pretrained": False,
-                   "multi_gpu": False, "train_batch_size": 3, "x": "y"}
+                   "multi_gpu": False, "train_batch_size": 3, "x": "y", "augment": False}
     assert check_train_request(app, "m", None) is None
-    for bad in ({"name": "../x"}, {"pretrained": "maybe"}, {"max_epochs": "1.5"}):
+    for bad in ({"name": "../x"}, {"pretrained": "maybe"}, {"max_epochs": "1.5"}, {"augment": "sometimes"}):
         with pytest.raises(HTTPException) as e:
             check_train_request(app, "m", bad)
         assert e.value.status_code == 422, bad

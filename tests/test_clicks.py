@@ -699,3 +699,9 @@ def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, intera
 
     with pytest.raises(ConfigError, match="uncertain_segment' needs num_samples >= 2"):
         task({**req, "num_samples": 1, "uncertain_segment": True})
+    # the request's booleans share one parser (lib.infers.dfm_vlm._as_bool): "false" is false, nonsense is named
+    # (it was silently false)
+    _, d3 = task({**req, "uncertain_segment": "false"})
+    assert "uncertain_fraction" not in d3["result"]
+    with pytest.raises(ConfigError, match="'uncertain_segment' must be true or false"):
+        task({**req, "uncertain_segment": "sometimes"})

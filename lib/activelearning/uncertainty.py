@@ -127,8 +127,8 @@ class DFMUncertaintyStrategy(Strategy):
             self.scoring({}, datastore)
             ts = self.scoring.model_ts()
         # only scores of the served checkpoint (with the default M): never old and new models' scores side by side
-        scored = [(datastore.get_image_info(i).get(key), i) for i in candidates
-                  if self.scoring.is_current(datastore.get_image_info(i), ts, m)]
+        infos = {i: datastore.get_image_info(i) for i in candidates}
+        scored = [(info[key], i) for i, info in infos.items() if self.scoring.is_current(info, ts, m)]
         if not scored:
             return None
         score, image = max(scored)

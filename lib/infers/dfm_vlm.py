@@ -88,6 +88,21 @@ def _as_float(name: str, v) -> float:
         raise ConfigError(f"parameter {name!r} must be a number, got {v!r}") from None
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _as_bool(name: str, v) -> bool:
+    """A request's boolean, which may arrive as a string ("false" is false); anything else is a ConfigError."""
+    v = _first(v)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ConfigError(f"parameter {name!r} must be true or false, got {v!r}")
+
+
 def sampler_params(req: dict) -> dict:
     """Validated sampler overrides from a request (numbers may arrive as strings); raises ConfigError."""
     out: dict[str, Any] = {}
@@ -417,7 +432,7 @@ class DFMVLMInfer(BasicInferTask):
         pre["case_id"] = key
         clicks = data.pop("_clicks", None)
         hold, grow, tol, scale = hold_params(data)
-        uncertain = str(_first(data.get("uncertain_segment", "false"))).lower() in ("1", "true", "yes")
+        uncertain = _as_bool("uncertain_segment", data.get("uncertain_segment", False))
         if uncertain and inferer.num_samples < 2:
             raise ConfigError("parameter 'uncertain_segment' needs num_samples >= 2 (the samples' disagreement)")
         prompt = _prompt_param(data)

@@ -29,7 +29,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from lib import precision as precision_policy
 from lib.checkpoint import CheckpointError, load_system, save_checkpoint
 from lib.config import HParams
-from lib.infers.dfm_vlm import live_paths
+from lib.infers.dfm_vlm import _as_bool, live_paths
 from lib.data import case_id, patch_transforms
 from lib.evaluation import evaluate_items, make_inferer
 from lib.inferer import DFMSystem
@@ -122,7 +122,7 @@ class _Publish:
     """Write the self-describing checkpoint where the infer task looks for it (best validation Dice).
 
     Fine-tuning a served checkpoint: its own Dice on this training's validation images (measured before the first
-    epoch, :meth:`baseline`) is the one to beat, so a training that only makes the model worse publishes nothing and
+    epoch, :meth:`baseline_from`) is the one to beat, so a training that only makes the model worse publishes nothing and
     the served model stays (the first epoch's model was published whatever its Dice: a 2-iteration fine-tune replaced
     a 0.992 model with a 0.944 one)."""
 
@@ -257,7 +257,7 @@ class DFMVLMTrain(BasicTrainTask):
     def train_pre_transforms(self, context: Context):
         hp = context.system.hparams
         k = int(context.request.get("patches_per_image", hp.train.patches_per_image))
-        augment = str(context.request.get("augment", hp.train.augment)).lower() in ("true", "1")
+        augment = _as_bool("augment", context.request.get("augment", hp.train.augment))
         return list(preprocess(hp.preprocessing, structures=hp.structures).transforms) + patch_transforms(
             hp.preprocessing, k, augment, hp.train.augmentation, structures=hp.structures)
 
