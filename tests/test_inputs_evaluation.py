@@ -169,7 +169,8 @@ def test_a_time_budget_ends_with_one_validation_within_the_budget(tmp_path, tiny
                          tmp_path / "run", time_budget_s=30.0, progress=False)
     its = [h["iteration"] for h in res.history]
     assert its[-1] == res.iterations and res.history[-1]["final"]
-    assert len(its) == (1 if val_every_s > 100 else len(its)) and res.iterations > 5, its
+    # 1e9: only the final validation; 2.5: periodic ones before it (the second gave way to the final one)
+    assert (len(its) == 1 if val_every_s > 100 else len(its) >= 2) and res.iterations > 5, its
     assert all(b - a > 2 for a, b in zip(its, its[1:])), its
     assert res.wall_seconds <= 30.0 + 1.0, res.wall_seconds  # at most one iteration (0.75 s here) over
 
