@@ -295,8 +295,12 @@ class DFMVLMApp(MONAILabelApp):
                                                         f"{sorted(self._strategies)}")
         try:
             return super().next_sample(request)
-        except (InputError, ModelNotReady) as e:
+        except InputError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
+        except (ModelNotReady, CheckpointError) as e:  # a ranking strategy without a served model (was: {})
+            raise HTTPException(status_code=503, detail=f"strategy {strategy!r}: the model is not ready: {e}; the "
+                                                        "strategies 'random' and 'first' serve an image without "
+                                                        "a model") from e
 
     def scoring(self, request, datastore=None):
         method = request.get("method")

@@ -201,6 +201,56 @@ def test_untrained_model_is_not_served(tmp_path):
     assert not ok and "cannot be served" in reason
 
 
+def test_next_sample_by_uncertainty_without_a_model_is_a_503_naming_why(tmp_path, ckpt3d):
+    """A review: with no servable checkpoint the uncertainty strategy answered None, which MONAI Label sends as {}
+    (a client shows "no more images" with images waiting); scoring's model time was os.stat(None), a 500. Now a
+    503 that names the missing checkpoint and the strategies that need no model; with a checkpoint the same
+    request serves an image."""
+    from fastapi import HTTPException
+
+    from lib.activelearning.uncertainty import DFMUncertaintyScoring, DFMUncertaintyStrategy
+    from lib.infers.dfm_vlm import ModelNotReady
+    from monailabel_app.main import DFMVLMApp
+
+    entry = write_phantom_case(tmp_path / "studies", "case05", shape=(24, 24, 16))
+
+    class DS:
+        info: dict = {}
+
+        def get_unlabeled_images(self):
+            return ["case05"]
+
+        def get_image_uri(self, image_id):
+            return entry["image"]
+
+        def get_image_info(self, image_id):
+            return self.info.setdefault(image_id, {})
+
+        def update_image_info(self, image_id, d):
+            self.info.setdefault(image_id, {}).update(d)
+
+    published = tmp_path / "model" / "dfm_vlm_3d.pt"
+    task = _task(tmp_path / "missing.pt", tmp_path / "model").infer()
+    scoring = DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2)
+    assert "no trained checkpoint" in scoring({}, DS())["error"]
+    app = object.__new__(DFMVLMApp)  # the app's request method alone (no server): its strategy, its datastore
+    ds = DS()
+    app._strategies = {"dfm_vlm_3d_uncertainty": DFMUncertaintyStrategy(scoring)}
+    app._datastore, app.datastore, app._auto_update_scoring = ds, (lambda: ds), False
+    for content in (None, b"garbage"):  # no file; a file that cannot be loaded
+        if content:
+            published.parent.mkdir(parents=True, exist_ok=True)
+            published.write_bytes(content)
+        with pytest.raises(ModelNotReady):
+            app._strategies["dfm_vlm_3d_uncertainty"]({}, ds)
+        with pytest.raises(HTTPException) as e:
+            app.next_sample({"strategy": "dfm_vlm_3d_uncertainty"})
+        assert e.value.status_code == 503 and "'random'" in e.value.detail, e.value.detail
+        assert ("no trained checkpoint" if content is None else "cannot be served") in e.value.detail
+    shutil.copy(ckpt3d, published)
+    assert app.next_sample({"strategy": "dfm_vlm_3d_uncertainty"})["id"] == "case05"
+
+
 def test_a_failing_checkpoint_is_not_reloaded_on_every_poll_but_a_new_file_is(tmp_path, ckpt3d, monkeypatch):
     import lib.infers.dfm_vlm as infer_mod
 

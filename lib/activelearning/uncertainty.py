@@ -69,7 +69,10 @@ class DFMUncertaintyScoring(ScoringMethod):
     def model_ts(self) -> int:
         """The served checkpoint's mtime in nanoseconds (whole seconds let two trainings that published within one
         second share their scores); raises ModelNotReady."""
-        return os.stat(self.infer_task.get_path()).st_mtime_ns
+        path = self.infer_task.get_path()
+        if not path:  # os.stat(None): a TypeError, a 500
+            raise ModelNotReady(self.infer_task.readiness()[1])
+        return os.stat(path).st_mtime_ns
 
     def is_current(self, info: dict, model_ts: int, num_samples: int) -> bool:
         """A score is reused only when the served checkpoint made it with the same number of samples."""
@@ -118,11 +121,10 @@ class DFMUncertaintyStrategy(Strategy):
         candidates = self.scoring.candidates(datastore)
         if not candidates:
             return None
-        try:
-            ts = self.scoring.model_ts()
-        except ModelNotReady as e:
-            logger.warning("%s: %s", key, e)
-            return None
+        # no served model, no ranking: an error naming why (the app answers 503), not an empty answer that a client
+        # shows as "no more images" (MONAI Label answers {} for None); 'random' / 'first' need no model
+        ts = self.scoring.model_ts()
+        self.scoring.infer_task.system(self.scoring.infer_task.default_device())  # a file that cannot be loaded
         if not all(self.scoring.is_current(datastore.get_image_info(i), ts, m) for i in candidates):
             self.scoring({}, datastore)
             ts = self.scoring.model_ts()
