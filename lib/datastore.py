@@ -32,7 +32,65 @@ from lib.transforms import InputError
 logger = logging.getLogger(__name__)
 
 
-class CheckedDICOMWebDatastore(DICOMWebDatastore):
+class FreshIndex:
+    """Index writes that start from the index as it is on disk (a mixin for MONAI Label's folder datastores).
+
+    MONAI Label runs scoring and training in subprocesses, each with its own copy of the index (``datastore_v2.json``)
+    read at its start, and ``update_image_info`` wrote the whole copy back: a scoring run that outlived an annotator's
+    *Submit Label* wrote the index without that label, and the server, reloading the index it watches, listed the
+    image as unlabelled again (Next Sample could serve it, the label's info was lost). Here each change is made to the
+    index re-read under the datastore's file lock, then written under the same lock."""
+
+    def _reload_index_locked(self) -> None:
+        """The index from disk; the caller holds ``self._lock_file`` (``_init_from_datastore_file`` takes it again:
+        a second flock on the file from this process would wait for ever). Read whatever the file's time says: two
+        writes within the file system's time step share an mtime."""
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        path = self._datastore_config_path
+        if not os.path.exists(path):
+            return
+        with open(path) as fp:
+            text = fp.read()
+        try:
+            model = LocalDatastoreModel.model_validate_json(text)
+        except ValueError as e:  # a broken index: keep what is in memory (set_aside_unreadable_index at start)
+            logger.error("datastore index %s unreadable, not reloaded: %s", path, e)
+            return
+        model.base_path = self._datastore_path
+        self._datastore = model
+        self._config_ts = os.stat(path).st_mtime
+
+    def _change_index(self, change) -> None:
+        with FileLock(self._lock_file):
+            self._reload_index_locked()
+            change()
+            self._update_datastore_file(lock=False)
+
+    def update_image_info(self, image_id: str, info: dict) -> None:
+        from monailabel.interfaces.exception import ImageNotFoundException
+
+        def change():
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise ImageNotFoundException(f"Image {image_id} not found")
+            obj.image.info.update(info)
+
+        self._change_index(change)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
+        from monailabel.interfaces.exception import LabelNotFoundException
+
+        def change():
+            label = self._datastore.label(label_id, label_tag)
+            if not label:
+                raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
+            label.info.update(info)
+
+        self._change_index(change)
+
+
+class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
     def get_image_uri(self, image_id: str) -> str:
         if not image_id:
             return ""
@@ -227,7 +285,7 @@ def _same_bytes(a: str, b: str) -> bool:
         return False
 
 
-class CheckedLocalDatastore(LocalDatastore):
+class CheckedLocalDatastore(FreshIndex, LocalDatastore):
     """MONAI Label's folder datastore whose ``save_label`` refuses what would replace a good label with garbage:
     an unknown image (404), an id or tag that is a path (422), a file that is not a label map of the image's shape
     (422). The stored label is untouched by a refused request."""
@@ -284,11 +342,14 @@ class CheckedLocalDatastore(LocalDatastore):
         the stored label is the old file or the new one. A failed write answers 507 and keeps the old label."""
         from fastapi import HTTPException
 
-        obj = self._datastore.objects[image_id]
         _, ext = self._to_id(os.path.basename(label_filename))
         folder = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)
         with FileLock(self._lock_file):
+            self._reload_index_locked()  # FreshIndex: a subprocess's scores written meanwhile are kept
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:  # removed meanwhile
+                raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
             try:
                 with open(label_filename, "rb") as src:
                     atomic_write(os.path.join(folder, name), lambda f: shutil.copyfileobj(src, f))

@@ -172,6 +172,49 @@ def test_a_label_write_that_fails_half_way_keeps_the_stored_label(tmp_path, monk
     assert reopened.get_label_info("phantom_ct_06", "final")["client"] == "test"
 
 
+def test_a_scoring_subprocess_does_not_drop_a_label_saved_while_it_ran(tmp_path):
+    """A review: MONAI Label's scoring subprocess holds the index as it was at its start and wrote all of it back
+    with each score, so a label the server saved meanwhile vanished from the index (the server, which reloads the
+    index it watches, then listed the image as unlabelled, and the label's info was lost). Each write now starts
+    from the index on disk, under the lock: the label and the score both stay, in either order."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(ROOT / "sample_data" / "phantom_ct_06.nii.gz", studies / f"{name}.nii.gz")
+    img = nib.load(studies / "a.nii.gz")
+    lab = np.zeros(img.shape, np.uint8)
+    lab[4:20, 10:30] = 1
+    upload = tmp_path / "upload.nii.gz"
+    nib.save(nib.Nifti1Image(lab, img.affine), str(upload))
+
+    def open_ds():
+        return CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+
+    server = open_ds()
+    scoring = open_ds()  # the subprocess: started before the label was saved
+    server.save_label("a", str(upload), "final", {"client": "annotator"})
+    scoring.update_image_info("b", {"m_uncertainty": 0.5})  # its copy knows no label of "a"
+    on_disk = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], read_only=True)  # the index, as written
+    assert on_disk.get_labeled_images() == ["a"], "the label was dropped from the index"
+    assert on_disk.get_label_info("a", "final")["client"] == "annotator"
+    server.update_image_info("a", {"note": 1})  # the server's copy has not seen the score yet
+    on_disk = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], read_only=True)
+    assert on_disk.get_image_info("b")["m_uncertainty"] == 0.5, "the score was dropped"
+    assert on_disk.get_image_info("a")["note"] == 1
+    # the other order: a score written while the server's copy is stale is kept by the server's next label
+    scoring.update_image_info("a", {"m_uncertainty": 0.25})
+    server.save_label("b", str(upload), "final", {"client": "second"})
+    on_disk = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], read_only=True)
+    assert on_disk.get_image_info("a")["m_uncertainty"] == 0.25 and sorted(on_disk.get_labeled_images()) == ["a", "b"]
+
+
 class _Payload:
     """What a hostile checkpoint carries: unpickling it would run ``os.system``."""
 
