@@ -52,6 +52,12 @@ def check_truth(truth: dict, name: str = "") -> None:
         raise ConfigError(f"{where} needs exactly one of 'values' (a list of label values) or 'above' (a threshold)")
     if "values" in truth and (not isinstance(truth["values"], list) or not truth["values"]):
         raise ConfigError(f"{where} 'values' must be a non-empty list, got {truth['values']!r}")
+    for v in truth.get("values") or []:
+        # labels are loaded as float32 (MONAI's LoadImage), which holds integers exactly only below 2**24: a value
+        # 16 777 217 reads as 16 777 216, so its structure's truth was silently empty
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not abs(v) < 2 ** 24:
+            raise ConfigError(f"{where} 'values' must be integers of magnitude below 2**24 = 16777216 (labels are "
+                              f"read as float32, exact only below that), got {v!r}")
     if truth.get("side") not in (None, "low", "high"):
         raise ConfigError(f"{where} 'side' must be 'low' or 'high', got {truth['side']!r}")
     if "axis" in truth and not isinstance(truth["axis"], int):

@@ -15,7 +15,7 @@ from lib.checkpoint import load_checkpoint, load_system, save_checkpoint
 from lib.config import ConfigError, HParams, StructureConfig, VLMConfig
 from lib.data import PatchBatcher
 from lib.evaluation import evaluate_items, make_inferer, predict_item
-from lib.structures import StructureError, paint, structure_truth
+from lib.structures import StructureError, check_truth, paint, structure_truth
 from lib.training import build_system, train
 from lib.transforms import preprocess
 from lib.vlm import VLMEncoder, make_tiny_siglip, patch_condition
@@ -75,6 +75,13 @@ def test_structure_truths_values_threshold_and_sides():
     assert structure_truth(brats, {"above": 0}).tolist() == [[0, 1, 1, 1, 1]]
     assert structure_truth(brats, {"values": [1, 3, 4]}).tolist() == [[0, 1, 0, 1, 1]]
     assert structure_truth(brats, {"values": [4]}).tolist() == [[0, 0, 0, 0, 1]]
+    # a value float32 cannot hold: the label as loaded (float32) never has it, so its truth was silently empty
+    big = np.array([[0, 16777217]], np.int64).astype(np.float32)  # what LoadImage gives for that int32 label
+    assert structure_truth(big, {"values": [16777217]}).sum() == 0  # why it is refused
+    for bad in ([16777217], [1.5], ["1"], [True]):
+        with pytest.raises(ConfigError, match="values"):
+            check_truth({"values": bad}, "x")
+    check_truth({"values": [16777215, -3, 2.0]}, "x")
 
 
 def test_structures_are_checked_and_travel_in_the_checkpoint(tmp_path, tiny_clip):
