@@ -76,10 +76,11 @@ def check_train_request(app, model: str, params: dict | None) -> dict | None:
                 out[k] = _as_int(k, p[k])
                 if out[k] < 1:
                     raise ConfigError(f"parameter {k!r} must be an integer >= 1, got {p[k]!r}")
-        if "learning_rate" in p:
-            out["learning_rate"] = _as_float("learning_rate", p["learning_rate"])
-            if not 0 < out["learning_rate"] < math.inf:
-                raise ConfigError(f"parameter 'learning_rate' must be > 0, got {p['learning_rate']!r}")
+        for k in ("learning_rate", "fine_tune_lr_scale"):
+            if k in p:
+                out[k] = _as_float(k, p[k])
+                if not 0 < out[k] < math.inf:
+                    raise ConfigError(f"parameter {k!r} must be > 0, got {p[k]!r}")
         if "val_split" in p:
             out["val_split"] = _as_float("val_split", p["val_split"])
             if not 0 <= out["val_split"] < 1:
@@ -91,6 +92,13 @@ def check_train_request(app, model: str, params: dict | None) -> dict | None:
         raise HTTPException(status_code=422, detail=f"training: {e}") from None
     if "name" in p:
         check_name(p["name"], "training parameter 'name'")
+    if "lr_schedule" in p:
+        from lib.trainers.dfm_vlm import LR_SCHEDULES
+
+        if str(p["lr_schedule"]).lower() not in LR_SCHEDULES:
+            raise HTTPException(status_code=422, detail=f"training: parameter 'lr_schedule' must be one of "
+                                                        f"{list(LR_SCHEDULES)}, got {p['lr_schedule']!r}")
+        out["lr_schedule"] = str(p["lr_schedule"]).lower()
     if "publish" in p and str(p["publish"]).lower() not in ("better", "always"):
         raise HTTPException(status_code=422, detail=f"training: parameter 'publish' must be 'better' (the default: "
                                                     f"only a model that beats the served one) or 'always', got "

@@ -396,14 +396,63 @@ def test_training_parameters_reach_the_trainer_parsed():
     app = types.SimpleNamespace(_trainers={"m": object()})
     got = check_train_request(app, "m", {"max_epochs": "2", "val_split": "0.25", "learning_rate": "1e-4",
                                          "pretrained": "false", "multi_gpu": 0, "train_batch_size": 3, "x": "y",
-                                         "augment": "off"})
+                                         "augment": "off", "fine_tune_lr_scale": "0.5", "lr_schedule": "Constant"})
     assert got == {"max_epochs": 2, "val_split": 0.25, "learning_rate": 1e-4, "pretrained": False,
-                   "multi_gpu": False, "train_batch_size": 3, "x": "y", "augment": False}
+                   "multi_gpu": False, "train_batch_size": 3, "x": "y", "augment": False, "fine_tune_lr_scale": 0.5,
+                   "lr_schedule": "constant"}
     assert check_train_request(app, "m", None) is None
-    for bad in ({"name": "../x"}, {"pretrained": "maybe"}, {"max_epochs": "1.5"}, {"augment": "sometimes"}):
+    for bad in ({"name": "../x"}, {"pretrained": "maybe"}, {"max_epochs": "1.5"}, {"augment": "sometimes"},
+                {"fine_tune_lr_scale": 0}, {"lr_schedule": "step"}):
         with pytest.raises(HTTPException) as e:
             check_train_request(app, "m", bad)
         assert e.value.status_code == 422, bad
+
+
+def test_the_monailabel_trainer_follows_the_cli_learning_rate_schedule(tmp_path, ckpt3d, make_system):
+    """A review: the MONAI Label trainer ran every epoch at the preset's peak rate (no schedule: a fine-tune of a
+    converged model at 2e-3 to the end), with the *app preset's* rate and batch even for a checkpoint trained with
+    another preset. Now: ``lib.training.lr_at`` (the CLI's warm-up and cosine) over max_epochs x iterations per epoch,
+    the peak from the served checkpoint's training settings, scaled by ``fine_tune_lr_scale`` for a fine-tune."""
+    import math
+    import types
+
+    from ignite.engine import Engine, Events
+
+    from lib.trainers.dfm_vlm import FINE_TUNE_LR_SCALE
+    from lib.training import lr_at
+
+    served = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
+    served.hparams.preprocessing.orientation = "RAS"
+    served.hparams.train.lr, served.hparams.train.images_per_batch = 7e-4, 5  # not the app preset's
+    save_checkpoint(ckpt3d, served.model, served.hparams)
+    trainer = _task(ckpt3d, tmp_path / "model").trainer()
+    assert trainer.hparams.train.lr != 7e-4  # the preset differs
+    assert trainer._config["learning_rate"] == 7e-4 and trainer._config["train_batch_size"] == 5
+    for tuned, request, peak in ((str(ckpt3d), {}, 7e-4 * FINE_TUNE_LR_SCALE),
+                                 (str(ckpt3d), {"fine_tune_lr_scale": 0.5}, 3.5e-4),
+                                 (None, {"fine_tune_lr_scale": 0.5}, 7e-4),  # from scratch: not scaled
+                                 (None, {"learning_rate": 1e-3}, 1e-3)):
+        request = {**trainer._config, **request}
+        context = types.SimpleNamespace(request=request, fine_tuned_from=tuned, local_rank=1, evaluator=None)
+        handler = trainer.train_handlers(context)[0]
+        net = torch.nn.Linear(2, 2)
+        engine = Engine(lambda e, b: None)
+        engine.optimizer = torch.optim.AdamW(net.parameters(), lr=trainer.peak_lr(context))
+        lrs = []
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: lrs.append(e.optimizer.param_groups[0]["lr"]))
+        handler.attach(engine)
+        engine.run(range(5), max_epochs=4)  # 20 iterations
+        assert len(lrs) == 20
+        want = [lr_at(i / 20, peak) for i in range(20)]
+        assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(lrs, want)), (request, lrs[:3], want[:3])
+        assert lrs[0] < 0.2 * peak and max(lrs) > 0.9 * peak and lrs[-1] < 0.05 * peak  # warm-up, peak, decay
+    constant = trainer.train_handlers(types.SimpleNamespace(request={**trainer._config, "lr_schedule": "constant"},
+                                                            fine_tuned_from=None, local_rank=1, evaluator=None))[0]
+    engine = Engine(lambda e, b: None)
+    engine.optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    constant.attach(engine)
+    engine.run(range(3), max_epochs=2)
+    assert engine.optimizer.param_groups[0]["lr"] == 7e-4
 
 
 def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, make_system, ckpt3d, monkeypatch):

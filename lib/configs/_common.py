@@ -117,7 +117,7 @@ class DFMTaskConfig(TaskConfig):
 
         return DFMVLMTrain(model_dir=os.path.join(self.model_dir, self.name), hparams=self.hparams,
                            publish_path=self.published, init_paths=self.path, vlm=self.vlm,
-                           stale_before=self.stale_before,
+                           stale_before=self.stale_before, train_defaults=self._served.train,
                            description=f"Train {self.name}: {self.DESCRIPTION}")
 
     def scoring_method(self):

@@ -35,10 +35,13 @@ from lib.evaluation import evaluate_items, make_inferer
 from lib.inferer import DFMSystem
 from lib.network import ConditionalUNet
 from lib.transforms import image_spatial_dims, preprocess
-from lib.training import train_loss
+from lib.training import lr_at, train_loss
 from lib.vlm import VLMEncoder
 
 logger = logging.getLogger(__name__)
+
+# a run from a served checkpoint peaks at this share of ``learning_rate`` (request ``fine_tune_lr_scale``)
+FINE_TUNE_LR_SCALE = 1.0
 
 
 class CaseDice(Metric):
@@ -171,13 +174,37 @@ class _Publish:
         logger.info("published %s (val Dice %s)", self.publish_path, value)
 
 
+class _LRSchedule:
+    """The learning rate of ``python -m lib train`` (:func:`lib.training.lr_at`: 3 % warm-up from a tenth of the peak,
+    then a cosine to 2 % of it) over this run's iterations (``max_epochs`` x iterations per epoch), set before each
+    iteration. The trainer ran every epoch at the preset's peak rate (``lr_schedule`` = ``constant`` keeps that)."""
+
+    def __init__(self, peak: float, schedule: str):
+        self.peak, self.schedule = peak, schedule
+
+    def __call__(self, engine):
+        st = engine.state
+        total = max(1, int(st.epoch_length or 1) * int(st.max_epochs or 1))
+        lr = self.peak if self.schedule == "constant" else lr_at((st.iteration - 1) / total, self.peak)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr
+
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
 class DFMVLMTrain(BasicTrainTask):
     def __init__(self, model_dir: str, hparams: HParams, publish_path: str, init_paths: list[str],
                  description: str = "Train the DFM+VLM model", vlm: str | None = None, config: dict | None = None,
-                 stale_before: float | None = None, **kwargs):
-        tc = hparams.train
+                 stale_before: float | None = None, train_defaults=None, **kwargs):
+        # the run's defaults (learning rate, batch, patches, augmentation) are those the served checkpoint was trained
+        # with (``train_defaults``; the preset's when none is served): a cxr_lung checkpoint named with --conf was
+        # fine-tuned with the app preset's rate and batch (3e-3 x 2 images instead of 2e-3 x 8)
+        tc = train_defaults or hparams.train
+        self.train_defaults = tc
         cfg = {"max_epochs": 20, "val_split": 0.2, "train_batch_size": tc.images_per_batch, "val_batch_size": 1,
-               "patches_per_image": tc.patches_per_image, "learning_rate": tc.lr, "augment": tc.augment,
+               "patches_per_image": tc.patches_per_image, "learning_rate": tc.lr, "lr_schedule": "cosine",
+               "fine_tune_lr_scale": FINE_TUNE_LR_SCALE, "augment": tc.augment,
                "dataset": ["CacheDataset", "Dataset"], "dataloader": ["ThreadDataLoader", "DataLoader"],
                "multi_gpu": True, "pretrained": True}
         cfg.update(config or {})
@@ -244,9 +271,17 @@ class DFMVLMTrain(BasicTrainTask):
         context.system = DFMSystem(model, vlm, hp)
         return model
 
+    def peak_lr(self, context: Context) -> float:
+        """The run's peak learning rate: ``learning_rate`` (the preset's), times ``fine_tune_lr_scale`` when the run
+        starts from a served checkpoint."""
+        lr = float(context.request.get("learning_rate", self.train_defaults.lr))
+        if getattr(context, "fine_tuned_from", None):
+            lr *= float(context.request.get("fine_tune_lr_scale", FINE_TUNE_LR_SCALE))
+        return lr
+
     def optimizer(self, context: Context):
-        lr = float(context.request.get("learning_rate", self.hparams.train.lr))
-        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=self.hparams.train.weight_decay)
+        return torch.optim.AdamW(context.network.parameters(), lr=self.peak_lr(context),
+                                 weight_decay=self.train_defaults.weight_decay)
 
     def loss_function(self, context: Context):
         return torch.nn.BCEWithLogitsLoss()  # the loss is computed in train_iteration_update (flow.training_step)
@@ -288,7 +323,10 @@ class DFMVLMTrain(BasicTrainTask):
     def train_handlers(self, context: Context):
         from monai.handlers import StatsHandler, ValidationHandler
 
-        handlers: list = []
+        schedule = str(context.request.get("lr_schedule", "cosine")).lower()
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+        handlers: list = [_LRScheduleHandler(_LRSchedule(self.peak_lr(context), schedule))]
         if context.local_rank == 0:
             handlers.append(StatsHandler(tag_name="train_loss", output_transform=_loss_of))
         if context.evaluator:
@@ -366,6 +404,16 @@ class DFMVLMTrain(BasicTrainTask):
                     context.trainer.add_event_handler(Events.COMPLETED, publish.report)
             else:
                 context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None))
+
+
+class _LRScheduleHandler:
+    """Attaches :class:`_LRSchedule` to the trainer's ITERATION_STARTED (a MONAI handler's ``attach``)."""
+
+    def __init__(self, schedule: _LRSchedule):
+        self.schedule = schedule
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.ITERATION_STARTED, self.schedule)
 
 
 def _loss_of(output):
