@@ -74,8 +74,11 @@ def _points(value, key: str, spatial_dims: int, shape: Sequence[int]) -> list[tu
         if isinstance(p, (str, bytes)) or not isinstance(p, (list, tuple)):
             raise ClickError(f"{where} is not a point: give {spatial_dims} voxel indices")
         coords = list(p)
-        # a 2D image opened in Slicer is a one-slice volume: its IJK points carry k = 0
-        if spatial_dims == 2 and len(coords) == 3 and _is_number(coords[2]) and float(coords[2]) == 0.0:
+        # a 2D image opened in Slicer is a one-slice volume: its IJK points carry k = 0 (a client that sends unrounded
+        # indices may give 1e-9 there: rounded, as i and j are)
+        if spatial_dims == 2 and len(coords) == 3 and _is_number(coords[2]):
+            if round(float(coords[2])) != 0:
+                raise ClickError(f"{where}: a 2D image has one slice, so its third index must be 0 (or absent)")
             coords = coords[:2]
         if len(coords) != spatial_dims:
             raise ClickError(f"{where} has {len(coords)} coordinate(s); the image is {spatial_dims}D")
@@ -93,7 +96,7 @@ def _is_number(v) -> bool:
         return False
     try:
         return math.isfinite(float(v))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a 400-digit integer (was a 500)
         return False
 
 
@@ -107,7 +110,7 @@ def parse_clicks(request: dict, label_names: Iterable[str], spatial_dims: int, s
     fg: list[tuple[int, ...]] = []
     fg += _points(request.get("foreground"), "foreground", spatial_dims, shape)
     for name in label_names:
-        if name != "background":
+        if name not in ("background", "foreground"):  # a label named "foreground": its list is read once, above
             fg += _points(request.get(name), name, spatial_dims, shape)
     bg = _points(request.get("background"), "background", spatial_dims, shape)
     both = sorted(set(fg) & set(bg))

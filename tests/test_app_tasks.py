@@ -285,9 +285,15 @@ def test_request_parameters_are_validated():
         {"sampler": "heun", "steps": 4, "overlap": 0.5}
     for bad, msg in (({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"overlap": 2}, "overlap"),
                      ({"num_samples": -1}, "num_samples"), ({"sampler": "ddim"}, "sampler"),
-                     ({"steps": "many"}, "integer")):
+                     ({"steps": "many"}, "integer"), ({"steps": "inf"}, "steps"), ({"seed": 10 ** 400}, "seed"),
+                     ({"overlap": 10 ** 400}, "overlap")):  # the last three: OverflowError, a 500
         with pytest.raises(ConfigError, match=msg):
             sampler_params(bad)
+    from lib.infers.dfm_vlm import hold_params
+
+    for bad in ({"hold_radius": "1e400"}, {"grow_radius": 10 ** 400}, {"grow_tolerance": 10 ** 400}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            hold_params(bad)
 
 
 def test_trainer_task_pickles_for_ddp_and_filters_by_dimension(tmp_path, ckpt3d):
@@ -402,7 +408,8 @@ def test_training_parameters_reach_the_trainer_parsed():
                    "lr_schedule": "constant"}
     assert check_train_request(app, "m", None) is None
     for bad in ({"name": "../x"}, {"pretrained": "maybe"}, {"max_epochs": "1.5"}, {"augment": "sometimes"},
-                {"fine_tune_lr_scale": 0}, {"lr_schedule": "step"}):
+                {"fine_tune_lr_scale": 0}, {"lr_schedule": "step"}, {"max_epochs": "inf"},
+                {"learning_rate": 10 ** 400}):
         with pytest.raises(HTTPException) as e:
             check_train_request(app, "m", bad)
         assert e.value.status_code == 422, bad

@@ -27,7 +27,13 @@ def test_both_request_formats_give_the_same_clicks():
     assert deepgrow.fg == [(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)] and deepgrow.bg == [(7.0, 8.0, 9.0)]
     # a 2D image opened in Slicer is a one-slice volume: IJK with k = 0 is accepted, k != 0 is not
     assert parse_clicks({"lung": [[3, 4, 0]]}, ["lung"], 2, (10, 10)).fg == [(3.0, 4.0)]
+    # unrounded indices (OHIF v3) with k from a matrix inversion: rounded as i and j are (was refused as "3D")
+    assert parse_clicks({"lung": [[3.4, 4.2, 1e-9]]}, ["lung"], 2, (10, 10)).fg == [(3.0, 4.0)]
+    with pytest.raises(ClickError, match="third index must be 0"):
+        parse_clicks({"lung": [[3, 4, 1]]}, ["lung"], 2, (10, 10))
     assert not parse_clicks({"image": "x", "steps": 2}, ["lung"], 2, (10, 10))
+    # a model whose label is named "foreground" (the config's default): each click once, not twice
+    assert parse_clicks({"foreground": [[1, 2]]}, ["foreground", "background"], 2, (10, 10)).fg == [(1.0, 2.0)]
 
 
 @pytest.mark.parametrize("request_, needle", [
@@ -40,6 +46,7 @@ def test_both_request_formats_give_the_same_clicks():
     ({"foreground": "1,2,3"}, "must be a list of points"),
     ({"foreground": [5]}, "foreground[0] = 5 is not a point"),
     ({"foreground": [[1, 2, 3]], "background": [[1, 2, 3]]}, "clicked both as foreground and as background"),
+    ({"foreground": [[10 ** 400, 2, 3]]}, "not a finite number"),  # an OverflowError, a 500
 ])
 def test_bad_points_are_refused_naming_the_point(request_, needle):
     with pytest.raises(ClickError) as e:
@@ -705,3 +712,55 @@ def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, intera
     assert "uncertain_fraction" not in d3["result"]
     with pytest.raises(ConfigError, match="'uncertain_segment' must be true or false"):
         task({**req, "uncertain_segment": "sometimes"})
+
+
+def test_the_uncertain_segment_never_takes_the_labels_value(tmp_path, interactive_task):
+    """A review: a one-label model whose label value is 2 got its uncertain voxels as 2 too (label_names mapped two
+    names to 2; Submit Label stored the uncertain region as the structure)."""
+    from lib.checkpoint import load_checkpoint, save_checkpoint
+    from lib.phantoms import write_phantom_case
+
+    path = interactive_task.checkpoint
+    ck = load_checkpoint(path)
+    ck.hparams.labels = {"tumour": 2}
+    from lib.training import build_system
+
+    torch.manual_seed(0)
+    save_checkpoint(path, build_system(ck.hparams).model, ck.hparams)
+    interactive_task.init("dfm_vlm_3d", interactive_task.model_dir, dict(interactive_task.conf), None)
+    task = interactive_task.interactive_infer()
+    entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.5))
+    _, d = task({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", "num_samples": 4,
+                 "foreground": [[20, 18, 10]], "uncertain_segment": True})
+    names = d["result"]["label_names"]
+    assert names["tumour"] == 2 and names["uncertain"] == 3, names
+    lab = np.asarray(d["pred"])
+    assert (lab == 3).any() and lab[20, 18, 10] == 2
+
+
+def test_a_republished_checkpoint_is_served_with_its_own_sampler_settings(tmp_path, interactive_task):
+    """A review: the task's config (which MONAI Label merges into every request) was made once from the checkpoint
+    served at start, so after a training published a checkpoint with other sampler settings every request still ran
+    the old ones, while /info showed the new. A value the request names still wins."""
+    import os
+
+    from lib.checkpoint import load_checkpoint, save_checkpoint
+    from lib.phantoms import write_phantom_case
+
+    path = interactive_task.checkpoint
+    entry = write_phantom_case(tmp_path / "studies", "case01", shape=(24, 20, 12), spacing=(1.2, 1.0, 2.5))
+    for task in (interactive_task.infer(), interactive_task.interactive_infer()):
+        ck = load_checkpoint(path)
+        ck.hparams.sampler.steps, ck.hparams.sampler.num_samples = 2, 1
+        save_checkpoint(path, interactive_task.infer().system("cpu").model, ck.hparams)
+        os.utime(path, (1e9, 1e9))
+        _, d = task({"image": entry["image"], "skip_writer": True, "device": "cpu"})
+        assert (d["result"]["steps"], d["result"]["num_samples"]) == (2, 1)
+        ck.hparams.sampler.steps, ck.hparams.sampler.num_samples = 3, 2  # a training publishes
+        save_checkpoint(path, interactive_task.infer().system("cpu").model, ck.hparams)
+        os.utime(path, (2e9, 2e9))
+        assert task.info()["config"]["steps"] == 3  # what Slicer shows as the task's options
+        _, d = task({"image": entry["image"], "skip_writer": True, "device": "cpu"})
+        assert (d["result"]["steps"], d["result"]["num_samples"]) == (3, 2)
+        _, d = task({"image": entry["image"], "skip_writer": True, "device": "cpu", "steps": 1})
+        assert d["result"]["steps"] == 1

@@ -73,19 +73,19 @@ def _first(v):
 def _as_int(name: str, v) -> int:
     v = _first(v)
     try:
-        if isinstance(v, bool) or float(v) != int(float(v)):
+        if isinstance(v, bool) or not math.isfinite(float(v)) or float(v) != int(float(v)):
             raise ValueError
         return int(float(v))
-    except (TypeError, ValueError):
-        raise ConfigError(f"parameter {name!r} must be an integer, got {v!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit integer (was a 500)
+        raise ConfigError(f"parameter {name!r} must be an integer, got {str(v)[:40]!r}") from None
 
 
 def _as_float(name: str, v) -> float:
     v = _first(v)
     try:
         return float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"parameter {name!r} must be a number, got {v!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 10**400 (was a 500); callers check ranges
+        raise ConfigError(f"parameter {name!r} must be a number, got {str(v)[:40]!r}") from None
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -122,6 +122,12 @@ def sampler_params(req: dict) -> dict:
     if "seed" in out and out["seed"] < 0:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {out['seed']}")
     return out
+
+
+def _sampler_config(d: SamplerConfig) -> dict:
+    """A task config's sampler entries (3D Slicer shows them as the task's options), from a checkpoint's sampler."""
+    return {"sampler": [d.name] + [s for s in SAMPLERS if s != d.name], "steps": d.steps,
+            "num_samples": d.num_samples, "overlap": d.overlap, "sw_batch_size": d.sw_batch_size, "seed": d.seed}
 
 
 # the sampler's hold of clicked voxels, per request; "checkpoint" (or absent, or empty): the checkpoint's setting.
@@ -306,9 +312,7 @@ class DFMVLMInfer(BasicInferTask):
                  sampler_defaults: SamplerConfig | None = None, config: dict | None = None,
                  interactive: bool = False, cache_bytes: int = 512 * 2 ** 20, stale_before: float | None = None):
         d = sampler_defaults or SamplerConfig()
-        cfg = {"sampler": [d.name] + [s for s in SAMPLERS if s != d.name], "steps": d.steps,
-               "num_samples": d.num_samples, "overlap": d.overlap, "sw_batch_size": d.sw_batch_size, "seed": d.seed,
-               "device": device_list()}  # "precision" is accepted too (default: the checkpoint's policy)
+        cfg = {**_sampler_config(d), "device": device_list()}  # "precision" is accepted too (the checkpoint's policy)
         if interactive:
             cfg.update({k: list(v) for k, v in HOLD_OPTIONS.items()})
         cfg.update(config or {})
@@ -316,6 +320,7 @@ class DFMVLMInfer(BasicInferTask):
         super().__init__(path=list(path), network=None, type=INTERACTIVE_TYPE if interactive else InferType.SEGMENTATION,
                          labels=labels, dimension=dimension, description=description, config=cfg)
         self.interactive = interactive
+        self._config_sampler = _sampler_config(d)  # what the config's sampler values came from (follow_checkpoint)
         self.stale_before = stale_before  # lib.infers.dfm_vlm.live_paths
         # the windows of the last results: a new click re-runs only the windows it reaches (lib.inferer.WindowCache)
         self.window_cache = WindowCache(cache_bytes) if interactive else None
@@ -388,12 +393,20 @@ class DFMVLMInfer(BasicInferTask):
             self._failures.clear()
 
     def info(self) -> dict:
-        i = super().info()
         path = self.get_path()
+        system = None
+        if path:
+            try:
+                system = self.system(self.default_device())
+                self.follow_checkpoint(system)  # the config /info shows (Slicer's options) is the served checkpoint's
+            except ModelNotReady:
+                pass
+        i = super().info()
         if path:
             i["checkpoint"] = {"path": path, "modified_time": os.stat(path).st_mtime}
             try:
-                system = self.system(self.default_device())
+                if system is None:
+                    raise ModelNotReady(path)
                 i["checkpoint"]["sha256"] = getattr(system, "checkpoint_sha256", None)
                 hp = system.hparams
                 i["sampler_defaults"] = {"sampler": hp.sampler.name, "steps": hp.sampler.steps,
@@ -447,8 +460,8 @@ class DFMVLMInfer(BasicInferTask):
                 for p in k.fg + k.bg:
                     mask[tuple(int(v) for v in p)] = False  # a clicked voxel is what the user said
             data["_uncertain"] = mask
-            data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(t[1] for t in targets) + 1) \
-                if system.structures else UNCERTAIN_VALUE
+            # above every label value (a one-label model's value may be 2, the default uncertain value)
+            data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(t[1] for t in targets) + 1)
         data["_targets"] = targets
         data["_prompted"] = bool(system.structures)
         if isinstance(clicks, dict):  # after painting, a clicked voxel keeps what the user clicked it as
@@ -487,7 +500,23 @@ class DFMVLMInfer(BasicInferTask):
                         "windows": out["windows"]["windows"], "windows_rerun": out["windows"]["rerun"]})
         return data
 
+    def follow_checkpoint(self, system: DFMSystem) -> None:
+        """The config's sampler values are the served checkpoint's. MONAI Label merges the task's config into every
+        request, and the config was made once, from the checkpoint served at start: after a training published a
+        checkpoint with other sampler settings, every request still ran the old ones (while /info showed the new).
+        Values a request names itself still win."""
+        now = _sampler_config(system.hparams.sampler)
+        if now != self._config_sampler:
+            for k, v in now.items():
+                if self._config.get(k) == self._config_sampler.get(k):  # not set otherwise (``config``)
+                    self._config[k] = v
+            self._config_sampler = now
+
     def __call__(self, request, callbacks=None):
+        try:  # before MONAI Label merges the config into the request
+            self.follow_checkpoint(self.system(self._device(request)))
+        except (ModelNotReady, ConfigError):
+            pass  # the request itself reports it (503 / 422)
         label_file, res = super().__call__(request, callbacks)
         # MONAI Label sets label_names to the task's labels after the writer: a prompted request (a subset, a free
         # prompt) or the uncertain segment names its own
