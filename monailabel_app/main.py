@@ -106,22 +106,46 @@ def check_train_request(app, model: str, params: dict | None) -> dict | None:
     return out if params is not None else None
 
 
-def _install_train_check() -> None:
-    """Wrap MONAI Label's ``/train/<model>`` handler (``monailabel.endpoints.train.run_model``, looked up when each
-    request comes) with :func:`check_train_request`."""
-    import monailabel.endpoints.train as ep
+def check_task_request(app, method: str, request: dict | None, params: dict | None) -> dict | None:
+    """The one check before MONAI Label starts a background task (``AsyncTask.run``: training, scoring, batch
+    inference). MONAI Label starts the subprocess first and checks nothing, so ``POST /scoring/<unknown>``,
+    ``/batch/infer/<unknown>`` and ``POST /train/`` (every model) answered 200 and the task ended in ERROR; and the
+    task's request is the path's model or method *updated by the parameters*, so ``params.model`` replaced the checked
+    one. Here: 404 for an unknown model or method, 422 for a parameter naming another one than the path, the
+    training parameters through :func:`check_train_request`. Returns the parameters to start the task with."""
+    request = request or {}
+    key = "method" if method == "scoring" else "model"
+    given = request.get(key)
+    if isinstance(params, dict) and key in params and given is not None and params[key] != given:
+        raise HTTPException(status_code=422, detail=f"parameter {key!r} = {params[key]!r} differs from the {key} "
+                                                    f"{given!r} of the request path")
+    if method == "train":
+        return check_train_request(app, given, params)
+    if method == "scoring" and given is not None and given not in (getattr(app, "_scoring_methods", {}) or {}):
+        raise HTTPException(status_code=404, detail=f"unknown scoring method {given!r}; available: "
+                                                    f"{sorted(getattr(app, '_scoring_methods', {}) or {})}")
+    if method == "batch_infer" and given not in (getattr(app, "_infers", {}) or {}):
+        raise HTTPException(status_code=404, detail=f"unknown model {given!r}; available: "
+                                                    f"{sorted(getattr(app, '_infers', {}) or {})}")
+    return params
+
+
+def _install_request_checks() -> None:
+    """Wrap MONAI Label's ``AsyncTask.run`` (every endpoint that starts training, scoring or batch inference calls it)
+    with :func:`check_task_request`."""
     from monailabel.interfaces.utils.app import app_instance
+    from monailabel.utils.async_tasks.task import AsyncTask
 
-    if getattr(ep.run_model, "_dfm_checked", False):
+    if getattr(AsyncTask.run, "_dfm_checked", False):
         return
-    original = ep.run_model
+    original = AsyncTask.run
 
-    def run_model(model, params=None, run_sync=False, enqueue=False):
-        params = check_train_request(app_instance(), model, params)
-        return original(model, params, run_sync, enqueue)
+    def run(method, request=None, params=None, force_sync=False, enqueue=False):
+        params = check_task_request(app_instance(), method, request, params)
+        return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
 
-    run_model._dfm_checked = True
-    ep.run_model = run_model
+    run._dfm_checked = True
+    AsyncTask.run = staticmethod(run)
 
 
 def discover_configs() -> dict[str, type]:
@@ -153,7 +177,7 @@ class DFMVLMApp(MONAILabelApp):
             c.init(n, self.model_dir, conf, None)
             self.models[n] = c
         logger.info("DFM+VLM models: %s (model dir %s)", names, self.model_dir)
-        _install_train_check()
+        _install_request_checks()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)

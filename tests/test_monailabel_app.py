@@ -168,6 +168,21 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
         assert r.status_code in (404, 422) and "root:" not in r.text, (bad, r.status_code, r.text[:300])
     r = requests.post(f"{server.url}/activelearning/no_such_strategy", json={}, timeout=30)
     assert r.status_code == 404 and "unknown strategy" in r.json()["detail"]
+    # background tasks (MONAI Label starts the subprocess first, without run_sync): checked before it starts (were:
+    # 200, then a task ending in ERROR; POST /train/ skipped the training check; params.model replaced the path's)
+    for url, body, status, phrase in (
+            ("/scoring/no_such_method", {}, 404, "unknown scoring method 'no_such_method'"),
+            ("/batch/infer/no_such_model", {}, 404, "unknown model 'no_such_model'"),
+            ("/train/", {"max_epochs": "abc"}, 422, "'max_epochs' must be an integer"),
+            ("/train/dfm_vlm_3d", {"model": "dfm_vlm_2d"}, 422, "differs from the model 'dfm_vlm_3d'"),
+            ("/scoring/dfm_vlm_3d_uncertainty", {"method": "x"}, 422, "differs from the method")):
+        r = requests.post(f"{server.url}{url}", json=body, timeout=30)
+        assert r.status_code == status and phrase in r.json()["detail"], (url, r.status_code, r.text[:300])
+    for task in ("train", "scoring", "batch/infer"):  # nothing was started
+        r = requests.get(f"{server.url}/{task}/", params={"all": "true"}, timeout=30)
+        started = [] if r.status_code == 404 else r.json()
+        assert not [t for t in started if "no_such" in str(t.get("request")) or "abc" in str(t.get("request"))], \
+            (task, started)
     assert server.alive()
     assert _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"steps": 2}).status_code == 200
     (server.studies / "corrupt_ct.nii.gz").unlink()
