@@ -169,10 +169,6 @@ def to_network_grid(clicks: Clicks, image) -> Clicks:
 
 
 # -- maps -------------------------------------------------------------------------------------------------------
-def _grid(shape: Sequence[int], device=None) -> list[torch.Tensor]:
-    return torch.meshgrid(*[torch.arange(s, dtype=torch.float32, device=device) for s in shape], indexing="ij")
-
-
 def guidance_maps(clicks: Clicks, shape: Sequence[int], sigma: float, truncate: float = 3.0,
                   device=None) -> torch.Tensor:
     """``(2, *shape)``: positive and negative guidance, a Gaussian bump of ``sigma`` voxels per click (max over
@@ -180,15 +176,31 @@ def guidance_maps(clicks: Clicks, shape: Sequence[int], sigma: float, truncate: 
     out = torch.zeros((2, *shape), dtype=torch.float32, device=device)
     if not clicks:
         return out
-    grid = _grid(shape, device)
     r2max = (truncate * sigma) ** 2
     for ch, pts in enumerate((clicks.fg, clicks.bg)):
         for p in pts:
-            d2 = sum((g - float(c)) ** 2 for g, c in zip(grid, p))
+            # only the box the bump reaches (it is 0 beyond truncate * sigma): the same values as over the whole grid,
+            # at a cost that does not grow with the image (a 3D request re-sends every click)
+            box, d2 = _box_d2(p, shape, truncate * sigma, device)
+            if box is None:
+                continue
             bump = torch.exp(-d2 / (2.0 * sigma * sigma))
             bump = torch.where(d2 <= r2max, bump, torch.zeros_like(bump))
-            out[ch] = torch.maximum(out[ch], bump)
+            out[(ch,) + box] = torch.maximum(out[(ch,) + box], bump)
     return out
+
+
+def _box_d2(p: Sequence[float], shape: Sequence[int], reach: float, device=None):
+    """The box of the grid within ``reach`` of point ``p`` (per axis) and the squared distances to ``p`` in it,
+    computed as :func:`_grid` would (float32, summed over the axes in order); ``(None, None)`` when the box is empty."""
+    lo = [max(0, math.floor(float(c) - reach)) for c in p]
+    hi = [min(int(s), math.ceil(float(c) + reach) + 1) for c, s in zip(p, shape)]
+    if any(b <= a for a, b in zip(lo, hi)):
+        return None, None
+    axes = [torch.arange(a, b, dtype=torch.float32, device=device) for a, b in zip(lo, hi)]
+    grid = torch.meshgrid(*axes, indexing="ij")
+    d2 = sum((g - float(c)) ** 2 for g, c in zip(grid, p))
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), d2
 
 
 def grown_region(image: np.ndarray, point: Sequence[float], radius: int, tolerance: float,
@@ -247,10 +259,18 @@ def scaled_grow_radius(reference: np.ndarray | None, point: Sequence[int], radiu
     and grows to nothing but its voxel (on BraTS such a fill added more false tumour than it found)."""
     if not scale or reference is None:
         return radius
-    pts = np.argwhere(np.asarray(reference, dtype=bool))
+    reference = np.asarray(reference, dtype=bool)
+    # a segmentation voxel farther than h > radius / scale gives the full radius: look only within h of the click
+    # (a voxel outside that box is farther than h, and a box voxel farther than h gives the full radius too; the
+    # whole grid was searched per click)
+    h = math.ceil(radius / scale) + 1
+    q = [int(c) for c in point]
+    lo = [max(0, c - h) for c in q]
+    hi = [min(s, c + h + 1) for c, s in zip(q, reference.shape)]
+    pts = np.argwhere(reference[tuple(slice(a, b) for a, b in zip(lo, hi))])
     if not len(pts):
         return radius
-    d = float(np.sqrt(((pts - np.asarray(point)[None]) ** 2).sum(1).min()))
+    d = float(np.sqrt(((pts + np.asarray(lo)[None] - np.asarray(q)[None]) ** 2).sum(1).min()))
     return 0 if d < 2.0 else int(min(radius, math.ceil(scale * d - 1e-9)))
 
 
@@ -287,27 +307,31 @@ def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, im
         ref = np.asarray(torch.as_tensor(reference).detach().cpu().numpy(), dtype=bool)
         if ref.shape != tuple(shape):
             raise ValueError(f"hold_maps: reference of shape {ref.shape} for a grid of {tuple(shape)}")
-    grid = _grid(shape, device)
+    # everything one click changes lies within max(radius, grow_radius) of its voxel: its ball, its fill (inside a
+    # ball of at most grow_radius), and the grown voxels a negative click releases (nearer to it than to the positive
+    # click that grew them, which is at most grow_radius away) -- so each click works in that box of the grid
+    bound = max(radius, grow_radius if grow else -1, 0)
     for v, pts in ((1.0, clicks.fg), (0.0, clicks.bg)):
         for p in pts:
             q = [min(max(int(round(c)), 0), s - 1) for c, s in zip(p, shape)]  # the click's voxel
-            d2 = sum((g - float(c)) ** 2 for g, c in zip(grid, q))
-            reach = d2 <= radius * radius + 1e-6 if radius >= 0 else torch.zeros_like(mask, dtype=torch.bool)
+            box, d2 = _box_d2(q, shape, bound, device)
+            bm, bv, bb = mask[box], value[box], best[box]
+            reach = d2 <= radius * radius + 1e-6 if radius >= 0 else torch.zeros_like(bm, dtype=torch.bool)
             if grow and v > 0:
                 r = scaled_grow_radius(ref, q, grow_radius, grow_scale)
                 fill = grown_region(img, q, r, grow_tolerance, grow_side)
                 if ref is not None:
                     ref = ref | fill
-                reach = reach | torch.as_tensor(fill, device=device)
+                reach = reach | torch.as_tensor(fill[box], device=device)
             elif grow:  # a negative click releases the grown voxels nearer to it than to their positive click
-                release = (mask > 0) & (value > 0) & (d2 < best)
-                mask = torch.where(release, torch.zeros_like(mask), mask)
-                best = torch.where(release, torch.full_like(best, float("inf")), best)
+                release = (bm > 0) & (bv > 0) & (d2 < bb)
+                bm = torch.where(release, torch.zeros_like(bm), bm)
+                bb = torch.where(release, torch.full_like(bb, float("inf")), bb)
                 reach = reach | (d2 < 0.5)  # and holds its own voxel
-            near = reach & (d2 < best)
-            best = torch.where(near, d2, best)
-            mask = torch.where(near, torch.ones_like(mask), mask)
-            value = torch.where(near, torch.full_like(value, v), value)
+            near = reach & (d2 < bb)
+            best[box] = torch.where(near, d2, bb)
+            mask[box] = torch.where(near, torch.ones_like(bm), bm)
+            value[box] = torch.where(near, torch.full_like(bv, v), bv)
     return torch.stack([mask, value])
 
 
