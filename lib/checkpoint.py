@@ -311,24 +311,62 @@ def resolve_vlm_path(name_or_path: str | None, checkpoint_path: str | os.PathLik
     return str(p) if p.exists() else name_or_path
 
 
+def _vlm_places(name: str, checkpoint_path) -> list[str]:
+    """Where :func:`resolve_vlm_path` looks for a VLM folder (for the error that says it found none)."""
+    p = Path(name).expanduser()
+    if p.is_absolute():
+        return [str(p)]
+    return [str((Path(checkpoint_path).parent / p).resolve()), str(p.resolve())]
+
+
 def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm: str | None = None):
     """Checkpoint -> :class:`lib.inferer.DFMSystem` (model + its frozen VLM) ready for prediction.
 
     ``vlm`` overrides the VLM folder/hub id stored in the checkpoint (e.g. the weights moved); its embedding size
-    must match the checkpoint's.
+    must match the checkpoint's, and so must its fingerprint (``vlm.fingerprint``: model type, embedding sizes and
+    the embeddings of a fixed probe; checkpoints from before fingerprints are not checked).
+
+    The VLM the checkpoint names is looked up beside the checkpoint, then from the working directory; it goes to
+    the Hugging Face Hub only when the checkpoint records it as a hub id (fingerprint ``source`` "hub"). A
+    checkpoint from before fingerprints may find a hub id in the local Hugging Face cache, never on the Hub: a
+    missing folder ("vlm/tiny-clip" is also a valid hub id) would otherwise fetch whatever model bears its name.
     """
     from .inferer import DFMSystem
-    from .vlm import VLMEncoder
+    from .vlm import VLMEncoder, VLMError, describe_fingerprint, fingerprint_mismatch
 
     ck = load_checkpoint(path, map_location=device)
     hp = ck.hparams
     encoder = None
     if hp.model.cond_dim is not None:
-        vcfg = dataclasses.replace(hp.vlm, name_or_path=resolve_vlm_path(vlm or hp.vlm.name_or_path, path))
-        encoder = VLMEncoder.from_pretrained(vcfg, device=device)
+        recorded = hp.vlm.fingerprint
+        name = vlm or hp.vlm.name_or_path
+        src = resolve_vlm_path(name, path)
+        vcfg = dataclasses.replace(hp.vlm, name_or_path=src)
+        local_only = False
+        if vlm is None and src and not Path(src).expanduser().exists():
+            source = (recorded or {}).get("source")
+            places = " and ".join(_vlm_places(src, path))
+            if source == "local":
+                raise CheckpointError(f"{path}: its VLM folder {src!r} was not found (looked at {places}); put the "
+                                      f"VLM there, or give its folder with --vlm")
+            local_only = source != "hub"
+        try:
+            encoder = VLMEncoder.from_pretrained(vcfg, device=device, local_files_only=local_only)
+        except VLMError as e:
+            if not local_only:
+                raise
+            raise CheckpointError(f"{path}: its VLM {src!r} was not found (looked at "
+                                  f"{' and '.join(_vlm_places(src, path))}, and in the local Hugging Face cache; a "
+                                  f"checkpoint without a VLM fingerprint is not looked up on the Hub); put the VLM "
+                                  f"there, or give its folder or hub id with --vlm") from e
         if encoder.embed_dim != hp.model.cond_dim:
             raise CheckpointError(f"{path}: the model was trained with {hp.model.cond_dim}-d VLM embeddings but "
                                   f"{vcfg.name_or_path!r} gives {encoder.embed_dim}-d ones")
+        why = fingerprint_mismatch(recorded, encoder.fingerprint)
+        if why:
+            raise CheckpointError(f"{path}: the model was trained with another VLM than {vcfg.name_or_path!r} "
+                                  f"({why}): trained with {hp.vlm.name_or_path!r} ({describe_fingerprint(recorded)}), "
+                                  f"given {vcfg.name_or_path!r} ({describe_fingerprint(encoder.fingerprint)})")
     if encoder is not None:
         # the system records the VLM it actually runs (a relative folder resolved beside the checkpoint), so a
         # checkpoint saved from it (e.g. a trainer publishing elsewhere) still finds its VLM

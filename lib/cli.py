@@ -209,6 +209,33 @@ def _items_from_args(a):
     return load_datalist(a.datalist, a.split)
 
 
+def _check_conditioning(system, a, items) -> None:
+    """What the model's conditioning takes, checked before any image is predicted (one line, exit 2): ``--text``
+    only for a model conditioned on per-image text (text_mode "image"; a "label" model always uses its own
+    prompt, as in training), a text for every image of such a model, ``--vlm`` only for a VLM-conditioned model."""
+    from .config import ConfigError
+
+    mode = system.vlm.cfg.text_mode if system.vlm is not None else None
+    if a.vlm and system.vlm is None:
+        raise ConfigError(f"--vlm {a.vlm}: {a.checkpoint} is not conditioned on a VLM; it takes none")
+    if a.text is not None:
+        if mode != "image":
+            what = ("is not conditioned on a VLM" if mode is None else "is conditioned on images only "
+                    "(text_mode 'none')" if mode == "none" else
+                    f"is conditioned on its own label prompt {system.vlm.cfg.prompt!r} (text_mode 'label'), as in "
+                    f"training" + ("; a free prompt is --prompt" if system.structures else ""))
+            raise ConfigError(f"--text: {a.checkpoint} {what}; --text is for a model of text_mode 'image'")
+        if not a.image:
+            raise ConfigError("--text applies to --image; a datalist gives each image's 'text'")
+    if mode == "image":
+        bare = [str(it.get("case_id") or it.get("image")) for it in items
+                if not isinstance(it.get("text"), str) or not it["text"].strip()]
+        if bare:
+            raise ConfigError(f"{a.checkpoint} is conditioned on per-image text (text_mode 'image'): "
+                              f"{len(bare)} of {len(items)} image(s) have none (e.g. {bare[0]}); give --text, or a "
+                              "'text' in every datalist entry")
+
+
 def cmd_predict(a) -> int:
     import numpy as np
     from monai.transforms import SaveImage
@@ -229,6 +256,7 @@ def cmd_predict(a) -> int:
                               f" and {it['image']}; predict them into separate --out folders")
         seen[it["case_id"]] = it["image"]
     system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
+    _check_conditioning(system, a, items)
     inferer = _inferer(system, a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,6 +302,7 @@ def cmd_evaluate(a) -> int:
                           f"(e.g. {unlabelled[0]}): use predict for images without labels")
     _check_out_folder(a.out)
     system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
+    _check_conditioning(system, a, items)
     inferer = _inferer(system, a)
     t0 = time.perf_counter()
     cases, summary = evaluate_items(system, items, inferer, progress=not a.no_progress, structures=a.labels,
@@ -410,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--image", nargs="+", help="image file(s); channels of one image joined by commas")
         g.add_argument("--datalist")
         s.add_argument("--split", default="test")
-        s.add_argument("--text", help="per-image text for --image (text_mode 'image')")
+        s.add_argument("--text", help="per-image text for --image: only for a model of text_mode 'image' (refused "
+                                      "otherwise; a 'label' model always uses its own prompt)")
         s.add_argument("--labels", nargs="+", metavar="NAME",
                        help="a prompted model: these of its structures (default: all)")
         s.add_argument("--prompt", help="a prompted model: segment what this free text asks for (see the README: "

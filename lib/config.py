@@ -198,6 +198,9 @@ class VLMConfig:
     view: str = "display"
     center_prompts: bool = True  # a prompted model: text embeddings centred on its prompts' mean (see lib.vlm)
     axcodes: str | None = None  # the patches' axis codes (3D: the preprocessing's orientation; set by HParams.resolved)
+    # what identifies the VLM the model was trained with (lib.vlm.VLMEncoder.fingerprint: model type, embedding
+    # sizes, probe embeddings); filled in from the loaded model, checked at load (None: a checkpoint from before)
+    fingerprint: dict | None = None
 
     @property
     def embed_dim(self) -> int | None:
@@ -223,7 +226,21 @@ class VLMConfig:
             raise ConfigError(f"num_slices must be >= 1, got {self.num_slices}")
         if self.view not in VIEWS:
             raise ConfigError(f"vlm.view must be one of {VIEWS}, got {self.view!r}")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, dict):
+            raise ConfigError(f"vlm.fingerprint must be a mapping or null, got {self.fingerprint!r}")
         return dataclasses.replace(self, intensity_window=(lo, hi))
+
+    def view_sides(self, patch_size) -> list[int]:
+        """(rows, columns) of the 2D views a patch of ``patch_size`` gives the VLM (see :mod:`lib.vlm`)."""
+        p = [int(v) for v in patch_size]
+        if len(p) == 2:
+            return p
+        if self.view == "display" and self.axcodes and len(self.axcodes) == 3:
+            codes = self.axcodes.upper()
+            ap = next((i for i, c in enumerate(codes) if c in "AP"), 0)
+            lr = next((i for i, c in enumerate(codes) if c in "LR"), 1)
+            return [p[ap], p[lr]]
+        return p[:2]
 
 
 VIEWS = ("display", "array")
@@ -426,6 +443,12 @@ class HParams:
         if isinstance(train.weight_decay, bool) or not isinstance(train.weight_decay, (int, float)) \
                 or not train.weight_decay >= 0:
             raise ConfigError(f"train.weight_decay must be a number >= 0, got {train.weight_decay!r}")
+        if not isinstance(train.augmentation, dict):
+            raise ConfigError(f"train.augmentation must be a mapping of {sorted(AUGMENTATION)}, "
+                              f"got {train.augmentation!r}")
+        unknown = sorted(set(train.augmentation) - set(AUGMENTATION))
+        if unknown:  # a typo was silently ignored (the default used instead)
+            raise ConfigError(f"train.augmentation: unknown key(s) {unknown}; known: {sorted(AUGMENTATION)}")
         pre = self.preprocessing.resolved()
         structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
         labels = dict(self.labels)
@@ -468,6 +491,14 @@ class HParams:
             model.cond_dim = None
         model = model.resolved()
         check_patch_fits(pre.patch_size, model.features, "preprocessing.patch_size")
+        if model.cond_dim is not None:
+            rows, cols = vlm.view_sides(pre.patch_size)
+            if rows != cols:
+                # a CLIP processor resizes the shortest edge and centre-crops a square: the VLM would never see the
+                # outer parts of the window (and a SigLIP one squashes it)
+                raise ConfigError(f"preprocessing.patch_size {list(pre.patch_size)} gives the VLM {rows} x {cols} "
+                                  "views: VLM views must be square (its processor centre-crops a square, so the "
+                                  "window's outer parts would never be seen); use a square patch (in-plane, for 3D)")
         sampler = self.sampler.resolved(pre.patch_size)
         if len(sampler.roi_size) != pre.spatial_dims:
             raise ConfigError(f"sampler roi_size {sampler.roi_size} does not match spatial_dims={pre.spatial_dims}")

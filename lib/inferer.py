@@ -41,7 +41,8 @@ from .config import ConfigError, HParams, check_patch_fits, roi_mismatch_message
 from .flow import make_scheduler
 from .network import ConditionalUNet
 from .samplers import ItemNoise, derive_seed, mean_var, sample_source_like, sampler_function
-from .vlm import VLMEncoder, patch_condition
+from .transforms import InputError
+from .vlm import VLMEncoder, VLMError, patch_condition
 from .clicks import Clicks, guidance_maps, hold_maps
 
 
@@ -137,13 +138,16 @@ class DFMSystem(nn.Module):
         return self.model.prepare(patches, emb)
 
     def texts_for(self, text: str | None, n: int) -> list[str] | None:
-        """The text of ``n`` windows of one image: the image's text (text_mode "image") or the label prompt."""
+        """The text of ``n`` windows of one image: the image's text (text_mode "image") or, for text_mode "label",
+        the model's prompt -- always, as in training (:func:`lib.vlm.patch_texts`): an image's ``text`` is
+        ignored (a prompted model's free prompt is the deliberate override: ``prompts``)."""
         if self.vlm is None or self.vlm.cfg.text_mode == "none":
             return None
         if self.vlm.cfg.text_mode == "label":
-            text = text or self.vlm.cfg.prompt
-        if not text:
-            raise ValueError("this model is conditioned on per-image text (text_mode='image'); none was given")
+            return [self.vlm.cfg.prompt] * n
+        if not isinstance(text, str) or not text.strip():
+            raise VLMError("this model is conditioned on per-image text (text_mode='image'); none was given "
+                           "(a datalist entry's 'text', or --text)")
         return [text] * n
 
     @torch.no_grad()
@@ -320,6 +324,8 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
     def from_hparams(cls, hp: HParams, allow_roi_mismatch: bool = False, **overrides) -> "DFMSlidingWindowInferer":
         s = hp.sampler
         roi = overrides.get("roi_size")
+        if roi is not None and len(roi) != hp.model.spatial_dims:
+            raise ConfigError(f"roi_size {list(roi)} has {len(roi)} values; the model is {hp.model.spatial_dims}D")
         if roi is not None and list(roi) != list(hp.preprocessing.patch_size) and not allow_roi_mismatch:
             raise ConfigError(roi_mismatch_message(roi, hp.preprocessing.patch_size))
         kw = dict(roi_size=s.roi_size, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.blend_mode,
@@ -360,12 +366,12 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         change (a click changes only the windows its truncated guidance bump or held voxels reach).
         """
         if inputs.ndim != len(self.roi_size) + 2:
-            raise ValueError(f"the inferer's roi_size {self.roi_size} is {len(self.roi_size)}D; "
-                             f"got an input of shape {tuple(inputs.shape)}")
+            raise ConfigError(f"the inferer's roi_size {self.roi_size} is {len(self.roi_size)}D; "
+                              f"got an input of shape {tuple(inputs.shape)}")
         if inputs.shape[0] != 1:
-            raise ValueError(f"one image at a time (batch 1); got batch {inputs.shape[0]}")
+            raise InputError(f"one image at a time (batch 1); got batch {inputs.shape[0]}")
         if inputs.shape[1] != network.model.cfg.in_channels:
-            raise ValueError(f"the model expects {network.model.cfg.in_channels} image channel(s); "
+            raise InputError(f"the model expects {network.model.cfg.in_channels} image channel(s); "
                              f"got {inputs.shape[1]}")
         image_seed = self.seed if seed is None else int(seed)
         if prompts is not None:
@@ -410,7 +416,7 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
         if extra:
             inputs = torch.cat([inputs.float()] + [e.to(inputs.device) for e in extra], dim=1)
         settings = (self.sampler, self.steps, self.num_samples, self.output, self.precision,
-                    text if prompts is None else tuple(prompts), network.cache_token, n_guid, n_hold)
+                    None if texts_of is None else tuple(texts_of), network.cache_token, n_guid, n_hold)
         self.last_windows = {"windows": 0, "rerun": 0}
         if ref_windows:  # the automatic pass the fills are measured against: its re-run windows count as well
             self.last_windows["rerun"] = ref_windows["rerun"]

@@ -37,7 +37,7 @@ from .samplers import ItemNoise, derive_seed
 from .network import ConditionalUNet
 from . import precision as precision_policy
 from .transforms import label_transforms
-from .vlm import VLMEncoder, patch_texts
+from .vlm import VLMEncoder, fingerprint_mismatch, patch_texts
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,29 @@ class HardImageSampler:
             raise ResumeError(f"the saved hard-image sampler knows {d.size} training images; this run has {self.n}")
         self.difficulty = d
         self.bin_mean = np.asarray(st["bin_mean"], dtype=np.float64)
+
+
+def items_digest(items: Sequence[dict]) -> dict:
+    """``{"n", "digest"}`` of a run's training or validation items, in order (the order decides which image each
+    draw takes): every key of every entry, files by their names (a run folder may move with its data)."""
+    import hashlib
+
+    def plain(k, v):
+        if k in ("image", "label"):
+            return [Path(str(x)).name for x in v] if isinstance(v, (list, tuple)) else Path(str(v)).name
+        return v
+
+    rows = [{k: plain(k, v) for k, v in sorted(it.items())} for it in items]
+    h = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"n": len(rows), "digest": h}
+
+
+def _without_fingerprint(d: dict) -> dict:
+    """Hyper-parameters without ``vlm.fingerprint`` (compared with a tolerance, not for equality)."""
+    d = dict(d)
+    if isinstance(d.get("vlm"), dict):
+        d["vlm"] = {k: v for k, v in d["vlm"].items() if k != "fingerprint"}
+    return d
 
 
 def load_train_state(path: str | os.PathLike) -> dict:
@@ -345,10 +368,15 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     val_s_est = 0.0
     next_val = tc.val_every_s
     losses: list[float] = []
+    data = {"training": items_digest(train_items), "validation": items_digest(val_items)}
     if resume:
         st = load_train_state(state_path)
-        if st["hyper_parameters"] != hp.to_dict():
-            theirs, ours = st["hyper_parameters"], hp.to_dict()
+        theirs, ours = _without_fingerprint(st["hyper_parameters"]), _without_fingerprint(hp.to_dict())
+        why = fingerprint_mismatch((st["hyper_parameters"].get("vlm") or {}).get("fingerprint"), hp.vlm.fingerprint)
+        if why:
+            raise ResumeError(f"{state_path} was written with another VLM than {hp.vlm.name_or_path!r} ({why}); "
+                              f"resume with the interrupted run's VLM, or train into a new --out")
+        if theirs != ours:
             diff = sorted(f"{sec}.{k}" for sec in ours for k in (ours[sec] if isinstance(ours[sec], dict) else [None])
                           if (theirs.get(sec, {}).get(k) if k else theirs.get(sec)) !=
                           (ours[sec].get(k) if k else ours[sec]))
@@ -358,6 +386,13 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             raise ResumeError(f"{state_path} belongs to a run with budget {st['budget_s']} s and max_iterations "
                               f"{st['max_iterations']}; this command asks for {budget} s / {max_it}: resume "
                               f"with the interrupted command's --minutes / --max-iterations")
+        for split, saved in (st.get("data") or {}).items():  # states from before the digest: not checked
+            now = data.get(split)
+            if now is not None and saved != now:
+                raise ResumeError(f"{state_path} belongs to a run with other {split} images ({saved['n']} images, "
+                                  f"digest {saved['digest']}; this command has {now['n']}, digest {now['digest']}): "
+                                  f"resume with the interrupted command's datalist, splits and --limit-train / "
+                                  f"--limit-val, or train into a new --out")
         model.load_state_dict(st["model"])
         if averaged is not None:
             averaged.load_state_dict(st["averaged"])
@@ -399,6 +434,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             return
         loss_f.flush()
         st = {"format": STATE_FORMAT, "hyper_parameters": hp.to_dict(), "budget_s": budget, "max_iterations": max_it,
+              "data": data,
               "iteration": it, "train_seconds": train_s, "next_val": next_val, "val_seconds": val_s_est,
               "elapsed_seconds": time.perf_counter() - t_start, "losses": losses[-200:], "history": history,
               "best": {k: v for k, v in best.items() if k != "cases"},

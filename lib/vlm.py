@@ -17,9 +17,15 @@ image. How a patch becomes the VLM's input:
    three.
 4. The model's own processor (resize, crop, mean/std normalisation; ``do_rescale=False`` since views are already
    in [0, 1]) and ``get_image_features``; the embedding is L2-normalised.
-5. Text (optional): ``text_mode="label"`` uses one prompt for every patch, ``"image"`` the datalist entry's
-   ``text``; its L2-normalised ``get_text_features`` embedding is concatenated after the image embedding. A
-   missing text is an error, never a zero vector.
+5. Text (optional): ``text_mode="label"`` uses one prompt (``vlm.prompt``) for every patch, in training and in
+   inference alike (an image's ``text`` is ignored; a prompted model's free prompt is the one deliberate
+   override), ``"image"`` the datalist entry's ``text``; its L2-normalised ``get_text_features`` embedding
+   (texts truncated to the text model's positions) is concatenated after the image embedding. A missing text is
+   an error, never a zero vector.
+
+Views must be square (``HParams.resolved`` refuses a non-square VLM view): a CLIP processor resizes the shortest
+edge and centre-crops, so the outer parts of a non-square window would never be seen. A checkpoint records the
+VLM's fingerprint (:attr:`VLMEncoder.fingerprint`) and refuses another VLM of the same embedding size.
 
 Weights are loaded with ``from_pretrained`` from a local folder or a hub id; nothing here downloads unless the id
 is a hub id and the machine is online. :func:`make_tiny_clip` writes a tiny random CLIP for tests and demos.
@@ -29,6 +35,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +52,59 @@ logger = logging.getLogger(__name__)
 
 class VLMError(ValueError):
     """The VLM or its inputs (texts) are missing or unusable."""
+
+
+TEXT_CACHE_SIZE = 1024  # text embeddings kept per encoder (least recently used dropped): a server's free prompts
+FINGERPRINT_PROBE_TEXT = "a medical image"
+FINGERPRINT_COMPONENTS = 8
+FINGERPRINT_TOLERANCE = 2e-3  # per probe component (L2-normalised embeddings); fp32 reloads agree to ~1e-7
+
+
+def _probe_image(size: int = 32) -> torch.Tensor:
+    """A fixed (3, size, size) view in [0, 1]: the image every fingerprint embeds."""
+    i = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(i, i, indexing="ij")
+    return torch.stack([(xx / (size - 1)), (yy / (size - 1)), ((7 * xx + 3 * yy) % 17) / 16.0])
+
+
+def _project(emb: torch.Tensor) -> list[float]:
+    """An L2-normalised embedding -> FINGERPRINT_COMPONENTS fixed (cosine-basis) projections, rounded: every
+    component of the embedding contributes; no random numbers, so the basis is the same in every version."""
+    d = emb.numel()
+    n = torch.arange(d, dtype=torch.float64)
+    basis = torch.stack([torch.cos(math.pi * (n + 0.5) * (k + 1) / d) for k in range(FINGERPRINT_COMPONENTS)])
+    basis = basis / basis.norm(dim=1, keepdim=True)
+    return [round(float(v), 6) for v in basis @ emb.double().cpu()]
+
+
+def fingerprint_mismatch(recorded: dict | None, actual: dict | None, tol: float = FINGERPRINT_TOLERANCE) -> str | None:
+    """Why two VLM fingerprints (:meth:`VLMEncoder.fingerprint`) name different models; None when they agree (or
+    one is unknown: a checkpoint from before fingerprints). ``source`` (local folder or hub) is not compared: the
+    same weights may move."""
+    if not recorded or not actual:
+        return None
+    for k in ("model_type", "image_embed_dim", "text_embed_dim"):
+        if k in recorded and k in actual and recorded[k] is not None and actual[k] is not None \
+                and recorded[k] != actual[k]:
+            return f"{k} {recorded[k]!r} vs {actual[k]!r}"
+    for k in ("image_probe", "text_probe"):
+        a, b = recorded.get(k), actual.get(k)
+        if a is None or b is None:
+            continue
+        if len(a) != len(b):
+            return f"{k} of {len(a)} vs {len(b)} components"
+        worst = max(abs(float(x) - float(y)) for x, y in zip(a, b))
+        if worst > tol:
+            return f"{k} differs by {worst:.3g} (tolerance {tol:g})"
+    return None
+
+
+def describe_fingerprint(fp: dict | None) -> str:
+    if not fp:
+        return "no fingerprint"
+    probe = fp.get("image_probe") or []
+    return (f"{fp.get('model_type')}, {fp.get('image_embed_dim')}-d image / {fp.get('text_embed_dim')}-d text, "
+            f"image probe {[round(v, 3) for v in probe[:3]]}")
 
 
 def _features(out) -> torch.Tensor:
@@ -69,7 +131,11 @@ class VLMEncoder(nn.Module):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self._text_cache: dict[str, torch.Tensor] = {}
+        # least recently used entries dropped beyond TEXT_CACHE_SIZE (a server's free prompts are unbounded)
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_cache_lock = threading.Lock()
+        self.text_cache_size = TEXT_CACHE_SIZE
+        self.source = "local"  # "hub" when from_pretrained loaded a hub id (recorded in the fingerprint)
         self.text_center: torch.Tensor | None = None  # a prompted model's prompt mean (center_texts_on)
         with torch.no_grad():
             dummy = torch.zeros(3, 16, 16)
@@ -78,6 +144,28 @@ class VLMEncoder(nn.Module):
         self.text_embed_dim = None
         if tokenizer is not None and hasattr(self.model, "get_text_features"):
             self.text_embed_dim = int(self._encode_text_uncached(["a"]).shape[-1])
+        self._probes = self._probe_embeddings()
+
+    @torch.no_grad()
+    def _probe_embeddings(self) -> dict:
+        """The fixed probe image (and text) embedded in fp32, whatever autocast the caller runs under."""
+        with torch.autocast(self.device.type, enabled=False):
+            pix = self.image_processor(images=[_probe_image()], return_tensors="pt", do_rescale=False)["pixel_values"]
+            img = F.normalize(_features(self.model.get_image_features(
+                pixel_values=pix.to(self.device, torch.float32))).float(), dim=-1)[0]
+            txt = None
+            if self.tokenizer is not None and self.text_embed_dim is not None:
+                txt = self._encode_text_uncached([FINGERPRINT_PROBE_TEXT])[0]
+        return {"image_probe": _project(img), "text_probe": None if txt is None else _project(txt)}
+
+    @property
+    def fingerprint(self) -> dict:
+        """What identifies this VLM beyond its embedding sizes (recorded in checkpoints as ``vlm.fingerprint``):
+        model type, embedding sizes and fixed projections of its L2-normalised embeddings of a fixed probe image
+        and (with a tokenizer) text. Compared with a tolerance (:func:`fingerprint_mismatch`), never bit for bit."""
+        return {"model_type": str(getattr(self.model.config, "model_type", "")),
+                "image_embed_dim": self.image_embed_dim, "text_embed_dim": self.text_embed_dim,
+                "source": self.source, **self._probes}
 
     def train(self, mode: bool = True) -> "VLMEncoder":
         """The VLM is frozen: it stays in eval mode (no dropout, fixed norm statistics) whatever its container does."""
@@ -86,7 +174,9 @@ class VLMEncoder(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, cfg: VLMConfig, device: str | torch.device | None = None) -> "VLMEncoder":
+    def from_pretrained(cls, cfg: VLMConfig, device: str | torch.device | None = None,
+                        local_files_only: bool = False) -> "VLMEncoder":
+        """``local_files_only``: a hub id is looked up in the local Hugging Face cache only (never on the Hub)."""
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         if not cfg.name_or_path:
@@ -99,9 +189,11 @@ class VLMEncoder(nn.Module):
             raise VLMError(f"VLM folder {cfg.name_or_path!r} does not exist (the presets name a random tiny CLIP "
                            f"for demos and benches, made by `python -m lib make-tiny-vlm {cfg.name_or_path}`; or "
                            f"give a real VLM folder or hub id with --vlm)")
+        hub = not local.exists()
+        kw = {"local_files_only": True} if local_files_only else {}
         try:
-            model = AutoModel.from_pretrained(src)
-            image_processor = AutoImageProcessor.from_pretrained(src)
+            model = AutoModel.from_pretrained(src, **kw)
+            image_processor = AutoImageProcessor.from_pretrained(src, **kw)
         except (OSError, ValueError) as e:
             raise VLMError(f"cannot load the VLM {cfg.name_or_path!r} with from_pretrained: {e}") from e
         if not hasattr(model, "get_image_features"):
@@ -110,10 +202,11 @@ class VLMEncoder(nn.Module):
         tokenizer = None
         if cfg.text_mode != "none":
             try:
-                tokenizer = AutoTokenizer.from_pretrained(src)
+                tokenizer = AutoTokenizer.from_pretrained(src, **kw)
             except (OSError, ValueError) as e:
                 raise VLMError(f"text_mode={cfg.text_mode!r} needs the VLM's tokenizer: {e}") from e
         enc = cls(model, image_processor, tokenizer, cfg)
+        enc.source = "hub" if hub else "local"
         return enc.to(device) if device is not None else enc
 
     @property
@@ -125,7 +218,8 @@ class VLMEncoder(nn.Module):
         import dataclasses
 
         return dataclasses.replace(self.cfg, image_embed_dim=self.image_embed_dim,
-                                   text_embed_dim=self.text_embed_dim if self.cfg.text_mode != "none" else None)
+                                   text_embed_dim=self.text_embed_dim if self.cfg.text_mode != "none" else None,
+                                   fingerprint=self.fingerprint)
 
     @property
     def embed_dim(self) -> int:
@@ -171,7 +265,11 @@ class VLMEncoder(nn.Module):
             n = int(self.model.config.text_config.max_position_embeddings)
             tok = self.tokenizer(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
         else:
-            tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+            # truncated to the text model's positions (CLIP: 77; a longer prompt crashed in the position embedding)
+            tc = getattr(self.model.config, "text_config", None)
+            n = getattr(tc, "max_position_embeddings", None) or getattr(self.tokenizer, "model_max_length", None)
+            kw = {"max_length": int(n)} if n else {}
+            tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", **kw)
         tok = {k: v.to(self.device) for k, v in tok.items()}
         # in fp32 whatever autocast the caller runs under: the cache outlives the call, and a text's embedding must
         # not depend on the precision of the request that first used it (a bf16 request made every later fp32
@@ -181,11 +279,21 @@ class VLMEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        found: dict[str, torch.Tensor] = {}
+        with self._text_cache_lock:
+            for t in dict.fromkeys(texts):
+                if t in self._text_cache:
+                    self._text_cache.move_to_end(t)
+                    found[t] = self._text_cache[t]
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            for t, e in zip(missing, self._encode_text_uncached(list(missing))):
-                self._text_cache[t] = e
-        e = torch.stack([self._text_cache[t] for t in texts])
+            new = dict(zip(missing, self._encode_text_uncached(list(missing))))
+            found.update(new)
+            with self._text_cache_lock:
+                self._text_cache.update(new)
+                while len(self._text_cache) > self.text_cache_size:
+                    self._text_cache.popitem(last=False)
+        e = torch.stack([found[t] for t in texts])
         if self.text_center is not None:
             e = F.normalize(e - self.text_center.to(e.device), dim=-1)
         return e
@@ -304,7 +412,8 @@ def make_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, pro
     tmp.mkdir(exist_ok=True)
     (tmp / "vocab.json").write_text(json.dumps(vocab))
     (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(vocab=str(tmp / "vocab.json"), merges=str(tmp / "merges.txt"), pad_token="<|pad|>")
+    tok = CLIPTokenizer(vocab=str(tmp / "vocab.json"), merges=str(tmp / "merges.txt"), pad_token="<|pad|>",
+                        model_max_length=64)  # = max_position_embeddings below
     cfg = CLIPConfig(
         text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
                          vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=1, eos_token_id=2,

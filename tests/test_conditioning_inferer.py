@@ -227,7 +227,7 @@ def test_roi_is_the_training_patch_unless_explicitly_allowed(make_system):
 
 
 def test_a_patch_size_the_unet_cannot_take_is_refused_by_name(make_system):
-    make_system(patch=[32, 24])  # multiples of 4 (features 8, 16, 32): fine
+    make_system(patch=[32, 24], mode="plain")  # multiples of 4 (features 8, 16, 32): fine (no VLM: not square)
     with pytest.raises(ConfigError, match=r"preprocessing.patch_size \[32, 30\]: every side must be a multiple "
                                           r"of 4 .*e.g. \[32, 32\]"):
         make_system(patch=[32, 30])
@@ -362,3 +362,69 @@ def test_the_cli_cap_reaches_the_inferer_and_refuses_nonsense(make_system, capsy
             build_parser().parse_args(base + ["--max-batch-voxels", bad])
         assert e.value.code == 2
         assert "'auto' or an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_label_model_predicts_with_its_training_prompt_whatever_text_an_image_carries(make_system):
+    """A review: text_mode "label" trains every patch on ``vlm.prompt`` (lib.vlm.patch_texts), but inference used
+    the datalist entry's ``text`` (or ``predict --text``) when there was one: another conditioning than training's.
+    The image's text is now ignored for a label model (a prompted model's free prompt stays the override)."""
+    system = make_system(text_mode="label")
+    assert system.texts_for("the patient's left kidney", 3) == [system.vlm.cfg.prompt] * 3
+    img = torch.rand(1, 1, 40, 40)
+    inf = DFMSlidingWindowInferer([32, 32], steps=2, seed=0)
+    assert torch.equal(inf(img, system, text="the patient's left kidney"), inf(img, system))
+    # a text_mode "image" model without a text: the library's error (CLI: one line, exit 2), not a bare ValueError
+    with pytest.raises(VLMError, match="text_mode='image'"):
+        make_system(text_mode="image").texts_for(None, 1)
+
+
+def test_vlm_views_must_be_square(make_system):
+    """A review: a CLIP processor resizes the shortest edge and centre-crops a square, so with a non-square patch the
+    VLM never saw the window's outer parts. Non-square VLM views are refused when the config is resolved."""
+    with pytest.raises(ConfigError, match=r"patch_size \[32, 24\] gives the VLM 32 x 24 views: VLM views must be "
+                                          r"square"):
+        make_system(patch=[32, 24])
+    make_system(patch=[32, 24], mode="plain")  # no VLM: any side the U-Net takes
+    make_system(spatial_dims=3, features=(8, 16), patch=[16, 16, 8])  # RAS: axial views are 16 x 16 (R/L x A/P)
+    with pytest.raises(ConfigError, match=r"gives the VLM 8 x 16 views"):
+        make_system(spatial_dims=3, features=(8, 16), patch=[16, 8, 16])
+
+
+def test_a_prompt_longer_than_the_text_model_is_truncated(tiny_clip):
+    """A review: CLIP texts were tokenised with truncation=True but no max_length, and the tiny CLIP's tokenizer
+    had no model_max_length: a prompt of more than 63 tokens crashed in the position embedding. Texts are truncated
+    to the text model's max_position_embeddings (whatever the tokenizer's own limit)."""
+    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(tiny_clip), text_mode="label", prompt="lung"))
+    assert enc.tokenizer.model_max_length == enc.model.config.text_config.max_position_embeddings == 64
+    enc.tokenizer.model_max_length = int(1e30)  # a tokenizer that names no limit of its own (as ours did)
+    long = "the whole of the left lung field " * 20
+    e = enc.encode_texts([long, "lung"])
+    assert e.shape == (2, enc.text_embed_dim) and torch.isfinite(e).all()
+
+
+def test_the_text_embedding_cache_is_bounded_and_keeps_what_is_used(tiny_clip):
+    """A review: the text cache grew with every free prompt a server was sent. It is a least-recently-used cache of
+    ``text_cache_size`` entries; evictions never change an embedding."""
+    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(tiny_clip), text_mode="label", prompt="lung"))
+    enc.text_cache_size = 3
+    texts = [f"prompt {i}" for i in range(6)]
+    ref = enc._encode_text_uncached(texts)
+    for t in texts[:3]:
+        enc.encode_texts([t])
+    enc.encode_texts([texts[0]])  # used again: the most recent
+    enc.encode_texts(texts[3:5])
+    assert list(enc._text_cache) == [texts[0], texts[3], texts[4]]
+    assert torch.allclose(enc.encode_texts(texts), ref, atol=1e-6)  # more texts in one call than the cache holds
+    assert len(enc._text_cache) == 3
+
+
+def test_a_roi_size_of_the_wrong_dimensionality_is_a_config_error(make_system):
+    """A review: ``--roi-size 32 32 32 --allow-roi-mismatch`` on a 2D model raised a bare ValueError deep in the
+    inferer (CLI: a traceback, exit 1). It is a ConfigError at the inferer's construction (and at its call)."""
+    from lib.evaluation import make_inferer
+
+    system = make_system()
+    with pytest.raises(ConfigError, match=r"roi_size \[32, 32, 32\] has 3 values; the model is 2D"):
+        make_inferer(system, roi_size=[32, 32, 32], allow_roi_mismatch=True)
+    with pytest.raises(ConfigError, match="is 3D"):
+        DFMSlidingWindowInferer([32, 32, 32], steps=1)(torch.rand(1, 1, 40, 40), system)

@@ -309,3 +309,79 @@ def test_set_refuses_what_is_not_a_hyper_parameter_of_its_kind(tmp_path):
             _set(load_preset("dfm_vlm_2d"), [assignment]).resolved()
     hp = _set(load_preset("dfm_vlm_2d"), ["train.max_iterations=5"])
     assert hp.train.max_iterations == 5
+
+
+def test_conditioning_options_the_model_does_not_take_are_refused(tmp_path, tiny_clip, capsys):
+    """A review: ``predict --text`` on a text_mode "label" model replaced the prompt it was trained on (and on a
+    text_mode "none" model was ignored), ``--vlm`` on a model without a VLM was ignored, a text_mode "image" model
+    without a text and a ``--roi-size`` of the wrong dimensionality ended in a traceback (exit 1). Each is one
+    line and exit 2 now, before any image is predicted."""
+    cks = {}
+    for mode in ("label", "image", "none"):
+        torch.manual_seed(0)
+        s = build_system(tiny_hparams(tiny_clip, features=(8, 16), steps=1, text_mode=mode))
+        cks[mode] = save_checkpoint(tmp_path / f"{mode}.pt", s.model, s.hparams)
+    s = build_system(tiny_hparams(None, features=(8, 16), steps=1, mode="plain"))
+    cks["plain"] = save_checkpoint(tmp_path / "plain.pt", s.model, s.hparams)
+    img = _nii(tmp_path / "img.nii.gz", np.random.default_rng(0).random((36, 36)))
+
+    def predict(mode, *extra):
+        return cli(["predict", "--checkpoint", str(cks[mode]), "--image", str(img), "--out", str(tmp_path / "p"),
+                    "--no-progress", *extra])
+
+    def refused(code, *phrases):
+        err = capsys.readouterr().err
+        assert code == 2 and all(p in err for p in phrases) and "Traceback" not in err, (code, err)
+        assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1, err
+
+    refused(predict("label", "--text", "the left kidney"), "--text:", "own label prompt 'a bright blob'")
+    refused(predict("none", "--text", "a lung"), "--text:", "text_mode 'none'")
+    refused(predict("plain", "--text", "a lung"), "--text:", "not conditioned on a VLM")
+    refused(predict("plain", "--vlm", str(tiny_clip)), "--vlm", "not conditioned on a VLM")
+    refused(predict("image"), "per-image text (text_mode 'image')", "give --text")
+    refused(predict("image", "--text", "a lung", "--roi-size", "32", "32", "32", "--allow-roi-mismatch"),
+            "roi_size [32, 32, 32] has 3 values; the model is 2D")
+    assert not (tmp_path / "p").exists()
+    assert predict("image", "--text", "a lung") == 0 and predict("label") == 0 and predict("none") == 0
+
+
+def test_unknown_augmentation_keys_are_refused(tmp_path):
+    """A review: ``--set train.augmentation={"rotation": 0.5}`` was accepted and silently ignored (the default
+    rotation trained). Unknown keys are a ConfigError naming them and the known ones."""
+    from lib.cli import _set
+    from lib.config import ConfigError, load_preset
+
+    with pytest.raises(ConfigError, match=r"train.augmentation: unknown key\(s\) \['rotation'\]; known: "):
+        _set(load_preset("dfm_vlm_2d"), ['train.augmentation={"rotation": 0.5, "prob": 0.2}']).resolved()
+    hp = _set(tiny_hparams(None, mode="plain"), ['train.augmentation={"rotate": 0.5}']).resolved()
+    assert hp.train.augmentation == {"rotate": 0.5}
+
+
+def test_resume_refuses_another_training_set(tmp_path, tiny_clip, capsys):
+    """A review: ``train --resume`` continued a run on another datalist, split or ``--limit-train`` /
+    ``--limit-val`` (the state's image draws then index other images). The state records a digest of the training
+    and validation items; a mismatch is one line and exit 2 naming the split; a state without it still resumes."""
+    from test_inputs_evaluation import _phantom_datalist
+    from lib.training import load_train_state
+
+    datalist = _phantom_datalist(tmp_path, n_train=3, n_val=2, shape=(32, 32))
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps(tiny_hparams(tiny_clip, features=(8, 16), steps=1, spacing=[1.0, 1.0]).to_dict()))
+    run = tmp_path / "run"
+
+    def train(*extra):
+        return cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(run),
+                    "--max-iterations", "2", "--no-progress", *extra])
+
+    assert train() == 0
+    for extra, split in ((["--limit-train", "2"], "training"), (["--limit-val", "1"], "validation"),
+                         (["--val-split", "training"], "validation")):
+        code = train("--resume", *extra)
+        err = capsys.readouterr().err
+        assert code == 2 and f"belongs to a run with other {split} images" in err and "Traceback" not in err, err
+    assert train("--resume") == 0
+    st = load_train_state(run / "resume.pt")
+    assert st["data"]["training"]["n"] == 3
+    del st["data"]  # a state from before the digest
+    torch.save(st, run / "resume.pt")
+    assert train("--resume", "--limit-val", "1") == 0

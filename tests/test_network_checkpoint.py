@@ -260,3 +260,68 @@ def test_the_old_fixed_memory_cap_loads_as_auto_and_a_chosen_one_is_kept(tmp_pat
         ck = load_checkpoint(path)
         assert ck.hparams.sampler.max_batch_voxels == expected, recorded
         assert any("max_batch_voxels" in n for n in ck.notes) == (recorded == 2 ** 21)
+
+
+def _vlm_checkpoint(tmp_path, clip, name="m.pt", **kw):
+    from lib.training import build_system
+
+    torch.manual_seed(0)
+    s = build_system(tiny_hparams(clip, features=(8, 16), steps=1, **kw))
+    return save_checkpoint(tmp_path / name, s.model, s.hparams), s
+
+
+def test_a_checkpoint_refuses_another_vlm_of_the_same_embedding_size(tmp_path, tiny_clip):
+    """A review: any VLM of the checkpoint's embedding size loaded without a word (another tiny CLIP, another seed:
+    different conditioning, the earlier system's wrong-embeddings failure). A checkpoint records the VLM's
+    fingerprint (model type, embedding sizes, fixed projections of its embeddings of a probe image and text) and
+    refuses a VLM whose fingerprint differs beyond a tolerance, naming both; checkpoints without one still load."""
+    import torch as _t
+    from lib.vlm import FINGERPRINT_TOLERANCE, fingerprint_mismatch, make_tiny_clip
+
+    other = make_tiny_clip(tmp_path / "other-clip", image_size=32, hidden=32, projection_dim=16, seed=1)
+    for mode in ("label", "none"):
+        ck, s = _vlm_checkpoint(tmp_path, tiny_clip, f"{mode}.pt", text_mode=mode)
+        fp = _t.load(ck, weights_only=True)["hyper_parameters"]["vlm"]["fingerprint"]
+        assert fp["model_type"] == "clip" and fp["image_embed_dim"] == 16 and len(fp["image_probe"]) == 8
+        assert (fp["text_probe"] is None) == (mode == "none")
+        # the same VLM, reloaded (fp32): the same fingerprint, well inside the tolerance
+        a, b = load_system(ck).vlm.fingerprint, load_system(ck).vlm.fingerprint
+        assert a == fp == b and fingerprint_mismatch(fp, a) is None
+        with pytest.raises(CheckpointError, match=r"trained with another VLM than .*other-clip.*image_probe differs "
+                                                  r"by .*trained with .*tiny-clip.*given .*other-clip"):
+            load_system(ck, vlm=str(other))
+        nudged = {**fp, "image_probe": [v + FINGERPRINT_TOLERANCE / 2 for v in fp["image_probe"]]}
+        assert fingerprint_mismatch(nudged, a) is None  # a tolerance, not bit equality
+    # a checkpoint from before fingerprints: still loads (with any VLM of its size, as before)
+    obj = _t.load(ck, weights_only=True)
+    del obj["hyper_parameters"]["vlm"]["fingerprint"]
+    old = tmp_path / "old.pt"
+    _t.save(obj, old)
+    assert load_system(old, vlm=str(other)).vlm is not None
+
+
+def test_a_missing_relative_vlm_folder_is_not_looked_up_on_the_hub(tmp_path, tiny_clip, monkeypatch):
+    """A review: a checkpoint naming a relative VLM folder ("vlm/tiny-clip", also a valid hub id) copied without
+    that folder fell through to a Hugging Face Hub lookup of whatever model bears that name. The folder is looked up
+    beside the checkpoint and from the working directory; missing, the error names both places. Only a checkpoint
+    that records its VLM as a hub id goes to the Hub; one from before fingerprints goes to the local cache only."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_clip, run / "vlm" / "tiny-clip")
+    monkeypatch.chdir(run)
+    ck, _ = _vlm_checkpoint(run, "vlm/tiny-clip")
+    assert load_system(ck).vlm is not None
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(ck, lonely / "m.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"its VLM folder 'vlm/tiny-clip' was not found \(looked at "
+                                              r".*lonely/vlm/tiny-clip and .*/vlm/tiny-clip\)"):
+        load_system(lonely / "m.pt")
+    obj = torch.load(ck, weights_only=True)
+    del obj["hyper_parameters"]["vlm"]["fingerprint"]
+    torch.save(obj, lonely / "old.pt")
+    with pytest.raises(CheckpointError, match=r"looked at .*lonely/vlm/tiny-clip.*local Hugging Face cache; a "
+                                              r"checkpoint without a VLM fingerprint is not looked up on the Hub"):
+        load_system(lonely / "old.pt")
