@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
+from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.checkpoint import atomic_write
 from lib.dicom import series_to_nifti
@@ -61,6 +63,84 @@ class FreshIndex:
         self._datastore = model
         self._config_ts = os.stat(path).st_mtime
 
+    def _update_datastore_file(self, lock=True):
+        """MONAI Label 0.8.5's index write, made atomic: it opened the index with ``"w"`` and wrote into it, so a
+        reader (a subprocess starting, :func:`set_aside_unreadable_index`) or a ``kill -9`` in between saw a
+        truncated file. Here the JSON goes to a hidden file beside it (fsync, ``os.replace``). As in MONAI Label,
+        ``_ignore_event_config`` is set so that the watcher skips the event of this process's own write and
+        ``_config_ts`` is the new file's time. The watcher (MONAI Label's handler takes only *modified* events of
+        the index; a rename is a *moved* event, ``os.utime`` an *attrib* one) must still see a write, or the server
+        would not reload the index a subprocess wrote (scores): the renamed file is complete JSON, and its final
+        newline is appended in place after the rename, one byte that makes the *modified* event (a reader sees
+        valid JSON with or without it)."""
+        import json
+
+        def write():
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            atomic_write(self._datastore_config_path, lambda f: f.write(text.encode("utf-8")))
+            fd = os.open(self._datastore_config_path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"\n")
+            finally:
+                os.close(fd)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        """MONAI Label's ``add_image`` (copy the file into the image folder, record it in the index), with the
+        index re-read under the lock first (it wrote its in-memory copy: a score a subprocess wrote meanwhile was
+        lost) and the file copied atomically."""
+        from monailabel.datastore.local import ImageLabelModel
+
+        id_, ext = self._to_id(os.path.basename(image_filename))
+        image_id = image_id or id_
+        name = self._filename(image_id, ext)
+        dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
+        with FileLock(self._lock_file):
+            self._reload_index_locked()
+            with open(image_filename, "rb") as src:
+                atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
+            info = dict(image_info or {})
+            info.update(ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        """MONAI Label 0.8.5's ``LocalDatastore.save_label`` with two changes: it copied the upload over the stored
+        label in place (``shutil.copy``), so a full disk or a ``kill -9`` during the copy left a partial label; here
+        the copy goes through :func:`lib.checkpoint.atomic_write` (a hidden file beside it, fsync, ``os.replace``):
+        the stored label is the old file or the new one. A failed write answers 507 and keeps the old label. And the
+        index is re-read under the lock before the label is recorded (FreshIndex)."""
+        from fastapi import HTTPException
+
+        _, ext = self._to_id(os.path.basename(label_filename))
+        folder = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, ext)
+        with FileLock(self._lock_file):
+            self._reload_index_locked()  # FreshIndex: a subprocess's scores written meanwhile are kept
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:  # removed meanwhile
+                raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
+            try:
+                with open(label_filename, "rb") as src:
+                    atomic_write(os.path.join(folder, name), lambda f: shutil.copyfileobj(src, f))
+            except OSError as e:
+                raise HTTPException(status_code=507, detail=f"cannot store the {label_tag} label of {image_id!r}: "
+                                                            f"{e.strerror or e} (the stored label, if any, is "
+                                                            f"kept)") from None
+            info = dict(label_info or {})
+            info.update(ts=int(time.time()), name=name)
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        return image_id
+
     def _change_index(self, change) -> None:
         with FileLock(self._lock_file):
             self._reload_index_locked()
@@ -90,10 +170,27 @@ class FreshIndex:
         self._change_index(change)
 
 
+DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def check_series_uid(value, what: str = "image id") -> str:
+    """A DICOMweb image id is a SeriesInstanceUID (digits and dots, at most 64 characters): it names a folder and a
+    file in the cache, so ``../../x`` would have made the server convert (and index) any DICOM folder it can read
+    and write beside it. Anything else is refused with 422."""
+    from fastapi import HTTPException
+
+    check_name(value, what)
+    if len(value) > 64 or not DICOM_UID.fullmatch(value):
+        raise HTTPException(status_code=422, detail=f"{what} {value[:80]!r} is not a DICOM series UID (digits and "
+                                                    "dots, at most 64 characters)")
+    return value
+
+
 class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
     def get_image_uri(self, image_id: str) -> str:
         if not image_id:
             return ""
+        check_series_uid(image_id)
         image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
         if not os.path.exists(image_dir) or not os.listdir(image_dir):
             if not self._download(image_id, image_dir):
@@ -112,8 +209,9 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 if res["corrections"]:
                     info["corrections"] = res["corrections"]
                     logger.warning("series %s: %s", image_id, "; ".join(res["corrections"]))
-                # LocalDatastore.add_image copies the converted file into the cache and records its info
-                super(DICOMWebDatastore, self).add_image(image_id, tmp, info)
+                # FreshIndex.add_image copies the converted file into the cache and records its info in the index
+                # as it is on disk (MONAI Label's wrote its in-memory copy over a subprocess's scores)
+                FreshIndex.add_image(self, image_id, tmp, info)
         return image_nii_gz
 
     def _download(self, series_uid: str, image_dir: str) -> bool:
@@ -155,7 +253,29 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         The SEG written for a final label names the segment (``name``), the algorithm (``model_name``, type
         AUTOMATIC unless the client says otherwise) and references the image series (dcmqi ``itkimage2segimage``).
         """
-        label_info = dict(label_info or {})
+        from fastapi import HTTPException
+
+        check_series_uid(image_id)
+        label_tag = check_name(label_tag or DefaultLabelTag.FINAL, "label tag")
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:
+            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (no such series in the PACS)")
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            if label_filename.endswith(".bin"):  # MONAI Label's raw upload (a mask of the image's voxels)
+                from monailabel.datastore.utils.convert import binary_to_image
+
+                label_filename = shutil.move(binary_to_image(image_uri, label_filename),
+                                             os.path.join(tmp_dir, "label.nii.gz"))
+            try:  # before anything is converted, uploaded or cached: a refused label replaces nothing
+                check_label_file(label_filename, image_uri, image_id)
+            except InputError as e:
+                raise HTTPException(status_code=422, detail=str(e)) from None
+            return self._save_checked_label(image_id, label_filename, label_tag, dict(label_info or {}))
+
+    def _save_checked_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+        from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
+
         # MONAI Label pairs the i-th label value present in the file with label_info[i]: build the list in that order,
         # named by value from the models' label maps (the prompted sample model: lesion = 1, vertebra = 2) unless the
         # client sent its own, and give each segment its real value as labelID (dcmqi reads the voxels by it)
@@ -183,7 +303,25 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             })
             filled.append(info)
         label_info["label_info"] = filled
-        return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+        # MONAI Label's DICOMWebDatastore.save_label from here: a final label goes to the PACS as a DICOM SEG (dcmqi),
+        # then (any tag) into the cache, through the atomic write and the fresh index (FreshIndex._store_label; its
+        # LocalDatastore.save_label copied in place and wrote its in-memory index)
+        if label_tag == DefaultLabelTag.FINAL:
+            image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+            seg = nifti_to_dicom_seg(image_dir, label_filename, label_info.get("label_info"))
+            try:
+                label_series_id = dicom_web_upload_dcm(seg, self._client)
+            finally:
+                os.unlink(seg)
+            image_info = self.get_image_info(image_id)
+            label_info.update({"SeriesInstanceUID": label_series_id, "Modality": image_info.get("Modality"),
+                               "PatientID": image_info.get("PatientID"),
+                               "StudyInstanceUID": image_info.get("StudyInstanceUID")})
+        return self._store_label(image_id, label_filename, label_tag, label_info)
+
+    def remove_image(self, image_id: str) -> None:
+        check_series_uid(image_id)
+        return super().remove_image(image_id)
 
 
 # -- the local (folder) datastore: a label is checked before it may replace anything ---------------------------------
@@ -224,7 +362,8 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
         what = "is not a readable image" if str(e).startswith("cannot read") else "is refused"
         raise InputError(f"the label sent for {image_id!r} {what}: {e}") from None
     try:
-        lab = np.asarray(LoadImage(image_only=True)(label_path))
+        lab_img = LoadImage(image_only=True)(label_path)  # a MetaTensor: its affine is checked below
+        lab = np.asarray(lab_img)
     except Exception as e:  # noqa: BLE001 - any reader failure means: not an image
         raise InputError(f"the label sent for {image_id!r} is not a readable image: {type(e).__name__}: "
                          f"{str(e)[:200]}") from None
@@ -243,11 +382,59 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
         allowed.append(ref[:c] + ref[c + 1:])
     if got not in allowed:
         raise InputError(f"the label sent for {image_id!r} has shape {got}, the image {ref}: not its label")
+    problem = _geometry_difference(label_path, lab_img, image_path, img, ref)
+    if problem:
+        raise InputError(f"the label sent for {image_id!r} is not on the image's grid: {problem} (training and "
+                         "inference place a label by its own affine: it would land elsewhere on the image)")
     if lab.size == 0 or not np.isfinite(lab).all():
         raise InputError(f"the label sent for {image_id!r} has NaN/Inf or no voxels")
     if (lab < 0).any() or (np.round(lab) != lab).any() or lab.max() > 255:
         raise InputError(f"the label sent for {image_id!r} is not a label map (values must be integers 0..255; "
                          f"got min {float(lab.min()):g}, max {float(lab.max()):g})")
+
+
+GEOMETRY_FORMATS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # files whose header places the voxels
+GEOMETRY_TOLERANCE = 0.1  # voxels: how far (at most) a corner of the label may lie from the image's
+
+
+def _has_geometry(path: str) -> bool:
+    return os.path.isdir(path) or str(path).lower().endswith(GEOMETRY_FORMATS)  # a folder: a DICOM series
+
+
+def _geometry_difference(label_path, lab, image_path, img, ref_shape) -> str | None:
+    """How the label's voxel-to-world mapping (its affine, as MONAI's LoadImage reads it) differs from the image's,
+    in words; None if every corner of the image's grid maps to within GEOMETRY_TOLERANCE voxels of the same point.
+    A shape check alone accepted a label whose header mirrors it (3D Slicer and other editors write the image's
+    geometry; a file written from an array with another affine, e.g. ``np.eye(4)`` or a flipped axis, does not):
+    training reoriented it by its own affine and learnt a mirrored mask. Formats without a geometry (PNG, JPEG)
+    are compared by shape only."""
+    if not (_has_geometry(str(label_path)) and _has_geometry(str(image_path))):
+        return None
+    a_img = np.asarray(getattr(img, "affine", np.eye(4)), dtype=float)
+    a_lab = np.asarray(getattr(lab, "affine", np.eye(4)), dtype=float) if hasattr(lab, "affine") else None
+    if a_lab is None or a_img.shape != a_lab.shape:
+        return f"its affine has another rank ({None if a_lab is None else a_lab.shape} vs {a_img.shape})"
+    r = a_img.shape[0] - 1
+    shape = (list(ref_shape) + [1] * r)[:r]
+    corners = np.array(np.meshgrid(*[[0, max(n - 1, 0)] for n in shape], indexing="ij")).reshape(r, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    dist = np.linalg.norm((a_img @ corners - a_lab @ corners)[:r], axis=0).max()
+    spacing = np.linalg.norm(a_img[:r, :r], axis=0)
+    if dist <= GEOMETRY_TOLERANCE * max(float(spacing.min()), 1e-6):
+        return None
+
+    def codes(a):
+        import nibabel as nib
+
+        if r != 3:
+            return "?"
+        return "".join(nib.orientations.aff2axcodes(a))
+
+    lab_spacing = np.linalg.norm(a_lab[:r, :r], axis=0)
+    return (f"its affine differs from the image's (a corner of the grid lies {dist:.3g} mm away; orientation "
+            f"{codes(a_lab)} vs {codes(a_img)}, spacing {np.round(lab_spacing, 4).tolist()} vs "
+            f"{np.round(spacing, 4).tolist()} mm, origin {np.round(a_lab[:r, r], 3).tolist()} vs "
+            f"{np.round(a_img[:r, r], 3).tolist()})")
 
 
 INDEX_NAME = "datastore_v2.json"  # MONAI Label 0.8.5's LocalDatastore index in the studies folder
@@ -264,16 +451,23 @@ def set_aside_unreadable_index(studies: str | os.PathLike, name: str = INDEX_NAM
     path = os.path.join(os.fspath(studies), name)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            LocalDatastoreModel.model_validate_json(f.read())
-        return None
-    except (ValueError, UnicodeDecodeError) as e:
-        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(path, aside)
-        logger.error("the datastore index %s could not be read (%s); set aside as %s, rebuilt from the files",
-                     path, str(e).splitlines()[0][:200], aside)
-        return aside
+    # under the datastore's lock (MONAI Label's ``.lock`` in the studies folder): a process (a scoring or training
+    # subprocess runs init_datastore too) starting while the server writes the index waits for the write to end,
+    # instead of setting the live index aside. Called before this process opens the datastore: no FileLock on the
+    # same path is held here (a second one would wait for ever)
+    with FileLock(os.path.join(os.fspath(studies), ".lock")):
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                LocalDatastoreModel.model_validate_json(f.read())
+            return None
+        except (ValueError, UnicodeDecodeError) as e:
+            aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(path, aside)
+            logger.error("the datastore index %s could not be read (%s); set aside as %s, rebuilt from the files",
+                         path, str(e).splitlines()[0][:200], aside)
+            return aside
 
 
 def _same_bytes(a: str, b: str) -> bool:
@@ -334,34 +528,6 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
         except InputError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
         return self._store_label(image_id, label_filename, label_tag or "final", label_info)
-
-    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
-        """MONAI Label 0.8.5's ``LocalDatastore.save_label`` with one change: it copied the upload over the stored
-        label in place (``shutil.copy``), so a full disk or a ``kill -9`` during the copy left a partial label. Here
-        the copy goes through :func:`lib.checkpoint.atomic_write` (a hidden file beside it, fsync, ``os.replace``):
-        the stored label is the old file or the new one. A failed write answers 507 and keeps the old label."""
-        from fastapi import HTTPException
-
-        _, ext = self._to_id(os.path.basename(label_filename))
-        folder = self._datastore.label_path(label_tag)
-        name = self._filename(image_id, ext)
-        with FileLock(self._lock_file):
-            self._reload_index_locked()  # FreshIndex: a subprocess's scores written meanwhile are kept
-            obj = self._datastore.objects.get(image_id)
-            if obj is None:  # removed meanwhile
-                raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
-            try:
-                with open(label_filename, "rb") as src:
-                    atomic_write(os.path.join(folder, name), lambda f: shutil.copyfileobj(src, f))
-            except OSError as e:
-                raise HTTPException(status_code=507, detail=f"cannot store the {label_tag} label of {image_id!r}: "
-                                                            f"{e.strerror or e} (the stored label, if any, is "
-                                                            f"kept)") from None
-            info = dict(label_info or {})
-            info.update(ts=int(time.time()), name=name)
-            obj.labels[label_tag] = DataModel(info=info, ext=ext)
-            self._update_datastore_file(lock=False)
-        return image_id
 
 
 def _label_values(path) -> list[int]:

@@ -45,15 +45,45 @@ def read_series(folder: str | os.PathLike) -> list[pydicom.Dataset]:
     return out
 
 
+# the header fields the geometry check (and the conversion) read: keyword, tag, number of values (None: one integer)
+GEOMETRY_TAGS = (("Rows", "(0028,0010)", None), ("Columns", "(0028,0011)", None),
+                 ("ImageOrientationPatient", "(0020,0037)", 6), ("ImagePositionPatient", "(0020,0032)", 3))
+
+
+def _header_problem(datasets: Sequence[pydicom.Dataset]) -> str | None:
+    """The first instance whose geometry fields are missing or malformed, named with its file and the tag (an
+    instance without Rows, an ImageOrientationPatient of 3 values, an ImagePositionPatient of 2 raised
+    AttributeError/ValueError further on: a 500 instead of a refusal)."""
+    for ds in datasets:
+        where = os.path.basename(str(getattr(ds, "filename", "") or "")) or f"SOP {getattr(ds, 'SOPInstanceUID', '?')}"
+        for keyword, tag, count in GEOMETRY_TAGS:
+            value = ds.get(keyword)
+            if value is None or value == "":
+                return f"instance {where} has no {keyword} {tag}: not a volume"
+            try:
+                if count is None:
+                    ok = int(value) > 0
+                else:
+                    values = [float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue))
+                                                 else [value])]
+                    ok = len(values) == count
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                want = "a positive integer" if count is None else f"{count} numbers"
+                return f"instance {where} has a malformed {keyword} {tag} ({str(value)[:60]!r}; expected {want})"
+    return None
+
+
 def describe_geometry_problem(datasets: Sequence[pydicom.Dataset]) -> str | None:
     """A plain-words reason why these slices are not one regular volume (None if they are)."""
     if len(datasets) < 3:
         return f"only {len(datasets)} slice(s): at least 3 are needed for a volume (a localizer or an incomplete series?)"
-    try:
-        iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
-        ipps = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
-    except (AttributeError, TypeError, ValueError):
-        return "slices without ImageOrientationPatient/ImagePositionPatient: not a volume"
+    problem = _header_problem(datasets)
+    if problem:
+        return problem
+    iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
+    ipps = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
     if not np.isfinite(iops).all() or not np.isfinite(ipps).all():
         return "slice positions or orientations are not finite numbers: not a volume"
     if np.abs(iops - iops[0]).max() > 1e-3:

@@ -25,7 +25,10 @@ from conftest import SHARED
 from orthanc_utils import Orthanc, available
 from server_utils import ROOT, Server, process_group_alive
 
-pytestmark = [pytest.mark.orthanc, pytest.mark.skipif(available() is not None, reason=str(available()))]
+# the end-to-end tests start Orthanc; the datastore checks at the end of this file use an in-memory PACS and run
+# without it
+orthanc = pytest.mark.orthanc
+needs_orthanc = pytest.mark.skipif(available() is not None, reason=str(available()))
 
 DICOM = SHARED / "dicom"
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts")) / "dicomweb"
@@ -116,6 +119,8 @@ def _infer(server, series_uid, params=None, output="image"):
                          data={"params": json.dumps({"steps": 2, **(params or {})})}, timeout=900)
 
 
+@orthanc
+@needs_orthanc
 @needs_defaults
 def test_datastore_lists_the_pacs_series(stack):
     pacs, server, rec = stack
@@ -127,6 +132,8 @@ def test_datastore_lists_the_pacs_series(stack):
     assert stats["total"] == len(listed) == 1 + len(rec["series"])
 
 
+@orthanc
+@needs_orthanc
 @needs_defaults
 def test_infer_on_the_ct_series_has_its_geometry(stack):
     pacs, server, rec = stack
@@ -146,6 +153,8 @@ def test_infer_on_the_ct_series_has_its_geometry(stack):
         assert dice > 0.5, f"the default model misses the {name} of the CT written to the PACS (Dice {dice:.2f})"
 
 
+@orthanc
+@needs_orthanc
 @needs_defaults
 @requires_dicom
 def test_infer_on_real_vendor_series_keeps_their_geometry(stack):
@@ -163,6 +172,8 @@ def test_infer_on_real_vendor_series_keeps_their_geometry(stack):
         assert set(np.unique(np.asarray(nib.load(str(out)).dataobj)).tolist()) <= {0, 1, 2}  # lesion, vertebra
 
 
+@orthanc
+@needs_orthanc
 @needs_defaults
 @requires_dicom
 def test_malformed_series_are_corrected_or_refused_clearly(stack):
@@ -194,6 +205,8 @@ def test_malformed_series_are_corrected_or_refused_clearly(stack):
     (ARTIFACTS / "malformed.json").write_text(json.dumps(table, indent=1))
 
 
+@orthanc
+@needs_orthanc
 @needs_defaults
 def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     import highdicom as hd
@@ -249,6 +262,8 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     assert {k: v for k, v in after.items() if k in before} == before, "stored instances were altered"
 
 
+@orthanc
+@needs_orthanc
 @needs_defaults
 def test_ohif_shows_the_study_and_the_segmentation(stack):
     pytest.importorskip("playwright")
@@ -267,6 +282,8 @@ def test_ohif_shows_the_study_and_the_segmentation(stack):
                                                            indent=1))
 
 
+@orthanc
+@needs_orthanc
 @needs_defaults
 def test_pacs_credentials_never_appear_in_logs_or_answers(stack):
     """MONAI_LABEL_DATASTORE_PASSWORD reaches the PACS client and nothing else: not the server log (after
@@ -278,3 +295,187 @@ def test_pacs_credentials_never_appear_in_logs_or_answers(stack):
     log = server.tail(100000)
     assert "Using DICOM WEB" in log  # the log is the server's, with the datastore's lines
     assert SECRET not in log and not any(SECRET in a for a in answers)
+
+
+# -- the DICOMweb datastore's own checks, on an in-memory PACS (no Orthanc, seconds) -----------------------------------
+class FakePACS:
+    """The DICOMweb calls CheckedDICOMWebDatastore makes, served from datasets in memory; STOW-RS keeps what it is
+    sent (``stored``)."""
+
+    base_url = "http://fake-pacs/dicom-web"
+
+    def __init__(self, *folders):
+        self.files = [pydicom.dcmread(str(p)) for f in folders for p in sorted(Path(f).iterdir())]
+        self.stored = []
+
+    def search_for_series(self, search_filters=None, **_):
+        want = (search_filters or {}).get("SeriesInstanceUID")
+        if (search_filters or {}).get("Modality") == "SEG":
+            return []
+        series = {ds.SeriesInstanceUID: ds for ds in self.files}
+        return [{"0020000E": {"vr": "UI", "Value": [uid]}, "0020000D": {"vr": "UI", "Value": [ds.StudyInstanceUID]},
+                 "00080060": {"vr": "CS", "Value": ["CT"]}} for uid, ds in series.items() if not want or want == uid]
+
+    def retrieve_series(self, study, series, media_types=None):
+        return [ds for ds in self.files if ds.SeriesInstanceUID == series]
+
+    def store_instances(self, datasets):
+        from pydicom.dataset import Dataset
+
+        self.stored.extend(datasets)
+        r = Dataset()
+        r.RetrieveURL = f"{self.base_url}/studies/1/series/{datasets[0].SeriesInstanceUID}"
+        return r
+
+
+def _fake_dicomweb(tmp_path, series=("a",), shape=(24, 20, 6)):
+    """A PACS holding small CT series (one per seed) and a checked DICOMweb datastore on it, caching in tmp_path."""
+    from lib.datastore import CheckedDICOMWebDatastore
+    from lib.dicom import write_ct_series
+
+    uids = []
+    for seed in series:
+        vol = np.random.default_rng(0).normal(0, 100, shape)
+        uids.append(write_ct_series(vol, np.diag([1.5, 1.2, 3.0, 1.0]), tmp_path / "pacs" / seed,
+                                    seed=seed)["SeriesInstanceUID"])
+    client = FakePACS(*[tmp_path / "pacs" / seed for seed in series])
+
+    def open_ds():
+        ds = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / "cache"),
+                                      fetch_by_frame=False, convert_to_nifti=True)
+        # MONAI Label's DICOMweb datastore watches its index (auto reload) and reloads it some time after another
+        # process writes it; a write inside that window wrote the stale copy. The watcher is stopped here, which
+        # makes that window the whole test (and leaves no thread behind)
+        ds._observer.stop()
+        ds._observer.join()
+        return ds
+
+    return open_ds, client, uids
+
+
+def _label_for(image_uri, path, affine=None, value=1):
+    img = nib.load(str(image_uri))
+    lab = np.zeros(img.shape, np.uint8)
+    lab[2:8, 2:8, 1:3] = value
+    nib.save(nib.Nifti1Image(lab, img.affine if affine is None else affine), str(path))
+    return path
+
+
+def _files_under(folder):
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.is_file())
+
+
+def test_dicomweb_ids_and_tags_that_are_paths_are_refused(tmp_path):
+    """A review: the DICOMweb image id and label tag reached os.path.join unchecked: ``image=../../<folder>``
+    made the server convert any DICOM folder it could read and write the NIfTI beside it, and
+    ``tag=../../../escaped`` wrote the label outside the cache. Both are refused (422) and nothing is written."""
+    from fastapi import HTTPException
+
+    open_ds, client, (uid,) = _fake_dicomweb(tmp_path)
+    ds = open_ds()
+    private = tmp_path / "elsewhere" / "private_series"
+    shutil.copytree(tmp_path / "pacs" / "a", private)  # a DICOM folder on the server, in no PACS
+    before = _files_under(tmp_path)
+    rel = "../" * 12 + str(private).lstrip("/")
+    for bad in (rel, "../x", "1.2.3/../../4", "..", "1.2.abc", "1" * 65):
+        with pytest.raises(HTTPException) as e:
+            ds.get_image_uri(bad)
+        assert e.value.status_code == 422 and ("not a plain name" in e.value.detail
+                                               or "not a DICOM series UID" in e.value.detail), e.value.detail
+        with pytest.raises(HTTPException) as e:
+            ds.remove_image(bad)
+        assert e.value.status_code == 422
+    assert _files_under(tmp_path) == before, "something was written for a refused id"
+    uri = ds.get_image_uri(uid)  # a real series UID still works
+    label = _label_for(uri, tmp_path / "up.nii.gz")
+    before = _files_under(tmp_path)
+    for tag in ("../../../escaped", "a/b", "..", "x\x00"):
+        with pytest.raises(HTTPException) as e:
+            ds.save_label(uid, str(label), tag, {})
+        assert e.value.status_code == 422 and "label tag" in e.value.detail, e.value.detail
+    assert _files_under(tmp_path) == before and not client.stored, "a refused tag wrote something"
+
+
+def test_dicomweb_save_label_checks_the_label_before_the_seg_and_the_cache(tmp_path):
+    """A review: DICOMweb's save_label skipped the label check of the folder datastore: a file that is no image was
+    a 500, a label of another shape was converted to a SEG, stored in the PACS and cached as the final label. Now it
+    is refused (422) before any conversion or upload, and the cached final label is the one accepted before."""
+    from fastapi import HTTPException
+
+    open_ds, client, (uid,) = _fake_dicomweb(tmp_path)
+    ds = open_ds()
+    uri = ds.get_image_uri(uid)
+    good = _label_for(uri, tmp_path / "good.nii.gz")
+    ds.save_label(uid, str(good), "final", {})
+    assert len(client.stored) == 1 and client.stored[0].Modality == "SEG"
+    cached = Path(ds.get_label_uri(uid, "final", uid))
+    kept = cached.read_bytes()
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not an image at all")
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 3), np.uint8), np.eye(4)), str(small))
+    img_aff = nib.load(uri).affine
+    mirrored = _label_for(uri, tmp_path / "mirrored.nii.gz",
+                          affine=img_aff @ np.array([[-1, 0, 0, 23], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    for bad, why in ((garbage, "not a readable image"), (small, "has shape (10, 10, 3)"),
+                     (mirrored, "affine differs")):
+        with pytest.raises(HTTPException) as e:
+            ds.save_label(uid, str(bad), "final", {})
+        assert e.value.status_code == 422 and why in e.value.detail, e.value.detail
+    assert len(client.stored) == 1, "a refused label was sent to the PACS"
+    assert cached.read_bytes() == kept, "a refused label replaced the cached final label"
+    reopened = open_ds()
+    assert reopened.get_label_info(uid, "final")["SeriesInstanceUID"] == client.stored[0].SeriesInstanceUID
+
+
+def test_dicomweb_conversion_and_labels_keep_what_a_subprocess_wrote(tmp_path):
+    """A review: the conversion of a series (MONAI Label's add_image) and DICOMweb's save_label wrote the server's
+    in-memory index, so a score a scoring subprocess wrote meanwhile was lost. Both now re-read the index under
+    the lock before writing it."""
+    open_ds, client, (a, b) = _fake_dicomweb(tmp_path, series=("a", "b"))
+    server = open_ds()
+    uri_a = server.get_image_uri(a)
+    scoring = open_ds()  # the subprocess: its own copy of the index
+    scoring.update_image_info(a, {"m_uncertainty": 0.5})
+    server.get_image_uri(b)  # converting b records it in the index
+    on_disk = open_ds()
+    assert on_disk.get_image_info(a).get("m_uncertainty") == 0.5, "converting a series dropped a score"
+    assert on_disk.get_image_info(b)["SeriesInstanceUID"] == b
+    scoring = open_ds()
+    scoring.update_image_info(b, {"m_uncertainty": 0.25})
+    server.save_label(a, str(_label_for(uri_a, tmp_path / "up.nii.gz")), "final", {})
+    on_disk = open_ds()
+    assert on_disk.get_image_info(b).get("m_uncertainty") == 0.25, "saving a label dropped a score"
+    assert on_disk.get_image_info(a).get("m_uncertainty") == 0.5 and on_disk.get_label_info(a, "final")
+
+
+def test_malformed_dicom_headers_are_refused_naming_the_file_and_the_tag(tmp_path):
+    """A review: an instance without Rows, an ImageOrientationPatient of 3 values or an ImagePositionPatient of 2
+    raised AttributeError/ValueError in the geometry check (a 500); each is an InputError (422) naming the file
+    and the tag."""
+    from lib.dicom import series_to_nifti, write_ct_series
+    from lib.transforms import InputError
+
+    def series(name, change, only=None):
+        d = tmp_path / name
+        write_ct_series(np.zeros((16, 16, 5)), np.diag([1.0, 1.0, 2.0, 1.0]), d)
+        for i, f in enumerate(sorted(d.iterdir())):
+            if only is None or i == only:
+                ds = pydicom.dcmread(str(f))
+                change(ds)
+                ds.save_as(str(f))
+        return d
+
+    cases = {
+        "instance CT0002.dcm has no Rows (0028,0010)": series("no_rows", lambda ds: delattr(ds, "Rows"), only=2),
+        "instance CT0000.dcm has a malformed ImageOrientationPatient (0020,0037)":
+            series("iop3", lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0])),
+        "instance CT0000.dcm has a malformed ImagePositionPatient (0020,0032)":
+            series("ipp2", lambda ds: setattr(ds, "ImagePositionPatient", [0, 0])),
+        "instance CT0001.dcm has no ImagePositionPatient (0020,0032)":
+            series("no_ipp", lambda ds: delattr(ds, "ImagePositionPatient"), only=1),
+    }
+    for expect, folder in cases.items():
+        with pytest.raises(InputError) as e:
+            series_to_nifti(folder, tmp_path / f"{folder.name}.nii.gz")
+        assert expect in str(e.value), (folder.name, str(e.value))

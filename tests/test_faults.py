@@ -305,3 +305,168 @@ def test_kill_9_of_the_server_in_the_middle_of_a_training_loses_nothing(tmp_path
         assert status["status"] == "DONE", again.tail(80)
     finally:
         again.stop()
+
+
+def _studies_with(tmp_path, *names):
+    import shutil
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in names:
+        shutil.copy(ROOT / "sample_data" / "phantom_ct_06.nii.gz", studies / f"{name}.nii.gz")
+    return studies
+
+
+def test_setting_aside_an_unreadable_index_waits_for_a_write_in_progress(tmp_path):
+    """A review: set_aside_unreadable_index read the index without the datastore's lock, and MONAI Label wrote
+    it in place: a subprocess (scoring, training) starting during the server's write found a half-written index
+    and set the live one aside (its labels' info lost). It now waits for the lock: the write ends, the index is
+    read whole and kept."""
+    from filelock import FileLock
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = _studies_with(tmp_path, "a")
+    CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"]).update_image_info("a", {"m_uncertainty": 0.7})
+    index = studies / "datastore_v2.json"
+    full = index.read_text()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from lib.datastore import set_aside_unreadable_index; "
+            "print('set aside:', set_aside_unreadable_index(sys.argv[2]))")
+    with FileLock(str(studies / ".lock")):  # the server, in the middle of its in-place write
+        index.write_text(full[: len(full) // 2])
+        proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(studies)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=8)  # it must wait for the lock, not read the half file
+        except subprocess.TimeoutExpired:
+            out = None
+        index.write_text(full)  # the write completes, then the lock is released
+    if out is None:
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "set aside: None" in out, out
+    assert index.read_text() == full and not list(studies.glob("*.unreadable-*")), "the live index was set aside"
+
+
+def test_index_writes_are_atomic_a_reader_never_sees_a_partial_index(tmp_path):
+    """MONAI Label wrote the index in place (``open(path, "w")``, then the JSON): a reader (another process, or a
+    restart after a kill -9) could find it empty or half written. The checked datastore writes it beside and
+    renames it: every read, at any moment, is a whole index."""
+    import threading
+
+    from monailabel.datastore.local import DataModel, ImageLabelModel
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = _studies_with(tmp_path, "a")
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    for k in range(400):  # a large index (records without files are fine for writing it)
+        ds._datastore.objects[f"x{k}"] = ImageLabelModel(image=DataModel(info={"k": k, "pad": "p" * 100},
+                                                                         ext=".nii.gz"))
+    ds._update_datastore_file()
+    index = studies / "datastore_v2.json"
+    done = threading.Event()
+    bad = []
+
+    def reader():
+        while not done.is_set():
+            text = index.read_text()
+            try:
+                json.loads(text)
+            except ValueError:
+                bad.append(len(text))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for k in range(60):
+            ds.update_image_info("a", {"n": k})
+    finally:
+        done.set()
+        t.join()
+    assert not bad, f"{len(bad)} reads found a partial index (sizes {bad[:5]})"
+    assert json.loads(index.read_text())["objects"]["a"]["image"]["info"]["n"] == 59
+    assert not [p.name for p in studies.iterdir() if p.name.endswith(".tmp")], "a temporary file was left"
+
+
+def test_adding_an_image_keeps_a_score_a_subprocess_wrote_meanwhile(tmp_path):
+    """A review: PUT /datastore/image went to MONAI Label's add_image, which wrote the server's in-memory index: a
+    score a scoring subprocess wrote meanwhile was lost. It now re-reads the index under the lock first."""
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = _studies_with(tmp_path, "a", "b")
+
+    def open_ds(**k):
+        return CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], **k)
+
+    server, scoring = open_ds(), open_ds()
+    scoring.update_image_info("b", {"m_uncertainty": 0.5})
+    server.add_image("c", str(ROOT / "sample_data" / "phantom_ct_06.nii.gz"), {"client": "upload"})
+    on_disk = open_ds(read_only=True)
+    assert on_disk.get_image_info("b").get("m_uncertainty") == 0.5, "adding an image dropped a score"
+    assert on_disk.get_image_info("c")["client"] == "upload" and (studies / "c.nii.gz").exists()
+
+
+def test_a_label_whose_affine_differs_from_the_image_is_refused(tmp_path):
+    """A review: the label check compared array shapes only; a label whose header mirrors it (or places it with
+    another spacing or origin) was accepted, and training, which orients a label by its own affine, learnt the
+    mask mirrored. It is refused (422) naming the difference; a label with the image's geometry (as 3D Slicer
+    writes it, float32 rounding included) is stored."""
+    import nibabel as nib
+    import numpy as np
+    from fastapi import HTTPException
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = _studies_with(tmp_path, "a")
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    img = nib.load(studies / "a.nii.gz")
+    lab = np.zeros(img.shape, np.uint8)
+    lab[:10] = 1
+    up = tmp_path / "up.nii.gz"
+    flip = np.array([[-1, 0, 0, img.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    stored = studies / "labels" / "final" / "a.nii.gz"
+    for name, aff, expect in (("mirrored", img.affine @ flip, r"orientation RPS vs LPS"),
+                              ("identity", np.eye(4), r"spacing \[1.0, 1.0, 1.0\] vs \[1.5, 1.5, 2.5\]"),
+                              ("shifted by a voxel", img.affine @ np.array([[1, 0, 0, 1.0], [0, 1, 0, 0],
+                                                                            [0, 0, 1, 0], [0, 0, 0, 1]]),
+                               r"origin")):
+        nib.save(nib.Nifti1Image(lab, aff), str(up))
+        with pytest.raises(HTTPException) as e:
+            ds.save_label("a", str(up), "final", {})
+        assert e.value.status_code == 422 and "affine differs from the image's" in e.value.detail, (name, e.value)
+        assert __import__("re").search(expect, e.value.detail), (name, e.value.detail)
+        assert not stored.exists(), name
+    near = img.affine.astype(np.float32).astype(float)
+    near[:3, 3] += 0.01  # well under a tenth of a voxel
+    nib.save(nib.Nifti1Image(lab, near), str(up))
+    ds.save_label("a", str(up), "final", {})
+    assert stored.read_bytes() == up.read_bytes()
+
+
+def test_the_server_still_reloads_an_index_another_process_wrote(tmp_path):
+    """The index is written beside and renamed (atomic); MONAI Label's watcher takes only *modified* events of
+    the index (a rename is a *moved* one): the server must still reload a score a subprocess wrote, and its own
+    write's event must still be the one it skips (``_ignore_event_config``), not the next one."""
+    import time
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = _studies_with(tmp_path, "a")
+    server = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=True)
+    try:
+        scoring = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+        for k in range(2):
+            server.update_image_info("a", {"own": k})
+            deadline = time.time() + 5
+            while server._ignore_event_config and time.time() < deadline:
+                time.sleep(0.02)
+            assert not server._ignore_event_config, "the server's own write made no event: the next one is skipped"
+            scoring.update_image_info("a", {"m_uncertainty": k + 0.5})
+            deadline = time.time() + 5
+            while server.get_image_info("a").get("m_uncertainty") != k + 0.5 and time.time() < deadline:
+                time.sleep(0.02)
+            assert server.get_image_info("a").get("m_uncertainty") == k + 0.5, "the server did not reload the index"
+    finally:
+        server._observer.stop()
+        server._observer.join()
