@@ -147,27 +147,38 @@ class FreshIndex:
             change()
             self._update_datastore_file(lock=False)
 
+    # an unknown id: a 404 naming it (MONAI Label's ImageNotFoundException / LabelNotFoundException have no HTTP
+    # status: PUT /datastore/imageinfo or /labelinfo and DELETE /datastore of an unknown id answered 500)
     def update_image_info(self, image_id: str, info: dict) -> None:
-        from monailabel.interfaces.exception import ImageNotFoundException
-
         def change():
             obj = self._datastore.objects.get(image_id)
             if not obj:
-                raise ImageNotFoundException(f"Image {image_id} not found")
+                raise _not_found(f"unknown image id {image_id!r} (not in the datastore)")
             obj.image.info.update(info)
 
         self._change_index(change)
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
-        from monailabel.interfaces.exception import LabelNotFoundException
-
         def change():
             label = self._datastore.label(label_id, label_tag)
             if not label:
-                raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
+                raise _not_found(f"no {label_tag!r} label for image id {label_id!r} in the datastore")
             label.info.update(info)
 
         self._change_index(change)
+
+    def remove_image(self, image_id: str) -> None:
+        with FileLock(self._lock_file):  # the index as it is on disk (another process may have added the image)
+            self._reload_index_locked()
+        if not self._datastore.objects.get(image_id):
+            raise _not_found(f"unknown image id {image_id!r} (not in the datastore)")
+        return super().remove_image(image_id)
+
+
+def _not_found(detail: str):
+    from fastapi import HTTPException
+
+    return HTTPException(status_code=404, detail=detail)
 
 
 DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")

@@ -215,6 +215,52 @@ def test_a_scoring_subprocess_does_not_drop_a_label_saved_while_it_ran(tmp_path)
     assert on_disk.get_image_info("a")["m_uncertainty"] == 0.25 and sorted(on_disk.get_labeled_images()) == ["a", "b"]
 
 
+def test_an_unknown_id_in_datastore_requests_is_a_404_and_a_concurrent_write_keeps_both(tmp_path, monkeypatch):
+    """A review: (1) ``DELETE /datastore`` and ``PUT /datastore/imageinfo`` / ``labelinfo`` of an unknown id raised
+    MONAI Label's ImageNotFoundException (no HTTP status: a 500); (2) the test of two annotators saving at once could
+    not fail (MONAI Label's save endpoint is async and blocking, so the server ran the two one after the other).
+    Here two datastore objects (the server and a subprocess) write the index at once, the first held inside its
+    critical section until the second has started: the lock must make the second wait, or its write is lost."""
+    import shutil
+    import threading
+    import time
+
+    from fastapi import HTTPException
+
+    import lib.datastore as dsmod
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(ROOT / "sample_data" / "phantom_ct_06.nii.gz", studies / f"{name}.nii.gz")
+    server = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    other = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    for call in (lambda: server.remove_image("nope"), lambda: server.update_image_info("nope", {"x": 1}),
+                 lambda: server.update_label_info("a", "final", {"x": 1})):
+        with pytest.raises(HTTPException) as e:
+            call()
+        assert e.value.status_code == 404, e.value.detail
+    real = dsmod.FreshIndex._reload_index_locked
+    entered = threading.Event()
+
+    def slow_reload(self):  # the server's write: read the index, then wait inside its critical section
+        real(self)
+        if self is server:
+            entered.set()
+            time.sleep(0.6)
+
+    monkeypatch.setattr(dsmod.FreshIndex, "_reload_index_locked", slow_reload)
+    t = threading.Thread(target=server.update_image_info, args=("a", {"from_server": 1}))
+    t.start()
+    assert entered.wait(10)
+    other.update_image_info("b", {"from_subprocess": 2})  # must wait for the server's write to end
+    t.join()
+    on_disk = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], read_only=True)
+    assert on_disk.get_image_info("a").get("from_server") == 1
+    assert on_disk.get_image_info("b").get("from_subprocess") == 2, "a concurrent index write was lost"
+
+
 class _Payload:
     """What a hostile checkpoint carries: unpickling it would run ``os.system``."""
 

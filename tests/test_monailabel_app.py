@@ -449,8 +449,10 @@ def test_clicks_through_monailabel_client_label_the_clicked_voxels(client, serve
 
 
 def test_two_annotators_saving_one_image_at_once_leave_one_whole_label(server, tmp_path):
-    """Concurrent PUT /datastore/label on one image: both answered, the stored file is exactly one of the two (MONAI
-    Label's datastore lock serialises the copies), and it is listed."""
+    """Concurrent PUT /datastore/label on one image: both answered, the stored file is exactly one of the two, and it
+    is listed. This shows the behaviour a client sees; it cannot prove the lock (MONAI Label's save endpoint is
+    async and blocking, so the server runs the two saves one after the other): test_faults'
+    ``test_an_unknown_id_in_datastore_requests_is_a_404_and_a_concurrent_write_keeps_both`` does."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
