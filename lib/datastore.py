@@ -24,7 +24,6 @@ import numpy as np
 from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, LocalDatastore
-from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.checkpoint import atomic_write
@@ -227,12 +226,6 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
 
     def _download(self, series_uid: str, image_dir: str) -> bool:
         """All instances of the series, as stored, into ``image_dir`` (complete or not at all)."""
-        if self._fetch_by_frame:
-            try:
-                dicom_web_download_series(None, series_uid, image_dir, self._client, True)
-            except IndexError:
-                return False
-            return True
         found = [s for s in self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
                  if s.get("0020000E", {}).get("Value") == [series_uid]]
         if not found:
@@ -242,15 +235,52 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
         try:
-            instances = self._client.retrieve_series(study_uid, series_uid, media_types=(("application/dicom", "*"),))
-            for ds in instances:
-                ds.save_as(os.path.join(tmp, f"{ds.SOPInstanceUID}.dcm"))
+            if self._fetch_by_frame:
+                self._download_frames(study_uid, series_uid, tmp)
+            else:
+                instances = self._client.retrieve_series(study_uid, series_uid,
+                                                         media_types=(("application/dicom", "*"),))
+                for ds in instances:
+                    ds.save_as(os.path.join(tmp, f"{ds.SOPInstanceUID}.dcm"))
             if os.path.isdir(image_dir):
                 shutil.rmtree(image_dir)  # an empty leftover
             os.rename(tmp, image_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return True
+
+    def _download_frames(self, study_uid: str, series_uid: str, folder: str) -> None:
+        """``fetch_by_frame``: each instance's metadata and *all* its frames (uncompressed), written as a DICOM file
+        with its file meta (preamble, transfer syntax) into ``folder``. MONAI Label's version wrote into the cache
+        folder itself, fetched frame 1 only, dropped an instance whose frame request failed (its thread's error was
+        never read) and wrote files without the DICM preamble, which the series reader refuses: nothing converted,
+        and the partial folder was never fetched again. Here any failure raises (the caller removes ``folder``)."""
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.uid import ImplicitVRLittleEndian
+
+        for m in self._client.retrieve_series_metadata(study_uid, series_uid):
+            ds = Dataset.from_json(m)
+            sop = str(ds.SOPInstanceUID)
+            n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            try:
+                frames = self._client.retrieve_instance_frames(study_instance_uid=study_uid,
+                                                               series_instance_uid=series_uid,
+                                                               sop_instance_uid=sop,
+                                                               frame_numbers=list(range(1, n + 1)))
+            except Exception as e:  # noqa: BLE001 - a PACS error: named, nothing cached, the next request tries again
+                raise InputError(f"series {series_uid}: the PACS did not return the frames of instance {sop}: "
+                                 f"{type(e).__name__}: {str(e)[:200]} (nothing was cached; ask again)") from e
+            if len(frames) != n:
+                raise InputError(f"series {series_uid}: the PACS returned {len(frames)} of the {n} frames of "
+                                 f"instance {sop} (nothing was cached; ask again)")
+            ds.PixelData = b"".join(bytes(f) for f in frames)
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            meta.MediaStorageSOPInstanceUID = sop
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.file_meta = meta
+            ds.is_little_endian, ds.is_implicit_VR = True, True
+            ds.save_as(os.path.join(folder, f"{sop}.dcm"), write_like_original=False)
 
     def json(self):
         """The cache's records, plus the PACS series the search filter lists (``pacs_series``)."""

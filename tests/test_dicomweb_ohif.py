@@ -449,6 +449,60 @@ def test_dicomweb_conversion_and_labels_keep_what_a_subprocess_wrote(tmp_path):
     assert on_disk.get_image_info(a).get("m_uncertainty") == 0.5 and on_disk.get_label_info(a, "final")
 
 
+class FramePACS(FakePACS):
+    """A PACS that serves instance metadata and frames (WADO-RS frames: the datastore's ``fetch_by_frame``);
+    ``fail``: the SOP instance UID whose frame request times out."""
+
+    fail = None
+
+    def retrieve_series_metadata(self, study, series):
+        out = []
+        for ds in self.files:
+            if ds.SeriesInstanceUID == series:
+                d = ds.copy()
+                del d.PixelData
+                out.append(d.to_json_dict())
+        return out
+
+    def retrieve_instance_frames(self, study_instance_uid, series_instance_uid, sop_instance_uid, frame_numbers):
+        if sop_instance_uid == self.fail:
+            raise TimeoutError("read timeout")
+        ds = next(d for d in self.files if d.SOPInstanceUID == sop_instance_uid)
+        assert list(frame_numbers) == [1]  # single-frame instances
+        return [ds.PixelData]
+
+
+def test_fetch_by_frame_converts_the_whole_series_or_nothing(tmp_path):
+    """A review: with ``fetch_by_frame`` (MONAI Label's frame-by-frame download) the files had no DICM preamble, so
+    no series could be converted; a frame request that failed dropped its instance silently (its thread's error was
+    never read), and the partial folder, written straight into the cache, was never fetched again. Now the series
+    is fetched whole into a temporary folder, with file meta, or the request names the instance that failed and
+    nothing is cached."""
+    from lib.datastore import CheckedDICOMWebDatastore
+    from lib.transforms import InputError
+
+    open_ds, client, (uid,) = _fake_dicomweb(tmp_path / "whole")
+    want = nib.load(open_ds().get_image_uri(uid)).get_fdata()
+    pacs = FramePACS(tmp_path / "whole" / "pacs" / "a")
+
+    def frames_ds(cache):
+        ds = CheckedDICOMWebDatastore(client=pacs, search_filter={}, cache_path=str(cache), fetch_by_frame=True,
+                                      convert_to_nifti=True)
+        ds._observer.stop()
+        ds._observer.join()
+        return ds
+
+    pacs.fail = pacs.files[3].SOPInstanceUID
+    ds = frames_ds(tmp_path / "frames")
+    with pytest.raises(InputError, match=f"instance {pacs.fail}"):
+        ds.get_image_uri(uid)
+    assert not (Path(ds._datastore.image_path()) / uid).exists(), "a partial series was cached"
+    pacs.fail = None  # the PACS answers again: the next request fetches the series
+    got = nib.load(ds.get_image_uri(uid)).get_fdata()
+    assert got.shape == want.shape and np.array_equal(got, want)
+    assert len(list((Path(ds._datastore.image_path()) / uid).iterdir())) == len(pacs.files)
+
+
 def test_malformed_dicom_headers_are_refused_naming_the_file_and_the_tag(tmp_path):
     """A review: an instance without Rows, an ImageOrientationPatient of 3 values or an ImagePositionPatient of 2
     raised AttributeError/ValueError in the geometry check (a 500); each is an InputError (422) naming the file
