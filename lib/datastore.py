@@ -364,6 +364,51 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         check_series_uid(image_id)
         return super().remove_image(image_id)
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A final label is a DICOM SEG series in the PACS, fetched into the cache and converted to the image's label
+        file on first use -- MONAI Label's ``get_label_uri`` with three changes: the SEG's id must be a series UID
+        (it names a cache folder: ``../..`` downloaded a series anywhere), the download is the checked one (a
+        temporary folder renamed when complete), and the converted label is stored through :meth:`_store_label`
+        (atomic, the index re-read under the lock; MONAI Label's ``LocalDatastore.save_label`` wrote the index as
+        this process held it, dropping a score a subprocess wrote meanwhile)."""
+        if label_tag != DefaultLabelTag.FINAL:
+            return super().get_label_uri(label_id, label_tag)
+        from monailabel.datastore.utils.convert import dicom_to_nifti
+
+        check_series_uid(label_id, "label id")
+        label_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
+        if not os.path.isdir(label_dir) or not os.listdir(label_dir):
+            if not self._download(label_id, label_dir):
+                return ""  # no such series in the PACS
+        if not self._convert_to_nifti:
+            return label_dir
+        if image_id:
+            check_series_uid(image_id)
+            stored = self._stored_label_path(image_id, label_tag)
+            if stored:
+                return stored
+        converted = dicom_to_nifti(label_dir, is_seg=True)  # a temporary .seg.nrrd
+        if not converted or not image_id:
+            return converted or ""
+        try:
+            self._store_label(image_id, converted, label_tag, self._dicom_info(label_id))
+        finally:
+            if os.path.exists(converted):
+                os.unlink(converted)
+        return self._stored_label_path(image_id, label_tag) or ""
+
+    def _stored_label_path(self, image_id: str, label_tag: str) -> str | None:
+        """The cached label file of ``image_id`` that the index names, if it exists (MONAI Label looked for
+        ``<image>.nii.gz`` only, so a label converted from a SEG -- stored as ``.seg.nrrd`` -- was converted again on
+        every call)."""
+        obj = self._datastore.objects.get(image_id)
+        lab = obj.labels.get(label_tag) if obj else None
+        if lab is None:
+            return None
+        path = os.path.realpath(os.path.join(self._datastore.label_path(label_tag),
+                                              lab.info.get("name") or self._filename(image_id, lab.ext)))
+        return path if os.path.isfile(path) else None
+
 
 # -- the local (folder) datastore: a label is checked before it may replace anything ---------------------------------
 MAX_NAME = 255

@@ -503,6 +503,62 @@ def test_fetch_by_frame_converts_the_whole_series_or_nothing(tmp_path):
     assert len(list((Path(ds._datastore.image_path()) / uid).iterdir())) == len(pacs.files)
 
 
+def test_a_seg_from_the_pacs_becomes_the_cached_label_without_dropping_a_score(tmp_path):
+    """A review: a final label fetched from the PACS (a DICOM SEG: MONAI Label's ``get_label_uri``, run for every
+    labelled series when a training lists its data) was stored through ``LocalDatastore.save_label``, which wrote the
+    index as that process held it (a score a scoring subprocess wrote meanwhile was dropped) and copied in place; the
+    SEG's id named a cache folder unchecked; and the converted label (``.seg.nrrd``) was converted again on every
+    call (MONAI Label looked for ``<image>.nii.gz``)."""
+    from fastapi import HTTPException
+
+    from lib.datastore import CheckedDICOMWebDatastore
+
+    open_ds, client, (a,) = _fake_dicomweb(tmp_path)
+    annotator = open_ds()
+    uri_a = annotator.get_image_uri(a)
+    up = _label_for(uri_a, tmp_path / "up.nii.gz")
+    annotator.save_label(a, str(up), "final", {})  # Submit Label: a SEG goes to the PACS
+    assert len(client.stored) == 1
+    client.files.extend(client.stored)  # the PACS now holds the SEG series
+    seg_uid = client.stored[0].SeriesInstanceUID
+
+    def fresh(cache):  # another server (or a training subprocess) with an empty cache
+        ds = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / cache),
+                                      fetch_by_frame=False, convert_to_nifti=True)
+        ds._observer.stop()
+        ds._observer.join()
+        return ds
+
+    trainer = fresh("cache2")
+    trainer.get_image_uri(a)
+    scoring = fresh("cache2")
+    scoring.update_image_info(a, {"m_uncertainty": 0.5})  # written after the trainer read the index
+    with pytest.raises(HTTPException) as e:
+        trainer.get_label_uri("../../elsewhere", "final", a)
+    assert e.value.status_code == 422
+    path = trainer.get_label_uri(seg_uid, "final", a)
+    assert path and Path(path).is_file()
+    got = np.asarray(nib.load(path).dataobj) if path.endswith(".nii.gz") else None
+    if got is None:
+        import SimpleITK as sitk
+
+        got = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(path)), (2, 1, 0))
+    assert int((got > 0).sum()) == int((np.asarray(nib.load(str(up)).dataobj) > 0).sum())
+    on_disk = fresh("cache2")
+    assert on_disk.get_image_info(a).get("m_uncertainty") == 0.5, "storing the PACS label dropped a score"
+    assert on_disk.get_label_info(a, "final").get("SeriesInstanceUID") == seg_uid
+    import monailabel.datastore.utils.convert as convert
+
+    calls = []
+    real = convert.dicom_to_nifti
+    convert.dicom_to_nifti = lambda *x, **k: calls.append(x) or real(*x, **k)
+    try:
+        assert trainer.get_label_uri(seg_uid, "final", a) == path
+    finally:
+        convert.dicom_to_nifti = real
+    assert not calls, "the cached label was converted again"
+
+
 def test_malformed_dicom_headers_are_refused_naming_the_file_and_the_tag(tmp_path):
     """A review: an instance without Rows, an ImageOrientationPatient of 3 values or an ImagePositionPatient of 2
     raised AttributeError/ValueError in the geometry check (a 500); each is an InputError (422) naming the file
