@@ -581,6 +581,8 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
         from .transforms import check_file
 
         image_id = check_name(image_id or self._to_id(os.path.basename(image_filename))[0], "image id")
+        with FileLock(self._lock_file):  # the labels as the index on disk has them (another process may have saved)
+            self._reload_index_locked()
         obj = self._datastore.objects.get(image_id)
         if obj is not None and obj.labels and _same_bytes(self.get_image_uri(image_id), image_filename):
             return image_id  # the same image again (a client uploading before each Submit Label): nothing changes

@@ -259,6 +259,22 @@ def test_an_unknown_id_in_datastore_requests_is_a_404_and_a_concurrent_write_kee
     on_disk = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], read_only=True)
     assert on_disk.get_image_info("a").get("from_server") == 1
     assert on_disk.get_image_info("b").get("from_subprocess") == 2, "a concurrent index write was lost"
+    monkeypatch.undo()
+    # an image another datastore object gave a label is not replaced by another file through a stale copy (409)
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(studies / "b.nii.gz")
+    lab = np.zeros(img.shape, np.uint8)
+    lab[4:20, 10:30] = 1
+    nib.save(nib.Nifti1Image(lab, img.affine), str(tmp_path / "lab.nii.gz"))
+    stale = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    other.save_label("b", str(tmp_path / "lab.nii.gz"), "final", {})
+    other_image = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine), str(other_image))
+    with pytest.raises(HTTPException) as e:
+        stale.add_image("b", str(other_image), {})
+    assert e.value.status_code == 409, e.value.detail
 
 
 class _Payload:
