@@ -384,7 +384,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             return label_dir
         if image_id:
             check_series_uid(image_id)
-            stored = self._stored_label_path(image_id, label_tag)
+            stored = self._stored_label_path(image_id, label_tag, label_id)
             if stored:
                 return stored
         converted = dicom_to_nifti(label_dir, is_seg=True)  # a temporary .seg.nrrd
@@ -397,7 +397,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 os.unlink(converted)
         return self._stored_label_path(image_id, label_tag) or ""
 
-    def _stored_label_path(self, image_id: str, label_tag: str) -> str | None:
+    def _stored_label_path(self, image_id: str, label_tag: str, label_id: str | None = None) -> str | None:
         """The cached label file of ``image_id`` that the index names, if it exists (MONAI Label looked for
         ``<image>.nii.gz`` only, so a label converted from a SEG -- stored as ``.seg.nrrd`` -- was converted again on
         every call)."""
@@ -405,6 +405,8 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         lab = obj.labels.get(label_tag) if obj else None
         if lab is None:
             return None
+        if label_id is not None and lab.info.get("SeriesInstanceUID") not in (None, label_id):
+            return None  # the cache holds another SEG's label (the PACS has a newer one): converted again
         path = os.path.realpath(os.path.join(self._datastore.label_path(label_tag),
                                               lab.info.get("name") or self._filename(image_id, lab.ext)))
         return path if os.path.isfile(path) else None
@@ -507,6 +509,17 @@ def _geometry_difference(label_path, lab, image_path, img, ref_shape) -> str | N
     dist = np.linalg.norm((a_img @ corners - a_lab @ corners)[:r], axis=0).max()
     spacing = np.linalg.norm(a_img[:r, :r], axis=0)
     if dist <= GEOMETRY_TOLERANCE * max(float(spacing.min()), 1e-6):
+        return None
+    # the same axes and spacing, only another origin: every voxel still pairs with the same image voxel (training
+    # orients and resamples each file by its own affine, keeping that pairing), and this is how a correct label
+    # differs when an ITK editor (3D Slicer, ITK-SNAP) read a NIfTI image's qform where nibabel / MONAI read its
+    # sform (after FSL registration they differ): accepted, with a warning
+    # (the corners' spread minus a common shift: a rotation, flip or other spacing still moves them apart)
+    diff = (a_img @ corners - a_lab @ corners)[:r]
+    linear = np.linalg.norm(diff - diff.mean(axis=1, keepdims=True), axis=0).max()
+    if linear <= GEOMETRY_TOLERANCE * max(float(spacing.min()), 1e-6):
+        logger.warning("label file %s: origin %s mm from the image's (same axes and spacing; e.g. a NIfTI qform/sform "
+                       "difference): stored, voxel for voxel", label_path, np.round(diff[:, 0], 3).tolist())
         return None
 
     def codes(a):

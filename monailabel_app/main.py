@@ -120,7 +120,19 @@ def check_task_request(app, method: str, request: dict | None, params: dict | No
         raise HTTPException(status_code=422, detail=f"parameter {key!r} = {params[key]!r} differs from the {key} "
                                                     f"{given!r} of the request path")
     if method == "train":
-        return check_train_request(app, given, params)
+        # POST /train/ (every model) merges params[<model>] into each model's request and passes the whole params on:
+        # those per-model values are checked too, and the request gets them parsed (the task reads the request)
+        trainers = getattr(app, "_trainers", {}) or {}
+        own = {k: v for k, v in request.items() if k != "model"}
+        if own:
+            request.update(check_train_request(app, given, own))
+        if params is None:
+            return check_train_request(app, given, None)
+        per_model = {k: v for k, v in params.items() if k in trainers and isinstance(v, dict)}
+        for name, p in per_model.items():
+            check_train_request(app, name, p)
+        flat = check_train_request(app, given, {k: v for k, v in params.items() if k not in per_model})
+        return {**flat, **per_model}
     if method == "scoring" and given is not None and given not in (getattr(app, "_scoring_methods", {}) or {}):
         raise HTTPException(status_code=404, detail=f"unknown scoring method {given!r}; available: "
                                                     f"{sorted(getattr(app, '_scoring_methods', {}) or {})}")

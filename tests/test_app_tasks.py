@@ -407,6 +407,13 @@ def test_training_parameters_reach_the_trainer_parsed():
                    "multi_gpu": False, "train_batch_size": 3, "x": "y", "augment": False, "fine_tune_lr_scale": 0.5,
                    "lr_schedule": "constant"}
     assert check_train_request(app, "m", None) is None
+    # POST /train/ (every model): MONAI Label merged params["m"] into the model's request, raw; checked and parsed
+    from monailabel_app.main import check_task_request
+
+    request = {"model": "m", "max_epochs": "2", "pretrained": "false"}
+    out = check_task_request(app, "train", request, {"m": {"max_epochs": "2", "pretrained": "false"}})
+    assert request == {"model": "m", "max_epochs": 2, "pretrained": False} and out == {"m": {"max_epochs": "2",
+                                                                                            "pretrained": "false"}}
     for bad in ({"name": "../x"}, {"pretrained": "maybe"}, {"max_epochs": "1.5"}, {"augment": "sometimes"},
                 {"fine_tune_lr_scale": 0}, {"lr_schedule": "step"}, {"max_epochs": "inf"},
                 {"learning_rate": 10 ** 400}):

@@ -557,6 +557,20 @@ def test_a_seg_from_the_pacs_becomes_the_cached_label_without_dropping_a_score(t
     finally:
         convert.dicom_to_nifti = real
     assert not calls, "the cached label was converted again"
+    # the annotator corrects the label: a new SEG in the PACS replaces the cached one (a review: the cache was
+    # served for good once it held a label)
+    bigger = np.zeros(nib.load(str(uri_a)).shape, np.uint8)
+    bigger[2:20, 2:16, 1:5] = 1
+    nib.save(nib.Nifti1Image(bigger, nib.load(str(uri_a)).affine), str(tmp_path / "up2.nii.gz"))
+    annotator.save_label(a, str(tmp_path / "up2.nii.gz"), "final", {})
+    client.files.append(client.stored[-1])
+    new_uid = client.stored[-1].SeriesInstanceUID
+    assert new_uid != seg_uid
+    path2 = fresh("cache2").get_label_uri(new_uid, "final", a)
+    import SimpleITK as sitk
+
+    got2 = sitk.GetArrayFromImage(sitk.ReadImage(path2))
+    assert int((got2 > 0).sum()) == int(bigger.sum()), "a stale label was served for a newer SEG"
 
 
 def test_malformed_dicom_headers_are_refused_naming_the_file_and_the_tag(tmp_path):

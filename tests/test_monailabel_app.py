@@ -174,6 +174,8 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
             ("/scoring/no_such_method", {}, 404, "unknown scoring method 'no_such_method'"),
             ("/batch/infer/no_such_model", {}, 404, "unknown model 'no_such_model'"),
             ("/train/", {"max_epochs": "abc"}, 422, "'max_epochs' must be an integer"),
+            ("/train/", {"dfm_vlm_2d": {"name": "../../x"}}, 422, "is not a plain name"),  # per model (a review)
+            ("/train/", {"dfm_vlm_3d": {"max_epochs": "abc"}}, 422, "'max_epochs' must be an integer"),
             ("/train/dfm_vlm_3d", {"model": "dfm_vlm_2d"}, 422, "differs from the model 'dfm_vlm_3d'"),
             ("/scoring/dfm_vlm_3d_uncertainty", {"method": "x"}, 422, "differs from the method")):
         r = requests.post(f"{server.url}{url}", json=body, timeout=30)
