@@ -376,17 +376,21 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         from monailabel.datastore.utils.convert import dicom_to_nifti
 
         check_series_uid(label_id, "label id")
+        if image_id:
+            check_series_uid(image_id)
         label_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
+        if self._convert_to_nifti:
+            # the index keys a label by its image's id (a client asks for it so, LocalDatastore's convention); a SEG
+            # id that is not the image's must be the SEG the cached label came from
+            owner = image_id or label_id
+            stored = self._stored_label_path(owner, label_tag, None if owner == label_id else label_id)
+            if stored:
+                return stored
         if not os.path.isdir(label_dir) or not os.listdir(label_dir):
             if not self._download(label_id, label_dir):
                 return ""  # no such series in the PACS
         if not self._convert_to_nifti:
             return label_dir
-        if image_id:
-            check_series_uid(image_id)
-            stored = self._stored_label_path(image_id, label_tag, label_id)
-            if stored:
-                return stored
         converted = dicom_to_nifti(label_dir, is_seg=True)  # a temporary .seg.nrrd
         if not converted or not image_id:
             return converted or ""
