@@ -37,6 +37,25 @@ def _task(ckpt, model_dir):
     return cfg
 
 
+class _MemoryDatastore:
+    """What scoring and the uncertainty strategy read of a datastore: unlabelled images (id -> file) and their info."""
+
+    def __init__(self, images: dict, info: dict | None = None):
+        self.images, self.info = dict(images), dict(info or {})
+
+    def get_unlabeled_images(self):
+        return list(self.images)
+
+    def get_image_uri(self, image_id):
+        return self.images[image_id]
+
+    def get_image_info(self, image_id):
+        return self.info.setdefault(image_id, {})
+
+    def update_image_info(self, image_id, d):
+        self.info.setdefault(image_id, {}).update(d)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_infer_task_probability_map_equals_core_predict(tmp_path, ckpt3d, precision):
     """App = core in every precision the policy can choose (fp32; bf16 forced on this CPU)."""
@@ -76,11 +95,8 @@ def test_info_infer_and_scoring_share_one_model_copy_on_the_default_device(tmp_p
     task.info()
     entry = write_phantom_case(tmp_path / "studies", "case02", shape=(24, 24, 16))
 
-    class DS:
-        def get_image_uri(self, image_id):
-            return entry["image"]
-
-    DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2).score_image("case02", DS(), 2)
+    DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2).score_image("case02",
+                                                                         _MemoryDatastore({"case02": entry["image"]}), 2)
     assert devices == ["cuda:7"], devices
 
 
@@ -92,22 +108,7 @@ def test_a_score_is_reused_only_for_the_same_checkpoint_and_number_of_samples(tm
     task = _task(ckpt3d, tmp_path / "model").infer()
     entry = write_phantom_case(tmp_path / "studies", "case03", shape=(24, 24, 16))
 
-    class DS:
-        info: dict = {}
-
-        def get_unlabeled_images(self):
-            return ["case03"]
-
-        def get_image_uri(self, image_id):
-            return entry["image"]
-
-        def get_image_info(self, image_id):
-            return self.info.setdefault(image_id, {})
-
-        def update_image_info(self, image_id, d):
-            self.info.setdefault(image_id, {}).update(d)
-
-    ds, scoring = DS(), DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2)
+    ds, scoring = _MemoryDatastore({"case03": entry["image"]}), DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2)
     assert scoring({}, ds)["executed"] == 1 and ds.info["case03"]["dfm_vlm_3d_uncertainty_num_samples"] == 2
     assert scoring({"num_samples": 2}, ds)["skipped"] == 1
     r = scoring({"num_samples": "3"}, ds)
@@ -129,17 +130,9 @@ def test_a_score_is_reused_only_for_the_same_checkpoint_and_number_of_samples(tm
     broken = tmp_path / "studies" / "case04.nii.gz"
     broken.write_bytes(b"not a volume")
 
-    class DS2(DS):
-        info = {"case03": dict(ds.info["case03"]), "case04": {scoring.key: 1e9, f"{scoring.key}_num_samples": 2,
-                                                              f"{scoring.key}_ts": 1}}
-
-        def get_unlabeled_images(self):
-            return ["case03", "case04"]
-
-        def get_image_uri(self, image_id):
-            return entry["image"] if image_id == "case03" else str(broken)
-
-    ds2 = DS2()
+    ds2 = _MemoryDatastore({"case03": entry["image"], "case04": str(broken)},
+                           info={"case03": dict(ds.info["case03"]),
+                                 "case04": {scoring.key: 1e9, f"{scoring.key}_num_samples": 2, f"{scoring.key}_ts": 1}})
     scoring.candidates = lambda datastore: datastore.get_unlabeled_images()  # the broken file is not 3D-checked
     assert strategy({}, ds2)["id"] == "case03"
     # two trainings can publish within one second (0.3 s epochs on the phantoms): their scores must differ in ts
@@ -214,27 +207,12 @@ def test_next_sample_by_uncertainty_without_a_model_is_a_503_naming_why(tmp_path
 
     entry = write_phantom_case(tmp_path / "studies", "case05", shape=(24, 24, 16))
 
-    class DS:
-        info: dict = {}
-
-        def get_unlabeled_images(self):
-            return ["case05"]
-
-        def get_image_uri(self, image_id):
-            return entry["image"]
-
-        def get_image_info(self, image_id):
-            return self.info.setdefault(image_id, {})
-
-        def update_image_info(self, image_id, d):
-            self.info.setdefault(image_id, {}).update(d)
-
     published = tmp_path / "model" / "dfm_vlm_3d.pt"
     task = _task(tmp_path / "missing.pt", tmp_path / "model").infer()
     scoring = DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2)
-    assert "no trained checkpoint" in scoring({}, DS())["error"]
+    assert "no trained checkpoint" in scoring({}, _MemoryDatastore({"case05": entry["image"]}))["error"]
     app = object.__new__(DFMVLMApp)  # the app's request method alone (no server): its strategy, its datastore
-    ds = DS()
+    ds = _MemoryDatastore({"case05": entry["image"]})
     app._strategies = {"dfm_vlm_3d_uncertainty": DFMUncertaintyStrategy(scoring)}
     app._datastore, app.datastore, app._auto_update_scoring = ds, (lambda: ds), False
     for content in (None, b"garbage"):  # no file; a file that cannot be loaded
