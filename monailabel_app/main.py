@@ -128,6 +128,8 @@ def check_task_request(app, method: str, request: dict | None, params: dict | No
             request.update(check_train_request(app, given, own))
         if params is None:
             return check_train_request(app, given, None)
+        # every model's own parameters, at the first model's call: POST /train/ starts the models one by one, and a
+        # bad value for the second must not leave the first one training
         per_model = {k: v for k, v in params.items() if k in trainers and isinstance(v, dict)}
         for name, p in per_model.items():
             check_train_request(app, name, p)

@@ -182,6 +182,9 @@ class _LRSchedule:
     def __init__(self, peak: float, schedule: str):
         self.peak, self.schedule = peak, schedule
 
+    def attach(self, engine):  # a MONAI train handler: set before each iteration
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
     def __call__(self, engine):
         st = engine.state
         total = max(1, int(st.epoch_length or 1) * int(st.max_epochs or 1))
@@ -326,7 +329,7 @@ class DFMVLMTrain(BasicTrainTask):
         schedule = str(context.request.get("lr_schedule", "cosine")).lower()
         if schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-        handlers: list = [_LRScheduleHandler(_LRSchedule(self.peak_lr(context), schedule))]
+        handlers: list = [_LRSchedule(self.peak_lr(context), schedule)]
         if context.local_rank == 0:
             handlers.append(StatsHandler(tag_name="train_loss", output_transform=_loss_of))
         if context.evaluator:
@@ -404,16 +407,6 @@ class DFMVLMTrain(BasicTrainTask):
                     context.trainer.add_event_handler(Events.COMPLETED, publish.report)
             else:
                 context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None))
-
-
-class _LRScheduleHandler:
-    """Attaches :class:`_LRSchedule` to the trainer's ITERATION_STARTED (a MONAI handler's ``attach``)."""
-
-    def __init__(self, schedule: _LRSchedule):
-        self.schedule = schedule
-
-    def attach(self, engine):
-        engine.add_event_handler(Events.ITERATION_STARTED, self.schedule)
 
 
 def _loss_of(output):
