@@ -22,7 +22,7 @@ import logging
 import os
 import pickle
 import re
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,17 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     file in place and raises the ``OSError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # not tempfile.mkstemp: its 0600 survived the rename, so a server running as another user could not read a
+    # checkpoint (or a label) written by training; 0666 here is narrowed by the umask like any file's
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {path}")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -197,8 +207,10 @@ def _describe_arch(state_dict: dict) -> str:
     return f"{len(keys)} tensors, e.g. {keys[:4]}"
 
 
-def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None = None) -> HParams:
-    """Hyper-parameters completed from the state dict where missing, checked against it where given."""
+def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None = None,
+                    unknown: list[str] | None = None) -> HParams:
+    """Hyper-parameters completed from the state dict where missing, checked against it where given. Settings that
+    are missing and that the state dict cannot tell (``model.norm``) are appended to ``unknown``."""
     notes = notes if notes is not None else []
     if raw is None:
         raise CheckpointError("the checkpoint has no hyper-parameters, so its architecture is unknown "
@@ -210,6 +222,24 @@ def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None 
     if not isinstance(raw["model"], dict):
         raise CheckpointError(f"hyper-parameters 'model' must be a mapping, got {raw['model']!r}")
     m = raw["model"] = dict(raw["model"])
+    if "norm" not in m and unknown is not None:
+        # instance and group norm have the same weights: the state dict cannot tell them apart, and a model run
+        # with the other one gives other logits (0.27 apart on a probe) without any error
+        unknown.append("model.norm")
+    # every setting the checkpoint leaves out takes the code's default: said, so that nobody mistakes it for the
+    # checkpoint's own (checkpoints written by lib.checkpoint hold them all)
+    for name, cls in _SECTIONS.items():
+        if name == "train":
+            continue
+        sec = raw.get(name)
+        if sec is None:
+            notes.append(f"hyper-parameters have no '{name}' section: the defaults of this version are used "
+                         f"({dataclasses.asdict(cls())})")
+        elif isinstance(sec, dict):
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in sec and not
+                       (name == "model" and f.name in ("vlm_film_decoder_stages", "cond_dim"))]
+            if missing:
+                notes.append(f"hyper-parameters '{name}' lack {missing}: the defaults of this version are used")
 
     # FiLM stages and conditioning size: derived from the weights where the hyper-parameters are silent.
     stages_sd = film_stages_in(state_dict)
@@ -279,8 +309,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     obj = _torch_load(path, map_location)
     state_dict, raw, fmt, metrics, version = _unpack(obj, path)
     notes: list[str] = []
+    unknown: list[str] = []
     try:
-        hp = resolve_hparams(raw, state_dict, notes)
+        hp = resolve_hparams(raw, state_dict, notes, unknown)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     try:
@@ -291,6 +322,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         _check_against(model, state_dict, hp)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if unknown:  # the weights fit, but a setting they cannot tell is missing: not the code's default silently
+        raise CheckpointError(f"{path}: its hyper-parameters do not say {', '.join(unknown)} ('instance', 'group' or "
+                              f"'batch'), which its weights cannot tell (instance and group norm have the same "
+                              f"weights); add it to the checkpoint's hyper-parameters")
     model.load_state_dict(state_dict, strict=True)
     model.to(map_location).eval()
     for n in notes:

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -360,6 +361,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _positive_minutes(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):  # nan trained forever; 0 or less failed after loading everything
+        raise argparse.ArgumentTypeError(f"a finite number of minutes > 0, got {text!r}")
+    return v
+
+
 def _flat(case: dict) -> dict:
     """A case row for CSV: per-structure metrics as ``<metric>_<structure>``, the matrix as ``dice_<p>_vs_<t>``."""
     row = {k: v for k, v in case.items() if k not in ("structures", "dice_matrix")}
@@ -414,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-split", default="training")
     s.add_argument("--val-split", default="validation")
     s.add_argument("--out", required=True)
-    s.add_argument("--minutes", type=float, help="wall-time budget, validations included")
-    s.add_argument("--max-iterations", type=int)
+    s.add_argument("--minutes", type=_positive_minutes, help="wall-time budget, validations included")
+    s.add_argument("--max-iterations", type=_positive)
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/resume.pt (the same command plus --resume)")
     s.add_argument("--limit-train", type=_positive, help="the first N training images")
@@ -483,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (CheckpointError, ConfigError, InputError, VLMError, PrecisionError, StructureError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable --out, a full disk: the file and the reason, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -399,6 +399,51 @@ class TrainConfig:
     hard_decay: float = 0.5  # moving average of an image's difficulty over the times it is drawn
 
 
+def check_train(train: "TrainConfig") -> None:
+    """The training section's values, checked before anything is loaded (lib.training.train calls it first: a bad
+    value was refused only after the VLM loaded and the training set was cached, or ended in a bare traceback)."""
+    if isinstance(train.ema_decay, bool) or not isinstance(train.ema_decay, (int, float)) \
+            or not 0.0 <= train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no weight averaging), got {train.ema_decay!r}")
+    for k in ("images_per_batch", "patches_per_image"):
+        v = getattr(train, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"train.{k} must be an integer >= 1, got {v!r}")
+    v = train.max_iterations  # None: the time budget alone (a string passed --set's check and failed later)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ConfigError(f"train.max_iterations must be null or an integer >= 1, got {v!r}")
+    for k, lo in (("lr", 0.0), ("val_every_s", 0.0), ("time_budget_s", 0.0)):
+        v = getattr(train, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= lo:
+            raise ConfigError(f"train.{k} must be a finite number > {lo:g}, got {v!r}")
+    if isinstance(train.seed, bool) or not isinstance(train.seed, int) or not 0 <= train.seed < 2 ** 63:
+        raise ConfigError(f"train.seed must be an integer >= 0, got {train.seed!r}")
+    v = train.num_threads
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ConfigError(f"train.num_threads must be null (PyTorch's default) or an integer >= 1, got {v!r}")
+    v = train.state_every_s  # <= 0 wrote resume.pt at every iteration
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"train.state_every_s must be a finite number > 0, got {v!r}")
+    v = train.state_every_it
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"train.state_every_it must be an integer >= 0 (0: off), got {v!r}")
+    v = train.hard_share  # checked here, before the VLM loads and the training set is cached
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ConfigError(f"train.hard_share must be within [0, 1], got {v!r}")
+    v = train.hard_decay
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ConfigError(f"train.hard_decay must be within [0, 1), got {v!r}")
+    if isinstance(train.weight_decay, bool) or not isinstance(train.weight_decay, (int, float)) \
+            or not train.weight_decay >= 0:
+        raise ConfigError(f"train.weight_decay must be a number >= 0, got {train.weight_decay!r}")
+    if not isinstance(train.augmentation, dict):
+        raise ConfigError(f"train.augmentation must be a mapping of {sorted(AUGMENTATION)}, "
+                          f"got {train.augmentation!r}")
+    unknown = sorted(set(train.augmentation) - set(AUGMENTATION))
+    if unknown:  # a typo was silently ignored (the default used instead)
+        raise ConfigError(f"train.augmentation: unknown key(s) {unknown}; known: {sorted(AUGMENTATION)}")
+
+
 @dataclass
 class HParams:
     """The complete, resolved description of a model; saved in every checkpoint."""
@@ -427,28 +472,7 @@ class HParams:
     def resolved(self) -> "HParams":
         """Every field explicit and consistent; raises ConfigError naming what disagrees."""
         precision, train = _precision_of(self.precision, self.train)
-        if not 0.0 <= train.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no weight averaging), got {train.ema_decay!r}")
-        for k in ("images_per_batch", "patches_per_image"):
-            v = getattr(train, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"train.{k} must be an integer >= 1, got {v!r}")
-        v = train.max_iterations  # None: the time budget alone (a string passed --set's check and failed later)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ConfigError(f"train.max_iterations must be null or an integer >= 1, got {v!r}")
-        for k, lo in (("lr", 0.0), ("val_every_s", 0.0), ("time_budget_s", 0.0)):
-            v = getattr(train, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= lo:
-                raise ConfigError(f"train.{k} must be a finite number > {lo:g}, got {v!r}")
-        if isinstance(train.weight_decay, bool) or not isinstance(train.weight_decay, (int, float)) \
-                or not train.weight_decay >= 0:
-            raise ConfigError(f"train.weight_decay must be a number >= 0, got {train.weight_decay!r}")
-        if not isinstance(train.augmentation, dict):
-            raise ConfigError(f"train.augmentation must be a mapping of {sorted(AUGMENTATION)}, "
-                              f"got {train.augmentation!r}")
-        unknown = sorted(set(train.augmentation) - set(AUGMENTATION))
-        if unknown:  # a typo was silently ignored (the default used instead)
-            raise ConfigError(f"train.augmentation: unknown key(s) {unknown}; known: {sorted(AUGMENTATION)}")
+        check_train(train)
         pre = self.preprocessing.resolved()
         structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
         labels = dict(self.labels)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ import torch
 from monai.data import CacheDataset
 from torch.optim.swa_utils import AveragedModel
 
-from .checkpoint import atomic_torch_save, save_checkpoint
+from .checkpoint import atomic_torch_save, atomic_write, save_checkpoint
 from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
-from .config import ConfigError, HParams
+from .config import ConfigError, HParams, check_train
 from .data import PatchBatcher
 from .evaluation import evaluate_items, make_inferer
 from .flow import training_step
@@ -128,6 +129,7 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
 
 
 STATE_FORMAT = "dfm-vlm-train-state"
+_LOSS_ROW = re.compile(r"(\d+),([^,]+)")  # one whole row of losses.csv
 
 
 class ResumeError(ConfigError):
@@ -309,8 +311,16 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = hp.train
+    check_train(tc)  # before anything is loaded: a bad value is refused in a second, not after caching the data
     budget = float(time_budget_s if time_budget_s is not None else tc.time_budget_s)
     max_it = max_iterations if max_iterations is not None else tc.max_iterations
+    if not (math.isfinite(budget) and budget > 0):  # nan never stopped the loop (every comparison False)
+        raise ConfigError(f"the time budget must be a finite number of seconds > 0, got {budget!r}")
+    if max_it is not None and (isinstance(max_it, bool) or not isinstance(max_it, int) or max_it < 1):
+        raise ConfigError(f"max_iterations must be null or an integer >= 1, got {max_it!r}")
+    # the clock can end the run: no iteration limit, or a budget given beside one (--minutes and --max-iterations:
+    # whichever comes first)
+    time_limited = max_it is None or time_budget_s is not None
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
@@ -367,6 +377,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     train_s = 0.0
     val_s_est = 0.0
     next_val = tc.val_every_s
+    loop_start = None  # elapsed seconds at the first iteration: start-up (VLM, caching) is not training time
+    validated_at = -1  # the iteration of the last validation (a finished run resumed does not validate again)
     losses: list[float] = []
     data = {"training": items_digest(train_items), "validation": items_digest(val_items)}
     if resume:
@@ -399,6 +411,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         opt.load_state_dict(st["optimizer"])
         it, train_s, next_val, val_s_est = st["iteration"], st["train_seconds"], st["next_val"], st["val_seconds"]
         losses, history, best = list(st["losses"]), list(st["history"]), dict(st["best"])
+        loop_start, validated_at = st.get("loop_start"), st.get("validated_at", -1)
         t_start = time.perf_counter() - st["elapsed_seconds"]
         torch.set_rng_state(st["torch_rng"])
         if device.type == "cuda" and st.get("cuda_rng") is not None:
@@ -412,9 +425,15 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     rows = loss_log.read_text().splitlines()[1:] if (resume and loss_log.exists()) else []
     loss_f = None
     if main_rank:
-        # iterations after the saved state were lost with the interrupted run: the curve continues from the state
-        loss_log.write_text("".join(f"{r}\n" for r in ["iteration,loss"] +
-                                    [r for r in rows if int(r.split(",")[0]) <= it]))
+        # iterations after the saved state were lost with the interrupted run: the curve continues from the state.
+        # A kill -9 can cut the file inside a row ("1" of "15,0.53"): only whole rows of iterations 1..it are kept
+        kept = {}
+        for r in rows:
+            m = _LOSS_ROW.fullmatch(r)
+            if m and 1 <= int(m.group(1)) <= it:
+                kept[int(m.group(1))] = r
+        text = "".join(f"{r}\n" for r in ["iteration,loss"] + [kept[k] for k in sorted(kept)])
+        atomic_write(loss_log, lambda f: f.write(text.encode()))
         loss_f = loss_log.open("a")
     network = None
     if world > 1:
@@ -436,6 +455,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         st = {"format": STATE_FORMAT, "hyper_parameters": hp.to_dict(), "budget_s": budget, "max_iterations": max_it,
               "data": data,
               "iteration": it, "train_seconds": train_s, "next_val": next_val, "val_seconds": val_s_est,
+              "loop_start": loop_start, "validated_at": validated_at,
               "elapsed_seconds": time.perf_counter() - t_start, "losses": losses[-200:], "history": history,
               "best": {k: v for k, v in best.items() if k != "cases"},
               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -452,11 +472,9 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
 
         bar = tqdm(total=max_it or int(budget), unit="it" if max_it else "s", desc="train")
 
-    validated_at = [-1]
-
     def validate(final: bool) -> None:
-        nonlocal best, val_s_est
-        validated_at[0] = it
+        nonlocal best, val_s_est, validated_at
+        validated_at = it
         if not main_rank:  # validation and checkpoints: rank 0 (the others wait at the next collective)
             save_state()
             return
@@ -490,7 +508,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         if on_log:
             on_log(rec)
 
-    if main_rank and val_s_est == 0.0 and (max_it is None or time_budget_s is not None):
+    if main_rank and val_s_est == 0.0 and time_limited:
         # until a validation measures itself: one validation image's time x their number, so that a budget that
         # ends before the first periodic validation keeps the time of its final one (it overran by one validation)
         v0 = time.perf_counter()
@@ -509,7 +527,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 # a time budget that would end within a few iterations after this validation (the loop stops once
                 # the time left is under 1.1 validations): the final validation stands in for it, and its time goes
                 # to training (every 42-minute run validated twice at its end, one iteration apart, over budget)
-                if max_it is not None or elapsed + 2.1 * max(val_s_est, 1.0) + 5 * train_s / it < budget:
+                if not time_limited or elapsed + 2.1 * max(val_s_est, 1.0) + 5 * train_s / it < budget:
                     validate(final=False)
                     if world > 1:  # rank 0 measured the validation: every rank stops and schedules with it
                         elapsed, train_s, val_s_est = _broadcast_clock(elapsed, train_s, val_s_est, device)
@@ -518,9 +536,16 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         if max_it is not None and it >= max_it:
             break
         # a time budget holds with an iteration limit too when it was given (--minutes): whichever comes first
-        if (max_it is None or time_budget_s is not None) and elapsed + max(val_s_est, 1.0) * 1.1 >= budget:
+        if time_limited and elapsed + max(val_s_est, 1.0) * 1.1 >= budget:
             break
-        progress_frac = (it / max_it) if max_it else min(1.0, elapsed / max(1.0, budget - val_s_est))
+        if loop_start is None:
+            loop_start = elapsed
+        # the schedule's progress: iterations done, or the training time spent of what the budget leaves after
+        # start-up and the final validation, whichever is further (with both limits the clock may end the run
+        # first: its learning rate still decays)
+        progress_frac = max(it / max_it if max_it else 0.0,
+                            min(1.0, (elapsed - loop_start) / max(1.0, budget - loop_start - val_s_est))
+                            if time_limited else 0.0)
         for g in opt.param_groups:
             g["lr"] = lr_at(progress_frac, tc.lr)
         s0 = time.perf_counter()
@@ -580,7 +605,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             loss_f.close()
         raise ConfigError(f"the time budget ({budget:.0f} s) ended before the first training iteration (start-up "
                           f"took {time.perf_counter() - t_start:.0f} s): give more --minutes")
-    if validated_at[0] != it:  # the budget often ends right after a periodic validation: not twice in a row
+    if validated_at != it:  # the budget often ends right after a periodic validation: not twice in a row
         validate(final=True)
     if loss_f is not None:
         loss_f.close()

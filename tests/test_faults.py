@@ -56,6 +56,8 @@ def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):
     # what the kill left: the last complete state (iteration 8: states every 4), no partial file beside it
     assert load_train_state(b / "resume.pt")["iteration"] == 8
     assert not [p.name for p in b.iterdir() if p.name.endswith(".tmp")]
+    with open(b / "losses.csv", "a") as f:  # the buffer flushed by the kernel cut row "11,0.5..." after its "1"
+        f.write("1")
     r = subprocess.run(_train_cmd(preset, datalist, b, "--resume"), cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -63,6 +65,12 @@ def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):
     curve_a = (tmp_path / "a" / "losses.csv").read_text().splitlines()
     curve_b = (b / "losses.csv").read_text().splitlines()
     assert len(curve_a) == 21 and curve_b == curve_a  # iterations 1..20, the same losses to 6 decimals
+    # a finished run resumed: nothing to do, no second final validation appended to its history
+    history = (b / "history.json").read_text()
+    again = subprocess.run(_train_cmd(preset, datalist, b, "--resume"), cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (b / "history.json").read_text() == history and (b / "losses.csv").read_text().splitlines() == curve_a
     for name in ("best.pt", "last.pt"):
         assert load_checkpoint(b / name).metrics["iteration"] == 20
     # the served weights are the average, resumed with the rest: the same as the uninterrupted run's, not the raw ones
@@ -104,6 +112,20 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, capsys):
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
                 "--max-iterations", "8", "--no-progress", "--resume"]) == 2
     assert "max_iterations 4" in capsys.readouterr().err
+
+
+def test_checkpoints_are_written_with_the_umask_not_0600(tmp_path):
+    """``tempfile.mkstemp``'s 0600 survived the rename: a server running as another user could not read the
+    best.pt that training wrote (nor a label written through the same function)."""
+    old = os.umask(0o022)
+    try:
+        path = atomic_torch_save({"w": torch.ones(1)}, tmp_path / "best.pt")
+        assert (path.stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        path = atomic_torch_save({"w": torch.ones(1)}, tmp_path / "private.pt")
+        assert (path.stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_a_disk_that_fills_up_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

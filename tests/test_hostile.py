@@ -231,8 +231,23 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
                             ("preprocessing.patch_size=64", "expected a JSON list"),
                             ("train.augment=1", "expected true or false"),
                             ("train.images_per_batch=0", "train.images_per_batch must be an integer >= 1"),
-                            ("train.lr=-1", "train.lr must be a finite number > 0")):
+                            ("train.lr=-1", "train.lr must be a finite number > 0"),
+                            # a second review: a traceback from PyTorch (seed, threads), resume.pt at every iteration
+                            # (state_every_s 0), a share refused only after the VLM and the data were loaded
+                            ("train.seed=-1", "train.seed must be an integer >= 0"),
+                            ("train.num_threads=-1", "train.num_threads must be null"),
+                            ("train.state_every_s=0", "train.state_every_s must be a finite number > 0"),
+                            ("train.hard_share=2", "train.hard_share must be within [0, 1]")):
         refused(train(tmp_path / "e3", "--set", setting), phrase)
+    # --minutes nan trained forever; --max-iterations 0 blamed the time budget
+    for flag, value in (("--minutes", "nan"), ("--minutes", "inf"), ("--minutes", "-1"), ("--max-iterations", "0")):
+        with pytest.raises(SystemExit):
+            cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(tmp_path / "e5"),
+                 flag, value, "--no-progress"])
+        assert ("a finite number of minutes > 0" if flag == "--minutes" else "an integer >= 1") \
+            in capsys.readouterr().err
+    # an --out that cannot be made: the path and the reason, not a FileNotFoundError traceback
+    refused(train("/proc/dfm_run"), "/proc/dfm_run")
     with pytest.raises(SystemExit):
         cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(tmp_path / "e4"),
              "--limit-val", "0", "--max-iterations", "1", "--no-progress"])

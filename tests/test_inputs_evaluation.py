@@ -136,13 +136,18 @@ def test_validation_logged_during_training_equals_evaluate(tmp_path, tiny_clip, 
     assert ck["hyper_parameters"]["model"]["vlm_film_decoder_stages"] == [0, 1]
 
 
-@pytest.mark.parametrize("val_every_s", [2.5, 1e9])
-def test_a_time_budget_ends_with_one_validation_within_the_budget(tmp_path, tiny_clip, monkeypatch, val_every_s):
+@pytest.mark.parametrize("val_every_s,max_iterations", [(2.0, None), (1e9, None), (2.0, 10 ** 6)])
+def test_a_time_budget_ends_with_one_validation_within_the_budget(tmp_path, tiny_clip, monkeypatch, val_every_s,
+                                                                   max_iterations):
     """A fake clock (0.25 s per reading, 5 s per validation): the budget ends a few iterations after the last
     periodic validation falls due. That validation gives way to the final one (not two, one iteration apart, as
     every 42-minute run did: 6106 and 6107), and the run ends within its budget (the old loop: 34 s of 30).
     ``val_every_s`` 1e9: a budget that ends before any periodic validation keeps the time of the final one too
-    (estimated from one validation image at the start; before: 35 s of 30)."""
+    (estimated from one validation image at the start; before: 35 s of 30). ``max_iterations`` 10**6 beside the
+    budget (``--minutes`` and ``--max-iterations``, the clock ends the run): the same end (it validated twice, one
+    iteration apart, over budget). The learning-rate schedule follows the training time: it starts at the warm-up's
+    first value whatever the start-up took (its seconds skipped the warm-up) and has decayed by the end (with an
+    iteration limit beside the budget it stayed in the warm-up)."""
     import types
 
     import lib.training as training
@@ -162,14 +167,23 @@ def test_a_time_budget_ends_with_one_validation_within_the_budget(tmp_path, tiny
         return real_eval(*a, **kw)
 
     monkeypatch.setattr(training, "evaluate_items", slow_eval)
+    progress = []
+    real_lr_at = training.lr_at
+
+    def lr_at(p, base, *a, **kw):
+        progress.append(p)
+        return real_lr_at(p, base, *a, **kw)
+
+    monkeypatch.setattr(training, "lr_at", lr_at)
     datalist = _phantom_datalist(tmp_path, n_train=4, n_val=1)
     hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
-    hp.train.val_every_s = val_every_s  # 2.5 s of training: the second periodic validation falls due 22 s into 30
+    hp.train.val_every_s = val_every_s  # 2 s of training: the second periodic validation falls due about 24 s into 30
     res = training.train(hp, load_datalist(datalist, "training"), load_datalist(datalist, "validation"),
-                         tmp_path / "run", time_budget_s=30.0, progress=False)
+                         tmp_path / "run", time_budget_s=30.0, max_iterations=max_iterations, progress=False)
     its = [h["iteration"] for h in res.history]
+    assert progress[0] == 0.0 and progress[-1] > 0.7, (progress[0], progress[-1])
     assert its[-1] == res.iterations and res.history[-1]["final"]
-    # 1e9: only the final validation; 2.5: periodic ones before it (the second gave way to the final one)
+    # 1e9: only the final validation; 2: periodic ones before it (the second gave way to the final one)
     assert (len(its) == 1 if val_every_s > 100 else len(its) >= 2) and res.iterations > 5, its
     assert all(b - a > 2 for a, b in zip(its, its[1:])), its
     assert res.wall_seconds <= 30.0 + 1.0, res.wall_seconds  # at most one iteration (0.75 s here) over
