@@ -40,24 +40,37 @@ from . import precision as precision_policy
 from .config import ConfigError, HParams, check_patch_fits, roi_mismatch_message, validate_sampler
 from .flow import make_scheduler
 from .network import ConditionalUNet
-from .samplers import ItemNoise, derive_seed, mean_var, sample_source_like, sampler_function
+from .samplers import ItemNoise, _hold, derive_seed, mean_var, sample_source_like, sampler_function
 from .transforms import InputError
 from .vlm import VLMEncoder, VLMError, patch_condition
 from .clicks import Clicks, guidance_maps, hold_maps
 
 
+_eval_lock = threading.Lock()
+_eval_held: dict[int, list] = {}  # id(submodule) -> [predictions inside, its flag before the first]
+
+
 @contextlib.contextmanager
 def eval_mode(*modules: nn.Module):
-    """Eval mode inside; afterwards every submodule gets back its *own* flag (not its container's)."""
-    states = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
-    for mod in modules:
-        if mod is not None:
-            mod.eval()
+    """Eval mode inside; afterwards every submodule gets back its *own* flag (not its container's). Predictions in
+    several threads on one model share it: the first to enter saves the flags, the last to leave restores them (each
+    restoring its own put a model trained in the same process back in train mode under the other prediction)."""
+    subs = list({id(m): m for mod in modules if mod is not None for m in mod.modules()}.values())
+    with _eval_lock:
+        for m in subs:
+            held = _eval_held.setdefault(id(m), [0, m.training])
+            held[0] += 1
+            m.training = False
     try:
         yield
     finally:
-        for m, flag in states:
-            m.training = flag
+        with _eval_lock:
+            for m in subs:
+                held = _eval_held[id(m)]
+                held[0] -= 1
+                if held[0] == 0:
+                    m.training = held[1]
+                    del _eval_held[id(m)]
 
 
 class DFMSystem(nn.Module):
@@ -187,8 +200,8 @@ class DFMSystem(nn.Module):
                 precision_policy.autocast(prec, dev):
             cond = self.condition(windows, texts, None if guidance is None else guidance.to(dev).float(),
                                   repeats=per_window)
-            if not self.model.dfm:
-                p = torch.sigmoid(self.model(None, None, cond).float())
+            if not self.model.dfm:  # one pass; the clicks' held voxels are known here too (were ignored)
+                p = _hold(torch.sigmoid(self.model(None, None, cond).float()), hold)
                 return p, torch.zeros_like(p)
             hp = self.hparams
             scheduler = make_scheduler(hp.flow)

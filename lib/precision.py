@@ -16,6 +16,7 @@ Nothing else in the code base calls ``torch.autocast``: every caller goes throug
 from __future__ import annotations
 
 import contextlib
+import threading
 import functools
 
 import torch
@@ -108,6 +109,11 @@ def autocast(setting: str, device: str | torch.device):
     return torch.autocast(device_type=dev.type, dtype=dtype)
 
 
+_flags_lock = threading.Lock()
+_flags_depth = 0
+_flags_saved: tuple | None = None
+
+
 @contextlib.contextmanager
 def reproducible():
     """Prediction on CUDA without TF32 and with deterministic cuDNN algorithms (restored afterwards).
@@ -117,16 +123,26 @@ def reproducible():
     Bernoulli draws amplify: with the same seed, ``sw_batch_size`` 1 and 8 gave probabilities 0.045 apart
     (bench/cuda_checks.py). Inside this context they agree to 2.4e-7; the cost, timed once side by side on the
     H200, was within the noise of one call (0.096 vs 0.097 s 2D, 0.325 vs 0.321 s 3D). The flags only act on
-    CUDA (setting them costs nothing elsewhere). Not thread-local: a concurrent CUDA training in the same process
-    runs without TF32 while a prediction is in flight (slower, never wrong).
+    CUDA (setting them costs nothing elsewhere). They are process-wide: predictions in several threads share one
+    setting, made by the first to enter and restored by the last to leave (each saving and restoring its own let
+    the first to leave turn TF32 back on under the other, and the last leave it off for good). A concurrent CUDA
+    training in the same process runs without TF32 while a prediction is in flight (slower, never wrong).
     """
+    global _flags_depth, _flags_saved
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)
-    cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = False, True, False, False
+    with _flags_lock:
+        if _flags_depth == 0:
+            _flags_saved = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)
+            cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = False, True, False, False
+        _flags_depth += 1
     try:
         yield
     finally:
-        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = saved
+        with _flags_lock:
+            _flags_depth -= 1
+            if _flags_depth == 0:
+                cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = _flags_saved
+                _flags_saved = None
 
 
 def describe(setting: str = "auto", device: str | torch.device = "cpu") -> dict:

@@ -100,6 +100,25 @@ def test_info_infer_and_scoring_share_one_model_copy_on_the_default_device(tmp_p
     assert devices == ["cuda:7"], devices
 
 
+def test_scoring_a_per_image_text_model_uses_each_image_s_text_and_skips_one_without(tmp_path, make_system):
+    """A review: for a model conditioned on each image's text (text_mode 'image'), scoring called the predictor
+    without a text, so the VLMError of the first image ended the whole scoring request (and Next Sample). Now the
+    image's info gives its text, as a datalist entry's does, and an image without one is reported, not fatal."""
+    from lib.activelearning.uncertainty import DFMUncertaintyScoring
+
+    system = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0], text_mode="image")
+    system.hparams.preprocessing.orientation = "RAS"
+    path = tmp_path / "models" / "dfm_vlm_3d.pt"
+    save_checkpoint(path, system.model, system.hparams)
+    task = _task(path, tmp_path / "model").infer()
+    a = write_phantom_case(tmp_path / "studies", "case07", shape=(24, 24, 16))
+    b = write_phantom_case(tmp_path / "studies", "case08", shape=(24, 24, 16))
+    ds = _MemoryDatastore({"case07": a["image"], "case08": b["image"]}, info={"case07": {"text": "a bright blob"}})
+    r = DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2)({}, ds)
+    assert r["executed"] == 1 and "dfm_vlm_3d_uncertainty" in ds.info["case07"], r
+    assert list(r["failed"]) == ["case08"] and "text" in r["failed"]["case08"], r
+
+
 def test_a_score_is_reused_only_for_the_same_checkpoint_and_number_of_samples(tmp_path, ckpt3d):
     """Found by a review: scores made with M = 2 were kept when scoring was asked with M = 8 (only the checkpoint's
     time was compared), so the strategy ranked images by the cheaper, noisier estimate."""

@@ -12,7 +12,7 @@ from lib.clicks import (ClickError, Clicks, grown_region, guidance_maps, hold_ma
                         random_clicks, scaled_grow_radius, to_network_grid, uncertain_region_centre)
 from lib.config import PreprocConfig
 from lib.evaluation import make_inferer, predict_item, preprocess_item
-from lib.inferer import WindowCache
+from lib.inferer import DFMSlidingWindowInferer, WindowCache
 from lib.samplers import sampler_dfm_euler, sampler_dfm_heun
 from lib.flow import make_scheduler
 from lib.transforms import preprocess
@@ -369,6 +369,27 @@ def test_the_sampler_holds_clicked_voxels_at_every_step(fn):
     assert float(trace["x_final"].sum()) == 2 * 4  # everything else followed the model
     # p_final: a held voxel is known (probability 1 here, though the network says 0); elsewhere the network's
     assert bool((p[:, :, 4:6, 4:6] == 1).all()) and float(p.sum()) == pytest.approx(8 + 2 * 252 / (1 + np.exp(8)))
+
+
+def test_a_one_pass_click_model_holds_the_clicked_neighbourhood_too(make_system):
+    """A review: the one-pass baseline (``model.mode = "plain"``) trained with clicks dropped the hold, so the
+    voxels within ``hold_radius`` of a click took the network's value (0.43-0.55 on the probe), while the result
+    reported the radius it did not apply."""
+    from lib.clicks import Clicks
+    from lib.training import build_system
+
+    hp = make_system(mode="plain").hparams
+    hp.clicks.enabled, hp.clicks.hold_radius = True, 3
+    torch.manual_seed(0)
+    system = build_system(hp)
+    img = torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(0))
+    inf = DFMSlidingWindowInferer([32, 32], steps=2)
+    free = inf(img, system)
+    p = inf(img, system, clicks=Clicks(fg=[(20, 20)], bg=[(6, 30)]))
+    near_fg = [p[0, 0, 20 + d, 20] for d in (-3, 0, 2)] + [p[0, 0, 20, 23]]
+    near_bg = [p[0, 0, 6 + d, 30] for d in (-3, 0, 3)]
+    assert all(float(v) == 1.0 for v in near_fg) and all(float(v) == 0.0 for v in near_bg)
+    assert 0.05 < float(free[0, 0, 20, 20]) < 0.95, "the network alone is not already sure there"
 
 
 # -- where the robot clicks --------------------------------------------------------------------------------------

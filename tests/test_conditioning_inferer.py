@@ -266,6 +266,50 @@ def test_prediction_runs_in_eval_mode_and_restores_each_module_s_own_mode(make_s
     assert system.model.training and not system.model.enc[0].training
 
 
+def test_overlapping_predictions_in_two_threads_keep_eval_mode_and_the_cuda_flags():
+    """A review: each prediction saved the process-wide cuDNN/TF32 flags (and each module's train flag) on entry and
+    wrote them back on exit. Two threads overlapping (A enters, B enters, A leaves, B leaves): A's exit turned TF32
+    and cuDNN's autotuning back on (and the model back to train mode) while B still predicted, and B's exit wrote
+    back A's settings, so TF32 stayed off for good. Now the first to enter saves, the last to leave restores."""
+    import threading
+
+    from lib.inferer import eval_mode
+    from lib.precision import reproducible
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3), torch.nn.Dropout(0.5)).train()  # a training's model
+    a_in, a_out, b_in = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with reproducible(), eval_mode(net):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with reproducible(), eval_mode(net):
+            b_in.set()
+            a_out.wait(10)  # A has left: B still predicts
+            seen["flags"] = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)
+            seen["training"] = [m.training for m in net.modules()]
+
+    try:
+        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = True, False, True, True
+        threads = [threading.Thread(target=f) for f in (a, b)]
+        [t.start() for t in threads]
+        [t.join(20) for t in threads]
+        assert seen["flags"] == (False, True, False, False), "a prediction still running lost its settings"
+        assert not any(seen["training"]), "a prediction still running was put back in train mode"
+        after = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32)
+        assert after == (True, False, True, True), "the process's own settings come back when both are done"
+        assert all(m.training for m in net.modules())
+    finally:
+        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32 = before
+
+
 def test_inferer_rejects_bad_settings(make_system):
     from lib.config import ConfigError
 
@@ -368,11 +412,17 @@ def test_a_label_model_predicts_with_its_training_prompt_whatever_text_an_image_
     """A review: text_mode "label" trains every patch on ``vlm.prompt`` (lib.vlm.patch_texts), but inference used
     the datalist entry's ``text`` (or ``predict --text``) when there was one: another conditioning than training's.
     The image's text is now ignored for a label model (a prompted model's free prompt stays the override)."""
-    system = make_system(text_mode="label")
+    system = _film_matters(make_system(text_mode="label"))  # FiLM heads of zeros: no text could change the output
     assert system.texts_for("the patient's left kidney", 3) == [system.vlm.cfg.prompt] * 3
     img = torch.rand(1, 1, 40, 40)
     inf = DFMSlidingWindowInferer([32, 32], steps=2, seed=0)
-    assert torch.equal(inf(img, system, text="the patient's left kidney"), inf(img, system))
+    own = inf(img, system)
+    assert torch.equal(inf(img, system, text="the patient's left kidney"), own)
+    prompt, system.vlm.cfg.prompt = system.vlm.cfg.prompt, "the patient's left kidney"
+    try:  # the control: this model's output does follow the text it is conditioned on
+        assert (inf(img, system) - own).abs().max() > 1e-3
+    finally:
+        system.vlm.cfg.prompt = prompt
     # a text_mode "image" model without a text: the library's error (CLI: one line, exit 2), not a bare ValueError
     with pytest.raises(VLMError, match="text_mode='image'"):
         make_system(text_mode="image").texts_for(None, 1)

@@ -71,14 +71,15 @@ def test_training_objective_is_bce_on_x1_logits():
     assert loss_d > loss
 
 
-def image_model(steep=False):
+def image_model(steep=False, x_gain=0.0):
     """Posterior depends on the image only: p = sigmoid(4 * (image - 0.5)); at t = 1 it copies x (as trained nets do)
-    unless ``steep`` is False, in which case it stays the image posterior (an 'ambiguous' model)."""
+    unless ``steep`` is False, in which case it stays the image posterior (an 'ambiguous' model). ``x_gain``: the
+    state moves the logit too (``+ x_gain * (2x - 1)``), so that each step's posterior differs from the last."""
     calls = []
 
     def fn(x, t, cond):
         calls.append(float(t[0]))
-        logit = 4.0 * (cond - 0.5)
+        logit = 4.0 * (cond - 0.5) + x_gain * (2 * x - 1)
         if steep and float(t[0]) == 1.0:
             return 8.0 * (2 * x - 1)
         return logit.expand_as(x)
@@ -88,8 +89,10 @@ def image_model(steep=False):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sampler_returns_p_final_probability_not_a_state(sampler):
-    """Regression for the earlier system: a sampler that returned the binary state or an intermediate posterior."""
-    fn, calls = image_model()
+    """Regression for the earlier system: a sampler that returned the binary state or an intermediate posterior.
+    The model reads the state (a review: one that ignored it gave every posterior the same, so returning the last
+    posterior passed)."""
+    fn, calls = image_model(x_gain=1.5)
     cond = torch.linspace(0, 1, 64).view(1, 1, 8, 8)  # 0.5 in the middle: ambiguous voxels
     g = torch.Generator().manual_seed(1)
     x0 = (torch.rand(1, 1, 8, 8, generator=g) < 0.5).float()
@@ -103,6 +106,7 @@ def test_sampler_returns_p_final_probability_not_a_state(sampler):
     expected = torch.sigmoid(fn(trace["x_final"], torch.ones(1), cond))
     assert torch.allclose(p, expected)
     assert not torch.equal(p, trace["x_final"]), "returned the binary state instead of p_final"
+    assert not torch.allclose(p, trace["last_posterior"], atol=1e-3), "returned an intermediate posterior"
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

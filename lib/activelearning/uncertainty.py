@@ -29,6 +29,7 @@ from lib.evaluation import make_inferer, predict_item, uncertainty_scores
 from lib.config import MAX_SAMPLES, ConfigError
 from lib.infers.dfm_vlm import DFMVLMInfer, ModelNotReady, _as_int
 from lib.transforms import InputError, image_spatial_dims
+from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,11 @@ class DFMUncertaintyScoring(ScoringMethod):
         system = self.infer_task.system(device or self.infer_task.default_device())  # the infer task's own copy
         inferer = make_inferer(system, num_samples=num_samples)
         uri = datastore.get_image_uri(image_id)
-        out = predict_item(system, {"image": uri, "case_id": case_id({"image": uri})}, inferer)
+        item = {"image": uri, "case_id": case_id({"image": uri})}
+        text = (datastore.get_image_info(image_id) or {}).get("text")
+        if text:  # a model of text_mode 'image' is conditioned on each image's text (its info's, as a datalist's)
+            item["text"] = text
+        out = predict_item(system, item, inferer)
         return uncertainty_scores(out["prob_pre"], out["var_pre"])
 
     def model_ts(self) -> int:
@@ -101,7 +106,7 @@ class DFMUncertaintyScoring(ScoringMethod):
                 continue
             try:
                 s = self.score_image(image_id, datastore, num_samples)
-            except InputError as e:
+            except (InputError, VLMError) as e:  # this image only (e.g. no text for a text_mode 'image' model)
                 failed[image_id] = str(e)
                 logger.warning("%s: %s", self.key, e)
                 continue
