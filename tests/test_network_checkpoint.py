@@ -178,6 +178,28 @@ def test_four_heads_with_stages_none_load_as_four_stages(tmp_path):
     assert load_checkpoint(p2).model.vlm_film_decoder_stages == [0, 1, 2, 3]
 
 
+def test_a_lightning_checkpoint_must_say_its_normalisation(tmp_path):
+    """A review: a Lightning checkpoint without ``norm`` loaded with the code's default (instance norm) although the
+    model was trained with group norm -- the two have the same weights, so nothing noticed, and the logits moved by
+    0.27. Now refused, naming the setting; the other settings it leaves out are noted with the defaults used."""
+    torch.manual_seed(0)
+    m = ConditionalUNet(ModelConfig(features=(8, 16), cond_dim=12, time_embed_dim=16, norm="group").resolved())
+    hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(m.cfg).items()}
+    path = tmp_path / "lightning.ckpt"
+
+    def save(hparams):
+        torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()}, "hyper_parameters": hparams},
+                   path)
+
+    save({k: v for k, v in hp.items() if k != "norm"})
+    with pytest.raises(CheckpointError, match=r"do not say model\.norm"):
+        load_checkpoint(path)
+    save(hp)
+    ck = load_checkpoint(path)
+    assert ck.hparams.model.norm == "group"
+    assert any("'flow' lack ['scheduler', 'exponent'" in n for n in ck.notes), ck.notes
+
+
 def test_disagreeing_hyper_parameters_raise_naming_both(tmp_path):
     m = _four_head_model()
     hp = HParams(model=m.cfg).to_dict()
