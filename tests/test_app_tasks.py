@@ -516,3 +516,52 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
                                   fine_tuned_from=tuned)
         trainer.finalize(c)
         assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED], request
+
+
+def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system, ckpt3d):
+    """A review: MONAI Label's writer wrote a 2D label through ITK without its affine (a 2D NIfTI or NRRD label came
+    back with spacing 1, origin 0 and flipped axes, which the datastore then refused as the image's label), made a
+    sheared NIfTI affine orthogonal, and wrote a JPEG image's label as a lossy JPEG (values 0/1/2 smeared). Each
+    returned file is read back here: the image's geometry, accepted by the datastore's label check, lossless."""
+    import itk
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from lib.configs.dfm_vlm_2d import DFMVLM2D
+    from lib.datastore import check_label_file
+
+    system = make_system(spacing=[2.0, 2.0])
+    path2d = tmp_path / "models" / "dfm_vlm_2d.pt"
+    save_checkpoint(path2d, system.model, system.hparams)
+    cfg = DFMVLM2D()
+    cfg.init("dfm_vlm_2d", str(tmp_path / "model2d"), {"dfm_vlm_2d_checkpoint": str(path2d)}, None)
+    task2d, task3d = cfg.infer(), _task(ckpt3d, tmp_path / "model").infer()
+    rng = np.random.default_rng(0)
+    aff = np.diag([-0.7, 1.3, 1.0, 1.0])
+    aff[:3, 3] = [5.0, 6.0, 7.0]
+    nii = tmp_path / "xray.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random((30, 50)).astype(np.float32), aff), str(nii))
+    nrrd = tmp_path / "xray.nrrd"
+    im = itk.image_from_array(rng.random((50, 30)).astype(np.float32))
+    im.SetSpacing([0.5, 0.8])
+    im.SetOrigin([-50.0, 60.0])
+    itk.imwrite(im, str(nrrd))
+    jpg = tmp_path / "xray.jpg"
+    Image.fromarray((rng.random((60, 80)) * 255).astype(np.uint8)).save(jpg)
+    sheared = np.array([[1.0, 0.3, 0, 2], [0, 1.2, 0, 3], [0, 0, 2, 4], [0, 0, 0, 1]])
+    vol = tmp_path / "sheared.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random((20, 22, 12)).astype(np.float32), sheared), str(vol))
+    for task, image in ((task2d, nii), (task2d, nrrd), (task2d, jpg), (task3d, vol)):
+        out, _ = task({"image": str(image), "device": "cpu", "steps": 1})
+        check_label_file(out, str(image), image.stem)  # the datastore accepts the app's own label for its image
+        if image.suffix == ".gz":
+            assert np.allclose(nib.load(out).affine, nib.load(str(image)).affine), image
+        elif image.suffix == ".nrrd":
+            lab = itk.imread(out)
+            assert list(lab.GetSpacing()) == [0.5, 0.8] and list(lab.GetOrigin()) == [-50.0, 60.0]
+            assert np.allclose(itk.array_from_matrix(lab.GetDirection()), np.eye(2))
+        else:
+            assert out.endswith(".png"), out
+            _, data = task({"image": str(image), "device": "cpu", "steps": 1, "skip_writer": True})
+            assert np.array_equal(np.asarray(Image.open(out)), np.asarray(data["pred"]).T)  # lossless, same values

@@ -210,6 +210,46 @@ def request_device(value, default: str) -> str:
                       f"'cpu', 'cuda' or 'cuda:N'")
 
 
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # a label map is never written lossy: its label values would blur
+
+
+def file_ext(path: str) -> str:
+    """``.nii.gz`` and ``.seg.nrrd`` as one extension, as MONAI Label names them."""
+    from monailabel.utils.others.generic import file_ext as _file_ext
+
+    return _file_ext(path)
+
+
+def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
+    """``label`` (the image's spatial shape) as a NIfTI with the image's own affine, qform/sform codes and header;
+    None when the shapes differ (the caller falls back to MONAI Label's writer)."""
+    import tempfile
+
+    import nibabel as nib
+    import numpy as np
+
+    src = nib.load(image_path)
+    spatial = tuple(src.shape[:label.ndim])
+    if tuple(label.shape) != spatial or int(np.prod(src.shape)) != int(np.prod(spatial)) * int(
+            np.prod(src.shape[label.ndim:] or (1,))):
+        logger.warning("label shape %s is not the spatial shape of %s %s: written by MONAI Label's writer",
+                       tuple(label.shape), image_path, tuple(src.shape))
+        return None
+    hdr = src.header.copy()
+    hdr.set_data_dtype(label.dtype)
+    img = nib.Nifti1Image(np.asarray(label), src.affine, header=hdr)
+    img.header.set_slope_inter(1.0, 0.0)  # the image's intensity scaling is no label's
+    sform, scode = src.get_sform(coded=True)
+    qform, qcode = src.get_qform(coded=True)
+    if scode:
+        img.set_sform(sform, code=int(scode))
+    if qcode:
+        img.set_qform(qform, code=int(qcode))
+    out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
+    nib.save(img, out)
+    return out
+
+
 class DFMPreprocessd:
     """Run the checkpoint's own preprocessing on the request's image (and keep the result for inversion); for an
     interactive model also read the request's clicks (in the image's own voxel indices; ClickError -> 422)."""
@@ -526,4 +566,31 @@ class DFMVLMInfer(BasicInferTask):
         return label_file, res
 
     def writer(self, data, extension=None, dtype=None):
-        return super().writer(data, extension=extension, dtype=dtype or "uint8")
+        """The label file, in the image's own geometry. MONAI Label's writer writes a 2D label through ITK without
+        its affine (spacing 1, origin 0, the axes flipped: a 2D NIfTI or NRRD label came back mirrored and at the
+        wrong scale, and the datastore then refused it as the image's label) and a NIfTI through ITK, which makes a
+        sheared affine orthogonal; a JPEG image got a lossy JPEG label (values 0/1/2 smeared). Here: a NIfTI image's
+        label is written by nibabel with the image's own affine and header, another 2D image with a geometry
+        header through ITK with its affine, and a JPEG image's label is a PNG; the rest as MONAI Label writes it."""
+        dtype = dtype or "uint8"
+        path = data.get("image_path")
+        src_ext = file_ext(path).lower() if isinstance(path, str) else ""
+        ext = (extension or data.get("result_extension") or src_ext).lower()
+        if ext in LOSSY_EXTENSIONS:
+            ext = extension = ".png"
+        pred = data.get(self.output_label_key)
+        if data.get("result_write_to_file", True) and pred is not None and isinstance(path, str):
+            arr = (pred.array if isinstance(pred, MetaTensor) else torch.as_tensor(pred).numpy()).astype(dtype)
+            if ext in (".nii", ".nii.gz") and src_ext in (".nii", ".nii.gz"):
+                out = write_label_like_nifti(arr, path, ext)
+                if out is not None:
+                    return out, data.get(self.output_json_key, {})
+            elif arr.ndim == 2 and ext not in (".png", ".bmp", ".tif", ".tiff") and isinstance(pred, MetaTensor):
+                import tempfile
+
+                from monailabel.transform.writer import write_itk
+
+                out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
+                write_itk(arr, out, pred.affine.numpy(), dtype, data.get("result_compress", False))
+                return out, data.get(self.output_json_key, {})
+        return super().writer(data, extension=extension, dtype=dtype)
