@@ -53,11 +53,16 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
         raise InputError(f"datalist {path} has no split {split!r}; it has {[k for k, v in d.items() if isinstance(v, list)]}")
     base = Path(base_dir) if base_dir else path.parent
 
-    def absolute(v):
-        if isinstance(v, (list, tuple)):
-            return [absolute(x) for x in v]
+    def absolute(v, where):
+        if isinstance(v, (list, tuple)) and v:
+            return [absolute(x, where) for x in v]
+        if not isinstance(v, str) or not v.strip():  # null, a number, "": a TypeError traceback before
+            raise InputError(f"datalist {path} split {split!r} {where} must be a file path (or a list of paths, "
+                             f"one per channel), got {v!r}")
         return str(v if os.path.isabs(v) else (base / v).resolve())
 
+    if not isinstance(d[split], list):
+        raise InputError(f"datalist {path} split {split!r} must be a list of entries, got {type(d[split]).__name__}")
     items = []
     for i, e in enumerate(d[split]):
         if not isinstance(e, dict) or "image" not in e:
@@ -65,7 +70,7 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
         e = dict(e)
         for k in ("image", "label"):
             if k in e:
-                e[k] = absolute(e[k])
+                e[k] = absolute(e[k], f"entry {i}: '{k}'")
         e["case_id"] = case_id(e)
         items.append(e)
     return items

@@ -400,3 +400,27 @@ def test_resume_refuses_another_training_set(tmp_path, tiny_clip, capsys):
     del st["data"]  # a state from before the digest
     torch.save(st, run / "resume.pt")
     assert train("--resume", "--limit-val", "1") == 0
+
+
+def test_a_datalist_entry_that_is_not_a_path_is_named(tmp_path, capsys):
+    """A review: ``"label": null`` (or a number, or an empty string) in a datalist ended in a TypeError traceback from
+    ``os.path.isabs``; a split that is not a list failed later. Now one line naming the split, entry and key."""
+    from lib.data import load_datalist
+    from lib.transforms import InputError
+
+    good = {"image": "a.nii.gz", "label": "la.nii.gz"}
+    for entry, where in (({"image": "a.nii.gz", "label": None}, "entry 1: 'label'"),
+                         ({"image": 5}, "entry 1: 'image'"), ({"image": ["a.nii.gz", ""]}, "entry 1: 'image'"),
+                         ({"image": []}, "entry 1: 'image'")):
+        dl = tmp_path / "dl.json"
+        dl.write_text(json.dumps({"test": [good, entry]}))
+        with pytest.raises(InputError, match=f"split 'test' {where} must be a file path"):
+            load_datalist(dl, "test")
+    dl.write_text(json.dumps({"test": {"image": "a.nii.gz"}}))
+    with pytest.raises(InputError, match="split 'test' must be a list of entries"):
+        load_datalist(dl, "test")
+    dl.write_text(json.dumps({"test": [good, {"image": "b.nii.gz", "label": None}]}))
+    assert cli(["evaluate", "--checkpoint", str(tmp_path / "no.pt"), "--datalist", str(dl), "--out",
+                str(tmp_path / "ev"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "entry 1: 'label' must be a file path" in err and "Traceback" not in err, err
