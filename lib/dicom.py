@@ -99,7 +99,11 @@ def describe_geometry_problem(datasets: Sequence[pydicom.Dataset]) -> str | None
     d = steps @ normal
     if np.any(np.abs(d) < 1e-4):
         return "two slices at the same position: duplicated slices or several series mixed, not one volume"
-    if np.abs(d - d[0]).max() > max(0.01 * abs(d[0]), 1e-3):
+    # 5 % of the median step (at least 0.02 mm): positions stored with two decimals (0.625 mm slices: steps of 0.62
+    # and 0.63 mm) are one volume; a missing slice (a step twice the others) or a change of spacing is not. 1 % of
+    # the first step refused such series, which dicom2nifti converts (its own check is as lenient)
+    ref = float(np.median(d))
+    if np.abs(d - ref).max() > max(0.05 * abs(ref), 0.02):
         return (f"uneven slice increment (between {np.abs(d).min():.3g} and {np.abs(d).max():.3g} mm): "
                 "missing slices or a non-uniform series")
     return None

@@ -573,6 +573,29 @@ def test_a_seg_from_the_pacs_becomes_the_cached_label_without_dropping_a_score(t
     assert int((got2 > 0).sum()) == int(bigger.sum()), "a stale label was served for a newer SEG"
 
 
+def test_slice_positions_stored_with_two_decimals_are_one_volume_and_a_missing_slice_is_not(tmp_path):
+    """A review: the slice-increment check allowed 1 % of the first step, so a 0.625 mm series whose positions are
+    stored with two decimals (steps of 0.62 and 0.63 mm, as some exports and anonymisers write them) was refused as
+    having missing slices; dicom2nifti converts it. A missing slice is still refused."""
+    from lib.dicom import series_to_nifti, write_ct_series
+    from lib.transforms import InputError
+
+    aff = np.diag([-0.7, -0.7, 0.625, 1.0])
+    aff[:3, 3] = [100.0, 100.0, -50.0]
+    d = tmp_path / "ct0625"
+    write_ct_series(np.zeros((16, 16, 10)), aff, d)
+    files = sorted(p for p in d.iterdir() if p.is_file())
+    for f in files:
+        ds = pydicom.dcmread(str(f))
+        ds.ImagePositionPatient = [f"{float(v):.2f}" for v in ds.ImagePositionPatient]
+        ds.save_as(str(f))
+    img = nib.load(series_to_nifti(d, tmp_path / "ct0625.nii.gz")["path"])
+    assert img.shape[:3] == (16, 16, 10) and abs(img.header.get_zooms()[2] - 0.625) < 0.01
+    files[4].unlink()  # one slice missing: a step of 1.25 mm among 0.625
+    with pytest.raises(InputError, match="uneven slice increment"):
+        series_to_nifti(d, tmp_path / "missing.nii.gz")
+
+
 def test_malformed_dicom_headers_are_refused_naming_the_file_and_the_tag(tmp_path):
     """A review: an instance without Rows, an ImageOrientationPatient of 3 values or an ImagePositionPatient of 2
     raised AttributeError/ValueError in the geometry check (a 500); each is an InputError (422) naming the file
