@@ -318,7 +318,10 @@ def label_transforms(cfg: PreprocConfig, label_key: str = "label", structures=No
 
 
 def image_spatial_dims(path) -> int:
-    """2 or 3 from the file header (no pixel data read): a trailing axis of size <= 4 is taken as channels."""
+    """2 or 3, as the preprocessing's loader will read the file (MONAI ``LoadImage`` + ``EnsureChannelFirst``), from
+    the header where it says (NIfTI, NRRD; no pixel data read). NIfTI keeps channels in its 4th and later axes, so
+    a (256, 256, 4) volume is 3D and a one-slice (X, Y, 1) file is a 3D volume of one slice (a guess that took a
+    trailing axis of <= 4 as channels called them 2D, and the 2D model's preprocessing then refused them)."""
     import nibabel as nib
 
     p = str(path)
@@ -328,20 +331,14 @@ def image_spatial_dims(path) -> int:
     if low.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
         return 2
     if low.endswith((".nii", ".nii.gz")):
-        shape = nib.load(p).shape
-    elif low.endswith(".nrrd"):
+        return 2 if len(nib.load(p).shape) <= 2 else 3
+    if low.endswith(".nrrd"):
         import nrrd
 
-        shape = tuple(nrrd.read_header(p)["sizes"])
-    else:
-        from monai.transforms import LoadImage
+        hdr = nrrd.read_header(p)
+        kinds = hdr.get("kinds") or []
+        vector = sum(1 for k in kinds if str(k).lower() not in ("domain", "space", "time"))  # e.g. RGB-color
+        return 2 if int(hdr["dimension"]) - vector <= 2 else 3
+    from monai.transforms import EnsureChannelFirst, LoadImage
 
-        shape = tuple(LoadImage(image_only=True)(p).shape)
-    shape = tuple(shape)
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) == 4:
-        return 3
-    if len(shape) == 3 and shape[-1] <= 4 and min(shape[:2]) > 16 * shape[-1]:
-        return 2  # a 2D image with a few channels stored last
-    return len(shape)
+    return 2 if EnsureChannelFirst()(LoadImage(image_only=True)(p)).ndim - 1 <= 2 else 3

@@ -265,3 +265,29 @@ def test_audit_sees_stored_data_types_and_multi_channel_labels(tmp_path):
     checks = {f["check"] for f in rep["flags"]}
     assert "dtypes" in checks and "label_shape" not in checks, rep["flags"]
     assert rep["a"]["label_shape_mismatch"] == [] and rep["b"]["label_shape_mismatch"] == []
+
+
+def test_which_model_an_image_goes_to_is_what_the_loader_reads(tmp_path):
+    """A review: the trainers, batch infer and scoring chose a file's model (2D or 3D) by a guess that took a trailing
+    axis of <= 4 as channels: a 256x256x4 NIfTI volume (as the vendor series convert) and a one-slice 30x50x1 NIfTI
+    went to the 2D model, whose preprocessing then refused them as 3D. Now the header is read as MONAI's loader
+    reads the file (NIfTI: channels in the 4th axis)."""
+    import itk
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    from lib.transforms import image_spatial_dims
+
+    files = []
+    for shape in ((30, 50), (30, 50, 1), (64, 64, 4), (20, 22, 12, 2)):
+        files.append(write_nifti(tmp_path / f"n{'x'.join(map(str, shape))}.nii.gz", np.zeros(shape, np.float32)))
+    for shape in ((50, 30), (4, 50, 30), (1, 50, 30)):
+        for ext in (".nrrd", ".mha"):
+            p = tmp_path / f"i{'x'.join(map(str, shape))}{ext}"
+            itk.imwrite(itk.image_from_array(np.zeros(shape, np.float32)), str(p))
+            files.append(p)
+    from pathlib import Path
+
+    dims = {Path(p).name: image_spatial_dims(p) for p in files}
+    loaded = {Path(p).name: EnsureChannelFirst()(LoadImage(image_only=True)(str(p))).ndim - 1 for p in files}
+    assert dims == loaded
+    assert dims["n64x64x4.nii.gz"] == 3 and dims["n20x22x12x2.nii.gz"] == 3 and dims["n30x50.nii.gz"] == 2
