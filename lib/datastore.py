@@ -28,7 +28,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.checkpoint import atomic_write
 from lib.dicom import series_to_nifti
-from lib.transforms import InputError
+from lib.transforms import InputError, geometry_difference as _geometry_difference
 
 logger = logging.getLogger(__name__)
 
@@ -483,61 +483,6 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
     if (lab < 0).any() or (np.round(lab) != lab).any() or lab.max() > 255:
         raise InputError(f"the label sent for {image_id!r} is not a label map (values must be integers 0..255; "
                          f"got min {float(lab.min()):g}, max {float(lab.max()):g})")
-
-
-GEOMETRY_FORMATS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # files whose header places the voxels
-GEOMETRY_TOLERANCE = 0.1  # voxels: how far (at most) a corner of the label may lie from the image's
-
-
-def _has_geometry(path: str) -> bool:
-    return os.path.isdir(path) or str(path).lower().endswith(GEOMETRY_FORMATS)  # a folder: a DICOM series
-
-
-def _geometry_difference(label_path, lab, image_path, img, ref_shape) -> str | None:
-    """How the label's voxel-to-world mapping (its affine, as MONAI's LoadImage reads it) differs from the image's,
-    in words; None if every corner of the image's grid maps to within GEOMETRY_TOLERANCE voxels of the same point.
-    A shape check alone accepted a label whose header mirrors it (3D Slicer and other editors write the image's
-    geometry; a file written from an array with another affine, e.g. ``np.eye(4)`` or a flipped axis, does not):
-    training reoriented it by its own affine and learnt a mirrored mask. Formats without a geometry (PNG, JPEG)
-    are compared by shape only."""
-    if not (_has_geometry(str(label_path)) and _has_geometry(str(image_path))):
-        return None
-    a_img = np.asarray(getattr(img, "affine", np.eye(4)), dtype=float)
-    a_lab = np.asarray(getattr(lab, "affine", np.eye(4)), dtype=float) if hasattr(lab, "affine") else None
-    if a_lab is None or a_img.shape != a_lab.shape:
-        return f"its affine has another rank ({None if a_lab is None else a_lab.shape} vs {a_img.shape})"
-    r = a_img.shape[0] - 1
-    shape = (list(ref_shape) + [1] * r)[:r]
-    corners = np.array(np.meshgrid(*[[0, max(n - 1, 0)] for n in shape], indexing="ij")).reshape(r, -1)
-    corners = np.vstack([corners, np.ones(corners.shape[1])])
-    dist = np.linalg.norm((a_img @ corners - a_lab @ corners)[:r], axis=0).max()
-    spacing = np.linalg.norm(a_img[:r, :r], axis=0)
-    if dist <= GEOMETRY_TOLERANCE * max(float(spacing.min()), 1e-6):
-        return None
-    # the same axes and spacing, only another origin: every voxel still pairs with the same image voxel (training
-    # orients and resamples each file by its own affine, keeping that pairing), and this is how a correct label
-    # differs when an ITK editor (3D Slicer, ITK-SNAP) read a NIfTI image's qform where nibabel / MONAI read its
-    # sform (after FSL registration they differ): accepted, with a warning
-    # (the corners' spread minus a common shift: a rotation, flip or other spacing still moves them apart)
-    diff = (a_img @ corners - a_lab @ corners)[:r]
-    linear = np.linalg.norm(diff - diff.mean(axis=1, keepdims=True), axis=0).max()
-    if linear <= GEOMETRY_TOLERANCE * max(float(spacing.min()), 1e-6):
-        logger.warning("label file %s: origin %s mm from the image's (same axes and spacing; e.g. a NIfTI qform/sform "
-                       "difference): stored, voxel for voxel", label_path, np.round(diff[:, 0], 3).tolist())
-        return None
-
-    def codes(a):
-        import nibabel as nib
-
-        if r != 3:
-            return "?"
-        return "".join(nib.orientations.aff2axcodes(a))
-
-    lab_spacing = np.linalg.norm(a_lab[:r, :r], axis=0)
-    return (f"its affine differs from the image's (a corner of the grid lies {dist:.3g} mm away; orientation "
-            f"{codes(a_lab)} vs {codes(a_img)}, spacing {np.round(lab_spacing, 4).tolist()} vs "
-            f"{np.round(spacing, 4).tolist()} mm, origin {np.round(a_lab[:r, r], 3).tolist()} vs "
-            f"{np.round(a_img[:r, r], 3).tolist()})")
 
 
 INDEX_NAME = "datastore_v2.json"  # MONAI Label 0.8.5's LocalDatastore index in the studies folder

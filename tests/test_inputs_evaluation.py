@@ -291,3 +291,39 @@ def test_which_model_an_image_goes_to_is_what_the_loader_reads(tmp_path):
     loaded = {Path(p).name: EnsureChannelFirst()(LoadImage(image_only=True)(str(p))).ndim - 1 for p in files}
     assert dims == loaded
     assert dims["n64x64x4.nii.gz"] == 3 and dims["n20x22x12x2.nii.gz"] == 3 and dims["n30x50.nii.gz"] == 2
+
+
+def test_a_label_off_its_image_s_grid_is_refused_in_training_and_evaluate(tmp_path, make_system):
+    """A review: a datalist label whose affine differs from its image's (here the image is stored LPS, its exact
+    voxel mask with ``np.eye(4)``) was reoriented by its own affine in training -- 0 of 144 foreground voxels on the
+    image's blob -- while evaluate scored the arrays as loaded. The datastore refused such a label on save; the
+    datalist path did not. Now both refuse it naming the two files; a label of the same grid (or only another
+    origin, the qform/sform case the datastore accepts) passes."""
+    import nibabel as nib
+
+    from lib.evaluation import evaluate_items, make_inferer, preprocess_item
+    from lib.transforms import InputError
+
+    system = make_system(spacing=[1.0, 1.0, 1.0], spatial_dims=3, features=(8, 16))
+    system.hparams.preprocessing.orientation = "RAS"
+    img = np.zeros((24, 24, 16), np.float32)
+    img[2:8, 3:9, 4:8] = 1.0
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    image = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(img, lps), str(image))
+    good, bad, shifted = tmp_path / "good.nii.gz", tmp_path / "bad.nii.gz", tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(img.astype(np.uint8), lps), str(good))
+    nib.save(nib.Nifti1Image(img.astype(np.uint8), np.eye(4)), str(bad))
+    moved = lps.copy()
+    moved[:3, 3] = [3.0, -2.0, 1.5]
+    nib.save(nib.Nifti1Image(img.astype(np.uint8), moved), str(shifted))
+    item = {"image": str(image), "case_id": "c"}
+    for label in (good, shifted):
+        preprocess_item(system, {**item, "label": str(label)}, with_label=True)
+    with pytest.raises(InputError, match=r"bad\.nii\.gz: the label is not on its image's grid .*img\.nii\.gz.*"
+                                         r"orientation RAS vs LPS"):
+        preprocess_item(system, {**item, "label": str(bad)}, with_label=True)
+    inf = make_inferer(system, steps=1)
+    evaluate_items(system, [{**item, "label": str(good)}], inf)
+    with pytest.raises(InputError, match="the label is not on its image's grid"):
+        evaluate_items(system, [{**item, "label": str(bad)}], inf)
