@@ -28,6 +28,9 @@ def ckpts(tmp_path_factory, tiny_clip):
         hp = tiny_hparams(tiny_clip, spatial_dims=dims, features=(8, 16), steps=1)
         s = build_system(hp)
         out[dims] = save_checkpoint(d / f"m{dims}d.pt", s.model, s.hparams)
+    torch.manual_seed(0)  # "3s": a 3D model that resamples to 1 mm
+    s = build_system(tiny_hparams(tiny_clip, spatial_dims=3, features=(8, 16), steps=1, spacing=[1.0, 1.0, 1.0]))
+    out["3s"] = save_checkpoint(d / "m3s.pt", s.model, s.hparams)
     return out
 
 
@@ -64,6 +67,11 @@ def _png(path, mode, size=(40, 36)):
     return path
 
 
+def _text_file(path, text):
+    path.write_bytes(text.encode() + b"\x00" * 64)
+    return path
+
+
 def _predict(ck, image, out):
     return cli(["predict", "--checkpoint", str(ck), "--image", str(image), "--out", str(out), "--no-progress"])
 
@@ -89,7 +97,19 @@ REFUSED = [
     ("singular affine", 2, lambda t: _header_only(t / "sing.nii", (30, 30), np.diag([1.0, 0.0, 1.0, 1.0]), 3600),
      "singular"),
     ("NaN voxels", 2, _nonfinite, "NaN"),
-    ("4D image to a 3D model", 3, lambda t: _nii(t / "4d.nii.gz", np.zeros((20, 20, 20, 3))), "channel"),
+    ("4D image to a 3D model", 3, lambda t: _nii(t / "4d.nii.gz", np.zeros((20, 20, 20, 3))),
+     "expects 1 channel(s), the image has 3"),
+    # a review: only NIfTI and PNG headers were checked; NRRD and MetaImage were read whole (a gzip NRRD of zeros is
+    # a decompression bomb), and a spacing off by orders of magnitude asked the resampling for a grid beyond the limit
+    ("NRRD header claiming 2.7e13 voxels", 3, lambda t: _text_file(
+        t / "huge.nrrd", "NRRD0004\ntype: float\ndimension: 3\nsizes: 30000 30000 30000\nendian: little\nencoding: gzip\n\n"),
+     "more than this server's limit"),
+    ("MetaImage header claiming 2.7e13 voxels", 3, lambda t: _text_file(
+        t / "huge.mha", "ObjectType = Image\nNDims = 3\nDimSize = 30000 30000 30000\nElementType = MET_FLOAT\n"
+                        "ElementDataFile = LOCAL\n"), "more than this server's limit"),
+    ("spacing in micrometres written as millimetres", "3s",
+     lambda t: _nii(t / "um.nii.gz", np.zeros((20, 20, 20)), np.diag([2000.0, 2000.0, 2000.0, 1.0])),
+     "is the header's spacing right"),
     ("3D image to a 2D model", 2, lambda t: _nii(t / "3d.nii.gz", np.zeros((20, 20, 20))), "3D image"),
     ("truncated .nii.gz", 2, _truncated, "cannot read"),
     ("not an image at all", 2, lambda t: (t / "x.nii.gz").write_bytes(b"GIF89a nonsense") and t / "x.nii.gz",
