@@ -574,22 +574,26 @@ class DFMVLMInfer(BasicInferTask):
         header through ITK with its affine, and a JPEG image's label is a PNG; the rest as MONAI Label writes it."""
         dtype = dtype or "uint8"
         path = data.get("image_path")
-        src_ext = file_ext(path).lower() if isinstance(path, str) else ""
-        ext = (extension or data.get("result_extension") or src_ext).lower()
-        if ext in LOSSY_EXTENSIONS:
+        src_ext = file_ext(path) if isinstance(path, str) else ""
+        ext = extension or data.get("result_extension") or src_ext
+        low = (ext or "").lower()  # an upload's suffix may be ".AP-view.png": decide by how the name ends
+        if low.endswith(LOSSY_EXTENSIONS):
             ext = extension = ".png"
+            low = ext
         pred = data.get(self.output_label_key)
         if data.get("result_write_to_file", True) and pred is not None and isinstance(path, str):
             arr = (pred.array if isinstance(pred, MetaTensor) else torch.as_tensor(pred).numpy()).astype(dtype)
-            if ext in (".nii", ".nii.gz") and src_ext in (".nii", ".nii.gz"):
+            if low.endswith((".nii", ".nii.gz")) and src_ext.lower().endswith((".nii", ".nii.gz")):
                 out = write_label_like_nifti(arr, path, ext)
                 if out is not None:
                     return out, data.get(self.output_json_key, {})
-            elif arr.ndim == 2 and ext not in (".png", ".bmp", ".tif", ".tiff") and isinstance(pred, MetaTensor):
+            elif arr.ndim == 2 and low.endswith((".nrrd", ".nhdr", ".mha", ".mhd")) and isinstance(pred, MetaTensor):
                 import tempfile
 
                 from monailabel.transform.writer import write_itk
 
+                # one file back to the client: a detached header (.nhdr, .mhd) would leave its voxels behind
+                ext = ".nrrd" if low.endswith((".nrrd", ".nhdr")) else ".mha"
                 out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
                 write_itk(arr, out, pred.affine.numpy(), dtype, data.get("result_compress", False))
                 return out, data.get(self.output_json_key, {})
