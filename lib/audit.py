@@ -53,7 +53,7 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
     rec["sha1"] = hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
     if "label" in item:
         try:
-            lab, _ = loader(item["label"])
+            lab, lab_meta = loader(item["label"])
             lab = np.asarray(lab)
             rec["fg_fraction"] = float((lab > label_threshold).mean())
             rec["label_shape"] = list(lab.shape)
@@ -69,6 +69,17 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
             while len(got) > len(spatial) and got[-1] == 1:  # a label saved with a channel axis of 1
                 got.pop()
             rec["label_matches_image"] = got in (list(a.shape), spatial)
+            if rec["label_matches_image"] and lab_meta.get("affine") is not None and meta.get("affine") is not None:
+                # the label on the image's grid (training's and evaluate's check): a label written with another
+                # affine is learnt mirrored
+                from types import SimpleNamespace
+
+                from .transforms import geometry_difference
+
+                first = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
+                rec["label_geometry"] = geometry_difference(
+                    str(first(item["label"])), SimpleNamespace(affine=np.asarray(lab_meta["affine"])),
+                    str(first(item["image"])), SimpleNamespace(affine=np.asarray(meta["affine"])), spatial)
         except Exception as e:  # noqa: BLE001
             rec["label_error"] = f"{type(e).__name__}: {e}"
     return rec
@@ -102,6 +113,7 @@ def summarize_split(recs: Sequence[dict]) -> dict:
         "missing_label": sum(not r["has_label"] for r in recs),
         "nonfinite_images": sum(1 for r in ok if r["nonfinite"]),
         "label_shape_mismatch": [r["case_id"] for r in ok if r.get("label_matches_image") is False],
+        "label_geometry_mismatch": [r["case_id"] for r in ok if r.get("label_geometry")],
     }
 
 
@@ -152,6 +164,9 @@ def compare(a_recs: Sequence[dict], b_recs: Sequence[dict], name_a: str = "A", n
             flag("nonfinite", "error", f"{n}: {s['nonfinite_images']} image(s) hold NaN/Inf")
         if s["label_shape_mismatch"]:
             flag("label_shape", "error", f"{n}: label and image sizes differ for {s['label_shape_mismatch'][:5]}")
+        if s["label_geometry_mismatch"]:
+            flag("label_geometry", "error", f"{n}: labels not on their image's grid (another affine: training "
+                                            f"would learn them mirrored or shifted) for {s['label_geometry_mismatch'][:5]}")
     ids = set(r["case_id"] for r in a_recs) & set(r["case_id"] for r in b_recs)
     if ids:
         flag("id_overlap", "error", f"{len(ids)} image id(s) in both {name_a} and {name_b}: {sorted(ids)[:5]}")

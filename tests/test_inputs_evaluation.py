@@ -201,9 +201,17 @@ def test_audit_flags_what_differs(tmp_path):
                   "case_id": f"b{i}"})
     b[0]["case_id"] = "a0"
     b[0]["text"] = "blob"
+    import nibabel as nib
+
+    flipped = tmp_path / "lb1_flipped.nii.gz"  # b1's label written with a mirrored first axis: not on its grid
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(b[1]["label"]).dataobj), np.diag([-0.5, 0.5, 1.0, 1.0])),
+             str(flipped))
+    b[1]["label"] = str(flipped)
     rep = audit(a, b, "val", "test")
     checks = {f["check"] for f in rep["flags"]}
-    assert {"shapes", "spacings", "distribution:p50", "missing_text", "id_overlap", "entry_keys"} <= checks, checks
+    assert {"shapes", "spacings", "distribution:p50", "missing_text", "id_overlap", "entry_keys",
+            "label_geometry"} <= checks, checks
+    assert rep["b"]["label_geometry_mismatch"] == ["b1"] and not rep["a"]["label_geometry_mismatch"]
     assert not {"pixel_duplicates", "unreadable"} & checks
     same = audit(a[:3], a[3:], "x", "y")
     assert not [f for f in same["flags"] if f["severity"] != "info"]
