@@ -399,9 +399,12 @@ class TrainConfig:
     hard_decay: float = 0.5  # moving average of an image's difficulty over the times it is drawn
 
 
-def check_train(train: "TrainConfig") -> None:
+def check_train(train: "TrainConfig", strict: bool = True) -> None:
     """The training section's values, checked before anything is loaded (lib.training.train calls it first: a bad
-    value was refused only after the VLM loaded and the training set was cached, or ended in a bare traceback)."""
+    value was refused only after the VLM loaded and the training set was cached, or ended in a bare traceback).
+    ``strict=False`` (every ``HParams.resolved``, i.e. every checkpoint load and save) leaves out the checks added
+    on 2026-12-06 for settings that only a training run reads (seed, threads, state intervals, hard sampling):
+    checkpoints written before with such values (``num_threads: 0``) still load and can be published again."""
     if isinstance(train.ema_decay, bool) or not isinstance(train.ema_decay, (int, float)) \
             or not 0.0 <= train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no weight averaging), got {train.ema_decay!r}")
@@ -416,6 +419,20 @@ def check_train(train: "TrainConfig") -> None:
         v = getattr(train, k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= lo:
             raise ConfigError(f"train.{k} must be a finite number > {lo:g}, got {v!r}")
+    if isinstance(train.weight_decay, bool) or not isinstance(train.weight_decay, (int, float)) \
+            or not train.weight_decay >= 0:
+        raise ConfigError(f"train.weight_decay must be a number >= 0, got {train.weight_decay!r}")
+    if not isinstance(train.augmentation, dict):
+        raise ConfigError(f"train.augmentation must be a mapping of {sorted(AUGMENTATION)}, "
+                          f"got {train.augmentation!r}")
+    unknown = sorted(set(train.augmentation) - set(AUGMENTATION))
+    if unknown:  # a typo was silently ignored (the default used instead)
+        raise ConfigError(f"train.augmentation: unknown key(s) {unknown}; known: {sorted(AUGMENTATION)}")
+    if strict:
+        _check_train_run(train)
+
+
+def _check_train_run(train: "TrainConfig") -> None:
     if isinstance(train.seed, bool) or not isinstance(train.seed, int) or not 0 <= train.seed < 2 ** 63:
         raise ConfigError(f"train.seed must be an integer >= 0, got {train.seed!r}")
     v = train.num_threads
@@ -433,15 +450,6 @@ def check_train(train: "TrainConfig") -> None:
     v = train.hard_decay
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
         raise ConfigError(f"train.hard_decay must be within [0, 1), got {v!r}")
-    if isinstance(train.weight_decay, bool) or not isinstance(train.weight_decay, (int, float)) \
-            or not train.weight_decay >= 0:
-        raise ConfigError(f"train.weight_decay must be a number >= 0, got {train.weight_decay!r}")
-    if not isinstance(train.augmentation, dict):
-        raise ConfigError(f"train.augmentation must be a mapping of {sorted(AUGMENTATION)}, "
-                          f"got {train.augmentation!r}")
-    unknown = sorted(set(train.augmentation) - set(AUGMENTATION))
-    if unknown:  # a typo was silently ignored (the default used instead)
-        raise ConfigError(f"train.augmentation: unknown key(s) {unknown}; known: {sorted(AUGMENTATION)}")
 
 
 @dataclass
@@ -472,7 +480,7 @@ class HParams:
     def resolved(self) -> "HParams":
         """Every field explicit and consistent; raises ConfigError naming what disagrees."""
         precision, train = _precision_of(self.precision, self.train)
-        check_train(train)
+        check_train(train, strict=False)  # the run-only checks: where a training starts (lib.training.train)
         pre = self.preprocessing.resolved()
         structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
         labels = dict(self.labels)

@@ -22,7 +22,7 @@ from monai.transforms import Invertd
 
 from .clicks import Clicks, to_network_grid
 from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
-from .transforms import InputError, check_label_grid, label_transforms
+from .transforms import InputError, check_label_grid, label_transforms, reorient_like
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +181,16 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         out = predict_preprocessed(system, d, inferer, labels=structures, prompt=prompt)
         label = lab["label"]
         prob = out["prob"]
+        img_file = item["image"][0] if isinstance(item["image"], (list, tuple)) else item["image"]
+        lab_file = item["label"][0] if isinstance(item["label"], (list, tuple)) else item["label"]
+        # on the image's grid (the label's own affine against the image's), then in the image's voxel order: a
+        # label stored flipped (LAS for an LPS image) but on the same points was scored against the mirrored image
+        check_label_grid(str(lab_file), label, str(img_file), prob)
+        if isinstance(prob, MetaTensor) and isinstance(label, MetaTensor):
+            label = reorient_like(label, prob.affine)
         if tuple(prob.shape[1:]) != tuple(label.shape[1:]):
             raise InputError(f"{item.get('case_id')}: prediction in original geometry {tuple(prob.shape[1:])} "
                              f"differs from the label's {tuple(label.shape[1:])}")
-        img_file = item["image"][0] if isinstance(item["image"], (list, tuple)) else item["image"]
-        lab_file = item["label"][0] if isinstance(item["label"], (list, tuple)) else item["label"]
-        check_label_grid(str(lab_file), label, str(img_file), prob)  # the label's own affine, the image's
         spacing = _spacing(label)
         if not truths:
             m = case_metrics((prob > 0.5).float(), label, spacing=spacing)

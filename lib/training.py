@@ -411,7 +411,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         opt.load_state_dict(st["optimizer"])
         it, train_s, next_val, val_s_est = st["iteration"], st["train_seconds"], st["next_val"], st["val_seconds"]
         losses, history, best = list(st["losses"]), list(st["history"]), dict(st["best"])
-        loop_start, validated_at = st.get("loop_start"), st.get("validated_at", -1)
+        # a state from before loop_start was recorded: 0, the schedule it ran (restarting it would warm up again)
+        loop_start, validated_at = st.get("loop_start", 0.0), st.get("validated_at", -1)
         t_start = time.perf_counter() - st["elapsed_seconds"]
         torch.set_rng_state(st["torch_rng"])
         if device.type == "cuda" and st.get("cuda_rng") is not None:

@@ -208,13 +208,48 @@ def _has_geometry(path: str) -> bool:
     return os.path.isdir(path) or str(path).lower().endswith(GEOMETRY_FORMATS)  # a folder: a DICOM series
 
 
-def geometry_difference(label_path, lab, image_path, img, ref_shape) -> str | None:
+def _voxel_order_aligned(a_lab: np.ndarray, a_img: np.ndarray, ref_shape) -> np.ndarray:
+    """The label's affine after flipping / permuting its axes into the image's voxel order (what orienting both to
+    one axis code does), for a label array whose shape is the image's permuted the same way."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
+
+    t = ornt_transform(io_orientation(a_lab), io_orientation(a_img))
+    lab_shape = [int(ref_shape[int(t[i, 0])]) for i in range(len(t))]
+    return a_lab @ inv_ornt_aff(t, lab_shape)
+
+
+def reorient_like(lab, img_affine):
+    """``lab`` (C, *spatial) MetaTensor flipped / permuted into the voxel order of an image with ``img_affine`` (MONAI's
+    ``Orientation`` to that image's axis codes): a label stored in another voxel order but on the same points can
+    then be compared with the image's arrays voxel for voxel. Returned as it is when the orders agree."""
+    from nibabel.orientations import io_orientation
+
+    a_lab = np.asarray(getattr(lab, "affine", None) if getattr(lab, "affine", None) is not None else [], dtype=float)
+    a_img = np.asarray(img_affine, dtype=float)
+    if a_lab.shape != a_img.shape or (io_orientation(a_lab) == io_orientation(a_img)).all():
+        return lab
+    from monai.transforms import Orientation
+
+    r = a_img.shape[0] - 1
+    codes = "".join(nib_axcodes(a_img))[:r]
+    return Orientation(axcodes=codes)(lab)
+
+
+def nib_axcodes(affine) -> tuple:
+    import nibabel as nib
+
+    return nib.orientations.aff2axcodes(np.asarray(affine, dtype=float), labels=(("L", "R"), ("P", "A"), ("I", "S")))
+
+
+def geometry_difference(label_path, lab, image_path, img, ref_shape, allow_reorder: bool = False) -> str | None:
     """How the label's voxel-to-world mapping (its affine, as MONAI's LoadImage reads it) differs from the image's,
     in words; None if every corner of the image's grid maps to within GEOMETRY_TOLERANCE voxels of the same point.
     A shape check alone accepted a label whose header mirrors it (3D Slicer and other editors write the image's
     geometry; a file written from an array with another affine, e.g. ``np.eye(4)`` or a flipped axis, does not):
     training reoriented it by its own affine and learnt a mirrored mask. Formats without a geometry (PNG, JPEG)
-    are compared by shape only."""
+    are compared by shape only. ``allow_reorder``: a label stored in another voxel order (flipped axes, e.g. LAS
+    for an LPS image) whose affine places it on the same points is on the grid -- training orients both files by
+    their own affines, and ``evaluate`` reorders it (:func:`reorient_like`) before scoring."""
     if not (_has_geometry(str(label_path)) and _has_geometry(str(image_path))):
         return None
     a_img = np.asarray(getattr(img, "affine", np.eye(4)), dtype=float)
@@ -223,6 +258,12 @@ def geometry_difference(label_path, lab, image_path, img, ref_shape) -> str | No
         return f"its affine has another rank ({None if a_lab is None else a_lab.shape} vs {a_img.shape})"
     r = a_img.shape[0] - 1
     shape = (list(ref_shape) + [1] * r)[:r]
+    a_lab0 = a_lab  # as stored: what the message describes
+    reordered = False
+    if allow_reorder and np.isfinite(a_lab).all() and abs(np.linalg.det(a_lab[:r, :r])) > 1e-12:
+        aligned = _voxel_order_aligned(a_lab, a_img, shape)
+        reordered = not np.allclose(aligned, a_lab)
+        a_lab = aligned
     corners = np.array(np.meshgrid(*[[0, max(n - 1, 0)] for n in shape], indexing="ij")).reshape(r, -1)
     corners = np.vstack([corners, np.ones(corners.shape[1])])
     dist = np.linalg.norm((a_img @ corners - a_lab @ corners)[:r], axis=0).max()
@@ -236,7 +277,8 @@ def geometry_difference(label_path, lab, image_path, img, ref_shape) -> str | No
     # (the corners' spread minus a common shift: a rotation, flip or other spacing still moves them apart)
     diff = (a_img @ corners - a_lab @ corners)[:r]
     linear = np.linalg.norm(diff - diff.mean(axis=1, keepdims=True), axis=0).max()
-    if linear <= GEOMETRY_TOLERANCE * max(float(spacing.min()), 1e-6):
+    # not for a reordered label: a flip plus another origin is exactly a mirrored label (np.eye(4) for an LPS image)
+    if not reordered and linear <= GEOMETRY_TOLERANCE * max(float(spacing.min()), 1e-6):
         logger.warning("label file %s: origin %s mm from the image's (same axes and spacing; e.g. a NIfTI qform/sform "
                        "difference): stored, voxel for voxel", label_path, np.round(diff[:, 0], 3).tolist())
         return None
@@ -248,10 +290,10 @@ def geometry_difference(label_path, lab, image_path, img, ref_shape) -> str | No
             return "?"
         return "".join(nib.orientations.aff2axcodes(a))
 
-    lab_spacing = np.linalg.norm(a_lab[:r, :r], axis=0)
+    lab_spacing = np.linalg.norm(a_lab0[:r, :r], axis=0)
     return (f"its affine differs from the image's (a corner of the grid lies {dist:.3g} mm away; orientation "
-            f"{codes(a_lab)} vs {codes(a_img)}, spacing {np.round(lab_spacing, 4).tolist()} vs "
-            f"{np.round(spacing, 4).tolist()} mm, origin {np.round(a_lab[:r, r], 3).tolist()} vs "
+            f"{codes(a_lab0)} vs {codes(a_img)}, spacing {np.round(lab_spacing, 4).tolist()} vs "
+            f"{np.round(spacing, 4).tolist()} mm, origin {np.round(a_lab0[:r, r], 3).tolist()} vs "
             f"{np.round(a_img[:r, r], 3).tolist()})")
 
 
@@ -263,12 +305,12 @@ def _first_file(x) -> str:
     return str(fn) if fn is not None else ""
 
 
-def check_label_grid(label_path, lab, image_path, img) -> None:
+def check_label_grid(label_path, lab, image_path, img, allow_reorder: bool = True) -> None:
     """A label must lie on its image's grid (as the datastore checks a saved label): orientation and spacing move
     each file by its own affine in training, while ``evaluate`` compares the arrays as loaded -- a label written
     with another affine (``np.eye(4)``, a flipped axis) was learnt mirrored and scored unmirrored. InputError
     naming both files and how they differ; files without a geometry (PNG) are compared by shape only."""
-    problem = geometry_difference(label_path, lab, image_path, img, tuple(img.shape[1:]))
+    problem = geometry_difference(label_path, lab, image_path, img, tuple(img.shape[1:]), allow_reorder=allow_reorder)
     if problem:
         raise InputError(f"{label_path}: the label is not on its image's grid ({image_path}): {problem}")
 
@@ -291,7 +333,9 @@ class CheckGridd(MapTransform):
             r = img.ndim - 1
             spacing = np.linalg.norm(aff[:r, :r], axis=0)
             shape = np.asarray(img.shape[1:], dtype=float)
-            target = np.ceil(shape * spacing / np.asarray(self.pixdim[:r]))
+            want = np.asarray(self.pixdim[:r] + [0.0] * (r - len(self.pixdim[:r])), dtype=float)
+            want = np.where(want > 0, want, spacing)  # <= 0: the axis keeps its spacing (as MONAI's Spacingd)
+            target = np.ceil(shape * spacing / want)
             n = int(np.prod(target)) * int(img.shape[0])
             if n > MAX_VOXELS:
                 raise InputError(f"{_name(d, key)}: spacing {np.round(spacing, 4).tolist()} mm resampled to the "
@@ -461,7 +505,9 @@ def image_spatial_dims(path) -> int:
 
         hdr = nrrd.read_header(p)
         kinds = hdr.get("kinds") or []
-        vector = sum(1 for k in kinds if str(k).lower() not in ("domain", "space", "time"))  # e.g. RGB-color
+        # channel axes are the non-spatial kinds (vector, RGB-color, list, ...); "none" and "???" are spatial to ITK
+        spatial_kinds = ("domain", "space", "time", "none", "???", "")
+        vector = sum(1 for k in kinds if str(k).strip().lower() not in spatial_kinds)
         return 2 if int(hdr["dimension"]) - vector <= 2 else 3
     from monai.transforms import EnsureChannelFirst, LoadImage
 

@@ -552,11 +552,20 @@ def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system,
     sheared = np.array([[1.0, 0.3, 0, 2], [0, 1.2, 0, 3], [0, 0, 2, 4], [0, 0, 0, 1]])
     vol = tmp_path / "sheared.nii.gz"
     nib.save(nib.Nifti1Image(rng.random((20, 22, 12)).astype(np.float32), sheared), str(vol))
-    for task, image in ((task2d, nii), (task2d, nrrd), (task2d, jpg), (task3d, vol)):
+    vec = tmp_path / "vector.nii.gz"  # a 4D image with intent "vector" and a display range: not the label's
+    v = nib.Nifti1Image(rng.random((20, 22, 12, 1)).astype(np.float32), np.diag([-1.5, -1.5, 2.0, 1.0]))
+    v.header.set_intent("vector")
+    v.header["cal_min"], v.header["cal_max"] = -1000.0, 3000.0
+    nib.save(v, str(vec))
+    for task, image in ((task2d, nii), (task2d, nrrd), (task2d, jpg), (task3d, vol), (task3d, vec)):
         out, _ = task({"image": str(image), "device": "cpu", "steps": 1})
         check_label_file(out, str(image), image.stem)  # the datastore accepts the app's own label for its image
         if image.suffix == ".gz":
             assert np.allclose(nib.load(out).affine, nib.load(str(image)).affine), image
+            lab = nib.load(out)  # a plain scalar label map (a second review: ITK read the copied intent as a vector)
+            assert lab.header.get_intent()[0] == "none" and float(lab.header["cal_max"]) == 0.0
+            if image.name == "vector.nii.gz":  # (ITK reads no sheared affine at all)
+                assert itk.imread(out).GetNumberOfComponentsPerPixel() == 1
         elif image.suffix == ".nrrd":
             lab = itk.imread(out)
             assert list(lab.GetSpacing()) == [0.5, 0.8] and list(lab.GetOrigin()) == [-50.0, 60.0]

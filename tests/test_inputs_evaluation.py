@@ -295,6 +295,14 @@ def test_which_model_an_image_goes_to_is_what_the_loader_reads(tmp_path):
             files.append(p)
     from pathlib import Path
 
+    import nrrd
+
+    for kinds in (["none"] * 3, ["???"] * 3, ["domain"] * 3):  # a second review: "none" and "???" are spatial
+        p = tmp_path / f"k_{kinds[0].strip('?') or 'q'}.nrrd"
+        nrrd.write(str(p), np.zeros((40, 30, 20), np.float32), {"kinds": kinds, "space": "left-posterior-superior",
+                                                                  "space directions": np.eye(3),
+                                                                  "space origin": np.zeros(3)})
+        files.append(p)
     dims = {Path(p).name: image_spatial_dims(p) for p in files}
     loaded = {Path(p).name: EnsureChannelFirst()(LoadImage(image_only=True)(str(p))).ndim - 1 for p in files}
     assert dims == loaded
@@ -325,13 +333,76 @@ def test_a_label_off_its_image_s_grid_is_refused_in_training_and_evaluate(tmp_pa
     moved = lps.copy()
     moved[:3, 3] = [3.0, -2.0, 1.5]
     nib.save(nib.Nifti1Image(img.astype(np.uint8), moved), str(shifted))
+    # the same mask stored in another voxel order (RAS, flipped axes and affine): on the same points, so accepted
+    # (a second review: the first version refused it, and the shipped CT's reference segmentation with it)
+    reordered = tmp_path / "reordered.nii.gz"
+    nib.save(nib.as_closest_canonical(nib.load(str(good))), str(reordered))
+    assert nib.aff2axcodes(nib.load(str(reordered)).affine) == ("R", "A", "S")
     item = {"image": str(image), "case_id": "c"}
-    for label in (good, shifted):
+    for label in (good, shifted, reordered):
         preprocess_item(system, {**item, "label": str(label)}, with_label=True)
     with pytest.raises(InputError, match=r"bad\.nii\.gz: the label is not on its image's grid .*img\.nii\.gz.*"
                                          r"orientation RAS vs LPS"):
         preprocess_item(system, {**item, "label": str(bad)}, with_label=True)
     inf = make_inferer(system, steps=1)
-    evaluate_items(system, [{**item, "label": str(good)}], inf)
+    ref, _ = evaluate_items(system, [{**item, "label": str(good)}], inf)
+    other, _ = evaluate_items(system, [{**item, "label": str(reordered)}], inf)  # put in the image's voxel order
+    assert other[0]["dice"] == pytest.approx(ref[0]["dice"]) and other[0]["recall"] == pytest.approx(ref[0]["recall"])
     with pytest.raises(InputError, match="the label is not on its image's grid"):
         evaluate_items(system, [{**item, "label": str(bad)}], inf)
+
+
+def test_a_zero_spacing_axis_keeps_its_spacing_and_old_run_settings_still_resolve(tmp_path):
+    """A second review. The resampled-grid check divided by a spacing of 0, which MONAI's Spacingd reads as "keep this
+    axis' spacing": every image was refused (an OverflowError). And the run-only training checks (seed, threads,
+    state intervals, hard sampling) ran at every HParams.resolved, so a checkpoint written with ``num_threads: 0``
+    (0 meant the default) loaded but could not be published again after a fine-tune; they now run where a training
+    starts."""
+    from lib.config import ConfigError, HParams, PreprocConfig, TrainConfig, check_train
+    from lib.transforms import preprocess
+
+    path = write_nifti(tmp_path / "ct.nii.gz", np.random.default_rng(0).random((20, 20, 8)).astype(np.float32),
+                       spacing=(0.8, 0.8, 5.0))
+    out = preprocess(PreprocConfig(spatial_dims=3, spacing=[1.0, 1.0, 0.0], patch_size=[16, 16, 8]))(
+        {"image": str(path)})
+    assert tuple(out["image"].shape) == (1, 16, 16, 8)
+    HParams(train=TrainConfig(num_threads=0, state_every_s=0)).resolved()  # an old checkpoint's run settings
+    for bad in ({"num_threads": 0}, {"state_every_s": 0}, {"seed": -1}, {"hard_share": 2.0}):
+        with pytest.raises(ConfigError, match="train\\."):
+            check_train(TrainConfig(**bad))
+
+
+def test_a_state_written_before_the_schedule_followed_training_time_resumes_where_it_was(tmp_path, tiny_clip,
+                                                                                        monkeypatch):
+    """A second review: a ``resume.pt`` without ``loop_start`` (written before 2026-12-06) restarted the time-based
+    schedule at 0 -- a second warm-up to the peak rate, late in the run. Such a state resumes with the schedule it
+    ran (progress = elapsed / budget)."""
+    import types
+
+    import lib.training as training
+    from lib.data import load_datalist
+
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += 0.25
+        return now[0]
+
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=perf_counter, time=perf_counter))
+    progress = []
+    real_lr_at = training.lr_at
+    monkeypatch.setattr(training, "lr_at", lambda p, base, *a, **k: progress.append(p) or real_lr_at(p, base, *a, **k))
+    datalist = _phantom_datalist(tmp_path, n_train=4, n_val=1)
+    tr, va = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    training.train(hp, tr, va, tmp_path / "run", time_budget_s=30.0, progress=False)
+    state_path = tmp_path / "run" / "resume.pt"
+    st = torch.load(state_path, weights_only=False)
+    for k in ("loop_start", "validated_at"):  # as the old code wrote it, interrupted half-way
+        st.pop(k)
+    st["elapsed_seconds"] = 15.0
+    torch.save(st, state_path)
+    progress.clear()
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    training.train(hp, tr, va, tmp_path / "run", time_budget_s=30.0, progress=False, resume=True)
+    assert progress and progress[0] > 0.3, progress[:3]

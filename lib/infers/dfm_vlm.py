@@ -235,10 +235,13 @@ def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
         logger.warning("label shape %s is not the spatial shape of %s %s: written by MONAI Label's writer",
                        tuple(label.shape), image_path, tuple(src.shape))
         return None
-    hdr = src.header.copy()
-    hdr.set_data_dtype(label.dtype)
-    img = nib.Nifti1Image(np.asarray(label), src.affine, header=hdr)
-    img.header.set_slope_inter(1.0, 0.0)  # the image's intensity scaling is no label's
+    # a new header: only the geometry and units are the image's (its intent -- e.g. "vector" for a 4D image, which
+    # ITK then reads the label as --, display range, description and scaling are not a label's)
+    img = nib.Nifti1Image(np.asarray(label), src.affine)
+    img.header.set_data_dtype(label.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    units = src.header.get_xyzt_units()
+    img.header.set_xyzt_units(units[0], units[1])
     sform, scode = src.get_sform(coded=True)
     qform, qcode = src.get_qform(coded=True)
     if scode:
