@@ -230,6 +230,20 @@ def load_train_state(path: str | os.PathLike) -> dict:
     return st
 
 
+def _best_on_disk(path: Path) -> dict | None:
+    """``{"dice", "iteration", "summary"}`` of the validation that wrote ``best.pt``, or None."""
+    if not path.exists():
+        return None
+    try:
+        metrics = torch.load(path, map_location="cpu", weights_only=True).get("metrics") or {}
+        dice = float(metrics["val"]["dice"]["mean"])
+    except Exception:  # noqa: BLE001 - an unreadable or foreign best.pt: the state decides
+        return None
+    if not math.isfinite(dice):
+        return None
+    return {"dice": dice, "iteration": metrics.get("iteration"), "summary": metrics.get("val")}
+
+
 def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """``(world_size, rank, device)``; under ``torchrun`` (WORLD_SIZE > 1) joins the process group: NCCL with one
     GPU per process (LOCAL_RANK) on CUDA, gloo on the CPU."""
@@ -420,6 +434,13 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         np_rng.bit_generator.state = st["numpy_rng"]
         if st.get("hard_images") is not None:
             hard.load_state_dict(st["hard_images"])
+        # a kill between writing best.pt and resume.pt leaves a state whose best is older than best.pt: a later,
+        # worse validation would then replace the better best.pt. The best on disk counts
+        on_disk = _best_on_disk(best_path)
+        if on_disk is not None and on_disk["dice"] > best["dice"]:
+            logger.info("best.pt (Dice %.4f at iteration %s) is newer than the state's best (%.4f): kept as the best",
+                        on_disk["dice"], on_disk.get("iteration"), best["dice"])
+            best = on_disk
         logger.info("resumed %s at iteration %d (%.0f s of training, best Dice %.4f)", state_path, it, train_s,
                     best["dice"])
     loss_log = out / "losses.csv"

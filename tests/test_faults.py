@@ -560,3 +560,34 @@ def test_the_server_still_reloads_an_index_another_process_wrote(tmp_path):
     finally:
         server._observer.stop()
         server._observer.join()
+
+
+def test_a_resumed_run_keeps_a_best_pt_newer_than_its_state(tmp_path, tiny_clip):
+    """A review (suspected, then shown here): a kill between writing best.pt and resume.pt leaves a state whose best
+    Dice is older than best.pt's; the resumed run's next, worse validation then replaced the better best.pt. The
+    best on disk now counts. Simulated: the state from iteration 2 of a 4-iteration run, and a best.pt that a lost
+    validation wrote with a higher Dice than this run reaches."""
+    from lib.data import load_datalist
+    from lib.training import train
+    from test_inputs_evaluation import _phantom_datalist
+
+    datalist = _phantom_datalist(tmp_path, n_train=3, n_val=1)
+    tr, va = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    hp.train.state_every_it = 2
+    out = tmp_path / "run"
+    train(hp, tr, va, out, max_iterations=2, progress=False)  # its state: iteration 2, its best.pt
+    st = torch.load(out / "resume.pt", weights_only=False)
+    st["max_iterations"] = 4  # as if the command had asked for 4 and was killed after the state at 2
+    st["validated_at"] = -1
+    torch.save(st, out / "resume.pt")
+    ck = torch.load(out / "best.pt", weights_only=False)
+    ck["metrics"]["val"]["dice"]["mean"] = 0.999  # the lost timeline's better validation
+    ck["metrics"]["iteration"] = 3
+    torch.save(ck, out / "best.pt")
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    hp.train.state_every_it = 2
+    res = train(hp, tr, va, out, max_iterations=4, progress=False, resume=True)
+    assert res.iterations == 4 and res.history[-1]["val_dice"] < 0.999
+    assert torch.load(out / "best.pt", weights_only=False)["metrics"]["val"]["dice"]["mean"] == 0.999
+    assert res.best_val["dice"] == 0.999 and res.best_val["iteration"] == 3
