@@ -125,6 +125,17 @@ class DFMSystem(nn.Module):
                 raise StructureError("the prompt is empty")
             if self.vlm is None or self.vlm.cfg.text_mode != "label":
                 raise StructureError("this model takes no text prompt (it is not conditioned on a label prompt)")
+            asked = labels if isinstance(labels, (list, tuple)) else \
+                ([] if labels is None else [x for x in str(labels).split(",")])
+            asked = [str(x).strip() for x in asked if str(x).strip()]
+            if asked and [x.lower() for x in asked] != ["all"]:  # labels were silently ignored beside a prompt
+                raise StructureError(f"give either 'labels' ({asked}) or a free 'prompt' ({prompt!r}), not both")
+            taken = {"background", "uncertain"} | {s.name.lower() for s in self.structures} | \
+                {str(n).lower() for n in self.hparams.labels}
+            if prompt.lower() in taken:  # the segment would be named like another one (Slicer, Submit Label)
+                raise StructureError(f"the free prompt {prompt!r} is the name of "
+                                     f"{'a structure of this model: ask for it with labels' if prompt.lower() not in ('background', 'uncertain') else 'a reserved segment'}"
+                                     f"; reword the prompt (e.g. 'the {prompt}')")
             return [(prompt, 1, prompt)]
         if self.structures:
             return [(s.name, s.value, s.prompts[0]) for s in select(self.structures, labels)]

@@ -340,6 +340,16 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
     assert pc["result"]["clicks"] == {"foreground": 1, "background": 1}
     with pytest.raises(ClickError, match="free prompt"):
         task({**req, "prompt": "a blob", "upper": [up]})
+    # a review: 'labels' beside a free prompt were silently dropped; a prompt named like a structure or a reserved
+    # segment gave a segment of that name and the wrong value (Submit Label stored it as another structure); the
+    # uncertain segment of a subset took the value of a structure not asked for (labels=upper: 2, lower's)
+    with pytest.raises(StructureError, match="not both"):
+        auto({**req, "labels": "lower", "prompt": "the upper blob"})
+    for name in ("lower", "Uncertain", "background"):
+        with pytest.raises(StructureError, match="reword the prompt"):
+            auto({**req, "prompt": name})
+    _, du = auto({**req, "labels": "upper", "uncertain_segment": True, "num_samples": 2})
+    assert du["result"]["label_names"] == {"upper": 1, "uncertain": 3}
 
 
 def test_a_one_structure_model_answers_its_label_and_refuses_others(make_system):

@@ -504,7 +504,11 @@ class DFMVLMInfer(BasicInferTask):
                     mask[tuple(int(v) for v in p)] = False  # a clicked voxel is what the user said
             data["_uncertain"] = mask
             # above every label value (a one-label model's value may be 2, the default uncertain value)
-            data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(t[1] for t in targets) + 1)
+            # and above every value of the model's, not only those asked for: with labels=lesion (1) it took 2, the
+            # vertebra's value, and Submit Label stored the uncertain region as vertebra
+            taken = [t[1] for t in targets] + [s.value for s in system.structures] + \
+                [int(v) for v in system.hparams.labels.values()]
+            data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(taken) + 1)
         data["_targets"] = targets
         data["_prompted"] = bool(system.structures)
         if isinstance(clicks, dict):  # after painting, a clicked voxel keeps what the user clicked it as
