@@ -350,6 +350,10 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
             auto({**req, "prompt": name})
     _, du = auto({**req, "labels": "upper", "uncertain_segment": True, "num_samples": 2})
     assert du["result"]["label_names"] == {"upper": 1, "uncertain": 3}
+    with pytest.raises(StructureError, match="'prompt' is one free text, got 2"):  # its first was used silently
+        auto({**req, "prompt": ["a blob", "another blob"]})
+    _, dv = task({**req, "foreground": [up], "label": "2"})  # the selected segment named by its value
+    assert np.asarray(dv["pred"])[tuple(up)] == 2
 
 
 def test_a_one_structure_model_answers_its_label_and_refuses_others(make_system):

@@ -29,7 +29,7 @@ from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
-from lib.structures import paint
+from lib.structures import StructureError, paint
 from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
@@ -301,6 +301,8 @@ def prompted_clicks(system: DFMSystem, d: dict, dims: int, shape: Sequence[int])
                              "target; send its positive points as 'foreground'")
         only = {k: d.get(k) for k in ("foreground", "background")}  # the prompt's text is no request key
         return parse_label_clicks(only, asked, dims, shape, target=asked[0])
+    by_value = {str(s.value): s.name for s in system.structures}  # Slicer may send the segment's value ("2")
+    label = by_value.get(str(label).strip(), label) if label is not None else None
     target = label if label in structures else (asked[0] if len(asked) == 1 else None)
     clicks = parse_label_clicks(d, structures, dims, shape, target=target)
     dropped = [n for n in structures if n not in asked and clicks[n].fg]
@@ -311,8 +313,12 @@ def prompted_clicks(system: DFMSystem, d: dict, dims: int, shape: Sequence[int])
 
 
 def _prompt_param(d: dict) -> str | None:
-    """The request's free ``prompt`` (absent or empty: none)."""
+    """The request's free ``prompt`` (absent or empty: none; a list of several: refused, one prompt segments one
+    target -- its first element was used silently)."""
     v = d.get("prompt")
+    if isinstance(v, (list, tuple)) and len([x for x in v if str(x).strip()]) > 1:
+        raise StructureError(f"'prompt' is one free text, got {len(v)}: {list(v)[:4]}; send one per request, or "
+                             "ask for the model's structures with 'labels'")
     return None if v is None or str(_first(v)).strip() == "" else str(_first(v))
 
 
