@@ -41,9 +41,22 @@ from lib.checkpoint import load_system  # noqa: E402
 from lib.cli import _quiet  # noqa: E402
 from lib.clicks import Clicks, next_click, uncertain_region_centre  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
-from lib.evaluation import case_metrics, make_inferer, predict_preprocessed, preprocess_item  # noqa: E402
+from lib.evaluation import (case_metrics, make_inferer, predict_preprocessed, preprocess_item,  # noqa: E402
+                            truth_on_image_grid)
 from lib.inferer import WindowCache  # noqa: E402
 from lib.transforms import label_transforms  # noqa: E402
+
+
+def _at_least_one(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"an integer >= 1, got {text!r}")
+    return v
 
 
 def spacing_of(label) -> list[float] | None:
@@ -52,8 +65,7 @@ def spacing_of(label) -> list[float] | None:
 
 def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, exclude: float,
              cache: WindowCache, grow=(None, None, None, None, None)) -> dict:
-    spacing = spacing_of(truth)
-    truth_np = np.asarray(truth[0]) > 0.5
+    spacing = truth_np = None
     clicks = Clicks()
     dice, times, rerun, windows = [], [], [], []
     for k in range(k_max + 1):
@@ -65,6 +77,10 @@ def run_case(system, inferer, item, truth, k_max: int, robot: str, hold_radius, 
                                    grow_scale=grow[4])
         pred = (out["prob"][0] > 0.5).numpy()
         dt = time.perf_counter() - t0
+        if truth_np is None:  # evaluate's truth: checked on the image's grid, in the image's voxel order
+            truth = truth_on_image_grid(item, truth, out["prob"])
+            spacing = spacing_of(truth)
+            truth_np = np.asarray(truth[0]) > 0.5
         m = case_metrics(torch.as_tensor(pred[None]).float(), truth, spacing=spacing)
         dice.append(m["dice"] if m["dice"] is not None else 0.0)
         if k:
@@ -121,7 +137,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--datalist", required=True)
     ap.add_argument("--split", nargs="+", default=["validation", "test"])
-    ap.add_argument("--clicks", type=int, default=10)
+    ap.add_argument("--clicks", type=_at_least_one, default=10, help="K >= 1 clicks per image")
     ap.add_argument("--robots", nargs="+", default=["oracle", "uncertain"], choices=["oracle", "uncertain"])
     ap.add_argument("--hold-radius", type=int, nargs="+", default=[None],
                     help="sampler hold of clicked voxels in x_t (-1 none); several values are compared")
@@ -137,6 +153,9 @@ def main() -> None:
     a = ap.parse_args()
     _quiet()
     system = load_system(a.checkpoint)
+    if system.structures:  # one truth, one output channel here; evaluate scores each structure on its own truth
+        ap.error(f"{a.checkpoint} is a prompted model ({[s.name for s in system.structures]}): this bench scores one "
+                 "structure; use a single-structure checkpoint")
     inferer = make_inferer(system, num_samples=a.num_samples, steps=a.steps)
     lab_t = label_transforms(system.hparams.preprocessing)
     out = Path(a.out)
@@ -169,8 +188,9 @@ def main() -> None:
                 for c in cases:
                     rows.append({"run": key, "case_id": c["case_id"], **{f"dice@{k}": round(v, 4)
                                                                         for k, v in enumerate(c["dice"])}})
-                print(f"{key}: n={s['n']} Dice@0..{a.clicks} mean {s['dice_mean']} | median@3 "
-                      f"{s['dice_median'][min(3, a.clicks)]} worst@3 {s['dice_worst'][min(3, a.clicks)]} | NoC@90 "
+                k3 = min(3, a.clicks)
+                print(f"{key}: n={s['n']} Dice@0..{a.clicks} mean {s['dice_mean']} | median@{k3} "
+                      f"{s['dice_median'][k3]} worst@{k3} {s['dice_worst'][k3]} | NoC@90 "
                       f"{s['noc90']:.2f} NoC@95 {s['noc95']:.2f} | {s['seconds_per_click_mean']:.2f} s/click "
                       f"(median {s['seconds_per_click_median']:.2f}), windows re-run {100 * s['windows_rerun_share']:.0f}%"
                       f" | mean never decreases: {s['mean_never_decreases']}", flush=True)

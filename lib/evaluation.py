@@ -181,16 +181,7 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         out = predict_preprocessed(system, d, inferer, labels=structures, prompt=prompt)
         label = lab["label"]
         prob = out["prob"]
-        img_file = item["image"][0] if isinstance(item["image"], (list, tuple)) else item["image"]
-        lab_file = item["label"][0] if isinstance(item["label"], (list, tuple)) else item["label"]
-        # on the image's grid (the label's own affine against the image's), then in the image's voxel order: a
-        # label stored flipped (LAS for an LPS image) but on the same points was scored against the mirrored image
-        check_label_grid(str(lab_file), label, str(img_file), prob)
-        if isinstance(prob, MetaTensor) and isinstance(label, MetaTensor):
-            label = reorient_like(label, prob.affine)
-        if tuple(prob.shape[1:]) != tuple(label.shape[1:]):
-            raise InputError(f"{item.get('case_id')}: prediction in original geometry {tuple(prob.shape[1:])} "
-                             f"differs from the label's {tuple(label.shape[1:])}")
+        label = truth_on_image_grid(item, label, prob)
         spacing = _spacing(label)
         if not truths:
             m = case_metrics((prob > 0.5).float(), label, spacing=spacing)
@@ -210,6 +201,22 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         if on_case:
             on_case(m)
     return cases, summarize(cases)
+
+
+def truth_on_image_grid(item: dict, label, prob):
+    """The reference label, checked to lie on the image's grid (its own affine against the image's) and put in the
+    image's voxel order, so that it compares voxel for voxel with ``prob`` (the prediction on the image's original
+    grid): a label stored flipped (LAS for an LPS image) but on the same points was scored against the mirrored
+    image. One function for ``evaluate`` and the benches that score like it."""
+    img_file = item["image"][0] if isinstance(item["image"], (list, tuple)) else item["image"]
+    lab_file = item["label"][0] if isinstance(item["label"], (list, tuple)) else item["label"]
+    check_label_grid(str(lab_file), label, str(img_file), prob)
+    if isinstance(prob, MetaTensor) and isinstance(label, MetaTensor):
+        label = reorient_like(label, prob.affine)
+    if tuple(prob.shape[1:]) != tuple(label.shape[1:]):
+        raise InputError(f"{item.get('case_id')}: prediction in original geometry {tuple(prob.shape[1:])} "
+                         f"differs from the label's {tuple(label.shape[1:])}")
+    return label
 
 
 def dice_of(pred_bin: torch.Tensor, truth: torch.Tensor) -> float | None:

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -44,3 +45,37 @@ def test_the_region_is_the_robots_and_spacing_counts():
     pred[0:8, 0:40] = True  # false: 320 voxels, 8 rows deep (radius 4 with the image border as boundary)
     assert error_thickness(pred, truth, [1.0, 1.0], 1.5)[1] == 4.0
     assert error_thickness(pred, truth, [2.0, 2.0], 3.0)[1] == 8.0  # in spacing units
+
+
+def test_the_click_bench_scores_a_flipped_label_as_evaluate_does(tmp_path, make_system):
+    """A review: bench/clicks_bench.py took the label as loaded, so a label stored in another voxel order (flipped
+    axis, affine to match: the same points) was scored mirrored -- and the oracle clicked mirrored places --
+    while evaluate reorders it. Both now go through lib.evaluation.truth_on_image_grid."""
+    import nibabel as nib
+    import torch
+
+    from clicks_bench import run_case
+    from lib.evaluation import evaluate_items, make_inferer
+    from lib.inferer import WindowCache
+    from lib.phantoms import write_phantom_case
+    from lib.transforms import label_transforms
+
+    system = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
+    with torch.no_grad():
+        for h in system.model.vlm_film_heads.values():
+            h.weight.normal_(0, 0.3)
+    item = write_phantom_case(tmp_path, "c0", shape=(32, 28, 20))
+    lab = nib.load(item["label"])
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, lab.shape[0] - 1
+    flipped = tmp_path / "c0_flipped_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj)[::-1].copy(), lab.affine @ flip), str(flipped))
+    inf = make_inferer(system, steps=1)
+    lab_t = label_transforms(system.hparams.preprocessing)
+    dice = {}
+    for name, path in (("stored", item["label"]), ("flipped", str(flipped))):
+        it = {**item, "label": path, "case_id": "c0"}
+        dice[name] = run_case(system, inf, it, lab_t({"label": path})["label"], 1, "oracle", None, 3.0,
+                              WindowCache())["dice"]
+        assert dice[name][0] == pytest.approx(evaluate_items(system, [it], inf)[0][0]["dice"])
+    assert dice["flipped"] == pytest.approx(dice["stored"])
