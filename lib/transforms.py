@@ -204,8 +204,12 @@ GEOMETRY_FORMATS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # file
 GEOMETRY_TOLERANCE = 0.1  # voxels: how far (at most) a corner of the label may lie from the image's
 
 
-def _has_geometry(path: str) -> bool:
-    return os.path.isdir(path) or str(path).lower().endswith(GEOMETRY_FORMATS)  # a folder: a DICOM series
+def has_geometry(path: str) -> bool:
+    """A file whose header places its voxels (or a folder: a DICOM series); PNG/JPEG have none."""
+    return os.path.isdir(path) or str(path).lower().endswith(GEOMETRY_FORMATS)
+
+
+_has_geometry = has_geometry
 
 
 def _voxel_order_aligned(a_lab: np.ndarray, a_img: np.ndarray, ref_shape) -> np.ndarray:

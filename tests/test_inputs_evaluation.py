@@ -440,3 +440,28 @@ def test_the_validation_estimate_is_not_the_first_call_s_start_up(tmp_path, tiny
     res = training.train(hp, load_datalist(datalist, "training"), load_datalist(datalist, "validation"),
                          tmp_path / "run", time_budget_s=40.0, progress=False)
     assert res.iterations > 5 and calls[:2] == [1, 1], (res.iterations, calls)
+
+
+def test_a_png_label_of_a_nifti_image_is_compared_as_loaded(tmp_path, make_system):
+    """A PNG has no geometry (the reader's identity affine): evaluate compares it with the image's prediction as
+    loaded, and does not "reorder" it to follow a NIfTI image's axis signs (the first version of the reordering
+    flipped it)."""
+    import nibabel as nib
+    from monai.transforms import LoadImage
+    from PIL import Image
+
+    from lib.evaluation import evaluate_items, make_inferer
+
+    system = make_system(spacing=[1.0, 1.0])
+    img = np.zeros((40, 36), np.float32)
+    img[4:16, 6:20] = 1.0
+    image = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(img, np.diag([-1.0, 1.0, 1.0, 1.0])), str(image))  # x flipped
+    nii_label, png_label = tmp_path / "lab.nii.gz", tmp_path / "lab.png"
+    nib.save(nib.Nifti1Image(img.astype(np.uint8), np.diag([-1.0, 1.0, 1.0, 1.0])), str(nii_label))
+    Image.fromarray((img.T * 255).astype(np.uint8)).save(png_label)
+    assert np.array_equal(np.asarray(LoadImage(image_only=True)(str(png_label))) > 0, img > 0)  # loads alike
+    inf = make_inferer(system, steps=1)
+    a, _ = evaluate_items(system, [{"image": str(image), "label": str(nii_label), "case_id": "c"}], inf)
+    b, _ = evaluate_items(system, [{"image": str(image), "label": str(png_label), "case_id": "c"}], inf)
+    assert b[0]["dice"] == pytest.approx(a[0]["dice"]) and b[0]["recall"] == pytest.approx(a[0]["recall"])
