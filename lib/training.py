@@ -130,6 +130,7 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
 
 STATE_FORMAT = "dfm-vlm-train-state"
 _LOSS_ROW = re.compile(r"(\d+),([^,]+)")  # one whole row of losses.csv
+_ORPHAN = re.compile(r"\.(best\.pt|last\.pt|resume\.pt|losses\.csv)\.[^/]+\.tmp")  # atomic_write's temporaries
 
 
 class ResumeError(ConfigError):
@@ -341,6 +342,11 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     np_rng = np.random.default_rng(tc.seed)  # which images make each global batch: the same stream on every rank
     world, rank, device = _init_distributed(torch.device(device))
     main_rank = rank == 0
+    if main_rank:  # half-written files of a run killed during a write (lib.checkpoint.atomic_write's names)
+        for f in out.iterdir():
+            if _ORPHAN.fullmatch(f.name) and f.is_file():
+                logger.info("removing %s, left by an interrupted write", f)
+                f.unlink(missing_ok=True)
     n_img = min(tc.images_per_batch, len(train_items))
     if world > 1 and n_img % world:
         raise ConfigError(f"train.images_per_batch ({n_img}, at most the {len(train_items)} training images) is the "

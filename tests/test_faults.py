@@ -585,9 +585,13 @@ def test_a_resumed_run_keeps_a_best_pt_newer_than_its_state(tmp_path, tiny_clip)
     ck["metrics"]["val"]["dice"]["mean"] = 0.999  # the lost timeline's better validation
     ck["metrics"]["iteration"] = 3
     torch.save(ck, out / "best.pt")
+    orphan, other = out / ".resume.pt.3f9a2c71d0e4.tmp", out / ".notes.txt.tmp"  # a kill during a write: its half
+    orphan.write_bytes(b"half a state")
+    other.write_text("not the run's")
     hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
     hp.train.state_every_it = 2
     res = train(hp, tr, va, out, max_iterations=4, progress=False, resume=True)
+    assert not orphan.exists() and other.exists()  # the interrupted write's temporary removed, nothing else
     assert res.iterations == 4 and res.history[-1]["val_dice"] < 0.999
     assert torch.load(out / "best.pt", weights_only=False)["metrics"]["val"]["dice"]["mean"] == 0.999
     assert res.best_val["dice"] == 0.999 and res.best_val["iteration"] == 3
