@@ -43,20 +43,9 @@ from lib.clicks import Clicks, next_click, uncertain_region_centre  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
 from lib.evaluation import (case_metrics, make_inferer, predict_preprocessed, preprocess_item,  # noqa: E402
                             truth_on_image_grid)
+from lib.cli import _positive  # noqa: E402
 from lib.inferer import WindowCache  # noqa: E402
 from lib.transforms import label_transforms  # noqa: E402
-
-
-def _at_least_one(text: str) -> int:
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"an integer >= 1, got {text!r}")
-    return v
 
 
 def spacing_of(label) -> list[float] | None:
@@ -137,7 +126,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--datalist", required=True)
     ap.add_argument("--split", nargs="+", default=["validation", "test"])
-    ap.add_argument("--clicks", type=_at_least_one, default=10, help="K >= 1 clicks per image")
+    ap.add_argument("--clicks", type=_positive, default=10, help="K >= 1 clicks per image")
     ap.add_argument("--robots", nargs="+", default=["oracle", "uncertain"], choices=["oracle", "uncertain"])
     ap.add_argument("--hold-radius", type=int, nargs="+", default=[None],
                     help="sampler hold of clicked voxels in x_t (-1 none); several values are compared")

@@ -74,12 +74,11 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
                 # affine is learnt mirrored
                 from types import SimpleNamespace
 
-                from .transforms import geometry_difference
+                from .transforms import first_path, geometry_difference
 
-                first = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
                 rec["label_geometry"] = geometry_difference(
-                    str(first(item["label"])), SimpleNamespace(affine=np.asarray(lab_meta["affine"])),
-                    str(first(item["image"])), SimpleNamespace(affine=np.asarray(meta["affine"])), spatial,
+                    first_path(item["label"]), SimpleNamespace(affine=np.asarray(lab_meta["affine"])),
+                    first_path(item["image"]), SimpleNamespace(affine=np.asarray(meta["affine"])), spatial,
                     allow_reorder=True)
         except Exception as e:  # noqa: BLE001
             rec["label_error"] = f"{type(e).__name__}: {e}"

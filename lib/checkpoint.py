@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import secrets
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,18 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_interrupted_writes(folder: str | os.PathLike, names) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` left beside ``names`` in ``folder`` when a ``kill -9``
+    cut a write short (``.<name>.<hex>.tmp``); returns them. Nothing else is touched."""
+    folder, removed = Path(folder), []
+    for name in names:
+        for f in folder.glob(f".{glob_escape(name)}.*.tmp"):
+            if f.is_file():
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:

@@ -22,7 +22,7 @@ from monai.transforms import Invertd
 
 from .clicks import Clicks, to_network_grid
 from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
-from .transforms import InputError, check_label_grid, has_geometry, label_transforms, reorient_like
+from .transforms import InputError, check_label_grid, first_path, has_geometry, label_transforms, reorient_like
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +208,10 @@ def truth_on_image_grid(item: dict, label, prob):
     image's voxel order, so that it compares voxel for voxel with ``prob`` (the prediction on the image's original
     grid): a label stored flipped (LAS for an LPS image) but on the same points was scored against the mirrored
     image. One function for ``evaluate`` and the benches that score like it."""
-    img_file = item["image"][0] if isinstance(item["image"], (list, tuple)) else item["image"]
-    lab_file = item["label"][0] if isinstance(item["label"], (list, tuple)) else item["label"]
-    check_label_grid(str(lab_file), label, str(img_file), prob)
-    if isinstance(prob, MetaTensor) and isinstance(label, MetaTensor) and has_geometry(str(lab_file)) \
-            and has_geometry(str(img_file)):  # a PNG's affine is the reader's identity, no voxel order to follow
+    img_file, lab_file = first_path(item["image"]), first_path(item["label"])
+    check_label_grid(lab_file, label, img_file, prob)
+    if isinstance(prob, MetaTensor) and isinstance(label, MetaTensor) and has_geometry(lab_file) \
+            and has_geometry(img_file):  # a PNG's affine is the reader's identity, no voxel order to follow
         label = reorient_like(label, prob.affine)
     if tuple(prob.shape[1:]) != tuple(label.shape[1:]):
         raise InputError(f"{item.get('case_id')}: prediction in original geometry {tuple(prob.shape[1:])} "

@@ -133,9 +133,10 @@ class DFMSystem(nn.Module):
             taken = {"background", "uncertain"} | {s.name.lower() for s in self.structures} | \
                 {str(n).lower() for n in self.hparams.labels}
             if prompt.lower() in taken:  # the segment would be named like another one (Slicer, Submit Label)
-                raise StructureError(f"the free prompt {prompt!r} is the name of "
-                                     f"{'a structure of this model: ask for it with labels' if prompt.lower() not in ('background', 'uncertain') else 'a reserved segment'}"
-                                     f"; reword the prompt (e.g. 'the {prompt}')")
+                what = "a reserved segment" if prompt.lower() in ("background", "uncertain") else \
+                    "a structure of this model: ask for it with labels"
+                raise StructureError(f"the free prompt {prompt!r} is the name of {what}; reword the prompt (e.g. "
+                                     f"'the {prompt}')")
             return [(prompt, 1, prompt)]
         if self.structures:
             return [(s.name, s.value, s.prompts[0]) for s in select(self.structures, labels)]

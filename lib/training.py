@@ -27,7 +27,7 @@ import torch
 from monai.data import CacheDataset
 from torch.optim.swa_utils import AveragedModel
 
-from .checkpoint import atomic_torch_save, atomic_write, save_checkpoint
+from .checkpoint import atomic_torch_save, atomic_write, remove_interrupted_writes, save_checkpoint
 from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
 from .config import ConfigError, HParams, check_train
 from .data import PatchBatcher
@@ -130,7 +130,6 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
 
 STATE_FORMAT = "dfm-vlm-train-state"
 _LOSS_ROW = re.compile(r"(\d+),([^,]+)")  # one whole row of losses.csv
-_ORPHAN = re.compile(r"\.(best\.pt|last\.pt|resume\.pt|losses\.csv)\.[^/]+\.tmp")  # atomic_write's temporaries
 
 
 class ResumeError(ConfigError):
@@ -342,11 +341,9 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     np_rng = np.random.default_rng(tc.seed)  # which images make each global batch: the same stream on every rank
     world, rank, device = _init_distributed(torch.device(device))
     main_rank = rank == 0
-    if main_rank:  # half-written files of a run killed during a write (lib.checkpoint.atomic_write's names)
-        for f in out.iterdir():
-            if _ORPHAN.fullmatch(f.name) and f.is_file():
-                logger.info("removing %s, left by an interrupted write", f)
-                f.unlink(missing_ok=True)
+    if main_rank:  # half-written files of a run killed during a write
+        for f in remove_interrupted_writes(out, ("best.pt", "last.pt", "resume.pt", "losses.csv")):
+            logger.info("removed %s, left by an interrupted write", f)
     n_img = min(tc.images_per_batch, len(train_items))
     if world > 1 and n_img % world:
         raise ConfigError(f"train.images_per_batch ({n_img}, at most the {len(train_items)} training images) is the "

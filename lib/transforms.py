@@ -209,9 +209,6 @@ def has_geometry(path: str) -> bool:
     return os.path.isdir(path) or str(path).lower().endswith(GEOMETRY_FORMATS)
 
 
-_has_geometry = has_geometry
-
-
 def _voxel_order_aligned(a_lab: np.ndarray, a_img: np.ndarray, ref_shape) -> np.ndarray:
     """The label's affine after flipping / permuting its axes into the image's voxel order (what orienting both to
     one axis code does), for a label array whose shape is the image's permuted the same way."""
@@ -232,17 +229,15 @@ def reorient_like(lab, img_affine):
     a_img = np.asarray(img_affine, dtype=float)
     if a_lab.shape != a_img.shape or (io_orientation(a_lab) == io_orientation(a_img)).all():
         return lab
+    import nibabel as nib
     from monai.transforms import Orientation
 
-    r = a_img.shape[0] - 1
-    codes = "".join(nib_axcodes(a_img))[:r]
-    return Orientation(axcodes=codes)(lab)
+    return Orientation(axcodes="".join(nib.aff2axcodes(a_img)))(lab)
 
 
-def nib_axcodes(affine) -> tuple:
-    import nibabel as nib
-
-    return nib.orientations.aff2axcodes(np.asarray(affine, dtype=float), labels=(("L", "R"), ("P", "A"), ("I", "S")))
+def first_path(v) -> str:
+    """A datalist entry's file (the first of a multi-channel image's list)."""
+    return str(v[0] if isinstance(v, (list, tuple)) else v)
 
 
 def geometry_difference(label_path, lab, image_path, img, ref_shape, allow_reorder: bool = False) -> str | None:
@@ -254,7 +249,7 @@ def geometry_difference(label_path, lab, image_path, img, ref_shape, allow_reord
     are compared by shape only. ``allow_reorder``: a label stored in another voxel order (flipped axes, e.g. LAS
     for an LPS image) whose affine places it on the same points is on the grid -- training orients both files by
     their own affines, and ``evaluate`` reorders it (:func:`reorient_like`) before scoring."""
-    if not (_has_geometry(str(label_path)) and _has_geometry(str(image_path))):
+    if not (has_geometry(str(label_path)) and has_geometry(str(image_path))):
         return None
     a_img = np.asarray(getattr(img, "affine", np.eye(4)), dtype=float)
     a_lab = np.asarray(getattr(lab, "affine", np.eye(4)), dtype=float) if hasattr(lab, "affine") else None

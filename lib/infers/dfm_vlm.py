@@ -20,7 +20,7 @@ import torch
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from monailabel.utils.others.generic import device_list, device_map
+from monailabel.utils.others.generic import device_list, device_map, file_ext
 
 from lib.checkpoint import CheckpointError, load_system
 from lib.clicks import ClickError, parse_clicks, parse_label_clicks, uncertain_mask
@@ -213,16 +213,9 @@ def request_device(value, default: str) -> str:
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # a label map is never written lossy: its label values would blur
 
 
-def file_ext(path: str) -> str:
-    """``.nii.gz`` and ``.seg.nrrd`` as one extension, as MONAI Label names them."""
-    from monailabel.utils.others.generic import file_ext as _file_ext
-
-    return _file_ext(path)
-
-
 def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
-    """``label`` (the image's spatial shape) as a NIfTI with the image's own affine, qform/sform codes and header;
-    None when the shapes differ (the caller falls back to MONAI Label's writer)."""
+    """``label`` (the image's spatial shape) as a NIfTI with the image's own affine, qform/sform codes and units in
+    a fresh header; None when the shapes differ (the caller falls back to MONAI Label's writer)."""
     import tempfile
 
     import nibabel as nib
@@ -230,8 +223,7 @@ def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
 
     src = nib.load(image_path)
     spatial = tuple(src.shape[:label.ndim])
-    if tuple(label.shape) != spatial or int(np.prod(src.shape)) != int(np.prod(spatial)) * int(
-            np.prod(src.shape[label.ndim:] or (1,))):
+    if tuple(label.shape) != spatial:
         logger.warning("label shape %s is not the spatial shape of %s %s: written by MONAI Label's writer",
                        tuple(label.shape), image_path, tuple(src.shape))
         return None
