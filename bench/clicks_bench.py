@@ -45,7 +45,7 @@ from lib.evaluation import (case_metrics, make_inferer, predict_preprocessed, pr
                             truth_on_image_grid)
 from lib.cli import _positive  # noqa: E402
 from lib.inferer import WindowCache  # noqa: E402
-from lib.transforms import label_transforms  # noqa: E402
+from lib.transforms import label_item, label_transforms  # noqa: E402
 
 
 def spacing_of(label) -> list[float] | None:
@@ -156,7 +156,7 @@ def main() -> None:
     t_all = time.perf_counter()
     for split in a.split:
         items = load_datalist(a.datalist, split)[: a.limit]
-        truths = [lab_t({"label": it["label"]})["label"] for it in items]
+        truths = [lab_t(label_item(it))["label"] for it in items]
         for robot in a.robots:
             for hold, grow in [(h, g) for h in a.hold_radius for g in a.grow]:
                 gp = [] if grow is None else ["-1", "0"] if grow == "off" else grow.split(":")

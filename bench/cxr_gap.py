@@ -38,7 +38,7 @@ from lib.cli import _quiet  # noqa: E402
 from lib.clicks import largest_error_region  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
 from lib.evaluation import case_metrics, make_inferer, predict_preprocessed, preprocess_item, to_original  # noqa: E402
-from lib.transforms import label_transforms  # noqa: E402
+from lib.transforms import label_item, label_transforms  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
     post = [KeepLargestConnectedComponent(applied_labels=[1], num_components=a.components), FillHoles()]
     rows, preds = [], {}
     for item in load_datalist(a.datalist, a.split):
-        truth = lab_t({"label": item["label"]})["label"]
+        truth = lab_t(label_item(item))["label"]
         # the prediction exactly as evaluate makes it (the image preprocessed alone); the truth's own pass separately
         prob = predict_preprocessed(system, preprocess_item(system, item), inferer)["prob"][:1]
         pred = (prob > 0.5).float()

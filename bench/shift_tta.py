@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib.checkpoint import load_system  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
 from lib.evaluation import dice_of, make_inferer, predict_item  # noqa: E402
-from lib.transforms import label_transforms  # noqa: E402
+from lib.transforms import label_item, label_transforms  # noqa: E402
 
 SHIFTS = [(0, 0), (1, 2), (2, 1), (2, 2), (1, 1), (0, 1), (1, 0), (2, 0), (0, 2)]
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                     p = torch.zeros((1, img.shape[1], img.shape[0]))
                     p[:, dx:, dy:] = q
                     probs.append(p)
-                label = lab_t({"label": it["label"]})["label"]
+                label = lab_t(label_item(it))["label"]
                 for k in a.views:
                     mean = torch.stack(probs[:k]).mean(0)
                     dice.setdefault(f"{m}x{k}", []).append(dice_of((mean > 0.5).float(), label))

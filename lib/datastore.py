@@ -140,6 +140,22 @@ class FreshIndex:
             self._update_datastore_file(lock=False)
         return image_id
 
+    def datalist(self, full_path=True) -> list[dict]:
+        """MONAI Label's image/label pairs, each with its label's ``segments`` (the names a client sent with the
+        label, :func:`label_segments`) where there are any: a training reads such a label as painted in the app
+        (:mod:`lib.structures`), not by the dataset's rules."""
+        items = super().datalist(full_path)
+        named = {}
+        for k, obj in self._datastore.filter_by_tag(DefaultLabelTag.FINAL).items():
+            label = obj.labels[DefaultLabelTag.FINAL]
+            if label.info.get("segments"):
+                named[self._filename(k, label.ext)] = dict(label.info["segments"])
+        for item in items:
+            seg = named.get(os.path.basename(item["label"]))
+            if seg:
+                item["segments"] = seg
+        return items
+
     def _change_index(self, change) -> None:
         with FileLock(self._lock_file):
             self._reload_index_locked()
@@ -309,6 +325,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                              os.path.join(tmp_dir, "label.nii.gz"))
             try:  # before anything is converted, uploaded or cached: a refused label replaces nothing
                 check_label_file(label_filename, image_uri, image_id)
+                label_info = with_segments(label_info, label_filename, image_id)
             except InputError as e:
                 raise HTTPException(status_code=422, detail=str(e)) from None
             return self._save_checked_label(image_id, label_filename, label_tag, dict(label_info or {}))
@@ -323,7 +340,12 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         values = _label_values(label_filename)
         given = label_info.get("label_info")
         names = getattr(self, "default_label_names", None) or {}
-        if given:
+        segments = label_info.get("segments") or {}
+        if segments:  # named by value (Slicer's idx): the i-th value present is not the i-th segment when one is empty
+            entries = {x.get("name"): x for x in given or [] if isinstance(x, dict)}
+            infos = [{**entries.get(segments.get(str(v)), {}),
+                      "name": segments.get(str(v), names.get(v, f"segment {v}"))} for v in values]
+        elif given:
             infos = [dict(given[i]) if i < len(given) else {"name": names.get(v, f"segment {v}")}
                      for i, v in enumerate(values)]
         else:
@@ -575,15 +597,77 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
         try:
             check_label_file(label_filename, self.get_image_uri(image_id), image_id)
+            label_info = with_segments(label_info, label_filename, image_id)
         except InputError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
         return self._store_label(image_id, label_filename, label_tag or "final", label_info)
 
 
-def _label_values(path) -> list[int]:
-    """The non-zero values of a label file, ascending (the order MONAI Label's SEG conversion pairs them in)."""
+def with_segments(label_info: dict | None, label_filename: str, image_id: str) -> dict:
+    """``label_info`` with the ``segments`` the client named (:func:`label_segments`), or without when it named none."""
+    info = dict(label_info or {})
+    seg = label_segments(label_filename, info, image_id)
+    info.pop("segments", None)
+    if seg:
+        info["segments"] = seg
+    return info
+
+
+def label_segments(label_filename: str, label_info: dict | None, image_id: str) -> dict[str, str]:
+    """The names a client gave the values of a label (``{"<value>": name}``), from the request's ``label_info``:
+    3D Slicer's *Submit Label* sends ``[{"name": segment, "idx": value}, ...]``; entries without ``idx`` are paired
+    with the non-zero values in the file, in ascending order, as MONAI Label's DICOM SEG conversion pairs them (or
+    by ``segmentAttribute.labelID``). A client may also send the mapping itself (``"segments": {"1": "lungs"}``).
+    Empty when the client named nothing. Raises InputError for a malformed list, and for a label whose
+    ``uncertain`` segment (the app's disagreement region) still has voxels: they are neither a structure nor
+    background, and a training would learn them as one or the other."""
+    from .structures import parse_segments
+
+    info = label_info or {}
+    given = info.get("label_info")
+    present = [v for v in _label_values(label_filename, empty=[]) if v]
+    pairs = []
+    if given:
+        if not isinstance(given, list) or not all(isinstance(x, dict) for x in given):
+            raise InputError(f"the label_info sent for {image_id!r} must be a list of {{'name': ..., 'idx': ...}}, "
+                             f"got {str(given)[:200]}")
+        for i, x in enumerate(given):
+            value = x.get("idx", (x.get("segmentAttribute") or {}).get("labelID"))
+            if value is None:
+                value = present[i] if i < len(present) else None
+            if value is None or "name" not in x:
+                continue
+            pairs.append((i, value, x["name"]))
+    elif info.get("segments"):
+        try:
+            pairs = [(i, v, n) for i, (v, n) in enumerate(parse_segments(info["segments"]).items())]
+        except InputError as e:
+            raise InputError(f"the label info sent for {image_id!r}: {e}") from None
+    out: dict[str, str] = {}
+    for i, value, name in pairs:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
+                or not 1 <= int(str(value).strip()) <= 255:
+            raise InputError(f"the label_info sent for {image_id!r}: entry {i} ({name!r}) has label value {value!r}, "
+                             "not an integer 1..255")
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"the label_info sent for {image_id!r}: entry {i} has name {name!r}, not a name")
+        key, name = str(int(str(value).strip())), name.strip()
+        if key in out and out[key] != name:
+            raise InputError(f"the label_info sent for {image_id!r} names value {key} twice ({out[key]!r}, {name!r})")
+        out[key] = name
+    for key, name in out.items():
+        if name == "uncertain" and int(key) in present:
+            raise InputError(f"the label sent for {image_id!r} still has the 'uncertain' segment (value {key}): "
+                             "where the model's samples disagree is neither a structure nor background. Paint those "
+                             "voxels into a structure or erase them, delete the segment, then submit again")
+    return out
+
+
+def _label_values(path, empty=(1,)) -> list[int]:
+    """The non-zero values of a label file, ascending (the order MONAI Label's SEG conversion pairs them in);
+    ``empty`` when there are none."""
     from monai.transforms import LoadImage
 
     arr = np.asarray(LoadImage(image_only=True)(str(path)))
     vals = np.unique(arr.astype(np.int64))
-    return [int(v) for v in vals if v != 0] or [1]
+    return [int(v) for v in vals if v != 0] or list(empty)

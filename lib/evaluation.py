@@ -22,7 +22,8 @@ from monai.transforms import Invertd
 
 from .clicks import Clicks, to_network_grid
 from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
-from .transforms import InputError, check_label_grid, first_path, has_geometry, label_transforms, reorient_like
+from .transforms import (InputError, check_label_grid, first_path, has_geometry, label_item, label_transforms,
+                         reorient_like)
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         item = items[i]
         t0 = time.perf_counter()
         d = preprocessed[i] if preprocessed is not None else preprocess_item(system, item)
-        lab = labels[i] if labels is not None else lab_t({"label": item["label"]})
+        lab = labels[i] if labels is not None else lab_t(label_item(item))
         out = predict_preprocessed(system, d, inferer, labels=structures, prompt=prompt)
         label = lab["label"]
         prob = out["prob"]

@@ -12,6 +12,15 @@ more prompts and how the structure's binary truth is derived from the label file
   right lung" (the patient's, as a radiology report says it) is ``side: low``. With a single component (lungs
   touching), that component goes to the side its centre is on; the other side is empty.
 
+**Labels painted in the app** (*Submit Label* from Slicer or OHIF) do not follow those rules: they hold the values
+the app paints (``paint``: each structure its ``value``, the most specific over the others), renumbered by the
+viewer, which names every value in the request's ``label_info``. The datastore records those names with the label
+(``segments``: ``{value: name}``, :func:`lib.datastore.label_segments`) and a training reads such a label by
+:func:`painted_values`: a structure's truth is every value named as the structure or as a structure nested in it
+(by their dataset rules: the tumour core's values lie inside the whole tumour's ``above 0``; a lung's ``side`` of
+the lungs' mask). A label without names (files put in the studies folder, a client that sent none) keeps the
+dataset rules.
+
 One function, :func:`structure_truth`, derives a truth: the training preprocessing (before orientation and
 spacing, so every structure is resampled the same way), the evaluation labels (original geometry) and the app's
 trainer all call it. Training draws one structure per image (:class:`RandStructured`, probability proportional to
@@ -25,6 +34,8 @@ it), so where masks nest or overlap **the most specific structure wins**, whatev
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +44,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
 from .config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 TRUTH_KEYS = {"values", "above", "side", "axis"}
 
@@ -100,6 +113,79 @@ def structure_truth(label, truth: dict) -> np.ndarray:
     return m[None].astype(np.float32)
 
 
+NOT_A_STRUCTURE = ("background", "uncertain")  # segment names that are never a structure's truth
+
+
+def parse_segments(segments) -> dict[int, str]:
+    """A painted label's segment names ``{value: name}`` from a datalist item's ``segments`` (a mapping, or its JSON
+    text as the app's trainer passes it through a data loader; empty or None: none known). Raises InputError naming
+    what is wrong."""
+    from .transforms import InputError
+
+    if segments is None or segments == "":
+        return {}
+    if isinstance(segments, str):
+        try:
+            segments = json.loads(segments)
+        except ValueError as e:
+            raise InputError(f"'segments' is not JSON: {e}") from None
+    if not isinstance(segments, Mapping):
+        raise InputError(f"'segments' must map label values to segment names, got {segments!r}")
+    out = {}
+    for k, v in segments.items():
+        try:
+            value = int(str(k))
+        except ValueError:
+            raise InputError(f"'segments': {k!r} is not a label value (an integer)") from None
+        if not isinstance(v, str):
+            raise InputError(f"'segments': the name of value {value} must be a string, got {v!r}")
+        out[value] = v
+    return out
+
+
+def _base(truth: dict) -> dict:
+    return {k: v for k, v in truth.items() if k not in ("side", "axis")}
+
+
+def _inside(inner: dict, outer: dict) -> bool:
+    """Whether the mask of dataset rule ``inner`` lies inside that of ``outer`` on every label, by the rules alone."""
+    if outer.get("side"):  # one of two components: only the same rule is surely inside it
+        return _base(inner) == _base(outer) and inner.get("side") == outer["side"] \
+            and int(inner.get("axis", 0)) == int(outer.get("axis", 0))
+    inner, outer = _base(inner), _base(outer)  # a side of a mask lies inside the mask
+    if "values" in outer:
+        return "values" in inner and {int(v) for v in inner["values"]} <= {int(v) for v in outer["values"]}
+    t = float(outer["above"])
+    return all(float(v) > t for v in inner["values"]) if "values" in inner else float(inner["above"]) >= t
+
+
+def painted_values(structures: Sequence, segments: Mapping[int, str], where: str = "a label") -> list[list[int]] | None:
+    """Per structure, the label values of a painted label (``segments``: ``{value: name}``) that are its truth: the
+    values named as the structure or as one nested in it (*Submit Label* of a whole tumour painted 1 with the core 2
+    and the enhancing tumour 3 over it: whole tumour {1, 2, 3}, core {2, 3}, enhancing {3}). None when no segment
+    names a structure of the model (the label is read by the dataset rules, with a warning)."""
+    names = {s.name for s in structures}
+    if not any(n in names for n in segments.values()):
+        logger.warning("%s: its segments %s name no structure of this model (%s): read by the dataset rules",
+                       where, dict(segments), sorted(names))
+        return None
+    other = sorted({n for n in segments.values() if n not in names and n not in NOT_A_STRUCTURE})
+    if other:
+        logger.warning("%s: segment(s) %s are no structure of this model (%s): not trained", where, other,
+                       sorted(names))
+    out = []
+    for s in structures:
+        inside = {o.name for o in structures if _inside(o.truth, s.truth)}
+        out.append(sorted(v for v, n in segments.items() if n in inside))
+    return out
+
+
+def painted_not_foreground(segments: Mapping[int, str]) -> list[int]:
+    """A one-structure model's painted label: the values that are NOT foreground (named ``background`` or
+    ``uncertain``); every other non-zero value is (as ``label > 0``, whatever the dataset's threshold)."""
+    return sorted(v for v, n in segments.items() if n in NOT_A_STRUCTURE)
+
+
 class StructureTruthd(MapTransform):
     """A label map -> one binary channel per structure (the preset's order), each by :func:`structure_truth`."""
 
@@ -111,14 +197,25 @@ class StructureTruthd(MapTransform):
         from .transforms import one_channel_label
 
         d = dict(data)
+        segments = parse_segments(d.pop("segments", None))
         for key in self.key_iterator(d):
             lab = one_channel_label(d, key)
-            chans = [structure_truth(lab, s.truth) for s in self.structures]
+            painted = painted_values(self.structures, segments, _where(d, key)) if segments else None
+            if painted is None:
+                chans = [structure_truth(lab, s.truth) for s in self.structures]
+            else:
+                chans = [structure_truth(lab, {"values": v}) if v else np.zeros((1, *lab.shape[1:]), np.float32)
+                         for v in painted]
             if isinstance(lab, torch.Tensor):  # (lab * 0 + truth): a MetaTensor keeps the label's geometry
                 d[key] = torch.cat([lab.float() * 0 + torch.as_tensor(c, device=lab.device) for c in chans])
             else:
                 d[key] = np.concatenate(chans)
         return d
+
+
+def _where(d: Mapping, key) -> str:
+    meta = getattr(d.get(key), "meta", None) or {}
+    return str(meta.get("filename_or_obj") or "a label")
 
 
 class RandStructured(Randomizable, MapTransform):

@@ -37,7 +37,7 @@ from .inferer import DFMSystem
 from .samplers import ItemNoise, derive_seed
 from .network import ConditionalUNet
 from . import precision as precision_policy
-from .transforms import label_transforms
+from .transforms import label_item, label_transforms
 from .vlm import VLMEncoder, fingerprint_mismatch, patch_texts
 
 logger = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     val_pre = [system.preprocessing({k: v for k, v in it.items() if k in ("image", "text", "case_id")})
                for it in val_items]
     lab_t = label_transforms(hp.preprocessing, structures=hp.structures)
-    val_lab = [lab_t({"label": it["label"]}) for it in val_items]
+    val_lab = [lab_t(label_item(it)) for it in val_items]
     labels = (train_ds[i].get("label") for i in range(len(train_ds)))  # each cached item read (copied) once
     empty = [i for i, lab in enumerate(labels) if lab is not None and not bool((lab > 0).any())]
     if main_rank and empty:  # a wrong label_threshold (or label files) shows here, not as a Dice of 0 at the end

@@ -367,18 +367,30 @@ def one_channel_label(d: Mapping, key: Hashable):
 
 
 class BinarizeLabeld(MapTransform):
-    """``label > threshold`` as a float 0/1 map (the binary truth)."""
+    """``label > threshold`` as a float 0/1 map (the binary truth). A label painted in the app (the item's
+    ``segments`` names its values, :mod:`lib.structures`) holds the app's values, not the dataset's: its truth is
+    every non-zero value but those named ``background`` or ``uncertain``, whatever the threshold (a cxr_lung model
+    paints the lungs 1, its dataset's masks are 255 and its threshold 127: a submitted label read as empty)."""
 
     def __init__(self, keys: KeysCollection, threshold: float = 0.0, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.threshold = threshold
 
     def __call__(self, data):
+        from .structures import painted_not_foreground, parse_segments
+
         d = dict(data)
+        segments = parse_segments(d.pop("segments", None))
         for key in self.key_iterator(d):
             lab = one_channel_label(d, key)
-            d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) else \
-                (np.asarray(lab) > self.threshold).astype(np.float32)
+            if segments:
+                arr = torch.as_tensor(lab) if isinstance(lab, torch.Tensor) else torch.as_tensor(np.asarray(lab))
+                fg = (arr.round() != 0) & ~torch.isin(arr.round().long(), torch.tensor(painted_not_foreground(segments),
+                                                                                        dtype=torch.long))
+                d[key] = (lab * 0 + fg.float()) if isinstance(lab, torch.Tensor) else fg.numpy().astype(np.float32)
+            else:
+                d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) else \
+                    (np.asarray(lab) > self.threshold).astype(np.float32)
         return d
 
 
@@ -473,6 +485,12 @@ def preprocess(cfg: PreprocConfig, load: bool = True, structures=None) -> Compos
     elif inten["type"] == "histogram":  # the whole image (after resampling), never a window
         t.append(HistogramNormalized(keys="image", num_bins=int(inten.get("num_bins", 256)), min=0, max=1))
     return CheckedCompose(t)
+
+
+def label_item(item: Mapping) -> dict:
+    """What :func:`label_transforms` reads of a datalist item: its ``label`` and, for a label painted in the app, the
+    names of its values (``segments``), which decide how its truth is read."""
+    return {k: item[k] for k in ("label", "segments") if k in item}
 
 
 def label_transforms(cfg: PreprocConfig, label_key: str = "label", structures=None) -> Compose:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 
@@ -574,3 +575,65 @@ def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system,
             assert out.endswith(".png"), out
             _, data = task({"image": str(image), "device": "cpu", "steps": 1, "skip_writer": True})
             assert np.array_equal(np.asarray(Image.open(out)), np.asarray(data["pred"]).T)  # lossless, same values
+
+
+def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_truths(tmp_path, ckpt3d, make_system):
+    """Found 2026-12-06: a label painted in the app was read by the dataset's rules, so a model whose dataset codes
+    differ from the app's values (cxr_lung: masks 255, threshold 127, painted 1) trained and validated a submitted
+    label as empty. Slicer's Submit Label names each value (``label_info``); the datastore keeps the names with the
+    label, its datalist hands them on, and the trainer's training and validation read the label by them. A label
+    that still has the 'uncertain' segment is refused (422) and stores nothing."""
+    import types
+
+    import nibabel as nib
+    import numpy as np
+    from fastapi import HTTPException
+
+    from lib.datastore import CheckedLocalDatastore
+    from lib.trainers.dfm_vlm import _ValStep
+    from lib.transforms import preprocess
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(ROOT / "sample_data" / "phantom_ct_06.nii.gz", studies)
+    img = nib.load(studies / "phantom_ct_06.nii.gz")
+    lab = np.zeros(img.shape, np.uint8)
+    lab[10:30, 10:30, 5:15] = 1
+    up = tmp_path / "up.nii.gz"
+    nib.save(nib.Nifti1Image(lab, img.affine), str(up))
+    lab[12, 12, 6] = 2
+    up_unc = tmp_path / "up_unc.nii.gz"
+    nib.save(nib.Nifti1Image(lab, img.affine), str(up_unc))
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    slicer = {"label_info": [{"name": "lesion", "idx": 1}, {"name": "uncertain", "idx": 2}]}
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom_ct_06", str(up_unc), "final", slicer)
+    assert e.value.status_code == 422 and "'uncertain' segment (value 2)" in e.value.detail
+    assert not ds.get_labeled_images()
+    for bad, what in (({"label_info": [{"name": "lesion", "idx": "one"}]}, "entry 0 ('lesion')"),
+                      ({"label_info": "lesion"}, "must be a list"),
+                      ({"segments": {"x": "lesion"}}, "not a label value")):
+        with pytest.raises(HTTPException) as e:
+            ds.save_label("phantom_ct_06", str(up), "final", bad)
+        assert e.value.status_code == 422 and what in e.value.detail
+    ds.save_label("phantom_ct_06", str(up), "final", {"label_info": [{"name": "lesion"}]})  # paired with value 1
+    assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion"}
+    ds.save_label("phantom_ct_06", str(up), "final", slicer)  # the uncertain segment erased: accepted
+    reopened = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    assert reopened.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion", "2": "uncertain"}
+    assert reopened.datalist()[0]["segments"] == {"1": "lesion", "2": "uncertain"}
+
+    trainer = _task(ckpt3d, tmp_path / "model").trainer()
+    items = trainer.pre_process({}, reopened)
+    assert items[0]["segments"] == json.dumps({"1": "lesion", "2": "uncertain"})
+    system = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
+    pre = system.hparams.preprocessing
+    pre.orientation, pre.label_threshold = "RAS", 127.0  # a dataset coded 0/255, as cxr_lung's
+    train_truth = preprocess(pre)(items[0])["label"]
+    assert train_truth.sum() > 0 and preprocess(pre)({**items[0], "segments": ""})["label"].sum() == 0
+    step = _ValStep(types.SimpleNamespace(system=system))
+    batch = {"image": [items[0]["image"]], "label": [items[0]["label"]]}
+    named = step(None, {**batch, "segments": [items[0]["segments"]]})["cases"][0]
+    unnamed = step(None, batch)["cases"][0]
+    assert named["fg_fraction_label"] == pytest.approx(float((lab > 0).mean()), rel=1e-6)  # up: all of it 1
+    assert unnamed["fg_fraction_label"] == 0

@@ -406,7 +406,7 @@ def test_dicomweb_save_label_checks_the_label_before_the_seg_and_the_cache(tmp_p
     ds = open_ds()
     uri = ds.get_image_uri(uid)
     good = _label_for(uri, tmp_path / "good.nii.gz")
-    ds.save_label(uid, str(good), "final", {})
+    ds.save_label(uid, str(good), "final", {"label_info": [{"name": "lesion", "idx": 1}]})  # as Slicer sends it
     assert len(client.stored) == 1 and client.stored[0].Modality == "SEG"
     cached = Path(ds.get_label_uri(uid, "final", uid))
     kept = cached.read_bytes()
@@ -417,15 +417,21 @@ def test_dicomweb_save_label_checks_the_label_before_the_seg_and_the_cache(tmp_p
     img_aff = nib.load(uri).affine
     mirrored = _label_for(uri, tmp_path / "mirrored.nii.gz",
                           affine=img_aff @ np.array([[-1, 0, 0, 23], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
-    for bad, why in ((garbage, "not a readable image"), (small, "has shape (10, 10, 3)"),
-                     (mirrored, "affine differs")):
+    uncertain = {"label_info": [{"name": "uncertain", "idx": int(nib.load(good).get_fdata().max())}]}
+    for bad, why, info in ((garbage, "not a readable image", {}), (small, "has shape (10, 10, 3)", {}),
+                           (mirrored, "affine differs", {}), (good, "'uncertain' segment", uncertain)):
         with pytest.raises(HTTPException) as e:
-            ds.save_label(uid, str(bad), "final", {})
+            ds.save_label(uid, str(bad), "final", info)
         assert e.value.status_code == 422 and why in e.value.detail, e.value.detail
     assert len(client.stored) == 1, "a refused label was sent to the PACS"
     assert cached.read_bytes() == kept, "a refused label replaced the cached final label"
     reopened = open_ds()
     assert reopened.get_label_info(uid, "final")["SeriesInstanceUID"] == client.stored[0].SeriesInstanceUID
+    assert reopened.get_label_info(uid, "final")["segments"] == {"1": "lesion"}  # what a training reads it by
+    # a segment left empty in Slicer: the value present is named by its idx (was: by position, the first name)
+    two = _label_for(uri, tmp_path / "two.nii.gz", value=2)
+    ds.save_label(uid, str(two), "final", {"label_info": [{"name": "lesion", "idx": 1}, {"name": "vertebra", "idx": 2}]})
+    assert [x.SegmentLabel for x in client.stored[-1].SegmentSequence] == ["vertebra"]
 
 
 def test_dicomweb_conversion_and_labels_keep_what_a_subprocess_wrote(tmp_path):

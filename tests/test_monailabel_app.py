@@ -231,9 +231,12 @@ def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, serv
     _, truth = ct_phantom(7)
     lab_path = server.studies.parent / "phantom_ct_07_label.nii.gz"
     nib.save(nib.Nifti1Image(truth, ct_affine()), str(lab_path))
-    client.save_label("phantom_ct_07", str(lab_path), tag="final")
+    # as Slicer's Submit Label sends it: each segment's name and value (the trainer reads the label by these names,
+    # through MONAI Label's data loaders: tests/test_app_tasks.py::test_submitted_segment_names_reach_the_trainer...)
+    client.save_label("phantom_ct_07", str(lab_path), tag="final",
+                      params={"label_info": [{"name": "lesion", "idx": 1}, {"name": "vertebra", "idx": 2}]})
     ds = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]
-    assert "final" in ds["phantom_ct_07"]["labels"]
+    assert ds["phantom_ct_07"]["labels"]["final"]["info"]["segments"] == {"1": "lesion", "2": "vertebra"}
 
     published = server.model_dir / "dfm_vlm_3d.pt"
     assert not published.exists()

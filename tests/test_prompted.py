@@ -4,6 +4,7 @@ a tiny SigLIP through the whole pipeline."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import nibabel as nib
 import numpy as np
@@ -375,3 +376,83 @@ def test_an_empty_labels_request_means_every_structure():
     for every in (None, [], ",", " ", "all", "ALL", ["all"], [" "]):
         assert [x.name for x in select(s, every)] == ["a", "b"], every
     assert [x.name for x in select(s, "b, ")] == ["b"] and [x.name for x in select(s, [2])] == ["b"]
+
+
+# -- labels painted in the app (Submit Label) -----------------------------------------------------------------------
+def _source_labels() -> dict:
+    """A label in each preset's dataset coding: BraTS (2 oedema, 1 necrosis, 4 enhancing), the X-ray masks (two lungs
+    of 255), the sample phantoms (1 lesion, 2 vertebra)."""
+    brats = np.zeros((1, 12, 10), np.float32)
+    brats[0, 1:11, 1:9] = 2
+    brats[0, 3:9, 3:7] = 1
+    brats[0, 4:7, 4:6] = 4
+    cxr = np.zeros((1, 40, 30), np.float32)
+    cxr[0, 3:12, 5:25] = 255
+    cxr[0, 20:38, 5:25] = 255
+    sample = np.zeros((1, 12, 10), np.float32)
+    sample[0, 1:5, 1:9] = 2
+    sample[0, 6:10, 2:5] = 1
+    return {"brats_prompted": brats, "cxr_lung_prompted": cxr, "dfm_vlm_3d": sample}
+
+
+def _preset_structures(name: str) -> list:
+    from lib.config import load_preset
+
+    return [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in load_preset(name).structures]
+
+
+@pytest.mark.parametrize("preset", ["brats_prompted", "cxr_lung_prompted", "dfm_vlm_3d"])
+def test_a_label_painted_in_the_app_and_submitted_trains_each_structure_on_its_own_truth(preset):
+    """Found 2026-12-06 (a known limit until then): a prompted model's truths were read by its dataset's rules
+    (BraTS 1/3/4, the X-ray masks' > 127) also from a label painted in the app and submitted, whose values are the
+    app's (1, 2, 3, renumbered by Slicer's segment order): the enhancing tumour and the lungs were empty. A painted
+    label named by its segments (as Slicer's Submit Label sends them) now gives back each structure's truth: the
+    dataset's truths, painted as the app paints them and renumbered, come back exactly."""
+    from lib.structures import StructureTruthd
+
+    structures = _preset_structures(preset)
+    truth_t = StructureTruthd(keys="label", structures=structures)
+    truths = truth_t({"label": torch.as_tensor(_source_labels()[preset])})["label"]
+    assert all(t.sum() > 0 for t in truths)
+    painted = paint(truths, [s.value for s in structures])
+    renumber = {s.value: len(structures) - i for i, s in enumerate(structures)}  # the viewer's own numbering
+    submitted = torch.zeros_like(painted)
+    for old, new in renumber.items():
+        submitted[painted == old] = new
+    segments = {str(renumber[s.value]): s.name for s in structures}
+    got = truth_t({"label": submitted[None].float(), "segments": segments})
+    assert "segments" not in got  # consumed: a data loader would not collate it
+    assert torch.equal(got["label"], truths)
+    assert torch.equal(truth_t({"label": submitted[None].float(), "segments": json.dumps(segments)})["label"], truths)
+    # what it read before: the dataset's rules on the app's values
+    assert not torch.equal(truth_t({"label": submitted[None].float()})["label"], truths)
+
+
+def test_a_painted_label_of_a_one_label_model_is_its_foreground_whatever_the_dataset_threshold():
+    """The cxr_lung model paints the lungs 1; its dataset's masks are 0/255 and its threshold 127, so a submitted
+    label trained as empty. With its segment names: every named value but 'uncertain' / 'background'."""
+    from lib.transforms import BinarizeLabeld
+
+    lab = torch.zeros((1, 6, 6))
+    lab[0, 1:4, 1:4] = 1
+    lab[0, 4, 4] = 2
+    t = BinarizeLabeld(keys="label", threshold=127.0)
+    assert t({"label": lab})["label"].sum() == 0
+    assert t({"label": lab, "segments": {"1": "lung"}})["label"].sum() == 10  # an unnamed value: foreground too
+    assert t({"label": lab, "segments": '{"1": "lung", "2": "uncertain"}'})["label"].sum() == 9
+
+
+def test_a_painted_label_that_names_no_structure_keeps_the_dataset_rules_and_bad_names_are_refused(caplog):
+    from lib.config import load_preset
+    from lib.structures import StructureTruthd
+    from lib.transforms import InputError
+
+    structures = _preset_structures("brats_prompted")
+    t = StructureTruthd(keys="label", structures=structures)
+    lab = torch.as_tensor(_source_labels()["brats_prompted"])
+    with caplog.at_level("WARNING"):
+        got = t({"label": lab, "segments": {"1": "Segment_1"}})["label"]
+    assert torch.equal(got, t({"label": lab})["label"]) and "name no structure" in caplog.text
+    for bad in ("{", ["lungs"], {"x": "lungs"}, {"1": 3}):
+        with pytest.raises(InputError, match="segments"):
+            t({"label": lab, "segments": bad})

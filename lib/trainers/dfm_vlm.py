@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -113,6 +114,8 @@ class _ValStep:
         items = []
         for i, img in enumerate(batch["image"]):
             it = {"image": img, "label": batch["label"][i]}
+            if batch.get("segments") is not None:
+                it["segments"] = batch["segments"][i]
             if "text" in batch:
                 it["text"] = batch["text"][i]
             it["case_id"] = case_id(it)
@@ -232,7 +235,9 @@ class DFMVLMTrain(BasicTrainTask):
         for d in datastore.datalist():
             try:
                 if image_spatial_dims(d["image"]) == self.dimension:
-                    out.append(d)
+                    # the names of a label painted in the app (lib.structures), as JSON text in every item: a data
+                    # loader collates a batch's items key by key, and a mapping per item would not collate
+                    out.append({**d, "segments": json.dumps(d["segments"]) if d.get("segments") else ""})
             except Exception as e:  # noqa: BLE001 - a broken study must not stop training on the others
                 logger.warning("skipping %s: %s", d.get("image"), e)
         logger.info("%d labelled %dD image(s) for training", len(out), self.dimension)
