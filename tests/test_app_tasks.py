@@ -166,6 +166,80 @@ def test_a_score_is_reused_only_for_the_same_checkpoint_and_number_of_samples(tm
     assert scoring.model_ts() != first
 
 
+def test_next_sample_by_uncertainty_survives_a_publish_failures_removals_and_does_not_repeat_itself(tmp_path, ckpt3d):
+    """A review (2026-12-06) of the uncertainty strategy: (1) a training that published while Next Sample rescored
+    left no score of the newest checkpoint, and the answer was "no more images" (None) with 3 unlabelled images; so
+    was a datastore whose every image failed to score; (2) the same image came back on every Next Sample (the time
+    MONAI Label records when it hands an image out was ignored, as its Epistemic strategy does not); (3) the scores
+    of a ``POST /scoring`` with ``num_samples=8`` were thrown away and every image rescored inside the next Next
+    Sample; (4) an image removed while scoring ran ended the run (404) and left the others unscored."""
+    import os
+    import time
+
+    from fastapi import HTTPException
+
+    from lib.activelearning.uncertainty import SCORE, DFMUncertaintyScoring, DFMUncertaintyStrategy
+    from lib.transforms import InputError
+
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    images = {f"case{k}": write_phantom_case(tmp_path / "studies", f"case{k}", shape=(16, 16, 8))["image"]
+              for k in range(4)}
+    value = {"case0": 0.3, "case1": 0.2, "case2": 0.1, "case3": 0.05}
+    calls = []
+
+    class Scoring(DFMUncertaintyScoring):  # the ranking logic under test; the score itself: other tests
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            calls.append((image_id, num_samples))
+            if image_id in broken:
+                raise InputError(f"{image_id}: no text")
+            if image_id == publish_after:  # a training publishes a checkpoint meanwhile
+                t = os.stat(task.get_path()).st_mtime_ns + 10 ** 9
+                os.utime(task.get_path(), ns=(t, t))
+            if image_id == removed:
+                datastore.images.pop(image_id)
+            return {SCORE: value[image_id]}
+
+    class DS(_MemoryDatastore):
+        def update_image_info(self, image_id, d):
+            if image_id not in self.images:
+                raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}")
+            super().update_image_info(image_id, d)
+
+    def next_sample(strategy, ds):  # as MONAI Label's app: the strategy, then the time it handed the image out
+        r = strategy({"strategy": "s"}, ds)
+        ds.get_image_info(r["id"]).setdefault("strategy", {})["s"] = {"ts": int(time.time())}
+        return r["id"]
+
+    broken, publish_after, removed = set(), "case1", None
+    ds = DS({k: v for k, v in images.items() if k != "case3"})
+    scoring = Scoring(task, "dfm_vlm_3d", num_samples=2)
+    strategy = DFMUncertaintyStrategy(scoring)
+    assert next_sample(strategy, ds) == "case0"  # (1) was None: every score older than the published file
+    publish_after = None
+    # (2) the next two are the others, most uncertain first; then the one handed out longest ago
+    assert [next_sample(strategy, ds) for _ in range(2)] == ["case1", "case2"]
+    ds.info["case1"]["strategy"]["s"]["ts"] -= 100
+    assert next_sample(strategy, ds) == "case1"
+    # (3) an explicit scoring with 8 samples is what the strategy ranks by, not rescored with its default 2
+    calls.clear()
+    assert scoring({"num_samples": 8}, ds)["executed"] == 3 and {m for _, m in calls} == {8}
+    calls.clear()
+    strategy({"strategy": "s"}, ds)
+    assert calls == [] and {ds.info[i][f"{scoring.key}_num_samples"] for i in ds.images} == {8}
+    ds.images["case3"] = images["case3"]  # a new image: scored with the same 8
+    strategy({"strategy": "s"}, ds)
+    assert calls == [("case3", 8)]
+    # (4) an image removed while scoring runs: skipped, the others scored
+    removed = "case1"
+    r = scoring({"num_samples": 3}, ds)
+    assert r["executed"] == 3 and "case1" not in ds.images
+    # (1') every image fails: an error naming why (the app answers 422), not "no more images"
+    ds2 = DS({"case0": images["case0"], "case2": images["case2"]})
+    broken = {"case0", "case2"}
+    with pytest.raises(InputError, match="case0: case0: no text"):
+        strategy({"strategy": "s"}, ds2)
+
+
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):
     """Found by a review: with --conf dfm_vlm_3d_checkpoint X, a dfm_vlm_3d.pt that an earlier session had published
     into model_dir (shared by every --studies) was served instead of X, silently. X is served until a training here

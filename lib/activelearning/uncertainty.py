@@ -9,9 +9,10 @@ core path (:func:`lib.evaluation.predict_item`, ``num_samples=M``) and stores in
 * ``{model}_uncertainty_detail`` (all summaries), ``{model}_uncertainty_ts`` (the checkpoint's mtime in ns) and
   ``{model}_uncertainty_num_samples`` (M): an image is rescored when the model or M changed.
 
-``DFMUncertaintyStrategy`` serves the unlabelled image with the highest *current* score (scoring first the images
-whose score is missing or was made by another checkpoint or another M: it ranked old and new models' scores
-together after a training published a new checkpoint).
+``DFMUncertaintyStrategy`` serves the unlabelled image with the highest *current* score that was not handed out in
+the last hour (scoring first the images whose score is missing or was made by another checkpoint: it ranked old and
+new models' scores together after a training published a new checkpoint; the M of a ``POST /scoring`` that scored
+every image is kept).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import logging
 import os
 import time
 
+from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
@@ -106,23 +109,35 @@ class DFMUncertaintyScoring(ScoringMethod):
                 continue
             try:
                 s = self.score_image(image_id, datastore, num_samples)
+                datastore.update_image_info(image_id, {self.key: s[self.score], f"{self.key}_detail": s,
+                                                       f"{self.key}_ts": model_ts,
+                                                       f"{self.key}_num_samples": num_samples})
             except (InputError, VLMError) as e:  # this image only (e.g. no text for a text_mode 'image' model)
                 failed[image_id] = str(e)
                 logger.warning("%s: %s", self.key, e)
                 continue
-            datastore.update_image_info(image_id, {self.key: s[self.score], f"{self.key}_detail": s,
-                                                   f"{self.key}_ts": model_ts, f"{self.key}_num_samples": num_samples})
+            except (HTTPException, ImageNotFoundException) as e:  # removed meanwhile: the others go on
+                if getattr(e, "status_code", 404) != 404:
+                    raise
+                logger.warning("%s: %s was removed while scoring: skipped", self.key, image_id)
+                continue
             done += 1
-        return {"executed": done, "skipped": skipped, "failed": failed, "latency": round(time.time() - t0, 2)}
+        return {"executed": done, "skipped": skipped, "failed": failed, "latency": round(time.time() - t0, 2),
+                "model_ts": model_ts, "num_samples": num_samples}
 
 
 class DFMUncertaintyStrategy(Strategy):
-    def __init__(self, scoring: DFMUncertaintyScoring):
+    """The unlabelled image with the highest current score that was not handed out in the last ``reset`` seconds
+    (MONAI Label's ``Epistemic`` keeps the same rule: two annotators asking one after the other, or one who skips an
+    image, got the same image again); when every image was handed out within it, the one handed out longest ago."""
+
+    def __init__(self, scoring: DFMUncertaintyScoring, reset: int = 3600):
         super().__init__(f"Most uncertain unlabelled image for {scoring.model} (DFM sampler variance)")
         self.scoring = scoring
+        self.reset = reset
 
     def __call__(self, request, datastore: Datastore):
-        key, m = self.scoring.key, self.scoring.num_samples
+        key = self.scoring.key
         candidates = self.scoring.candidates(datastore)
         if not candidates:
             return None
@@ -130,14 +145,33 @@ class DFMUncertaintyStrategy(Strategy):
         # shows as "no more images" (MONAI Label answers {} for None); 'random' / 'first' need no model
         ts = self.scoring.model_ts()
         self.scoring.infer_task.system(self.scoring.infer_task.default_device())  # a file that cannot be loaded
-        if not all(self.scoring.is_current(datastore.get_image_info(i), ts, m) for i in candidates):
-            self.scoring({}, datastore)
-            ts = self.scoring.model_ts()
-        # only scores of the served checkpoint (with the default M): never old and new models' scores side by side
         infos = {i: datastore.get_image_info(i) for i in candidates}
-        scored = [(info[key], i) for i, info in infos.items() if self.scoring.is_current(info, ts, m)]
+        m = self._num_samples(infos, ts)
+        failed = {}
+        if not all(self.scoring.is_current(infos[i], ts, m) for i in candidates):
+            res = self.scoring({"num_samples": m}, datastore)
+            # the scores it made are of the checkpoint it stamped them with, even if a training published a newer
+            # one meanwhile (was: ranked by the newer one's, of which there were none: "no more images")
+            ts, m, failed = res.get("model_ts", ts), res.get("num_samples", m), res.get("failed") or {}
+            infos = {i: datastore.get_image_info(i) for i in candidates}
+        # only scores of one checkpoint with one M: never old and new models' scores side by side
+        scored = [(infos[i][key], i) for i in candidates if self.scoring.is_current(infos[i], ts, m)]
         if not scored:
-            return None
-        score, image = max(scored)
-        logger.info("%s: next image %s (score %.5g of %d)", key, image, score, len(scored))
+            raise InputError(f"no unlabelled image could be scored for {self.scoring.model}: " + "; ".join(
+                f"{i}: {why}" for i, why in list(failed.items())[:5]) if failed else
+                f"no unlabelled image could be scored for {self.scoring.model}")
+        now = int(time.time())
+        served = {i: (infos[i].get("strategy") or {}).get(request.get("strategy"), {}).get("ts", 0) for _, i in scored}
+        fresh = [(score, i) for score, i in scored if now - served[i] >= self.reset]
+        score, image = max(fresh) if fresh else min(scored, key=lambda si: (served[si[1]], -si[0]))
+        logger.info("%s: next image %s (score %.5g of %d; %d handed out in the last %d s)", key, image, score,
+                    len(scored), len(scored) - len(fresh), self.reset)
         return {"id": image, key: score}
+
+    def _num_samples(self, infos: dict, ts: int) -> int:
+        """The M to rank by: the default, unless every current score was made with another M by one explicit
+        ``POST /scoring`` (``num_samples=8``): those are kept, not replaced by a rescoring with the default."""
+        key = self.scoring.key
+        ms = {info.get(f"{key}_num_samples") for info in infos.values()
+              if key in info and info.get(f"{key}_ts") == ts}
+        return ms.pop() if len(ms) == 1 and None not in ms else self.scoring.num_samples
