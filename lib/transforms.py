@@ -38,10 +38,13 @@ class InputError(ValueError):
     """An input image or label is unreadable or does not fit the model; the message names the file and problem."""
 
 
+SOURCE_KEY = "dfm_source"  # meta: the DICOM series folder an image was converted from (LoadImageChecked)
+
+
 def _name(d: Mapping, key: Hashable) -> str:
     v = d.get(key)
     meta = getattr(v, "meta", None) or {}
-    fn = meta.get("filename_or_obj")
+    fn = meta.get(SOURCE_KEY) or meta.get("filename_or_obj")
     if fn is not None:
         return str(fn)
     src = d.get(f"{key}_path") or d.get("case_id")
@@ -123,6 +126,7 @@ class LoadImageChecked(MapTransform):
         import tempfile
 
         d = dict(data)
+        series = {}  # key -> the DICOM folder given (its converted file is a temporary one)
         with contextlib.ExitStack() as stack:
             tmp = None  # a folder for converted DICOM series, made only when a series is given
             for key in self.key_iterator(d):
@@ -134,11 +138,16 @@ class LoadImageChecked(MapTransform):
                     if isinstance(f, (str, os.PathLike)) and os.path.isdir(f):
                         tmp = tmp or stack.enter_context(tempfile.TemporaryDirectory(prefix="dfm_series_"))
                         files[n] = self._series(f, os.path.join(tmp, f"{key}_{n}.nii.gz"))
+                        series.setdefault(key, str(f))
                     elif isinstance(f, (str, os.PathLike)) and os.path.isfile(f):
                         check_file(f, label=key != "image")  # a palette PNG is a valid label (as the datastore says)
                 d[key] = files if isinstance(src, (list, tuple)) else files[0]
             try:
-                return self.loader(d)
+                out = self.loader(d)
+                for key, folder in series.items():  # errors name the series the user gave, not a deleted temp file
+                    if hasattr(out.get(key), "meta"):
+                        out[key].meta[SOURCE_KEY] = folder
+                return out
             except InputError:
                 raise
             except Exception as e:  # noqa: BLE001 - any reader failure becomes a clear error naming the file
@@ -298,7 +307,8 @@ def geometry_difference(label_path, lab, image_path, img, ref_shape, allow_reord
 
 def _first_file(x) -> str:
     """The (first) file a loaded MetaTensor was read from."""
-    fn = (getattr(x, "meta", None) or {}).get("filename_or_obj")
+    meta = getattr(x, "meta", None) or {}
+    fn = meta.get(SOURCE_KEY) or meta.get("filename_or_obj")
     if isinstance(fn, (list, tuple)):
         fn = fn[0] if fn else None
     return str(fn) if fn is not None else ""

@@ -444,3 +444,29 @@ def test_a_datalist_entry_that_is_not_a_path_is_named(tmp_path, capsys):
                 str(tmp_path / "ev"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "entry 1: 'label' must be a file path" in err and "Traceback" not in err, err
+
+
+def test_errors_about_a_dicom_series_name_the_folder_given_not_its_temporary_conversion(tmp_path):
+    """Seen in a review of 2026-12-06, fixed the same day: a DICOM series folder given as an image is converted into a temporary
+    NIfTI; a label off its grid, or the wrong channel count, was reported against that file
+    (/tmp/dfm_series_.../image_0.nii.gz, deleted by then), not the folder the user gave."""
+    import nibabel as nib
+
+    from conftest import SHARED
+    from lib.config import PreprocConfig
+    from lib.transforms import InputError, preprocess
+
+    series = SHARED / "dicom" / "vendor_mr" / "ge_anatomical_001"
+    if not series.exists():
+        pytest.skip(f"real DICOM data not found at {series}")
+    ref = nib.load(str(series.parent / "ge_anatomical_001_reference.nii.gz"))
+    label = tmp_path / "label.nii.gz"  # the series' shape, on another grid (the identity affine)
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape[:3], np.uint8), np.eye(4)), str(label))
+    cfg = PreprocConfig(spatial_dims=3, num_channels=1, spacing=None, intensity={"type": "none"}, patch_size=[8, 8, 8])
+    with pytest.raises(InputError) as e:
+        preprocess(cfg)({"image": str(series), "label": str(label)})
+    assert "not on its image's grid" in str(e.value) and f"({series})" in str(e.value) and "dfm_series" not in str(e.value)
+    cfg2 = PreprocConfig(spatial_dims=3, num_channels=2, spacing=None, intensity={"type": "none"}, patch_size=[8, 8, 8])
+    with pytest.raises(InputError) as e:
+        preprocess(cfg2)({"image": str(series)})
+    assert str(e.value).startswith(f"{series}: the model expects 2 channel(s)"), str(e.value)
