@@ -459,6 +459,16 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
                 guidance=per_item(windows[:, c:c + n_guid], n) if n_guid else None,
                 hold=per_item(windows[:, c + n_guid:], n) if n_hold else None, per_window=n_p)
 
+        # a model without click channels gets hold channels only in a request with clicks: a window that no held
+        # voxel reaches is keyed as the same window without them (the sampler holds nothing there: the same result,
+        # bit for bit), so a first click re-runs only the windows it reaches (was: every window)
+        bare = settings[:-1] + (0,)
+
+        def key_of(window, ws):
+            if n_hold and not network.takes_clicks and not bool(window[c + n_guid:].any()):
+                return WindowCache.key(window[:c + n_guid], ws, bare)
+            return WindowCache.key(window, ws, settings)
+
         def item_seeds(ws: int) -> list[int]:
             return [ws] if prompts is None else [derive_seed(ws, "prompt", p) for p in prompts]
 
@@ -470,7 +480,7 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
                 self.last_windows["rerun"] += n
                 mean, var = run(windows, [x for ws in seeds for x in item_seeds(ws)])
                 return {"prob": mean.reshape(n, n_p, *mean.shape[2:]), "var": var.reshape(n, n_p, *var.shape[2:])}
-            keys = [WindowCache.key(windows[i], seeds[i], settings) for i in range(n)]
+            keys = [key_of(windows[i], seeds[i]) for i in range(n)]
             found = [cache.get(k) for k in keys]
             todo = [i for i in range(n) if found[i] is None]
             if todo:

@@ -595,6 +595,27 @@ def test_a_new_click_reruns_only_the_windows_it_reaches_and_the_result_is_exact(
     assert torch.allclose(p3, other(x, click_system, clicks=c), atol=1e-5)
 
 
+def test_a_first_click_on_a_model_without_click_channels_reruns_only_the_windows_its_hold_reaches(make_system):
+    """Seen in a review of 2026-12-06: a model trained without clicks gets hold channels only when a request has
+    clicks, so every window's bytes changed and a first click (``hold_radius`` >= 0) re-ran all 9 windows after an
+    automatic result. A window the hold does not reach is the same window: it is now a cache hit, and the result
+    is that of a run without the cache."""
+    system = make_system(spatial_dims=2)
+    assert not system.takes_clicks
+    inf = make_inferer(system, steps=2, num_samples=2)
+    x = torch.rand(1, 1, 80, 70)
+    cache = WindowCache()
+    p0 = inf(x, system, cache=cache)
+    assert inf.last_windows == {"windows": 9, "rerun": 9}
+    c = Clicks().add((6, 6), True)  # the corner: one window of 9
+    p1 = inf(x, system, clicks=c, hold_radius=1, cache=cache)
+    assert inf.last_windows == {"windows": 9, "rerun": 1}
+    ref1 = inf(x, system, clicks=c, hold_radius=1)
+    assert torch.allclose(p1, ref1, atol=1e-5)  # (up to the reduction order of another batch composition)
+    assert (p1 - p0).abs().max() > 1e-3  # the hold changed the corner's window
+    assert torch.equal(p1[..., 40:, 40:], p0[..., 40:, 40:])  # beyond it: the automatic windows, from the cache
+
+
 def test_a_checkpoint_is_served_with_the_click_sigma_it_was_trained_with(tmp_path, click_system):
     """The shipped sample models were trained with sigma 2, the default is now 3: a loaded checkpoint's guidance
     maps use its recorded sigma (a model fed clicks of another width than it learned answers differently)."""
