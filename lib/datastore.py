@@ -13,7 +13,9 @@ A download lands in a temporary folder and is renamed into the cache only when c
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -416,8 +418,12 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         converted = dicom_to_nifti(label_dir, is_seg=True)  # a temporary .seg.nrrd
         if not converted or not image_id:
             return converted or ""
+        info = self._dicom_info(label_id)
+        named = seg_segments(label_dir)  # the SEG's segment numbers are the converted label's values
+        if named:
+            info["segments"] = named
         try:
-            self._store_label(image_id, converted, label_tag, self._dicom_info(label_id))
+            self._store_label(image_id, converted, label_tag, info)
         finally:
             if os.path.exists(converted):
                 os.unlink(converted)
@@ -603,6 +609,23 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
         return self._store_label(image_id, label_filename, label_tag or "final", label_info)
 
 
+def seg_segments(folder: str) -> dict[str, str]:
+    """``{"<segment number>": segment label}`` of the DICOM SEG in ``folder`` (MONAI Label's conversion writes each
+    segment as its number): a label fetched from the PACS keeps the names it was submitted with (it lost them, and
+    a training read it by the dataset's codes again)."""
+    import pydicom
+
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        try:
+            ds = pydicom.dcmread(os.path.join(folder, name), stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not a DICOM file
+            continue
+        if getattr(ds, "Modality", "") == "SEG" and "SegmentSequence" in ds:
+            return {str(int(x.SegmentNumber)): str(x.SegmentLabel) for x in ds.SegmentSequence
+                    if getattr(x, "SegmentLabel", "")}
+    return {}
+
+
 def with_segments(label_info: dict | None, label_filename: str, image_id: str) -> dict:
     """``label_info`` with the ``segments`` the client named (:func:`label_segments`), or without when it named none."""
     info = dict(label_info or {})
@@ -617,7 +640,9 @@ def label_segments(label_filename: str, label_info: dict | None, image_id: str) 
     """The names a client gave the values of a label (``{"<value>": name}``), from the request's ``label_info``:
     3D Slicer's *Submit Label* sends ``[{"name": segment, "idx": value}, ...]``; entries without ``idx`` are paired
     with the non-zero values in the file, in ascending order, as MONAI Label's DICOM SEG conversion pairs them (or
-    by ``segmentAttribute.labelID``). A client may also send the mapping itself (``"segments": {"1": "lungs"}``).
+    by ``segmentAttribute.labelID``). A client may also send the mapping itself (``"segments": {"1": "lungs"}``);
+    a label the app saves from its own result (``/infer`` with ``save_label``) is named by the result's
+    ``label_names``.
     Empty when the client named nothing. Raises InputError for a malformed list, and for a label whose
     ``uncertain`` segment (the app's disagreement region) still has voxels: they are neither a structure nor
     background, and a training would learn them as one or the other."""
@@ -625,6 +650,13 @@ def label_segments(label_filename: str, label_info: dict | None, image_id: str) 
 
     info = label_info or {}
     given = info.get("label_info")
+    if isinstance(given, str):  # sent as JSON text
+        try:
+            given = json.loads(given)
+        except ValueError:
+            raise InputError(f"the label_info sent for {image_id!r} is not JSON: {given[:200]!r}") from None
+    if isinstance(given, dict):  # one segment
+        given = [given]
     present = [v for v in _label_values(label_filename, empty=[]) if v]
     pairs = []
     if given:
@@ -635,32 +667,56 @@ def label_segments(label_filename: str, label_info: dict | None, image_id: str) 
             value = x.get("idx", (x.get("segmentAttribute") or {}).get("labelID"))
             if value is None:
                 value = present[i] if i < len(present) else None
-            if value is None or "name" not in x:
-                continue
+            if value is None or "name" not in x or str(x["name"]).strip().lower() == "background":
+                continue  # background (some clients list it, idx 0): no segment
             pairs.append((i, value, x["name"]))
+        # 3D Slicer numbers the exported label 1, 2, ... in the order of the segments it sends, but its idx counts
+        # a segment it leaves out (a "background" segment before the others): when the idx name no value present
+        # and the order names them all, the order is what the file holds (else lesion and vertebra swapped)
+        by_order = [(i, k + 1, name) for k, (i, _, name) in enumerate(pairs)]
+        named = {_integral(v) for _, v, _ in pairs}
+        if present and None not in named and not set(present) <= named \
+                and set(present) <= {v for _, v, _ in by_order}:
+            logger.warning("label of %r: its label_info idx %s do not name the values %s of the file: paired by order",
+                           image_id, sorted(v for v in named if v is not None), present)
+            pairs = by_order
     elif info.get("segments"):
         try:
             pairs = [(i, v, n) for i, (v, n) in enumerate(parse_segments(info["segments"]).items())]
         except InputError as e:
             raise InputError(f"the label info sent for {image_id!r}: {e}") from None
+    elif isinstance((info.get("params") or {}).get("label_names"), dict):  # the app's own result (infer save_label)
+        pairs = [(i, v, n) for i, (n, v) in enumerate(info["params"]["label_names"].items())
+                 if str(n).strip().lower() != "background"]
     out: dict[str, str] = {}
     for i, value, name in pairs:
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
-                or not 1 <= int(str(value).strip()) <= 255:
+        number = _integral(value)
+        if number is None or not 1 <= number <= 255:
             raise InputError(f"the label_info sent for {image_id!r}: entry {i} ({name!r}) has label value {value!r}, "
                              "not an integer 1..255")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"the label_info sent for {image_id!r}: entry {i} has name {name!r}, not a name")
-        key, name = str(int(str(value).strip())), name.strip()
+        key, name = str(number), name.strip()
         if key in out and out[key] != name:
             raise InputError(f"the label_info sent for {image_id!r} names value {key} twice ({out[key]!r}, {name!r})")
         out[key] = name
     for key, name in out.items():
-        if name == "uncertain" and int(key) in present:
+        if name.lower() == "uncertain" and int(key) in present:
             raise InputError(f"the label sent for {image_id!r} still has the 'uncertain' segment (value {key}): "
                              "where the model's samples disagree is neither a structure nor background. Paint those "
                              "voxels into a structure or erase them, delete the segment, then submit again")
     return out
+
+
+def _integral(value) -> int | None:
+    """An integer sent as 2, "2", 2.0 or "2.0" (JSON writers differ); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        return None
+    return int(f) if math.isfinite(f) and f.is_integer() else None
 
 
 def _label_values(path, empty=(1,)) -> list[int]:

@@ -189,10 +189,12 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         else:
             names = [s.name for s in truths]
             per, matrix = {}, {}
+            # a painted label without a structure's segment: that truth is unknown (NaN, lib.structures), not scored
+            known = [not bool(torch.isnan(torch.as_tensor(label[k])).any()) for k in range(len(names))]
             for ch, (name, _, _) in enumerate(out["targets"]):
                 pred = (prob[ch:ch + 1] > 0.5).float()
-                matrix[name] = {t: dice_of(pred, label[k:k + 1]) for k, t in enumerate(names)}
-                if name in names and prompt is None:
+                matrix[name] = {t: dice_of(pred, label[k:k + 1]) if known[k] else None for k, t in enumerate(names)}
+                if name in names and prompt is None and known[names.index(name)]:
                     k = names.index(name)
                     per[name] = case_metrics(pred, label[k:k + 1], spacing=spacing)
             dices = [v["dice"] for v in per.values() if v.get("dice") is not None]

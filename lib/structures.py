@@ -18,8 +18,9 @@ viewer, which names every value in the request's ``label_info``. The datastore r
 (``segments``: ``{value: name}``, :func:`lib.datastore.label_segments`) and a training reads such a label by
 :func:`painted_values`: a structure's truth is every value named as the structure or as a structure nested in it
 (by their dataset rules: the tumour core's values lie inside the whole tumour's ``above 0``; a lung's ``side`` of
-the lungs' mask). A label without names (files put in the studies folder, a client that sent none) keeps the
-dataset rules.
+the lungs' mask). A structure without a segment of its own is derived where its rule says how (a lung from the
+painted lungs) and otherwise left out of training on that label (a channel of NaN), not trained as empty. A label
+without names (files put in the studies folder, a client that sent none) keeps the dataset rules.
 
 One function, :func:`structure_truth`, derives a truth: the training preprocessing (before orientation and
 spacing, so every structure is resampled the same way), the evaluation labels (original geometry) and the app's
@@ -159,31 +160,53 @@ def _inside(inner: dict, outer: dict) -> bool:
     return all(float(v) > t for v in inner["values"]) if "values" in inner else float(inner["above"]) >= t
 
 
-def painted_values(structures: Sequence, segments: Mapping[int, str], where: str = "a label") -> list[list[int]] | None:
-    """Per structure, the label values of a painted label (``segments``: ``{value: name}``) that are its truth: the
-    values named as the structure or as one nested in it (*Submit Label* of a whole tumour painted 1 with the core 2
-    and the enhancing tumour 3 over it: whole tumour {1, 2, 3}, core {2, 3}, enhancing {3}). None when no segment
-    names a structure of the model (the label is read by the dataset rules, with a warning)."""
-    names = {s.name for s in structures}
-    if not any(n in names for n in segments.values()):
+def _key(name: str) -> str:
+    return str(name).strip().lower()
+
+
+def painted_values(structures: Sequence, segments: Mapping[int, str], where: str = "a label") -> list[dict | None] | None:
+    """Per structure, the rule that reads its truth from a painted label (``segments``: ``{value: name}``, names
+    matched without regard to case): the values named as the structure or as one nested in it (*Submit Label* of a
+    whole tumour painted 1 with the core 2 and the enhancing tumour 3 over it: whole tumour {1, 2, 3}, core {2, 3},
+    enhancing {3}). A structure without a segment of its own is derived where its dataset rule says how (a lung:
+    its ``side`` of the painted lungs) and otherwise unknown (None: not trained on this label, not scored; it is
+    not empty -- the annotator painted only the whole tumour). None for the whole label when no segment names a
+    structure of the model (it is read by the dataset rules, with a warning)."""
+    names = {_key(s.name): s.name for s in structures}
+    named = {names[_key(n)] for n in segments.values() if _key(n) in names}
+    if not named:
         logger.warning("%s: its segments %s name no structure of this model (%s): read by the dataset rules",
-                       where, dict(segments), sorted(names))
+                       where, dict(segments), sorted(names.values()))
         return None
-    other = sorted({n for n in segments.values() if n not in names and n not in NOT_A_STRUCTURE})
+    other = sorted({n for n in segments.values() if _key(n) not in names and _key(n) not in NOT_A_STRUCTURE})
     if other:
         logger.warning("%s: segment(s) %s are no structure of this model (%s): not trained", where, other,
-                       sorted(names))
+                       sorted(names.values()))
+
+    def values_of(s) -> list[int]:
+        inside = {o.name for o in structures if _inside(o.truth, s.truth)}
+        return sorted(v for v, n in segments.items() if names.get(_key(n)) in inside)
+
     out = []
     for s in structures:
-        inside = {o.name for o in structures if _inside(o.truth, s.truth)}
-        out.append(sorted(v for v, n in segments.items() if n in inside))
+        if s.name in named:
+            out.append({"values": values_of(s)})
+            continue
+        side = s.truth.get("side")
+        outer = [o for o in structures if side and o.name in named and not o.truth.get("side")
+                 and _base(o.truth) == _base(s.truth)]
+        out.append({"values": values_of(outer[0]), "side": side, "axis": int(s.truth.get("axis", 0))}
+                   if outer else None)
+    unknown = [s.name for s, r in zip(structures, out) if r is None]
+    if unknown:
+        logger.info("%s: no segment for %s: not trained on this label", where, unknown)
     return out
 
 
 def painted_not_foreground(segments: Mapping[int, str]) -> list[int]:
     """A one-structure model's painted label: the values that are NOT foreground (named ``background`` or
     ``uncertain``); every other non-zero value is (as ``label > 0``, whatever the dataset's threshold)."""
-    return sorted(v for v, n in segments.items() if n in NOT_A_STRUCTURE)
+    return sorted(v for v, n in segments.items() if _key(n) in NOT_A_STRUCTURE)
 
 
 class StructureTruthd(MapTransform):
@@ -203,9 +226,9 @@ class StructureTruthd(MapTransform):
             painted = painted_values(self.structures, segments, _where(d, key)) if segments else None
             if painted is None:
                 chans = [structure_truth(lab, s.truth) for s in self.structures]
-            else:
-                chans = [structure_truth(lab, {"values": v}) if v else np.zeros((1, *lab.shape[1:]), np.float32)
-                         for v in painted]
+            else:  # an unknown structure: a channel of NaN (RandStructured does not draw it, evaluate skips it)
+                chans = [structure_truth(lab, r) if r else np.full((1, *lab.shape[1:]), np.nan, np.float32)
+                         for r in painted]
             if isinstance(lab, torch.Tensor):  # (lab * 0 + truth): a MetaTensor keeps the label's geometry
                 d[key] = torch.cat([lab.float() * 0 + torch.as_tensor(c, device=lab.device) for c in chans])
             else:
@@ -230,17 +253,24 @@ class RandStructured(Randomizable, MapTransform):
         self.label_key = label_key
         self._s = self._prompt = 0
 
-    def randomize(self, data=None) -> None:
-        self._s = int(self.R.choice(len(self.structures), p=self.p))
+    def randomize(self, data=None, known: Sequence[int] | None = None) -> None:
+        if known is None or len(known) == len(self.structures):
+            self._s = int(self.R.choice(len(self.structures), p=self.p))
+        else:  # a painted label without some structures' segments: only those it has
+            p = self.p[list(known)]
+            self._s = int(known[int(self.R.choice(len(known), p=p / p.sum()))])
         self._prompt = int(self.R.randint(len(self.structures[self._s].prompts)))
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]):
         d = dict(data)
-        self.randomize()
-        s = self.structures[self._s]
         lab = d[self.label_key]
         if lab.shape[0] != len(self.structures):
             raise ValueError(f"the label has {lab.shape[0]} channel(s), the model {len(self.structures)} structures")
+        known = [i for i in range(lab.shape[0]) if not bool(torch.isnan(torch.as_tensor(lab[i])).any())]
+        if not known:
+            raise ValueError("the label has no structure to train on (every channel unknown)")
+        self.randomize(known=known)
+        s = self.structures[self._s]
         d[self.label_key] = lab[self._s:self._s + 1]
         d["text"] = s.prompts[self._prompt]
         d["structure"] = s.name

@@ -249,6 +249,12 @@ def first_path(v) -> str:
     return str(v[0] if isinstance(v, (list, tuple)) else v)
 
 
+def affine_2d(affine) -> np.ndarray:
+    """A 2D image's 3x3 affine (MONAI keeps a 4x4 one for PNG and NIfTI, a 3x3 one for a 2D NRRD)."""
+    a = np.asarray(affine.numpy() if hasattr(affine, "numpy") else affine, dtype=float)
+    return a[np.ix_([0, 1, 3], [0, 1, 3])] if a.shape == (4, 4) else a
+
+
 def geometry_difference(label_path, lab, image_path, img, ref_shape, allow_reorder: bool = False) -> str | None:
     """How the label's voxel-to-world mapping (its affine, as MONAI's LoadImage reads it) differs from the image's,
     in words; None if every corner of the image's grid maps to within GEOMETRY_TOLERANCE voxels of the same point.
@@ -262,6 +268,8 @@ def geometry_difference(label_path, lab, image_path, img, ref_shape, allow_reord
         return None
     a_img = np.asarray(getattr(img, "affine", np.eye(4)), dtype=float)
     a_lab = np.asarray(getattr(lab, "affine", np.eye(4)), dtype=float) if hasattr(lab, "affine") else None
+    if a_lab is not None and a_img.shape != a_lab.shape and len(ref_shape) == 2:  # a 2D NIfTI (4x4) and NRRD (3x3)
+        a_img, a_lab = affine_2d(a_img), affine_2d(a_lab)
     if a_lab is None or a_img.shape != a_lab.shape:
         return f"its affine has another rank ({None if a_lab is None else a_lab.shape} vs {a_img.shape})"
     r = a_img.shape[0] - 1

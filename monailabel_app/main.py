@@ -40,7 +40,7 @@ import lib.configs  # noqa: E402
 from lib.checkpoint import CheckpointError  # noqa: E402
 from lib.config import ConfigError  # noqa: E402
 from lib.datastore import check_name  # noqa: E402
-from lib.infers.dfm_vlm import ModelNotReady  # noqa: E402
+from lib.infers.dfm_vlm import ModelNotReady, _as_bool  # noqa: E402
 from lib.transforms import InputError  # noqa: E402
 from lib.vlm import VLMError  # noqa: E402
 
@@ -61,7 +61,7 @@ def check_train_request(app, model: str, params: dict | None) -> dict | None:
     folder under ``model_dir``)."""
     import math
 
-    from lib.infers.dfm_vlm import _as_bool, _as_float, _as_int
+    from lib.infers.dfm_vlm import _as_float, _as_int
 
     trainers = getattr(app, "_trainers", {}) or {}
     if model and model not in trainers:
@@ -74,8 +74,11 @@ def check_train_request(app, model: str, params: dict | None) -> dict | None:
         for k in TRAIN_INTS:
             if k in p:
                 out[k] = _as_int(k, p[k])
-                if out[k] < 1:
-                    raise ConfigError(f"parameter {k!r} must be an integer >= 1, got {p[k]!r}")
+                if out[k] < 1 and not (k == "early_stop_patience" and out[k] >= -1):
+                    # MONAI Label's own default patience is -1 (off; <= 0 is off), and 3D Slicer's Train sends
+                    # every option of /info: -1 was refused, so Train with the default options never started
+                    raise ConfigError(f"parameter {k!r} must be an integer >= 1"
+                                      f"{' (or -1 / 0: off)' if k == 'early_stop_patience' else ''}, got {p[k]!r}")
         for k in ("learning_rate", "fine_tune_lr_scale"):
             if k in p:
                 out[k] = _as_float(k, p[k])
@@ -312,6 +315,12 @@ class DFMVLMApp(MONAILabelApp):
         if not ok:
             raise HTTPException(status_code=503, detail=f"model {model!r} is not ready: {reason}")
         try:
+            # MONAI Label tests the raw value: "false" (a string) saved the label
+            request["save_label"] = _as_bool("save_label", request.get("save_label", False))
+            if request["save_label"] and _as_bool("uncertain_segment", request.get("uncertain_segment", False)) \
+                    and request.get("label_tag", "original") == "final":
+                raise ConfigError("'save_label' with label_tag 'final' and 'uncertain_segment' would store the "
+                                  "uncertain region as a final label: ask without uncertain_segment")
             return super().infer(request, datastore)
         except (InputError, ConfigError, VLMError) as e:
             raise HTTPException(status_code=422, detail=f"{model}: {e}") from e

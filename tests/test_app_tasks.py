@@ -494,6 +494,29 @@ def test_training_parameters_reach_the_trainer_parsed():
         assert e.value.status_code == 422, bad
 
 
+def test_slicer_s_train_with_the_default_options_of_info_is_accepted(tmp_path, ckpt3d):
+    """A review (2026-12-06): 3D Slicer's Train sends every option the trainer lists in /info (the first entry of a
+    list), and MONAI Label's own default ``early_stop_patience: -1`` (off) was refused (422): Train with the
+    default options never started, for one model or all."""
+    import types
+
+    from fastapi import HTTPException
+
+    from monailabel_app.main import check_train_request
+
+    trainer = _task(ckpt3d, tmp_path / "model").trainer()
+    config = trainer.config()
+    assert config["early_stop_patience"] == -1
+    sent = {k: (v[0] if isinstance(v, list) else v) for k, v in config.items()}  # Slicer's getParamsFromConfig
+    app = types.SimpleNamespace(_trainers={"m": trainer})
+    got = check_train_request(app, "m", sent)
+    assert got["early_stop_patience"] == -1 and got["max_epochs"] == config["max_epochs"]
+    assert check_train_request(app, "m", {"early_stop_patience": "0"})["early_stop_patience"] == 0
+    with pytest.raises(HTTPException) as e:
+        check_train_request(app, "m", {"early_stop_patience": -2})
+    assert e.value.status_code == 422 and "early_stop_patience" in e.value.detail
+
+
 def test_the_monailabel_trainer_follows_the_cli_learning_rate_schedule(tmp_path, ckpt3d, make_system):
     """A review: the MONAI Label trainer ran every epoch at the preset's peak rate (no schedule: a fine-tune of a
     converged model at 2e-3 to the end), with the *app preset's* rate and batch even for a checkpoint trained with
@@ -591,6 +614,15 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
                                   fine_tuned_from=tuned)
         trainer.finalize(c)
         assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED], request
+    # no validation image (one or two labelled at the start of a loop, val_split 0.2 gives none): a fine-tune
+    # cannot show it beats the served model, which stays (a review, 2026-12-06: it was replaced unconditionally);
+    # "always", or a first training (nothing served), publishes the last epoch
+    for request, tuned, want in (({}, str(ckpt3d), []), ({"publish": "always"}, str(ckpt3d), [Events.COMPLETED]),
+                                 ({}, None, [Events.COMPLETED])):
+        c = types.SimpleNamespace(local_rank=0, evaluator=None, trainer=Engine(), request=request,
+                                  fine_tuned_from=tuned, train_datalist=[1])
+        trainer.finalize(c)
+        assert c.trainer.handlers == want, request
 
 
 def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system, ckpt3d):
@@ -649,6 +681,24 @@ def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system,
             assert out.endswith(".png"), out
             _, data = task({"image": str(image), "device": "cpu", "steps": 1, "skip_writer": True})
             assert np.array_equal(np.asarray(Image.open(out)), np.asarray(data["pred"]).T)  # lossless, same values
+    # a second review: a result_extension other than the image's (OHIF asks .nrrd, Slicer may ask .nii.gz): .nrrd or
+    # .mha for a PNG, JPEG or 2D NIfTI was a 500 (a 3D direction given to a 2D ITK image), a 2D NRRD's .nii.gz lost
+    # its geometry (MONAI Label's ITK writer again); an unknown extension was a 500 after the inference, device=5 too
+    png = tmp_path / "xray.png"
+    Image.fromarray((rng.random((60, 80)) * 255).astype(np.uint8)).save(png)
+    for image, ext in ((nii, ".nrrd"), (nii, "mha"), (png, ".nrrd"), (jpg, ".mha"), (nrrd, ".nii.gz")):
+        out, _ = task2d({"image": str(image), "device": "cpu", "steps": 1, "result_extension": ext})
+        assert out.endswith(ext if ext.startswith(".") else "." + ext), (image, out)
+        check_label_file(out, str(image), image.stem)  # the image's grid (a PNG: spacing 1, origin 0, identity)
+        if image.suffix in (".png", ".jpg"):
+            lab, ref = itk.imread(out), itk.imread(str(image))
+            assert list(lab.GetSpacing()) == list(ref.GetSpacing()) and list(lab.GetOrigin()) == list(ref.GetOrigin())
+            assert np.allclose(itk.array_from_matrix(lab.GetDirection()), itk.array_from_matrix(ref.GetDirection()))
+    from lib.config import ConfigError
+
+    for bad in ({"result_extension": ".txt"}, {"result_extension": 3}, {"device": 5}):
+        with pytest.raises(ConfigError, match="result_extension" if "result_extension" in bad else "device"):
+            task2d({"image": str(png), "steps": 1, **bad})
 
 
 def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_truths(tmp_path, ckpt3d, make_system):
@@ -685,13 +735,30 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
     assert e.value.status_code == 422 and "'uncertain' segment (value 2)" in e.value.detail
     assert not ds.get_labeled_images()
     for bad, what in (({"label_info": [{"name": "lesion", "idx": "one"}]}, "entry 0 ('lesion')"),
-                      ({"label_info": "lesion"}, "must be a list"),
+                      ({"label_info": "lesion"}, "is not JSON"), ({"label_info": [3]}, "must be a list"),
                       ({"segments": {"x": "lesion"}}, "not a label value")):
         with pytest.raises(HTTPException) as e:
             ds.save_label("phantom_ct_06", str(up), "final", bad)
         assert e.value.status_code == 422 and what in e.value.detail
     ds.save_label("phantom_ct_06", str(up), "final", {"label_info": [{"name": "lesion"}]})  # paired with value 1
     assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion"}
+    # what other clients send (a second review): background listed with idx 0, an idx 1.0, label_info as JSON text
+    # or one mapping: accepted (were 422); the app's own result saved by /infer (save_label) is named by its
+    # label_names, so its uncertain segment is refused there too
+    for info in ({"label_info": [{"name": "background", "idx": 0}, {"name": "lesion", "idx": 1.0}]},
+                 {"label_info": '[{"name": "lesion", "idx": "1"}]'}, {"label_info": {"name": "lesion", "idx": 1}},
+                 {"model": "dfm_vlm_3d", "params": {"label_names": {"lesion": 1}}}):
+        ds.save_label("phantom_ct_06", str(up), "final", info)
+        assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion"}, info
+    # Slicer's idx counts a segment it does not export (a "background" segment first): the file's value 1 is the
+    # first segment sent, not the one whose idx is 1 (a review: truths of a prompted model were swapped)
+    ds.save_label("phantom_ct_06", str(up), "final", {"label_info": [{"name": "lesion", "idx": 2},
+                                                                     {"name": "vertebra", "idx": 3}]})
+    assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion", "2": "vertebra"}
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom_ct_06", str(up_unc), "final", {"params": {"label_names": {"lesion": 1,
+                                                                                          "uncertain": 2}}})
+    assert e.value.status_code == 422 and "'uncertain' segment" in e.value.detail
     ds.save_label("phantom_ct_06", str(up), "final", slicer)  # the uncertain segment erased: accepted
     reopened = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
     assert reopened.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion", "2": "uncertain"}

@@ -523,7 +523,7 @@ def test_a_seg_from_the_pacs_becomes_the_cached_label_without_dropping_a_score(t
     annotator = open_ds()
     uri_a = annotator.get_image_uri(a)
     up = _label_for(uri_a, tmp_path / "up.nii.gz")
-    annotator.save_label(a, str(up), "final", {})  # Submit Label: a SEG goes to the PACS
+    annotator.save_label(a, str(up), "final", {"label_info": [{"name": "lesion", "idx": 1}]})  # Submit Label: a SEG
     assert len(client.stored) == 1
     client.files.extend(client.stored)  # the PACS now holds the SEG series
     seg_uid = client.stored[0].SeriesInstanceUID
@@ -553,6 +553,9 @@ def test_a_seg_from_the_pacs_becomes_the_cached_label_without_dropping_a_score(t
     on_disk = fresh("cache2")
     assert on_disk.get_image_info(a).get("m_uncertainty") == 0.5, "storing the PACS label dropped a score"
     assert on_disk.get_label_info(a, "final").get("SeriesInstanceUID") == seg_uid
+    # the SEG's segment names travel with the label converted from it (a review, 2026-12-06: they were lost, and a
+    # training read a label fetched from the PACS by the dataset's codes again)
+    assert on_disk.get_label_info(a, "final").get("segments") == {"1": "lesion"}
     import monailabel.datastore.utils.convert as convert
 
     calls = []

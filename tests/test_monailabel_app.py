@@ -151,6 +151,16 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
         assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"device": "tpu"})  # not silently the CPU
     assert r.status_code == 422 and "'device' 'tpu' is not a device of this server" in r.json()["detail"], r.text
+    # a review (2026-12-06): device=5 and result_extension ".txt" were 500s; "save_label": "false" (a string) saved the
+    # label; a final label saved with the uncertain segment was stored (the datastore refuses it from Submit Label)
+    for params, phrase in (({"device": 5}, "'device' '5'"), ({"result_extension": ".txt"}, "'result_extension'"),
+                           ({"save_label": True, "label_tag": "final", "uncertain_segment": True, "num_samples": 2,
+                             "steps": 1}, "uncertain region as a final label")):
+        r = _infer(server, "dfm_vlm_2d", "phantom_xray_05", params)
+        assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
+    assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"save_label": "false", "steps": 1}).status_code == 200
+    labels = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]["phantom_xray_05"]
+    assert "original" not in labels["labels"] and "final" not in labels["labels"], labels
     (server.studies / "corrupt_ct.nii.gz").write_bytes(b"\x1f\x8b\x08 definitely not a volume")
     deadline = time.time() + 30
     while time.time() < deadline:  # the datastore picks up new files by itself

@@ -428,6 +428,52 @@ def test_a_label_painted_in_the_app_and_submitted_trains_each_structure_on_its_o
     assert not torch.equal(truth_t({"label": submitted[None].float()})["label"], truths)
 
 
+def test_a_structure_without_its_own_segment_is_derived_by_its_rule_or_left_out_not_trained_as_empty():
+    """A review of the fix above: Slicer asked for the lungs only (``labels=lungs``), or an annotator who painted
+    only the whole tumour, submits one segment; the other structures were trained as empty (2 of 3 draws taught
+    "no lung here"). A lung is its side of the painted lungs (its dataset rule); the tumour core and the enhancing
+    tumour are unknown: a channel of NaN, never drawn for training, not scored. Names match without regard to case."""
+    from lib.structures import RandStructured, StructureTruthd
+
+    cxr = _preset_structures("cxr_lung_prompted")
+    t = StructureTruthd(keys="label", structures=cxr)
+    source = torch.as_tensor(_source_labels()["cxr_lung_prompted"])
+    truths = t({"label": source})["label"]
+    lungs_only = (source > 127).float()  # painted by a request for the lungs alone: value 1
+    got = t({"label": lungs_only, "segments": {"1": "Lungs"}})["label"]
+    assert torch.equal(got, truths)
+    brats = _preset_structures("brats_prompted")
+    tb = StructureTruthd(keys="label", structures=brats)
+    src = torch.as_tensor(_source_labels()["brats_prompted"])
+    wt_only = (src > 0).float()
+    got = tb({"label": wt_only, "segments": {"1": "whole_tumour"}})["label"]
+    assert torch.equal(got[0], tb({"label": src})["label"][0]) and torch.isnan(got[1:]).all()
+    rs = RandStructured(brats)
+    rs.set_random_state(0)
+    assert {rs({"label": got})["structure"] for _ in range(20)} == {"whole_tumour"}
+    rs.set_random_state(0)  # every structure known: the draws as before (the same random stream)
+    full = tb({"label": src})["label"]
+    before = RandStructured(brats)
+    before.set_random_state(0)
+    assert [rs({"label": full})["structure"] for _ in range(20)] == [before({"label": full})["structure"]
+                                                                     for _ in range(20)]
+
+
+def test_evaluate_scores_only_the_structures_a_painted_label_has(tmp_path, tiny_clip):
+    """The validation of a fine-tune in the app: a structure without a segment (NaN truth) is not scored (a Dice
+    against NaN was 0 or NaN in the mean)."""
+    hp = prompted_hparams(tiny_clip)
+    system = build_system(hp)
+    case = two_blob_case(tmp_path, "c0", seed=0)
+    lab = nib.load(case["label"])
+    upper = (np.asarray(lab.dataobj) == 1).astype(np.uint8)  # only the upper blob painted, value 1
+    nib.save(nib.Nifti1Image(upper, lab.affine), str(tmp_path / "upper.nii.gz"))
+    item = {**case, "label": str(tmp_path / "upper.nii.gz"), "segments": {"1": "upper"}}
+    cases, _ = evaluate_items(system, [item])
+    assert list(cases[0]["structures"]) == ["upper"] and cases[0]["dice_matrix"]["upper"]["lower"] is None
+    assert cases[0]["dice"] == cases[0]["structures"]["upper"]["dice"]
+
+
 def test_a_painted_label_of_a_one_label_model_is_its_foreground_whatever_the_dataset_threshold():
     """The cxr_lung model paints the lungs 1; its dataset's masks are 0/255 and its threshold 127, so a submitted
     label trained as empty. With its segment names: every named value but 'uncertain' / 'background'."""

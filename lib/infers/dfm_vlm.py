@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -30,6 +31,7 @@ from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_score
 from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
 from lib.structures import StructureError, paint
+from lib.transforms import affine_2d, has_geometry
 from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
@@ -211,6 +213,23 @@ def request_device(value, default: str) -> str:
 
 
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # a label map is never written lossy: its label values would blur
+RESULT_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff",
+                     ".bmp") + LOSSY_EXTENSIONS  # what the writer can write (a JPEG request: a PNG)
+
+
+def result_extension(value) -> str | None:
+    """The request's ``result_extension``, with its leading dot ("nii.gz" -> ".nii.gz"); None when absent; else
+    ConfigError naming it and the choices (ITK was asked to write ``.txt``: a 500)."""
+    v = _first(value)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if not isinstance(v, str):
+        raise ConfigError(f"parameter 'result_extension' must be a file extension, got {v!r}")
+    ext = v.strip() if v.strip().startswith(".") else "." + v.strip()
+    if ext.lower() not in RESULT_EXTENSIONS:
+        raise ConfigError(f"parameter 'result_extension' {v!r} is not one of {list(RESULT_EXTENSIONS)}")
+    return ext
+
 
 
 def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
@@ -219,7 +238,6 @@ def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
     import tempfile
 
     import nibabel as nib
-    import numpy as np
 
     src = nib.load(image_path)
     spatial = tuple(src.shape[:label.ndim])
@@ -558,8 +576,16 @@ class DFMVLMInfer(BasicInferTask):
             self._config_sampler = now
 
     def __call__(self, request, callbacks=None):
+        # checked before MONAI Label reads them: its name_to_device failed on device=5 (a 500), and ITK was asked to
+        # write any result_extension (a 500 after the whole inference)
+        device = self._device(request)
+        if _first(request.get("device")) is not None:
+            request["device"] = device
+        ext = result_extension(request.get("result_extension"))
+        if ext is not None:
+            request["result_extension"] = ext
         try:  # before MONAI Label merges the config into the request
-            self.follow_checkpoint(self.system(self._device(request)))
+            self.follow_checkpoint(self.system(device))
         except (ModelNotReady, ConfigError):
             pass  # the request itself reports it (503 / 422)
         label_file, res = super().__call__(request, callbacks)
@@ -600,6 +626,25 @@ class DFMVLMInfer(BasicInferTask):
                 # one file back to the client: a detached header (.nhdr, .mhd) would leave its voxels behind
                 ext = ".nrrd" if low.endswith((".nrrd", ".nhdr")) else ".mha"
                 out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
-                write_itk(arr, out, pred.affine.numpy(), dtype, data.get("result_compress", False))
+                # a PNG / JPEG has no geometry: ITK (3D Slicer) reads it with spacing 1, origin 0, identity axes,
+                # and so is its label written (MONAI's identity affine, turned to LPS, flipped both axes)
+                write_itk(arr, out, affine_2d(pred.affine) if has_geometry(path) else None, dtype,
+                          data.get("result_compress", False))
+                return out, data.get(self.output_json_key, {})
+            elif arr.ndim == 2 and low.endswith((".nii", ".nii.gz")) and has_geometry(path) \
+                    and isinstance(pred, MetaTensor):  # a 2D NRRD / MHA image, a NIfTI label (ITK lost the affine)
+                import tempfile
+
+                import nibabel as nib
+
+                a = affine_2d(pred.affine)
+                aff = np.eye(4)
+                aff[:2, :2], aff[:2, 3] = a[:2, :2], a[:2, 2]
+                out = tempfile.NamedTemporaryFile(suffix=".nii.gz" if low.endswith(".gz") else ".nii",
+                                                  delete=False).name
+                img = nib.Nifti1Image(arr, aff)
+                img.header.set_qform(aff, code=1)
+                img.header.set_sform(aff, code=1)
+                nib.save(img, out)
                 return out, data.get(self.output_json_key, {})
         return super().writer(data, extension=extension, dtype=dtype)

@@ -410,6 +410,14 @@ class DFMVLMTrain(BasicTrainTask):
                         str(context.request.get("publish", "better")).lower() != "always":
                     context.trainer.add_event_handler(Events.STARTED, publish.baseline_from(context.evaluator))
                     context.trainer.add_event_handler(Events.COMPLETED, publish.report)
+            elif getattr(context, "fine_tuned_from", None) and \
+                    str(context.request.get("publish", "better")).lower() != "always":
+                # no validation image (val_split of one or two labelled images): nothing can show that the run beats
+                # the served model, so it stays (it was replaced unconditionally, at the start of every loop)
+                logger.warning("no validation image (%d labelled for training, val_split %s): the served model %s is "
+                               "kept; label more images, or train with \"publish\": \"always\"",
+                               len(context.train_datalist or []), context.request.get("val_split"),
+                               context.fine_tuned_from)
             else:
                 context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None))
 
