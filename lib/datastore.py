@@ -150,8 +150,8 @@ class FreshIndex:
         named = {}
         for k, obj in self._datastore.filter_by_tag(DefaultLabelTag.FINAL).items():
             label = obj.labels[DefaultLabelTag.FINAL]
-            if label.info.get("segments"):
-                named[self._filename(k, label.ext)] = dict(label.info["segments"])
+            if label.info.get("segments"):  # as stored (PUT /datastore/labelinfo may have set anything)
+                named[self._filename(k, label.ext)] = label.info["segments"]
         for item in items:
             seg = named.get(os.path.basename(item["label"]))
             if seg:

@@ -238,6 +238,17 @@ def test_next_sample_by_uncertainty_survives_a_publish_failures_removals_and_doe
     broken = {"case0", "case2"}
     with pytest.raises(InputError, match="case0: case0: no text"):
         strategy({"strategy": "s"}, ds2)
+    # records edited by hand (PUT /datastore/imageinfo): a score that is no number is not ranked, a 'strategy'
+    # record that is not one counts as never handed out (a review: 500s)
+    broken = set()
+    ds3 = DS({"case0": images["case0"], "case2": images["case2"]})
+    strategy({"strategy": "s"}, ds3)
+    ds3.info["case0"][scoring.key] = None
+    ds3.info["case2"]["strategy"] = "x"
+    assert strategy({"strategy": "s"}, ds3)["id"] == "case2"
+    ds3.info["case2"][scoring.key] = float("nan")
+    with pytest.raises(InputError, match="could be scored"):
+        strategy({"strategy": "s"}, ds3)
 
 
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):
@@ -767,6 +778,12 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
     trainer = _task(ckpt3d, tmp_path / "model").trainer()
     items = trainer.pre_process({}, reopened)
     assert items[0]["segments"] == json.dumps({"1": "lesion", "2": "uncertain"})
+    # names set by hand through PUT /datastore/labelinfo that are not a mapping of values: that image is skipped
+    # with a warning (a review: the whole training failed), the others train
+    reopened.update_label_info("phantom_ct_06", "final", {"segments": ["lesion"]})
+    with pytest.raises(ValueError, match="no labelled 3D image"):
+        trainer.pre_process({}, CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"]))
+    reopened.update_label_info("phantom_ct_06", "final", {"segments": {"1": "lesion", "2": "uncertain"}})
     system = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
     pre = system.hparams.preprocessing
     pre.orientation, pre.label_threshold = "RAS", 127.0  # a dataset coded 0/255, as cxr_lung's

@@ -18,6 +18,7 @@ every image is kept).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -147,21 +148,24 @@ class DFMUncertaintyStrategy(Strategy):
         self.scoring.infer_task.system(self.scoring.infer_task.default_device())  # a file that cannot be loaded
         infos = {i: datastore.get_image_info(i) for i in candidates}
         m = self._num_samples(infos, ts)
-        failed = {}
+        failed, res_error = {}, None
         if not all(self.scoring.is_current(infos[i], ts, m) for i in candidates):
             res = self.scoring({"num_samples": m}, datastore)
+            res_error = res.get("error")
             # the scores it made are of the checkpoint it stamped them with, even if a training published a newer
             # one meanwhile (was: ranked by the newer one's, of which there were none: "no more images")
             ts, m, failed = res.get("model_ts", ts), res.get("num_samples", m), res.get("failed") or {}
             infos = {i: datastore.get_image_info(i) for i in candidates}
-        # only scores of one checkpoint with one M: never old and new models' scores side by side
-        scored = [(infos[i][key], i) for i in candidates if self.scoring.is_current(infos[i], ts, m)]
+        # only scores of one checkpoint with one M: never old and new models' scores side by side (and numbers: a
+        # score edited to null or NaN through PUT /datastore/imageinfo was a 500)
+        scored = [(float(infos[i][key]), i) for i in candidates if self.scoring.is_current(infos[i], ts, m)
+                  and _finite(infos[i][key])]
         if not scored:
-            raise InputError(f"no unlabelled image could be scored for {self.scoring.model}: " + "; ".join(
-                f"{i}: {why}" for i, why in list(failed.items())[:5]) if failed else
-                f"no unlabelled image could be scored for {self.scoring.model}")
+            why = "; ".join(f"{i}: {e}" for i, e in list(failed.items())[:5]) or res_error
+            raise InputError(f"no unlabelled image could be scored for {self.scoring.model}"
+                             + (f": {why}" if why else ""))
         now = int(time.time())
-        served = {i: (infos[i].get("strategy") or {}).get(request.get("strategy"), {}).get("ts", 0) for _, i in scored}
+        served = {i: _served_at(infos[i], request.get("strategy")) for _, i in scored}
         fresh = [(score, i) for score, i in scored if now - served[i] >= self.reset]
         score, image = max(fresh) if fresh else min(scored, key=lambda si: (served[si[1]], -si[0]))
         logger.info("%s: next image %s (score %.5g of %d; %d handed out in the last %d s)", key, image, score,
@@ -175,3 +179,16 @@ class DFMUncertaintyStrategy(Strategy):
         ms = {info.get(f"{key}_num_samples") for info in infos.values()
               if key in info and info.get(f"{key}_ts") == ts}
         return ms.pop() if len(ms) == 1 and None not in ms else self.scoring.num_samples
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _served_at(info: dict, strategy) -> float:
+    """When MONAI Label last handed the image out under ``strategy`` (its info's ``strategy.<name>.ts``; 0: never,
+    also for a record that is not one)."""
+    rec = info.get("strategy")
+    rec = rec.get(strategy) if isinstance(rec, dict) else None
+    ts = rec.get("ts") if isinstance(rec, dict) else None
+    return float(ts) if _finite(ts) else 0.0

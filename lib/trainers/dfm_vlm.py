@@ -35,6 +35,7 @@ from lib.data import case_id, patch_transforms
 from lib.evaluation import evaluate_items, make_inferer
 from lib.inferer import DFMSystem
 from lib.network import ConditionalUNet
+from lib.structures import parse_segments
 from lib.transforms import image_spatial_dims, preprocess
 from lib.training import lr_at, train_loss
 from lib.vlm import VLMEncoder
@@ -236,8 +237,10 @@ class DFMVLMTrain(BasicTrainTask):
             try:
                 if image_spatial_dims(d["image"]) == self.dimension:
                     # the names of a label painted in the app (lib.structures), as JSON text in every item: a data
-                    # loader collates a batch's items key by key, and a mapping per item would not collate
-                    out.append({**d, "segments": json.dumps(d["segments"]) if d.get("segments") else ""})
+                    # loader collates a batch's items key by key, and a mapping per item would not collate; names
+                    # that are not a mapping of values (set through PUT /datastore/labelinfo) skip that image
+                    seg = parse_segments(d.get("segments"))
+                    out.append({**d, "segments": json.dumps({str(k): v for k, v in seg.items()}) if seg else ""})
             except Exception as e:  # noqa: BLE001 - a broken study must not stop training on the others
                 logger.warning("skipping %s: %s", d.get("image"), e)
         logger.info("%d labelled %dD image(s) for training", len(out), self.dimension)
