@@ -34,7 +34,7 @@ def make_inferer(system: DFMSystem, allow_roi_mismatch: bool = False, **override
 
 
 def preprocess_item(system: DFMSystem, item: dict, with_label: bool = False) -> dict:
-    keys = ("image", "label", "text", "case_id") if with_label else ("image", "text", "case_id")
+    keys = ("image", "label", "segments", "text", "case_id") if with_label else ("image", "text", "case_id")
     d = system.preprocessing({k: v for k, v in item.items() if k in keys})
     d["case_id"] = item.get("case_id")
     return d

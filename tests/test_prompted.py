@@ -502,3 +502,20 @@ def test_a_painted_label_that_names_no_structure_keeps_the_dataset_rules_and_bad
     for bad in ("{", ["lungs"], {"x": "lungs"}, {"1": 3}):
         with pytest.raises(InputError, match="segments"):
             t({"label": lab, "segments": bad})
+
+
+def test_preprocess_item_with_its_label_reads_a_painted_label_by_its_names(tmp_path, make_system):
+    """The benches' path to a preprocessed label (``preprocess_item(..., with_label=True)``) dropped ``segments``
+    (a review), so a painted label of a 0/255 dataset read as empty there."""
+    from lib.evaluation import preprocess_item
+
+    system = make_system()
+    system.hparams.preprocessing.label_threshold = 127.0
+    img = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    lab = np.zeros((32, 32), np.uint8)
+    lab[8:20, 8:20] = 1
+    nib.save(nib.Nifti1Image(img, np.eye(4)), str(tmp_path / "i.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "l.nii.gz"))
+    item = {"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz"), "case_id": "c"}
+    assert float(preprocess_item(system, item, with_label=True)["label"].sum()) == 0
+    assert float(preprocess_item(system, {**item, "segments": {"1": "lung"}}, with_label=True)["label"].sum()) > 0
