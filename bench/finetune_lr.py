@@ -12,6 +12,12 @@ arm: the starting checkpoint's validation Dice (measured by the trainer before t
 must beat to be published), the Dice after each epoch, and the last epoch's model scored on ``--test-split`` with
 the same predictor (``lib.evaluation.evaluate_items``). The validation images also choose the published epoch, so
 the per-epoch curve, not the best epoch, is the comparison.
+
+``SCHEDULE:SCALE:PAINTED`` (``named`` / ``unnamed``) fine-tunes instead on the training labels as an annotator
+submits them from 3D Slicer after the app's *Run*: painted with the app's value (1), not the dataset's code (255),
+with their segment name (``named``: the datastore's ``segments``, what Slicer's *Submit Label* sends since
+2026-12-06) or without (``unnamed``: a label read by the dataset's rules, ``> 127``, as every submitted label was
+before). The validation images keep the dataset's labels.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,8 +71,22 @@ def main(argv=None) -> int:
            "threads": torch.get_num_threads(), "checkpoint": a.checkpoint, "train_images": len(train),
            "val_images": len(val), "test_images": len(test), "epochs": a.epochs, "arms": []}
     original = trainer_mod._Publish.__call__
+    painted_dir = tempfile.TemporaryDirectory()
+    painted = {}
     for arm in a.arms:
-        schedule, scale = arm.split(":")
+        schedule, scale, *mode = arm.split(":")
+        mode = mode[0] if mode else None
+        if mode not in (None, "named", "unnamed"):
+            ap.error(f"arm {arm!r}: the third field is 'named' or 'unnamed'")
+        if mode and not painted:
+            painted = {"named": [], "unnamed": []}
+            for k, it in enumerate(train):  # the lungs painted 1, as the app returns them (lib.structures.paint)
+                mask = (np.asarray(Image.open(it["label"]).convert("L")) > 127).astype(np.uint8)
+                path = Path(painted_dir.name) / f"label_{k:04d}.png"
+                Image.fromarray(mask).save(path)
+                painted["unnamed"].append({**it, "label": str(path)})
+                painted["named"].append({**it, "label": str(path), "segments": {"1": "lung"}})
+        train_items = painted[mode] if mode else train
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             cfg = DFMVLM2D()
@@ -87,14 +109,14 @@ def main(argv=None) -> int:
             try:
                 task({"max_epochs": a.epochs, "val_ds": val, "device": "cpu", "multi_gpu": False,
                       "lr_schedule": schedule, "fine_tune_lr_scale": float(scale), "publish": "better"},
-                     _Datastore(train))
+                     _Datastore(train_items))
             finally:
                 trainer_mod._Publish.__call__ = original
             system = load_system(last)
             items = [dict(i, case_id=case_id(i)) for i in test]
             cases, _ = evaluate_items(system, items, make_inferer(system))
             test_dice = sum(c["dice"] for c in cases) / len(cases)
-        row = {"lr_schedule": schedule, "fine_tune_lr_scale": float(scale),
+        row = {"lr_schedule": schedule, "fine_tune_lr_scale": float(scale), "painted": mode,
                "peak_lr": task.train_defaults.lr * float(scale), "curve": curve,
                "last_epoch_test_dice": round(test_dice, 4), "wall_s": round(time.time() - t0, 1)}
         print(json.dumps(row), flush=True)
