@@ -317,6 +317,10 @@ class DFMVLMApp(MONAILabelApp):
         try:
             # MONAI Label tests the raw value: "false" (a string) saved the label
             request["save_label"] = _as_bool("save_label", request.get("save_label", False))
+            if not _as_bool("result_write_to_file", request.get("result_write_to_file", True)):
+                # the answer of /infer is a file: MONAI Label then tested an array for truth (a 500)
+                raise ConfigError("'result_write_to_file' false is not served over HTTP (the answer is the label "
+                                  "file); use the core (lib.evaluation.predict_item) for arrays")
             if request["save_label"] and _as_bool("uncertain_segment", request.get("uncertain_segment", False)) \
                     and request.get("label_tag", "original") == "final":
                 raise ConfigError("'save_label' with label_tag 'final' and 'uncertain_segment' would store the "

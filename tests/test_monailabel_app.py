@@ -155,7 +155,8 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
     # label; a final label saved with the uncertain segment was stored (the datastore refuses it from Submit Label)
     for params, phrase in (({"device": 5}, "'device' '5'"), ({"result_extension": ".txt"}, "'result_extension'"),
                            ({"save_label": True, "label_tag": "final", "uncertain_segment": True, "num_samples": 2,
-                             "steps": 1}, "uncertain region as a final label")):
+                             "steps": 1}, "uncertain region as a final label"),
+                           ({"result_write_to_file": False, "steps": 1}, "'result_write_to_file' false")):
         r = _infer(server, "dfm_vlm_2d", "phantom_xray_05", params)
         assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
     assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"save_label": "false", "steps": 1}).status_code == 200
