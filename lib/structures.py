@@ -148,7 +148,7 @@ def _base(truth: dict) -> dict:
     return {k: v for k, v in truth.items() if k not in ("side", "axis")}
 
 
-def _inside(inner: dict, outer: dict) -> bool:
+def inside(inner: dict, outer: dict) -> bool:
     """Whether the mask of dataset rule ``inner`` lies inside that of ``outer`` on every label, by the rules alone."""
     if outer.get("side"):  # one of two components: only the same rule is surely inside it
         return _base(inner) == _base(outer) and inner.get("side") == outer["side"] \
@@ -184,8 +184,8 @@ def painted_values(structures: Sequence, segments: Mapping[int, str], where: str
                        sorted(names.values()))
 
     def values_of(s) -> list[int]:
-        inside = {o.name for o in structures if _inside(o.truth, s.truth)}
-        return sorted(v for v, n in segments.items() if names.get(_key(n)) in inside)
+        nested = {o.name for o in structures if inside(o.truth, s.truth)}
+        return sorted(v for v, n in segments.items() if names.get(_key(n)) in nested)
 
     out = []
     for s in structures:

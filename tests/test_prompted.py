@@ -519,3 +519,21 @@ def test_preprocess_item_with_its_label_reads_a_painted_label_by_its_names(tmp_p
     item = {"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz"), "case_id": "c"}
     assert float(preprocess_item(system, item, with_label=True)["label"].sum()) == 0
     assert float(preprocess_item(system, {**item, "segments": {"1": "lung"}}, with_label=True)["label"].sum()) > 0
+
+
+def test_one_voxel_clicked_for_two_structures_that_cannot_overlap_is_refused(tiny_clip):
+    """A review (2026-12-06): a voxel clicked positive for the upper and the lower blob was accepted; the label map
+    gives it one value, so one of the clicks was not labelled as clicked. Refused (422) unless one structure lies
+    inside the other by their rules (a tumour core clicked inside the whole tumour is both)."""
+    from lib.clicks import ClickError
+    from lib.infers.dfm_vlm import prompted_clicks
+
+    system = build_system(prompted_hparams(tiny_clip))
+    with pytest.raises(ClickError, match="clicked positive for both 'upper' and 'lower'"):
+        prompted_clicks(system, {"upper": [[5, 5]], "lower": [[5, 5]]}, 2, (32, 32))
+    assert prompted_clicks(system, {"upper": [[5, 5]], "lower": [[9, 5]]}, 2, (32, 32))["lower"].fg == [(9.0, 5.0)]
+    nested = [StructureConfig(name="whole", value=1, prompts=["whole"], truth={"above": 0}),
+              StructureConfig(name="core", value=2, prompts=["core"], truth={"values": [2]})]
+    system = build_system(prompted_hparams(tiny_clip, nested))
+    got = prompted_clicks(system, {"whole": [[5, 5]], "core": [[5, 5]]}, 2, (32, 32))
+    assert got["whole"].fg == got["core"].fg == [(5.0, 5.0)]

@@ -30,7 +30,7 @@ from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
-from lib.structures import StructureError, paint
+from lib.structures import StructureError, inside, paint
 from lib.transforms import affine_2d, has_geometry
 from lib.vlm import VLMError
 
@@ -319,6 +319,15 @@ def prompted_clicks(system: DFMSystem, d: dict, dims: int, shape: Sequence[int])
     if dropped:
         raise ClickError(f"positive clicks for {dropped}, which this request does not ask for (labels {asked}): add "
                          f"{'it' if len(dropped) == 1 else 'them'} to 'labels' or leave the points out")
+    # one voxel clicked positive for two structures that cannot overlap (a lesion and a vertebra; a tumour core
+    # inside the whole tumour can): the label map gives it one value, so one click would not be as clicked
+    rules = {s.name: s.truth for s in system.structures}
+    for i, a in enumerate(asked):
+        for b in asked[i + 1:]:
+            both = sorted(set(map(tuple, clicks[a].fg)) & set(map(tuple, clicks[b].fg)))
+            if both and not (inside(rules[a], rules[b]) or inside(rules[b], rules[a])):
+                raise ClickError(f"voxel(s) {both} clicked positive for both {a!r} and {b!r}, which do not overlap: "
+                                 "one label value per voxel; leave one of the points out")
     return {n: clicks[n] for n in asked}
 
 
