@@ -99,6 +99,13 @@ def test_info_infer_and_scoring_share_one_model_copy_on_the_default_device(tmp_p
     DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2).score_image("case02",
                                                                          _MemoryDatastore({"case02": entry["image"]}), 2)
     assert devices == ["cuda:7"], devices
+    # "cuda" (a request without a device on a GPU server) and MONAI Label's "cuda:0" are one GPU: one copy (a
+    # review: two copies of model and VLM)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    task.system("cuda")
+    task.system("cuda:0")
+    task.system("cuda:0")
+    assert devices == ["cuda:7", "cuda:0"], devices
 
 
 def test_scoring_a_per_image_text_model_uses_each_image_s_text_and_skips_one_without(tmp_path, make_system):

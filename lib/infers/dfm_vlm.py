@@ -212,6 +212,14 @@ def request_device(value, default: str) -> str:
                       f"'cpu', 'cuda' or 'cuda:N'")
 
 
+def device_key(device) -> str:
+    """One name per device: ``cuda`` is the current CUDA device, ``cuda:N``."""
+    d = torch.device(str(device))
+    if d.type == "cuda" and d.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(d)
+
+
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # a label map is never written lossy: its label values would blur
 RESULT_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff",
                      ".bmp") + LOSSY_EXTENSIONS  # what the writer can write (a JPEG request: a PNG)
@@ -423,8 +431,10 @@ class DFMVLMInfer(BasicInferTask):
         return self.readiness()[0]
 
     def system(self, device) -> DFMSystem:
-        """The checkpoint's system on ``device``; reloaded when the checkpoint file changes (no restart)."""
-        device = str(device)
+        """The checkpoint's system on ``device``; reloaded when the checkpoint file changes (no restart). "cuda"
+        and "cuda:<current>" are one device, one copy (MONAI Label's config names the GPU "cuda:0" where a request
+        without a device gets "cuda": two copies of model and VLM on one GPU)."""
+        device = device_key(device)
         path = self.get_path()
         if not path:
             raise ModelNotReady("no trained checkpoint: looked for " + ", ".join(map(str, self.path)))
