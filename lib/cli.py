@@ -101,7 +101,8 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", choices=["p_final", "last_posterior"], help="what each sample contributes")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda when available)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision (default: the checkpoint's policy, 'auto': bf16 only where it is fast)")
+                   help="compute precision (default: what the checkpoint trained in where that is fast, else fp32; "
+                        "'auto': bf16 only where it is fast)")
     g.add_argument("--allow-roi-mismatch", action="store_true",
                    help="allow a --roi-size other than the training patch (changes the VLM's field of view)")
     g.add_argument("--vlm", help="VLM folder or hub id replacing the one stored in the checkpoint")

@@ -93,7 +93,8 @@ def test_info_infer_and_scoring_share_one_model_copy_on_the_default_device(tmp_p
     monkeypatch.setattr(type(task), "default_device", staticmethod(lambda: "cuda:7"))  # pretend a GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert task.readiness() == (True, None)
-    task.info()
+    # Slicer's options list the uncertain segment (a check box; README: where a click is worth most), off
+    assert task.info()["config"]["uncertain_segment"] is False
     entry = write_phantom_case(tmp_path / "studies", "case02", shape=(24, 24, 16))
 
     DFMUncertaintyScoring(task, "dfm_vlm_3d", num_samples=2).score_image("case02",

@@ -388,7 +388,8 @@ class DFMVLMInfer(BasicInferTask):
                  sampler_defaults: SamplerConfig | None = None, config: dict | None = None,
                  interactive: bool = False, cache_bytes: int = 512 * 2 ** 20, stale_before: float | None = None):
         d = sampler_defaults or SamplerConfig()
-        cfg = {**_sampler_config(d), "device": device_list()}  # "precision" is accepted too (the checkpoint's policy)
+        cfg = {**_sampler_config(d), "device": device_list(),  # "precision" is accepted too (the checkpoint's policy)
+               "uncertain_segment": False}  # a check box in Slicer's options: where the samples disagree
         if interactive:
             cfg.update({k: list(v) for k, v in HOLD_OPTIONS.items()})
         cfg.update(config or {})
