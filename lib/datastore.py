@@ -638,10 +638,11 @@ def with_segments(label_info: dict | None, label_filename: str, image_id: str) -
 
 def label_segments(label_filename: str, label_info: dict | None, image_id: str) -> dict[str, str]:
     """The names a client gave the values of a label (``{"<value>": name}``), from the request's ``label_info``:
-    3D Slicer's *Submit Label* sends ``[{"name": segment, "idx": value}, ...]``; entries without ``idx`` are paired
-    with the non-zero values in the file, in ascending order, as MONAI Label's DICOM SEG conversion pairs them (or
-    by ``segmentAttribute.labelID``). A client may also send the mapping itself (``"segments": {"1": "lungs"}``);
-    a label the app saves from its own result (``/infer`` with ``save_label``) is named by the result's
+    3D Slicer's *Submit Label* sends ``[{"name": segment, "idx": position}, ...]`` and numbers the exported segments
+    1, 2, ... in that order (its ``idx`` also counts segments it leaves out); entries with
+    ``segmentAttribute.labelID`` name that value; other entries are paired with the non-zero values in the file, in
+    ascending order, as MONAI Label's DICOM SEG conversion pairs them. A client may also send the mapping itself
+    (``"segments": {"1": "lungs"}``); a label the app saves from its own result (``/infer`` with ``save_label``) is named by the result's
     ``label_names``.
     Empty when the client named nothing. Raises InputError for a malformed list, and for a label whose
     ``uncertain`` segment (the app's disagreement region) still has voxels: they are neither a structure nor
@@ -663,23 +664,25 @@ def label_segments(label_filename: str, label_info: dict | None, image_id: str) 
         if not isinstance(given, list) or not all(isinstance(x, dict) for x in given):
             raise InputError(f"the label_info sent for {image_id!r} must be a list of {{'name': ..., 'idx': ...}}, "
                              f"got {str(given)[:200]}")
+        slicer = []  # entries with Slicer's idx: the position of the segment, not the value in the file
         for i, x in enumerate(given):
-            value = x.get("idx", (x.get("segmentAttribute") or {}).get("labelID"))
+            if "name" not in x or str(x["name"]).strip().lower() == "background":
+                continue  # background (some clients list it, idx 0): no segment
+            if "idx" in x:
+                if _integral(x["idx"]) is None:
+                    raise InputError(f"the label_info sent for {image_id!r}: entry {i} ({x['name']!r}) has idx "
+                                     f"{x['idx']!r}, not an integer")
+                slicer.append((i, x["name"]))
+                continue
+            value = (x.get("segmentAttribute") or {}).get("labelID")
             if value is None:
                 value = present[i] if i < len(present) else None
-            if value is None or "name" not in x or str(x["name"]).strip().lower() == "background":
-                continue  # background (some clients list it, idx 0): no segment
-            pairs.append((i, value, x["name"]))
-        # 3D Slicer numbers the exported label 1, 2, ... in the order of the segments it sends, but its idx counts
-        # a segment it leaves out (a "background" segment before the others): when the idx name no value present
-        # and the order names them all, the order is what the file holds (else lesion and vertebra swapped)
-        by_order = [(i, k + 1, name) for k, (i, _, name) in enumerate(pairs)]
-        named = {_integral(v) for _, v, _ in pairs}
-        if present and None not in named and not set(present) <= named \
-                and set(present) <= {v for _, v, _ in by_order}:
-            logger.warning("label of %r: its label_info idx %s do not name the values %s of the file: paired by order",
-                           image_id, sorted(v for v in named if v is not None), present)
-            pairs = by_order
+            if value is not None:
+                pairs.append((i, value, x["name"]))
+        # 3D Slicer's Submit Label exports the segments it lists numbered 1, 2, ... in that order, and its idx counts
+        # the segments it leaves out (the "background" of /info's labels, before some of them): the k-th entry is
+        # the value k (by idx, a vertebra painted alone was stored as the lesion)
+        pairs += [(i, k + 1, name) for k, (i, name) in enumerate(slicer)]
     elif info.get("segments"):
         try:
             pairs = [(i, v, n) for i, (v, n) in enumerate(parse_segments(info["segments"]).items())]

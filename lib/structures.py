@@ -164,20 +164,20 @@ def _key(name: str) -> str:
     return str(name).strip().lower()
 
 
-def painted_values(structures: Sequence, segments: Mapping[int, str], where: str = "a label") -> list[dict | None] | None:
+def painted_values(structures: Sequence, segments: Mapping[int, str], where: str = "a label") -> list[dict | None]:
     """Per structure, the rule that reads its truth from a painted label (``segments``: ``{value: name}``, names
     matched without regard to case): the values named as the structure or as one nested in it (*Submit Label* of a
     whole tumour painted 1 with the core 2 and the enhancing tumour 3 over it: whole tumour {1, 2, 3}, core {2, 3},
     enhancing {3}). A structure without a segment of its own is derived where its dataset rule says how (a lung:
     its ``side`` of the painted lungs) and otherwise unknown (None: not trained on this label, not scored; it is
-    not empty -- the annotator painted only the whole tumour). None for the whole label when no segment names a
-    structure of the model (it is read by the dataset rules, with a warning)."""
+    not empty -- the annotator painted only the whole tumour). When no segment names a structure of the model, every
+    structure is unknown (with a warning; the app's trainer leaves such a label out)."""
     names = {_key(s.name): s.name for s in structures}
     named = {names[_key(n)] for n in segments.values() if _key(n) in names}
-    if not named:
-        logger.warning("%s: its segments %s name no structure of this model (%s): read by the dataset rules",
-                       where, dict(segments), sorted(names.values()))
-        return None
+    if not named:  # painted values read by the dataset's codes would be wrong truths (value 1 read as a BraTS core)
+        logger.warning("%s: its segments %s name no structure of this model (%s): not trained", where,
+                       dict(segments), sorted(names.values()))
+        return [None] * len(structures)
     other = sorted({n for n in segments.values() if _key(n) not in names and _key(n) not in NOT_A_STRUCTURE})
     if other:
         logger.warning("%s: segment(s) %s are no structure of this model (%s): not trained", where, other,

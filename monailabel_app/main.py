@@ -287,6 +287,12 @@ class DFMVLMApp(MONAILabelApp):
 
     def info(self):
         meta = super().info()
+        # the segments 3D Slicer makes for every image: the models' labels, then "uncertain" (a result's segment
+        # where the samples disagree: without a segment of that name Slicer dropped its voxels), then "background"
+        # (DeepEdit's negative clicks). MONAI Label merged them model by model: "background" came before the 3D
+        # labels, and Slicer's Submit Label idx, which counts it, was off by one for them
+        labels = [n for n in meta.get("labels") or [] if n not in ("uncertain", "background")]
+        meta["labels"] = labels + ["uncertain"] + (["background"] if "background" in (meta.get("labels") or []) else [])
         not_ready = {}
         for n, task in self._infers.items():
             ok, reason = task.readiness()

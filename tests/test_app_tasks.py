@@ -715,9 +715,14 @@ def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system,
             assert np.allclose(itk.array_from_matrix(lab.GetDirection()), itk.array_from_matrix(ref.GetDirection()))
     from lib.config import ConfigError
 
-    for bad in ({"result_extension": ".txt"}, {"result_extension": 3}, {"device": 5}):
-        with pytest.raises(ConfigError, match="result_extension" if "result_extension" in bad else "device"):
+    for bad in ({"result_extension": ".txt"}, {"result_extension": 3}, {"device": 5}, {"result_dtype": "float32"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
             task2d({"image": str(png), "steps": 1, **bad})
+    # OHIF asks result_dtype uint16 and reads the voxels as such (a third review: always written uint8)
+    for image, ext in ((nrrd, ".nrrd"), (vol, ".nii.gz")):
+        out, _ = (task3d if image == vol else task2d)({"image": str(image), "device": "cpu", "steps": 1,
+                                                       "result_extension": ext, "result_dtype": "uint16"})
+        assert itk.imread(out).dtype == np.uint16 if ext == ".nrrd" else nib.load(out).get_data_dtype() == np.uint16
 
 
 def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_truths(tmp_path, ckpt3d, make_system):
@@ -753,7 +758,7 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
         ds.save_label("phantom_ct_06", str(up_unc), "final", slicer)
     assert e.value.status_code == 422 and "'uncertain' segment (value 2)" in e.value.detail
     assert not ds.get_labeled_images()
-    for bad, what in (({"label_info": [{"name": "lesion", "idx": "one"}]}, "entry 0 ('lesion')"),
+    for bad, what in (({"label_info": [{"name": "lesion", "idx": "one"}]}, "entry 0 ('lesion') has idx"),
                       ({"label_info": "lesion"}, "is not JSON"), ({"label_info": [3]}, "must be a list"),
                       ({"segments": {"x": "lesion"}}, "not a label value")):
         with pytest.raises(HTTPException) as e:
@@ -774,6 +779,13 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
     ds.save_label("phantom_ct_06", str(up), "final", {"label_info": [{"name": "lesion", "idx": 2},
                                                                      {"name": "vertebra", "idx": 3}]})
     assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion", "2": "vertebra"}
+    # what Slicer sends for /info's labels [lung, background, lesion, vertebra] with only the vertebra painted: the
+    # file holds 3 (a third review: paired by idx, 3 was stored as the lesion)
+    up3 = tmp_path / "up3.nii.gz"
+    nib.save(nib.Nifti1Image((lab > 0).astype(np.uint8) * 3, img.affine), str(up3))
+    ds.save_label("phantom_ct_06", str(up3), "final", {"label_info": [
+        {"name": "lung", "idx": 1}, {"name": "lesion", "idx": 3}, {"name": "vertebra", "idx": 4}]})
+    assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lung", "2": "lesion", "3": "vertebra"}
     with pytest.raises(HTTPException) as e:
         ds.save_label("phantom_ct_06", str(up_unc), "final", {"params": {"label_names": {"lesion": 1,
                                                                                           "uncertain": 2}}})

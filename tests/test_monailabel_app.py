@@ -63,6 +63,10 @@ def test_info_lists_models_labels_parameters_and_strategies(client):
     # Slicer's DeepEdit mode places negative points on "background"
     assert info["models"]["dfm_vlm_3d_interactive"]["labels"] == {**m3["labels"], "background": 0}
     assert info["models"]["dfm_vlm_2d"]["labels"] == {"lung": 1}
+    # the segments Slicer makes: "background" last (its Submit Label idx counts it), "uncertain" before it (without
+    # that segment Slicer drops the uncertain voxels of a result)
+    assert sorted(info["labels"][:-2]) == ["lesion", "lung", "vertebra"] and info["labels"][-2:] == ["uncertain",
+                                                                                                    "background"]
     for key in ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed", "device"):
         assert key in m3["config"], key
     assert m3["config"]["sampler"][:1] == [m3["sampler_defaults"]["sampler"]]
@@ -110,7 +114,7 @@ def test_infer_3d_returns_one_map_with_every_label_of_info(client, server):
     # a subset by name (or by value, as VISTA3D's class prompts): only that label, painted with its own value
     sub_file, sub = client.infer("dfm_vlm_3d", "phantom_ct_06", {"steps": 3, "num_samples": 2, "labels": "vertebra"})
     vert = np.asarray(nib.load(sub_file).dataobj)
-    assert set(np.unique(vert).tolist()) == {0, 2} and sub["label_names"] == {"vertebra": 2}
+    assert set(np.unique(vert).tolist()) == {0, 2} and sub["label_names"] == labels and sub["labels"] == ["vertebra"]
     assert np.array_equal(vert == 2, lab == 2), "a subset request changed the label it kept"
     # a free prompt: one binary map named by the prompt
     _, free = client.infer("dfm_vlm_3d", "phantom_ct_06", {"steps": 2, "prompt": "a kidney in a CT scan"})

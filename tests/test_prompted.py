@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -304,7 +305,8 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
     assert np.array_equal(full, paint(core["prob"], [1, 2]).numpy())  # the app's map is the core's, painted
     assert d["result"]["label_names"] == {"upper": 1, "lower": 2}
     _, d = auto({**req, "labels": "lower"})
-    assert d["result"]["label_names"] == {"lower": 2}
+    # every structure named (Slicer gives the k-th name by value the value k: {"lower": 2} alone showed nothing)
+    assert d["result"]["label_names"] == {"upper": 1, "lower": 2} and d["result"]["labels"] == ["lower"]
     assert np.array_equal(np.asarray(d["pred"]) == 2, core["prob"][1].numpy() > 0.5)
     with pytest.raises(StructureError, match="not structures"):
         auto({**req, "labels": ["liver"]})
@@ -350,7 +352,9 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
         with pytest.raises(StructureError, match="reword the prompt"):
             auto({**req, "prompt": name})
     _, du = auto({**req, "labels": "upper", "uncertain_segment": True, "num_samples": 2})
-    assert du["result"]["label_names"] == {"upper": 1, "uncertain": 3}
+    assert du["result"]["label_names"] == {"upper": 1, "lower": 2, "uncertain": 3}
+    _, dp = auto({**req, "prompt": "a blob", "uncertain_segment": True, "num_samples": 2})  # no gap: 1, 2
+    assert dp["result"]["label_names"] == {"a blob": 1, "uncertain": 2}
     with pytest.raises(StructureError, match="'prompt' is one free text, got 2"):  # its first was used silently
         auto({**req, "prompt": ["a blob", "another blob"]})
     _, dv = task({**req, "foreground": [up], "label": "2"})  # the selected segment named by its value
@@ -488,7 +492,7 @@ def test_a_painted_label_of_a_one_label_model_is_its_foreground_whatever_the_dat
     assert t({"label": lab, "segments": '{"1": "lung", "2": "uncertain"}'})["label"].sum() == 9
 
 
-def test_a_painted_label_that_names_no_structure_keeps_the_dataset_rules_and_bad_names_are_refused(caplog):
+def test_a_painted_label_that_names_no_structure_trains_none_and_bad_names_are_refused(caplog):
     from lib.config import load_preset
     from lib.structures import StructureTruthd
     from lib.transforms import InputError
@@ -496,9 +500,9 @@ def test_a_painted_label_that_names_no_structure_keeps_the_dataset_rules_and_bad
     structures = _preset_structures("brats_prompted")
     t = StructureTruthd(keys="label", structures=structures)
     lab = torch.as_tensor(_source_labels()["brats_prompted"])
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING"):  # the app's values read by BraTS codes would be wrong truths: none known
         got = t({"label": lab, "segments": {"1": "Segment_1"}})["label"]
-    assert torch.equal(got, t({"label": lab})["label"]) and "name no structure" in caplog.text
+    assert torch.isnan(got).all() and "name no structure" in caplog.text
     for bad in ("{", ["lungs"], {"x": "lungs"}, {"1": 3}):
         with pytest.raises(InputError, match="segments"):
             t({"label": lab, "segments": bad})
@@ -537,3 +541,27 @@ def test_one_voxel_clicked_for_two_structures_that_cannot_overlap_is_refused(tin
     system = build_system(prompted_hparams(tiny_clip, nested))
     got = prompted_clicks(system, {"whole": [[5, 5]], "core": [[5, 5]]}, 2, (32, 32))
     assert got["whole"].fg == got["core"].fg == [(5.0, 5.0)]
+
+
+def test_the_app_trainer_leaves_out_a_label_whose_segments_name_no_structure(tmp_path):
+    """A third review (2026-12-06): a painted label whose segments name no structure of a prompted model (Slicer's
+    "Segment_1") was read by the dataset's codes, which for the app's values are wrong truths (a BraTS core read
+    from value 1). The app's trainer leaves it out, with a warning; a named one trains."""
+    from conftest import ROOT
+    from lib.configs.dfm_vlm_3d import DFMVLM3D
+
+    cfg = DFMVLM3D()
+    cfg.init("dfm_vlm_3d", str(tmp_path), {}, None)
+    trainer = cfg.trainer()
+    assert [s.name for s in trainer.hparams.structures] == ["lesion", "vertebra"]
+    sample = ROOT / "sample_data"
+
+    class DS:
+        def datalist(self):
+            return [{"image": str(sample / f"phantom_ct_0{k}.nii.gz"),
+                     "label": str(sample / "labels" / "final" / f"phantom_ct_0{k}.nii.gz"), "segments": seg}
+                    for k, seg in ((0, {"1": "Segment_1"}), (1, {"1": "Lesion", "2": "vertebra"}), (2, None))]
+
+    got = trainer.pre_process({}, DS())
+    assert [(Path(i["image"]).name, i["segments"]) for i in got] == [
+        ("phantom_ct_01.nii.gz", '{"1": "Lesion", "2": "vertebra"}'), ("phantom_ct_02.nii.gz", "")]

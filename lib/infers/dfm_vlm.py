@@ -212,6 +212,20 @@ def request_device(value, default: str) -> str:
                       f"'cpu', 'cuda' or 'cuda:N'")
 
 
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")  # integer label maps
+
+
+def result_dtype(value) -> str | None:
+    """The request's ``result_dtype`` (OHIF asks ``uint16`` and reads the file's voxels as such; it was always
+    written uint8); None when absent; else ConfigError naming it and the choices."""
+    v = _first(value)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if not isinstance(v, str) or v.strip().lower() not in RESULT_DTYPES:
+        raise ConfigError(f"parameter 'result_dtype' {v!r} is not one of {list(RESULT_DTYPES)}")
+    return v.strip().lower()
+
+
 def device_key(device) -> str:
     """One name per device: ``cuda`` is the current CUDA device, ``cuda:N``."""
     d = torch.device(str(device))
@@ -539,12 +553,18 @@ class DFMVLMInfer(BasicInferTask):
                 for p in k.fg + k.bg:
                     mask[tuple(int(v) for v in p)] = False  # a clicked voxel is what the user said
             data["_uncertain"] = mask
-            # above every label value (a one-label model's value may be 2, the default uncertain value)
-            # and above every value of the model's, not only those asked for: with labels=lesion (1) it took 2, the
-            # vertebra's value, and Submit Label stored the uncertain region as vertebra
-            taken = [t[1] for t in targets] + [s.value for s in system.structures] + \
-                [int(v) for v in system.hparams.labels.values()]
-            data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(taken) + 1)
+        # the result's segments: a prompted model's every structure (those not asked for are empty), a free prompt's
+        # one target, or the task's labels. 3D Slicer gives the k-th name (by value) the value k, so the values are
+        # 1..N without gaps: a subset named alone ({"vertebra": 2}) showed nothing, the uncertain value 3 after
+        # {"lesion": 1} was dropped. The uncertain segment comes after them all (a one-label model's value may be 2)
+        if prompt is None and system.structures:
+            names = {s.name: int(s.value) for s in system.structures}
+        elif system.structures or prompt is not None:
+            names = {t[0]: int(t[1]) for t in targets}
+        else:
+            names = dict(self.labels) if isinstance(self.labels, dict) else {str(self.labels): 1}
+        if uncertain:
+            data["_uncertain_value"] = max([UNCERTAIN_VALUE - 1] + [int(v) for v in names.values()]) + 1
         data["_targets"] = targets
         data["_prompted"] = bool(system.structures)
         if isinstance(clicks, dict):  # after painting, a clicked voxel keeps what the user clicked it as
@@ -561,13 +581,11 @@ class DFMVLMInfer(BasicInferTask):
                     "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed,
                     "precision": inferer.precision or system.hparams.precision, "device": str(system.device)})
         if system.structures or prompt is not None:
-            res["label_names"] = {t[0]: t[1] for t in targets}  # Slicer names the segments by these
-            res["labels"] = [t[0] for t in targets]
+            res["label_names"] = dict(names)  # Slicer names the segments by these
+            res["labels"] = [t[0] for t in targets]  # what was segmented
             if prompt is not None:
                 res["prompt"] = prompt
         if uncertain:
-            names = res.get("label_names") or (dict(self.labels) if isinstance(self.labels, dict)
-                                               else {str(self.labels): 1})
             res["label_names"] = {**names, "uncertain": data["_uncertain_value"]}
         if "label_names" in res:
             res["dfm_label_names"] = dict(res["label_names"])
@@ -604,6 +622,9 @@ class DFMVLMInfer(BasicInferTask):
         ext = result_extension(request.get("result_extension"))
         if ext is not None:
             request["result_extension"] = ext
+        dtype = result_dtype(request.get("result_dtype"))
+        if dtype is not None:
+            request["result_dtype"] = dtype
         try:  # before MONAI Label merges the config into the request
             self.follow_checkpoint(self.system(device))
         except (ModelNotReady, ConfigError):
@@ -623,7 +644,7 @@ class DFMVLMInfer(BasicInferTask):
         sheared affine orthogonal; a JPEG image got a lossy JPEG label (values 0/1/2 smeared). Here: a NIfTI image's
         label is written by nibabel with the image's own affine and header, another 2D image with a geometry
         header through ITK with its affine, and a JPEG image's label is a PNG; the rest as MONAI Label writes it."""
-        dtype = dtype or "uint8"
+        dtype = dtype or data.get("result_dtype") or "uint8"  # checked in __call__ (result_dtype)
         path = data.get("image_path")
         src_ext = file_ext(path) if isinstance(path, str) else ""
         ext = extension or data.get("result_extension") or src_ext

@@ -35,7 +35,7 @@ from lib.data import case_id, patch_transforms
 from lib.evaluation import evaluate_items, make_inferer
 from lib.inferer import DFMSystem
 from lib.network import ConditionalUNet
-from lib.structures import parse_segments
+from lib.structures import painted_values, parse_segments
 from lib.transforms import image_spatial_dims, preprocess
 from lib.training import lr_at, train_loss
 from lib.vlm import VLMEncoder
@@ -240,6 +240,11 @@ class DFMVLMTrain(BasicTrainTask):
                     # loader collates a batch's items key by key, and a mapping per item would not collate; names
                     # that are not a mapping of values (set through PUT /datastore/labelinfo) skip that image
                     seg = parse_segments(d.get("segments"))
+                    if seg and self.hparams.structures and \
+                            not any(painted_values(self.hparams.structures, seg, d["label"])):
+                        logger.warning("skipping %s: its label's segments %s name no structure of this model",
+                                       d.get("image"), seg)
+                        continue
                     out.append({**d, "segments": json.dumps({str(k): v for k, v in seg.items()}) if seg else ""})
             except Exception as e:  # noqa: BLE001 - a broken study must not stop training on the others
                 logger.warning("skipping %s: %s", d.get("image"), e)
