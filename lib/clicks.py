@@ -100,6 +100,15 @@ def _is_number(v) -> bool:
         return False
 
 
+def _no_uncertain_points(request: dict) -> None:
+    """3D Slicer's DeepEdit mode sends the points of every segment it lists, ``uncertain`` included (a segment of
+    /info's labels): points placed there are no click of any structure, and were dropped without a word."""
+    pts = request.get("uncertain")
+    if isinstance(pts, (list, tuple)) and len(pts):
+        raise ClickError(f"points under 'uncertain' ({list(pts)[:3]}): the uncertain segment only shows where the "
+                         "samples disagree; place a click in a structure's segment or in 'background'")
+
+
 def parse_clicks(request: dict, label_names: Iterable[str], spatial_dims: int, shape: Sequence[int]) -> Clicks:
     """The clicks of a request, in the image's own voxel indices; raises :class:`ClickError` naming a bad point.
 
@@ -107,6 +116,7 @@ def parse_clicks(request: dict, label_names: Iterable[str], spatial_dims: int, s
     ``{"<label name>": [[x, y, z], ...], "background": [...]}`` -- points under the model's label name are
     positive. A voxel clicked both positive and negative is refused.
     """
+    _no_uncertain_points(request)
     fg: list[tuple[int, ...]] = []
     fg += _points(request.get("foreground"), "foreground", spatial_dims, shape)
     for name in label_names:
@@ -124,6 +134,7 @@ def parse_label_clicks(request: dict, names: Sequence[str], spatial_dims: int, s
     """A prompted model's clicks, per structure: points under a structure's name are positive for it, ``background``
     points negative for every structure; ``foreground`` points (DeepGrow format) belong to ``target`` (the request's
     ``label``, or the one structure asked for) and are refused when that is ambiguous."""
+    _no_uncertain_points(request)
     bg = _points(request.get("background"), "background", spatial_dims, shape)
     fg_any = _points(request.get("foreground"), "foreground", spatial_dims, shape)
     if fg_any and target is None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lib.clicks import (ClickError, Clicks, grown_region, guidance_maps, hold_maps, next_click, parse_clicks,
-                        random_clicks, scaled_grow_radius, to_network_grid, uncertain_region_centre)
+                        parse_label_clicks, random_clicks, scaled_grow_radius, to_network_grid,
+                        uncertain_region_centre)
 from lib.config import PreprocConfig
 from lib.evaluation import make_inferer, predict_item, preprocess_item
 from lib.inferer import DFMSlidingWindowInferer, WindowCache
@@ -34,6 +35,13 @@ def test_both_request_formats_give_the_same_clicks():
     assert not parse_clicks({"image": "x", "steps": 2}, ["lung"], 2, (10, 10))
     # a model whose label is named "foreground" (the config's default): each click once, not twice
     assert parse_clicks({"foreground": [[1, 2]]}, ["foreground", "background"], 2, (10, 10)).fg == [(1.0, 2.0)]
+    # Slicer's DeepEdit mode sends every segment's points, "uncertain" (one of /info's labels) too: empty is fine,
+    # points there are no click of anything and are refused (were dropped without a word)
+    assert parse_clicks({"lung": [[3, 4]], "uncertain": []}, ["lung"], 2, (10, 10)).fg == [(3.0, 4.0)]
+    for parse in (lambda r: parse_clicks(r, ["lung"], 2, (10, 10)),
+                  lambda r: parse_label_clicks(r, ["lung"], 2, (10, 10))):
+        with pytest.raises(ClickError, match="points under 'uncertain'"):
+            parse({"lung": [[3, 4]], "uncertain": [[5, 5]]})
 
 
 @pytest.mark.parametrize("request_, needle", [
