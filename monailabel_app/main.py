@@ -320,6 +320,18 @@ class DFMVLMApp(MONAILabelApp):
         ok, reason = self._infers[model].readiness()
         if not ok:
             raise HTTPException(status_code=503, detail=f"model {model!r} is not ready: {reason}")
+        task = self._infers[model]
+        if getattr(task, "interactive", False):  # Slicer's DeepEdit mode sends the points of every /info label
+            def names(t):
+                return list(t.labels) if isinstance(t.labels, (dict, list, tuple)) else [t.labels]
+
+            mine = set(names(task))
+            stray = sorted({n for t in self._infers.values() for n in names(t)} - mine - {"background", "foreground"})
+            stray = [n for n in stray if isinstance(request.get(n), (list, tuple)) and len(request.get(n))]
+            if stray:  # another model's segment: the points did nothing, without a word
+                raise HTTPException(status_code=422, detail=f"{model}: points under {stray}, which is not a label of "
+                                                            f"this model ({sorted(mine - {'background'})}); select one "
+                                                            "of its segments or 'background'")
         try:
             # MONAI Label tests the raw value: "false" (a string) saved the label
             request["save_label"] = _as_bool("save_label", request.get("save_label", False))

@@ -246,17 +246,19 @@ def test_next_sample_by_uncertainty_survives_a_publish_failures_removals_and_doe
     broken = {"case0", "case2"}
     with pytest.raises(InputError, match="case0: case0: no text"):
         strategy({"strategy": "s"}, ds2)
-    # records edited by hand (PUT /datastore/imageinfo): a score that is no number is not ranked, a 'strategy'
+    # records edited by hand (PUT /datastore/imageinfo): a score that is no number is scored again, a 'strategy'
     # record that is not one counts as never handed out (a review: 500s)
     broken = set()
     ds3 = DS({"case0": images["case0"], "case2": images["case2"]})
     strategy({"strategy": "s"}, ds3)
     ds3.info["case0"][scoring.key] = None
     ds3.info["case2"]["strategy"] = "x"
-    assert strategy({"strategy": "s"}, ds3)["id"] == "case2"
+    calls.clear()
+    assert strategy({"strategy": "s"}, ds3)["id"] == "case0" and calls == [("case0", 2)]
     ds3.info["case2"][scoring.key] = float("nan")
-    with pytest.raises(InputError, match="could be scored"):
-        strategy({"strategy": "s"}, ds3)
+    calls.clear()
+    strategy({"strategy": "s"}, ds3)
+    assert calls == [("case2", 2)] and ds3.info["case2"][scoring.key] == value["case2"]
 
 
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):

@@ -163,6 +163,10 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
                            ({"result_write_to_file": False, "steps": 1}, "'result_write_to_file' false")):
         r = _infer(server, "dfm_vlm_2d", "phantom_xray_05", params)
         assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
+    # points under another model's label (Slicer's DeepEdit mode sends every /info label's): were ignored silently
+    for params, phrase in (({"lesion": [[5, 5, 0]], "lung": [], "steps": 1}, "points under ['lesion']"),):
+        r = _infer(server, "dfm_vlm_2d_interactive", "phantom_xray_05", params)
+        assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
     assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"save_label": "false", "steps": 1}).status_code == 200
     labels = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]["phantom_xray_05"]
     assert "original" not in labels["labels"] and "final" not in labels["labels"], labels

@@ -84,8 +84,9 @@ class DFMUncertaintyScoring(ScoringMethod):
         return os.stat(path).st_mtime_ns
 
     def is_current(self, info: dict, model_ts: int, num_samples: int) -> bool:
-        """A score is reused only when the served checkpoint made it with the same number of samples."""
-        return self.key in info and info.get(f"{self.key}_ts") == model_ts \
+        """A score is reused only when the served checkpoint made it with the same number of samples, and it is a
+        number (one edited to null or NaN is scored again)."""
+        return self.key in info and _finite(info[self.key]) and info.get(f"{self.key}_ts") == model_ts \
             and info.get(f"{self.key}_num_samples") == num_samples
 
     def __call__(self, request, datastore: Datastore):
