@@ -326,20 +326,21 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 label_filename = shutil.move(binary_to_image(image_uri, label_filename),
                                              os.path.join(tmp_dir, "label.nii.gz"))
             try:  # before anything is converted, uploaded or cached: a refused label replaces nothing
-                check_label_file(label_filename, image_uri, image_id)
-                label_info = with_segments(label_info, label_filename, image_id)
+                present = check_label_file(label_filename, image_uri, image_id)
+                label_info = with_segments(label_info, present, image_id)
             except InputError as e:
                 raise HTTPException(status_code=422, detail=str(e)) from None
-            return self._save_checked_label(image_id, label_filename, label_tag, dict(label_info or {}))
+            return self._save_checked_label(image_id, label_filename, label_tag, dict(label_info or {}), present)
 
-    def _save_checked_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+    def _save_checked_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
+                            present: list[int]) -> str:
         from monailabel.datastore.utils.convert import nifti_to_dicom_seg
         from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 
         # MONAI Label pairs the i-th label value present in the file with label_info[i]: build the list in that order,
         # named by value from the models' label maps (the prompted sample model: lesion = 1, vertebra = 2) unless the
         # client sent its own, and give each segment its real value as labelID (dcmqi reads the voxels by it)
-        values = _label_values(label_filename)
+        values = present or [1]  # dcmqi needs a segment to describe, even for an empty label
         given = label_info.get("label_info")
         names = getattr(self, "default_label_names", None) or {}
         segments = label_info.get("segments") or {}
@@ -462,9 +463,10 @@ def check_name(value, what: str) -> str:
     return value
 
 
-def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
+def check_label_file(label_path: str, image_path: str, image_id: str) -> list[int]:
     """A label must be a readable image with the image's spatial shape and finite non-negative integer values
-    (a label map); raises InputError naming what is wrong."""
+    (a label map); raises InputError naming what is wrong. Returns its non-zero values, ascending (read once:
+    :func:`label_segments` and the SEG conversion pair names with them)."""
     import numpy as np
     from monai.transforms import LoadImage
 
@@ -511,6 +513,7 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> None:
     if (lab < 0).any() or (np.round(lab) != lab).any() or lab.max() > 255:
         raise InputError(f"the label sent for {image_id!r} is not a label map (values must be integers 0..255; "
                          f"got min {float(lab.min()):g}, max {float(lab.max()):g})")
+    return [int(v) for v in np.unique(lab.astype(np.int64)) if v != 0]
 
 
 INDEX_NAME = "datastore_v2.json"  # MONAI Label 0.8.5's LocalDatastore index in the studies folder
@@ -602,8 +605,8 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
         if not self._datastore.objects.get(image_id):
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
         try:
-            check_label_file(label_filename, self.get_image_uri(image_id), image_id)
-            label_info = with_segments(label_info, label_filename, image_id)
+            present = check_label_file(label_filename, self.get_image_uri(image_id), image_id)
+            label_info = with_segments(label_info, present, image_id)
         except InputError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
         return self._store_label(image_id, label_filename, label_tag or "final", label_info)
@@ -626,18 +629,19 @@ def seg_segments(folder: str) -> dict[str, str]:
     return {}
 
 
-def with_segments(label_info: dict | None, label_filename: str, image_id: str) -> dict:
+def with_segments(label_info: dict | None, present: list[int], image_id: str) -> dict:
     """``label_info`` with the ``segments`` the client named (:func:`label_segments`), or without when it named none."""
     info = dict(label_info or {})
-    seg = label_segments(label_filename, info, image_id)
+    seg = label_segments(present, info, image_id)
     info.pop("segments", None)
     if seg:
         info["segments"] = seg
     return info
 
 
-def label_segments(label_filename: str, label_info: dict | None, image_id: str) -> dict[str, str]:
-    """The names a client gave the values of a label (``{"<value>": name}``), from the request's ``label_info``:
+def label_segments(present: list[int], label_info: dict | None, image_id: str) -> dict[str, str]:
+    """The names a client gave the values of a label (``{"<value>": name}``; ``present``: the non-zero values in the
+    file, ascending), from the request's ``label_info``:
     3D Slicer's *Submit Label* sends ``[{"name": segment, "idx": position}, ...]`` and numbers the exported segments
     1, 2, ... in that order (its ``idx`` also counts segments it leaves out); entries with
     ``segmentAttribute.labelID`` name that value; other entries are paired with the non-zero values in the file, in
@@ -658,7 +662,6 @@ def label_segments(label_filename: str, label_info: dict | None, image_id: str) 
             raise InputError(f"the label_info sent for {image_id!r} is not JSON: {given[:200]!r}") from None
     if isinstance(given, dict):  # one segment
         given = [given]
-    present = [v for v in _label_values(label_filename, empty=[]) if v]
     pairs = []
     if given:
         if not isinstance(given, list) or not all(isinstance(x, dict) for x in given):
@@ -720,13 +723,3 @@ def _integral(value) -> int | None:
     except ValueError:
         return None
     return int(f) if math.isfinite(f) and f.is_integer() else None
-
-
-def _label_values(path, empty=(1,)) -> list[int]:
-    """The non-zero values of a label file, ascending (the order MONAI Label's SEG conversion pairs them in);
-    ``empty`` when there are none."""
-    from monai.transforms import LoadImage
-
-    arr = np.asarray(LoadImage(image_only=True)(str(path)))
-    vals = np.unique(arr.astype(np.int64))
-    return [int(v) for v in vals if v != 0] or list(empty)

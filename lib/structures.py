@@ -217,13 +217,13 @@ class StructureTruthd(MapTransform):
         self.structures = list(structures)
 
     def __call__(self, data):
-        from .transforms import one_channel_label
+        from .transforms import _name, one_channel_label
 
         d = dict(data)
         segments = parse_segments(d.pop("segments", None))
         for key in self.key_iterator(d):
             lab = one_channel_label(d, key)
-            painted = painted_values(self.structures, segments, _where(d, key)) if segments else None
+            painted = painted_values(self.structures, segments, _name(d, key)) if segments else None
             if painted is None:
                 chans = [structure_truth(lab, s.truth) for s in self.structures]
             else:  # an unknown structure: a channel of NaN (RandStructured does not draw it, evaluate skips it)
@@ -234,11 +234,6 @@ class StructureTruthd(MapTransform):
             else:
                 d[key] = np.concatenate(chans)
         return d
-
-
-def _where(d: Mapping, key) -> str:
-    meta = getattr(d.get(key), "meta", None) or {}
-    return str(meta.get("filename_or_obj") or "a label")
 
 
 class RandStructured(Randomizable, MapTransform):

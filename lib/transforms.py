@@ -402,9 +402,9 @@ class BinarizeLabeld(MapTransform):
         for key in self.key_iterator(d):
             lab = one_channel_label(d, key)
             if segments:
-                arr = torch.as_tensor(lab) if isinstance(lab, torch.Tensor) else torch.as_tensor(np.asarray(lab))
-                fg = (arr.round() != 0) & ~torch.isin(arr.round().long(), torch.tensor(painted_not_foreground(segments),
-                                                                                        dtype=torch.long))
+                values = torch.as_tensor(lab if isinstance(lab, torch.Tensor) else np.asarray(lab)).round().long()
+                fg = (values != 0) & ~torch.isin(values, torch.tensor(painted_not_foreground(segments),
+                                                                       dtype=torch.long))
                 d[key] = (lab * 0 + fg.float()) if isinstance(lab, torch.Tensor) else fg.numpy().astype(np.float32)
             else:
                 d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) else \

@@ -157,10 +157,9 @@ class DFMUncertaintyStrategy(Strategy):
             # one meanwhile (was: ranked by the newer one's, of which there were none: "no more images")
             ts, m, failed = res.get("model_ts", ts), res.get("num_samples", m), res.get("failed") or {}
             infos = {i: datastore.get_image_info(i) for i in candidates}
-        # only scores of one checkpoint with one M: never old and new models' scores side by side (and numbers: a
-        # score edited to null or NaN through PUT /datastore/imageinfo was a 500)
-        scored = [(float(infos[i][key]), i) for i in candidates if self.scoring.is_current(infos[i], ts, m)
-                  and _finite(infos[i][key])]
+        # only scores of one checkpoint with one M: never old and new models' scores side by side (is_current: and
+        # numbers -- a score edited to null or NaN through PUT /datastore/imageinfo was a 500)
+        scored = [(float(infos[i][key]), i) for i in candidates if self.scoring.is_current(infos[i], ts, m)]
         if not scored:
             why = "; ".join(f"{i}: {e}" for i, e in list(failed.items())[:5]) or res_error
             raise InputError(f"no unlabelled image could be scored for {self.scoring.model}"

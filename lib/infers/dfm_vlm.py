@@ -564,7 +564,7 @@ class DFMVLMInfer(BasicInferTask):
         else:
             names = dict(self.labels) if isinstance(self.labels, dict) else {str(self.labels): 1}
         if uncertain:
-            data["_uncertain_value"] = max([UNCERTAIN_VALUE - 1] + [int(v) for v in names.values()]) + 1
+            data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(names.values(), default=0) + 1)
         data["_targets"] = targets
         data["_prompted"] = bool(system.structures)
         if isinstance(clicks, dict):  # after painting, a clicked voxel keeps what the user clicked it as
