@@ -261,6 +261,65 @@ def test_next_sample_by_uncertainty_survives_a_publish_failures_removals_and_doe
     assert calls == [("case2", 2)] and ds3.info["case2"][scoring.key] == value["case2"]
 
 
+def test_next_sample_scores_for_at_most_its_budget_most_uncertain_first_and_ranks_only_current_scores(tmp_path,
+                                                                                                        ckpt3d):
+    """MONAI Label runs a strategy on the server's event loop (``api_sample`` is ``async`` and calls it directly): after
+    a training published a checkpoint, Next Sample rescored every unlabelled image inside the request, and the server
+    answered nothing else meanwhile (42 s on the 3 sample volumes, /info included). It now scores for at most
+    ``scoring_s`` seconds (at least one image), the stale images in the order of their last score, and ranks only the
+    scores the served checkpoint made; the next Next Samples (or MONAI Label's background scoring) score the rest."""
+    from lib.activelearning.uncertainty import SCORE, DFMUncertaintyScoring, DFMUncertaintyStrategy
+    from lib.transforms import InputError
+
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    ids = [f"case{k}" for k in range(5)]
+    image = write_phantom_case(tmp_path / "studies", "case", shape=(16, 16, 8))["image"]
+    new = {"case0": 0.1, "case1": 0.5, "case2": 0.2, "case3": 0.9, "case4": 0.3}  # the new checkpoint's scores
+    old = {"case0": 0.7, "case1": 0.6, "case2": 0.1, "case3": 0.2, "case4": 0.5}  # the last checkpoint's
+    clock, calls = [0.0], []
+
+    class Scoring(DFMUncertaintyScoring):  # each image takes 4 s on this clock
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            calls.append(image_id)
+            clock[0] += 4.0
+            if image_id in broken:
+                raise InputError(f"{image_id}: no text")
+            return {SCORE: new[image_id]}
+
+    broken = set()
+
+    scoring = Scoring(task, "dfm_vlm_3d", num_samples=2)
+    scoring.clock = lambda: clock[0]
+    key, ts = scoring.key, scoring.model_ts()
+    ds = _MemoryDatastore({i: image for i in ids},
+                          info={i: {key: old[i], f"{key}_ts": ts - 1, f"{key}_num_samples": 2} for i in ids})
+    strategy = DFMUncertaintyStrategy(scoring, scoring_s=10)
+    r = strategy({"strategy": "s"}, ds)
+    # 3 images in the 10 s (the third starts at 8 s), the highest old scores first; the answer is the best of those
+    assert calls == ["case0", "case1", "case4"], calls
+    assert r["id"] == "case1" and r[key] == new["case1"] and r[f"{key}_ranked"] == 3 and r[f"{key}_pending"] == 2
+    assert ds.info["case3"][f"{key}_ts"] == ts - 1  # not scored yet: its old score is not ranked beside the new
+    calls.clear()
+    r = strategy({"strategy": "s", "scoring_s": 0}, ds)  # the next one: one more image, the rest already current
+    assert calls == ["case3"] and r["id"] == "case3" and r[f"{key}_pending"] == 1
+    calls.clear()
+    assert scoring({}, ds)["executed"] == 1 and calls == ["case2"]  # the background scoring: no deadline
+    calls.clear()
+    r = strategy({"strategy": "s", "scoring_s": 0}, ds)
+    assert calls == [] and r[f"{key}_ranked"] == 5 and r[f"{key}_pending"] == 0
+    for bad in (-1, "x", float("nan"), float("inf"), True):
+        with pytest.raises(InputError, match="scoring_s"):
+            strategy({"strategy": "s", "scoring_s": bad}, ds)
+    # a budget spent before any image could be scored still scores until one is: never "no more images"
+    fresh = _MemoryDatastore({"case0": image, "case1": image, "case2": image})
+    calls.clear()
+    assert strategy({"strategy": "s", "scoring_s": 0}, fresh)["id"] == "case0" and calls == ["case0"]
+    fresh = _MemoryDatastore({"case0": image, "case1": image, "case2": image})
+    broken = {"case0"}
+    calls.clear()
+    assert strategy({"strategy": "s", "scoring_s": 0}, fresh)["id"] == "case1" and calls == ["case0", "case1"]
+
+
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):
     """Found by a review: with --conf dfm_vlm_3d_checkpoint X, a dfm_vlm_3d.pt that an earlier session had published
     into model_dir (shared by every --studies) was served instead of X, silently. X is served until a training here

@@ -10,9 +10,10 @@ core path (:func:`lib.evaluation.predict_item`, ``num_samples=M``) and stores in
   ``{model}_uncertainty_num_samples`` (M): an image is rescored when the model or M changed.
 
 ``DFMUncertaintyStrategy`` serves the unlabelled image with the highest *current* score that was not handed out in
-the last hour (scoring first the images whose score is missing or was made by another checkpoint: it ranked old and
-new models' scores together after a training published a new checkpoint; the M of a ``POST /scoring`` that scored
-every image is kept).
+the last hour. Images whose score is missing or was made by another checkpoint are scored first, for at most
+``scoring_s`` seconds (MONAI Label runs the strategy on the server's event loop), and only current scores are ranked
+(it ranked old and new models' scores together after a training published a new checkpoint); the M of a
+``POST /scoring`` that scored every image is kept.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class DFMUncertaintyScoring(ScoringMethod):
         self.num_samples = num_samples
         self.score = score
         self.key = f"{model}_uncertainty"
+        self.clock = time.monotonic  # the budget's clock (Next Sample's deadline)
 
     def info(self):
         i = super().info()
@@ -89,7 +91,12 @@ class DFMUncertaintyScoring(ScoringMethod):
         return self.key in info and _finite(info[self.key]) and info.get(f"{self.key}_ts") == model_ts \
             and info.get(f"{self.key}_num_samples") == num_samples
 
-    def __call__(self, request, datastore: Datastore):
+    def __call__(self, request, datastore: Datastore, deadline: float | None = None):
+        """Score every candidate whose score is not current (MONAI Label's ``POST /scoring`` and its background scoring
+        after each Next Sample). With ``deadline`` (on ``self.clock``; the strategy's budget) it stops once that
+        has passed, it has scored one image and at least one candidate has a current score, the images it did not reach counted in
+        ``pending``. Stale images are scored in the order of their last score, highest first (images never scored
+        before them): the most uncertain under the last model are the likeliest to be so under this one."""
         t0 = time.time()
         try:
             model_ts = self.model_ts()
@@ -103,12 +110,15 @@ class DFMUncertaintyScoring(ScoringMethod):
                                   f"variance), got {num_samples}")
         except ConfigError as e:
             return {"error": str(e)}
-        done, skipped, failed = 0, 0, {}
-        for image_id in self.candidates(datastore):
-            info = datastore.get_image_info(image_id)
-            if self.is_current(info, model_ts, num_samples):
-                skipped += 1
-                continue
+        infos = {i: datastore.get_image_info(i) or {} for i in self.candidates(datastore)}
+        stale = [i for i, info in infos.items() if not self.is_current(info, model_ts, num_samples)]
+        stale.sort(key=lambda i: -infos[i][self.key] if _finite(infos[i].get(self.key)) else -math.inf)
+        done, failed, pending = 0, {}, 0
+        skipped = len(infos) - len(stale)
+        for n, image_id in enumerate(stale):
+            if deadline is not None and n and self.clock() >= deadline and done + skipped > 0:
+                pending = len(stale) - n
+                break
             try:
                 s = self.score_image(image_id, datastore, num_samples)
                 datastore.update_image_info(image_id, {self.key: s[self.score], f"{self.key}_detail": s,
@@ -124,8 +134,8 @@ class DFMUncertaintyScoring(ScoringMethod):
                 logger.warning("%s: %s was removed while scoring: skipped", self.key, image_id)
                 continue
             done += 1
-        return {"executed": done, "skipped": skipped, "failed": failed, "latency": round(time.time() - t0, 2),
-                "model_ts": model_ts, "num_samples": num_samples}
+        return {"executed": done, "skipped": skipped, "failed": failed, "pending": pending,
+                "latency": round(time.time() - t0, 2), "model_ts": model_ts, "num_samples": num_samples}
 
 
 class DFMUncertaintyStrategy(Strategy):
@@ -133,10 +143,11 @@ class DFMUncertaintyStrategy(Strategy):
     (MONAI Label's ``Epistemic`` keeps the same rule: two annotators asking one after the other, or one who skips an
     image, got the same image again); when every image was handed out within it, the one handed out longest ago."""
 
-    def __init__(self, scoring: DFMUncertaintyScoring, reset: int = 3600):
+    def __init__(self, scoring: DFMUncertaintyScoring, reset: int = 3600, scoring_s: float = 10.0):
         super().__init__(f"Most uncertain unlabelled image for {scoring.model} (DFM sampler variance)")
         self.scoring = scoring
         self.reset = reset
+        self.scoring_s = scoring_budget(scoring_s)
 
     def __call__(self, request, datastore: Datastore):
         key = self.scoring.key
@@ -150,8 +161,15 @@ class DFMUncertaintyStrategy(Strategy):
         infos = {i: datastore.get_image_info(i) for i in candidates}
         m = self._num_samples(infos, ts)
         failed, res_error = {}, None
+        budget = scoring_budget(request.get("scoring_s", self.scoring_s))
+        pending = 0
         if not all(self.scoring.is_current(infos[i], ts, m) for i in candidates):
-            res = self.scoring({"num_samples": m}, datastore)
+            # MONAI Label runs a strategy on the server's event loop: every other request (/info, /infer) waits for
+            # it. So it scores for at most `scoring_s` seconds (at least one image, and until one has a score); the rest are scored by MONAI
+            # Label's background scoring, started after every Next Sample, or by the next Next Samples (it scored
+            # every stale image here: 42 s with the server answering nothing after a training on 3 sample volumes)
+            res = self.scoring({"num_samples": m}, datastore, deadline=self.scoring.clock() + budget)
+            pending = res.get("pending", 0)
             res_error = res.get("error")
             # the scores it made are of the checkpoint it stamped them with, even if a training published a newer
             # one meanwhile (was: ranked by the newer one's, of which there were none: "no more images")
@@ -168,9 +186,9 @@ class DFMUncertaintyStrategy(Strategy):
         served = {i: _served_at(infos[i], request.get("strategy")) for _, i in scored}
         fresh = [(score, i) for score, i in scored if now - served[i] >= self.reset]
         score, image = max(fresh) if fresh else min(scored, key=lambda si: (served[si[1]], -si[0]))
-        logger.info("%s: next image %s (score %.5g of %d; %d handed out in the last %d s)", key, image, score,
-                    len(scored), len(scored) - len(fresh), self.reset)
-        return {"id": image, key: score}
+        logger.info("%s: next image %s (score %.5g of %d; %d handed out in the last %d s; %d not yet scored by this "
+                    "checkpoint)", key, image, score, len(scored), len(scored) - len(fresh), self.reset, pending)
+        return {"id": image, key: score, f"{key}_ranked": len(scored), f"{key}_pending": pending}
 
     def _num_samples(self, infos: dict, ts: int) -> int:
         """The M to rank by: the default, unless every current score was made with another M by one explicit
@@ -179,6 +197,18 @@ class DFMUncertaintyStrategy(Strategy):
         ms = {info.get(f"{key}_num_samples") for info in infos.values()
               if key in info and info.get(f"{key}_ts") == ts}
         return ms.pop() if len(ms) == 1 and None not in ms else self.scoring.num_samples
+
+
+def scoring_budget(value) -> float:
+    """The seconds Next Sample may spend scoring (``scoring_s``: a finite number >= 0; 0 = one image at most)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        f = math.nan
+    if isinstance(value, bool) or not math.isfinite(f) or f < 0:
+        raise InputError(f"parameter 'scoring_s' (the seconds Next Sample may spend scoring images) must be a number "
+                         f">= 0, got {value!r}")
+    return f
 
 
 def _finite(v) -> bool:

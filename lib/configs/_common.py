@@ -8,6 +8,8 @@ Conf keys (``--conf KEY VALUE``), ``<name>`` being the model (config module) nam
 * ``vlm``: a VLM folder or hub id replacing the one recorded in the checkpoints
 * ``interactive``: also serve ``<name>_interactive`` (clicks; default ``true``)
 * ``uncertainty_samples``: M, the samples per image for uncertainty scoring (default 4)
+* ``next_sample_scoring_s``: the seconds a Next Sample may spend scoring images not yet scored by the served
+  checkpoint (default 10; at least one image; the server answers nothing else meanwhile)
 """
 
 from __future__ import annotations
@@ -132,4 +134,5 @@ class DFMTaskConfig(TaskConfig):
         from lib.activelearning.uncertainty import DFMUncertaintyStrategy
 
         scoring = self.scoring_method()[f"{self.name}_uncertainty"]
-        return {f"{self.name}_uncertainty": DFMUncertaintyStrategy(scoring)}
+        budget = self.conf.get("next_sample_scoring_s", 10)
+        return {f"{self.name}_uncertainty": DFMUncertaintyStrategy(scoring, scoring_s=budget)}
