@@ -741,7 +741,7 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
     entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.5))
     auto, task = interactive_task.infer(), interactive_task.interactive_infer()
     assert task.type == "deepedit" and auto.type == "segmentation" and task.dimension == 3
-    assert task.labels == {"lesion": 1, "background": 0}  # Slicer's DeepEdit mode: negative clicks on "background"
+    assert task.labels == {"lesion": 1, "background": 255}  # DeepEdit: negative clicks on "background" (255: OHIF)
     assert task.system("cpu") is auto.system("cpu")  # one checkpoint, one model copy
     _, a = auto({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu"})
     lab = np.asarray(a["pred"])
@@ -815,7 +815,7 @@ def test_the_uncertain_segment_marks_where_the_samples_disagree(tmp_path, intera
     lab, base = np.asarray(d["pred"]), np.asarray(plain["pred"])
     unc = lab == 2
     assert unc.any() and set(np.unique(lab).tolist()) <= {0, 1, 2}
-    assert d["result"]["label_names"] == {"lesion": 1, "background": 0, "uncertain": 2}
+    assert d["result"]["label_names"] == {"lesion": 1, "uncertain": 2}
     assert np.array_equal(lab[~unc], base[~unc])  # elsewhere the same label
     assert lab[20, 18, 10] == 1 and lab[2, 2, 2] == 0  # never on a clicked voxel
     # click right into the uncertain region: those voxels come back as clicked, not as "uncertain"

@@ -49,6 +49,40 @@ def _infer(server, model, image, params=None, files=None):
 
 
 @needs_defaults
+def test_ohif_s_panel_paints_every_structure_of_a_click_result_with_its_own_segment(client):
+    """The OHIF v3 panel shipped with monailabel 0.8.5 maps a result's values to its segments by the names it asked
+    for; a name that is not among the model's labels, or whose value is 0, takes its *position* in that list
+    (``tests/ohif_panel.py``, from the bundle's source). With ``"background": 0`` among the interactive model's
+    labels, a negative click after a click on ``lesion`` put ``background`` second: the vertebra (value 2) was
+    painted as OHIF's "background" segment. Every order of clicked labels, both interactive models, and Run."""
+    import itertools
+
+    import ohif_panel
+
+    bundle = ohif_panel.panel_bundle()
+    assert bundle is not None, "monailabel's OHIF bundle with the MONAI Label panel is missing"
+    text = bundle.read_text(encoding="utf-8", errors="replace")
+    missing = [line for line in ohif_panel.PANEL_LINES if line not in text]
+    assert not missing, f"the shipped OHIF panel changed ({bundle.name}); look again at: {missing}"
+    info = client.info()
+    for model, m in info["models"].items():
+        values = ohif_panel.model_values(info, model)
+        structures = {n: v for n, v in values.items() if n != "background"}
+        if m["type"] == "segmentation":  # Run (Auto-Segmentation): the model's label names, sorted
+            runs = [sorted(values)]
+        else:  # Point Prompts: the labels clicked so far, in the order first clicked
+            assert m["type"] == "deepedit" and "background" in values, m
+            runs = [list(p) for k in range(1, len(values) + 1) for p in itertools.permutations(values, k)]
+        for asked in runs:
+            got = ohif_panel.painted(info, model, asked, structures.values())
+            wrong = {v: seg for v, seg in got.items() if seg is not None and seg != {v: n for n, v in
+                                                                                    structures.items()}[v]}
+            assert not wrong, f"{model}, clicks on {asked}: values painted as other segments: {wrong}"
+            shown = {v for v, seg in got.items() if seg is not None}
+            assert shown >= {structures[n] for n in asked if n in structures}, (model, asked, got)
+
+
+@needs_defaults
 def test_info_lists_models_labels_parameters_and_strategies(client):
     info = client.info()
     assert set(info["models"]) == {"dfm_vlm_2d", "dfm_vlm_3d", "dfm_vlm_2d_interactive", "dfm_vlm_3d_interactive"}, \
@@ -61,7 +95,7 @@ def test_info_lists_models_labels_parameters_and_strategies(client):
     # the sample 3D model is prompted: two structures, each chosen by its text prompt, one map for both
     assert m3["labels"] == {"lesion": 1, "vertebra": 2} and m3["dimension"] == 3 and m3["type"] == "segmentation"
     # Slicer's DeepEdit mode places negative points on "background"
-    assert info["models"]["dfm_vlm_3d_interactive"]["labels"] == {**m3["labels"], "background": 0}
+    assert info["models"]["dfm_vlm_3d_interactive"]["labels"] == {**m3["labels"], "background": 255}
     assert info["models"]["dfm_vlm_2d"]["labels"] == {"lung": 1}
     # the segments Slicer makes: "background" last (its Submit Label idx counts it), "uncertain" before it (without
     # that segment Slicer drops the uncertain voxels of a result)

@@ -29,6 +29,7 @@ from lib.infers.dfm_vlm import live_paths
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+BACKGROUND_CLICKS = 255  # the interactive models' "background" label (negative clicks; see interactive_infer)
 SAMPLE_MODELS = REPO / "sample_data" / "models"
 
 
@@ -103,9 +104,12 @@ class DFMTaskConfig(TaskConfig):
 
         if self._interactive is None:
             auto = self.infer()
-            # "background": 0 gives Slicer's DeepEdit (multi-label) mode a segment to place negative clicks on
-            # (it sends the points of every label name; OHIF v3 too); OHIF v2 sends foreground/background lists
-            labels = {**self.labels, "background": 0}
+            # "background" names the segment negative clicks are placed on (DeepEdit's points by label name). Its
+            # value is 255, which no result uses (a result's background is 0): the OHIF v3 panel of monailabel 0.8.5
+            # paints a name whose value is 0 with its position among the names it asked for, so with 0 a negative
+            # click painted the lungs, or the vertebra after a lesion click, as OHIF's "background" segment; it
+            # leaves 255 alone. 3D Slicer drops "background" by name and numbers the other names by value.
+            labels = {**self.labels, "background": BACKGROUND_CLICKS}
             self._interactive = DFMVLMInfer(path=self.path, labels=labels, dimension=self.dimension,
                                             description=f"{self.DESCRIPTION}; interactive: foreground/background "
                                                         "clicks", vlm=self.vlm,

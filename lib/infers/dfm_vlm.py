@@ -562,7 +562,8 @@ class DFMVLMInfer(BasicInferTask):
         elif system.structures or prompt is not None:
             names = {t[0]: int(t[1]) for t in targets}
         else:
-            names = dict(self.labels) if isinstance(self.labels, dict) else {str(self.labels): 1}
+            names = {n: int(v) for n, v in self.labels.items() if n != "background"} \
+                if isinstance(self.labels, dict) else {str(self.labels): 1}
         if uncertain:
             data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(names.values(), default=0) + 1)
         data["_targets"] = targets
