@@ -506,6 +506,38 @@ def test_clicks_through_monailabel_client_label_the_clicked_voxels(client, serve
     assert server.alive()
 
 
+@needs_defaults
+def test_ohif_s_point_prompt_request_comes_back_as_the_raw_volume_the_panel_paints(client, server):
+    """The request the shipped OHIF panel sends for a deepedit model (Point Prompts: the points of every label clicked
+    so far by name, ``background`` too, NRRD uint8 uncompressed, ``restore_label_idx`` false) and what it does with
+    the answer (``SegmentationReader.parseNrrdData``: the raw bytes as uint8 voxels in the volume's order, x fastest;
+    ``updateView``: values to segments by ``tests/ohif_panel.py``): every clicked voxel painted as clicked, the
+    lesion as OHIF's lesion segment, and the bytes are the NIfTI answer's voxels in i, j, k order."""
+    import ohif_panel
+
+    image, model = "phantom_ct_06", "dfm_vlm_3d_interactive"
+    auto_file, _ = client.infer("dfm_vlm_3d", image, {"steps": 2})
+    auto = np.asarray(nib.load(auto_file).dataobj)
+    fg = [list(map(int, p)) for p in np.argwhere(auto == 0)[::1999][:2]]
+    bg = [list(map(int, p)) for p in np.argwhere(auto == 1)[::499][:2]]
+    ohif = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False,
+            "restore_label_idx": False, "background": bg, "lesion": fg, "steps": 2}
+    r = _infer(server, model, image, ohif)
+    assert r.status_code == 200, r.text
+    head, _, raw = r.content.partition(b"\n\n")
+    fields = dict(line.split(": ", 1) for line in head.decode().splitlines()[1:] if ": " in line)
+    assert fields["type"] in ("unsigned char", "uchar", "uint8") and fields["encoding"] == "raw", fields
+    sizes = tuple(int(v) for v in fields["sizes"].split())
+    assert sizes == auto.shape and len(raw) == auto.size
+    vol = np.frombuffer(raw, np.uint8).reshape(sizes, order="F")
+    label_file, res = client.infer(model, image, {k: v for k, v in ohif.items() if not k.startswith("result_")})
+    assert np.array_equal(vol, np.asarray(nib.load(label_file).dataobj)), "NRRD bytes and the NIfTI answer differ"
+    assert all(vol[tuple(p)] == 1 for p in fg) and all(vol[tuple(p)] == 0 for p in bg)
+    info = client.info()
+    shown = ohif_panel.painted(info, model, ["lesion", "background"], np.unique(vol[vol > 0]))
+    assert shown == {1: "lesion", 2: None} or shown == {1: "lesion"}, shown  # the vertebra: not asked, not painted
+
+
 def test_two_annotators_saving_one_image_at_once_leave_one_whole_label(server, tmp_path):
     """Concurrent PUT /datastore/label on one image: both answered, the stored file is exactly one of the two, and it
     is listed. This shows the behaviour a client sees; it cannot prove the lock (MONAI Label's save endpoint is
