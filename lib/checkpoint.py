@@ -347,6 +347,50 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                             source_format=fmt, notes=notes)
 
 
+def upgrade_checkpoint(src: str | os.PathLike, out: str | os.PathLike, vlm: str | None = None) -> dict:
+    """Rewrite a checkpoint of an earlier version in this version's format, the model unchanged: every setting the
+    loader fills in (the notes it logs at each load: missing sections or keys, ``vlm.view`` of a checkpoint from
+    before views, the old ``max_batch_voxels``) written out as it is read, and the fingerprint of the VLM it is
+    served with recorded (the loader then refuses another VLM of the same size, which it cannot for a checkpoint
+    without one). ``vlm``: where its VLM is, if not where it says (the new file names that). The VLM's name stays
+    as written (a folder relative to the checkpoint stays relative). The new file must load without notes and give
+    the same probabilities, bit for bit, on a probe window with a fixed seed; else nothing is written. Returns
+    ``{"notes": [...the notes it no longer needs...], "fingerprint": added or not}``."""
+    src, out = Path(src), Path(out)
+    system = load_system(src, vlm=vlm)  # checks the VLM: its size, and a fingerprint already recorded
+    ck = system.checkpoint
+    hp = ck.hparams
+    added = hp.model.cond_dim is not None and hp.vlm.fingerprint is None
+    if hp.model.cond_dim is not None:
+        hp = dataclasses.replace(hp, vlm=dataclasses.replace(
+            hp.vlm, name_or_path=vlm or hp.vlm.name_or_path, fingerprint=system.vlm.fingerprint))
+    obj = _torch_load(src, "cpu")
+    standard = {"format", "format_version", "library_version", "created", "hyper_parameters", "state_dict",
+                "metrics"}
+    extra = {k: v for k, v in obj.items() if k not in standard} if obj.get("format") == FORMAT else {}
+    extra["upgraded_from"] = {"library_version": ck.library_version, "created": obj.get("created"),
+                              "format": ck.source_format}
+    tmp = out.with_name(f".{out.name}.upgrade-{secrets.token_hex(4)}.tmp")
+    try:
+        save_checkpoint(tmp, ck.model, hp, metrics=ck.metrics, extra=extra)
+        new = load_system(tmp, vlm=vlm or system.hparams.vlm.name_or_path)  # the folder it was served from
+        if new.checkpoint.notes:
+            raise CheckpointError(f"{src}: the upgraded file still loads with notes: {new.checkpoint.notes}")
+        g = torch.Generator().manual_seed(0)
+        patch = list(hp.preprocessing.patch_size)
+        window = torch.rand([2, hp.model.in_channels, *patch], generator=g)
+        texts = system.texts_for(None, 2) if hasattr(system, "texts_for") else None
+        a, b = (s.predict_windows(window, texts, [11, 12], steps=2, num_samples=2, precision="fp32")
+                for s in (system, new))
+        if not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])):
+            raise CheckpointError(f"{src}: the upgraded file predicts differently (max difference "
+                                  f"{(a[0] - b[0]).abs().max().item():.3g}); nothing written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"notes": list(ck.notes), "fingerprint": added}
+
+
 def resolve_vlm_path(name_or_path: str | None, checkpoint_path: str | os.PathLike | None) -> str | None:
     """A relative VLM folder is looked up beside the checkpoint first, then from the working directory."""
     if not name_or_path:

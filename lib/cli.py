@@ -382,6 +382,16 @@ def _flat(case: dict) -> dict:
     return row
 
 
+def cmd_upgrade_checkpoint(a) -> int:
+    from .checkpoint import upgrade_checkpoint
+
+    r = upgrade_checkpoint(a.checkpoint, a.out, vlm=a.vlm)
+    done = [f"- {n}" for n in r["notes"]] + (["- the VLM's fingerprint recorded"] if r["fingerprint"] else [])
+    print(f"wrote {a.out}: the same model, probabilities equal on a probe window; "
+          + ("resolved:\n" + "\n".join(done) if done else "it was already in this version's format"))
+    return 0
+
+
 def cmd_audit(a) -> int:
     from .audit import audit
     from .data import load_datalist
@@ -465,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--limit", type=_positive, help="the first N images")
         _sampler_args(s)
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("upgrade-checkpoint", help="rewrite an older checkpoint in this version's format (its VLM's "
+                                                  "fingerprint recorded, defaults written out), the model unchanged")
+    s.add_argument("checkpoint")
+    s.add_argument("--out", required=True, help="the new file (the same path as the checkpoint: replaced in place)")
+    s.add_argument("--vlm", help="its VLM folder or hub id, if not where the checkpoint says")
+    s.set_defaults(fn=cmd_upgrade_checkpoint)
 
     s = sub.add_parser("audit", help="compare two splits or datasets and flag differences")
     s.add_argument("--datalist", required=True)

@@ -12,7 +12,7 @@ from lib.flow import PolynomialScheduler
 from lib.network import ConditionalUNet
 from lib.samplers import sampler_dfm_euler
 
-from conftest import tiny_hparams
+from conftest import ROOT, tiny_hparams
 
 
 def _inputs(model, b=2, size=32, seed=0):
@@ -322,6 +322,71 @@ def test_a_checkpoint_refuses_another_vlm_of_the_same_embedding_size(tmp_path, t
     assert load_system(old, vlm=str(other)).vlm is not None
 
 
+def test_upgrade_checkpoint_records_the_fingerprint_writes_out_old_defaults_and_keeps_the_model(tmp_path, tiny_clip):
+    """The shipped sample checkpoints (and any from before 2026-11-28) carried no VLM fingerprint, so another VLM of
+    their size was served without a word, and every load logged notes (settings read with this version's defaults;
+    ``vlm.view`` missing read as the array's order, not today's default). ``python -m lib upgrade-checkpoint`` writes
+    them out as read and records the fingerprint; the upgraded file gives the same probabilities and refuses the
+    other VLM."""
+    import shutil
+
+    import torch as _t
+    from lib.cli import main
+    from lib.evaluation import make_inferer, predict_item
+    from lib.phantoms import write_phantom_case
+    from lib.vlm import make_tiny_clip
+
+    ck, _ = _vlm_checkpoint(tmp_path, tiny_clip, "new.pt", spatial_dims=2, spacing=None)
+    obj = _t.load(ck, weights_only=True)
+    obj["hyper_parameters"]["vlm"] = {k: v for k, v in obj["hyper_parameters"]["vlm"].items()
+                                      if k not in ("fingerprint", "view", "axcodes")}
+    obj["hyper_parameters"]["sampler"]["max_batch_voxels"] = 2 ** 21
+    obj["run"] = {"note": "kept"}
+    old = tmp_path / "old.pt"
+    _t.save(obj, old)
+    other = make_tiny_clip(tmp_path / "other-clip", image_size=32, hidden=32, projection_dim=16, seed=1)
+    a = load_system(old)
+    assert a.checkpoint.notes and a.hparams.vlm.view == "array" and load_system(old, vlm=str(other)).vlm is not None
+    up = tmp_path / "up.pt"
+    assert main(["upgrade-checkpoint", str(old), "--out", str(up)]) == 0
+    b = load_system(up)
+    assert b.checkpoint.notes == [] and b.hparams.vlm.view == "array" and b.checkpoint.hparams.vlm.fingerprint
+    assert b.checkpoint.hparams.sampler.max_batch_voxels == "auto"
+    raw = _t.load(up, weights_only=True)
+    assert raw["run"] == {"note": "kept"} and raw["upgraded_from"]["format"] == "dfm-vlm-checkpoint"
+    with pytest.raises(CheckpointError, match="trained with another VLM"):
+        load_system(up, vlm=str(other))
+    item = write_phantom_case(tmp_path / "img", "c0", shape=(40, 36), spacing=(1.0, 1.0))
+    pa = predict_item(a, {"image": item["image"], "case_id": "c0"}, make_inferer(a, steps=2, num_samples=2))
+    pb = predict_item(b, {"image": item["image"], "case_id": "c0"}, make_inferer(b, steps=2, num_samples=2))
+    assert _t.equal(pa["prob"], pb["prob"])
+    # in place (the same path), and again: nothing left to resolve
+    shutil.copy(old, tmp_path / "inplace.pt")
+    assert main(["upgrade-checkpoint", str(tmp_path / "inplace.pt"), "--out", str(tmp_path / "inplace.pt")]) == 0
+    assert load_system(tmp_path / "inplace.pt").checkpoint.notes == []
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == []
+    # an upgrade that would change the model (here: a drifted FiLM head) is refused and writes nothing
+    import copy
+
+    import lib.checkpoint as lc
+
+    real = lc.save_checkpoint
+
+    def drifting(path, model, hp, **kw):
+        model = copy.deepcopy(model)
+        with _t.no_grad():
+            next(iter(model.vlm_film_heads.values())).weight.add_(0.5)
+        return real(path, model, hp, **kw)
+
+    lc.save_checkpoint = drifting
+    try:
+        with pytest.raises(CheckpointError, match="predicts differently"):
+            lc.upgrade_checkpoint(old, tmp_path / "never.pt")
+    finally:
+        lc.save_checkpoint = real
+    assert not (tmp_path / "never.pt").exists() and sorted(p.name for p in tmp_path.glob(".*.tmp")) == []
+
+
 def test_a_missing_relative_vlm_folder_is_not_looked_up_on_the_hub(tmp_path, tiny_clip, monkeypatch):
     """A review: a checkpoint naming a relative VLM folder ("vlm/tiny-clip", also a valid hub id) copied without
     that folder fell through to a Hugging Face Hub lookup of whatever model bears that name. The folder is looked up
@@ -347,3 +412,13 @@ def test_a_missing_relative_vlm_folder_is_not_looked_up_on_the_hub(tmp_path, tin
     with pytest.raises(CheckpointError, match=r"looked at .*lonely/vlm/tiny-clip.*local Hugging Face cache; a "
                                               r"checkpoint without a VLM fingerprint is not looked up on the Hub"):
         load_system(lonely / "old.pt")
+
+
+@pytest.mark.skipif(not (ROOT / "sample_data" / "models" / "dfm_vlm_3d.pt").exists(), reason="no sample checkpoints")
+def test_the_shipped_sample_checkpoints_record_their_vlm_and_load_without_notes():
+    """They were written before fingerprints: the server logged seven notes about them at every start, and served them
+    with any tiny CLIP of their size. Upgraded with ``python -m lib upgrade-checkpoint`` (same probabilities)."""
+    for name in ("dfm_vlm_2d", "dfm_vlm_3d"):
+        ck = load_checkpoint(ROOT / "sample_data" / "models" / f"{name}.pt")
+        assert ck.notes == [] and ck.hparams.vlm.fingerprint, (name, ck.notes)
+        assert ck.hparams.vlm.name_or_path == "vlm/tiny-clip"  # beside the checkpoint, wherever the repo is
