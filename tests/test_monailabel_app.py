@@ -249,8 +249,15 @@ def test_next_sample_serves_the_most_uncertain_unlabelled_image(client, server):
     unlabeled_3d = {k for k, v in ds.items() if not v.get("labels") and k.startswith("phantom_ct")}
     r = requests.post(f"{server.url}/scoring/dfm_vlm_3d_uncertainty", timeout=600)
     assert r.status_code == 200
+    # MONAI Label scores in a background process: Next Sample ranks every image once it is done (before, only those
+    # it could score within its own budget, next_sample_scoring_s)
+    deadline, status = time.time() + 600, None
+    while time.time() < deadline and status not in ("DONE", "ERROR", "STOPPED"):
+        time.sleep(1)
+        status = requests.get(f"{server.url}/scoring/", timeout=30).json().get("status")
+    assert status == "DONE", status
     res = client.next_sample("dfm_vlm_3d_uncertainty", {})
-    assert res["id"] in unlabeled_3d
+    assert res["id"] in unlabeled_3d and res["dfm_vlm_3d_uncertainty_ranked"] == len(unlabeled_3d), res
     ds = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]
     scores = {k: ds[k]["image"]["info"].get("dfm_vlm_3d_uncertainty") for k in unlabeled_3d}
     assert all(v is not None for v in scores.values()), scores
