@@ -320,6 +320,38 @@ def test_next_sample_scores_for_at_most_its_budget_most_uncertain_first_and_rank
     assert strategy({"strategy": "s", "scoring_s": 0}, fresh)["id"] == "case1" and calls == ["case0", "case1"]
 
 
+def test_a_checkpoint_published_while_a_request_runs_does_not_fail_it(tmp_path, ckpt3d, monkeypatch):
+    """A review (2026-12-06): the model was looked up twice per request, for its preprocessing and for its inference;
+    a training that published between the two (loading and resampling a volume takes seconds) made the request
+    infer with the new model and invert with its transforms, which MONAI refused (RuntimeError: a 500). The model that
+    preprocessed an image now infers and inverts it, and the result names that checkpoint; the next request is
+    served by the new one."""
+    import os
+
+    import lib.infers.dfm_vlm as m
+
+    entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.0))
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    req = {"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu"}
+    _, before = task(dict(req))
+    first = task.system("cpu")
+    real = m.DFMPreprocessd.__call__
+
+    def pre_then_publish(self, data):
+        out = real(self, data)
+        t = os.stat(task.get_path()).st_mtime_ns + 10 ** 9
+        os.utime(task.get_path(), ns=(t, t))  # a training publishes (here: the same weights, a new file time)
+        return out
+
+    monkeypatch.setattr(m.DFMPreprocessd, "__call__", pre_then_publish)
+    _, during = task(dict(req))
+    assert torch.equal(torch.as_tensor(during["prob"]), torch.as_tensor(before["prob"]))
+    assert during["result"]["checkpoint_sha256"] == first.checkpoint_sha256
+    monkeypatch.setattr(m.DFMPreprocessd, "__call__", real)
+    task(dict(req))
+    assert task.system("cpu") is not first  # the published file serves the next request
+
+
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):
     """Found by a review: with --conf dfm_vlm_3d_checkpoint X, a dfm_vlm_3d.pt that an earlier session had published
     into model_dir (shared by every --studies) was served instead of X, silently. X is served until a training here

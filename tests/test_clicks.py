@@ -325,6 +325,10 @@ def test_a_scaled_fill_follows_the_clicks_distance_to_the_segmentation():
     assert scaled_grow_radius(ref, (14, 9), 12, 2.0) == 0  # touching it diagonally (d = 1.41)
     assert scaled_grow_radius(ref, (18, 10), 12, 2.0) == 4  # 2 away: a missed rim
     assert scaled_grow_radius(np.zeros_like(ref), (18, 11), 12, 2.0) == 12  # nothing segmented yet
+    # any finite scale >= 0 (the request's grow_scale): a huge one is the whole radius, a tiny one nothing (both
+    # were an OverflowError, a 500, found by a review)
+    assert scaled_grow_radius(ref, (18, 10), 12, 1e308) == 12 and scaled_grow_radius(ref, (18, 30), 12, 1e308) == 12
+    assert scaled_grow_radius(ref, (18, 11), 12, 1e-320) == 0 and scaled_grow_radius(ref, (18, 30), 12, 1e-320) == 0
     kw = dict(image=torch.as_tensor(img), grow_radius=12, grow_tolerance=0.1)
     inside = Clicks().add((18, 5), True)
     assert hold_maps(inside, (40, 40), -1, **kw)[0].sum() > 80  # the band within 12 of it
@@ -748,6 +752,16 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
     fg = [list(map(int, p)) for p in np.argwhere(lab == 0)[::997][:4]]
     bg = [list(map(int, p)) for p in np.argwhere(lab == 1)[::97][:3]]
     assert fg
+    # clicks sent to the automatic model were ignored without a word (a review): refused, naming the interactive
+    # model; empty point lists (a client's defaults) are no clicks
+    from lib.clicks import ClickError
+
+    for clicked in ({"foreground": fg}, {"lesion": fg, "background": []}, {"background": bg}):
+        with pytest.raises(ClickError, match=r"takes no clicks .*_interactive"):
+            auto({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", **clicked})
+    _, a2 = auto({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", "foreground": [],
+                  "background": []})
+    assert np.array_equal(np.asarray(a2["pred"]), lab)
     # OHIF v2 / DeepGrow: foreground + background; Slicer's DeepEdit mode: every label name, rounded IJK, plus the
     # model's config and result_extension; OHIF v3: every label name, unrounded IJK
     for req in ({"foreground": fg, "background": bg},

@@ -543,6 +543,43 @@ def test_one_voxel_clicked_for_two_structures_that_cannot_overlap_is_refused(tin
     assert got["whole"].fg == got["core"].fg == [(5.0, 5.0)]
 
 
+def test_a_click_on_the_outer_structure_keeps_a_nested_structure_painted_there(tmp_path, tiny_clip):
+    """A review (2026-12-06): a positive whole-tumour click on a voxel painted as the core (nested in it) was rewritten
+    to the whole tumour's value, i.e. "not core", which the user never said: a one-voxel hole in the core that Submit
+    Label then stored as truth. A clicked voxel keeps a value of a structure nested in the clicked one; it takes the
+    clicked value otherwise (a core click on a whole-tumour voxel; an upper click on a lower voxel: test above)."""
+    from lib.configs.dfm_vlm_2d import DFMVLM2D
+
+    nested = [StructureConfig(name="whole", value=1, prompts=["the whole blob"], truth={"above": 0}),
+              StructureConfig(name="core", value=2, prompts=["the core"], truth={"values": [2]})]
+    hp = prompted_hparams(tiny_clip, nested, patch=[16, 16])
+    hp.clicks.enabled = True
+    torch.manual_seed(0)
+    system = build_system(hp)
+    with torch.no_grad():
+        for h in system.model.vlm_film_heads.values():
+            h.weight.normal_(0, 0.5)
+    path = tmp_path / "models" / "dfm_vlm_2d.pt"
+    save_checkpoint(path, system.model, system.hparams)
+    cfg = DFMVLM2D()
+    cfg.init("dfm_vlm_2d", str(tmp_path / "model"), {"dfm_vlm_2d_checkpoint": str(path)}, None)
+    task = cfg.interactive_infer()
+    item = two_blob_case(tmp_path / "img", "c0", 0)
+    req = {"image": item["image"], "skip_writer": True, "device": "cpu", "steps": 2}
+    _, d = task(dict(req))
+    full = np.asarray(d["pred"])
+    core, whole = [[int(v) for v in p] for p in np.argwhere(full == 2)[:3]], \
+        [[int(v) for v in p] for p in np.argwhere(full == 1)[:3]]
+    assert core and whole, np.unique(full)
+    _, d = task({**req, "whole": core})
+    assert [int(np.asarray(d["pred"])[tuple(p)]) for p in core] == [2, 2, 2]  # still core, so also whole
+    _, d = task({**req, "core": whole, "whole": whole})
+    assert [int(np.asarray(d["pred"])[tuple(p)]) for p in whole] == [2, 2, 2]  # clicked core: core
+    off = [[int(v) for v in p] for p in np.argwhere(full == 0)[:2]]
+    _, d = task({**req, "whole": off})
+    assert [int(np.asarray(d["pred"])[tuple(p)]) for p in off] == [1, 1]
+
+
 def test_the_app_trainer_leaves_out_a_label_whose_segments_name_no_structure(tmp_path):
     """A third review (2026-12-06): a painted label whose segments name no structure of a prompted model (Slicer's
     "Segment_1") was read by the dataset's codes, which for the app's values are wrong truths (a BraTS core read

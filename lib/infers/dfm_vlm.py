@@ -296,12 +296,22 @@ class DFMPreprocessd:
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
+        if not self.interactive:
+            sent = [k for k in ("foreground", "background", *self.labels)
+                    if isinstance(d.get(k), (list, tuple)) and len(d[k])]
+            if sent:  # they were ignored without a word: a result the user did not ask for
+                raise ClickError(f"this model segments automatically and takes no clicks (got points under "
+                                 f"{sent}): send them to its interactive model ('<model>_interactive')")
         item = {"image": d["image"]}
         if d.get("text"):
             item["text"] = d["text"]
         pre = self.system.preprocessing(item)
         d["image"] = pre["image"]
         d["_dfm_pre"] = pre
+        # the model that preprocessed it infers it and inverts it: a training that publishes a checkpoint during
+        # the request (loading and resampling a volume takes seconds) made run_inferer load the new one, whose
+        # Spacingd then refused to invert the old one's (a 500)
+        d["_dfm_system"] = self.system
         if self.interactive:
             img = pre["image"]
             shape = [int(v) for v in img.meta.get("spatial_shape", img.shape[1:])] if hasattr(img, "meta") \
@@ -381,8 +391,10 @@ class DFMPostprocessd:
         prob = d["prob"]
         targets = d.pop("_targets", None) or [("foreground", 1, None)]
         label = paint(prob, [t[1] for t in targets])
-        for p, value in d.pop("_clicked", None) or []:
-            label[tuple(int(v) for v in p)] = value
+        for p, value, keep in d.pop("_clicked", None) or []:
+            where = tuple(int(v) for v in p)
+            if int(label[where]) not in keep:
+                label[where] = value
         res = d.setdefault("result", {})
         unc = d.pop("_uncertain", None)
         if unc is not None:  # the disagreement of the M samples as a segment of its own (never on a clicked voxel)
@@ -530,7 +542,7 @@ class DFMVLMInfer(BasicInferTask):
         return make_inferer(system, **params)
 
     def run_inferer(self, data: dict, convert_to_batch=True, device="cuda"):
-        system = self.system(self._device(data))
+        system = data.pop("_dfm_system", None) or self.system(self._device(data))
         inferer = self.make_inferer(system, data)
         src = data.get("image_path")
         key = seed_key(src) if isinstance(src, str) and src else None
@@ -569,15 +581,21 @@ class DFMVLMInfer(BasicInferTask):
         data["_targets"] = targets
         data["_prompted"] = bool(system.structures)
         if isinstance(clicks, dict):  # after painting, a clicked voxel keeps what the user clicked it as
-            values = {t[0]: t[1] for t in targets}
-            data["_clicked"] = [(p, values[n]) for n, k in clicks.items() if n in values for p in k.fg] + \
-                [(p, 0) for p in (all_clicks[0].bg if all_clicks else [])]
+            values = {t[0]: int(t[1]) for t in targets}
+            # a voxel painted as a structure nested in the clicked one is in it already (a whole-tumour click on a
+            # voxel painted core: it was rewritten to whole tumour, "not core", which the user never said)
+            truth = {s.name: s.truth for s in system.structures}
+            keep = {n: {values[o] for o in values if o == n or (o in truth and n in truth
+                                                                and inside(truth[o], truth[n]))} for n in values}
+            data["_clicked"] = [(p, values[n], keep[n]) for n, k in clicks.items() if n in values for p in k.fg] + \
+                [(p, 0, {0}) for p in (all_clicks[0].bg if all_clicks else [])]
         data["prob"] = out["prob"]
         data.pop("_dfm_pre", None)
         res = data.setdefault("result", {})
         if inferer.num_samples > 1:  # the same scores as the active-learning scoring method
             res["uncertainty"] = uncertainty_scores(out["prob_pre"], out["var_pre"])
-        res.update({"checkpoint": self.get_path(), "checkpoint_sha256": getattr(system, "checkpoint_sha256", None),
+        ck_path = getattr(getattr(system, "checkpoint", None), "path", None) or self.get_path()  # the one that ran
+        res.update({"checkpoint": ck_path, "checkpoint_sha256": getattr(system, "checkpoint_sha256", None),
                     "sampler": inferer.sampler, "steps": inferer.steps,
                     "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed,
                     "precision": inferer.precision or system.hparams.precision, "device": str(system.device)})
