@@ -373,13 +373,19 @@ def upgrade_checkpoint(src: str | os.PathLike, out: str | os.PathLike, vlm: str 
     tmp = out.with_name(f".{out.name}.upgrade-{secrets.token_hex(4)}.tmp")
     try:
         save_checkpoint(tmp, ck.model, hp, metrics=ck.metrics, extra=extra)
-        new = load_system(tmp, vlm=vlm or system.hparams.vlm.name_or_path)  # the folder it was served from
+        try:  # as a user will load it: its VLM found from its own folder (or where --vlm says)
+            new = load_system(tmp, vlm=vlm)
+        except CheckpointError as e:
+            raise CheckpointError(f"{src}: the upgraded file would not load from {out.parent}: "
+                                  f"{str(e).replace(str(tmp), str(out))} (copy its VLM folder beside it, or give "
+                                  f"--vlm with a path that holds from there); nothing written") from None
         if new.checkpoint.notes:
             raise CheckpointError(f"{src}: the upgraded file still loads with notes: {new.checkpoint.notes}")
         g = torch.Generator().manual_seed(0)
         patch = list(hp.preprocessing.patch_size)
         window = torch.rand([2, hp.model.in_channels, *patch], generator=g)
-        texts = system.texts_for(None, 2) if hasattr(system, "texts_for") else None
+        image_text = system.vlm is not None and system.vlm.cfg.text_mode == "image"
+        texts = system.texts_for("a probe image" if image_text else None, 2)
         a, b = (s.predict_windows(window, texts, [11, 12], steps=2, num_samples=2, precision="fp32")
                 for s in (system, new))
         if not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])):

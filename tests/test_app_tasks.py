@@ -318,6 +318,26 @@ def test_next_sample_scores_for_at_most_its_budget_most_uncertain_first_and_rank
     broken = {"case0"}
     calls.clear()
     assert strategy({"strategy": "s", "scoring_s": 0}, fresh)["id"] == "case1" and calls == ["case0", "case1"]
+    # an image that always fails, first in the order (never scored), beside a current score: the call goes on to
+    # the next image (a second review: it ended every call's scoring, and Next Sample ranked the old scores only)
+    cur = {key: 0.05, f"{key}_ts": ts, f"{key}_num_samples": 2}
+    stuck = _MemoryDatastore({"case0": image, "case1": image, "case2": image}, info={"case2": dict(cur)})
+    calls.clear()
+    r = strategy({"strategy": "s", "scoring_s": 0}, stuck)
+    assert calls == ["case0", "case1"] and r["id"] == "case1" and r[f"{key}_ranked"] == 2, (calls, r)
+
+
+def test_next_sample_s_budget_from_conf_is_checked_and_named(tmp_path, ckpt3d):
+    cfg = DFMVLM3D()
+    cfg.init("dfm_vlm_3d", str(tmp_path / "model"), {"dfm_vlm_3d_checkpoint": str(ckpt3d),
+                                                     "next_sample_scoring_s": "2.5"}, None)
+    assert cfg.strategy()["dfm_vlm_3d_uncertainty"].scoring_s == 2.5
+    for bad in ("x", "-1", "nan"):
+        cfg = DFMVLM3D()
+        cfg.init("dfm_vlm_3d", str(tmp_path / "model"), {"dfm_vlm_3d_checkpoint": str(ckpt3d),
+                                                         "next_sample_scoring_s": bad}, None)
+        with pytest.raises(ConfigError, match="--conf next_sample_scoring_s"):
+            cfg.strategy()
 
 
 def test_a_checkpoint_published_while_a_request_runs_does_not_fail_it(tmp_path, ckpt3d, monkeypatch):

@@ -385,6 +385,28 @@ def test_upgrade_checkpoint_records_the_fingerprint_writes_out_old_defaults_and_
     finally:
         lc.save_checkpoint = real
     assert not (tmp_path / "never.pt").exists() and sorted(p.name for p in tmp_path.glob(".*.tmp")) == []
+    # a VLM folder named relative to the checkpoint (as the sample models name theirs): a new file in another folder
+    # would not find it -- refused, nothing written (a review: "wrote ...", then the file did not load); beside a
+    # copy of the VLM it is written
+    src = tmp_path / "src"
+    shutil.copytree(tiny_clip, src / "vlm")
+    rel = _t.load(old, weights_only=True)
+    rel["hyper_parameters"]["vlm"]["name_or_path"] = "vlm"
+    _t.save(rel, src / "rel.pt")
+    assert load_system(src / "rel.pt").vlm is not None
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(CheckpointError, match="would not load from .*elsewhere.*nothing written"):
+        lc.upgrade_checkpoint(src / "rel.pt", tmp_path / "elsewhere" / "rel.pt")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    shutil.copytree(tiny_clip, tmp_path / "elsewhere" / "vlm")
+    lc.upgrade_checkpoint(src / "rel.pt", tmp_path / "elsewhere" / "rel.pt")
+    assert load_system(tmp_path / "elsewhere" / "rel.pt").checkpoint.notes == []
+    # a model conditioned on each image's text: probed with a text of its own (a review: it always failed)
+    ck_img, _ = _vlm_checkpoint(tmp_path, tiny_clip, "img.pt", text_mode="image")
+    obj = _t.load(ck_img, weights_only=True)
+    del obj["hyper_parameters"]["vlm"]["fingerprint"]
+    _t.save(obj, tmp_path / "img_old.pt")
+    assert lc.upgrade_checkpoint(tmp_path / "img_old.pt", tmp_path / "img_new.pt")["fingerprint"] is True
 
 
 def test_a_missing_relative_vlm_folder_is_not_looked_up_on_the_hub(tmp_path, tiny_clip, monkeypatch):

@@ -94,7 +94,8 @@ class DFMUncertaintyScoring(ScoringMethod):
     def __call__(self, request, datastore: Datastore, deadline: float | None = None):
         """Score every candidate whose score is not current (MONAI Label's ``POST /scoring`` and its background scoring
         after each Next Sample). With ``deadline`` (on ``self.clock``; the strategy's budget) it stops once that
-        has passed, it has scored one image and at least one candidate has a current score, the images it did not reach counted in
+        has passed and it has scored one image (an image that fails is no progress: one that always fails, first in
+        the order, ended every call's scoring), the images it did not reach counted in
         ``pending``. Stale images are scored in the order of their last score, highest first (images never scored
         before them): the most uncertain under the last model are the likeliest to be so under this one."""
         t0 = time.time()
@@ -116,7 +117,7 @@ class DFMUncertaintyScoring(ScoringMethod):
         done, failed, pending = 0, {}, 0
         skipped = len(infos) - len(stale)
         for n, image_id in enumerate(stale):
-            if deadline is not None and n and self.clock() >= deadline and done + skipped > 0:
+            if deadline is not None and done and self.clock() >= deadline:
                 pending = len(stale) - n
                 break
             try:
@@ -165,7 +166,7 @@ class DFMUncertaintyStrategy(Strategy):
         pending = 0
         if not all(self.scoring.is_current(infos[i], ts, m) for i in candidates):
             # MONAI Label runs a strategy on the server's event loop: every other request (/info, /infer) waits for
-            # it. So it scores for at most `scoring_s` seconds (at least one image, and until one has a score); the rest are scored by MONAI
+            # it. So it scores for at most `scoring_s` seconds (until it has scored one image); the rest are scored by MONAI
             # Label's background scoring, started after every Next Sample, or by the next Next Samples (it scored
             # every stale image here: 42 s with the server answering nothing after a training on 3 sample volumes)
             res = self.scoring({"num_samples": m}, datastore, deadline=self.scoring.clock() + budget)

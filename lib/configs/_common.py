@@ -138,5 +138,13 @@ class DFMTaskConfig(TaskConfig):
         from lib.activelearning.uncertainty import DFMUncertaintyStrategy
 
         scoring = self.scoring_method()[f"{self.name}_uncertainty"]
-        budget = self.conf.get("next_sample_scoring_s", 10)
+        from lib.activelearning.uncertainty import scoring_budget
+        from lib.config import ConfigError
+        from lib.transforms import InputError
+
+        try:
+            budget = scoring_budget(self.conf.get("next_sample_scoring_s", 10))
+        except InputError:
+            raise ConfigError(f"--conf next_sample_scoring_s must be a number of seconds >= 0, got "
+                              f"{self.conf.get('next_sample_scoring_s')!r}") from None
         return {f"{self.name}_uncertainty": DFMUncertaintyStrategy(scoring, scoring_s=budget)}
