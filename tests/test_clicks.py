@@ -745,7 +745,8 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
     entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.5))
     auto, task = interactive_task.infer(), interactive_task.interactive_infer()
     assert task.type == "deepedit" and auto.type == "segmentation" and task.dimension == 3
-    assert task.labels == {"lesion": 1, "background": 255}  # DeepEdit: negative clicks on "background" (255: OHIF)
+    # DeepEdit: negative clicks on "background" (255: OHIF); "uncertain" with the value of that segment (OHIF draws it)
+    assert task.labels == {"lesion": 1, "uncertain": 2, "background": 255} and auto.labels == {"lesion": 1, "uncertain": 2}
     assert task.system("cpu") is auto.system("cpu")  # one checkpoint, one model copy
     _, a = auto({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu"})
     lab = np.asarray(a["pred"])

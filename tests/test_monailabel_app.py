@@ -93,10 +93,12 @@ def test_info_lists_models_labels_parameters_and_strategies(client):
         assert m["checkpoint"] == info["models"][name.replace("_interactive", "")]["checkpoint"]
     m3 = info["models"]["dfm_vlm_3d"]
     # the sample 3D model is prompted: two structures, each chosen by its text prompt, one map for both
-    assert m3["labels"] == {"lesion": 1, "vertebra": 2} and m3["dimension"] == 3 and m3["type"] == "segmentation"
+    # ... and "uncertain" with the value of a result's uncertain segment (OHIF draws only a model's labels)
+    assert m3["labels"] == {"lesion": 1, "vertebra": 2, "uncertain": 3} and m3["dimension"] == 3 \
+        and m3["type"] == "segmentation"
     # Slicer's DeepEdit mode places negative points on "background"
     assert info["models"]["dfm_vlm_3d_interactive"]["labels"] == {**m3["labels"], "background": 255}
-    assert info["models"]["dfm_vlm_2d"]["labels"] == {"lung": 1}
+    assert info["models"]["dfm_vlm_2d"]["labels"] == {"lung": 1, "uncertain": 2}
     # the segments Slicer makes: "background" last (its Submit Label idx counts it), "uncertain" before it (without
     # that segment Slicer drops the uncertain voxels of a result)
     assert sorted(info["labels"][:-2]) == ["lesion", "lung", "vertebra"] and info["labels"][-2:] == ["uncertain",
@@ -129,7 +131,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_infer_3d_returns_one_map_with_every_label_of_info(client, server):
     """One Auto Segmentation request returns the multi-label map of all the labels /info lists, on the input's
     grid; each label is the structure its prompt names (the other prompt's structure scores low)."""
-    labels = client.info()["models"]["dfm_vlm_3d"]["labels"]
+    labels = {n: v for n, v in client.info()["models"]["dfm_vlm_3d"]["labels"].items() if n != "uncertain"}
     label_file, params = client.infer("dfm_vlm_3d", "phantom_ct_06", {"steps": 3, "num_samples": 2})
     img = nib.load(server.studies / "phantom_ct_06.nii.gz")
     lab = nib.load(label_file)
@@ -543,6 +545,17 @@ def test_ohif_s_point_prompt_request_comes_back_as_the_raw_volume_the_panel_pain
     info = client.info()
     shown = ohif_panel.painted(info, model, ["lesion", "background"], np.unique(vol[vol > 0]))
     assert shown == {1: "lesion", 2: None} or shown == {1: "lesion"}, shown  # the vertebra: not asked, not painted
+    # Auto-Segmentation with the uncertain segment ticked in the panel's options: drawn as OHIF's "uncertain" segment
+    # (the panel draws only the values of a model's labels: before "uncertain" was among them, it drew nothing there)
+    run = {k: v for k, v in ohif.items() if k.startswith("result_") or k == "restore_label_idx"}
+    r = _infer(server, "dfm_vlm_3d", image, {**run, "uncertain_segment": True, "num_samples": 4, "steps": 2})
+    assert r.status_code == 200, r.text
+    head, _, raw = r.content.partition(b"\n\n")
+    vol = np.frombuffer(raw, np.uint8)
+    values = info["models"]["dfm_vlm_3d"]["labels"]
+    assert (vol == values["uncertain"]).any()
+    shown = ohif_panel.painted(info, "dfm_vlm_3d", sorted(values), np.unique(vol[vol > 0]))
+    assert shown == {v: n for n, v in values.items()}, shown
 
 
 def test_two_annotators_saving_one_image_at_once_leave_one_whole_label(server, tmp_path):

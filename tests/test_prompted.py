@@ -296,7 +296,8 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
     cfg = DFMVLM2D()
     cfg.init("dfm_vlm_2d", str(tmp_path / "model"), {"dfm_vlm_2d_checkpoint": str(path)}, None)
     auto, task = cfg.infer(), cfg.interactive_infer()
-    assert auto.labels == {"upper": 1, "lower": 2} and task.labels == {"upper": 1, "lower": 2, "background": 255}
+    assert auto.labels == {"upper": 1, "lower": 2, "uncertain": 3}
+    assert task.labels == {"upper": 1, "lower": 2, "uncertain": 3, "background": 255}
     item = two_blob_case(tmp_path / "img", "c0", 0)
     req = {"image": item["image"], "skip_writer": True, "device": "cpu", "steps": 2}
     _, d = auto(dict(req))

@@ -92,10 +92,20 @@ class DFMTaskConfig(TaskConfig):
         from lib.infers.dfm_vlm import DFMVLMInfer
 
         if self._infer is None:
-            self._infer = DFMVLMInfer(path=self.path, labels=self.labels, dimension=self.dimension,
+            self._infer = DFMVLMInfer(path=self.path, labels=self.served_labels(), dimension=self.dimension,
                                       description=self.DESCRIPTION, vlm=self.vlm,
                                       sampler_defaults=self._sampler_defaults(), stale_before=self.stale_before)
         return self._infer
+
+    def served_labels(self) -> dict:
+        """The infer tasks' labels (``/info``): the model's structures, then ``uncertain`` with the value a result's
+        uncertain segment takes (request ``uncertain_segment``: where the samples disagree). The OHIF panel draws
+        only the values of a model's labels: without it there, the uncertain segment was never shown in OHIF.
+        (3D Slicer names a result's values by its ``label_names``.)"""
+        from lib.infers.dfm_vlm import uncertain_value
+
+        labels = dict(self.labels) if isinstance(self.labels, dict) else {str(self.labels): 1}
+        return {**labels, "uncertain": uncertain_value(labels.values())}
 
     def interactive_infer(self):
         """The same checkpoint served for clicks (``<name>_interactive``, infer type DeepEdit): it shares the
@@ -109,7 +119,7 @@ class DFMTaskConfig(TaskConfig):
             # paints a name whose value is 0 with its position among the names it asked for, so with 0 a negative
             # click painted the lungs, or the vertebra after a lesion click, as OHIF's "background" segment; it
             # leaves 255 alone. 3D Slicer drops "background" by name and numbers the other names by value.
-            labels = {**self.labels, "background": BACKGROUND_CLICKS}
+            labels = {**self.served_labels(), "background": BACKGROUND_CLICKS}
             self._interactive = DFMVLMInfer(path=self.path, labels=labels, dimension=self.dimension,
                                             description=f"{self.DESCRIPTION}; interactive: foreground/background "
                                                         "clicks", vlm=self.vlm,

@@ -30,7 +30,7 @@ from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
-from lib.structures import StructureError, inside, paint
+from lib.structures import NOT_A_STRUCTURE, StructureError, inside, paint
 from lib.transforms import affine_2d, has_geometry
 from lib.vlm import VLMError
 
@@ -38,7 +38,12 @@ logger = logging.getLogger(__name__)
 
 
 INTERACTIVE_TYPE = InferType.DEEPEDIT
-UNCERTAIN_VALUE = 2  # label value of the optional "uncertain" segment (request parameter uncertain_segment)
+UNCERTAIN_VALUE = 2  # the least label value of the optional "uncertain" segment (request parameter uncertain_segment)
+
+
+def uncertain_value(structure_values) -> int:
+    """The value of a result's uncertain segment: after every structure's (a one-label model's: 2)."""
+    return max(UNCERTAIN_VALUE, max((int(v) for v in structure_values), default=0) + 1)
 REQUEST_KEYS = ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed", "precision")
 # also: "labels" (a prompted model: a subset of its structures), "prompt" (a free text prompt), clicks (interactive)
 
@@ -574,10 +579,10 @@ class DFMVLMInfer(BasicInferTask):
         elif system.structures or prompt is not None:
             names = {t[0]: int(t[1]) for t in targets}
         else:
-            names = {n: int(v) for n, v in self.labels.items() if n != "background"} \
+            names = {n: int(v) for n, v in self.labels.items() if n not in NOT_A_STRUCTURE} \
                 if isinstance(self.labels, dict) else {str(self.labels): 1}
         if uncertain:
-            data["_uncertain_value"] = max(UNCERTAIN_VALUE, max(names.values(), default=0) + 1)
+            data["_uncertain_value"] = uncertain_value(names.values())
         data["_targets"] = targets
         data["_prompted"] = bool(system.structures)
         if isinstance(clicks, dict):  # after painting, a clicked voxel keeps what the user clicked it as
