@@ -370,6 +370,28 @@ def test_a_checkpoint_published_while_a_request_runs_does_not_fail_it(tmp_path, 
     monkeypatch.setattr(m.DFMPreprocessd, "__call__", real)
     task(dict(req))
     assert task.system("cpu") is not first  # the published file serves the next request
+    # published right after the request's config followed the served checkpoint (other weights this time): the
+    # request still runs that one, whose sampler settings its config holds (a review: the preprocessing loaded the
+    # new one)
+    served = task.system("cpu")
+    other = load_system(ckpt3d)
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(0.01)
+    follow = task.follow_checkpoint
+
+    def follow_then_publish(system):
+        follow(system)
+        save_checkpoint(task.get_path(), other.model, other.hparams)
+        t = os.stat(task.get_path()).st_mtime_ns + 10 ** 9
+        os.utime(task.get_path(), ns=(t, t))
+
+    monkeypatch.setattr(task, "follow_checkpoint", follow_then_publish)
+    _, pinned = task(dict(req))
+    assert pinned["result"]["checkpoint_sha256"] == served.checkpoint_sha256
+    monkeypatch.setattr(task, "follow_checkpoint", follow)
+    _, after = task(dict(req))
+    assert after["result"]["checkpoint_sha256"] != served.checkpoint_sha256
 
 
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):

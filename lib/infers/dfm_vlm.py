@@ -434,6 +434,7 @@ class DFMVLMInfer(BasicInferTask):
         self.window_cache = WindowCache(cache_bytes) if interactive else None
         self.vlm = vlm
         self._lock = threading.Lock()
+        self._request = threading.local()  # the model a request started with (its config, preprocessing, inference)
         self._systems: dict[str, tuple[DFMSystem, str, float]] = {}
         self._failures: dict[str, tuple[str, float, float, str]] = {}
 
@@ -533,7 +534,10 @@ class DFMVLMInfer(BasicInferTask):
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         labels = list(self.labels) if isinstance(self.labels, (dict, list, tuple)) else [self.labels]
-        return [DFMPreprocessd(self.system(self._device(data)), labels, self.interactive)]
+        device = self._device(data)
+        pinned = getattr(self._request, "system", None)
+        system = pinned[1] if pinned and pinned[0] == device and pinned[1] is not None else self.system(device)
+        return [DFMPreprocessd(system, labels, self.interactive)]
 
     def inverse_transforms(self, data=None):
         return None  # the core inverts the probability map itself (predict_preprocessed)
@@ -649,11 +653,19 @@ class DFMVLMInfer(BasicInferTask):
         dtype = result_dtype(request.get("result_dtype"))
         if dtype is not None:
             request["result_dtype"] = dtype
+        system = None
         try:  # before MONAI Label merges the config into the request
-            self.follow_checkpoint(self.system(device))
+            system = self.system(device)
+            self.follow_checkpoint(system)
         except (ModelNotReady, ConfigError):
             pass  # the request itself reports it (503 / 422)
-        label_file, res = super().__call__(request, callbacks)
+        # one model for the whole request: a checkpoint published after the config followed it was loaded for the
+        # preprocessing, so the request ran one checkpoint with another's sampler settings
+        self._request.system = (device, system)
+        try:
+            label_file, res = super().__call__(request, callbacks)
+        finally:
+            self._request.system = None
         # MONAI Label sets label_names to the task's labels after the writer: a prompted request (a subset, a free
         # prompt) or the uncertain segment names its own
         names = res.pop("dfm_label_names", None) if isinstance(res, dict) else None
