@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib {make-tiny-vlm,train,predict,evaluate,audit}``.
+"""Command line: ``python -m lib {make-tiny-vlm,train,predict,evaluate,audit,upgrade-checkpoint}``.
 
 Examples (see the README for the measured runs)::
 
@@ -8,6 +8,7 @@ Examples (see the README for the measured runs)::
         --split test --out runs/cxr/eval_test
     python -m lib predict --checkpoint runs/cxr/best.pt --image some.png --out runs/pred
     python -m lib audit --datalist ../shared/data/cxr_lung/datalist.json --a validation --b test --out audit.json
+    python -m lib upgrade-checkpoint old.pt --out new.pt
 """
 
 from __future__ import annotations
