@@ -392,6 +392,23 @@ def test_a_checkpoint_published_while_a_request_runs_does_not_fail_it(tmp_path, 
     monkeypatch.setattr(task, "follow_checkpoint", follow)
     _, after = task(dict(req))
     assert after["result"]["checkpoint_sha256"] != served.checkpoint_sha256
+    # on a GPU server a request without a device is "cuda" when it starts and "cuda:0" once MONAI Label merged the
+    # config (a review: the pin compared the two spellings and was skipped): one device, one pinned model
+    for name, fake in (("is_available", lambda: True), ("device_count", lambda: 2), ("current_device", lambda: 0),
+                       ("get_device_name", lambda i=0: "NVIDIA H100")):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    assert task._device({"device": "cuda:0"}) == "cuda:0"
+    task._pin("cuda", served)
+    try:
+        (pre,) = task.pre_transforms({"device": "cuda:0"})
+    finally:
+        task._pin(None, None)
+    assert pre.system is served and task._pinned("cuda:0") is None
+    task._pin("cuda:0", served)  # and the other way round (Slicer names the GPU: "cuda:0" from the start)
+    try:
+        assert task._pinned("cuda") is served and task._pinned("cpu") is None
+    finally:
+        task._pin(None, None)
 
 
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):

@@ -99,9 +99,10 @@ class DFMTaskConfig(TaskConfig):
 
     def served_labels(self) -> dict:
         """The infer tasks' labels (``/info``): the model's structures, then ``uncertain`` with the value a result's
-        uncertain segment takes (request ``uncertain_segment``: where the samples disagree). The OHIF panel draws
-        only the values of a model's labels: without it there, the uncertain segment was never shown in OHIF.
-        (3D Slicer names a result's values by its ``label_names``.)"""
+        uncertain segment takes (request ``uncertain_segment``: where the samples disagree; a free prompt's result,
+        one target, has it at 2 and says so in its ``label_names``). The OHIF panel draws only the values of a
+        model's labels: without it there, the uncertain segment was never shown in OHIF. (3D Slicer names a
+        result's values by its ``label_names``.)"""
         from lib.infers.dfm_vlm import uncertain_value
 
         labels = dict(self.labels) if isinstance(self.labels, dict) else {str(self.labels): 1}

@@ -535,9 +535,17 @@ class DFMVLMInfer(BasicInferTask):
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         labels = list(self.labels) if isinstance(self.labels, (dict, list, tuple)) else [self.labels]
         device = self._device(data)
+        return [DFMPreprocessd(self._pinned(device) or self.system(device), labels, self.interactive)]
+
+    def _pin(self, device, system) -> None:
+        """The model this thread's request started with (None: none), for its preprocessing and inference."""
+        # one name per device: a request without one is "cuda" when it starts, "cuda:0" once MONAI Label merged the
+        # task's config (a review: the pin compared the two spellings and was skipped on a GPU server)
+        self._request.system = (device_key(device), system) if system is not None else None
+
+    def _pinned(self, device) -> DFMSystem | None:
         pinned = getattr(self._request, "system", None)
-        system = pinned[1] if pinned and pinned[0] == device and pinned[1] is not None else self.system(device)
-        return [DFMPreprocessd(system, labels, self.interactive)]
+        return pinned[1] if pinned and pinned[0] == device_key(device) else None
 
     def inverse_transforms(self, data=None):
         return None  # the core inverts the probability map itself (predict_preprocessed)
@@ -661,11 +669,11 @@ class DFMVLMInfer(BasicInferTask):
             pass  # the request itself reports it (503 / 422)
         # one model for the whole request: a checkpoint published after the config followed it was loaded for the
         # preprocessing, so the request ran one checkpoint with another's sampler settings
-        self._request.system = (device, system)
+        self._pin(device, system)
         try:
             label_file, res = super().__call__(request, callbacks)
         finally:
-            self._request.system = None
+            self._pin(None, None)
         # MONAI Label sets label_names to the task's labels after the writer: a prompted request (a subset, a free
         # prompt) or the uncertain segment names its own
         names = res.pop("dfm_label_names", None) if isinstance(res, dict) else None
