@@ -280,11 +280,11 @@ def test_a_tiny_siglip_runs_the_whole_pipeline(tmp_path):
 
 
 # -- the app's tasks, in-process --------------------------------------------------------------------------------------
-def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_path, tiny_clip):
-    from lib.clicks import ClickError
+def _prompted_click_app(tmp_path, clip, structures):
+    """A 2D app config serving a click-trained prompted checkpoint (FiLM heads made to matter) -> (config, path)."""
     from lib.configs.dfm_vlm_2d import DFMVLM2D
 
-    hp = prompted_hparams(tiny_clip, patch=[16, 16])
+    hp = prompted_hparams(clip, structures, patch=[16, 16])
     hp.clicks.enabled = True
     torch.manual_seed(0)
     system = build_system(hp)
@@ -295,6 +295,13 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
     save_checkpoint(path, system.model, system.hparams)
     cfg = DFMVLM2D()
     cfg.init("dfm_vlm_2d", str(tmp_path / "model"), {"dfm_vlm_2d_checkpoint": str(path)}, None)
+    return cfg, path
+
+
+def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_path, tiny_clip):
+    from lib.clicks import ClickError
+
+    cfg, path = _prompted_click_app(tmp_path, tiny_clip, TWO)
     auto, task = cfg.infer(), cfg.interactive_infer()
     assert auto.labels == {"upper": 1, "lower": 2, "uncertain": 3}
     assert task.labels == {"upper": 1, "lower": 2, "uncertain": 3, "background": 255}
@@ -549,21 +556,9 @@ def test_a_click_on_the_outer_structure_keeps_a_nested_structure_painted_there(t
     to the whole tumour's value, i.e. "not core", which the user never said: a one-voxel hole in the core that Submit
     Label then stored as truth. A clicked voxel keeps a value of a structure nested in the clicked one; it takes the
     clicked value otherwise (a core click on a whole-tumour voxel; an upper click on a lower voxel: test above)."""
-    from lib.configs.dfm_vlm_2d import DFMVLM2D
-
     nested = [StructureConfig(name="whole", value=1, prompts=["the whole blob"], truth={"above": 0}),
               StructureConfig(name="core", value=2, prompts=["the core"], truth={"values": [2]})]
-    hp = prompted_hparams(tiny_clip, nested, patch=[16, 16])
-    hp.clicks.enabled = True
-    torch.manual_seed(0)
-    system = build_system(hp)
-    with torch.no_grad():
-        for h in system.model.vlm_film_heads.values():
-            h.weight.normal_(0, 0.5)
-    path = tmp_path / "models" / "dfm_vlm_2d.pt"
-    save_checkpoint(path, system.model, system.hparams)
-    cfg = DFMVLM2D()
-    cfg.init("dfm_vlm_2d", str(tmp_path / "model"), {"dfm_vlm_2d_checkpoint": str(path)}, None)
+    cfg, _ = _prompted_click_app(tmp_path, tiny_clip, nested)
     task = cfg.interactive_infer()
     item = two_blob_case(tmp_path / "img", "c0", 0)
     req = {"image": item["image"], "skip_writer": True, "device": "cpu", "steps": 2}
