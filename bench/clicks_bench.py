@@ -121,6 +121,22 @@ def summarize(cases: list[dict], k_max: int) -> dict:
             "windows_rerun_share": float(rr.sum() / max(1, ww.sum()))}
 
 
+def _secs(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"  # no click made (every case right at k = 0): no time per click
+
+
+def _write(out: Path, a, cpu, t_all, inferer, results: dict, rows: list) -> None:
+    meta = {"command": " ".join(sys.argv), "cpu_capability": cpu, "threads": torch.get_num_threads(),
+            "wall_seconds": round(time.perf_counter() - t_all, 1), "sampler": inferer.settings()}
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    if rows:
+        with open(out / "cases.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r},
+                                                    key=lambda k: (k != "run", k != "case_id", len(k), k)))
+            w.writeheader()
+            w.writerows(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
@@ -146,6 +162,9 @@ def main() -> None:
         ap.error(f"{a.checkpoint} is a prompted model ({[s.name for s in system.structures]}): this bench scores one "
                  "structure; use a single-structure checkpoint")
     inferer = make_inferer(system, num_samples=a.num_samples, steps=a.steps)
+    if "uncertain" in a.robots and inferer.num_samples < 2:  # no variance: it clicked nothing, without a word
+        ap.error(f"the uncertain robot clicks where the model's samples disagree: it needs --num-samples >= 2 (this "
+                 f"checkpoint draws {inferer.num_samples}); or run --robots oracle")
     lab_t = label_transforms(system.hparams.preprocessing)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,17 +199,12 @@ def main() -> None:
                 k3 = min(3, a.clicks)
                 print(f"{key}: n={s['n']} Dice@0..{a.clicks} mean {s['dice_mean']} | median@{k3} "
                       f"{s['dice_median'][k3]} worst@{k3} {s['dice_worst'][k3]} | NoC@90 "
-                      f"{s['noc90']:.2f} NoC@95 {s['noc95']:.2f} | {s['seconds_per_click_mean']:.2f} s/click "
-                      f"(median {s['seconds_per_click_median']:.2f}), windows re-run {100 * s['windows_rerun_share']:.0f}%"
-                      f" | mean never decreases: {s['mean_never_decreases']}", flush=True)
-    meta = {"command": " ".join(sys.argv), "cpu_capability": cpu, "threads": torch.get_num_threads(),
-            "wall_seconds": round(time.perf_counter() - t_all, 1), "sampler": inferer.settings()}
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    if rows:
-        with open(out / "cases.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}, key=lambda k: (k != "run", k != "case_id", len(k), k)))
-            w.writeheader()
-            w.writerows(rows)
+                      f"{s['noc90']:.2f} NoC@95 {s['noc95']:.2f} | {_secs(s['seconds_per_click_mean'])} s/click "
+                      f"(median {_secs(s['seconds_per_click_median'])}), windows re-run "
+                      f"{100 * s['windows_rerun_share']:.0f}% | mean never decreases: {s['mean_never_decreases']}",
+                      flush=True)
+                _write(out, a, cpu, t_all, inferer, results, rows)  # after each run: a later failure loses nothing
+    _write(out, a, cpu, t_all, inferer, results, rows)
     import matplotlib
 
     matplotlib.use("Agg")

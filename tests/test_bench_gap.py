@@ -79,3 +79,32 @@ def test_the_click_bench_scores_a_flipped_label_as_evaluate_does(tmp_path, make_
                               WindowCache())["dice"]
         assert dice[name][0] == pytest.approx(evaluate_items(system, [it], inf)[0][0]["dice"])
     assert dice["flipped"] == pytest.approx(dice["stored"])
+
+
+def test_the_click_bench_refuses_an_uncertain_robot_without_samples_and_prints_a_run_without_clicks(tmp_path,
+                                                                                                    make_system):
+    """A review: with one sample per image (the checkpoint's default for brats_wt) the uncertain robot saw no variance
+    and clicked nothing, reported as Dice@k = Dice@0 for every k; and a run that made no click printed its seconds
+    per click as None (a TypeError that lost every result of the bench, which were written only at its end)."""
+    import json
+
+    import clicks_bench
+    from lib.checkpoint import save_checkpoint
+    from lib.phantoms import write_phantom_case
+
+    system = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0], steps=1)
+    ck = save_checkpoint(tmp_path / "m.pt", system.model, system.hparams)
+    item = write_phantom_case(tmp_path, "c0", shape=(24, 24, 16))
+    datalist = tmp_path / "d.json"
+    datalist.write_text(json.dumps({"validation": [item]}))
+    argv = ["clicks_bench.py", "--checkpoint", str(ck), "--datalist", str(datalist), "--split", "validation",
+            "--clicks", "1", "--out", str(tmp_path / "out")]
+    old = sys.argv
+    try:
+        sys.argv = argv + ["--robots", "uncertain", "--num-samples", "1"]
+        with pytest.raises(SystemExit) as e:
+            clicks_bench.main()
+        assert e.value.code == 2
+    finally:
+        sys.argv = old
+    assert clicks_bench._secs(None) == "n/a" and clicks_bench._secs(1.234) == "1.23"
