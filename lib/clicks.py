@@ -274,9 +274,8 @@ def scaled_grow_radius(reference: np.ndarray | None, point: Sequence[int], radiu
     # a segmentation voxel farther than h > radius / scale gives the full radius: look only within h of the click
     # (a voxel outside that box is farther than h, and a box voxel farther than h gives the full radius too; the
     # whole grid was searched per click)
-    # (a scale near 0 gives an infinite h, a huge one a product that overflows: both were an OverflowError, a 500)
-    span = max(reference.shape)
-    h = (span if not radius / scale < span else math.ceil(radius / scale)) + 1
+    # (capped at the grid: a scale near 0 gave an infinite h, an OverflowError, a 500)
+    h = math.ceil(min(max(reference.shape), radius / scale)) + 1
     q = [int(c) for c in point]
     lo = [max(0, c - h) for c in q]
     hi = [min(s, c + h + 1) for c, s in zip(q, reference.shape)]
@@ -284,7 +283,7 @@ def scaled_grow_radius(reference: np.ndarray | None, point: Sequence[int], radiu
     if not len(pts):
         return radius
     d = float(np.sqrt(((pts + np.asarray(lo)[None] - np.asarray(q)[None]) ** 2).sum(1).min()))
-    return 0 if d < 2.0 else int(math.ceil(min(radius, scale * d) - 1e-9))
+    return 0 if d < 2.0 else int(math.ceil(min(radius, scale * d) - 1e-9))  # min first: scale * d may be inf
 
 
 def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, image=None, grow_radius: int = -1,

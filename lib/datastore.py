@@ -646,8 +646,8 @@ def label_segments(present: list[int], label_info: dict | None, image_id: str) -
     1, 2, ... in that order (its ``idx`` also counts segments it leaves out); entries with
     ``segmentAttribute.labelID`` name that value; other entries are paired with the non-zero values in the file, in
     ascending order, as MONAI Label's DICOM SEG conversion pairs them. A client may also send the mapping itself
-    (``"segments": {"1": "lungs"}``); a label the app saves from its own result (``/infer`` with ``save_label``) is named by the result's
-    ``label_names``.
+    (``"segments": {"1": "lungs"}``); a label the app saves from its own result (``/infer`` with ``save_label``) is
+    named by the result's ``label_names``.
     Empty when the client named nothing. Raises InputError for a malformed list, and for a label whose
     ``uncertain`` segment (the app's disagreement region) still has voxels: they are neither a structure nor
     background, and a training would learn them as one or the other."""

@@ -746,7 +746,8 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
     auto, task = interactive_task.infer(), interactive_task.interactive_infer()
     assert task.type == "deepedit" and auto.type == "segmentation" and task.dimension == 3
     # DeepEdit: negative clicks on "background" (255: OHIF); "uncertain" with the value of that segment (OHIF draws it)
-    assert task.labels == {"lesion": 1, "uncertain": 2, "background": 255} and auto.labels == {"lesion": 1, "uncertain": 2}
+    assert task.labels == {"lesion": 1, "uncertain": 2, "background": 255}
+    assert auto.labels == {"lesion": 1, "uncertain": 2}
     assert task.system("cpu") is auto.system("cpu")  # one checkpoint, one model copy
     _, a = auto({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu"})
     lab = np.asarray(a["pred"])

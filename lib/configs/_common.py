@@ -146,13 +146,11 @@ class DFMTaskConfig(TaskConfig):
         return {f"{self.name}_uncertainty": self._scoring}
 
     def strategy(self):
-        from lib.activelearning.uncertainty import DFMUncertaintyStrategy
-
-        scoring = self.scoring_method()[f"{self.name}_uncertainty"]
-        from lib.activelearning.uncertainty import scoring_budget
+        from lib.activelearning.uncertainty import DFMUncertaintyStrategy, scoring_budget
         from lib.config import ConfigError
         from lib.transforms import InputError
 
+        scoring = self.scoring_method()[f"{self.name}_uncertainty"]
         try:
             budget = scoring_budget(self.conf.get("next_sample_scoring_s", 10))
         except InputError:

@@ -44,6 +44,8 @@ UNCERTAIN_VALUE = 2  # the least label value of the optional "uncertain" segment
 def uncertain_value(structure_values) -> int:
     """The value of a result's uncertain segment: after every structure's (a one-label model's: 2)."""
     return max(UNCERTAIN_VALUE, max((int(v) for v in structure_values), default=0) + 1)
+
+
 REQUEST_KEYS = ("sampler", "steps", "num_samples", "overlap", "sw_batch_size", "seed", "precision")
 # also: "labels" (a prompted model: a subset of its structures), "prompt" (a free text prompt), clicks (interactive)
 
@@ -256,7 +258,6 @@ def result_extension(value) -> str | None:
     if ext.lower() not in RESULT_EXTENSIONS:
         raise ConfigError(f"parameter 'result_extension' {v!r} is not one of {list(RESULT_EXTENSIONS)}")
     return ext
-
 
 
 def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
