@@ -246,6 +246,22 @@ class VLMConfig:
 VIEWS = ("display", "array")
 
 
+def check_one_label(labels) -> None:
+    """A one-structure model's ``labels``: its one structure's name, value 1. Its result paints the structure 1
+    whatever ``labels`` says, and the viewers read a result's values by these labels: with ``{"lung": 255}`` OHIF
+    painted nothing and the uncertain segment's value (256) did not fit the label file."""
+    if not isinstance(labels, dict) or len(labels) != 1:
+        raise ConfigError(f"labels of a model without structures must name its one structure with value 1 (e.g. "
+                          f'{{"lung": 1}}; several structures are a prompted model\'s "structures"), got {labels!r}')
+    (name, value), = labels.items()
+    if not isinstance(name, str) or not name.strip() or name in ("background", "uncertain"):
+        raise ConfigError(f"labels: the structure's name must be a non-empty string other than 'background'/"
+                          f"'uncertain' (the app's own segments), got {name!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value != 1:
+        raise ConfigError(f"labels: {name!r} must have value 1 (the value its results are painted with), got "
+                          f"{value!r}")
+
+
 @dataclass
 class StructureConfig:
     """One structure a prompted model segments: its name and value in the multi-label map, its text prompt(s) and
@@ -262,8 +278,11 @@ class StructureConfig:
         if not c.name or not isinstance(c.name, str) or c.name in ("background", "uncertain"):
             raise ConfigError(f"structure name must be a non-empty string other than 'background'/'uncertain', "
                               f"got {c.name!r}")
-        if not isinstance(c.value, int) or not 1 <= c.value <= 254:
-            raise ConfigError(f"structure {c.name!r}: value must be an integer in 1..254, got {c.value!r}")
+        # 254 and 255 are taken: a result's uncertain segment comes after every structure (<= 254), and the
+        # interactive model's "background" (negative clicks) is 255, which no result may use (lib.configs._common)
+        if not isinstance(c.value, int) or isinstance(c.value, bool) or not 1 <= c.value <= 253:
+            raise ConfigError(f"structure {c.name!r}: value must be an integer in 1..253 (254 and 255 are the "
+                              f"uncertain segment's and the clicks' 'background'), got {c.value!r}")
         if not c.prompts or not all(p.strip() for p in c.prompts):
             raise ConfigError(f"structure {c.name!r}: needs at least one non-empty prompt")
         if not (isinstance(c.weight, (int, float)) and c.weight > 0):
@@ -485,6 +504,8 @@ class HParams:
         structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
         labels = dict(self.labels)
         vlm = dataclasses.replace(self.vlm)
+        if not structures:
+            check_one_label(labels)
         if structures:
             names = [s.name for s in structures]
             values = [s.value for s in structures]

@@ -108,6 +108,26 @@ def test_structures_are_checked_and_travel_in_the_checkpoint(tmp_path, tiny_clip
     assert ck.hparams.label_map == {"upper": 1, "lower": 2} and ck.hparams.vlm.view == "display"
 
 
+def test_label_values_leave_the_uncertain_and_the_clicks_background_their_own_values(tiny_clip):
+    """The uncertain segment takes the value after every structure's and the interactive model's "background" is
+    255: a structure valued 254 gave uncertain 255, two names of one value in OHIF's map. A one-structure model's
+    results are painted 1 whatever ``labels`` says: ``{"lung": 255}`` was served as 255 (OHIF painted nothing; its
+    uncertain value 256 did not fit a uint8 label), two labels or a label named "background" were taken."""
+    from lib.configs._common import BACKGROUND_CLICKS
+    from lib.infers.dfm_vlm import uncertain_value
+
+    with pytest.raises(ConfigError, match="1..253"):
+        prompted_hparams(tiny_clip, [dataclasses.replace(TWO[0], value=254)]).resolved()
+    hp = build_system(prompted_hparams(tiny_clip, [dataclasses.replace(TWO[0], value=253), TWO[1]])).hparams
+    assert uncertain_value(hp.label_map.values()) == 254 < BACKGROUND_CLICKS
+    assert tiny_hparams(None, mode="plain").resolved().label_map == {"blob": 1}
+    for labels, match in [({"blob": 255}, "value 1"), ({"blob": 0}, "value 1"), ({"blob": True}, "value 1"),
+                          ({"blob": 1, "other": 2}, "one structure"), ({}, "one structure"),
+                          ({"background": 1}, "background"), ({"uncertain": 1}, "uncertain")]:
+        with pytest.raises(ConfigError, match=match):
+            dataclasses.replace(tiny_hparams(None, mode="plain"), labels=labels).resolved()
+
+
 def test_a_checkpoint_from_before_display_views_keeps_array_views(tmp_path, make_system):
     system = make_system()
     save_checkpoint(tmp_path / "old.pt", system.model, system.hparams)
