@@ -3,6 +3,8 @@ sampler's hold, simulated clicks in training, the interactive MONAI Label task."
 
 from __future__ import annotations
 
+import types
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -901,3 +903,22 @@ def test_a_republished_checkpoint_is_served_with_its_own_sampler_settings(tmp_pa
         assert (d["result"]["steps"], d["result"]["num_samples"]) == (3, 2)
         _, d = task({"image": entry["image"], "skip_writer": True, "device": "cpu", "steps": 1})
         assert d["result"]["steps"] == 1
+        # the config is shared: another request (or /info) following a newer checkpoint after this request took its
+        # model, before MONAI Label merged the config, gave this request the newer one's settings (a race with
+        # infer concurrency); it runs its own model's
+        newer = load_checkpoint(path).hparams
+        newer.sampler.steps, newer.sampler.num_samples = 4, 3
+        pin = task._pin
+
+        def pin_then_another_follows(device, system):
+            pin(device, system)
+            if system is not None:
+                task.follow_checkpoint(types.SimpleNamespace(hparams=newer))
+
+        task._pin = pin_then_another_follows
+        try:
+            _, d = task({"image": entry["image"], "skip_writer": True, "device": "cpu"})
+        finally:
+            del task._pin
+        assert (d["result"]["steps"], d["result"]["num_samples"]) == (3, 2)
+        assert task.info()["config"]["steps"] == 3  # /info follows the served checkpoint again

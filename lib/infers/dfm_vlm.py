@@ -429,7 +429,7 @@ class DFMVLMInfer(BasicInferTask):
         super().__init__(path=list(path), network=None, type=INTERACTIVE_TYPE if interactive else InferType.SEGMENTATION,
                          labels=labels, dimension=dimension, description=description, config=cfg)
         self.interactive = interactive
-        self._config_sampler = _sampler_config(d)  # what the config's sampler values came from (follow_checkpoint)
+        self._fixed = set(config or {})  # config values given here: not the served checkpoint's (follow_checkpoint)
         self.stale_before = stale_before  # lib.infers.dfm_vlm.live_paths
         # the windows of the last results: a new click re-runs only the windows it reaches (lib.inferer.WindowCache)
         self.window_cache = WindowCache(cache_bytes) if interactive else None
@@ -638,17 +638,16 @@ class DFMVLMInfer(BasicInferTask):
                         "windows": out["windows"]["windows"], "windows_rerun": out["windows"]["rerun"]})
         return data
 
+    def followed(self, system: DFMSystem) -> dict:
+        """The sampler values that follow ``system``'s checkpoint (all but those given as the task's ``config``)."""
+        return {k: v for k, v in _sampler_config(system.hparams.sampler).items() if k not in self._fixed}
+
     def follow_checkpoint(self, system: DFMSystem) -> None:
         """The config's sampler values are the served checkpoint's. MONAI Label merges the task's config into every
         request, and the config was made once, from the checkpoint served at start: after a training published a
         checkpoint with other sampler settings, every request still ran the old ones (while /info showed the new).
         Values a request names itself still win."""
-        now = _sampler_config(system.hparams.sampler)
-        if now != self._config_sampler:
-            for k, v in now.items():
-                if self._config.get(k) == self._config_sampler.get(k):  # not set otherwise (``config``)
-                    self._config[k] = v
-            self._config_sampler = now
+        self._config.update(self.followed(system))
 
     def __call__(self, request, callbacks=None):
         # checked before MONAI Label reads them: its name_to_device failed on device=5 (a 500), and ITK was asked to
@@ -671,6 +670,11 @@ class DFMVLMInfer(BasicInferTask):
         # one model for the whole request: a checkpoint published after the config followed it was loaded for the
         # preprocessing, so the request ran one checkpoint with another's sampler settings
         self._pin(device, system)
+        if system is not None:
+            # the request carries its model's sampler values itself: the config is shared, and another request or
+            # /info following a newer checkpoint between here and MONAI Label's merge gave this request that
+            # checkpoint's settings (with infer concurrency, or a request served while a training published)
+            request = {**self.followed(system), **request}
         try:
             label_file, res = super().__call__(request, callbacks)
         finally:
