@@ -77,14 +77,14 @@ def _points(value, key: str, spatial_dims: int, shape: Sequence[int]) -> list[tu
         # a 2D image opened in Slicer is a one-slice volume: its IJK points carry k = 0 (a client that sends unrounded
         # indices may give 1e-9 there: rounded, as i and j are)
         if spatial_dims == 2 and len(coords) == 3 and _is_number(coords[2]):
-            if round(float(coords[2])) != 0:
+            if nearest_voxel(coords[2]) != 0:
                 raise ClickError(f"{where}: a 2D image has one slice, so its third index must be 0 (or absent)")
             coords = coords[:2]
         if len(coords) != spatial_dims:
             raise ClickError(f"{where} has {len(coords)} coordinate(s); the image is {spatial_dims}D")
         if not all(_is_number(c) for c in coords):
             raise ClickError(f"{where} has a coordinate that is not a finite number")
-        idx = tuple(int(round(float(c))) for c in coords)
+        idx = tuple(nearest_voxel(c) for c in coords)
         if any(not 0 <= i < s for i, s in zip(idx, shape)):
             raise ClickError(f"{where} is outside the image (voxel indices must be within {tuple(shape)})")
         out.append(idx)
@@ -150,6 +150,13 @@ def parse_label_clicks(request: dict, names: Sequence[str], spatial_dims: int, s
             raise ClickError(f"voxel(s) {both} clicked both as {name} and as background")
         out[name] = Clicks([tuple(map(float, p)) for p in fg], [tuple(map(float, p)) for p in bg])
     return out
+
+
+def nearest_voxel(c) -> int:
+    """The voxel a continuous index lies in (voxel ``i`` spans ``[i - 0.5, i + 0.5)``). Python's ``round`` rounds
+    halves to even: 10.5 -> 10 but 11.5 -> 12, so on a grid of half the image's spacing the image voxels 1, 3, 5
+    (network 0.5, 1.5, 2.5) took network voxels 0, 2, 2 instead of 1, 2, 3."""
+    return int(math.floor(float(c) + 0.5))
 
 
 def map_points(clicks: Clicks, src_affine, dst_affine) -> Clicks:
@@ -233,7 +240,7 @@ def grown_region(image: np.ndarray, point: Sequence[float], radius: int, toleran
 
     image = np.asarray(image, dtype=np.float32)
     shape = image.shape[1:]
-    q = tuple(min(max(int(round(c)), 0), s - 1) for c, s in zip(point, shape))
+    q = tuple(min(max(nearest_voxel(c), 0), s - 1) for c, s in zip(point, shape))
     lo = [max(0, c - radius) for c in q]
     hi = [min(s, c + radius + 1) for c, s in zip(q, shape)]
     box = image[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))]
@@ -325,7 +332,7 @@ def hold_maps(clicks: Clicks, shape: Sequence[int], radius: int, device=None, im
     bound = max(radius, grow_radius if grow else -1, 0)
     for v, pts in ((1.0, clicks.fg), (0.0, clicks.bg)):
         for p in pts:
-            q = [min(max(int(round(c)), 0), s - 1) for c, s in zip(p, shape)]  # the click's voxel
+            q = [min(max(nearest_voxel(c), 0), s - 1) for c, s in zip(p, shape)]  # the click's voxel
             box, d2 = _box_d2(q, shape, bound, device)
             bm, bv, bb = mask[box], value[box], best[box]
             reach = d2 <= radius * radius + 1e-6 if radius >= 0 else torch.zeros_like(bm, dtype=torch.bool)

@@ -247,19 +247,20 @@ VIEWS = ("display", "array")
 
 
 def check_one_label(labels) -> None:
-    """A one-structure model's ``labels``: its one structure's name, value 1. Its result paints the structure 1
-    whatever ``labels`` says, and the viewers read a result's values by these labels: with ``{"lung": 255}`` OHIF
-    painted nothing and the uncertain segment's value (256) did not fit the label file."""
+    """A one-structure model's ``labels``: its one structure's name and the value its results are painted with,
+    1..253 as a structure's (:class:`StructureConfig`). Taken as they came, ``{"lung": 255}`` gave an uncertain
+    segment of value 256 (a uint8 label) and collided with the interactive model's "background" (255), and of two
+    labels the second was silently never segmented."""
     if not isinstance(labels, dict) or len(labels) != 1:
-        raise ConfigError(f"labels of a model without structures must name its one structure with value 1 (e.g. "
+        raise ConfigError(f"labels of a model without structures must name its one structure and its value (e.g. "
                           f'{{"lung": 1}}; several structures are a prompted model\'s "structures"), got {labels!r}')
     (name, value), = labels.items()
     if not isinstance(name, str) or not name.strip() or name in ("background", "uncertain"):
         raise ConfigError(f"labels: the structure's name must be a non-empty string other than 'background'/"
                           f"'uncertain' (the app's own segments), got {name!r}")
-    if isinstance(value, bool) or not isinstance(value, int) or value != 1:
-        raise ConfigError(f"labels: {name!r} must have value 1 (the value its results are painted with), got "
-                          f"{value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 253:
+        raise ConfigError(f"labels: {name!r} must have an integer value in 1..253 (254 and 255 are the uncertain "
+                          f"segment's and the clicks' 'background'), got {value!r}")
 
 
 @dataclass

@@ -177,6 +177,22 @@ def test_guidance_is_a_truncated_gaussian_and_the_hold_marks_the_clicked_voxels(
     assert h[0].sum() == 10 and h[1, 5, 5] == 1 and h[1, 15, 12] == 0 and h[0, 15, 12] == 1
 
 
+def test_a_point_between_two_voxels_takes_the_upper_one_on_every_axis_and_grid():
+    """Voxel i spans [i - 0.5, i + 0.5). Python's round took halves to the even voxel (10.5 -> 10, 11.5 -> 12), so
+    a client's unrounded point and the network-grid point of an image voxel on a grid of twice its spacing (image
+    voxels 1, 3, 5 -> 0.5, 1.5, 2.5) landed alternately below and above: network voxels 0, 2, 2."""
+    c = parse_clicks({"foreground": [[10.5, 11.5]], "background": [[0.5, 2.49]]}, ["blob"], 2, (20, 20))
+    assert c.fg == [(11, 12)] and c.bg == [(1, 2)]
+    half = Clicks([(0.5, 0.5), (1.5, 1.5), (2.5, 2.5)], [(4.5, 0.0)])
+    h = hold_maps(half, (6, 6), radius=0)
+    assert sorted(map(tuple, torch.nonzero(h[1]).tolist())) == [(1, 1), (2, 2), (3, 3)]
+    assert torch.nonzero(h[0]).tolist() == [[1, 1], [2, 2], [3, 3], [5, 0]]
+    img = np.zeros((1, 12, 12), np.float32)
+    img[0, 3:6, 3:6] = 1.0  # the fill of a click at (2.5, 2.5) starts from voxel (3, 3), in the bright block
+    fill = grown_region(img, (2.5, 2.5), radius=2, tolerance=0.5)  # seed: the mean of 5 voxels, 0.6
+    assert fill[3, 3] and fill[4, 4] and not fill[2, 2]
+
+
 def _two_regions() -> np.ndarray:
     """(2, 30, 30): channel 0 bright (2.0) in a 10x12 block at rows 5..14, cols 5..16, a second bright block at
     rows 5..14, cols 19..24 touching the first only at one corner through a diagonal voxel, noise-free elsewhere

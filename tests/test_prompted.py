@@ -111,8 +111,8 @@ def test_structures_are_checked_and_travel_in_the_checkpoint(tmp_path, tiny_clip
 def test_label_values_leave_the_uncertain_and_the_clicks_background_their_own_values(tiny_clip):
     """The uncertain segment takes the value after every structure's and the interactive model's "background" is
     255: a structure valued 254 gave uncertain 255, two names of one value in OHIF's map. A one-structure model's
-    results are painted 1 whatever ``labels`` says: ``{"lung": 255}`` was served as 255 (OHIF painted nothing; its
-    uncertain value 256 did not fit a uint8 label), two labels or a label named "background" were taken."""
+    ``labels`` were not checked at all: ``{"lung": 255}`` (its uncertain value 256 did not fit a uint8 label), two
+    labels (the second never segmented) or a label named "background" were taken."""
     from lib.configs._common import BACKGROUND_CLICKS
     from lib.infers.dfm_vlm import uncertain_value
 
@@ -121,8 +121,10 @@ def test_label_values_leave_the_uncertain_and_the_clicks_background_their_own_va
     hp = build_system(prompted_hparams(tiny_clip, [dataclasses.replace(TWO[0], value=253), TWO[1]])).hparams
     assert uncertain_value(hp.label_map.values()) == 254 < BACKGROUND_CLICKS
     assert tiny_hparams(None, mode="plain").resolved().label_map == {"blob": 1}
-    for labels, match in [({"blob": 255}, "value 1"), ({"blob": 0}, "value 1"), ({"blob": True}, "value 1"),
-                          ({"blob": 1, "other": 2}, "one structure"), ({}, "one structure"),
+    assert dataclasses.replace(tiny_hparams(None, mode="plain"), labels={"blob": 253}).resolved().labels == \
+        {"blob": 253}
+    for labels, match in [({"blob": 254}, "1..253"), ({"blob": 0}, "1..253"), ({"blob": True}, "1..253"),
+                          ({"blob": 1.0}, "1..253"), ({"blob": 1, "other": 2}, "one structure"), ({}, "one structure"),
                           ({"background": 1}, "background"), ({"uncertain": 1}, "uncertain")]:
         with pytest.raises(ConfigError, match=match):
             dataclasses.replace(tiny_hparams(None, mode="plain"), labels=labels).resolved()
