@@ -11,6 +11,7 @@ checkpoint with the best validation Dice is kept (``best.pt``), with the last on
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -56,32 +57,40 @@ def build_system(hp: HParams, device: str | torch.device = "cpu") -> DFMSystem:
     return DFMSystem(model, vlm, hp).to(device).eval()
 
 
-def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, texts, rng: np.random.Generator
-                     ) -> list[Clicks]:
+def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, texts, rng: np.random.Generator,
+                     item_rngs: Sequence[np.random.Generator] | None = None) -> list[Clicks]:
     """Clicks of a training batch, as DeepEdit trains: a share ``clicks.no_click_prob`` of patches gets none (the
     automatic mode); in an iteration with corrective clicks (probability ``clicks.corrective_prob``) each other patch
     starts from random clicks or none, then 1..``corrective_rounds`` rounds of: predict with the clicks so far
     (:meth:`DFMSystem.predict_windows`, one Euler step -- the predictor every caller uses), click the centre of the
     largest error region (:func:`lib.clicks.next_click`); otherwise each gets random clicks
-    (:func:`lib.clicks.random_clicks`)."""
+    (:func:`lib.clicks.random_clicks`).
+
+    ``rng`` draws what the whole batch shares (corrective or not, how many rounds); ``item_rngs`` (one per patch;
+    default: ``rng``) what each patch draws, so that a patch's clicks do not depend on the other patches of its batch
+    (the training loop keys them by seed, iteration and slot: the same clicks whatever the number of ranks)."""
     cc = system.hparams.clicks
     b, spatial = image.shape[0], tuple(image.shape[2:])
+    item_rngs = list(item_rngs) if item_rngs is not None else [rng] * b
+    if len(item_rngs) != b:
+        raise ValueError(f"simulated_clicks: {len(item_rngs)} item streams for a batch of {b}")
     truth = x1.detach().cpu().numpy()[:, 0] > 0.5
     corrective = cc.corrective_rounds > 0 and rng.random() < cc.corrective_prob
+    rounds = int(rng.integers(1, cc.corrective_rounds + 1)) if corrective else 0
     clicks, active = [], []
     for i in range(b):
-        if rng.random() < cc.no_click_prob:
+        if item_rngs[i].random() < cc.no_click_prob:
             clicks.append(Clicks())
             continue
         active.append(i)
-        start_random = (not corrective) or rng.random() < 0.5
-        clicks.append(random_clicks(truth[i], rng, cc.max_random) if start_random else Clicks())
+        start_random = (not corrective) or item_rngs[i].random() < 0.5
+        clicks.append(random_clicks(truth[i], item_rngs[i], cc.max_random) if start_random else Clicks())
     if corrective and active:
         act_texts = None if texts is None else [texts[i] for i in active]
 
         def predict(g, h):
             mean, _ = system.predict_windows(
-                image[active], act_texts, [int(v) for v in rng.integers(0, 2 ** 62, size=len(active))],
+                image[active], act_texts, [int(item_rngs[i].integers(0, 2 ** 62)) for i in active],
                 sampler="euler", steps=1, num_samples=1, guidance=g, hold=h)
             return mean[:, 0].cpu().numpy() > 0.5
 
@@ -89,7 +98,7 @@ def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, t
         if cc.grow_radius >= 0 and cc.grow_scale > 0:  # the fills follow the automatic result, as in the app
             none = torch.zeros((len(active), 2, *spatial), device=image.device)
             refs = list(predict(none, none))
-        for _ in range(int(rng.integers(1, cc.corrective_rounds + 1))):
+        for _ in range(rounds):
             g = torch.stack([guidance_maps(clicks[i], spatial, cc.sigma) for i in active])
             h = torch.stack([hold_maps(clicks[i], spatial, cc.hold_radius, image=image[i], grow_radius=cc.grow_radius,
                                        grow_tolerance=cc.grow_tolerance, grow_side=cc.grow_side,
@@ -105,12 +114,13 @@ def simulated_clicks(system: DFMSystem, image: torch.Tensor, x1: torch.Tensor, t
 
 def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generator | None = None,
                network: torch.nn.Module | None = None, rng: np.random.Generator | None = None,
-               info: dict | None = None) -> torch.Tensor:
+               info: dict | None = None, item_rngs: Sequence[np.random.Generator] | None = None) -> torch.Tensor:
     """The loss of one patch batch: per-patch VLM conditioning, ``t`` and ``x_t`` per patch, BCE on ``x1``.
 
     Shared by this loop and the MONAI Label trainer. ``batch``: ``image``, ``label`` and ``items`` (the source entry
     of every patch, for its text). ``network``: the module to run (e.g. DDP-wrapped ``system.model``). A
-    click-trained model (``clicks.enabled``) gets the guidance maps of :func:`simulated_clicks` (``rng``).
+    click-trained model (``clicks.enabled``) gets the guidance maps of :func:`simulated_clicks` (``rng``,
+    ``item_rngs``).
     ``info``: see :func:`lib.flow.training_step` (each patch's ``t`` and BCE).
     """
     hp = system.hparams
@@ -121,7 +131,7 @@ def train_loss(system: DFMSystem, batch: dict, device, generator: torch.Generato
     guidance = None
     if system.takes_clicks:
         rng = rng if rng is not None else np.random.default_rng()
-        clicks = simulated_clicks(system, image, x1, texts, rng)
+        clicks = simulated_clicks(system, image, x1, texts, rng, item_rngs)
         guidance = torch.stack([guidance_maps(c, image.shape[2:], hp.clicks.sigma) for c in clicks]).to(device)
     with precision_policy.autocast(hp.precision, device):  # the policy prediction uses (lib.precision)
         cond = system.condition(image, texts, guidance)
@@ -207,11 +217,13 @@ def items_digest(items: Sequence[dict]) -> dict:
     return {"n": len(rows), "digest": h}
 
 
-def _without_fingerprint(d: dict) -> dict:
-    """Hyper-parameters without ``vlm.fingerprint`` (compared with a tolerance, not for equality)."""
+def _without_fingerprint(d: dict, path_too: bool = False) -> dict:
+    """Hyper-parameters without ``vlm.fingerprint`` (compared with a tolerance, not for equality) and, with
+    ``path_too`` (both runs' fingerprints known and agreeing), without the VLM's folder: the same weights moved."""
     d = dict(d)
     if isinstance(d.get("vlm"), dict):
-        d["vlm"] = {k: v for k, v in d["vlm"].items() if k != "fingerprint"}
+        drop = ("fingerprint", "name_or_path") if path_too else ("fingerprint",)
+        d["vlm"] = {k: v for k, v in d["vlm"].items() if k not in drop}
     return d
 
 
@@ -244,9 +256,12 @@ def _best_on_disk(path: Path) -> dict | None:
     return {"dice": dice, "iteration": metrics.get("iteration"), "summary": metrics.get("val")}
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+DIST_TIMEOUT_MIN = 60.0  # how long a rank waits in a collective (for rank 0's validation, a failed peer)
+
+
+def _init_distributed(device: torch.device, timeout_min: float = DIST_TIMEOUT_MIN) -> tuple[int, int, torch.device]:
     """``(world_size, rank, device)``; under ``torchrun`` (WORLD_SIZE > 1) joins the process group: NCCL with one
-    GPU per process (LOCAL_RANK) on CUDA, gloo on the CPU."""
+    GPU per process (LOCAL_RANK) on CUDA, gloo on the CPU; a collective fails after ``timeout_min`` minutes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 1, 0, device
@@ -256,8 +271,23 @@ def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # the other ranks wait in a collective while rank 0 validates: PyTorch's default limit (NCCL 10 min, gloo
+        # 30 min) ended a run whose validation took longer, after its training, before best.pt was written
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return dist.get_world_size(), dist.get_rank(), device
+
+
+def _log_wait(rank: int, val_s_est: float, timeout_min: float) -> None:
+    """A rank other than 0 is about to wait for rank 0's validation: say so, and when the wait may outlast the
+    process group's timeout (the run would end without its checkpoints), what to do."""
+    if val_s_est > 0.8 * timeout_min * 60:
+        logger.warning("rank %d waits for rank 0's validation (estimated %.0f s) with a distributed timeout of %g "
+                       "min: it may time out and end the run; give a larger --dist-timeout", rank, val_s_est,
+                       timeout_min)
+    else:
+        logger.info("rank %d waits for rank 0's validation (estimated %.0f s; timeout %g min, --dist-timeout)", rank,
+                    val_s_est, timeout_min)
 
 
 def _broadcast_clock(elapsed: float, train_s: float, val_s: float, device) -> tuple[float, float, float]:
@@ -312,12 +342,14 @@ class TrainResult:
 def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], out_dir: str | Path,
           device: str | torch.device = "cpu", time_budget_s: float | None = None,
           max_iterations: int | None = None, progress: bool = True,
-          on_log: Callable[[dict], None] | None = None, resume: bool = False) -> TrainResult:
+          on_log: Callable[[dict], None] | None = None, resume: bool = False,
+          dist_timeout_min: float = DIST_TIMEOUT_MIN) -> TrainResult:
     """Train; ``out_dir/resume.pt`` (model, optimiser, iteration, schedule clock, every RNG, history) is written
     atomically at each validation and every ``train.state_every_s`` seconds of training (or ``state_every_it``
     iterations); ``resume=True`` continues from it as if never interrupted: the same budget or iteration count, the
     learning-rate schedule where it was, the same random streams, so the loss curve (``losses.csv``, one row per
-    iteration) continues the interrupted one."""
+    iteration) continues the interrupted one. Under torchrun a rank waits at most ``dist_timeout_min`` minutes in
+    a collective: the other ranks wait there while rank 0 validates."""
     t_start = time.perf_counter()
     if not train_items or not val_items:  # the CLI's and every script's check (the CLI names no split here)
         raise ConfigError(f"the {'training' if not train_items else 'validation'} split has no images: nothing to "
@@ -339,7 +371,9 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
     np_rng = np.random.default_rng(tc.seed)  # which images make each global batch: the same stream on every rank
-    world, rank, device = _init_distributed(torch.device(device))
+    if not (isinstance(dist_timeout_min, (int, float)) and 0 < dist_timeout_min < math.inf):
+        raise ConfigError(f"the distributed timeout must be a number of minutes > 0, got {dist_timeout_min!r}")
+    world, rank, device = _init_distributed(torch.device(device), dist_timeout_min)
     main_rank = rank == 0
     if main_rank:  # half-written files of a run killed during a write
         for f in remove_interrupted_writes(out, ("best.pt", "last.pt", "resume.pt", "losses.csv")):
@@ -400,11 +434,14 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     data = {"training": items_digest(train_items), "validation": items_digest(val_items)}
     if resume:
         st = load_train_state(state_path)
-        theirs, ours = _without_fingerprint(st["hyper_parameters"]), _without_fingerprint(hp.to_dict())
-        why = fingerprint_mismatch((st["hyper_parameters"].get("vlm") or {}).get("fingerprint"), hp.vlm.fingerprint)
+        recorded = (st["hyper_parameters"].get("vlm") or {}).get("fingerprint")
+        why = fingerprint_mismatch(recorded, hp.vlm.fingerprint)
         if why:
             raise ResumeError(f"{state_path} was written with another VLM than {hp.vlm.name_or_path!r} ({why}); "
                               f"resume with the interrupted run's VLM, or train into a new --out")
+        # the same VLM in another folder (another node, a moved model cache) resumes: its fingerprint says it is
+        moved = bool(recorded and hp.vlm.fingerprint)
+        theirs, ours = _without_fingerprint(st["hyper_parameters"], moved), _without_fingerprint(hp.to_dict(), moved)
         if theirs != ours:
             diff = sorted(f"{sec}.{k}" for sec in ours for k in (ours[sec] if isinstance(ours[sec], dict) else [None])
                           if (theirs.get(sec, {}).get(k) if k else theirs.get(sec)) !=
@@ -430,7 +467,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         losses, history, best = list(st["losses"]), list(st["history"]), dict(st["best"])
         # a state from before loop_start was recorded: 0, the schedule it ran (restarting it would warm up again)
         loop_start, validated_at = st.get("loop_start", 0.0), st.get("validated_at", -1)
-        t_start = time.perf_counter() - st["elapsed_seconds"]
+        t_start -= st["elapsed_seconds"]  # this process's start-up (VLM, caching) counts against the budget too
         torch.set_rng_state(st["torch_rng"])
         if device.type == "cuda" and st.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(st["cuda_rng"], device)
@@ -469,7 +506,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     next_state_s = train_s + tc.state_every_s
     kill_at = int(os.environ.get("DFM_TEST_SIGKILL_AT_ITERATION", "0") or 0)
-    patches_seen = 0
+    patches_seen, first_it = 0, it  # it: where a resumed run starts
 
     def save_state() -> None:
         nonlocal next_state_s
@@ -560,6 +597,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 # the time left is under 1.1 validations): the final validation stands in for it, and its time goes
                 # to training (every 42-minute run validated twice at its end, one iteration apart, over budget)
                 if not time_limited or elapsed + 2.1 * max(val_s_est, 1.0) + 5 * train_s / it < budget:
+                    if world > 1 and not main_rank:
+                        _log_wait(rank, val_s_est, dist_timeout_min)
                     validate(final=False)
                     if world > 1:  # rank 0 measured the validation: every rank stops and schedules with it
                         elapsed, train_s, val_s_est = _broadcast_clock(elapsed, train_s, val_s_est, device)
@@ -591,8 +630,12 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         noise = ItemNoise([derive_seed(tc.seed, "flow", it, k, j) for k in slots for j in range(per_item)],
                           device=device)
         info: dict | None = {} if tc.hard_share else None
+        # simulated clicks (click-trained models): the batch's draws keyed by (seed, iteration), each patch's by its
+        # slot too (keyed by rank, a click-trained run depended on the number of processes)
         loss = train_loss(system, batch, device, generator=noise, network=network,
-                          rng=np.random.default_rng([tc.seed, it, rank]), info=info)
+                          rng=np.random.default_rng(derive_seed(tc.seed, "clicks", it)), info=info,
+                          item_rngs=[np.random.default_rng(derive_seed(tc.seed, "clicks", it, k, j))
+                                     for k in slots for j in range(per_item)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -629,7 +672,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                 bar.n = int(time.perf_counter() - t_start)
                 bar.refresh()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", it=it)
-    logger.info("rank %d of %d: %d patches in this process's %d iterations", rank, world, patches_seen, it)
+    logger.info("rank %d of %d: %d patches in this process's %d iterations (%d in all)", rank, world, patches_seen,
+                it - first_it, it)
     if world > 1:
         logger.info("rank %d of %d: parameter checksum %s", rank, world, parameter_checksum(model))
     if it == 0:  # a budget spent before the first step: no best.pt of random weights, no exit 0 that looks trained
@@ -638,6 +682,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         raise ConfigError(f"the time budget ({budget:.0f} s) ended before the first training iteration (start-up "
                           f"took {time.perf_counter() - t_start:.0f} s): give more --minutes")
     if validated_at != it:  # the budget often ends right after a periodic validation: not twice in a row
+        if world > 1 and not main_rank:
+            _log_wait(rank, val_s_est, dist_timeout_min)
         validate(final=True)
     if loss_f is not None:
         loss_f.close()

@@ -84,6 +84,28 @@ def make_images(root: Path, n3d: int = 8, n2d: int = 6, labelled3d: int = 5, lab
             Image.fromarray(lab).save(root / "labels" / "final" / name, optimize=True)
 
 
+def write_unlabelled_truth(root: Path, out: Path, n3d: int = 8, n2d: int = 6, labelled3d: int = 5,
+                           labelled2d: int = 4) -> Path:
+    """The truth of the phantoms ``make_images`` leaves unlabelled (the app's Next Sample candidates), written
+    outside ``root`` with a datalist whose ``test`` split pairs them with their images: what the README's
+    ``python -m lib evaluate ... --split test`` figures of the sample models were measured on."""
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    lists: dict[str, list] = {"test_3d": [], "test_2d": []}
+    for i in range(labelled3d, n3d):
+        _, lab = ct_phantom(i)
+        name = f"phantom_ct_{i:02d}.nii.gz"
+        nib.save(nib.Nifti1Image(lab, ct_affine()), str(out / "labels" / name))
+        lists["test_3d"].append({"image": str((root / name).resolve()), "label": str((out / "labels" / name).resolve())})
+    for i in range(labelled2d, n2d):
+        _, lab = xray_phantom(i)
+        name = f"phantom_xray_{i:02d}.png"
+        Image.fromarray(lab).save(out / "labels" / name, optimize=True)
+        lists["test_2d"].append({"image": str((root / name).resolve()), "label": str((out / "labels" / name).resolve())})
+    path = out / "datalist.json"
+    path.write_text(json.dumps(lists, indent=1))
+    return path
+
+
 def train_defaults(root: Path, minutes: float, only: str | None = None) -> None:
     import torch
 
@@ -123,8 +145,14 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="also train the default checkpoints")
     ap.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
     ap.add_argument("--only", choices=("dfm_vlm_3d", "dfm_vlm_2d"), help="train only this model")
+    ap.add_argument("--unlabelled-truth", metavar="DIR",
+                    help="only write the truth of the unlabelled phantoms into DIR (outside the datastore) with "
+                         "DIR/datalist.json (splits test_3d, test_2d), for `python -m lib evaluate`")
     a = ap.parse_args()
     root = Path(a.out)
+    if a.unlabelled_truth:
+        print(write_unlabelled_truth(root, Path(a.unlabelled_truth)))
+        return
     make_images(root)
     if a.train:
         train_defaults(root, a.minutes, a.only)

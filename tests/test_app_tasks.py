@@ -553,6 +553,19 @@ def test_trainer_task_pickles_for_ddp_and_filters_by_dimension(tmp_path, ckpt3d)
 
     got = trainer.pre_process({}, DS())
     assert [d["image"].endswith("v3d.nii.gz") for d in got] == [True]
+    # a val_split that leaves no image for training is named (a review: "num_samples should be a positive
+    # integer value, but got num_samples=0" from the data sampler)
+    from monailabel.tasks.train.basic_train import Context
+
+    context = Context()
+    context.datalist, context.local_rank = [{"image": "a"}, {"image": "b"}], 0
+    for split, n_train in ((0.5, 1), (0.9, None)):
+        context.request = {"val_split": split}
+        if n_train is None:
+            with pytest.raises(ValueError, match="val_split 0.9 leaves none of the 2 labelled image.*at most 1/2"):
+                trainer.partition_datalist(context)
+        else:
+            assert len(trainer.partition_datalist(context)[0]) == n_train
 
 
 def test_random_next_sample_survives_annotators_asking_in_the_same_second():

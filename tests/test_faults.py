@@ -25,8 +25,10 @@ def _train_cmd(preset, datalist, out, *extra):
             str(out), "--max-iterations", "20", "--no-progress", *extra]
 
 
-def write_run_files(tmp_path, clip, state_every_it=4, ema_decay=0.0, hard_share=0.0):
+def write_run_files(tmp_path, clip, state_every_it=4, ema_decay=0.0, hard_share=0.0, clicks=False):
     hp = tiny_hparams(clip, spacing=[1.0, 1.0])
+    hp.clicks.enabled = clicks  # simulated clicks: random and corrective (predictions of the model being trained)
+    hp.clicks.corrective_prob = 0.5
     hp.train.augment = True  # random crops, flips, intensities: their streams must resume (and shard) too
     hp.train.state_every_it = state_every_it
     hp.train.ema_decay = ema_decay
@@ -98,7 +100,11 @@ def test_weight_average_decay_outside_0_1_is_refused():
     assert HParams(train=TrainConfig(ema_decay=0.999)).resolved().train.ema_decay == 0.999
 
 
-def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, capsys):
+def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, tiny_clip, capsys):
+    import shutil
+
+    from lib.vlm import make_tiny_clip
+
     preset, datalist = run_files
     out = tmp_path / "run"
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
@@ -112,6 +118,15 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, capsys):
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
                 "--max-iterations", "8", "--no-progress", "--resume"]) == 2
     assert "max_iterations 4" in capsys.readouterr().err
+    # the same VLM in another folder (another node, a moved cache) resumes (a review: refused, "differ:
+    # vlm.name_or_path"); another VLM of the same size does not
+    moved = shutil.copytree(tiny_clip, tmp_path / "moved-clip")
+    other = make_tiny_clip(tmp_path / "other-clip", image_size=32, hidden=32, projection_dim=16, seed=1)
+    for vlm, rc, says in ((moved, 0, ""), (other, 2, "another VLM")):
+        assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
+                    "--max-iterations", "4", "--no-progress", "--resume", "--vlm", str(vlm)]) == rc
+        err = capsys.readouterr().err
+        assert says in err, err[-2000:]
 
 
 def test_checkpoints_are_written_with_the_umask_not_0600(tmp_path):

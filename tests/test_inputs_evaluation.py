@@ -408,6 +408,42 @@ def test_a_state_written_before_the_schedule_followed_training_time_resumes_wher
     assert progress and progress[0] > 0.3, progress[:3]
 
 
+def test_a_resumed_run_counts_its_own_start_up_against_the_budget(tmp_path, tiny_clip, monkeypatch):
+    """A review: the resumed clock started after the model, the VLM and the data were loaded, so every resume ran
+    its start-up time over the budget (budget 10 s, 5.8 s spent, resumed: 9.7 s more). Fake clock: the state has
+    spent 25 of 30 s; the resumed process's start-up takes 10 s, so it trains no further."""
+    import types
+
+    import lib.training as training
+    from lib.data import load_datalist
+
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += 0.25
+        return now[0]
+
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=perf_counter, time=perf_counter))
+    datalist = _phantom_datalist(tmp_path, n_train=4, n_val=1)
+    tr, va = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    training.train(hp, tr, va, tmp_path / "run", time_budget_s=30.0, progress=False)
+    state_path = tmp_path / "run" / "resume.pt"
+    st = torch.load(state_path, weights_only=False)
+    st["elapsed_seconds"] = 25.0
+    torch.save(st, state_path)
+    build = training.build_system
+
+    def slow_build(*a, **k):
+        now[0] += 10.0  # loading the VLM, caching the data
+        return build(*a, **k)
+
+    monkeypatch.setattr(training, "build_system", slow_build)
+    res = training.train(tiny_hparams(tiny_clip, spacing=[1.0, 1.0]), tr, va, tmp_path / "run", time_budget_s=30.0,
+                         progress=False, resume=True)
+    assert res.iterations == st["iteration"], (res.iterations, st["iteration"])
+
+
 def test_the_validation_estimate_is_not_the_first_call_s_start_up(tmp_path, tiny_clip, monkeypatch):
     """The estimate of a validation's time (used until one has run) was the first validation image's time x their
     number; the first call pays a one-off start (6.2 s against 0.37 s for the next image under AVX2 dispatch, 392 s

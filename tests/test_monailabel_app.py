@@ -123,6 +123,27 @@ def _sample_truth(seed: int) -> np.ndarray:
     return ct_phantom(seed)[1]
 
 
+def test_the_sample_script_writes_the_unlabelled_phantoms_truth_outside_the_datastore(tmp_path):
+    """The README's evaluation of the sample models on the unlabelled phantoms needs their truth: the script writes
+    it (and a datalist) into a folder of the user's, where the app does not see it (a review: no command did)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "truth"
+    r = subprocess.run([sys.executable, str(ROOT / "sample_data" / "make_sample_data.py"), "--unlabelled-truth",
+                        str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((out / "datalist.json").read_text())
+    assert [Path(e["image"]).name for e in d["test_3d"]] == [f"phantom_ct_0{i}.nii.gz" for i in (5, 6, 7)]
+    assert [Path(e["image"]).name for e in d["test_2d"]] == [f"phantom_xray_0{i}.png" for i in (4, 5)]
+    final = ROOT / "sample_data" / "labels" / "final"
+    for e in d["test_3d"] + d["test_2d"]:
+        assert Path(e["image"]).exists() and not (final / Path(e["image"]).name).exists()  # still unlabelled
+    lab = nib.load(d["test_3d"][0]["label"])
+    assert np.array_equal(np.asarray(lab.dataobj), _sample_truth(5))
+    assert np.allclose(lab.affine, nib.load(d["test_3d"][0]["image"]).affine)
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 

@@ -620,3 +620,49 @@ def test_the_app_trainer_leaves_out_a_label_whose_segments_name_no_structure(tmp
     got = trainer.pre_process({}, DS())
     assert [(Path(i["image"]).name, i["segments"]) for i in got] == [
         ("phantom_ct_01.nii.gz", '{"1": "Lesion", "2": "vertebra"}'), ("phantom_ct_02.nii.gz", "")]
+
+
+def test_the_app_trainer_leaves_out_a_label_that_does_not_fit_its_image(tmp_path, caplog, monkeypatch):
+    """A review: a label put into labels/final by hand (earlier annotations imported) whose shape was not its
+    image's passed the trainer's data step and failed in the data loader: no training ran until it was removed. The
+    trainer checks every label as Submit Label does, leaves out those that do not fit (named in a warning), and
+    remembers its checks by file until a file changes."""
+    import shutil
+
+    import lib.datastore
+    from conftest import ROOT
+    from lib.configs.dfm_vlm_3d import DFMVLM3D
+
+    cfg = DFMVLM3D()
+    cfg.init("dfm_vlm_3d", str(tmp_path / "model"), {}, None)
+    trainer = cfg.trainer()
+    sample = ROOT / "sample_data"
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for k in range(3):
+        shutil.copy(sample / "labels" / "final" / f"phantom_ct_0{k}.nii.gz", labels / f"phantom_ct_0{k}.nii.gz")
+    good = nib.load(labels / "phantom_ct_01.nii.gz")
+    small = np.asarray(good.dataobj)[:-3]
+    nib.save(nib.Nifti1Image(small, good.affine), labels / "phantom_ct_01.nii.gz")  # another image's size
+    floats = np.asarray(nib.load(labels / "phantom_ct_02.nii.gz").dataobj).astype(np.float32) * 0.5
+    nib.save(nib.Nifti1Image(floats, good.affine), labels / "phantom_ct_02.nii.gz")  # not a label map
+
+    class DS:
+        def datalist(self):
+            return [{"image": str(sample / f"phantom_ct_0{k}.nii.gz"), "label": str(labels / f"phantom_ct_0{k}.nii.gz")}
+                    for k in range(3)]
+
+    with caplog.at_level("WARNING"):
+        got = trainer.pre_process({}, DS())
+    assert [Path(i["image"]).name for i in got] == ["phantom_ct_00.nii.gz"]
+    assert "skipping" in caplog.text and "has shape" in caplog.text and "not a label map" in caplog.text
+    # checked once: the next training reads the verdicts; a label replaced by a good one is checked again
+    calls = []
+    real = lib.datastore.check_label_file
+    monkeypatch.setattr(lib.datastore, "check_label_file", lambda *a: calls.append(a[0]) or real(*a))
+    assert [Path(i["image"]).name for i in trainer.pre_process({}, DS())] == ["phantom_ct_00.nii.gz"]
+    assert calls == []
+    shutil.copy(sample / "labels" / "final" / "phantom_ct_01.nii.gz", labels / "phantom_ct_01.nii.gz")
+    got = trainer.pre_process({}, DS())
+    assert [Path(i["image"]).name for i in got] == ["phantom_ct_00.nii.gz", "phantom_ct_01.nii.gz"]
+    assert calls == [str(labels / "phantom_ct_01.nii.gz")]

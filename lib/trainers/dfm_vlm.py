@@ -200,6 +200,54 @@ class _LRSchedule:
 LR_SCHEDULES = ("cosine", "constant")
 
 
+class LabelChecks:
+    """What :func:`lib.datastore.check_label_file` said of each (label, image) pair, kept in a JSON file by the
+    files' paths, sizes and modification times (a BraTS volume takes about 0.5 s to check; a training starts in a
+    new process each time)."""
+
+    NAME = "label_checks.json"
+
+    def __init__(self, path: str):
+        self.path, self.changed = path, False
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.known = dict(json.load(f))
+        except (OSError, ValueError, TypeError):  # none yet, or unreadable: checked again
+            self.known = {}
+
+    @staticmethod
+    def _key(label: str, image: str) -> str:
+        def sig(p):
+            st = os.stat(p)
+            return [str(p), st.st_size, st.st_mtime_ns]
+
+        return json.dumps([sig(label), sig(image)] if os.path.isfile(image) else [sig(label), str(image)])
+
+    def problem(self, label: str, image: str) -> str | None:
+        """Why ``label`` cannot train with ``image`` (None: it can)."""
+        from lib.datastore import check_label_file
+        from lib.transforms import InputError
+
+        key = self._key(label, image)
+        if key not in self.known:
+            try:
+                check_label_file(label, image, os.path.basename(str(image)))
+                self.known[key] = None
+            except InputError as e:
+                self.known[key] = str(e)
+            self.changed = True
+        return self.known[key]
+
+    def save(self) -> None:
+        if self.changed:
+            from lib.checkpoint import atomic_write
+
+            try:
+                atomic_write(self.path, lambda f: f.write(json.dumps(self.known).encode()))
+            except OSError as e:  # a read-only model folder: checked again next time
+                logger.warning("cannot keep the label checks in %s: %s", self.path, e)
+
+
 class DFMVLMTrain(BasicTrainTask):
     def __init__(self, model_dir: str, hparams: HParams, publish_path: str, init_paths: list[str],
                  description: str = "Train the DFM+VLM model", vlm: str | None = None, config: dict | None = None,
@@ -232,6 +280,10 @@ class DFMVLMTrain(BasicTrainTask):
 
     # -- data: only images of this model's dimensionality, with a final label ---------------------------------
     def pre_process(self, request, datastore):
+        # every label is checked as Submit Label checks it (lib.datastore.check_label_file): a label put into
+        # labels/final by hand (importing earlier annotations) that does not fit its image stopped the whole training
+        # in the data loader; it is left out, named. The checks are remembered by file (path, size, time).
+        checked = LabelChecks(os.path.join(self._model_dir, LabelChecks.NAME))
         out = []
         for d in datastore.datalist():
             try:
@@ -245,9 +297,14 @@ class DFMVLMTrain(BasicTrainTask):
                         logger.warning("skipping %s: its label's segments %s name no structure of this model",
                                        d.get("image"), seg)
                         continue
+                    problem = checked.problem(d["label"], d["image"])
+                    if problem:
+                        logger.warning("skipping %s: %s", d.get("image"), problem)
+                        continue
                     out.append({**d, "segments": json.dumps({str(k): v for k, v in seg.items()}) if seg else ""})
             except Exception as e:  # noqa: BLE001 - a broken study must not stop training on the others
                 logger.warning("skipping %s: %s", d.get("image"), e)
+        checked.save()
         logger.info("%d labelled %dD image(s) for training", len(out), self.dimension)
         if not out:
             raise ValueError(f"no labelled {self.dimension}D image in the datastore: save a final label first")
@@ -380,6 +437,14 @@ class DFMVLMTrain(BasicTrainTask):
             return super()._dataset(context, datalist, is_train, replace_rate)
         finally:
             context.multi_gpu = True
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        train, val = super().partition_datalist(context, shuffle=shuffle)
+        if not train:  # MONAI's partition of 2 images at val_split 0.9: 0 / 2, then a ValueError from the sampler
+            raise ValueError(f"val_split {context.request.get('val_split')} leaves none of the {len(val)} labelled "
+                             f"image(s) for training: give a smaller val_split (at most "
+                             f"{max(0, len(val) - 1)}/{len(val)}) or label more images")
+        return train, val
 
     def _load_checkpoint(self, context, train_handlers):
         return None  # never load a bare state dict non-strictly: network() loads the self-describing checkpoint
