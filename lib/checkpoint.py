@@ -32,7 +32,7 @@ import torch
 
 from . import __version__
 from .config import ConfigError, FlowConfig, HParams, ModelConfig, PreprocConfig, SamplerConfig, TrainConfig, \
-    VLMConfig
+    VLMConfig, check_one_label
 from .network import ConditionalUNet
 from .precision import served
 
@@ -290,6 +290,22 @@ def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None 
         hp = HParams.from_dict(raw)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"invalid hyper-parameters: {e}") from e
+    # the values a result is painted with, checked as a preset's are (HParams.resolved): a checkpoint is served
+    # without being resolved, so {"lung": 255} (an uncertain value of 256) or a structure of 254 (an uncertain
+    # segment of 255, the interactive model's "background") were served, and failed only when a fine-tune published
+    if not hp.structures and isinstance(hp.labels, dict) and len(hp.labels) > 1 and \
+            hp.labels.get("background") == 0:  # MONAI's {"lung": 1, "background": 0}: the app's own segment
+        hp.labels = {k: v for k, v in hp.labels.items() if k != "background"}
+        notes.append("labels' 'background': 0 left out (the app's own segment, not a structure)")
+    try:
+        if hp.structures:
+            for st in hp.structures:
+                st.resolved()
+        else:
+            check_one_label(hp.labels)
+    except ConfigError as e:
+        raise CheckpointError(f"its {e}; fix the checkpoint's hyper_parameters (torch.load, edit, torch.save) "
+                              f"or train it again") from None
     return hp
 
 

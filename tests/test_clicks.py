@@ -679,9 +679,10 @@ def test_training_corrective_predictions_hold_the_fill_the_app_would(click_syste
     try:
         clicks = simulated_clicks(click_system, img, lab, ["a bright blob"] * 2, np.random.default_rng(1))
         assert seen and all(h is not None for h in seen) and any(c.fg for c in clicks)
-        # a positive click in the block fills the block (16 x 16 voxels); with clicks.grow_radius off only the
-        # clicked voxels would be held (or no hold at all)
-        assert max(float(h[j, 0].sum()) for h in seen for j in range(h.shape[0])) >= 256
+        # a positive click in the block fills the block (16 x 16 voxels; a random negative click beside it releases
+        # the few grown voxels nearer to it); with clicks.grow_radius off only the clicked voxels would be held (or
+        # no hold at all)
+        assert max(float(h[j, 0].sum()) for h in seen for j in range(h.shape[0])) >= 0.9 * 256
         cc.grow_channels = [3]
         with pytest.raises(ConfigError, match=r"grow_channels \[3\] names a channel the 1-channel image"):
             simulated_clicks(click_system, img, lab, ["a bright blob"] * 2, np.random.default_rng(1))

@@ -130,6 +130,33 @@ def test_label_values_leave_the_uncertain_and_the_clicks_background_their_own_va
             dataclasses.replace(tiny_hparams(None, mode="plain"), labels=labels).resolved()
 
 
+def test_a_checkpoint_is_served_only_with_label_values_a_preset_may_have(tmp_path, make_system, tiny_clip):
+    """A second review: a checkpoint is served without being resolved, so the rules above did not hold there --
+    ``{"lung": 255}`` was served with uncertain 256, a structure of 254 with uncertain 255 beside the interactive
+    "background" 255 (and both failed only when a fine-tune published). MONAI's ``"background": 0`` entry is left
+    out with a note."""
+    from lib.checkpoint import CheckpointError
+
+    system = make_system()
+    save_checkpoint(tmp_path / "one.pt", system.model, system.hparams)
+    two = build_system(prompted_hparams(tiny_clip))
+    save_checkpoint(tmp_path / "two.pt", two.model, two.hparams)
+
+    def edited(src, name, edit):
+        ck = torch.load(tmp_path / src, weights_only=False)
+        edit(ck["hyper_parameters"])
+        torch.save(ck, tmp_path / name)
+        return tmp_path / name
+
+    loaded = load_checkpoint(edited("one.pt", "bg.pt", lambda h: h.update(labels={"background": 0, "blob": 1})))
+    assert loaded.hparams.label_map == {"blob": 1} and any("'background': 0 left out" in n for n in loaded.notes)
+    for src, edit in (("one.pt", lambda h: h.update(labels={"blob": 255})),
+                      ("one.pt", lambda h: h.update(labels={"blob": 1, "other": 2})),
+                      ("two.pt", lambda h: h["structures"][1].update(value=254))):
+        with pytest.raises(CheckpointError, match="1..253|one structure"):
+            load_checkpoint(edited(src, "bad.pt", edit))
+
+
 def test_a_checkpoint_from_before_display_views_keeps_array_views(tmp_path, make_system):
     system = make_system()
     save_checkpoint(tmp_path / "old.pt", system.model, system.hparams)
