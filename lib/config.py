@@ -497,6 +497,12 @@ class HParams:
                     for s in self.structures}
         return dict(self.labels)
 
+    @property
+    def label_name(self) -> str | None:
+        """A one-structure model's structure name (what a painted label's segment is named for it); None for a
+        prompted model."""
+        return None if self.structures else next(iter(self.labels), None)
+
     def resolved(self) -> "HParams":
         """Every field explicit and consistent; raises ConfigError naming what disagrees."""
         precision, train = _precision_of(self.precision, self.train)

@@ -122,6 +122,7 @@ class FreshIndex:
         from fastapi import HTTPException
 
         _, ext = self._to_id(os.path.basename(label_filename))
+        ext = ext.lower()  # "label.NII.GZ" was stored as a second file beside the ".nii.gz" one
         folder = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)
         with FileLock(self._lock_file):
@@ -129,6 +130,7 @@ class FreshIndex:
             obj = self._datastore.objects.get(image_id)
             if obj is None:  # removed meanwhile
                 raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
+            old = obj.labels.get(label_tag)
             try:
                 with open(label_filename, "rb") as src:
                     atomic_write(os.path.join(folder, name), lambda f: shutil.copyfileobj(src, f))
@@ -140,6 +142,18 @@ class FreshIndex:
             info.update(ts=int(time.time()), name=name)
             obj.labels[label_tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
+            # the label it replaces, stored under another extension (Slicer saves .nii.gz for a PNG's .png label):
+            # left there, a DELETE of the label brought it back, an image later added under this id inherited it,
+            # and a rebuilt index took whichever file it found first
+            if old is not None and old.ext and old.ext != ext:
+                stale = os.path.join(folder, self._filename(image_id, old.ext))
+                try:
+                    if not os.path.samefile(stale, os.path.join(folder, name)):  # a case-insensitive disk: one file
+                        os.remove(stale)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    logger.warning("the replaced label %s could not be removed: %s", stale, e)
         return image_id
 
     def datalist(self, full_path=True) -> list[dict]:
@@ -505,6 +519,12 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> list[in
     if got not in allowed:
         raise InputError(f"the label sent for {image_id!r} has shape {got}, the image {ref}: not its label")
     problem = _geometry_difference(label_path, lab_img, image_path, img, ref)
+    if problem and _geometry_difference(label_path, lab_img, image_path, img, ref, allow_reorder=True) is None:
+        # on the image's points, in another voxel order (flipped or swapped axes): the message said it "would land
+        # elsewhere on the image", which is not so; what the annotator must do is save it in the image's order
+        raise InputError(f"the label sent for {image_id!r} is stored in another voxel order than the image ({problem}) "
+                         "though it covers the same points: save it in the image's voxel order (as 3D Slicer's "
+                         "Submit Label does); labels are stored voxel for voxel with their image")
     if problem:
         raise InputError(f"the label sent for {image_id!r} is not on the image's grid: {problem} (training and "
                          "inference place a label by its own affine: it would land elsewhere on the image)")
@@ -668,6 +688,7 @@ def label_segments(present: list[int], label_info: dict | None, image_id: str) -
             raise InputError(f"the label_info sent for {image_id!r} must be a list of {{'name': ..., 'idx': ...}}, "
                              f"got {str(given)[:200]}")
         slicer = []  # entries with Slicer's idx: the position of the segment, not the value in the file
+        positional = []  # entries with neither idx nor labelID: the k-th of them names the k-th value in the file
         for i, x in enumerate(given):
             if "name" not in x or str(x["name"]).strip().lower() == "background":
                 continue  # background (some clients list it, idx 0): no segment
@@ -679,9 +700,20 @@ def label_segments(present: list[int], label_info: dict | None, image_id: str) -
                 continue
             value = (x.get("segmentAttribute") or {}).get("labelID")
             if value is None:
-                value = present[i] if i < len(present) else None
-            if value is not None:
+                positional.append((i, x["name"]))
+            else:
                 pairs.append((i, value, x["name"]))
+        # counted among themselves: a "background" entry before them (skipped above) took a position, and every name
+        # after it landed on the next structure's value (a vertebra trained as the lesion). More names than values:
+        # some segment was left empty, and which one cannot be told -- pairing by position would misname the rest
+        named = {_integral(v) for _, v, _ in pairs}
+        free = [v for v in present if v not in named]  # the values no labelID names, ascending
+        if len(positional) > len(free):
+            raise InputError(f"the label_info sent for {image_id!r} names {len(positional)} segment(s) "
+                             f"{[n for _, n in positional]} by position, but the label holds {len(free)} other "
+                             f"value(s) {free}: give each entry its value ('idx' as 3D Slicer sends it, or "
+                             f"segmentAttribute.labelID), or send 'segments' {{value: name}}")
+        pairs += [(i, free[k], name) for k, (i, name) in enumerate(positional)]
         # 3D Slicer's Submit Label exports the segments it lists numbered 1, 2, ... in that order, and its idx counts
         # the segments it leaves out (the "background" of /info's labels, before some of them): the k-th entry is
         # the value k (by idx, a vertebra painted alone was stored as the lesion)

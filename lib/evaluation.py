@@ -22,7 +22,7 @@ from monai.transforms import Invertd
 
 from .clicks import Clicks, to_network_grid
 from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
-from .transforms import (InputError, check_label_grid, first_path, has_geometry, label_item, label_transforms,
+from .transforms import (InputError, check_label_grid, first_path, has_geometry, label_item, one_slice_as_2d,
                          reorient_like)
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
     """
     inferer = inferer or make_inferer(system)
     truths = system.structures
-    lab_t = label_transforms(system.hparams.preprocessing, structures=truths)
+    lab_t = system.label_reader()
     cases = []
     it = range(len(items))
     if progress:
@@ -212,6 +212,7 @@ def truth_on_image_grid(item: dict, label, prob):
     grid): a label stored flipped (LAS for an LPS image) but on the same points was scored against the mirrored
     image. One function for ``evaluate`` and the benches that score like it."""
     img_file, lab_file = first_path(item["image"]), first_path(item["label"])
+    label = one_slice_as_2d(label, prob.ndim - 1)
     check_label_grid(lab_file, label, img_file, prob)
     if isinstance(prob, MetaTensor) and isinstance(label, MetaTensor) and has_geometry(lab_file) \
             and has_geometry(img_file):  # a PNG's affine is the reader's identity, no voxel order to follow

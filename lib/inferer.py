@@ -101,8 +101,17 @@ class DFMSystem(nn.Module):
         if getattr(self, "_preprocessing", None) is None:
             from .transforms import preprocess
 
-            self._preprocessing = preprocess(self.hparams.preprocessing, structures=self.hparams.structures)
+            self._preprocessing = preprocess(self.hparams.preprocessing, structures=self.hparams.structures,
+                                             label_name=self.hparams.label_name)
         return self._preprocessing
+
+    def label_reader(self):
+        """The reference label as metrics compare it (original geometry, this model's truth: its structures, or its
+        one structure's name in a painted label): one pipeline for ``evaluate`` and training's validation."""
+        from .transforms import label_transforms
+
+        return label_transforms(self.hparams.preprocessing, structures=self.hparams.structures,
+                                label_name=self.hparams.label_name)
 
     @property
     def takes_clicks(self) -> bool:

@@ -203,10 +203,15 @@ def painted_values(structures: Sequence, segments: Mapping[int, str], where: str
     return out
 
 
-def painted_not_foreground(segments: Mapping[int, str]) -> list[int]:
-    """A one-structure model's painted label: the values that are NOT foreground (named ``background`` or
-    ``uncertain``); every other non-zero value is (as ``label > 0``, whatever the dataset's threshold)."""
-    return sorted(v for v, n in segments.items() if _key(n) in NOT_A_STRUCTURE)
+def painted_foreground(segments: Mapping[int, str], name: str | None = None) -> tuple[list[int], bool]:
+    """A one-structure model's painted label: ``(values, only)``. When a segment is named as the model's structure
+    (``name``, without regard to case), its foreground is the values named so and nothing else (``only``: a helper
+    segment an annotator added, "heart" beside "lung", was trained as lung); otherwise every non-zero value but
+    those named ``background`` or ``uncertain`` (``values``, ``only`` False: as ``label > 0``, whatever the
+    dataset's threshold, e.g. Slicer's "Segment_1")."""
+    if name is not None and any(_key(n) == _key(name) for n in segments.values()):
+        return sorted(v for v, n in segments.items() if _key(n) == _key(name)), True
+    return sorted(v for v, n in segments.items() if _key(n) in NOT_A_STRUCTURE), False
 
 
 class StructureTruthd(MapTransform):

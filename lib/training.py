@@ -38,7 +38,7 @@ from .inferer import DFMSystem
 from .samplers import ItemNoise, derive_seed
 from .network import ConditionalUNet
 from . import precision as precision_policy
-from .transforms import label_item, label_transforms
+from .transforms import label_item
 from .vlm import VLMEncoder, fingerprint_mismatch, patch_texts
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,10 @@ def _init_distributed(device: torch.device, timeout_min: float = DIST_TIMEOUT_MI
 def _log_wait(rank: int, val_s_est: float, timeout_min: float) -> None:
     """A rank other than 0 is about to wait for rank 0's validation: say so, and when the wait may outlast the
     process group's timeout (the run would end without its checkpoints), what to do."""
-    if val_s_est > 0.8 * timeout_min * 60:
+    if val_s_est <= 0:  # a run limited by iterations only measures its first validation as it runs it
+        logger.info("rank %d waits for rank 0's validation (not yet timed; timeout %g min, --dist-timeout)", rank,
+                    timeout_min)
+    elif val_s_est > 0.8 * timeout_min * 60:
         logger.warning("rank %d waits for rank 0's validation (estimated %.0f s) with a distributed timeout of %g "
                        "min: it may time out and end the run; give a larger --dist-timeout", rank, val_s_est,
                        timeout_min)
@@ -403,7 +406,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     train_ds = CacheDataset(list(train_items), transform=system.preprocessing, progress=progress, num_workers=0)
     val_pre = [system.preprocessing({k: v for k, v in it.items() if k in ("image", "text", "case_id")})
                for it in val_items]
-    lab_t = label_transforms(hp.preprocessing, structures=hp.structures)
+    lab_t = system.label_reader()  # evaluate's
     val_lab = [lab_t(label_item(it)) for it in val_items]
     labels = (train_ds[i].get("label") for i in range(len(train_ds)))  # each cached item read (copied) once
     empty = [i for i, lab in enumerate(labels) if lab is not None and not bool((lab > 0).any())]

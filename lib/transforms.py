@@ -168,6 +168,20 @@ class LoadImageChecked(MapTransform):
         return out
 
 
+def one_slice_as_2d(lab, spatial_dims: int):
+    """A 2D image's label saved as a one-slice volume ``(C, X, Y, 1)`` -> ``(C, X, Y)``; any other label as it is.
+    3D Slicer opens a 2D image as a one-slice volume and its Submit Label saves the label so: the datastore accepts
+    it as the image's label (:func:`lib.datastore.check_label_file`), so training and scoring read it as one (it
+    stopped every training of the model: "image size (256, 256) differs from its label's (256, 256, 1)")."""
+    if spatial_dims != 2 or lab.ndim != 4 or lab.shape[-1] != 1:
+        return lab
+    lab = lab[..., 0]
+    if hasattr(lab, "spatial_ndim"):  # a MetaTensor keeps its header's 3 (its spacing: 3 values, Spacing refused)
+        lab.spatial_ndim = 2
+        lab.meta["spatial_shape"] = np.asarray(lab.shape[1:])
+    return lab
+
+
 class CheckImaged(MapTransform):
     """Reject what the model cannot take, with a message naming the file and the problem:
 
@@ -201,6 +215,8 @@ class CheckImaged(MapTransform):
                 n_inf = int(torch.isinf(t).sum())
                 raise InputError(f"{name}: the image has {n_nan} NaN and {n_inf} infinite voxel(s)")
             lab = d.get(self.label_key) if self.label_key else None
+            if lab is not None:
+                lab = d[self.label_key] = one_slice_as_2d(lab, sd)
             if lab is not None and tuple(lab.shape[1:]) != tuple(img.shape[1:]):
                 raise InputError(f"{name}: image size {tuple(img.shape[1:])} differs from its label's "
                                  f"{tuple(lab.shape[1:])} ({_name(d, self.label_key)})")
@@ -387,15 +403,18 @@ def one_channel_label(d: Mapping, key: Hashable):
 class BinarizeLabeld(MapTransform):
     """``label > threshold`` as a float 0/1 map (the binary truth). A label painted in the app (the item's
     ``segments`` names its values, :mod:`lib.structures`) holds the app's values, not the dataset's: its truth is
-    every non-zero value but those named ``background`` or ``uncertain``, whatever the threshold (a cxr_lung model
-    paints the lungs 1, its dataset's masks are 255 and its threshold 127: a submitted label read as empty)."""
+    the values named as the model's structure (``name``) or, when none is, every non-zero value but those named
+    ``background`` or ``uncertain``, whatever the threshold (a cxr_lung model paints the lungs 1, its dataset's
+    masks are 255 and its threshold 127: a submitted label read as empty)."""
 
-    def __init__(self, keys: KeysCollection, threshold: float = 0.0, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, threshold: float = 0.0, allow_missing_keys: bool = False,
+                 name: str | None = None):
         super().__init__(keys, allow_missing_keys)
         self.threshold = threshold
+        self.name = name  # the model's structure (lib.structures.painted_foreground)
 
     def __call__(self, data):
-        from .structures import painted_not_foreground, parse_segments
+        from .structures import painted_foreground, parse_segments
 
         d = dict(data)
         segments = parse_segments(d.pop("segments", None))
@@ -403,8 +422,9 @@ class BinarizeLabeld(MapTransform):
             lab = one_channel_label(d, key)
             if segments:
                 values = torch.as_tensor(lab if isinstance(lab, torch.Tensor) else np.asarray(lab)).round().long()
-                fg = (values != 0) & ~torch.isin(values, torch.tensor(painted_not_foreground(segments),
-                                                                       dtype=torch.long))
+                listed, only = painted_foreground(segments, self.name)
+                listed_t = torch.tensor(listed, dtype=torch.long)
+                fg = torch.isin(values, listed_t) if only else (values != 0) & ~torch.isin(values, listed_t)
                 d[key] = (lab * 0 + fg.float()) if isinstance(lab, torch.Tensor) else fg.numpy().astype(np.float32)
             else:
                 d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) else \
@@ -459,17 +479,17 @@ def load_transforms(keys: Sequence[str]) -> list:
     ]
 
 
-def _truth(cfg: PreprocConfig, structures, key: str = "label") -> MapTransform:
+def _truth(cfg: PreprocConfig, structures, key: str = "label", label_name: str | None = None) -> MapTransform:
     """``label > label_threshold``, or for a prompted model one binary channel per structure
     (:class:`lib.structures.StructureTruthd`, derived on the label as loaded)."""
     if structures:
         from .structures import StructureTruthd
 
         return StructureTruthd(keys=key, structures=structures, allow_missing_keys=True)
-    return BinarizeLabeld(keys=key, threshold=cfg.label_threshold, allow_missing_keys=True)
+    return BinarizeLabeld(keys=key, threshold=cfg.label_threshold, allow_missing_keys=True, name=label_name)
 
 
-def preprocess(cfg: PreprocConfig, load: bool = True, structures=None) -> Compose:
+def preprocess(cfg: PreprocConfig, load: bool = True, structures=None, label_name: str | None = None) -> Compose:
     """Load (optional) + check + orientation + spacing + intensity + binary label (when a label is given; one
     channel per structure for a prompted model).
 
@@ -484,7 +504,7 @@ def preprocess(cfg: PreprocConfig, load: bool = True, structures=None) -> Compos
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
         CheckImaged(keys="image", num_channels=cfg.num_channels, spatial_dims=cfg.spatial_dims, label_key="label"),
         RecordGridd(keys="image"),
-        _truth(cfg, structures),
+        _truth(cfg, structures, label_name=label_name),
     ]
     if cfg.orientation:
         t.append(Orientationd(keys=keys, axcodes=cfg.orientation, allow_missing_keys=True))
@@ -511,12 +531,13 @@ def label_item(item: Mapping) -> dict:
     return {k: item[k] for k in ("label", "segments") if k in item}
 
 
-def label_transforms(cfg: PreprocConfig, label_key: str = "label", structures=None) -> Compose:
+def label_transforms(cfg: PreprocConfig, label_key: str = "label", structures=None,
+                     label_name: str | None = None) -> Compose:
     """The reference label in its ORIGINAL geometry (no resampling), binarised (one channel per structure for a
     prompted model): what metrics compare against."""
     return CheckedCompose(load_transforms([label_key]) + [
         EnsureTyped(keys=label_key, dtype=torch.float32, track_meta=True),
-        _truth(cfg, structures, label_key),
+        _truth(cfg, structures, label_key, label_name),
     ])
 
 

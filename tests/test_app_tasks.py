@@ -951,6 +951,16 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
     ds.save_label("phantom_ct_06", str(up3), "final", {"label_info": [
         {"name": "lung", "idx": 1}, {"name": "lesion", "idx": 3}, {"name": "vertebra", "idx": 4}]})
     assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lung", "2": "lesion", "3": "vertebra"}
+    # names without idx are paired with the file's values in order, counted among themselves (a fourth review: a
+    # "background" entry before them took a position, and the vertebra was stored as the lesion); more such names
+    # than values cannot be paired (which segment was left empty?): 422, nothing stored
+    ds.save_label("phantom_ct_06", str(up_unc), "final", {"label_info": [{"name": "background"}, {"name": "lesion"},
+                                                                         {"name": "vertebra"}]})
+    assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion", "2": "vertebra"}
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom_ct_06", str(up), "final", {"label_info": [{"name": "lesion"}, {"name": "vertebra"}]})
+    assert e.value.status_code == 422 and "by position" in e.value.detail
+    assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion", "2": "vertebra"}
     with pytest.raises(HTTPException) as e:
         ds.save_label("phantom_ct_06", str(up_unc), "final", {"params": {"label_names": {"lesion": 1,
                                                                                           "uncertain": 2}}})

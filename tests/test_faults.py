@@ -209,6 +209,39 @@ def test_a_label_write_that_fails_half_way_keeps_the_stored_label(tmp_path, monk
     assert reopened.get_label_info("phantom_ct_06", "final")["client"] == "test"
 
 
+def test_a_label_saved_again_in_another_format_replaces_the_old_file(tmp_path):
+    """A review: a label saved again under another extension (Slicer saves .nii.gz where the label was a .png, an
+    upload named .NII.GZ) left the old file beside the new one; a DELETE of the label then brought the old one
+    back, an image added later under the id inherited it, a rebuilt index took whichever it found first."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(ROOT / "sample_data" / "phantom_ct_06.nii.gz", studies)
+    img = nib.load(studies / "phantom_ct_06.nii.gz")
+    lab = np.zeros(img.shape, np.uint8)
+    lab[10:30, 10:30] = 1
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    folder = studies / "labels" / "final"
+    for name in ("a.nii.gz", "b.nii", "c.NII.GZ"):
+        up = tmp_path / name
+        nib.save(nib.Nifti1Image(lab, img.affine), str(up.with_suffix("").with_suffix(".nii.gz")) if
+                 name.endswith("GZ") else str(up))
+        if name.endswith("GZ"):
+            (tmp_path / "c.nii.gz").rename(up)
+        ds.save_label("phantom_ct_06", str(up), "final", {})
+        stored = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        assert stored == ["phantom_ct_06" + (".nii" if name == "b.nii" else ".nii.gz")], (name, stored)
+    ds.remove_label(ds.get_label_by_image_id("phantom_ct_06", "final"), "final")
+    assert not [p for p in folder.iterdir() if not p.name.startswith(".")]
+    assert not CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"]).get_labeled_images()
+
+
 def test_a_scoring_subprocess_does_not_drop_a_label_saved_while_it_ran(tmp_path):
     """A review: MONAI Label's scoring subprocess holds the index as it was at its start and wrote all of it back
     with each score, so a label the server saved meanwhile vanished from the index (the server, which reloads the
@@ -535,6 +568,10 @@ def test_a_label_whose_affine_differs_from_the_image_is_refused(tmp_path):
         assert e.value.status_code == 422 and "affine differs from the image's" in e.value.detail, (name, e.value)
         assert __import__("re").search(expect, e.value.detail), (name, e.value.detail)
         assert not stored.exists(), name
+        # a label on the image's points in another voxel order is told so (a review: "it would land elsewhere on
+        # the image", which it would not; the annotator must save it in the image's order)
+        told = "another voxel order" if name != "identity" else "would land elsewhere"
+        assert told in e.value.detail, (name, e.value.detail)
     near = img.affine.astype(np.float32).astype(float)
     near[:3, 3] += 0.01  # well under a tenth of a voxel
     nib.save(nib.Nifti1Image(lab, near), str(up))

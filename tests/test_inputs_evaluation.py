@@ -501,3 +501,33 @@ def test_a_png_label_of_a_nifti_image_is_compared_as_loaded(tmp_path, make_syste
     a, _ = evaluate_items(system, [{"image": str(image), "label": str(nii_label), "case_id": "c"}], inf)
     b, _ = evaluate_items(system, [{"image": str(image), "label": str(png_label), "case_id": "c"}], inf)
     assert b[0]["dice"] == pytest.approx(a[0]["dice"]) and b[0]["recall"] == pytest.approx(a[0]["recall"])
+
+
+def test_a_2d_label_saved_by_slicer_as_a_one_slice_volume_trains_and_scores(tmp_path, make_system):
+    """A review: 3D Slicer opens a PNG X-ray as a one-slice volume and its Submit Label saves the label so, (X, Y, 1)
+    NIfTI. The datastore accepted it as the image's label, then training refused it ("image size (40, 36) differs
+    from its label's (40, 36, 1)") -- every training of the 2D model failed with a 500 -- and evaluate did too. It is
+    read as the 2D label it is: the same truth as the PNG label, the same Dice."""
+    from PIL import Image
+
+    from lib.datastore import check_label_file
+    from lib.evaluation import make_inferer
+    from lib.transforms import preprocess
+
+    system = make_system(spacing=[2.0, 2.0])
+    img = np.zeros((36, 40), np.uint8)  # rows, columns: MONAI reads the PNG as (x, y) = (40, 36)
+    img[4:16, 6:30] = 200
+    image, png_label, slicer_label = tmp_path / "x.png", tmp_path / "lab.png", tmp_path / "lab.nii.gz"
+    Image.fromarray(img).save(image)
+    Image.fromarray((img > 0).astype(np.uint8)).save(png_label)
+    nib.save(nib.Nifti1Image((img.T > 0).astype(np.uint8)[:, :, None], np.diag([-1.0, -1.0, 1.0, 1.0])),
+             str(slicer_label))  # Slicer's IJK (x, y, 0) in its RAS
+    assert check_label_file(str(slicer_label), str(image), "x") == [1]  # Submit Label accepts it
+    pre = preprocess(system.hparams.preprocessing)
+    a, b = pre({"image": str(image), "label": str(png_label)}), pre({"image": str(image), "label": str(slicer_label)})
+    assert tuple(b["label"].shape) == tuple(a["label"].shape) and torch.equal(b["label"], a["label"])
+    assert float(a["label"].sum()) > 0
+    inf = make_inferer(system, steps=1)
+    pa, _ = evaluate_items(system, [{"image": str(image), "label": str(png_label), "case_id": "c"}], inf)
+    pb, _ = evaluate_items(system, [{"image": str(image), "label": str(slicer_label), "case_id": "c"}], inf)
+    assert pb[0]["dice"] == pytest.approx(pa[0]["dice"]) and pb[0]["recall"] == pytest.approx(pa[0]["recall"])

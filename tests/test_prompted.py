@@ -547,6 +547,12 @@ def test_a_painted_label_of_a_one_label_model_is_its_foreground_whatever_the_dat
     assert t({"label": lab})["label"].sum() == 0
     assert t({"label": lab, "segments": {"1": "lung"}})["label"].sum() == 10  # an unnamed value: foreground too
     assert t({"label": lab, "segments": '{"1": "lung", "2": "uncertain"}'})["label"].sum() == 9
+    # the model's structure named: only its values (a review: a helper segment "heart" was trained as the lung);
+    # named otherwise (Slicer's "Segment_1"): every value but background / uncertain, as before
+    named = BinarizeLabeld(keys="label", threshold=127.0, name="lung")
+    assert named({"label": lab, "segments": {"1": "Lung", "2": "heart"}})["label"].sum() == 9
+    assert named({"label": lab, "segments": {"1": "lung"}})["label"].sum() == 9
+    assert named({"label": lab, "segments": {"1": "Segment_1", "2": "heart"}})["label"].sum() == 10
 
 
 def test_a_painted_label_that_names_no_structure_trains_none_and_bad_names_are_refused(caplog):
@@ -674,22 +680,57 @@ def test_the_app_trainer_leaves_out_a_label_that_does_not_fit_its_image(tmp_path
     floats = np.asarray(nib.load(labels / "phantom_ct_02.nii.gz").dataobj).astype(np.float32) * 0.5
     nib.save(nib.Nifti1Image(floats, good.affine), labels / "phantom_ct_02.nii.gz")  # not a label map
 
+    (labels / "phantom_ct_03.nii.gz").write_bytes(b"not an image")  # unreadable: not remembered
+
     class DS:
         def datalist(self):
             return [{"image": str(sample / f"phantom_ct_0{k}.nii.gz"), "label": str(labels / f"phantom_ct_0{k}.nii.gz")}
-                    for k in range(3)]
+                    for k in range(4)]
 
     with caplog.at_level("WARNING"):
         got = trainer.pre_process({}, DS())
     assert [Path(i["image"]).name for i in got] == ["phantom_ct_00.nii.gz"]
     assert "skipping" in caplog.text and "has shape" in caplog.text and "not a label map" in caplog.text
-    # checked once: the next training reads the verdicts; a label replaced by a good one is checked again
+    assert "not a readable image" in caplog.text
+    # checked once: the next training reads the verdicts (an unreadable file is read again: a permission fixed, a
+    # disk back); a label replaced by a good one is checked again
     calls = []
     real = lib.datastore.check_label_file
     monkeypatch.setattr(lib.datastore, "check_label_file", lambda *a: calls.append(a[0]) or real(*a))
     assert [Path(i["image"]).name for i in trainer.pre_process({}, DS())] == ["phantom_ct_00.nii.gz"]
-    assert calls == []
+    assert calls == [str(labels / "phantom_ct_03.nii.gz")]
+    calls.clear()
+    (labels / "phantom_ct_03.nii.gz").unlink()
+    shutil.copy(sample / "labels" / "final" / "phantom_ct_03.nii.gz", labels / "phantom_ct_03.nii.gz")
     shutil.copy(sample / "labels" / "final" / "phantom_ct_01.nii.gz", labels / "phantom_ct_01.nii.gz")
     got = trainer.pre_process({}, DS())
-    assert [Path(i["image"]).name for i in got] == ["phantom_ct_00.nii.gz", "phantom_ct_01.nii.gz"]
-    assert calls == [str(labels / "phantom_ct_01.nii.gz")]
+    assert [Path(i["image"]).name for i in got] == ["phantom_ct_00.nii.gz", "phantom_ct_01.nii.gz",
+                                                    "phantom_ct_03.nii.gz"]
+    assert calls == [str(labels / "phantom_ct_01.nii.gz"), str(labels / "phantom_ct_03.nii.gz")]
+
+
+def test_every_path_reads_a_one_label_model_s_painted_label_by_its_structure_name(tmp_path, make_system):
+    """The name reaches the truth wherever a label is read: the system's preprocessing (training, the MONAI Label
+    trainer) and evaluate's reference label. A painted "heart" beside the model's "blob" scores as the label that
+    holds only the blob."""
+    from lib.evaluation import make_inferer
+
+    system = make_system(spacing=[1.0, 1.0])
+    assert system.hparams.label_name == "blob"
+    img = np.zeros((40, 36), np.float32)
+    img[4:16, 6:20] = 1.0
+    lab = (img > 0).astype(np.uint8)
+    only = lab.copy()
+    lab[24:36, 4:30] = 2  # a helper segment
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    image, painted, blob = tmp_path / "i.nii.gz", tmp_path / "p.nii.gz", tmp_path / "b.nii.gz"
+    for path, arr in ((image, img), (painted, lab), (blob, only)):
+        nib.save(nib.Nifti1Image(arr, aff), str(path))
+    segments = json.dumps({"1": "blob", "2": "heart"})
+    out = system.preprocessing({"image": str(image), "label": str(painted), "segments": segments})
+    assert float(out["label"].sum()) == float(only.sum())
+    inf = make_inferer(system, steps=1)
+    a, _ = evaluate_items(system, [{"image": str(image), "label": str(painted), "segments": segments,
+                                    "case_id": "c"}], inf)
+    b, _ = evaluate_items(system, [{"image": str(image), "label": str(blob), "case_id": "c"}], inf)
+    assert a[0]["recall"] == pytest.approx(b[0]["recall"]) and a[0]["dice"] == pytest.approx(b[0]["dice"])

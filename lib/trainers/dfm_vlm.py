@@ -216,25 +216,35 @@ class LabelChecks:
             self.known = {}
 
     @staticmethod
-    def _key(label: str, image: str) -> str:
+    def _key(label: str, image: str) -> str | None:
+        """The two files' paths, sizes, inodes and change times (a file replaced with ``cp -p`` keeps its size and
+        modification time, not its change time); None for an image that is a folder (a DICOM series: checked each
+        time)."""
+        if not os.path.isfile(image):
+            return None
+
         def sig(p):
             st = os.stat(p)
-            return [str(p), st.st_size, st.st_mtime_ns]
+            return [str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
-        return json.dumps([sig(label), sig(image)] if os.path.isfile(image) else [sig(label), str(image)])
+        return json.dumps([sig(label), sig(image)])
 
     def problem(self, label: str, image: str) -> str | None:
-        """Why ``label`` cannot train with ``image`` (None: it can)."""
+        """Why ``label`` cannot train with ``image`` (None: it can). A file that could not be read is not
+        remembered (a permission fixed, a disk back): it is checked again next time."""
         from lib.datastore import check_label_file
         from lib.transforms import InputError
 
         key = self._key(label, image)
-        if key not in self.known:
+        if key is None or key not in self.known:
             try:
                 check_label_file(label, image, os.path.basename(str(image)))
-                self.known[key] = None
+                verdict = None
             except InputError as e:
-                self.known[key] = str(e)
+                verdict = str(e)
+            if key is None or (verdict and ("not a readable image" in verdict or "cannot be read" in verdict)):
+                return verdict
+            self.known[key] = verdict
             self.changed = True
         return self.known[key]
 
@@ -366,8 +376,9 @@ class DFMVLMTrain(BasicTrainTask):
         hp = context.system.hparams
         k = int(context.request.get("patches_per_image", hp.train.patches_per_image))
         augment = _as_bool("augment", context.request.get("augment", hp.train.augment))
-        return list(preprocess(hp.preprocessing, structures=hp.structures).transforms) + patch_transforms(
-            hp.preprocessing, k, augment, hp.train.augmentation, structures=hp.structures)
+        pre = preprocess(hp.preprocessing, structures=hp.structures, label_name=hp.label_name)
+        return list(pre.transforms) + patch_transforms(hp.preprocessing, k, augment, hp.train.augmentation,
+                                                       structures=hp.structures)
 
     def train_post_transforms(self, context: Context):
         return []
