@@ -45,7 +45,7 @@ from lib.evaluation import (case_metrics, make_inferer, predict_preprocessed, pr
                             truth_on_image_grid)
 from lib.cli import _positive  # noqa: E402
 from lib.inferer import WindowCache  # noqa: E402
-from lib.transforms import label_item, label_transforms  # noqa: E402
+from lib.transforms import label_item  # noqa: E402
 
 
 def spacing_of(label) -> list[float] | None:
@@ -165,7 +165,7 @@ def main() -> None:
     if "uncertain" in a.robots and inferer.num_samples < 2:  # no variance: it clicked nothing, without a word
         ap.error(f"the uncertain robot clicks where the model's samples disagree: it needs --num-samples >= 2 (this "
                  f"checkpoint draws {inferer.num_samples}); or run --robots oracle")
-    lab_t = label_transforms(system.hparams.preprocessing)
+    lab_t = system.label_reader()  # evaluate's
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cpu = torch.backends.cpu.get_cpu_capability()

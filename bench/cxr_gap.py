@@ -37,8 +37,9 @@ from lib.checkpoint import load_system  # noqa: E402
 from lib.cli import _quiet  # noqa: E402
 from lib.clicks import largest_error_region  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
-from lib.evaluation import case_metrics, make_inferer, predict_preprocessed, preprocess_item, to_original  # noqa: E402
-from lib.transforms import label_item, label_transforms  # noqa: E402
+from lib.evaluation import (case_metrics, make_inferer, predict_preprocessed, preprocess_item, to_original,  # noqa: E402
+                            truth_on_image_grid)
+from lib.transforms import label_item  # noqa: E402
 
 
 def main() -> None:
@@ -61,13 +62,13 @@ def main() -> None:
                          f"{system.hparams.preprocessing.spatial_dims}D")
     inferer = make_inferer(system, num_samples=a.num_samples)
     half_voxel = 0.5 * min(system.hparams.preprocessing.spacing)
-    lab_t = label_transforms(system.hparams.preprocessing, structures=system.structures)
+    lab_t = system.label_reader()  # evaluate's
     post = [KeepLargestConnectedComponent(applied_labels=[1], num_components=a.components), FillHoles()]
     rows, preds = [], {}
     for item in load_datalist(a.datalist, a.split):
-        truth = lab_t(label_item(item))["label"]
         # the prediction exactly as evaluate makes it (the image preprocessed alone); the truth's own pass separately
         prob = predict_preprocessed(system, preprocess_item(system, item), inferer)["prob"][:1]
+        truth = truth_on_image_grid(item, lab_t(label_item(item))["label"], prob)  # as evaluate
         pred = (prob > 0.5).float()
         d = preprocess_item(system, item, with_label=True)
         pp = pred.clone()  # MONAI's KeepLargestConnectedComponent may work in place

@@ -24,7 +24,7 @@ from lib.data import load_datalist  # noqa: E402
 from lib.evaluation import evaluate_items, make_inferer, preprocess_item  # noqa: E402
 from lib.precision import describe  # noqa: E402
 from lib.samplers import nfe_of  # noqa: E402
-from lib.transforms import label_item, label_transforms  # noqa: E402
+from lib.transforms import label_item  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     system = load_system(a.checkpoint, device=a.device)
     items = load_datalist(a.datalist, a.split)[: a.limit]
     pre = [preprocess_item(system, it) for it in items]  # with case_id: the same per-image seeds as evaluate
-    lab_t = label_transforms(system.hparams.preprocessing)
+    lab_t = system.label_reader()  # evaluate's
     labs = [lab_t(label_item(it)) for it in items]
     d = system.hparams.sampler
     variants = [

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.checkpoint import load_system  # noqa: E402
 from lib.data import load_datalist  # noqa: E402
-from lib.evaluation import dice_of, make_inferer, predict_item  # noqa: E402
-from lib.transforms import label_item, label_transforms  # noqa: E402
+from lib.evaluation import dice_of, make_inferer, predict_item, truth_on_image_grid  # noqa: E402
+from lib.transforms import label_item  # noqa: E402
 
 SHIFTS = [(0, 0), (1, 2), (2, 1), (2, 2), (1, 1), (0, 1), (1, 0), (2, 0), (0, 2)]
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     items = load_datalist(a.datalist, a.split)
     if any(not str(it["image"]).lower().endswith(".png") for it in items):
         raise SystemExit("shift_tta.py shifts 2D PNG images (a chest X-ray datalist)")
-    lab_t = label_transforms(system.hparams.preprocessing)
+    lab_t = system.label_reader()  # evaluate's
     dice: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in a.samples:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                     p = torch.zeros((1, img.shape[1], img.shape[0]))
                     p[:, dx:, dy:] = q
                     probs.append(p)
-                label = lab_t(label_item(it))["label"]
+                label = truth_on_image_grid(it, lab_t(label_item(it))["label"], probs[0])  # as evaluate
                 for k in a.views:
                     mean = torch.stack(probs[:k]).mean(0)
                     dice.setdefault(f"{m}x{k}", []).append(dice_of((mean > 0.5).float(), label))

@@ -145,7 +145,11 @@ class FreshIndex:
             # the label it replaces, stored under another extension (Slicer saves .nii.gz for a PNG's .png label):
             # left there, a DELETE of the label brought it back, an image later added under this id inherited it,
             # and a rebuilt index took whichever file it found first
-            if old is not None and old.ext and old.ext != ext:
+            # (not a file another image's label is stored as: ids with dots can name one file, "a.x" + ".mha" and
+            # "a" + ".x.mha")
+            others = {self._filename(k, o.labels[label_tag].ext) for k, o in self._datastore.objects.items()
+                      if k != image_id and label_tag in o.labels}
+            if old is not None and old.ext and old.ext != ext and self._filename(image_id, old.ext) not in others:
                 stale = os.path.join(folder, self._filename(image_id, old.ext))
                 try:
                     if not os.path.samefile(stale, os.path.join(folder, name)):  # a case-insensitive disk: one file
@@ -708,12 +712,12 @@ def label_segments(present: list[int], label_info: dict | None, image_id: str) -
         # some segment was left empty, and which one cannot be told -- pairing by position would misname the rest
         named = {_integral(v) for _, v, _ in pairs}
         free = [v for v in present if v not in named]  # the values no labelID names, ascending
-        if len(positional) > len(free):
+        if len(positional) > len(free) and free:  # an empty label (a negative case) has nothing to misname
             raise InputError(f"the label_info sent for {image_id!r} names {len(positional)} segment(s) "
                              f"{[n for _, n in positional]} by position, but the label holds {len(free)} other "
                              f"value(s) {free}: give each entry its value ('idx' as 3D Slicer sends it, or "
                              f"segmentAttribute.labelID), or send 'segments' {{value: name}}")
-        pairs += [(i, free[k], name) for k, (i, name) in enumerate(positional)]
+        pairs += [(i, free[k], name) for k, (i, name) in enumerate(positional) if k < len(free)]
         # 3D Slicer's Submit Label exports the segments it lists numbered 1, 2, ... in that order, and its idx counts
         # the segments it leaves out (the "background" of /info's labels, before some of them): the k-th entry is
         # the value k (by idx, a vertebra painted alone was stored as the lesion)

@@ -206,7 +206,8 @@ def painted_values(structures: Sequence, segments: Mapping[int, str], where: str
 def painted_foreground(segments: Mapping[int, str], name: str | None = None) -> tuple[list[int], bool]:
     """A one-structure model's painted label: ``(values, only)``. When a segment is named as the model's structure
     (``name``, without regard to case), its foreground is the values named so and nothing else (``only``: a helper
-    segment an annotator added, "heart" beside "lung", was trained as lung); otherwise every non-zero value but
+    segment an annotator added, "heart" beside "lung", was trained as lung; :class:`lib.transforms.BinarizeLabeld`
+    falls back to the rule below where those values are not in the file); otherwise every non-zero value but
     those named ``background`` or ``uncertain`` (``values``, ``only`` False: as ``label > 0``, whatever the
     dataset's threshold, e.g. Slicer's "Segment_1")."""
     if name is not None and any(_key(n) == _key(name) for n in segments.values()):

@@ -424,7 +424,13 @@ class BinarizeLabeld(MapTransform):
                 values = torch.as_tensor(lab if isinstance(lab, torch.Tensor) else np.asarray(lab)).round().long()
                 listed, only = painted_foreground(segments, self.name)
                 listed_t = torch.tensor(listed, dtype=torch.long)
-                fg = torch.isin(values, listed_t) if only else (values != 0) & ~torch.isin(values, listed_t)
+                fg = torch.isin(values, listed_t) if only else None
+                if fg is None or not bool(fg.any()):
+                    # the structure's own segment empty (Slicer makes one segment per label of /info on every
+                    # image; the lungs painted in an added "Segment_1"): every named value but background /
+                    # uncertain, not an empty truth
+                    listed, _ = painted_foreground(segments)
+                    fg = (values != 0) & ~torch.isin(values, torch.tensor(listed, dtype=torch.long))
                 d[key] = (lab * 0 + fg.float()) if isinstance(lab, torch.Tensor) else fg.numpy().astype(np.float32)
             else:
                 d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) else \

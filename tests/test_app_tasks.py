@@ -961,6 +961,10 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
         ds.save_label("phantom_ct_06", str(up), "final", {"label_info": [{"name": "lesion"}, {"name": "vertebra"}]})
     assert e.value.status_code == 422 and "by position" in e.value.detail
     assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion", "2": "vertebra"}
+    empty = tmp_path / "empty.nii.gz"  # a negative case: nothing to misname, stored (a second review: refused)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(empty))
+    ds.save_label("phantom_ct_06", str(empty), "final", {"label_info": [{"name": "lesion"}, {"name": "vertebra"}]})
+    assert not ds.get_label_info("phantom_ct_06", "final").get("segments")
     with pytest.raises(HTTPException) as e:
         ds.save_label("phantom_ct_06", str(up_unc), "final", {"params": {"label_names": {"lesion": 1,
                                                                                           "uncertain": 2}}})

@@ -240,6 +240,18 @@ def test_a_label_saved_again_in_another_format_replaces_the_old_file(tmp_path):
     ds.remove_label(ds.get_label_by_image_id("phantom_ct_06", "final"), "final")
     assert not [p for p in folder.iterdir() if not p.name.startswith(".")]
     assert not CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"]).get_labeled_images()
+    # ids with dots can name one file ("ph.x" + ".nii" and "ph" + ".x.nii"): replacing the first's label keeps the
+    # file the second's label is stored as (a second review: it was deleted)
+    for iid in ("ph", "ph.x"):
+        shutil.copy(studies / "phantom_ct_06.nii.gz", studies / f"{iid}.nii.gz")
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    nib.save(nib.Nifti1Image(lab, img.affine), str(tmp_path / "u1.nii"))
+    nib.save(nib.Nifti1Image(lab, img.affine), str(tmp_path / "u2.x.nii"))
+    ds.save_label("ph.x", str(tmp_path / "u1.nii"), "final", {})  # ph.x.nii
+    ds.save_label("ph", str(tmp_path / "u2.x.nii"), "final", {})  # ph + .x.nii: the same file
+    assert ds._datastore.objects["ph"].labels["final"].ext == ".x.nii"
+    ds.save_label("ph.x", str(tmp_path / "a.nii.gz"), "final", {})
+    assert (folder / "ph.x.nii").exists() and (folder / "ph.x.nii.gz").exists()
 
 
 def test_a_scoring_subprocess_does_not_drop_a_label_saved_while_it_ran(tmp_path):

@@ -553,6 +553,9 @@ def test_a_painted_label_of_a_one_label_model_is_its_foreground_whatever_the_dat
     assert named({"label": lab, "segments": {"1": "Lung", "2": "heart"}})["label"].sum() == 9
     assert named({"label": lab, "segments": {"1": "lung"}})["label"].sum() == 9
     assert named({"label": lab, "segments": {"1": "Segment_1", "2": "heart"}})["label"].sum() == 10
+    # its own segment named but empty (Slicer makes one per label of /info; the lungs painted in "Segment_1"): not
+    # an empty truth (a second review)
+    assert named({"label": lab, "segments": {"1": "Segment_1", "3": "lung", "2": "uncertain"}})["label"].sum() == 9
 
 
 def test_a_painted_label_that_names_no_structure_trains_none_and_bad_names_are_refused(caplog):
