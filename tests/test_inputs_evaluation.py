@@ -372,11 +372,9 @@ def test_a_zero_spacing_axis_keeps_its_spacing_and_old_run_settings_still_resolv
             check_train(TrainConfig(**bad))
 
 
-def test_a_state_written_before_the_schedule_followed_training_time_resumes_where_it_was(tmp_path, tiny_clip,
-                                                                                        monkeypatch):
-    """A second review: a ``resume.pt`` without ``loop_start`` (written before 2026-12-06) restarted the time-based
-    schedule at 0 -- a second warm-up to the peak rate, late in the run. Such a state resumes with the schedule it
-    ran (progress = elapsed / budget)."""
+def _a_finished_run_on_a_fake_clock(tmp_path, tiny_clip, monkeypatch):
+    """A fake clock for lib.training (each reading 0.25 s later; ``now[0]`` moves it), and a 30-s run on it:
+    ``(now, training items, validation items, its resume.pt)``."""
     import types
 
     import lib.training as training
@@ -389,14 +387,24 @@ def test_a_state_written_before_the_schedule_followed_training_time_resumes_wher
         return now[0]
 
     monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=perf_counter, time=perf_counter))
+    datalist = _phantom_datalist(tmp_path, n_train=4, n_val=1)
+    tr, va = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
+    training.train(tiny_hparams(tiny_clip, spacing=[1.0, 1.0]), tr, va, tmp_path / "run", time_budget_s=30.0,
+                   progress=False)
+    return now, tr, va, tmp_path / "run" / "resume.pt"
+
+
+def test_a_state_written_before_the_schedule_followed_training_time_resumes_where_it_was(tmp_path, tiny_clip,
+                                                                                        monkeypatch):
+    """A second review: a ``resume.pt`` without ``loop_start`` (written before 2026-12-06) restarted the time-based
+    schedule at 0 -- a second warm-up to the peak rate, late in the run. Such a state resumes with the schedule it
+    ran (progress = elapsed / budget)."""
+    import lib.training as training
+
     progress = []
     real_lr_at = training.lr_at
     monkeypatch.setattr(training, "lr_at", lambda p, base, *a, **k: progress.append(p) or real_lr_at(p, base, *a, **k))
-    datalist = _phantom_datalist(tmp_path, n_train=4, n_val=1)
-    tr, va = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
-    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
-    training.train(hp, tr, va, tmp_path / "run", time_budget_s=30.0, progress=False)
-    state_path = tmp_path / "run" / "resume.pt"
+    _, tr, va, state_path = _a_finished_run_on_a_fake_clock(tmp_path, tiny_clip, monkeypatch)
     st = torch.load(state_path, weights_only=False)
     for k in ("loop_start", "validated_at"):  # as the old code wrote it, interrupted half-way
         st.pop(k)
@@ -412,23 +420,9 @@ def test_a_resumed_run_counts_its_own_start_up_against_the_budget(tmp_path, tiny
     """A review: the resumed clock started after the model, the VLM and the data were loaded, so every resume ran
     its start-up time over the budget (budget 10 s, 5.8 s spent, resumed: 9.7 s more). Fake clock: the state has
     spent 25 of 30 s; the resumed process's start-up takes 10 s, so it trains no further."""
-    import types
-
     import lib.training as training
-    from lib.data import load_datalist
 
-    now = [0.0]
-
-    def perf_counter():
-        now[0] += 0.25
-        return now[0]
-
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=perf_counter, time=perf_counter))
-    datalist = _phantom_datalist(tmp_path, n_train=4, n_val=1)
-    tr, va = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
-    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
-    training.train(hp, tr, va, tmp_path / "run", time_budget_s=30.0, progress=False)
-    state_path = tmp_path / "run" / "resume.pt"
+    now, tr, va, state_path = _a_finished_run_on_a_fake_clock(tmp_path, tiny_clip, monkeypatch)
     st = torch.load(state_path, weights_only=False)
     st["elapsed_seconds"] = 25.0
     torch.save(st, state_path)
