@@ -10,6 +10,7 @@ the same image id or the same pixels in both splits (leakage), unreadable files.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections import Counter
 from typing import Sequence
 
@@ -26,6 +27,39 @@ def _axcodes(affine) -> str:
         return "?"
 
 
+def _as_the_loader_reads(src, tmp: str):
+    """The file(s) the training and inference loader would read for ``src`` (lib.transforms.LoadImageChecked): a
+    file is checked first (a header that claims a huge volume is refused), a DICOM series folder is converted by the
+    one checked path (an uneven, tilted or incomplete series is refused or corrected, never read as an evenly spaced
+    volume: four malformed series passed the audit as normal volumes)."""
+    import os
+
+    from .transforms import LoadImageChecked, check_file
+
+    files = list(src) if isinstance(src, (list, tuple)) else [src]
+    out = []
+    for n, f in enumerate(files):
+        if os.path.isdir(f):
+            out.append(LoadImageChecked._series(f, os.path.join(tmp, f"series_{n}.nii.gz")))
+        else:
+            if os.path.isfile(f):
+                check_file(f)
+            out.append(f)
+    return out if isinstance(src, (list, tuple)) else out[0]
+
+
+def _spacing(meta, nd: int) -> list[float] | None:
+    """The voxel spacing of the first ``nd`` axes, from the affine (every format: NRRD, MHA and a converted DICOM
+    series have no NIfTI ``pixdim``, so their spacings were never compared), else from ``pixdim``."""
+    aff = meta.get("affine")
+    if aff is not None:
+        a = np.asarray(aff, dtype=float)
+        r = min(nd, a.shape[0] - 1)
+        return [round(float(v), 4) for v in np.linalg.norm(a[:r, :r], axis=0)]
+    pix = meta.get("pixdim")
+    return [round(float(v), 4) for v in np.asarray(pix)[1:1 + nd]] if pix is not None else None
+
+
 def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
     # dtype=None: the stored data type (LoadImage's default float32 made every image "float32", so the
     # different-data-types check could never fire)
@@ -34,16 +68,16 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
                  "has_text": bool(isinstance(item.get("text"), str) and item["text"].strip()),
                  "has_label": "label" in item}
     try:
-        img, meta = loader(item["image"])
+        with tempfile.TemporaryDirectory(prefix="dfm_audit_") as tmp:
+            img, meta = loader(_as_the_loader_reads(item["image"], tmp))
     except Exception as e:  # noqa: BLE001
         rec["error"] = f"{type(e).__name__}: {e}"
         return rec
     a = np.asarray(img, dtype=np.float64)
     rec["shape"] = list(a.shape)
     rec["dtype"] = str(meta.get("dtype", img.dtype))
-    pix = meta.get("pixdim")
     nd = len(a.shape) if len(a.shape) <= 3 else 3
-    rec["spacing"] = [round(float(v), 4) for v in np.asarray(pix)[1:1 + nd]] if pix is not None else None
+    rec["spacing"] = _spacing(meta, nd)
     rec["orientation"] = _axcodes(meta.get("affine")) if meta.get("affine") is not None else None
     finite = a[np.isfinite(a)]
     rec["nonfinite"] = int(a.size - finite.size)
@@ -112,6 +146,7 @@ def summarize_split(recs: Sequence[dict]) -> dict:
         "missing_text": sum(not r["has_text"] for r in recs),
         "missing_label": sum(not r["has_label"] for r in recs),
         "nonfinite_images": sum(1 for r in ok if r["nonfinite"]),
+        "label_errors": [r["case_id"] for r in ok if r.get("label_error")],
         "label_shape_mismatch": [r["case_id"] for r in ok if r.get("label_matches_image") is False],
         "label_geometry_mismatch": [r["case_id"] for r in ok if r.get("label_geometry")],
     }
@@ -162,6 +197,8 @@ def compare(a_recs: Sequence[dict], b_recs: Sequence[dict], name_a: str = "A", n
             flag("unreadable", "error", f"{n}: unreadable images {s['unreadable'][:5]}")
         if s["nonfinite_images"]:
             flag("nonfinite", "error", f"{n}: {s['nonfinite_images']} image(s) hold NaN/Inf")
+        if s["label_errors"]:  # a missing or unreadable label file (evaluate and training refuse it)
+            flag("label_unreadable", "error", f"{n}: labels missing or unreadable for {s['label_errors'][:5]}")
         if s["label_shape_mismatch"]:
             flag("label_shape", "error", f"{n}: label and image sizes differ for {s['label_shape_mismatch'][:5]}")
         if s["label_geometry_mismatch"]:

@@ -240,6 +240,16 @@ def _check_conditioning(system, a, items) -> None:
                               "'text' in every datalist entry")
 
 
+PREDICT_OUTPUTS = ("_prob.nii.gz", "_label.nii.gz", "_var.nii.gz", "_labels.json")
+
+
+def output_stem(case: str) -> str:
+    """The file-name stem of a case's ``predict`` outputs: its case id, path separators replaced (an id "a/b" wrote
+    into a subfolder, ".." out of --out)."""
+    stem = str(case).replace("/", "_").replace("\\", "_").strip()
+    return stem if stem not in ("", ".", "..") else f"case_{stem or 'unnamed'}"
+
+
 def cmd_predict(a) -> int:
     import numpy as np
     from monai.transforms import SaveImage
@@ -249,19 +259,24 @@ def cmd_predict(a) -> int:
     from .evaluation import predict_item
     from .structures import paint
 
+    from .config import ConfigError
+
     items = _items_from_args(a)
     _check_out_folder(a.out)
     seen: dict[str, object] = {}
-    for it in items:
-        if it["case_id"] in seen:
-            from .config import ConfigError
-
-            raise ConfigError(f"two images would write the same outputs {it['case_id']}_*.nii.gz: {seen[it['case_id']]}"
-                              f" and {it['image']}; predict them into separate --out folders")
-        seen[it["case_id"]] = it["image"]
+    names = [output_stem(it["case_id"]) for it in items]
+    for it, name in zip(items, names):
+        if name in seen:
+            raise ConfigError(f"two images would write the same outputs {name}_*.nii.gz: {seen[name]} and "
+                              f"{it['image']}; give them distinct case_id in a datalist, or predict them into "
+                              "separate --out folders")
+        seen[name] = it["image"]
     system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
     _check_conditioning(system, a, items)
     inferer = _inferer(system, a)
+    if a.save_variance and inferer.num_samples < 2:  # one sample has no spread: an all-zero map read as "certain"
+        raise ConfigError(f"--save-variance needs --num-samples >= 2 (the variance of the samples; this run draws "
+                          f"{inferer.num_samples})")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     saver_p = SaveImage(output_dir=out, output_postfix="prob", separate_folder=False, output_ext=".nii.gz",
@@ -270,18 +285,29 @@ def cmd_predict(a) -> int:
                         print_log=False, resample=False, output_dtype=np.uint8)
     saver_v = SaveImage(output_dir=out, output_postfix="var", separate_folder=False, output_ext=".nii.gz",
                         print_log=False, resample=False)
-    for it in tqdm(items, desc="predict", unit="img", disable=a.no_progress):
+    for it, name in tqdm(list(zip(items, names)), desc="predict", unit="img", disable=a.no_progress):
         t0 = time.perf_counter()
         r = predict_item(system, it, inferer, return_variance=a.save_variance, labels=a.labels, prompt=a.prompt)
-        meta = {"filename_or_obj": it["case_id"]}
-        saver_p(r["prob"], meta_data={**r["prob"].meta, **meta})  # one channel per target
+        # a case's outputs are one set: an earlier run's files of this case go (a variance map or the label names
+        # of another run stayed beside the new label)
+        for suffix in PREDICT_OUTPUTS:
+            (out / f"{name}{suffix}").unlink(missing_ok=True)
+
+        def named(t):
+            # named by the case, not by the file MONAI loaded (SaveImage takes the image's own meta over the
+            # meta_data it is given: two DICOM series or two "ct.nii.gz" in other folders wrote one set of files)
+            t = t.clone()
+            t.meta["filename_or_obj"] = f"{name}.nii.gz"
+            return t
+
+        saver_p(named(r["prob"]))  # one channel per target
         # one label map: each target > 0.5 painted with its value, the most specific (listed last) on top
         label = r["prob"][:1] * 0 + paint(r["prob"], [t[1] for t in r["targets"]])[None]  # keeps the geometry
-        saver_l(label, meta_data={**r["prob"].meta, **meta})
+        saver_l(named(label))
         if len(r["targets"]) > 1 or system.structures:
-            (out / f"{it['case_id']}_labels.json").write_text(json.dumps({t[0]: t[1] for t in r["targets"]}))
+            (out / f"{name}_labels.json").write_text(json.dumps({t[0]: t[1] for t in r["targets"]}))
         if a.save_variance:
-            saver_v(r["var"], meta_data={**r["var"].meta, **meta})
+            saver_v(named(r["var"]))
         logger.info("%s: %.1f s, foreground %.3f", it["case_id"], time.perf_counter() - t0,
                     float((r["prob"] > 0.5).float().mean()))
     print(f"wrote {len(items)} prediction(s) to {out}")

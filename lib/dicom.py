@@ -158,16 +158,17 @@ def to_series_order(path: str | os.PathLike, datasets: Sequence[pydicom.Dataset]
     return True
 
 
-def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike) -> dict:
+def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name: str | None = None) -> dict:
     """Convert one series with dicom2nifti, the array in the series' own voxel order (:func:`to_series_order`);
-    returns ``{"path", "corrections"}`` or raises InputError."""
+    returns ``{"path", "corrections"}`` or raises InputError naming the series as ``name`` (default: the folder's
+    own name, e.g. a DICOMweb series UID)."""
     import dicom2nifti
     import dicom2nifti.settings as d2n_settings
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 
     folder, out_path = str(folder), str(out_path)
     datasets = read_series(folder)
-    name = Path(folder).name
+    name = name or Path(folder).name
     corrections: list[str] = []
     problem = describe_geometry_problem(datasets)
     tilt = problem is None and is_gantry_tilt(datasets)

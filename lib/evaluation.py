@@ -218,8 +218,8 @@ def truth_on_image_grid(item: dict, label, prob):
             and has_geometry(img_file):  # a PNG's affine is the reader's identity, no voxel order to follow
         label = reorient_like(label, prob.affine)
     if tuple(prob.shape[1:]) != tuple(label.shape[1:]):
-        raise InputError(f"{item.get('case_id')}: prediction in original geometry {tuple(prob.shape[1:])} "
-                         f"differs from the label's {tuple(label.shape[1:])}")
+        raise InputError(f"{item.get('case_id')}: the image's shape {tuple(prob.shape[1:])} differs from its label's "
+                         f"{tuple(label.shape[1:])} ({lab_file}): not its label")
     return label
 
 
@@ -251,10 +251,16 @@ def summarize(cases: Sequence[dict]) -> dict:
         if st:
             out[k] = st
     # a total miss (nothing predicted where there is truth) has Dice 0 and no HD95 or precision: counted here
-    out["empty_prediction"] = sum(1 for c in cases if "precision" in c and c.get("precision") is None
-                                  and c.get("recall") is not None)
+    def missed(m: dict) -> bool:
+        return "precision" in m and m.get("precision") is None and m.get("recall") is not None
+
+    out["empty_prediction"] = sum(1 for c in cases if missed(c))
     if cases and "structures" in cases[0]:
         names = list(dict.fromkeys(n for c in cases for n in c.get("structures", {})))
+        # a prompted model's misses are per structure (its case rows hold no precision of their own: always 0)
+        out["empty_prediction"] = sum(1 for c in cases for m in c.get("structures", {}).values() if missed(m))
+        out["empty_prediction_by_structure"] = {n: sum(1 for c in cases if missed(c["structures"].get(n, {})))
+                                                for n in names}
         out["structures"] = {n: {k: _stats(c["structures"].get(n, {}).get(k) for c in cases)
                                  for k in ("dice", "hd95", "precision", "recall")} for n in names}
         rows = list(dict.fromkeys(r for c in cases for r in c.get("dice_matrix", {})))

@@ -161,7 +161,7 @@ class LoadImageChecked(MapTransform):
         read as an evenly spaced volume."""
         from .dicom import series_to_nifti
 
-        res = series_to_nifti(folder, out)
+        res = series_to_nifti(folder, out, name=str(folder))  # the folder as given: many series are named "001"
         for c in res["corrections"]:
             logger.warning("DICOM series %s: %s", folder, c)
         check_file(out)

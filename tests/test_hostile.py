@@ -294,6 +294,39 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     refused(_predict(ckpts[2], a_img, a_img), "is a file, not a folder")
 
 
+def test_predict_names_each_case_s_outputs_by_its_case_and_replaces_them_as_a_set(tmp_path, ckpts, capsys):
+    """A review: MONAI's SaveImage named the outputs after the file it loaded (its own meta won over the case id),
+    so two "ct.nii.gz" of other patients (or two DICOM series) wrote one set of files -- the second patient's
+    result under the first's name -- exit 0; a case id "x/../y" would have written outside --out; a run without
+    --save-variance left an earlier run's variance map beside the new label; --save-variance of one sample wrote an
+    all-zero map (read as "certain")."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    img = np.zeros((30, 30))
+    img[5:15, 5:15] = 1.0
+    a_img = _nii(tmp_path / "a" / "ct.nii.gz", img)
+    b_img = _nii(tmp_path / "b" / "ct.nii.gz", img.T[::-1])
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(a_img), "case_id": "p1"},
+                                             {"image": str(b_img), "case_id": "p2"},
+                                             {"image": str(a_img), "case_id": "x/../y"}]}))
+    out = tmp_path / "out"
+
+    def predict(*extra):
+        return cli(["predict", "--checkpoint", str(ckpts[2]), "--datalist", str(datalist), "--split", "test",
+                    "--out", str(out), "--no-progress", *extra])
+
+    assert predict("--save-variance", "--num-samples", "2") == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{c}_{k}.nii.gz" for c in ("p1", "p2", "x_.._y") for k in ("prob", "label", "var")), names
+    p1, p2 = (np.asarray(nib.load(str(out / f"{c}_prob.nii.gz")).dataobj) for c in ("p1", "p2"))
+    assert not np.array_equal(p1, p2)  # each patient's own result
+    assert predict() == 0
+    assert not list(out.glob("*_var.nii.gz"))  # the earlier run's variance maps went with their cases' sets
+    capsys.readouterr()
+    assert predict("--save-variance") == 2
+    assert "--save-variance needs --num-samples >= 2" in capsys.readouterr().err
+
+
 def test_make_tiny_vlm_does_not_replace_a_model_silently(tmp_path, capsys):
     """Found by a review: running it again into the same folder (another --seed or --hidden) replaced the VLM under
     every checkpoint that names the folder; with the same embedding size nothing would notice."""

@@ -217,6 +217,39 @@ def test_audit_flags_what_differs(tmp_path):
     assert not [f for f in same["flags"] if f["severity"] != "info"]
 
 
+def test_audit_reads_files_as_the_loader_does(tmp_path):
+    """A review: the audit read DICOM series with MONAI's plain reader, so four malformed series that training and
+    inference refuse passed as normal volumes; it took spacings from NIfTI's pixdim only (NRRD, MHA and DICOM had
+    none, so a 0.5 mm and a 1.5 mm NRRD split looked alike); a missing label file was not flagged."""
+    import SimpleITK as sitk
+
+    from conftest import SHARED
+
+    def nrrd(name, spacing):
+        im = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 1, (6, 8, 8)).astype(np.float32))
+        im.SetSpacing(spacing)
+        sitk.WriteImage(im, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    a = [{"image": nrrd(f"a{i}.nrrd", (0.5, 0.5, 5.0)), "case_id": f"a{i}", "label": str(tmp_path / "none.nrrd")}
+         for i in range(2)]
+    b = [{"image": nrrd(f"b{i}.nrrd", (1.5, 1.5, 2.5)), "case_id": f"b{i}"} for i in range(2)]
+    rep = audit(a, b, "a", "b")
+    assert rep["a"]["spacings"] == {"[0.5, 0.5, 5.0]": 2} and rep["b"]["spacings"] == {"[1.5, 1.5, 2.5]": 2}
+    checks = {f["check"] for f in rep["flags"]}
+    assert {"spacings", "label_unreadable"} <= checks, checks
+    malformed = SHARED / "dicom" / "malformed"
+    if not malformed.exists():
+        pytest.skip(f"real malformed DICOM not found at {malformed}")
+    series = [{"image": str(d), "case_id": str(d.relative_to(malformed))} for d in sorted(malformed.glob("*/0*"))
+              if d.is_dir()]
+    rep = audit(series, b, "dicom", "b")
+    refused = {r["case_id"] for r in rep["cases"]["dicom"] if "error" in r}
+    assert {"notavolume/001", "slicecount/001", "sliceorientation/001"} <= refused, refused
+    assert "gantrytilting/001" not in refused  # resampled onto an orthogonal grid, as the loader does
+    assert "unreadable" in {f["check"] for f in rep["flags"]}
+
+
 def test_histogram_equalisation_is_a_whole_image_preprocessing_step(tmp_path):
     """``intensity.type = "histogram"``: MONAI's histogram equalisation of the whole resampled image (the same
     pipeline for training, validation and the app), so that a dark X-ray and a bright one of the same anatomy give
@@ -257,6 +290,11 @@ def test_a_summary_says_how_many_cases_each_mean_is_over():
     assert s["hd95"]["n"] == 1 and s["hd95"]["undefined"] == 1 and s["precision"]["undefined"] == 1
     assert s["empty_prediction"] == 1
     assert summarize(cases[:1])["empty_prediction"] == 0 and summarize(cases[:1])["hd95"]["undefined"] == 0
+    # a prompted model's misses are its structures' (a second review: always 0, its case rows have no precision)
+    prompted = [{"dice": 0.5, "structures": {"lesion": cases[1], "vertebra": cases[0]}},
+                {"dice": 1.0, "structures": {"lesion": cases[0], "vertebra": cases[0]}}]
+    s = summarize(prompted)
+    assert s["empty_prediction"] == 1 and s["empty_prediction_by_structure"] == {"lesion": 1, "vertebra": 0}
 
 
 def test_audit_sees_stored_data_types_and_multi_channel_labels(tmp_path):
