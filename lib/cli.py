@@ -255,9 +255,12 @@ def cmd_predict(a) -> int:
     from monai.transforms import SaveImage
     from tqdm.auto import tqdm
 
+    import torch
+
     from .checkpoint import load_system
     from .evaluation import predict_item
     from .structures import paint
+    from .transforms import first_path, has_geometry
 
     from .config import ConfigError
 
@@ -288,6 +291,7 @@ def cmd_predict(a) -> int:
     for it, name in tqdm(list(zip(items, names)), desc="predict", unit="img", disable=a.no_progress):
         t0 = time.perf_counter()
         r = predict_item(system, it, inferer, return_variance=a.save_variance, labels=a.labels, prompt=a.prompt)
+        flat = not has_geometry(first_path(it["image"]))
         # a case's outputs are one set: an earlier run's files of this case go (a variance map or the label names
         # of another run stayed beside the new label)
         for suffix in PREDICT_OUTPUTS:
@@ -298,6 +302,10 @@ def cmd_predict(a) -> int:
             # meta_data it is given: two DICOM series or two "ct.nii.gz" in other folders wrote one set of files)
             t = t.clone()
             t.meta["filename_or_obj"] = f"{name}.nii.gz"
+            if flat and t.ndim == 3:
+                # a PNG / JPEG has no geometry: ITK (3D Slicer) reads it with origin 0, spacing 1 and identity
+                # axes in LPS; MONAI's identity affine is RAS, so the NIfTI lay mirrored on both axes over it there
+                t.affine = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
             return t
 
         saver_p(named(r["prob"]))  # one channel per target

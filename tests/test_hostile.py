@@ -327,6 +327,29 @@ def test_predict_names_each_case_s_outputs_by_its_case_and_replaces_them_as_a_se
     assert "--save-variance needs --num-samples >= 2" in capsys.readouterr().err
 
 
+def test_predict_outputs_of_a_png_lie_over_it_in_an_itk_viewer(tmp_path):
+    """A review: the NIfTI outputs of a PNG X-ray had MONAI's identity affine (RAS), while ITK (3D Slicer) reads a
+    PNG with identity axes in LPS: the label lay mirrored on both axes, off the image (resampled onto the PNG's
+    grid: 0 of 87 564 voxels). They are written in the PNG's frame as ITK reads it."""
+    import SimpleITK as sitk
+
+    from conftest import ROOT
+
+    ck = ROOT / "sample_data" / "models" / "dfm_vlm_2d.pt"
+    if not ck.exists():
+        pytest.skip("sample_data/models has no default checkpoints (make_sample_data.py --train)")
+    png = ROOT / "sample_data" / "phantom_xray_04.png"
+    assert cli(["predict", "--checkpoint", str(ck), "--image", str(png), "--out", str(tmp_path / "o"), "--steps", "1",
+                "--no-progress"]) == 0
+    img = sitk.ReadImage(str(png))
+    lab = sitk.Cast(sitk.ReadImage(str(tmp_path / "o" / "phantom_xray_04_label.nii.gz")), sitk.sitkUInt8)
+    on_png = sitk.GetArrayFromImage(sitk.Resample(lab, img, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    fg = int(sitk.GetArrayFromImage(lab).sum())
+    assert fg > 1000 and int(on_png.sum()) == fg
+    pixels = sitk.GetArrayFromImage(img)
+    assert pixels[on_png > 0].mean() < pixels[on_png == 0].mean() - 10  # on the dark lung fields
+
+
 def test_make_tiny_vlm_does_not_replace_a_model_silently(tmp_path, capsys):
     """Found by a review: running it again into the same folder (another --seed or --hidden) replaced the VLM under
     every checkpoint that names the folder; with the same embedding size nothing would notice."""
