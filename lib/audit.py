@@ -27,7 +27,7 @@ def _axcodes(affine) -> str:
         return "?"
 
 
-def _as_the_loader_reads(src, tmp: str):
+def _as_the_loader_reads(src, tmp: str, label: bool = False):
     """The file(s) the training and inference loader would read for ``src`` (lib.transforms.LoadImageChecked): a
     file is checked first (a header that claims a huge volume is refused), a DICOM series folder is converted by the
     one checked path (an uneven, tilted or incomplete series is refused or corrected, never read as an evenly spaced
@@ -40,10 +40,10 @@ def _as_the_loader_reads(src, tmp: str):
     out = []
     for n, f in enumerate(files):
         if os.path.isdir(f):
-            out.append(LoadImageChecked._series(f, os.path.join(tmp, f"series_{n}.nii.gz")))
+            out.append(LoadImageChecked._series(f, os.path.join(tmp, f"{'label' if label else 'series'}_{n}.nii.gz")))
         else:
             if os.path.isfile(f):
-                check_file(f)
+                check_file(f, label=label)
             out.append(f)
     return out if isinstance(src, (list, tuple)) else out[0]
 
@@ -76,8 +76,15 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
     a = np.asarray(img, dtype=np.float64)
     rec["shape"] = list(a.shape)
     rec["dtype"] = str(meta.get("dtype", img.dtype))
-    nd = len(a.shape) if len(a.shape) <= 3 else 3
-    rec["spacing"] = _spacing(meta, nd)
+    # the spatial axes: a multi-channel image (a list of files stacked first, an RGB or 4D file with a channel
+    # axis) has a label without that axis, and its channel axis has no spacing (an RGB PNG gave three spacings)
+    spatial = list(a.shape)
+    ch = meta.get("original_channel_dim")
+    if isinstance(item["image"], (list, tuple)):
+        spatial = spatial[1:]
+    elif isinstance(ch, (int, np.integer)) and -len(spatial) <= int(ch) < len(spatial):
+        spatial.pop(int(ch))
+    rec["spacing"] = _spacing(meta, min(len(spatial), 3))
     rec["orientation"] = _axcodes(meta.get("affine")) if meta.get("affine") is not None else None
     finite = a[np.isfinite(a)]
     rec["nonfinite"] = int(a.size - finite.size)
@@ -87,18 +94,11 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
     rec["sha1"] = hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
     if "label" in item:
         try:
-            lab, lab_meta = loader(item["label"])
+            with tempfile.TemporaryDirectory(prefix="dfm_audit_") as tmp:
+                lab, lab_meta = loader(_as_the_loader_reads(item["label"], tmp, label=True))
             lab = np.asarray(lab)
             rec["fg_fraction"] = float((lab > label_threshold).mean())
             rec["label_shape"] = list(lab.shape)
-            # a multi-channel image (a list of files stacked first, an RGB or 4D file with a channel axis) has a
-            # label without that axis
-            spatial = list(a.shape)
-            ch = meta.get("original_channel_dim")
-            if isinstance(item["image"], (list, tuple)):
-                spatial = spatial[1:]
-            elif isinstance(ch, (int, np.integer)) and -len(spatial) <= int(ch) < len(spatial):
-                spatial.pop(int(ch))
             got = list(lab.shape)
             while len(got) > len(spatial) and got[-1] == 1:  # a label saved with a channel axis of 1
                 got.pop()

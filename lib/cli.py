@@ -269,11 +269,12 @@ def cmd_predict(a) -> int:
     seen: dict[str, object] = {}
     names = [output_stem(it["case_id"]) for it in items]
     for it, name in zip(items, names):
-        if name in seen:
-            raise ConfigError(f"two images would write the same outputs {name}_*.nii.gz: {seen[name]} and "
+        key = name.lower()  # "Case1" and "case1" are one file on a case-insensitive disk (macOS, Windows)
+        if key in seen:
+            raise ConfigError(f"two images would write the same outputs {name}_*.nii.gz: {seen[key]} and "
                               f"{it['image']}; give them distinct case_id in a datalist, or predict them into "
                               "separate --out folders")
-        seen[name] = it["image"]
+        seen[key] = it["image"]
     system = load_system(a.checkpoint, device=_device(a.device), vlm=a.vlm)
     _check_conditioning(system, a, items)
     inferer = _inferer(system, a)
@@ -373,7 +374,11 @@ def cmd_evaluate(a) -> int:
         h = summary["hd95"]
         hd = f"; HD95 mean {h['mean']:.2f}" + (f" over {h['n']} of {summary['n']} cases (undefined where the "
                                                 f"prediction or the truth is empty)" if h["n"] < summary["n"] else "")
-    if summary.get("empty_prediction"):
+    if summary.get("empty_prediction_by_structure"):  # a prompted model: counted per structure
+        missed = {k: v for k, v in summary["empty_prediction_by_structure"].items() if v}
+        if missed:
+            hd += f"; nothing predicted where the truth has foreground: {missed} case(s) per structure"
+    elif summary.get("empty_prediction"):
         hd += f"; {summary['empty_prediction']} case(s) with nothing predicted where the truth has foreground"
     what = "Dice (mean of the structures)" if summary.get("structures") else "Dice"
     print(f"{a.split}: n={summary['n']} {what} mean {d.get('mean', float('nan')):.4f} median "

@@ -325,6 +325,10 @@ def test_predict_names_each_case_s_outputs_by_its_case_and_replaces_them_as_a_se
     capsys.readouterr()
     assert predict("--save-variance") == 2
     assert "--save-variance needs --num-samples >= 2" in capsys.readouterr().err
+    # ids that differ only by case are one file on macOS / Windows (the second case's set replaced the first's)
+    datalist.write_text(json.dumps({"test": [{"image": str(a_img), "case_id": "P1"},
+                                             {"image": str(b_img), "case_id": "p1"}]}))
+    assert predict() == 2 and "would write the same outputs p1_" in capsys.readouterr().err
 
 
 def test_predict_outputs_of_a_png_lie_over_it_in_an_itk_viewer(tmp_path):

@@ -238,6 +238,12 @@ def test_audit_reads_files_as_the_loader_does(tmp_path):
     assert rep["a"]["spacings"] == {"[0.5, 0.5, 5.0]": 2} and rep["b"]["spacings"] == {"[1.5, 1.5, 2.5]": 2}
     checks = {f["check"] for f in rep["flags"]}
     assert {"spacings", "label_unreadable"} <= checks, checks
+    from PIL import Image
+
+    from lib.audit import image_stats
+
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "rgb.png")  # a channel axis has no spacing
+    assert image_stats({"image": str(tmp_path / "rgb.png"), "case_id": "rgb"})["spacing"] == [1.0, 1.0]
     malformed = SHARED / "dicom" / "malformed"
     if not malformed.exists():
         pytest.skip(f"real malformed DICOM not found at {malformed}")
@@ -248,6 +254,13 @@ def test_audit_reads_files_as_the_loader_does(tmp_path):
     assert {"notavolume/001", "slicecount/001", "sliceorientation/001"} <= refused, refused
     assert "gantrytilting/001" not in refused  # resampled onto an orthogonal grid, as the loader does
     assert "unreadable" in {f["check"] for f in rep["flags"]}
+    # labels too: a series read as the loader reads it (the tilted series converted like its image; an uneven one
+    # refused, not compared as a volume)
+    tilt = str(malformed / "gantrytilting" / "001")
+    rec = image_stats({"image": tilt, "label": tilt, "case_id": "t"})
+    assert rec["label_matches_image"] and rec["label_shape"] == rec["shape"], rec
+    rec = image_stats({"image": tilt, "label": str(malformed / "sliceincrement" / "001"), "case_id": "t"})
+    assert "uneven slice increment" in rec["label_error"]
 
 
 def test_histogram_equalisation_is_a_whole_image_preprocessing_step(tmp_path):
