@@ -381,6 +381,10 @@ def cmd_evaluate(a) -> int:
     elif summary.get("empty_prediction"):
         hd += f"; {summary['empty_prediction']} case(s) with nothing predicted where the truth has foreground"
     what = "Dice (mean of the structures)" if summary.get("structures") else "Dice"
+    if not d and a.prompt is not None:  # a free prompt has no truth of its own: only its row of the matrix above
+        print(f"{a.split}: n={summary['n']} free prompt {a.prompt!r}: scored against every structure's truth "
+              f"(the row above){hd}; {wall:.0f} s -> {out}")
+        return 0
     print(f"{a.split}: n={summary['n']} {what} mean {d.get('mean', float('nan')):.4f} median "
           f"{d.get('median', float('nan')):.4f} min {d.get('min', float('nan')):.4f}{hd}; {wall:.0f} s -> {out}")
     return 0

@@ -737,3 +737,27 @@ def test_every_path_reads_a_one_label_model_s_painted_label_by_its_structure_nam
                                     "case_id": "c"}], inf)
     b, _ = evaluate_items(system, [{"image": str(image), "label": str(blob), "case_id": "c"}], inf)
     assert a[0]["recall"] == pytest.approx(b[0]["recall"]) and a[0]["dice"] == pytest.approx(b[0]["dice"])
+
+
+def test_evaluate_of_a_prompted_model_says_what_it_scored(tmp_path, tiny_clip, capsys):
+    """A review: a prompted model's total misses were counted as 0 cases (its case rows hold no precision), and a
+    free prompt's summary line read "Dice mean nan". The line now names the misses per structure, and a free
+    prompt's scoring (its row of the prompt x truth matrix). A model whose output bias says "never" misses all."""
+    from lib.cli import main as cli
+
+    system = build_system(prompted_hparams(tiny_clip))
+    with torch.no_grad():
+        system.model.head.conv.bias.fill_(-50.0)
+    save_checkpoint(tmp_path / "never.pt", system.model, system.hparams)
+    case = two_blob_case(tmp_path, "c0", seed=0)
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(json.dumps({"test": [case]}))
+    base = ["evaluate", "--checkpoint", str(tmp_path / "never.pt"), "--datalist", str(datalist), "--split", "test",
+            "--no-progress", "--steps", "1"]
+    assert cli([*base, "--out", str(tmp_path / "e1")]) == 0
+    out = capsys.readouterr().out
+    assert "nothing predicted where the truth has foreground: {'upper': 1, 'lower': 1}" in out, out
+    assert json.loads((tmp_path / "e1" / "summary.json").read_text())["empty_prediction"] == 2
+    assert cli([*base, "--out", str(tmp_path / "e2"), "--prompt", "a bright thing"]) == 0
+    out = capsys.readouterr().out
+    assert "free prompt 'a bright thing': scored against every structure's truth" in out and "nan" not in out, out
