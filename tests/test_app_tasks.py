@@ -566,6 +566,21 @@ def test_trainer_task_pickles_for_ddp_and_filters_by_dimension(tmp_path, ckpt3d)
                 trainer.partition_datalist(context)
         else:
             assert len(trainer.partition_datalist(context)[0]) == n_train
+    # the images labelled longest validate, the newest label trains (a review: MONAI Label's unshuffled split held
+    # out the index's last images, where a new label lands, so "Submit Label, Train" did not train on it)
+    import os
+
+    labels = []
+    for k, t in enumerate((300, 100, 200, 500, 400)):  # label file times, oldest second
+        f = tmp_path / f"lab{k}.nii.gz"
+        f.write_bytes(b"x")
+        os.utime(f, (t, t))
+        labels.append({"image": f"img{k}", "label": str(f)})
+    context.datalist, context.request = labels, {"val_split": 0.4}
+    train, val = trainer.partition_datalist(context)
+    assert [v["image"] for v in val] == ["img1", "img2"] and [t["image"] for t in train] == ["img0", "img3", "img4"]
+    context.request = {"val_split": 0.4, "val_ds": labels[3:]}  # given validation images: as given
+    assert [v["image"] for v in trainer.partition_datalist(context)[1]] == ["img3", "img4"]
 
 
 def test_random_next_sample_survives_annotators_asking_in_the_same_second():
@@ -776,14 +791,25 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
     ev = Evaluator()
     pub.baseline_from(ev)(None)  # the served checkpoint, before the first epoch: measured, not published
     assert pub.best == 0.99 and not path.exists()
+    assert (ev.state.best_metric, ev.state.best_metric_epoch) == (-1, -1)  # not shown as this run's best epoch
     ev.run()
     assert not path.exists()  # 0.95: the served model stays
     ev.run()
     assert path.exists() and pub.best == 0.995
+    # a run from scratch (Slicer's "pretrained" unticked) measures the served model itself: the validation step
+    # predicts with it, then with the run's own model again (a review: it replaced a served 0.99 model with 0.19)
+    served, seen = make_system(seed=1), []
+    scores = iter([0.99])
+    ev.run = lambda: seen.append(ctx.system) or setattr(ev.state, "metrics", {"val_mean_dice": next(scores)})
+    pub.baseline_from(ev, served)(None)
+    assert seen == [served] and ctx.system is system and pub.best == 0.99
 
-    # the wiring: a fine-tune gets the baseline unless the request says "always"; a training from scratch does not
+    # the wiring: a served model is the one to beat unless the request says "always", whether the run fine-tunes it
+    # or trains from scratch (then the served checkpoint is loaded and measured); nothing served: nothing to beat
     monkeypatch.setattr(BasicTrainTask, "finalize", lambda self, context: None)
     trainer = _task(ckpt3d, tmp_path / "model").trainer()
+    unserved = _task(ckpt3d, tmp_path / "model2").trainer()
+    unserved.init_paths = [str(tmp_path / "none.pt")]
 
     class Engine:
         def __init__(self):
@@ -792,21 +818,24 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
         def add_event_handler(self, event, handler):
             self.handlers.append(event)
 
-    for request, tuned, want in (({}, str(ckpt3d), [Events.STARTED, Events.COMPLETED]),
-                                 ({"publish": "always"}, str(ckpt3d), []), ({}, None, [])):
+    for task, request, tuned, want in ((trainer, {}, str(ckpt3d), [Events.STARTED, Events.COMPLETED]),
+                                       (trainer, {"publish": "always"}, str(ckpt3d), []),
+                                       (trainer, {}, None, [Events.STARTED, Events.COMPLETED]),
+                                       (unserved, {}, None, [])):
         c = types.SimpleNamespace(local_rank=0, evaluator=Engine(), trainer=Engine(), request=request,
-                                  fine_tuned_from=tuned)
-        trainer.finalize(c)
-        assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED], request
+                                  fine_tuned_from=tuned, device="cpu")
+        task.finalize(c)
+        assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED], (request, tuned)
     # no validation image (one or two labelled at the start of a loop, val_split 0.2 gives none): a fine-tune
     # cannot show it beats the served model, which stays (a review, 2026-12-06: it was replaced unconditionally);
     # "always", or a first training (nothing served), publishes the last epoch
-    for request, tuned, want in (({}, str(ckpt3d), []), ({"publish": "always"}, str(ckpt3d), [Events.COMPLETED]),
-                                 ({}, None, [Events.COMPLETED])):
+    for task, request, tuned, want in ((trainer, {}, str(ckpt3d), []),
+                                       (trainer, {"publish": "always"}, str(ckpt3d), [Events.COMPLETED]),
+                                       (trainer, {}, None, []), (unserved, {}, None, [Events.COMPLETED])):
         c = types.SimpleNamespace(local_rank=0, evaluator=None, trainer=Engine(), request=request,
-                                  fine_tuned_from=tuned, train_datalist=[1])
-        trainer.finalize(c)
-        assert c.trainer.handlers == want, request
+                                  fine_tuned_from=tuned, train_datalist=[1], device="cpu")
+        task.finalize(c)
+        assert c.trainer.handlers == want, (request, tuned)
 
 
 def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system, ckpt3d):

@@ -141,24 +141,35 @@ class _Publish:
         self.measuring_baseline = False
         self.baseline: float | None = None
 
-    def baseline_from(self, evaluator):
-        """A handler for the trainer's STARTED event: validate the starting weights, keep their Dice as the best."""
+    def baseline_from(self, evaluator, served: DFMSystem | None = None):
+        """A handler for the trainer's STARTED event: validate the served model -- the starting weights of a
+        fine-tune, or ``served`` (a run from scratch, ``pretrained`` false: it replaced a 0.99 model with a 0.19
+        one) -- and keep its Dice as the best to beat."""
 
         def run(_engine):
+            nonlocal served
             self.measuring_baseline = True
+            own = self.context.system
+            if served is not None:  # the validation step predicts with the context's system
+                self.context.system = served
             try:
                 evaluator.run()
             finally:
+                self.context.system = own
                 self.measuring_baseline = False
+                served = None  # its memory back (a second model and VLM)
             self.baseline = self.best = float(evaluator.state.metrics.get(self.metric, -1.0))
-            logger.info("starting checkpoint: val Dice %.4f on this training's validation images (to beat)",
+            # the served model's score is not this run's: MONAI Label's train stats showed it as the run's best
+            # epoch ("best_metric 0.97 at epoch 1" for a run whose epoch scored 0.93 and published nothing)
+            evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1, -1
+            logger.info("served checkpoint: val Dice %.4f on this training's validation images (to beat)",
                         self.best)
 
         return run
 
     def report(self, _engine):
         if self.baseline is not None and self.best <= self.baseline:
-            logger.warning("no epoch beat the starting checkpoint (val Dice %.4f): %s not replaced", self.baseline,
+            logger.warning("no epoch beat the served checkpoint (val Dice %.4f): %s not replaced", self.baseline,
                            self.publish_path)
 
     def __call__(self, engine):
@@ -450,7 +461,25 @@ class DFMVLMTrain(BasicTrainTask):
             context.multi_gpu = True
 
     def partition_datalist(self, context: Context, shuffle=False):
+        """MONAI Label's split (its counts, ``val_ds`` / ``train_ds`` as given), with the validation images the
+        longest labelled (their label files' times, then the datastore's order) instead of the datastore's last
+        ones: MONAI Label's unshuffled split held out the last images of its index, where a newly labelled image
+        lands, so "Submit Label, Train" did not train on what was just annotated. The validation images stay the
+        same as labels are added, and the newest label always trains."""
         train, val = super().partition_datalist(context, shuffle=shuffle)
+        if val and train and not context.request.get("val_ds"):
+            items = list(train) + list(val)  # the datastore's order (MONAI's split is its first and last part)
+
+            def key(i):
+                lab = items[i].get("label") if isinstance(items[i], dict) else None
+                try:
+                    return os.stat(lab).st_mtime_ns, i
+                except (OSError, TypeError):
+                    return 0, i
+
+            held = set(sorted(range(len(items)), key=key)[:len(val)])
+            train = [it for i, it in enumerate(items) if i not in held]
+            val = [it for i, it in enumerate(items) if i in held]
         if not train:  # MONAI's partition of 2 images at val_split 0.9: 0 / 2, then a ValueError from the sampler
             raise ValueError(f"val_split {context.request.get('val_split')} leaves none of the {len(val)} labelled "
                              f"image(s) for training: give a smaller val_split (at most "
@@ -482,26 +511,40 @@ class DFMVLMTrain(BasicTrainTask):
             train_handlers=self.train_handlers(context), iteration_update=self.train_iteration_update(context),
             amp=False)
 
+    def _served(self, context: Context) -> tuple[str | None, DFMSystem | None]:
+        """The checkpoint the app serves now and, when this run did not start from it (``pretrained`` false), that
+        model loaded to be measured; ``(None, None)`` when none is served (or it does not load: not served)."""
+        if getattr(context, "fine_tuned_from", None):
+            return context.fine_tuned_from, None
+        for p in reversed(live_paths(self.init_paths, self.stale_before)):
+            if p and os.path.exists(p):
+                try:
+                    return p, load_system(p, device=context.device, vlm=self.vlm)
+                except CheckpointError as e:
+                    logger.warning("the served checkpoint %s does not load (%s): this run may replace it", p, e)
+        return None, None
+
     def finalize(self, context):
         super().finalize(context)
         if context.local_rank == 0:
+            # a served model: publish only what beats it, whether this run fine-tunes it or trains from scratch
+            # (request "publish": "always" -- MONAI Label's own behaviour -- publishes this run's best epoch
+            # whatever the served model scored)
+            better = str(context.request.get("publish", "better")).lower() != "always"
+            served, system = self._served(context) if better else (None, None)
             if context.evaluator:
                 publish = _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE)
                 context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, publish)
-                # a served model: publish only what beats it (request "publish": "always" -- MONAI Label's own
-                # behaviour -- publishes this run's best epoch whatever the starting checkpoint scored)
-                if getattr(context, "fine_tuned_from", None) and \
-                        str(context.request.get("publish", "better")).lower() != "always":
-                    context.trainer.add_event_handler(Events.STARTED, publish.baseline_from(context.evaluator))
+                if served:
+                    context.trainer.add_event_handler(Events.STARTED, publish.baseline_from(context.evaluator,
+                                                                                            system))
                     context.trainer.add_event_handler(Events.COMPLETED, publish.report)
-            elif getattr(context, "fine_tuned_from", None) and \
-                    str(context.request.get("publish", "better")).lower() != "always":
+            elif served:
                 # no validation image (val_split of one or two labelled images): nothing can show that the run beats
                 # the served model, so it stays (it was replaced unconditionally, at the start of every loop)
                 logger.warning("no validation image (%d labelled for training, val_split %s): the served model %s is "
                                "kept; label more images, or train with \"publish\": \"always\"",
-                               len(context.train_datalist or []), context.request.get("val_split"),
-                               context.fine_tuned_from)
+                               len(context.train_datalist or []), context.request.get("val_split"), served)
             else:
                 context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None))
 
