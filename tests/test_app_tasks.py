@@ -775,34 +775,56 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
 
     from lib.trainers.dfm_vlm import _Publish
 
+    import lib.trainers.dfm_vlm as trainers
+
     system = make_system()
     ctx = types.SimpleNamespace(system=system, trainer=None, run_id="r", train_datalist=[], val_datalist=[])
     path = tmp_path / "published.pt"
     pub = _Publish(ctx, str(path), "val_mean_dice")
-    scores = iter([0.99, 0.95, 0.995])
+    seen = []
 
-    class Evaluator:  # run(): one validation, whose EPOCH_COMPLETED handler is the publisher
-        state = types.SimpleNamespace(metrics={})
+    class Step:  # the validation step: each batch "is" its cases' Dice; it records the system it predicts with
+        def __init__(self, context):
+            self.context = context
+
+        def __call__(self, engine, batch):
+            seen.append(self.context.system)
+            if batch == "cannot":
+                raise ValueError("a 3D image was given to a 2D model")
+            return {"dice": batch}
+
+    monkeypatch.setattr(trainers, "_ValStep", Step)
+
+    class Evaluator:  # the run's evaluator: its images; run() is never called for the served model's measurement
+        data_loader = [[0.99, 0.98], [1.0]]
 
         def run(self):
-            self.state.metrics = {"val_mean_dice": next(scores)}
-            pub(self)
+            raise AssertionError("the evaluator ran: MONAI Label's stats and early stopping would count it")
 
-    ev = Evaluator()
-    pub.baseline_from(ev)(None)  # the served checkpoint, before the first epoch: measured, not published
-    assert pub.best == 0.99 and not path.exists()
-    assert (ev.state.best_metric, ev.state.best_metric_epoch) == (-1, -1)  # not shown as this run's best epoch
-    ev.run()
+    def epoch(score):  # the evaluator's EPOCH_COMPLETED after an epoch of the run: the publisher
+        pub(types.SimpleNamespace(state=types.SimpleNamespace(metrics={"val_mean_dice": score})))
+
+    pub.baseline_from(Evaluator())(None)  # the served checkpoint, before the first epoch: measured, not published
+    assert pub.best == pytest.approx(0.99) and not path.exists() and seen == [system] * 2
+    epoch(0.95)
     assert not path.exists()  # 0.95: the served model stays
-    ev.run()
+    epoch(0.995)
     assert path.exists() and pub.best == 0.995
     # a run from scratch (Slicer's "pretrained" unticked) measures the served model itself: the validation step
     # predicts with it, then with the run's own model again (a review: it replaced a served 0.99 model with 0.19)
-    served, seen = make_system(seed=1), []
-    scores = iter([0.99])
-    ev.run = lambda: seen.append(ctx.system) or setattr(ev.state, "metrics", {"val_mean_dice": next(scores)})
-    pub.baseline_from(ev, served)(None)
-    assert seen == [served] and ctx.system is system and pub.best == 0.99
+    served, seen[:] = make_system(seed=1), []
+    pub = _Publish(ctx, str(tmp_path / "p2.pt"), "val_mean_dice")
+    pub.baseline_from(Evaluator(), served)(None)
+    assert seen == [served] * 2 and ctx.system is system and pub.baseline == pytest.approx(0.99)
+    # a served model that cannot score these images (another dimension) is not measured, the run goes on and may
+    # replace it (a review: the whole training failed)
+    pub = _Publish(ctx, str(tmp_path / "p3.pt"), "val_mean_dice")
+    bad = Evaluator()
+    bad.data_loader = ["cannot"]
+    pub.baseline_from(bad, served)(None)
+    assert pub.baseline is None and ctx.system is system
+    epoch(0.2)
+    assert (tmp_path / "p3.pt").exists()
 
     # the wiring: a served model is the one to beat unless the request says "always", whether the run fine-tunes it
     # or trains from scratch (then the served checkpoint is loaded and measured); nothing served: nothing to beat

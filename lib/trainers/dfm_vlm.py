@@ -138,32 +138,38 @@ class _Publish:
         self.publish_path = publish_path
         self.metric = metric
         self.best = -1.0
-        self.measuring_baseline = False
         self.baseline: float | None = None
 
     def baseline_from(self, evaluator, served: DFMSystem | None = None):
         """A handler for the trainer's STARTED event: validate the served model -- the starting weights of a
         fine-tune, or ``served`` (a run from scratch, ``pretrained`` false: it replaced a 0.99 model with a 0.19
-        one) -- and keep its Dice as the best to beat."""
+        one) -- on the evaluator's images with its validation step, and keep its Dice as the best to beat.
+
+        Measured outside the evaluator's run: its end-of-epoch event is what MONAI Label's train stats and early
+        stopping read, so the served model's score was shown as the run's best epoch and counted by early
+        stopping against the run (on rank 0 only, under several processes). A served model that cannot score
+        these images (another dimension) is left unmeasured, with a warning: the run may replace it (it failed
+        the whole training, and ``pretrained`` false is how a user leaves a bad model behind)."""
 
         def run(_engine):
             nonlocal served
-            self.measuring_baseline = True
             own = self.context.system
             if served is not None:  # the validation step predicts with the context's system
                 self.context.system = served
+            step, dice = _ValStep(self.context), CaseDice()
+            dice.reset()
             try:
-                evaluator.run()
+                for batch in evaluator.data_loader:
+                    dice.update((step(None, batch)["dice"],))
+                self.baseline = self.best = float(dice.compute())
+                logger.info("served checkpoint: val Dice %.4f on this training's validation images (to beat)",
+                            self.best)
+            except Exception as e:  # noqa: BLE001 - an unmeasured model must not stop the training
+                logger.warning("the served checkpoint could not be measured on this training's validation images "
+                               "(%s: %s): this run may replace it", type(e).__name__, e)
             finally:
                 self.context.system = own
-                self.measuring_baseline = False
                 served = None  # its memory back (a second model and VLM)
-            self.baseline = self.best = float(evaluator.state.metrics.get(self.metric, -1.0))
-            # the served model's score is not this run's: MONAI Label's train stats showed it as the run's best
-            # epoch ("best_metric 0.97 at epoch 1" for a run whose epoch scored 0.93 and published nothing)
-            evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1, -1
-            logger.info("served checkpoint: val Dice %.4f on this training's validation images (to beat)",
-                        self.best)
 
         return run
 
@@ -174,8 +180,6 @@ class _Publish:
 
     def __call__(self, engine):
         ctx = self.context
-        if self.measuring_baseline:  # the starting weights' validation: measured, not published
-            return
         value = engine.state.metrics.get(self.metric) if self.metric else None
         if self.metric is not None and (value is None or value <= self.best):
             return
