@@ -32,7 +32,7 @@ import torch
 
 from . import __version__
 from .config import ConfigError, FlowConfig, HParams, ModelConfig, PreprocConfig, SamplerConfig, TrainConfig, \
-    VLMConfig, check_one_label
+    VLMConfig
 from .network import ConditionalUNet
 from .precision import served
 
@@ -298,11 +298,7 @@ def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None 
         hp.labels = {k: v for k, v in hp.labels.items() if k != "background"}
         notes.append("labels' 'background': 0 left out (the app's own segment, not a structure)")
     try:
-        if hp.structures:
-            for st in hp.structures:
-                st.resolved()
-        else:
-            check_one_label(hp.labels)
+        hp.check_label_values()
     except ConfigError as e:
         raise CheckpointError(f"its {e}; fix the checkpoint's hyper_parameters (torch.load, edit, torch.save) "
                               f"or train it again") from None

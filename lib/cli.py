@@ -186,8 +186,7 @@ def cmd_train(a) -> int:
     budget = a.minutes * 60 if a.minutes is not None else None
     logger.info("training on %d images, validating on %d (%s)", len(tr), len(va), a.val_split)
     res = train(hp, tr, va, a.out, device=_device(a.device), time_budget_s=budget, max_iterations=a.max_iterations,
-                progress=not a.no_progress, resume=a.resume,
-                **({"dist_timeout_min": a.dist_timeout} if a.dist_timeout is not None else {}))
+                progress=not a.no_progress, resume=a.resume, dist_timeout_min=a.dist_timeout)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return 0
     print(json.dumps({"best_checkpoint": res.best_checkpoint, "best_val_dice": res.best_val.get("dice"),
@@ -461,6 +460,8 @@ def cmd_audit(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DIST_TIMEOUT_MIN
+
     p = argparse.ArgumentParser(prog="python -m lib", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -492,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="training and validation precision (default: the preset's, normally 'auto')")
     s.add_argument("--vlm", help="VLM folder or hub id (overrides the preset)")
-    s.add_argument("--dist-timeout", type=_positive_minutes, default=None, metavar="MINUTES",
+    s.add_argument("--dist-timeout", type=_positive_minutes, default=DIST_TIMEOUT_MIN, metavar="MINUTES",
                    help="torchrun: how long a rank waits for the others, e.g. while rank 0 validates (default "
                         "60; PyTorch's own default, 10 min for NCCL, ended runs with long validations)")
     s.add_argument("--structures", nargs="+", metavar="NAME",

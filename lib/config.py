@@ -244,6 +244,7 @@ class VLMConfig:
 
 
 VIEWS = ("display", "array")
+DIST_TIMEOUT_MIN = 60.0  # torchrun: how long a rank waits in a collective (train --dist-timeout)
 
 
 def check_one_label(labels) -> None:
@@ -497,6 +498,16 @@ class HParams:
                     for s in self.structures}
         return dict(self.labels)
 
+    def check_label_values(self) -> None:
+        """The values results are painted with: each structure's (:meth:`StructureConfig.resolved`) or the one
+        label's (:func:`check_one_label`); ConfigError naming the rule. One check for a preset (:meth:`resolved`)
+        and a checkpoint (:func:`lib.checkpoint.resolve_hparams`, which is not resolved)."""
+        if self.structures:
+            for s in self.structures:
+                (StructureConfig(**s) if isinstance(s, dict) else s).resolved()
+        else:
+            check_one_label(self.labels)
+
     @property
     def label_name(self) -> str | None:
         """A one-structure model's structure name (what a painted label's segment is named for it); None for a
@@ -511,8 +522,7 @@ class HParams:
         structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
         labels = dict(self.labels)
         vlm = dataclasses.replace(self.vlm)
-        if not structures:
-            check_one_label(labels)
+        self.check_label_values()
         if structures:
             names = [s.name for s in structures]
             values = [s.value for s in structures]

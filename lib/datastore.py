@@ -147,9 +147,9 @@ class FreshIndex:
             # and a rebuilt index took whichever file it found first
             # (not a file another image's label is stored as: ids with dots can name one file, "a.x" + ".mha" and
             # "a" + ".x.mha")
-            others = {self._filename(k, o.labels[label_tag].ext) for k, o in self._datastore.objects.items()
-                      if k != image_id and label_tag in o.labels}
-            if old is not None and old.ext and old.ext != ext and self._filename(image_id, old.ext) not in others:
+            if old is not None and old.ext and old.ext != ext and not any(
+                    self._filename(k, o.labels[label_tag].ext) == self._filename(image_id, old.ext)
+                    for k, o in self._datastore.objects.items() if k != image_id and label_tag in o.labels):
                 stale = os.path.join(folder, self._filename(image_id, old.ext))
                 try:
                     if not os.path.samefile(stale, os.path.join(folder, name)):  # a case-insensitive disk: one file

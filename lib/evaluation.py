@@ -22,8 +22,7 @@ from monai.transforms import Invertd
 
 from .clicks import Clicks, to_network_grid
 from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
-from .transforms import (InputError, check_label_grid, first_path, has_geometry, label_item, one_slice_as_2d,
-                         reorient_like)
+from .transforms import InputError, check_label_grid, first_path, has_geometry, label_item, reorient_like
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +211,6 @@ def truth_on_image_grid(item: dict, label, prob):
     grid): a label stored flipped (LAS for an LPS image) but on the same points was scored against the mirrored
     image. One function for ``evaluate`` and the benches that score like it."""
     img_file, lab_file = first_path(item["image"]), first_path(item["label"])
-    label = one_slice_as_2d(label, prob.ndim - 1)
     check_label_grid(lab_file, label, img_file, prob)
     if isinstance(prob, MetaTensor) and isinstance(label, MetaTensor) and has_geometry(lab_file) \
             and has_geometry(img_file):  # a PNG's affine is the reader's identity, no voxel order to follow
@@ -254,11 +252,12 @@ def summarize(cases: Sequence[dict]) -> dict:
     def missed(m: dict) -> bool:
         return "precision" in m and m.get("precision") is None and m.get("recall") is not None
 
-    out["empty_prediction"] = sum(1 for c in cases if missed(c))
-    if cases and "structures" in cases[0]:
+    prompted = bool(cases and "structures" in cases[0])
+    # a prompted model's misses are per structure (its case rows hold no precision of their own: always 0)
+    out["empty_prediction"] = sum(1 for c in cases for m in (c.get("structures", {}).values() if prompted else [c])
+                                  if missed(m))
+    if prompted:
         names = list(dict.fromkeys(n for c in cases for n in c.get("structures", {})))
-        # a prompted model's misses are per structure (its case rows hold no precision of their own: always 0)
-        out["empty_prediction"] = sum(1 for c in cases for m in c.get("structures", {}).values() if missed(m))
         out["empty_prediction_by_structure"] = {n: sum(1 for c in cases if missed(c["structures"].get(n, {})))
                                                 for n in names}
         out["structures"] = {n: {k: _stats(c["structures"].get(n, {}).get(k) for c in cases)

@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from .checkpoint import atomic_torch_save, atomic_write, remove_interrupted_writes, save_checkpoint
 from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
-from .config import ConfigError, HParams, check_train
+from .config import DIST_TIMEOUT_MIN, ConfigError, HParams, check_train
 from .data import PatchBatcher
 from .evaluation import evaluate_items, make_inferer
 from .flow import training_step
@@ -254,9 +254,6 @@ def _best_on_disk(path: Path) -> dict | None:
     if not math.isfinite(dice):
         return None
     return {"dice": dice, "iteration": metrics.get("iteration"), "summary": metrics.get("val")}
-
-
-DIST_TIMEOUT_MIN = 60.0  # how long a rank waits in a collective (for rank 0's validation, a failed peer)
 
 
 def _init_distributed(device: torch.device, timeout_min: float = DIST_TIMEOUT_MIN) -> tuple[int, int, torch.device]:
@@ -635,10 +632,11 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         info: dict | None = {} if tc.hard_share else None
         # simulated clicks (click-trained models): the batch's draws keyed by (seed, iteration), each patch's by its
         # slot too (keyed by rank, a click-trained run depended on the number of processes)
+        clicks = system.takes_clicks  # (no streams made per iteration for a model without clicks)
         loss = train_loss(system, batch, device, generator=noise, network=network,
-                          rng=np.random.default_rng(derive_seed(tc.seed, "clicks", it)), info=info,
-                          item_rngs=[np.random.default_rng(derive_seed(tc.seed, "clicks", it, k, j))
-                                     for k in slots for j in range(per_item)])
+                          rng=np.random.default_rng(derive_seed(tc.seed, "clicks", it)) if clicks else None,
+                          info=info, item_rngs=[np.random.default_rng(derive_seed(tc.seed, "clicks", it, k, j))
+                                                for k in slots for j in range(per_item)] if clicks else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -182,6 +182,20 @@ def one_slice_as_2d(lab, spatial_dims: int):
     return lab
 
 
+class OneSliceAs2Dd(MapTransform):
+    """:func:`one_slice_as_2d` on ``keys`` (the reference label of a ``spatial_dims`` model)."""
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int):
+        super().__init__(keys, allow_missing_keys=True)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = one_slice_as_2d(d[key], self.spatial_dims)
+        return d
+
+
 class CheckImaged(MapTransform):
     """Reject what the model cannot take, with a message naming the file and the problem:
 
@@ -543,6 +557,8 @@ def label_transforms(cfg: PreprocConfig, label_key: str = "label", structures=No
     prompted model): what metrics compare against."""
     return CheckedCompose(load_transforms([label_key]) + [
         EnsureTyped(keys=label_key, dtype=torch.float32, track_meta=True),
+        # a 2D model's label saved by 3D Slicer as a one-slice volume, read as the 2D label it is (one_slice_as_2d)
+        OneSliceAs2Dd(keys=label_key, spatial_dims=cfg.spatial_dims),
         _truth(cfg, structures, label_key, label_name),
     ])
 

@@ -840,6 +840,13 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
         def add_event_handler(self, event, handler):
             self.handlers.append(event)
 
+    measured = []  # the model each baseline measures: the fine-tune's own start (None), or the served one loaded
+    real_baseline = _Publish.baseline_from
+    monkeypatch.setattr(_Publish, "baseline_from",
+                        lambda self, ev, served=None: measured.append(served) or real_baseline(self, ev, served))
+    loads = []
+    real_load = trainers.load_system
+    monkeypatch.setattr(trainers, "load_system", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     for task, request, tuned, want in ((trainer, {}, str(ckpt3d), [Events.STARTED, Events.COMPLETED]),
                                        (trainer, {"publish": "always"}, str(ckpt3d), []),
                                        (trainer, {}, None, [Events.STARTED, Events.COMPLETED]),
@@ -848,6 +855,9 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
                                   fine_tuned_from=tuned, device="cpu")
         task.finalize(c)
         assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED], (request, tuned)
+    assert measured[0] is None and type(measured[1]).__name__ == "DFMSystem" and len(measured) == 2
+    assert len(loads) == 1  # the served checkpoint, loaded for the run from scratch only
+    loads.clear()
     # no validation image (one or two labelled at the start of a loop, val_split 0.2 gives none): a fine-tune
     # cannot show it beats the served model, which stays (a review, 2026-12-06: it was replaced unconditionally);
     # "always", or a first training (nothing served), publishes the last epoch
@@ -858,6 +868,7 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
                                   fine_tuned_from=tuned, train_datalist=[1], device="cpu")
         task.finalize(c)
         assert c.trainer.handlers == want, (request, tuned)
+    assert not loads  # nothing to measure it with: the served model is not loaded (a second model and VLM)
 
 
 def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system, ckpt3d):

@@ -515,15 +515,16 @@ class DFMVLMTrain(BasicTrainTask):
             train_handlers=self.train_handlers(context), iteration_update=self.train_iteration_update(context),
             amp=False)
 
-    def _served(self, context: Context) -> tuple[str | None, DFMSystem | None]:
-        """The checkpoint the app serves now and, when this run did not start from it (``pretrained`` false), that
-        model loaded to be measured; ``(None, None)`` when none is served (or it does not load: not served)."""
+    def _served(self, context: Context, load: bool = True) -> tuple[str | None, DFMSystem | None]:
+        """The checkpoint the app serves now and, when this run did not start from it (``pretrained`` false) and
+        ``load``, that model loaded to be measured; ``(None, None)`` when none is served (or it does not load: not
+        served)."""
         if getattr(context, "fine_tuned_from", None):
             return context.fine_tuned_from, None
         for p in reversed(live_paths(self.init_paths, self.stale_before)):
             if p and os.path.exists(p):
                 try:
-                    return p, load_system(p, device=context.device, vlm=self.vlm)
+                    return p, load_system(p, device=context.device, vlm=self.vlm) if load else None
                 except CheckpointError as e:
                     logger.warning("the served checkpoint %s does not load (%s): this run may replace it", p, e)
         return None, None
@@ -535,7 +536,8 @@ class DFMVLMTrain(BasicTrainTask):
             # (request "publish": "always" -- MONAI Label's own behaviour -- publishes this run's best epoch
             # whatever the served model scored)
             better = str(context.request.get("publish", "better")).lower() != "always"
-            served, system = self._served(context) if better else (None, None)
+            # (loaded only to be measured: without validation images the served model just stays)
+            served, system = self._served(context, load=context.evaluator is not None) if better else (None, None)
             if context.evaluator:
                 publish = _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE)
                 context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, publish)
