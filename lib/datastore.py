@@ -494,23 +494,24 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> list[in
             shape = shape[:-1]
         return shape
 
-    from .transforms import check_file
+    from .transforms import UnreadableInput, check_file
 
     try:
         check_file(label_path, label=True)  # a header claiming a huge volume is refused before it is read
+    except UnreadableInput as e:
+        raise UnreadableInput(f"the label sent for {image_id!r} is not a readable image: {e}") from None
     except InputError as e:
-        what = "is not a readable image" if str(e).startswith("cannot read") else "is refused"
-        raise InputError(f"the label sent for {image_id!r} {what}: {e}") from None
+        raise InputError(f"the label sent for {image_id!r} is refused: {e}") from None
     try:
         lab_img = LoadImage(image_only=True)(label_path)  # a MetaTensor: its affine is checked below
         lab = np.asarray(lab_img)
     except Exception as e:  # noqa: BLE001 - any reader failure means: not an image
-        raise InputError(f"the label sent for {image_id!r} is not a readable image: {type(e).__name__}: "
-                         f"{str(e)[:200]}") from None
+        raise UnreadableInput(f"the label sent for {image_id!r} is not a readable image: {type(e).__name__}: "
+                              f"{str(e)[:200]}") from None
     try:
         img = LoadImage(image_only=True)(image_path)
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"image {image_id!r} cannot be read to check its label: {e}") from None
+        raise UnreadableInput(f"image {image_id!r} cannot be read to check its label: {e}") from None
     ref = spatial(img)
     got = spatial(lab, min(len(ref), 3))
     # an image with a channel axis (RGB PNG, multi-channel volume: LoadImage's original_channel_dim) has a label

@@ -38,6 +38,11 @@ class InputError(ValueError):
     """An input image or label is unreadable or does not fit the model; the message names the file and problem."""
 
 
+class UnreadableInput(InputError):
+    """A file that could not be read at all (no reader for it, a broken header, a permission, a disk gone): unlike a
+    label that does not fit its image, a verdict that may change without the file changing."""
+
+
 SOURCE_KEY = "dfm_source"  # meta: the DICOM series folder an image was converted from (LoadImageChecked)
 
 
@@ -66,7 +71,8 @@ def check_file(path, label: bool = False) -> None:
         try:
             img = nib.load(str(path))  # reads the header; the voxels stay on disk
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"cannot read {path}: not a readable NIfTI header ({type(e).__name__}: {e})") from None
+            raise UnreadableInput(f"cannot read {path}: not a readable NIfTI header ({type(e).__name__}: {e})") \
+                from None
         shape = tuple(int(n) for n in img.header.get_data_shape())
         if not shape or min(shape) < 1:
             raise InputError(f"{path}: the header declares shape {shape}: an empty image")
@@ -91,7 +97,8 @@ def check_file(path, label: bool = False) -> None:
             shape = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
             comps = int(io.GetNumberOfComponents())
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"cannot read {path}: not a readable image header ({type(e).__name__}: {e})") from None
+            raise UnreadableInput(f"cannot read {path}: not a readable image header ({type(e).__name__}: {e})") \
+                from None
         if not shape or min(shape) < 1:
             raise InputError(f"{path}: the header declares shape {shape}: an empty image")
         n = int(np.prod(shape, dtype=np.int64)) * max(comps, 1)
@@ -105,7 +112,7 @@ def check_file(path, label: bool = False) -> None:
             with Image.open(str(path)) as im:
                 mode, size = im.mode, im.size
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"cannot read {path}: not a readable PNG ({type(e).__name__}: {e})") from None
+            raise UnreadableInput(f"cannot read {path}: not a readable PNG ({type(e).__name__}: {e})") from None
         if size[0] * size[1] > MAX_VOXELS:
             raise InputError(f"{path}: {size[0]}x{size[1]} pixels, more than this server's limit of {MAX_VOXELS:,} "
                              f"(DFM_MAX_VOXELS)")
@@ -152,7 +159,7 @@ class LoadImageChecked(MapTransform):
                 raise
             except Exception as e:  # noqa: BLE001 - any reader failure becomes a clear error naming the file
                 src = {k: data.get(k) for k in self.keys if k in data}
-                raise InputError(f"cannot read {src}: {type(e).__name__}: {e}") from e
+                raise UnreadableInput(f"cannot read {src}: {type(e).__name__}: {e}") from e
 
     @staticmethod
     def _series(folder, out: str) -> str:

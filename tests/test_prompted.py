@@ -710,6 +710,15 @@ def test_the_app_trainer_leaves_out_a_label_that_does_not_fit_its_image(tmp_path
     assert [Path(i["image"]).name for i in got] == ["phantom_ct_00.nii.gz", "phantom_ct_01.nii.gz",
                                                     "phantom_ct_03.nii.gz"]
     assert calls == [str(labels / "phantom_ct_01.nii.gz"), str(labels / "phantom_ct_03.nii.gz")]
+    # the file keeps this training's pairs only: the replaced labels' old verdicts went; a deleted image's too
+    kept = json.loads((tmp_path / "model" / "dfm_vlm_3d" / "label_checks.json").read_text())
+    assert sorted(json.loads(k)[0][0] for k in kept) == [str(labels / f"phantom_ct_0{k}.nii.gz") for k in (0, 1, 2, 3)]
+    assert sum(v is None for v in kept.values()) == 3
+    DS.datalist = lambda self: [{"image": str(sample / "phantom_ct_00.nii.gz"),
+                                 "label": str(labels / "phantom_ct_00.nii.gz")}]
+    trainer.pre_process({}, DS())
+    kept = json.loads((tmp_path / "model" / "dfm_vlm_3d" / "label_checks.json").read_text())
+    assert [json.loads(k)[0][0] for k in kept] == [str(labels / "phantom_ct_00.nii.gz")]
 
 
 def test_every_path_reads_a_one_label_model_s_painted_label_by_its_structure_name(tmp_path, make_system):

@@ -223,7 +223,7 @@ class LabelChecks:
     NAME = "label_checks.json"
 
     def __init__(self, path: str):
-        self.path, self.changed = path, False
+        self.path, self.changed, self.used = path, False, set()
         try:
             with open(path, encoding="utf-8") as f:
                 self.known = dict(json.load(f))
@@ -248,22 +248,30 @@ class LabelChecks:
         """Why ``label`` cannot train with ``image`` (None: it can). A file that could not be read is not
         remembered (a permission fixed, a disk back): it is checked again next time."""
         from lib.datastore import check_label_file
-        from lib.transforms import InputError
+        from lib.transforms import InputError, UnreadableInput
 
         key = self._key(label, image)
         if key is None or key not in self.known:
             try:
                 check_label_file(label, image, os.path.basename(str(image)))
                 verdict = None
+            except UnreadableInput as e:
+                return str(e)
             except InputError as e:
                 verdict = str(e)
-            if key is None or (verdict and ("not a readable image" in verdict or "cannot be read" in verdict)):
+            if key is None:
                 return verdict
             self.known[key] = verdict
             self.changed = True
+        self.used.add(key)
         return self.known[key]
 
     def save(self) -> None:
+        """Keeps the verdicts of this training's pairs only: a label deleted, replaced or moved leaves a key no file
+        has any more (the file grew with every label ever saved)."""
+        if set(self.known) - self.used:
+            self.known = {k: v for k, v in self.known.items() if k in self.used}
+            self.changed = True
         if self.changed:
             from lib.checkpoint import atomic_write
 
