@@ -191,7 +191,10 @@ def _unpack(obj: Any, path: Path) -> tuple[dict, dict | None, str, dict, str | N
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint dictionary (got {type(obj).__name__})")
     if obj.get("format") == FORMAT:
-        if obj.get("format_version", 0) > FORMAT_VERSION:
+        fv = obj.get("format_version", 0)
+        if not isinstance(fv, int) or isinstance(fv, bool):
+            raise CheckpointError(f"{path}: format_version must be an integer, got {fv!r}")
+        if fv > FORMAT_VERSION:
             raise CheckpointError(f"{path} was written by a newer format version {obj['format_version']} "
                                   f"(library {obj.get('library_version')}); this is {__version__}")
         return obj["state_dict"], obj.get("hyper_parameters"), FORMAT, obj.get("metrics", {}), \
@@ -256,6 +259,11 @@ def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None 
 
     # FiLM stages and conditioning size: derived from the weights where the hyper-parameters are silent.
     stages_sd = film_stages_in(state_dict)
+    given = m.get("vlm_film_decoder_stages")
+    if given is not None and not (isinstance(given, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in given)):
+        # (the earlier system's checkpoints said how many: 2 of 4 heads were then applied)
+        raise CheckpointError(f"vlm_film_decoder_stages must be a list of decoder stage indices, got {given!r}")
     if m.get("vlm_film_decoder_stages") is None:
         m["vlm_film_decoder_stages"] = stages_sd
         notes.append(f"vlm_film_decoder_stages missing in the hyper-parameters: derived {stages_sd} from the "
@@ -302,7 +310,42 @@ def resolve_hparams(raw: dict | None, state_dict: dict, notes: list[str] | None 
     except ConfigError as e:
         raise CheckpointError(f"its {e}; fix the checkpoint's hyper_parameters (torch.load, edit, torch.save) "
                               f"or train it again") from None
+    _check_sections(hp, raw, notes)
     return hp
+
+
+def _check_sections(hp: HParams, raw: dict, notes: list[str]) -> None:
+    """The sections checked against each other as a preset's are before a training (:meth:`HParams.resolved`; a
+    checkpoint is served without being resolved): a review found checkpoints that loaded, were served, and failed
+    every request -- a Lightning checkpoint without ``roi_size`` (a TypeError in the inferer), a 3D preprocessing
+    for a 2D model, ``max_batch_voxels`` "lots". A value one section leaves out is taken from the other that fixes
+    it (the window is the training patch; the image has the model's channels), with a note; values that disagree
+    are refused, naming both."""
+    def given(section: str) -> dict:
+        return raw.get(section) if isinstance(raw.get(section), dict) else {}
+
+    m, pre, smp = hp.model, hp.preprocessing, hp.sampler
+    for key, model_key, what in (("spatial_dims", "spatial_dims", "spatial dimensions"),
+                                 ("num_channels", "in_channels", "image channels")):
+        if key not in given("preprocessing"):
+            if getattr(pre, key) != getattr(m, model_key):
+                notes.append(f"preprocessing.{key} missing: {getattr(m, model_key)} from model.{model_key}")
+            setattr(pre, key, getattr(m, model_key))
+        elif getattr(pre, key) != getattr(m, model_key):
+            raise CheckpointError(f"preprocessing.{key}={getattr(pre, key)!r} but model.{model_key}="
+                                  f"{getattr(m, model_key)!r}: the {what} of the images and of the network disagree")
+    if "patch_size" not in given("preprocessing") and smp.roi_size is not None:
+        pre.patch_size = [int(v) for v in smp.roi_size]  # saved resolved: the window is the training patch
+        notes.append(f"preprocessing.patch_size missing: {pre.patch_size} from sampler.roi_size (the window is the "
+                     "training patch)")
+    elif smp.roi_size is None:
+        notes.append(f"sampler.roi_size missing: the training patch {list(pre.patch_size)}")
+    try:
+        hp.preprocessing = pre.resolved()
+        hp.sampler = smp.resolved(hp.preprocessing.patch_size)
+        hp.flow = hp.flow.resolved()
+    except ConfigError as e:
+        raise CheckpointError(f"invalid hyper-parameters: {e}") from None
 
 
 def _check_against(model: ConditionalUNet, state_dict: dict, hp: HParams) -> None:
@@ -339,6 +382,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         hp = resolve_hparams(raw, state_dict, notes, unknown)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong kind anywhere: still the checkpoint
+        raise CheckpointError(f"{path}: invalid hyper-parameters ({type(e).__name__}: {e})") from None
     try:
         model = ConditionalUNet(hp.model)
     except ConfigError as e:

@@ -1,6 +1,7 @@
 """FiLM stages, per-patch caching, and self-describing checkpoints (incl. the 4-heads-loaded-as-2 regression)."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -220,6 +221,63 @@ def test_disagreeing_hyper_parameters_raise_naming_both(tmp_path):
     torch.save({"format": "dfm-vlm-checkpoint", "format_version": 1, "state_dict": m.state_dict(),
                 "hyper_parameters": hp}, p)
     with pytest.raises(CheckpointError, match="cond_dim=99.*12-d"):
+        load_checkpoint(p)
+
+
+def test_a_checkpoint_whose_sections_disagree_is_refused_at_load_and_one_that_leaves_a_value_out_is_completed(
+        tmp_path):
+    """A review: checkpoints loaded (so the app served them) and then failed every request -- a Lightning checkpoint
+    without ``roi_size`` (``TypeError`` in the inferer), a 3D preprocessing for a 2D model, a roi that is not the
+    patch (refused as if the user had asked for it), sampler "rk4", ``max_batch_voxels`` "lots" -- and malformed
+    values raised bare ``TypeError``/``ValueError`` naming neither file nor field ("vlm_film_decoder_stages": 2, the
+    earlier system's count of heads)."""
+    from lib.evaluation import make_inferer
+    from lib.inferer import DFMSystem
+
+    m = ConditionalUNet(ModelConfig(features=(8, 16)).resolved())
+    sd = {f"model.{k}": v for k, v in m.state_dict().items()}
+    flat = {"spatial_dims": 2, "in_channels": 1, "features": [8, 16], "norm": "instance", "patch_size": [16, 16]}
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": sd, "hyper_parameters": flat}, path)
+    ck = load_checkpoint(path)
+    assert ck.hparams.sampler.roi_size == [16, 16] and any("roi_size missing" in n for n in ck.notes), ck.notes
+    system = DFMSystem(ck.model, None, ck.hparams)
+    assert make_inferer(system, steps=1)(torch.rand(1, 1, 20, 24), system).shape == (1, 1, 20, 24)  # was TypeError
+    # the other way round: a roi but no patch size (not the code's default 128 then)
+    nested = HParams(model=m.cfg).to_dict()
+    nested["sampler"]["roi_size"] = [16, 16]
+    del nested["preprocessing"]["patch_size"]
+    p = tmp_path / "nested.pt"
+
+    def save(hp):
+        torch.save({"format": "dfm-vlm-checkpoint", "format_version": 1, "state_dict": m.state_dict(),
+                    "hyper_parameters": hp}, p)
+
+    save(nested)
+    assert load_checkpoint(p).hparams.preprocessing.patch_size == [16, 16]
+    good = HParams(model=m.cfg).to_dict()
+    good["preprocessing"]["patch_size"] = good["sampler"]["roi_size"] = [16, 16]
+    save(good)
+    assert not load_checkpoint(p).notes
+    for section, key, value, phrase in (
+            ("preprocessing", "spatial_dims", 3, r"preprocessing.spatial_dims=3 but model.spatial_dims=2"),
+            ("preprocessing", "num_channels", 3, r"preprocessing.num_channels=3 but model.in_channels=1"),
+            ("sampler", "roi_size", [32, 32], r"roi_size \[32, 32\] differs from the training patch size \[16, 16\]"),
+            ("sampler", "name", "rk4", "sampler must be one of"),
+            ("sampler", "max_batch_voxels", "lots", "max_batch_voxels must be 'auto' or an integer"),
+            ("preprocessing", "patch_size", [16, 16, 16], "does not have spatial_dims=2 values"),
+            ("flow", "scheduler", "cosine", "flow scheduler must be"),
+            ("model", "vlm_film_decoder_stages", 2, r"must be a list of decoder stage indices, got 2"),
+            ("model", "vlm_film_decoder_stages", "all", r"must be a list of decoder stage indices, got 'all'")):
+        bad = json.loads(json.dumps(good))
+        bad[section][key] = value
+        save(bad)
+        with pytest.raises(CheckpointError, match=phrase) as e:
+            load_checkpoint(p)
+        assert str(p) in str(e.value), e.value
+    torch.save({"format": "dfm-vlm-checkpoint", "format_version": "2", "state_dict": m.state_dict(),
+                "hyper_parameters": good}, p)
+    with pytest.raises(CheckpointError, match="format_version must be an integer, got '2'"):
         load_checkpoint(p)
 
 
