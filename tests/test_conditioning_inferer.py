@@ -164,6 +164,27 @@ def test_same_seed_same_output_whatever_the_batching_window_order_and_threads(ma
     assert (a - c).abs().max() < 1e-5
 
 
+def test_every_window_and_every_image_draws_its_own_noise(make_system):
+    """A review: neither the window's position nor the image id was guarded (every window of an image sharing one
+    stream, or every image one, passed the suite), and ids went through a 32-bit CRC ("plumless" and "buckeroo"
+    shared a stream). Two windows of the same content at two positions sample differently; so do two image ids;
+    the same position and id give the same result."""
+    from lib.inferer import seed_for
+
+    system = _film_matters(make_system())
+    tile = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    img = torch.cat([tile, tile], dim=-1)  # two windows (overlap 0), the same pixels at two positions
+    inf = DFMSlidingWindowInferer([32, 32], overlap=0.0, steps=3, num_samples=1)
+    out = inf(img, system, seed=5)
+    assert (out[..., :32] - out[..., 32:]).abs().max() > 0.05, "two positions must draw different noise"
+    again = inf(tile, system, seed=5)  # the first position alone: the same stream
+    assert (again - out[..., :32]).abs().max() < 1e-5
+    a, b = (inf(tile, system, seed=seed_for(5, k)) for k in ("plumless", "buckeroo"))
+    assert (a - b).abs().max() > 0.05, "two image ids must draw different noise"
+    assert torch.equal(a, inf(tile, system, seed=seed_for(5, "plumless")))
+    assert len({seed_for(s, k) for s in (0, 1) for k in ("a", "b", "plumless", "buckeroo")}) == 8
+
+
 def test_inferer_is_reproducible_and_seeded(make_system):
     system = _film_matters(make_system())
     img = torch.rand(1, 1, 48, 48)
