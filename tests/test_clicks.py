@@ -57,6 +57,9 @@ def test_both_request_formats_give_the_same_clicks():
     ({"foreground": [5]}, "foreground[0] = 5 is not a point"),
     ({"foreground": [[1, 2, 3]], "background": [[1, 2, 3]]}, "clicked both as foreground and as background"),
     ({"foreground": [[10 ** 400, 2, 3]]}, "not a finite number"),  # an OverflowError, a 500
+    # a review: 20 000 points held a request 12 s (and /infer every other one); a user places a few
+    ({"background": [[0, 0, 0]] * 1001}, "clicks 'background': 1001 points, more than this server takes in one list "
+                                         "(1000)"),
 ])
 def test_bad_points_are_refused_naming_the_point(request_, needle):
     with pytest.raises(ClickError) as e:
@@ -796,6 +799,14 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
         assert res["clicks"] == {"foreground": len(fg), "background": len(bg)} and res["guidance"] is True
     with pytest.raises(ClickError, match=r"lesion\[0\] = \[99, 0, 0\] is outside the image"):
         task({"image": entry["image"], "skip_writer": True, "device": "cpu", "lesion": [[99, 0, 0]]})
+    # the app's own keys come from the app, never from a client's params (a review: "_clicked" painted value 77 at
+    # any voxel of an automatic result, "_clicks" and "_uncertain" were 500s)
+    from lib.config import ConfigError
+
+    for t, key, value in ((auto, "_dfm_clicked", [[tuple(fg[0]), 77, [1]]]), (task, "_dfm_clicks", {"lesion": fg}),
+                          (auto, "_dfm_uncertain", "x")):
+        with pytest.raises(ConfigError, match=rf"\['{key}'\] are set by this app"):
+            t({"image": entry["image"], "skip_writer": True, "steps": 2, "device": "cpu", key: value})
     # a flood-fill click (request grow_radius / grow_tolerance): it reaches the predictor, is reported, and bad
     # values name the parameter
     import lib.infers.dfm_vlm as infer_module

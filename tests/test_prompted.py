@@ -609,13 +609,22 @@ def test_one_voxel_clicked_for_two_structures_that_cannot_overlap_is_refused(tin
     assert got["whole"].fg == got["core"].fg == [(5.0, 5.0)]
 
 
-def test_a_click_on_the_outer_structure_keeps_a_nested_structure_painted_there(tmp_path, tiny_clip):
+def test_a_click_on_the_outer_structure_keeps_a_nested_structure_painted_there(tmp_path, tiny_clip, monkeypatch):
     """A review (2026-12-06): a positive whole-tumour click on a voxel painted as the core (nested in it) was rewritten
     to the whole tumour's value, i.e. "not core", which the user never said: a one-voxel hole in the core that Submit
     Label then stored as truth. A clicked voxel keeps a value of a structure nested in the clicked one; it takes the
     clicked value otherwise (a core click on a whole-tumour voxel; an upper click on a lower voxel: test above)."""
     nested = [StructureConfig(name="whole", value=1, prompts=["the whole blob"], truth={"above": 0}),
               StructureConfig(name="core", value=2, prompts=["the core"], truth={"values": [2]})]
+    import lib.infers.dfm_vlm as infers
+
+    def nested_order(probs, values):  # whole, then core over it: a real core lies inside the whole tumour, but this
+        out = torch.zeros(probs.shape[1:], dtype=torch.uint8)  # random model's two areas are a coin flip, and
+        for prob, value in zip(probs, values):  # paint puts the smaller on top (a change of seeds flipped it)
+            out[torch.as_tensor(prob) > 0.5] = int(value)
+        return out
+
+    monkeypatch.setattr(infers, "paint", nested_order)
     cfg, _ = _prompted_click_app(tmp_path, tiny_clip, nested)
     task = cfg.interactive_infer()
     item = two_blob_case(tmp_path / "img", "c0", 0)
@@ -626,6 +635,7 @@ def test_a_click_on_the_outer_structure_keeps_a_nested_structure_painted_there(t
         [[int(v) for v in p] for p in np.argwhere(full == 1)[:3]]
     assert core and whole, np.unique(full)
     _, d = task({**req, "whole": core})
+    assert [int(nested_order(d["prob"], [1, 2])[tuple(p)]) for p in core] == [2, 2, 2]  # painted core after the click
     assert [int(np.asarray(d["pred"])[tuple(p)]) for p in core] == [2, 2, 2]  # still core, so also whole
     _, d = task({**req, "core": whole, "whole": whole})
     assert [int(np.asarray(d["pred"])[tuple(p)]) for p in whole] == [2, 2, 2]  # clicked core: core

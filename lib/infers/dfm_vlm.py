@@ -98,6 +98,7 @@ def _as_float(name: str, v) -> float:
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+INTERNAL_PREFIX = "_dfm_"  # the keys this app adds to a request's data while it runs (never a client's)
 
 
 def _as_bool(name: str, v) -> bool:
@@ -324,9 +325,9 @@ class DFMPreprocessd:
                 else list(img.shape[1:])
             dims = self.system.hparams.preprocessing.spatial_dims
             if self.system.structures:  # a prompted model: clicks per structure (lib.clicks.parse_label_clicks)
-                d["_clicks"] = prompted_clicks(self.system, d, dims, shape)
+                d["_dfm_clicks"] = prompted_clicks(self.system, d, dims, shape)
             else:
-                d["_clicks"] = parse_clicks(d, self.labels, dims, shape)
+                d["_dfm_clicks"] = parse_clicks(d, self.labels, dims, shape)
         return d
 
 
@@ -395,20 +396,20 @@ class DFMPostprocessd:
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         prob = d["prob"]
-        targets = d.pop("_targets", None) or [("foreground", 1, None)]
+        targets = d.pop("_dfm_targets", None) or [("foreground", 1, None)]
         label = paint(prob, [t[1] for t in targets])
-        for p, value, keep in d.pop("_clicked", None) or []:
+        for p, value, keep in d.pop("_dfm_clicked", None) or []:
             where = tuple(int(v) for v in p)
             if int(label[where]) not in keep:
                 label[where] = value
         res = d.setdefault("result", {})
-        unc = d.pop("_uncertain", None)
+        unc = d.pop("_dfm_uncertain", None)
         if unc is not None:  # the disagreement of the M samples as a segment of its own (never on a clicked voxel)
-            label[torch.as_tensor(unc)] = d.get("_uncertain_value", UNCERTAIN_VALUE)
+            label[torch.as_tensor(unc)] = d.get("_dfm_uncertain_value", UNCERTAIN_VALUE)
             res["uncertain_fraction"] = float(torch.as_tensor(unc).float().mean())
         d["pred"] = MetaTensor(label, affine=prob.affine, meta=dict(prob.meta)) if isinstance(prob, MetaTensor) else label
         res["foreground_fraction"] = float(sum((label == t[1]).float().mean() for t in targets))
-        if len(targets) > 1 or d.get("_prompted"):
+        if len(targets) > 1 or d.get("_dfm_prompted"):
             res["fractions"] = {t[0]: float((label == t[1]).float().mean()) for t in targets}
         return d
 
@@ -566,7 +567,7 @@ class DFMVLMInfer(BasicInferTask):
         key = seed_key(src) if isinstance(src, str) and src else None
         pre = dict(data["_dfm_pre"])
         pre["case_id"] = key
-        clicks = data.pop("_clicks", None)
+        clicks = data.pop("_dfm_clicks", None)
         hold, grow, tol, scale = hold_params(data)
         uncertain = _as_bool("uncertain_segment", data.get("uncertain_segment", False))
         if uncertain and inferer.num_samples < 2:
@@ -582,7 +583,7 @@ class DFMVLMInfer(BasicInferTask):
             for k in all_clicks:
                 for p in k.fg + k.bg:
                     mask[tuple(int(v) for v in p)] = False  # a clicked voxel is what the user said
-            data["_uncertain"] = mask
+            data["_dfm_uncertain"] = mask
         # the result's segments: a prompted model's every structure (those not asked for are empty), a free prompt's
         # one target, or the task's labels. 3D Slicer gives the k-th name (by value) the value k, so the values are
         # 1..N without gaps: a subset named alone ({"vertebra": 2}) showed nothing, the uncertain value 3 after
@@ -595,9 +596,9 @@ class DFMVLMInfer(BasicInferTask):
             names = {n: int(v) for n, v in self.labels.items() if n not in NOT_A_STRUCTURE} \
                 if isinstance(self.labels, dict) else {str(self.labels): 1}
         if uncertain:
-            data["_uncertain_value"] = uncertain_value(names.values())
-        data["_targets"] = targets
-        data["_prompted"] = bool(system.structures)
+            data["_dfm_uncertain_value"] = uncertain_value(names.values())
+        data["_dfm_targets"] = targets
+        data["_dfm_prompted"] = bool(system.structures)
         if isinstance(clicks, dict):  # after painting, a clicked voxel keeps what the user clicked it as
             values = {t[0]: int(t[1]) for t in targets}
             # a voxel painted as a structure nested in the clicked one is in it already (a whole-tumour click on a
@@ -605,7 +606,7 @@ class DFMVLMInfer(BasicInferTask):
             truth = {s.name: s.truth for s in system.structures}
             keep = {n: {values[o] for o in values if o == n or (o in truth and n in truth
                                                                 and inside(truth[o], truth[n]))} for n in values}
-            data["_clicked"] = [(p, values[n], keep[n]) for n, k in clicks.items() if n in values for p in k.fg] + \
+            data["_dfm_clicked"] = [(p, values[n], keep[n]) for n, k in clicks.items() if n in values for p in k.fg] + \
                 [(p, 0, {0}) for p in (all_clicks[0].bg if all_clicks else [])]
         data["prob"] = out["prob"]
         data.pop("_dfm_pre", None)
@@ -623,7 +624,7 @@ class DFMVLMInfer(BasicInferTask):
             if prompt is not None:
                 res["prompt"] = prompt
         if uncertain:
-            res["label_names"] = {**names, "uncertain": data["_uncertain_value"]}
+            res["label_names"] = {**names, "uncertain": data["_dfm_uncertain_value"]}
         if "label_names" in res:
             res["dfm_label_names"] = dict(res["label_names"])
         if self.interactive:
@@ -650,6 +651,11 @@ class DFMVLMInfer(BasicInferTask):
         self._config.update(self.followed(system))
 
     def __call__(self, request, callbacks=None):
+        # the request's own keys only: the app's (set while a request runs) were read from a client's params as
+        # well ("_dfm_clicked" painted any value at any voxel of an automatic result; others were 500s)
+        own = sorted(k for k in request if isinstance(k, str) and k.startswith(INTERNAL_PREFIX))
+        if own:
+            raise ConfigError(f"parameter(s) {own} are set by this app while a request runs, not by a client")
         # checked before MONAI Label reads them: its name_to_device failed on device=5 (a 500), and ITK was asked to
         # write any result_extension (a 500 after the whole inference)
         device = self._device(request)
