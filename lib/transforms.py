@@ -176,7 +176,8 @@ class LoadImageChecked(MapTransform):
 
 
 def one_slice_as_2d(lab, spatial_dims: int):
-    """A 2D image's label saved as a one-slice volume ``(C, X, Y, 1)`` -> ``(C, X, Y)``; any other label as it is.
+    """A 2D image's label (or the image itself: :class:`CheckImaged`) saved as a one-slice volume ``(C, X, Y, 1)`` ->
+    ``(C, X, Y)``; any other array as it is.
     3D Slicer opens a 2D image as a one-slice volume and its Submit Label saves the label so: the datastore accepts
     it as the image's label (:func:`lib.datastore.check_label_file`), so training and scoring read it as one (it
     stopped every training of the model: "image size (256, 256) differs from its label's (256, 256, 1)")."""
@@ -222,6 +223,11 @@ class CheckImaged(MapTransform):
             img = d[key]
             name = _name(d, key)
             sd = img.ndim - 1
+            if self.spatial_dims == 2 and sd == 3 and img.shape[-1] == 1:
+                # a 2D image that 3D Slicer opened sends as a one-slice volume (a session or an upload: it saves the
+                # node as a NIfTI of (X, Y, 1)), as it saves its labels: the 2D image it is (was refused as 3D)
+                img = d[key] = one_slice_as_2d(img, 2)
+                sd = 2
             if sd != self.spatial_dims:
                 raise InputError(
                     f"{name}: a {sd}D image (shape {tuple(img.shape[1:])}, {img.shape[0]} channel(s)) was given to a "

@@ -621,9 +621,11 @@ def test_monailabel_trainer_multi_process_path_runs_on_two_cpu_processes(tmp_pat
         def datalist(self):
             return cases
 
-    trainer({"multi_gpu": True, "gpus": "0,1", "device": "cpu", "distributed_backend": "gloo", "max_epochs": 2,
-             "val_split": 0.34, "train_batch_size": 1, "patches_per_image": 2, "dataset": "Dataset",
-             "dataloader": "DataLoader", "publish": "always"}, DS())
+    res = trainer({"multi_gpu": True, "gpus": "0,1", "device": "cpu", "distributed_backend": "gloo",
+                   "max_epochs": 2, "val_split": 0.34, "train_batch_size": 1, "patches_per_image": 2,
+                   "dataset": "Dataset", "dataloader": "DataLoader", "publish": "always"}, DS())
+    # the answer (the stats file rank 0 wrote) says what the run published
+    assert res["publication"]["published"] is True and res["publication"]["rule"] == "always", res
     out = capfd.readouterr()
     log = out.out + out.err
     # each spawned rank logs its own lines (the parent's go through pytest's logging capture)
@@ -780,7 +782,10 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
     system = make_system()
     ctx = types.SimpleNamespace(system=system, trainer=None, run_id="r", train_datalist=[], val_datalist=[])
     path = tmp_path / "published.pt"
-    pub = _Publish(ctx, str(path), "val_mean_dice")
+    stats = tmp_path / "train_stats.json"  # what MONAI Label's publisher wrote for the epoch
+    stats.write_text(json.dumps({"best_metric": 0.95}))
+    outcome = trainers._Outcome(str(stats), str(path), "better", "served.pt")
+    pub = _Publish(ctx, str(path), "val_mean_dice", outcome)
     seen = []
 
     class Step:  # the validation step: each batch "is" its cases' Dice; it records the system it predicts with
@@ -808,8 +813,15 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
     assert pub.best == pytest.approx(0.99) and not path.exists() and seen == [system] * 2
     epoch(0.95)
     assert not path.exists()  # 0.95: the served model stays
+    # the train stats say so (they named the run's best epoch, 0.95, as if it were the model now served)
+    got = json.loads(stats.read_text())
+    assert got["best_metric"] == 0.95 and got["publication"]["published"] is False
+    assert got["publication"]["served_val_dice"] == pytest.approx(0.99), got
+    assert "no epoch beat the served checkpoint (val Dice 0.9900)" in got["publication"]["note"]
     epoch(0.995)
     assert path.exists() and pub.best == 0.995
+    got = json.loads(stats.read_text())["publication"]
+    assert got["published"] is True and got["val_mean_dice"] == 0.995 and got["path"] == str(path), got
     # a run from scratch (Slicer's "pretrained" unticked) measures the served model itself: the validation step
     # predicts with it, then with the run's own model again (a review: it replaced a served 0.99 model with 0.19)
     served, seen[:] = make_system(seed=1), []
@@ -854,21 +866,68 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
         c = types.SimpleNamespace(local_rank=0, evaluator=Engine(), trainer=Engine(), request=request,
                                   fine_tuned_from=tuned, device="cpu")
         task.finalize(c)
-        assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED], (request, tuned)
+        # the publisher, then the publication added to the stats MONAI Label's publisher wrote for the epoch
+        assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED] * 2, (request, tuned)
     assert measured[0] is None and type(measured[1]).__name__ == "DFMSystem" and len(measured) == 2
     assert len(loads) == 1  # the served checkpoint, loaded for the run from scratch only
     loads.clear()
     # no validation image (one or two labelled at the start of a loop, val_split 0.2 gives none): a fine-tune
     # cannot show it beats the served model, which stays (a review, 2026-12-06: it was replaced unconditionally);
     # "always", or a first training (nothing served), publishes the last epoch
-    for task, request, tuned, want in ((trainer, {}, str(ckpt3d), []),
+    for task, request, tuned, want in ((trainer, {}, str(ckpt3d), [Events.EPOCH_COMPLETED]),  # "kept" in the stats
                                        (trainer, {"publish": "always"}, str(ckpt3d), [Events.COMPLETED]),
-                                       (trainer, {}, None, []), (unserved, {}, None, [Events.COMPLETED])):
+                                       (trainer, {}, None, [Events.EPOCH_COMPLETED]),
+                                       (unserved, {}, None, [Events.COMPLETED])):
         c = types.SimpleNamespace(local_rank=0, evaluator=None, trainer=Engine(), request=request,
                                   fine_tuned_from=tuned, train_datalist=[1], device="cpu")
         task.finalize(c)
         assert c.trainer.handlers == want, (request, tuned)
+        if task is trainer and request == {}:
+            assert task.outcome.record["note"].startswith("no validation image: the served model ")
+            assert task.outcome.record["note"].endswith("is kept (label more images, or train with \"publish\": "
+                                                        "\"always\")") and not task.outcome.record["published"]
     assert not loads  # nothing to measure it with: the served model is not loaded (a second model and VLM)
+
+
+def test_a_2d_image_slicer_sends_as_a_one_slice_volume_is_segmented_as_the_2d_image_it_is(tmp_path, make_system):
+    """A review: 3D Slicer sends a 2D X-ray it opened itself (a session, an upload) as a one-slice NIfTI, (X, Y, 1),
+    as it saves its labels; the 2D models refused it ("a 3D image ... was given to a 2D model"), so clicking on a
+    local X-ray did nothing but a 422. It is read as the 2D image it is: the PNG's result, voxel for voxel (the same
+    case id seeds both), a label file the datastore accepts with the image's geometry, clicks labelled as clicked."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from lib.configs.dfm_vlm_2d import DFMVLM2D
+    from lib.datastore import check_label_file
+
+    system = make_system(spacing=[2.0, 2.0])
+    path2d = tmp_path / "models" / "dfm_vlm_2d.pt"
+    save_checkpoint(path2d, system.model, system.hparams)
+    cfg = DFMVLM2D()
+    cfg.init("dfm_vlm_2d", str(tmp_path / "model2d"), {"dfm_vlm_2d_checkpoint": str(path2d)}, None)
+    auto, clicks = cfg.infer(), cfg.interactive_infer()
+    px = np.zeros((44, 52), np.uint8)  # rows, columns
+    px[10:30, 8:40] = 200
+    (tmp_path / "png").mkdir()
+    (tmp_path / "slicer").mkdir()
+    png, nii = tmp_path / "png" / "xray.png", tmp_path / "slicer" / "xray.nii.gz"
+    Image.fromarray(px).save(png)
+    # Slicer's IJK (column, row, 0) and its RAS of a PNG's geometry (ITK's LPS identity)
+    nib.save(nib.Nifti1Image(px.T[:, :, None], np.diag([-1.0, -1.0, 1.0, 1.0])), str(nii))
+    req = {"device": "cpu", "steps": 2, "skip_writer": True}
+    _, a = auto({**req, "image": str(png)})
+    _, b = auto({**req, "image": str(nii)})
+    assert np.array_equal(np.asarray(a["pred"]), np.asarray(b["pred"])) and np.asarray(a["pred"]).any()
+    out, _ = auto({"image": str(nii), "device": "cpu", "steps": 2})
+    check_label_file(out, str(nii), "xray")
+    assert np.allclose(nib.load(out).affine, nib.load(str(nii)).affine)
+    assert np.array_equal(np.asarray(nib.load(out).dataobj).reshape(px.T.shape), np.asarray(a["pred"]))
+    zeros = np.argwhere(np.asarray(a["pred"]) == 0)
+    empty = [[int(i), int(j), 0] for i, j in zeros[::max(1, len(zeros) // 3)][:3]]
+    assert len(empty) == 3
+    _, c = clicks({**req, "image": str(nii), "foreground": empty})
+    assert [int(np.asarray(c["pred"])[p[0], p[1]]) for p in empty] == [1, 1, 1]
 
 
 def test_the_returned_label_file_has_the_image_s_geometry(tmp_path, make_system, ckpt3d):

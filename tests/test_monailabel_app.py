@@ -335,6 +335,10 @@ def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, serv
     assert after["path"] == str(published) and after["path"] != before["path"]
     stats = info["train_stats"]["dfm_vlm_3d"]
     assert stats["epoch"] == 2 and "val_mean_dice" in json.dumps(stats)
+    # the stats say what the run did to the served model, not only its best epoch
+    pub = stats["publication"]
+    assert pub["published"] is True and pub["path"] == str(published) and pub["rule"] == "always", pub
+    assert pub["epoch"] in (1, 2) and pub["note"].startswith(f"published {published} from epoch"), pub
     import torch
 
     ck = torch.load(published, weights_only=True)
@@ -353,8 +357,12 @@ def test_save_label_train_publish_and_infer_with_the_new_checkpoint(client, serv
     # a second training run replaces the file atomically; the next request picks it up (no restart)
     mtime = published.stat().st_mtime
     # numbers as strings (as a form sends them) reach the trainer parsed (forwarded raw, the task ended in ERROR)
-    client.train_start("dfm_vlm_3d", {"max_epochs": "1", "val_split": "0.34", "publish": "always"})
-    _wait_for_training(client, server)
+    # (run synchronously: the answer is the run's stats, with what it did to the served model)
+    r = requests.post(f"{server.url}/train/dfm_vlm_3d", params={"run_sync": "true"},
+                      json={"max_epochs": "1", "val_split": "0.34", "publish": "always"}, timeout=600)
+    assert r.status_code == 200, r.text[:500]
+    pub = r.json()["publication"]
+    assert pub["published"] is True and pub["epoch"] == 1 and pub["path"] == str(published), pub
     assert published.stat().st_mtime > mtime
     assert client.info()["models"]["dfm_vlm_3d"]["checkpoint"]["modified_time"] == published.stat().st_mtime
     assert client.infer("dfm_vlm_3d", "phantom_ct_05", {"steps": 2})[1]["checkpoint_sha256"] == sha(published) \

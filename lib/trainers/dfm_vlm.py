@@ -125,6 +125,47 @@ class _ValStep:
         return {"dice": [c["dice"] for c in cases], "cases": cases}
 
 
+class _Outcome:
+    """What a run did to the served model, written beside MONAI Label's train stats (``train_stats.json``, which
+    ``/info`` shows as ``train_stats``, and a synchronous ``/train``'s answer) as ``publication``: those stats name the
+    run's best epoch, which is not what the app serves when the served checkpoint beat every epoch (a user read
+    "best_metric 0.93" as the new model)."""
+
+    def __init__(self, stats_path: str | None, path: str, rule: str, served: str | None = None):
+        self.stats_path, self.rule = stats_path, rule
+        self.record: dict[str, Any] = {"published": False, "path": path, "rule": rule, "served": served,
+                                       "served_val_dice": None, "epoch": None, "val_mean_dice": None,
+                                       "note": "nothing published yet"}
+
+    def update(self, **kw) -> None:
+        self.record.update(kw)
+        r = self.record
+        if r["published"]:
+            r["note"] = (f"published {r['path']} from epoch {r['epoch']}"
+                         + (f" (val Dice {r['val_mean_dice']:.4f})" if r["val_mean_dice"] is not None else "")
+                         + (f"; the served checkpoint scored {r['served_val_dice']:.4f} on the same images"
+                            if r["served_val_dice"] is not None else ""))
+        elif r["served_val_dice"] is not None:
+            r["note"] = (f"no epoch beat the served checkpoint (val Dice {r['served_val_dice']:.4f}): "
+                         f"{r['path']} not replaced")
+        self.write()
+
+    def write(self, _engine=None) -> None:
+        """Adds the record to the stats file MONAI Label's publisher wrote for this epoch (it is rewritten each
+        epoch; this handler runs after it)."""
+        if not self.stats_path or not os.path.exists(self.stats_path):
+            return
+        from lib.checkpoint import atomic_write
+
+        try:
+            with open(self.stats_path, encoding="utf-8") as f:
+                stats = json.load(f)
+            stats["publication"] = dict(self.record)
+            atomic_write(self.stats_path, lambda f: f.write(json.dumps(stats, indent=2).encode()))
+        except (OSError, ValueError) as e:  # the stats are a report: the training goes on
+            logger.warning("cannot add the publication to %s: %s", self.stats_path, e)
+
+
 class _Publish:
     """Write the self-describing checkpoint where the infer task looks for it (best validation Dice).
 
@@ -133,12 +174,13 @@ class _Publish:
     the served model stays (the first epoch's model was published whatever its Dice: a 2-iteration fine-tune replaced
     a 0.992 model with a 0.944 one)."""
 
-    def __init__(self, context: Context, publish_path: str, metric: str | None):
+    def __init__(self, context: Context, publish_path: str, metric: str | None, outcome: _Outcome | None = None):
         self.context = context
         self.publish_path = publish_path
         self.metric = metric
         self.best = -1.0
         self.baseline: float | None = None
+        self.outcome = outcome
 
     def baseline_from(self, evaluator, served: DFMSystem | None = None):
         """A handler for the trainer's STARTED event: validate the served model -- the starting weights of a
@@ -162,6 +204,8 @@ class _Publish:
                 for batch in evaluator.data_loader:
                     dice.update((step(None, batch)["dice"],))
                 self.baseline = self.best = float(dice.compute())
+                if self.outcome:
+                    self.outcome.update(served_val_dice=self.baseline)
                 logger.info("served checkpoint: val Dice %.4f on this training's validation images (to beat)",
                             self.best)
             except Exception as e:  # noqa: BLE001 - an unmeasured model must not stop the training
@@ -191,6 +235,8 @@ class _Publish:
                    "val_images": len(ctx.val_datalist or [])}
         save_checkpoint(self.publish_path, model, ctx.system.hparams, metrics=metrics)
         logger.info("published %s (val Dice %s)", self.publish_path, value)
+        if self.outcome:
+            self.outcome.update(published=True, epoch=metrics["epoch"], val_mean_dice=value)
 
 
 class _LRSchedule:
@@ -546,9 +592,14 @@ class DFMVLMTrain(BasicTrainTask):
             better = str(context.request.get("publish", "better")).lower() != "always"
             # (loaded only to be measured: without validation images the served model just stays)
             served, system = self._served(context, load=context.evaluator is not None) if better else (None, None)
+            outcome = _Outcome(getattr(self, "_stats_path", None), self.publish_path, "better" if better else "always",
+                               served)
+            self.outcome = outcome
             if context.evaluator:
-                publish = _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE)
+                publish = _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE, outcome)
                 context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, publish)
+                # after MONAI Label's publisher (added by the base class first) rewrote the stats for this epoch
+                context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, outcome.write)
                 if served:
                     context.trainer.add_event_handler(Events.STARTED, publish.baseline_from(context.evaluator,
                                                                                             system))
@@ -559,8 +610,20 @@ class DFMVLMTrain(BasicTrainTask):
                 logger.warning("no validation image (%d labelled for training, val_split %s): the served model %s is "
                                "kept; label more images, or train with \"publish\": \"always\"",
                                len(context.train_datalist or []), context.request.get("val_split"), served)
+                outcome.record["note"] = (f"no validation image: the served model {served} is kept (label more "
+                                          f"images, or train with \"publish\": \"always\")")
+                context.trainer.add_event_handler(Events.EPOCH_COMPLETED, outcome.write)
             else:
-                context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None))
+                context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None,
+                                                                             outcome))
+
+    def train(self, rank, world_size, request, datalist):
+        """MONAI Label's run; its stats (a synchronous ``/train``'s answer) with this run's ``publication``."""
+        self.outcome = None
+        stats = super().train(rank, world_size, request, datalist)
+        if self.outcome is not None and isinstance(stats, dict):
+            stats["publication"] = dict(self.outcome.record)
+        return stats
 
 
 def _loss_of(output):
