@@ -105,12 +105,18 @@ class FreshIndex:
         dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
         with FileLock(self._lock_file):
             self._reload_index_locked()
+            old = self._datastore.objects.get(image_id)
             with open(image_filename, "rb") as src:
                 atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
             info = dict(image_info or {})
             info.update(ts=int(time.time()), name=name)
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
             self._update_datastore_file(lock=False)
+            # the image it replaces, stored under another extension (a .nrrd sent for a .nii.gz): left there, a
+            # DELETE of the image brought the old one back into the datastore (listed, scored, handed out)
+            self._remove_replaced(self._datastore.image_path(), image_id, old.image.ext if old is not None else None,
+                                  ext, {self._filename(k, o.image.ext) for k, o in self._datastore.objects.items()
+                                        if k != image_id})
         return image_id
 
     def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
@@ -145,20 +151,25 @@ class FreshIndex:
             # the label it replaces, stored under another extension (Slicer saves .nii.gz for a PNG's .png label):
             # left there, a DELETE of the label brought it back, an image later added under this id inherited it,
             # and a rebuilt index took whichever file it found first
-            # (not a file another image's label is stored as: ids with dots can name one file, "a.x" + ".mha" and
-            # "a" + ".x.mha")
-            if old is not None and old.ext and old.ext != ext and not any(
-                    self._filename(k, o.labels[label_tag].ext) == self._filename(image_id, old.ext)
-                    for k, o in self._datastore.objects.items() if k != image_id and label_tag in o.labels):
-                stale = os.path.join(folder, self._filename(image_id, old.ext))
-                try:
-                    if not os.path.samefile(stale, os.path.join(folder, name)):  # a case-insensitive disk: one file
-                        os.remove(stale)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    logger.warning("the replaced label %s could not be removed: %s", stale, e)
+            self._remove_replaced(folder, image_id, old.ext if old is not None else None, ext,
+                                  {self._filename(k, o.labels[label_tag].ext) for k, o in
+                                   self._datastore.objects.items() if k != image_id and label_tag in o.labels})
         return image_id
+
+    def _remove_replaced(self, folder: str, image_id: str, old_ext: str | None, ext: str, taken: set) -> None:
+        """Remove ``<image_id><old_ext>`` from ``folder`` after the file was stored again as ``<image_id><ext>``
+        (under the lock) -- not a file another image's is stored as (``taken``: ids with dots can name one file,
+        "a.x" + ".mha" and "a" + ".x.mha"), nor the new file itself (a case-insensitive disk)."""
+        if not old_ext or old_ext == ext or self._filename(image_id, old_ext) in taken:
+            return
+        stale = os.path.join(folder, self._filename(image_id, old_ext))
+        try:
+            if not os.path.samefile(stale, os.path.join(folder, self._filename(image_id, ext))):
+                os.remove(stale)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logger.warning("the replaced file %s could not be removed: %s", stale, e)
 
     def datalist(self, full_path=True) -> list[dict]:
         """MONAI Label's image/label pairs, each with its label's ``segments`` (the names a client sent with the

@@ -141,6 +141,21 @@ def check_task_request(app, method: str, request: dict | None, params: dict | No
     if method == "scoring" and given is not None and given not in (getattr(app, "_scoring_methods", {}) or {}):
         raise HTTPException(status_code=404, detail=f"unknown scoring method {given!r}; available: "
                                                     f"{sorted(getattr(app, '_scoring_methods', {}) or {})}")
+    if method == "scoring" and params is not None:
+        # the scoring answered 200 with {"error": ...} (or a task that ended DONE with it) for num_samples 1 or
+        # "abc", and ran on its own device whatever "device" said
+        from lib.activelearning.uncertainty import check_num_samples
+        from lib.infers.dfm_vlm import request_device
+
+        if not isinstance(params, dict):
+            raise HTTPException(status_code=422, detail=f"scoring parameters must be a JSON object, got {params!r}")
+        try:
+            if params.get("num_samples") is not None:
+                check_num_samples(params["num_samples"])
+            if params.get("device") is not None:
+                request_device(params["device"], "cpu")
+        except ConfigError as e:
+            raise HTTPException(status_code=422, detail=f"scoring: {e}") from None
     if method == "batch_infer" and given not in (getattr(app, "_infers", {}) or {}):
         raise HTTPException(status_code=404, detail=f"unknown model {given!r}; available: "
                                                     f"{sorted(getattr(app, '_infers', {}) or {})}")

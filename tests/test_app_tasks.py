@@ -44,7 +44,7 @@ class _MemoryDatastore:
     def __init__(self, images: dict, info: dict | None = None):
         self.images, self.info = dict(images), dict(info or {})
 
-    def get_unlabeled_images(self):
+    def get_unlabeled_images(self, *_args):  # (MONAI Label's label_tag, labels: FairRandom passes them)
         return list(self.images)
 
     def get_image_uri(self, image_id):
@@ -325,6 +325,104 @@ def test_next_sample_scores_for_at_most_its_budget_most_uncertain_first_and_rank
     calls.clear()
     r = strategy({"strategy": "s", "scoring_s": 0}, stuck)
     assert calls == ["case0", "case1"] and r["id"] == "case1" and r[f"{key}_ranked"] == 2, (calls, r)
+
+
+def test_next_sample_never_hands_out_an_image_another_annotator_has_and_scores_stay_the_served_model_s(tmp_path,
+                                                                                                       ckpt3d):
+    """A review of the active-learning loop (2026-12-07): (1) after a new checkpoint the rescoring took the highest old
+    score first -- the image just handed out -- and, with one image's budget, the next annotator got it while an image
+    nobody had stayed unscored; (2) hand-outs counted per strategy (an image taken from 'first' was handed out by the
+    uncertainty strategy and 'random'); (3) MONAI Label's background scoring, which names no M, replaced the scores of
+    a POST /scoring with num_samples 8; (4) an image replaced while it was scored got the old file's score, counted
+    current; (5) 'random' answered 500 for a hand-out record edited to {"ts": null}."""
+    import time
+
+    from lib.activelearning.fair_random import FairRandom
+    from lib.activelearning.uncertainty import SCORE, DFMUncertaintyScoring, DFMUncertaintyStrategy
+
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    image = write_phantom_case(tmp_path / "studies", "case", shape=(16, 16, 8))["image"]
+    ids = ["ct5", "ct6", "ct7"]
+    calls, replace = [], set()
+
+    class Scoring(DFMUncertaintyScoring):
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            calls.append((image_id, num_samples))
+            if image_id in replace:  # PUT /datastore/image of this id while it is scored
+                datastore.info[image_id].update(ts=datastore.info[image_id].get("ts", 0) + 1, name="new.nrrd")
+            return {SCORE: {"ct5": 0.9, "ct6": 0.5, "ct7": 0.1}[image_id]}
+
+    scoring = Scoring(task, "dfm_vlm_3d", num_samples=2)
+    key, ts = scoring.key, scoring.model_ts()
+    strategy = DFMUncertaintyStrategy(scoring)
+    ds = _MemoryDatastore({i: image for i in ids})
+
+    def next_sample(strategy_name, request=None):  # as MONAI Label's app records a hand-out
+        r = (strategy if strategy_name == "uncertainty" else FairRandom())({"strategy": strategy_name,
+                                                                            **(request or {})}, ds)
+        ds.get_image_info(r["id"]).setdefault("strategy", {})[strategy_name] = {"ts": int(time.time())}
+        return r["id"]
+
+    assert [next_sample("uncertainty") for _ in range(2)] == ["ct5", "ct6"]  # two annotators
+    # (1) a training publishes: stale scores; one image's budget scores ct7 first (nobody has it), not ct5
+    for i in ids:
+        ds.info[i][f"{key}_ts"] = ts - 1
+    calls.clear()
+    assert next_sample("uncertainty", {"scoring_s": 0}) == "ct7" and calls == [("ct7", 2)]
+    # (2) a hand-out under any strategy counts: ct7 and ct5 are taken, 'random' gives the one handed out longest ago
+    for i in ids:
+        ds.info[i]["strategy"] = {}
+    ds.info["ct5"]["strategy"]["first"] = {"ts": int(time.time())}
+    assert "ct5" not in {FairRandom()({"strategy": "random"}, ds)["id"] for _ in range(30)}
+    for i in ids:
+        ds.info[i]["strategy"] = {}
+    ds.info["ct5"]["strategy"]["first"] = {"ts": int(time.time())}
+    assert next_sample("uncertainty", {"scoring_s": 0}) == "ct6"  # ct5 (higher score) is in progress under 'first'
+    # (5) edited records: no 500, counted as never handed out
+    for bad in ({"random": {"ts": None}}, {"random": {"ts": "yesterday"}}, {"random": "x"}, "x"):
+        ds.info["ct6"]["strategy"] = bad
+        assert FairRandom()({"strategy": "random"}, ds)["id"] in ids
+    # (3) a POST /scoring with 8 samples, then MONAI Label's background scoring (no num_samples): the 8s stay
+    calls.clear()
+    assert scoring({"num_samples": 8}, ds)["executed"] == 3
+    calls.clear()
+    r = scoring({}, ds)
+    assert calls == [] and r["num_samples"] == 8 and r["skipped"] == 3, r
+    assert {ds.info[i][f"{key}_num_samples"] for i in ids} == {8}
+    # (4) replaced while scored: no score of the old file on the new one
+    for i in ids:
+        ds.info[i][f"{key}_ts"] = ts - 1
+    replace.add("ct6")
+    r = scoring({}, ds)
+    assert ds.info["ct6"][f"{key}_ts"] == ts - 1 and ds.info["ct5"][f"{key}_ts"] == ts and r["executed"] == 2, r
+
+
+def test_the_scoring_request_and_its_conf_are_checked_before_anything_runs(tmp_path, ckpt3d):
+    """A review: POST /scoring with num_samples 1 or "abc" answered 200 (a task that ended DONE with an error), a
+    bad device was ignored; --conf uncertainty_samples 1 started a server whose every scoring failed, "abc" gave a
+    traceback."""
+    from fastapi import HTTPException
+
+    from lib.config import ConfigError
+    from monailabel_app.main import check_task_request
+
+    class App:
+        _scoring_methods = {"dfm_vlm_3d_uncertainty": object()}
+
+    for params, phrase in (({"num_samples": 1}, "'num_samples' must be an integer in [2, 64]"),
+                           ({"num_samples": "abc"}, "'num_samples' must be an integer"),
+                           ({"device": "bogus"}, "'device' 'bogus'"), ([1, 2], "must be a JSON object")):
+        with pytest.raises(HTTPException) as e:
+            check_task_request(App(), "scoring", {"method": "dfm_vlm_3d_uncertainty"}, params)
+        assert e.value.status_code == 422 and phrase in e.value.detail, (params, e.value.detail)
+    ok = {"num_samples": "8", "device": "cpu"}
+    assert check_task_request(App(), "scoring", {"method": "dfm_vlm_3d_uncertainty"}, ok) == ok
+    for bad in (1, "abc"):
+        cfg = _task(ckpt3d, tmp_path / "model")
+        cfg.conf["uncertainty_samples"] = bad
+        cfg._scoring = None
+        with pytest.raises(ConfigError, match="--conf uncertainty_samples: parameter 'num_samples'"):
+            cfg.scoring_method()
 
 
 def test_next_sample_s_budget_from_conf_is_checked_and_named(tmp_path, ckpt3d):

@@ -549,6 +549,17 @@ def test_adding_an_image_keeps_a_score_a_subprocess_wrote_meanwhile(tmp_path):
     on_disk = open_ds(read_only=True)
     assert on_disk.get_image_info("b").get("m_uncertainty") == 0.5, "adding an image dropped a score"
     assert on_disk.get_image_info("c")["client"] == "upload" and (studies / "c.nii.gz").exists()
+    # a review: an image sent again in another format (PUT /datastore/image of "c" with a .nrrd) left the old file,
+    # and a DELETE of the image brought the old one back (listed, scored, handed out)
+    import itk
+
+    nrrd = tmp_path / "c_again.nrrd"
+    itk.imwrite(itk.imread(str(ROOT / "sample_data" / "phantom_ct_06.nii.gz")), str(nrrd))
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nrrd"])
+    ds.add_image("c", str(nrrd), {})
+    assert sorted(p.name for p in studies.glob("c.*")) == ["c.nrrd"]
+    ds.remove_image("c")
+    assert "c" not in CheckedLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nrrd"]).list_images()
 
 
 def test_a_label_whose_affine_differs_from_the_image_is_refused(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 
@@ -11,20 +12,32 @@ from monailabel.tasks.activelearning.random import Random
 logger = logging.getLogger(__name__)
 
 
+def served_at(info) -> float:
+    """When MONAI Label last handed the image out, under any strategy (its info's ``strategy.<name>.ts``; 0: never,
+    also for a record that is not one, e.g. edited through ``PUT /datastore/imageinfo``). An image one annotator has
+    from ``first`` is in progress for the others too (it was handed out again under ``random`` and the uncertainty
+    strategy, which each looked at their own records only)."""
+    rec = info.get("strategy") if isinstance(info, dict) else None
+    if not isinstance(rec, dict):
+        return 0.0
+    times = [r.get("ts") for r in rec.values() if isinstance(r, dict)]
+    return max((float(t) for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)
+                and math.isfinite(t)), default=0.0)
+
+
 class FairRandom(Random):
     """Like MONAI Label's ``Random`` (an unlabelled image, weighted by the seconds since it was last handed out), but
     every image keeps a weight of at least 1. MONAI Label's weights are ``now - ts`` in whole seconds: when every
     unlabelled image was handed out within the current second (several annotators asking at once; 3 of 20
-    ``next_sample`` requests in ``bench/load.py``) they are all 0 and ``random.choices`` raised, answered as HTTP 500."""
+    ``next_sample`` requests in ``bench/load.py``) they are all 0 and ``random.choices`` raised, answered as HTTP 500.
+    The time is the last hand-out under any strategy (:func:`served_at`; an edited record was a 500)."""
 
     def __call__(self, request, datastore):
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         if not images:
             return None
-        strategy = request["strategy"]
         now = int(time.time())
-        weights = [max(1, now - datastore.get_image_info(i).get("strategy", {}).get(strategy, {}).get("ts", 0))
-                   for i in images]
+        weights = [max(1, int(now - served_at(datastore.get_image_info(i)))) for i in images]
         k = random.choices(range(len(images)), weights=weights)[0]
         logger.info("Random: selected image %s (weight %s of %s)", images[k], weights[k], sum(weights))
         return {"id": images[k], "weight": weights[k]}

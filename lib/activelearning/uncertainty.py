@@ -29,6 +29,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.activelearning.fair_random import served_at
 from lib.data import case_id
 from lib.evaluation import make_inferer, predict_item, uncertainty_scores
 from lib.config import MAX_SAMPLES, ConfigError
@@ -85,35 +86,48 @@ class DFMUncertaintyScoring(ScoringMethod):
             raise ModelNotReady(self.infer_task.readiness()[1])
         return os.stat(path).st_mtime_ns
 
+    def current_num_samples(self, infos: dict, model_ts: int) -> int:
+        """The M to score and rank with when a request names none: the default, unless every current score was made
+        with another M by one explicit ``POST /scoring`` (``num_samples=8``): those are kept, not replaced by a
+        rescoring with the default (MONAI Label's background scoring after every Next Sample, which names no M,
+        replaced them)."""
+        key = self.key
+        ms = {info.get(f"{key}_num_samples") for info in infos.values()
+              if isinstance(info, dict) and key in info and info.get(f"{key}_ts") == model_ts}
+        return ms.pop() if len(ms) == 1 and None not in ms else self.num_samples
+
     def is_current(self, info: dict, model_ts: int, num_samples: int) -> bool:
         """A score is reused only when the served checkpoint made it with the same number of samples, and it is a
         number (one edited to null or NaN is scored again)."""
         return self.key in info and _finite(info[self.key]) and info.get(f"{self.key}_ts") == model_ts \
             and info.get(f"{self.key}_num_samples") == num_samples
 
-    def __call__(self, request, datastore: Datastore, deadline: float | None = None):
+    def __call__(self, request, datastore: Datastore, deadline: float | None = None, last=frozenset()):
         """Score every candidate whose score is not current (MONAI Label's ``POST /scoring`` and its background scoring
         after each Next Sample). With ``deadline`` (on ``self.clock``; the strategy's budget) it stops once that
         has passed and it has scored one image (an image that fails is no progress: one that always fails, first in
         the order, ended every call's scoring), the images it did not reach counted in
         ``pending``. Stale images are scored in the order of their last score, highest first (images never scored
-        before them): the most uncertain under the last model are the likeliest to be so under this one."""
+        before them): the most uncertain under the last model are the likeliest to be so under this one; images in
+        ``last`` (handed out to an annotator) after all others. The request's ``device`` is the one scoring runs on
+        (default: the infer task's)."""
         t0 = time.time()
         try:
             model_ts = self.model_ts()
-            self.infer_task.system(self.infer_task.default_device())
+            device = self.infer_task._device(request)
+            self.infer_task.system(device)
         except ModelNotReady as e:
             return {"error": str(e)}
-        try:
-            num_samples = _as_int("num_samples", request.get("num_samples", self.num_samples))
-            if not 2 <= num_samples <= MAX_SAMPLES:  # checked before any image (a bound hit in the loop: a 500)
-                raise ConfigError(f"parameter 'num_samples' must be an integer in [2, {MAX_SAMPLES}] (the samples' "
-                                  f"variance), got {num_samples}")
         except ConfigError as e:
             return {"error": str(e)}
         infos = {i: datastore.get_image_info(i) or {} for i in self.candidates(datastore)}
+        try:
+            num_samples = check_num_samples(request.get("num_samples")) if request.get("num_samples") is not None \
+                else self.current_num_samples(infos, model_ts)
+        except ConfigError as e:
+            return {"error": str(e)}
         stale = [i for i, info in infos.items() if not self.is_current(info, model_ts, num_samples)]
-        stale.sort(key=lambda i: -infos[i][self.key] if _finite(infos[i].get(self.key)) else -math.inf)
+        stale.sort(key=lambda i: (i in last, -infos[i][self.key] if _finite(infos[i].get(self.key)) else -math.inf))
         done, failed, pending = 0, {}, 0
         skipped = len(infos) - len(stale)
         for n, image_id in enumerate(stale):
@@ -121,7 +135,13 @@ class DFMUncertaintyScoring(ScoringMethod):
                 pending = len(stale) - n
                 break
             try:
-                s = self.score_image(image_id, datastore, num_samples)
+                before = _identity(datastore.get_image_info(image_id))
+                s = self.score_image(image_id, datastore, num_samples, device)
+                if _identity(datastore.get_image_info(image_id)) != before:
+                    # the image was replaced while it was scored (PUT /datastore/image): this score is the old
+                    # file's, and was counted current for the new one
+                    logger.warning("%s: %s was replaced while it was scored: scored again later", self.key, image_id)
+                    continue
                 datastore.update_image_info(image_id, {self.key: s[self.score], f"{self.key}_detail": s,
                                                        f"{self.key}_ts": model_ts,
                                                        f"{self.key}_num_samples": num_samples})
@@ -160,16 +180,21 @@ class DFMUncertaintyStrategy(Strategy):
         ts = self.scoring.model_ts()
         self.scoring.infer_task.system(self.scoring.infer_task.default_device())  # a file that cannot be loaded
         infos = {i: datastore.get_image_info(i) for i in candidates}
-        m = self._num_samples(infos, ts)
+        m = self.scoring.current_num_samples(infos, ts)
         failed, res_error = {}, None
         budget = scoring_budget(request.get("scoring_s", self.scoring_s))
         pending = 0
+        now = int(time.time())
+        recent = {i for i in candidates if now - served_at(infos[i]) < self.reset}
         if not all(self.scoring.is_current(infos[i], ts, m) for i in candidates):
             # MONAI Label runs a strategy on the server's event loop: every other request (/info, /infer) waits for
             # it. So it scores for at most `scoring_s` seconds (until it has scored one image); MONAI Label's
             # background scoring, started after every Next Sample, or the next Next Samples score the rest (it
             # scored every stale image here: bench/next_sample_bench.py, 25 s for 9 volumes, 2.6 s with 0)
-            res = self.scoring({"num_samples": m}, datastore, deadline=self.scoring.clock() + budget)
+            # images another annotator has (handed out in the last `reset` s) are scored last: scored first (the
+            # highest old score is the image handed out last), the budget was spent on them and the one image
+            # never handed out stayed unscored, so after every training the next annotator got the last one's image
+            res = self.scoring({"num_samples": m}, datastore, deadline=self.scoring.clock() + budget, last=recent)
             pending = res.get("pending", 0)
             res_error = res.get("error")
             # the scores it made are of the checkpoint it stamped them with, even if a training published a newer
@@ -184,20 +209,13 @@ class DFMUncertaintyStrategy(Strategy):
             raise InputError(f"no unlabelled image could be scored for {self.scoring.model}"
                              + (f": {why}" if why else ""))
         now = int(time.time())
-        served = {i: _served_at(infos[i], request.get("strategy")) for _, i in scored}
+        served = {i: served_at(infos[i]) for _, i in scored}
         fresh = [(score, i) for score, i in scored if now - served[i] >= self.reset]
         score, image = max(fresh) if fresh else min(scored, key=lambda si: (served[si[1]], -si[0]))
         logger.info("%s: next image %s (score %.5g of %d; %d handed out in the last %d s; %d not yet scored by this "
                     "checkpoint)", key, image, score, len(scored), len(scored) - len(fresh), self.reset, pending)
         return {"id": image, key: score, f"{key}_ranked": len(scored), f"{key}_pending": pending}
 
-    def _num_samples(self, infos: dict, ts: int) -> int:
-        """The M to rank by: the default, unless every current score was made with another M by one explicit
-        ``POST /scoring`` (``num_samples=8``): those are kept, not replaced by a rescoring with the default."""
-        key = self.scoring.key
-        ms = {info.get(f"{key}_num_samples") for info in infos.values()
-              if key in info and info.get(f"{key}_ts") == ts}
-        return ms.pop() if len(ms) == 1 and None not in ms else self.scoring.num_samples
 
 
 def scoring_budget(value) -> float:
@@ -212,14 +230,20 @@ def scoring_budget(value) -> float:
     return f
 
 
+def check_num_samples(value) -> int:
+    """M for uncertainty scoring (a request's ``num_samples``, ``--conf uncertainty_samples``): an integer in
+    [2, MAX_SAMPLES] (one sample has no variance); ConfigError naming the bound."""
+    m = _as_int("num_samples", value)
+    if not 2 <= m <= MAX_SAMPLES:  # checked before any image (a bound hit in the loop: a 500)
+        raise ConfigError(f"parameter 'num_samples' must be an integer in [2, {MAX_SAMPLES}] (the samples' "
+                          f"variance), got {m}")
+    return m
+
+
+def _identity(info) -> tuple:
+    """What tells one stored file of an image from its replacement (MONAI Label's ``add_image`` sets both)."""
+    return (info.get("ts"), info.get("name")) if isinstance(info, dict) else (None, None)
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _served_at(info: dict, strategy) -> float:
-    """When MONAI Label last handed the image out under ``strategy`` (its info's ``strategy.<name>.ts``; 0: never,
-    also for a record that is not one)."""
-    rec = info.get("strategy")
-    rec = rec.get(strategy) if isinstance(rec, dict) else None
-    ts = rec.get("ts") if isinstance(rec, dict) else None
-    return float(ts) if _finite(ts) else 0.0

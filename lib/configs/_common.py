@@ -141,7 +141,13 @@ class DFMTaskConfig(TaskConfig):
         from lib.activelearning.uncertainty import DFMUncertaintyScoring
 
         if self._scoring is None:
-            m = int(self.conf.get("uncertainty_samples", 4))
+            from lib.activelearning.uncertainty import check_num_samples
+            from lib.config import ConfigError
+
+            try:  # checked at start: 1 started a server whose every scoring ended in an error, "abc" a traceback
+                m = check_num_samples(self.conf.get("uncertainty_samples", 4))
+            except ConfigError as e:
+                raise ConfigError(f"--conf uncertainty_samples: {e}") from None
             self._scoring = DFMUncertaintyScoring(self.infer(), self.name, num_samples=m)
         return {f"{self.name}_uncertainty": self._scoring}
 
