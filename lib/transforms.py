@@ -252,6 +252,37 @@ class CheckImaged(MapTransform):
         return d
 
 
+class CheckIntensityRanged(MapTransform):
+    """A model of 8-bit images (its intensity the clipped range 0..255 -> 0..1: the X-ray models) refuses an image
+    most of whose values lie above 255: clipped, it is a white image, and the model segmented it without a word (a
+    16-bit PNG or DICOM X-ray, values up to 4 095 or 65 535). InputError naming the share, the image's maximum and the
+    model's range. Only for such models: a CT window (-200..300 HU) clips bone and air by design, and which modality a
+    model takes is not told by its range."""
+
+    SHARE = 0.5
+
+    @staticmethod
+    def applies(intensity: dict) -> bool:
+        return intensity.get("type") == "range" and bool(intensity.get("clip", True)) \
+            and float(intensity["a_min"]) >= 0 and float(intensity["a_max"]) <= 255
+
+    def __init__(self, keys: KeysCollection, a_min: float, a_max: float):
+        super().__init__(keys)
+        self.a_min, self.a_max = float(a_min), float(a_max)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            t = torch.as_tensor(d[key])
+            share = float((t > self.a_max).float().mean())
+            if share > self.SHARE:
+                raise InputError(f"{_name(d, key)}: {share:.0%} of its values are above {self.a_max:g} (its maximum is "
+                                 f"{float(t.max()):g}), the top of the intensity range this model was trained on "
+                                 f"[{self.a_min:g}, {self.a_max:g}]: clipped there, the image would be white (a 16-bit "
+                                 f"image for a model of 8-bit images?); convert it to the model's range first")
+        return d
+
+
 GEOMETRY_FORMATS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # files whose header places the voxels
 GEOMETRY_TOLERANCE = 0.1  # voxels: how far (at most) a corner of the label may lie from the image's
 
@@ -536,6 +567,8 @@ def preprocess(cfg: PreprocConfig, load: bool = True, structures=None, label_nam
     t += [
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
         CheckImaged(keys="image", num_channels=cfg.num_channels, spatial_dims=cfg.spatial_dims, label_key="label"),
+        *([CheckIntensityRanged(keys="image", a_min=cfg.intensity["a_min"], a_max=cfg.intensity["a_max"])]
+          if CheckIntensityRanged.applies(cfg.intensity) else []),
         RecordGridd(keys="image"),
         _truth(cfg, structures, label_name=label_name),
     ]

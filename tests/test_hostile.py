@@ -31,6 +31,11 @@ def ckpts(tmp_path_factory, tiny_clip):
     torch.manual_seed(0)  # "3s": a 3D model that resamples to 1 mm
     s = build_system(tiny_hparams(tiny_clip, spatial_dims=3, features=(8, 16), steps=1, spacing=[1.0, 1.0, 1.0]))
     out["3s"] = save_checkpoint(d / "m3s.pt", s.model, s.hparams)
+    torch.manual_seed(0)  # "2r": a model of 8-bit images (intensity range 0..255, as the X-ray presets)
+    hp = tiny_hparams(tiny_clip, spatial_dims=2, features=(8, 16), steps=1)
+    hp.preprocessing.intensity = {"type": "range", "a_min": 0.0, "a_max": 255.0}
+    s = build_system(hp)
+    out["2r"] = save_checkpoint(d / "m2r.pt", s.model, s.hparams)
     return out
 
 
@@ -117,6 +122,9 @@ REFUSED = [
     ("RGBA PNG", 2, lambda t: _png(t / "rgba.png", "RGBA"), "transparent"),
     ("palette PNG", 2, lambda t: _png(t / "pal.png", "P"), "palette"),
     ("missing file", 2, lambda t: t / "nowhere.nii.gz", "not found"),
+    # a review: a 16-bit X-ray clipped to 0..255 is a white image, segmented without a word
+    ("16-bit PNG to a model of 8-bit images", "2r", lambda t: _png(t / "sixteen.png", "I;16"),
+     "of its values are above 255"),
 ]
 
 
@@ -127,6 +135,26 @@ def test_hostile_files_are_refused_with_one_clear_line(tmp_path, ckpts, capsys, 
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_8_bit_image_and_a_ct_window_s_clipping_pass_the_intensity_check(tmp_path, ckpts, tiny_clip):
+    """The check of a model of 8-bit images refuses only images mostly above 255: an 8-bit PNG, and one with a few
+    brighter values (a 16-bit file of an 8-bit image with a burnt-in marker), are segmented; a model with a CT window
+    (-200..300) is not checked (the MR series of the DICOMweb test, mostly above 300, go to the sample CT model)."""
+    torch.manual_seed(0)
+    hp = tiny_hparams(tiny_clip, spatial_dims=2, features=(8, 16), steps=1)
+    hp.preprocessing.intensity = {"type": "range", "a_min": -200.0, "a_max": 300.0}
+    s = build_system(hp)
+    ct = save_checkpoint(tmp_path / "ct.pt", s.model, s.hparams)
+    bright = _nii(tmp_path / "bright.nii.gz", np.full((30, 26), 1500.0))
+    assert _predict(ct, bright, tmp_path / "out" / "bright") == 0
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (36, 40)).astype(np.uint8)).save(tmp_path / "eight.png")
+    marked = rng.integers(0, 256, (36, 40)).astype(np.uint16)
+    marked[:4, :4] = 4000
+    Image.fromarray(marked).save(tmp_path / "marked.png")
+    for image in (tmp_path / "eight.png", tmp_path / "marked.png"):
+        assert _predict(ckpts["2r"], image, tmp_path / "out" / image.stem) == 0
 
 
 def test_odd_but_valid_files_just_work(tmp_path, ckpts):
