@@ -610,11 +610,17 @@ def label_transforms(cfg: PreprocConfig, label_key: str = "label", structures=No
 
 
 def image_spatial_dims(path) -> int:
-    """2 or 3, as the preprocessing's loader will read the file (MONAI ``LoadImage`` + ``EnsureChannelFirst``), from
-    the header where it says (NIfTI, NRRD; no pixel data read). NIfTI keeps channels in its 4th and later axes, so
-    a (256, 256, 4) volume is 3D and a one-slice (X, Y, 1) file is a 3D volume of one slice (a guess that took a
-    trailing axis of <= 4 as channels called them 2D, and the 2D model's preprocessing then refused them)."""
+    """2 or 3: the model whose preprocessing takes the file (which model the trainers, scoring and batch inference
+    give it), as the loader reads it (MONAI ``LoadImage`` + ``EnsureChannelFirst``), from the header where it says
+    (NIfTI, NRRD; no pixel data read). NIfTI keeps channels in its 4th and later axes, so a (256, 256, 4) volume is
+    3D (a guess that took a trailing axis of <= 4 as channels called it 2D, and the 2D model's preprocessing then
+    refused it). A one-slice (X, Y, 1) file is 2D: an X-ray 3D Slicer saved (:func:`one_slice_as_2d`; the 2D
+    models take it since 2026-12-07, and it went to the 3D CT model for training and scoring)."""
     import nibabel as nib
+
+    def dims(spatial) -> int:
+        spatial = [int(v) for v in spatial]
+        return 2 if len(spatial) <= 2 or (len(spatial) == 3 and spatial[2] == 1) else 3
 
     p = str(path)
     low = p.lower()
@@ -623,16 +629,18 @@ def image_spatial_dims(path) -> int:
     if low.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
         return 2
     if low.endswith((".nii", ".nii.gz")):
-        return 2 if len(nib.load(p).shape) <= 2 else 3
+        return dims(nib.load(p).shape[:3])
     if low.endswith(".nrrd"):
         import nrrd
 
         hdr = nrrd.read_header(p)
         kinds = hdr.get("kinds") or []
+        sizes = list(hdr.get("sizes", []))
         # channel axes are the non-spatial kinds (vector, RGB-color, list, ...); "none" and "???" are spatial to ITK
         spatial_kinds = ("domain", "space", "time", "none", "???", "")
-        vector = sum(1 for k in kinds if str(k).strip().lower() not in spatial_kinds)
-        return 2 if int(hdr["dimension"]) - vector <= 2 else 3
+        if kinds and len(kinds) == len(sizes):
+            return dims([n for n, k in zip(sizes, kinds) if str(k).strip().lower() in spatial_kinds])
+        return dims(sizes)
     from monai.transforms import EnsureChannelFirst, LoadImage
 
-    return 2 if EnsureChannelFirst()(LoadImage(image_only=True)(p)).ndim - 1 <= 2 else 3
+    return dims(EnsureChannelFirst()(LoadImage(image_only=True)(p)).shape[1:])

@@ -149,13 +149,17 @@ def check_task_request(app, method: str, request: dict | None, params: dict | No
 
         if not isinstance(params, dict):
             raise HTTPException(status_code=422, detail=f"scoring parameters must be a JSON object, got {params!r}")
-        try:
-            if params.get("num_samples") is not None:
-                check_num_samples(params["num_samples"])
-            if params.get("device") is not None:
-                request_device(params["device"], "cpu")
-        except ConfigError as e:
-            raise HTTPException(status_code=422, detail=f"scoring: {e}") from None
+        methods = getattr(app, "_scoring_methods", {}) or {}
+        # POST /scoring/ (every method) passes each method's own parameters under its name
+        for where, p in [("scoring", params)] + [(f"scoring {k}", v) for k, v in params.items()
+                                                  if k in methods and isinstance(v, dict)]:
+            try:
+                if p.get("num_samples") is not None:
+                    check_num_samples(p["num_samples"])
+                if p.get("device") is not None:
+                    request_device(p["device"], "cpu")
+            except ConfigError as e:
+                raise HTTPException(status_code=422, detail=f"{where}: {e}") from None
     if method == "batch_infer" and given not in (getattr(app, "_infers", {}) or {}):
         raise HTTPException(status_code=404, detail=f"unknown model {given!r}; available: "
                                                     f"{sorted(getattr(app, '_infers', {}) or {})}")

@@ -389,12 +389,38 @@ def test_next_sample_never_hands_out_an_image_another_annotator_has_and_scores_s
     r = scoring({}, ds)
     assert calls == [] and r["num_samples"] == 8 and r["skipped"] == 3, r
     assert {ds.info[i][f"{key}_num_samples"] for i in ids} == {8}
+    # ... but a server restarted with another default (--conf uncertainty_samples 3) scores with it: those 8s were
+    # asked for under the default 2, a default's scores are not (a second review: the old default's 4s were kept
+    # when the conf said 8); an M edited into the index is checked
+    calls.clear()
+    assert scoring({}, ds)["num_samples"] == 8
+    restarted = Scoring(task, "dfm_vlm_3d", num_samples=3)
+    r = restarted({}, ds)
+    assert r["num_samples"] == 3 and r["executed"] == 3, r
+    r = Scoring(task, "dfm_vlm_3d", num_samples=2)({}, ds)
+    assert r["num_samples"] == 2 and r["executed"] == 3, r  # 3 was the default then, not asked for
+    for i in ids:
+        ds.info[i][f"{key}_num_samples"] = 1
+        ds.info[i][f"{key}_default_num_samples"] = 2
+    assert scoring({}, ds)["num_samples"] == 2
     # (4) replaced while scored: no score of the old file on the new one
     for i in ids:
         ds.info[i][f"{key}_ts"] = ts - 1
     replace.add("ct6")
     r = scoring({}, ds)
     assert ds.info["ct6"][f"{key}_ts"] == ts - 1 and ds.info["ct5"][f"{key}_ts"] == ts and r["executed"] == 2, r
+    # the request's device is the one scoring runs on (it ran on the infer task's default whatever it said)
+    replace.clear()
+    seen = []
+    scoring.score_image = lambda image_id, datastore, num_samples, device=None: seen.append(device) or {SCORE: 0.1}
+    task.default_device = lambda: "cuda:7"  # (a device this machine does not have: used only if "cpu" is ignored)
+    for i in ids:
+        ds.info[i][f"{key}_ts"] = ts - 1
+    assert scoring({"device": "cpu"}, ds)["executed"] == 3 and seen == ["cpu"] * 3
+    assert "'device' 'bogus'" in scoring({"device": "bogus"}, ds)["error"]
+    # a hand-out time that is no float (a 400-digit integer through PUT /datastore/imageinfo): never handed out
+    ds.info["ct6"]["strategy"] = {"random": {"ts": 10 ** 400}}
+    assert FairRandom()({"strategy": "random"}, ds)["id"] in ids
 
 
 def test_the_scoring_request_and_its_conf_are_checked_before_anything_runs(tmp_path, ckpt3d):
@@ -417,6 +443,10 @@ def test_the_scoring_request_and_its_conf_are_checked_before_anything_runs(tmp_p
         assert e.value.status_code == 422 and phrase in e.value.detail, (params, e.value.detail)
     ok = {"num_samples": "8", "device": "cpu"}
     assert check_task_request(App(), "scoring", {"method": "dfm_vlm_3d_uncertainty"}, ok) == ok
+    # POST /scoring/ (every method): each method's own parameters under its name are checked too
+    with pytest.raises(HTTPException) as e:
+        check_task_request(App(), "scoring", {}, {"dfm_vlm_3d_uncertainty": {"num_samples": 1}})
+    assert e.value.status_code == 422 and "scoring dfm_vlm_3d_uncertainty: parameter 'num_samples'" in e.value.detail
     for bad in (1, "abc"):
         cfg = _task(ckpt3d, tmp_path / "model")
         cfg.conf["uncertainty_samples"] = bad
@@ -904,11 +934,15 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
         def run(self):
             raise AssertionError("the evaluator ran: MONAI Label's stats and early stopping would count it")
 
-    def epoch(score):  # the evaluator's EPOCH_COMPLETED after an epoch of the run: the publisher
+    def epoch(score):  # the evaluator's EPOCH_COMPLETED after an epoch of the run: the publisher, then the record
         pub(types.SimpleNamespace(state=types.SimpleNamespace(metrics={"val_mean_dice": score})))
+        outcome.write()
 
     pub.baseline_from(Evaluator())(None)  # the served checkpoint, before the first epoch: measured, not published
     assert pub.best == pytest.approx(0.99) and not path.exists() and seen == [system] * 2
+    # the stats file is still the last run's until this run's first epoch: nothing written into it (a review: "no
+    # epoch beat the served checkpoint" appeared in the last run's stats before any epoch ran)
+    assert "publication" not in json.loads(stats.read_text())
     epoch(0.95)
     assert not path.exists()  # 0.95: the served model stays
     # the train stats say so (they named the run's best epoch, 0.95, as if it were the model now served)
@@ -966,6 +1000,9 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
         task.finalize(c)
         # the publisher, then the publication added to the stats MONAI Label's publisher wrote for the epoch
         assert c.trainer.handlers == want and c.evaluator.handlers == [Events.EPOCH_COMPLETED] * 2, (request, tuned)
+        if tuned:  # the record names the served model, "always" too (it said None there)
+            assert task.outcome.record["served"] == tuned and task.outcome.record["rule"] == \
+                ("always" if request else "better")
     assert measured[0] is None and type(measured[1]).__name__ == "DFMSystem" and len(measured) == 2
     assert len(loads) == 1  # the served checkpoint, loaded for the run from scratch only
     loads.clear()
@@ -973,9 +1010,10 @@ def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, 
     # cannot show it beats the served model, which stays (a review, 2026-12-06: it was replaced unconditionally);
     # "always", or a first training (nothing served), publishes the last epoch
     for task, request, tuned, want in ((trainer, {}, str(ckpt3d), [Events.EPOCH_COMPLETED]),  # "kept" in the stats
-                                       (trainer, {"publish": "always"}, str(ckpt3d), [Events.COMPLETED]),
+                                       (trainer, {"publish": "always"}, str(ckpt3d),
+                                        [Events.EPOCH_COMPLETED, Events.COMPLETED]),
                                        (trainer, {}, None, [Events.EPOCH_COMPLETED]),
-                                       (unserved, {}, None, [Events.COMPLETED])):
+                                       (unserved, {}, None, [Events.EPOCH_COMPLETED, Events.COMPLETED])):
         c = types.SimpleNamespace(local_rank=0, evaluator=None, trainer=Engine(), request=request,
                                   fine_tuned_from=tuned, train_datalist=[1], device="cpu")
         task.finalize(c)

@@ -328,9 +328,9 @@ def test_audit_sees_stored_data_types_and_multi_channel_labels(tmp_path):
 
 def test_which_model_an_image_goes_to_is_what_the_loader_reads(tmp_path):
     """A review: the trainers, batch infer and scoring chose a file's model (2D or 3D) by a guess that took a trailing
-    axis of <= 4 as channels: a 256x256x4 NIfTI volume (as the vendor series convert) and a one-slice 30x50x1 NIfTI
-    went to the 2D model, whose preprocessing then refused them as 3D. Now the header is read as MONAI's loader
-    reads the file (NIfTI: channels in the 4th axis)."""
+    axis of <= 4 as channels: a 256x256x4 NIfTI volume (as the vendor series convert) went to the 2D model, whose
+    preprocessing then refused it as 3D. Now the header is read as MONAI's loader reads the file (NIfTI: channels in
+    the 4th axis); a one-slice volume goes to the 2D model, which takes it."""
     import itk
     from monai.transforms import EnsureChannelFirst, LoadImage
 
@@ -355,9 +355,16 @@ def test_which_model_an_image_goes_to_is_what_the_loader_reads(tmp_path):
                                                                   "space origin": np.zeros(3)})
         files.append(p)
     dims = {Path(p).name: image_spatial_dims(p) for p in files}
-    loaded = {Path(p).name: EnsureChannelFirst()(LoadImage(image_only=True)(str(p))).ndim - 1 for p in files}
-    assert dims == loaded
+
+    def model_of(p):  # the loader's spatial axes; one slice: the 2D model's (CheckImaged reads it as 2D)
+        spatial = EnsureChannelFirst()(LoadImage(image_only=True)(str(p))).shape[1:]
+        return 2 if len(spatial) == 2 or spatial[-1] == 1 else 3
+
+    assert dims == {Path(p).name: model_of(p) for p in files}
     assert dims["n64x64x4.nii.gz"] == 3 and dims["n20x22x12x2.nii.gz"] == 3 and dims["n30x50.nii.gz"] == 2
+    # a review (2026-12-07): an X-ray 3D Slicer saved as a one-slice volume, which the 2D models take, went to the
+    # 3D model for training, scoring and batch inference
+    assert dims["n30x50x1.nii.gz"] == 2 and dims["i1x50x30.nrrd"] == 2 and dims["i1x50x30.mha"] == 2
 
 
 def test_a_label_off_its_image_s_grid_is_refused_in_training_and_evaluate(tmp_path, make_system):

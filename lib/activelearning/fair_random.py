@@ -20,9 +20,19 @@ def served_at(info) -> float:
     rec = info.get("strategy") if isinstance(info, dict) else None
     if not isinstance(rec, dict):
         return 0.0
-    times = [r.get("ts") for r in rec.values() if isinstance(r, dict)]
-    return max((float(t) for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)
-                and math.isfinite(t)), default=0.0)
+    return max((t for t in (_seconds(r.get("ts")) for r in rec.values() if isinstance(r, dict)) if t is not None),
+               default=0.0)
+
+
+def _seconds(v) -> float | None:
+    """A finite number of seconds, or None (a string, null, NaN, a 400-digit integer: an OverflowError, a 500)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 class FairRandom(Random):

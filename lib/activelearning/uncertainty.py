@@ -6,8 +6,9 @@ core path (:func:`lib.evaluation.predict_item`, ``num_samples=M``) and stores in
 * ``{model}_uncertainty``: the score the strategy ranks by (default: the per-voxel variance of the M samples summed
   and divided by the number of predicted foreground voxels -- boundary disagreement relative to object size;
   ``bench/uncertainty_bench.py`` measures how it ranks images by their Dice),
-* ``{model}_uncertainty_detail`` (all summaries), ``{model}_uncertainty_ts`` (the checkpoint's mtime in ns) and
-  ``{model}_uncertainty_num_samples`` (M): an image is rescored when the model or M changed.
+* ``{model}_uncertainty_detail`` (all summaries), ``{model}_uncertainty_ts`` (the checkpoint's mtime in ns),
+  ``{model}_uncertainty_num_samples`` (M) and ``{model}_uncertainty_default_num_samples`` (the server's default M
+  then): an image is rescored when the model or M changed.
 
 ``DFMUncertaintyStrategy`` serves the unlabelled image with the highest *current* score that was not handed out in
 the last hour. Images whose score is missing or was made by another checkpoint are scored first, for at most
@@ -92,9 +93,18 @@ class DFMUncertaintyScoring(ScoringMethod):
         rescoring with the default (MONAI Label's background scoring after every Next Sample, which names no M,
         replaced them)."""
         key = self.key
-        ms = {info.get(f"{key}_num_samples") for info in infos.values()
-              if isinstance(info, dict) and key in info and info.get(f"{key}_ts") == model_ts}
-        return ms.pop() if len(ms) == 1 and None not in ms else self.num_samples
+        current = [info for info in infos.values()
+                   if isinstance(info, dict) and key in info and info.get(f"{key}_ts") == model_ts]
+        ms = {info.get(f"{key}_num_samples") for info in current}
+        # kept only when made while the default was today's: a server restarted with another
+        # --conf uncertainty_samples scores with it (the old default's scores were kept as if asked for), and a
+        # value edited into the index is checked
+        if len(ms) != 1 or any(info.get(f"{key}_default_num_samples") != self.num_samples for info in current):
+            return self.num_samples
+        try:
+            return check_num_samples(ms.pop())
+        except ConfigError:
+            return self.num_samples
 
     def is_current(self, info: dict, model_ts: int, num_samples: int) -> bool:
         """A score is reused only when the served checkpoint made it with the same number of samples, and it is a
@@ -144,7 +154,8 @@ class DFMUncertaintyScoring(ScoringMethod):
                     continue
                 datastore.update_image_info(image_id, {self.key: s[self.score], f"{self.key}_detail": s,
                                                        f"{self.key}_ts": model_ts,
-                                                       f"{self.key}_num_samples": num_samples})
+                                                       f"{self.key}_num_samples": num_samples,
+                                                       f"{self.key}_default_num_samples": self.num_samples})
             except (InputError, VLMError) as e:  # this image only (e.g. no text for a text_mode 'image' model)
                 failed[image_id] = str(e)
                 logger.warning("%s: %s", self.key, e)

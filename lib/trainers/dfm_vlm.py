@@ -133,6 +133,7 @@ class _Outcome:
 
     def __init__(self, stats_path: str | None, path: str, rule: str, served: str | None = None):
         self.stats_path, self.rule = stats_path, rule
+        self.ready = False  # this run's stats written (MONAI Label's publisher, at the first epoch's end)
         self.record: dict[str, Any] = {"published": False, "path": path, "rule": rule, "served": served,
                                        "served_val_dice": None, "epoch": None, "val_mean_dice": None,
                                        "note": "nothing published yet"}
@@ -148,11 +149,14 @@ class _Outcome:
         elif r["served_val_dice"] is not None:
             r["note"] = (f"no epoch beat the served checkpoint (val Dice {r['served_val_dice']:.4f}): "
                          f"{r['path']} not replaced")
-        self.write()
+        if self.ready:
+            self.write()
 
     def write(self, _engine=None) -> None:
         """Adds the record to the stats file MONAI Label's publisher wrote for this epoch (it is rewritten each
-        epoch; this handler runs after it)."""
+        epoch; as a handler this runs after it). Nothing before this run's first stats: the file is the last run's
+        until then (the served model's Dice, measured at the start, was written into it)."""
+        self.ready = True
         if not self.stats_path or not os.path.exists(self.stats_path):
             return
         from lib.checkpoint import atomic_write
@@ -593,7 +597,7 @@ class DFMVLMTrain(BasicTrainTask):
             # (loaded only to be measured: without validation images the served model just stays)
             served, system = self._served(context, load=context.evaluator is not None) if better else (None, None)
             outcome = _Outcome(getattr(self, "_stats_path", None), self.publish_path, "better" if better else "always",
-                               served)
+                               served if better else self._served(context, load=False)[0])
             self.outcome = outcome
             if context.evaluator:
                 publish = _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE, outcome)
@@ -614,6 +618,7 @@ class DFMVLMTrain(BasicTrainTask):
                                           f"images, or train with \"publish\": \"always\")")
                 context.trainer.add_event_handler(Events.EPOCH_COMPLETED, outcome.write)
             else:
+                context.trainer.add_event_handler(Events.EPOCH_COMPLETED, outcome.write)
                 context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None,
                                                                              outcome))
 
