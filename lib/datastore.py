@@ -35,6 +35,12 @@ from lib.transforms import InputError, geometry_difference as _geometry_differen
 logger = logging.getLogger(__name__)
 
 
+def image_identity(info) -> tuple:
+    """What tells one stored file of an image from its replacement: MONAI Label's ``ts`` (whole seconds) and
+    ``name``, and the nanoseconds :meth:`FreshIndex.add_image` stores (two replacements in one second)."""
+    return tuple(info.get(k) for k in ("ts", "name", "stored_ns")) if isinstance(info, dict) else (None,) * 3
+
+
 class FreshIndex:
     """Index writes that start from the index as it is on disk (a mixin for MONAI Label's folder datastores).
 
@@ -109,7 +115,7 @@ class FreshIndex:
             with open(image_filename, "rb") as src:
                 atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
             info = dict(image_info or {})
-            info.update(ts=int(time.time()), name=name)
+            info.update(ts=int(time.time()), name=name, stored_ns=time.time_ns())
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
             self._update_datastore_file(lock=False)
             # the image it replaces, stored under another extension (a .nrrd sent for a .nii.gz): left there, a
@@ -195,14 +201,23 @@ class FreshIndex:
 
     # an unknown id: a 404 naming it (MONAI Label's ImageNotFoundException / LabelNotFoundException have no HTTP
     # status: PUT /datastore/imageinfo or /labelinfo and DELETE /datastore of an unknown id answered 500)
-    def update_image_info(self, image_id: str, info: dict) -> None:
+    def update_image_info(self, image_id: str, info: dict, unless_replaced: tuple | None = None) -> bool:
+        """``unless_replaced``: the image's :func:`image_identity` when the caller read it; the info is not written
+        (False) when the index, re-read under the lock, holds another file for the id (a score of the file it
+        replaced: scoring runs in another process, which saw the replacement only when its index was reloaded)."""
+        written = [True]
+
         def change():
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise _not_found(f"unknown image id {image_id!r} (not in the datastore)")
+            if unless_replaced is not None and image_identity(obj.image.info) != unless_replaced:
+                written[0] = False
+                return
             obj.image.info.update(info)
 
         self._change_index(change)
+        return written[0]
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
         def change():

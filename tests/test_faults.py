@@ -562,6 +562,28 @@ def test_adding_an_image_keeps_a_score_a_subprocess_wrote_meanwhile(tmp_path):
     assert "c" not in CheckedLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nrrd"]).list_images()
 
 
+def test_a_score_of_an_image_replaced_while_it_was_scored_is_not_written(tmp_path):
+    """A review: a scoring process that scored an image while the server replaced it (PUT /datastore/image, the same
+    format, within one second) wrote the old file's score onto the new one, counted current. The write checks, under
+    the index's lock and against the index on disk, that the image is the file it read."""
+    from lib.datastore import CheckedLocalDatastore, image_identity
+
+    studies = _studies_with(tmp_path, "a")
+
+    def open_ds():
+        return CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+
+    server, scoring = open_ds(), open_ds()
+    server.add_image("a", str(ROOT / "sample_data" / "phantom_ct_05.nii.gz"), {})
+    scoring._reload_index_locked()
+    before = image_identity(scoring.get_image_info("a"))
+    assert scoring.update_image_info("a", {"m_uncertainty": 0.1}, unless_replaced=before)
+    server.add_image("a", str(ROOT / "sample_data" / "phantom_ct_06.nii.gz"), {})  # the same second, the same name
+    assert not scoring.update_image_info("a", {"m_uncertainty": 0.9}, unless_replaced=before)
+    assert "m_uncertainty" not in CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"],
+                                                        read_only=True).get_image_info("a")
+
+
 def test_a_label_whose_affine_differs_from_the_image_is_refused(tmp_path):
     """A review: the label check compared array shapes only; a label whose header mirrors it (or places it with
     another spacing or origin) was accepted, and training, which orients a label by its own affine, learnt the

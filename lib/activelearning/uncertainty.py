@@ -32,6 +32,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.activelearning.fair_random import served_at
 from lib.data import case_id
+from lib.datastore import FreshIndex, image_identity
 from lib.evaluation import make_inferer, predict_item, uncertainty_scores
 from lib.config import MAX_SAMPLES, ConfigError
 from lib.infers.dfm_vlm import DFMVLMInfer, ModelNotReady, _as_int
@@ -145,17 +146,22 @@ class DFMUncertaintyScoring(ScoringMethod):
                 pending = len(stale) - n
                 break
             try:
-                before = _identity(datastore.get_image_info(image_id))
+                before = image_identity(datastore.get_image_info(image_id))
                 s = self.score_image(image_id, datastore, num_samples, device)
-                if _identity(datastore.get_image_info(image_id)) != before:
-                    # the image was replaced while it was scored (PUT /datastore/image): this score is the old
-                    # file's, and was counted current for the new one
+                # the image replaced while it was scored (PUT /datastore/image): this score is the old file's, and
+                # was counted current for the new one. Checked under the index's lock where the datastore can (the
+                # app's: FreshIndex), else by reading the info again
+                score = {self.key: s[self.score], f"{self.key}_detail": s, f"{self.key}_ts": model_ts,
+                         f"{self.key}_num_samples": num_samples, f"{self.key}_default_num_samples": self.num_samples}
+                if isinstance(datastore, FreshIndex):
+                    replaced = not datastore.update_image_info(image_id, score, unless_replaced=before)
+                else:
+                    replaced = image_identity(datastore.get_image_info(image_id)) != before
+                    if not replaced:
+                        datastore.update_image_info(image_id, score)
+                if replaced:
                     logger.warning("%s: %s was replaced while it was scored: scored again later", self.key, image_id)
                     continue
-                datastore.update_image_info(image_id, {self.key: s[self.score], f"{self.key}_detail": s,
-                                                       f"{self.key}_ts": model_ts,
-                                                       f"{self.key}_num_samples": num_samples,
-                                                       f"{self.key}_default_num_samples": self.num_samples})
             except (InputError, VLMError) as e:  # this image only (e.g. no text for a text_mode 'image' model)
                 failed[image_id] = str(e)
                 logger.warning("%s: %s", self.key, e)
@@ -249,11 +255,6 @@ def check_num_samples(value) -> int:
         raise ConfigError(f"parameter 'num_samples' must be an integer in [2, {MAX_SAMPLES}] (the samples' "
                           f"variance), got {m}")
     return m
-
-
-def _identity(info) -> tuple:
-    """What tells one stored file of an image from its replacement (MONAI Label's ``add_image`` sets both)."""
-    return (info.get("ts"), info.get("name")) if isinstance(info, dict) else (None, None)
 
 
 def _finite(v) -> bool:
