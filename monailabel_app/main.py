@@ -351,6 +351,17 @@ class DFMVLMApp(MONAILabelApp):
                 raise HTTPException(status_code=422, detail=f"{model}: points under {stray}, which is not a label of "
                                                             f"this model ({sorted(mine - {'background'})}); select one "
                                                             "of its segments or 'background'")
+            # 3D Slicer's DeepEdit mode sends the points of /info's labels only, and "label": the selected segment. A
+            # segment the user added ("Segment_1") keeps its points to itself: the request came with none and the
+            # click did nothing, without a word
+            label = request.get("label")
+            sent = [n for n in ("foreground", "background", *mine)
+                    if isinstance(request.get(n), (list, tuple)) and len(request.get(n))]
+            if isinstance(label, str) and label.strip() and label not in mine | {"foreground"} and not sent:
+                raise HTTPException(status_code=422, detail=f"{model}: the selected segment {label!r} is not a label "
+                                                            f"of this model ({sorted(mine - {'background'})}), so its "
+                                                            "points were not sent; select one of its segments (or "
+                                                            "'background' for a negative click)")
         try:
             # MONAI Label tests the raw value: "false" (a string) saved the label
             request["save_label"] = _as_bool("save_label", request.get("save_label", False))

@@ -221,7 +221,10 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
         r = _infer(server, "dfm_vlm_2d", "phantom_xray_05", params)
         assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
     # points under another model's label (Slicer's DeepEdit mode sends every /info label's): were ignored silently
-    for params, phrase in (({"lesion": [[5, 5, 0]], "lung": [], "steps": 1}, "points under ['lesion']"),):
+    # a segment the user added in Slicer (not an /info label): Slicer sends none of its points, only its name
+    for params, phrase in (({"lesion": [[5, 5, 0]], "lung": [], "steps": 1}, "points under ['lesion']"),
+                           ({"label": "Segment_1", "lung": [], "background": [], "uncertain": [], "steps": 1},
+                            "the selected segment 'Segment_1' is not a label of this model (['lung', 'uncertain'])")):
         r = _infer(server, "dfm_vlm_2d_interactive", "phantom_xray_05", params)
         assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
     assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"save_label": "false", "steps": 1}).status_code == 200
