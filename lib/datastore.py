@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, LocalDatastore
@@ -258,6 +259,19 @@ def check_series_uid(value, what: str = "image id") -> str:
     return value
 
 
+class SeriesInputError(InputError, HTTPException):
+    """A series that is no regular volume: an InputError to the app's tasks (which name it, 422) and an HTTP 422 to
+    MONAI Label's datastore endpoints, which do not catch it (``GET /datastore/image`` of such a series, 3D Slicer's
+    download, was a 500 while ``/infer`` answered 422)."""
+
+    def __init__(self, detail: str):
+        InputError.__init__(self, detail)
+        HTTPException.__init__(self, status_code=422, detail=detail)
+
+    def __str__(self) -> str:
+        return str(self.detail)
+
+
 class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
     def get_image_uri(self, image_id: str) -> str:
         if not image_id:
@@ -276,7 +290,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 try:
                     res = series_to_nifti(image_dir, tmp)
                 except InputError as e:
-                    raise InputError(f"series {image_id}: {str(e).split(': ', 1)[-1]}") from e
+                    raise SeriesInputError(f"series {image_id}: {str(e).split(': ', 1)[-1]}") from e
                 info = self._dicom_info(image_id)
                 if res["corrections"]:
                     info["corrections"] = res["corrections"]
@@ -384,7 +398,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         # MONAI Label pairs the i-th label value present in the file with label_info[i]: build the list in that order,
         # named by value from the models' label maps (the prompted sample model: lesion = 1, vertebra = 2) unless the
         # client sent its own, and give each segment its real value as labelID (dcmqi reads the voxels by it)
-        values = present or [1]  # dcmqi needs a segment to describe, even for an empty label
+        values = present or [1]  # (an empty label: a cached label of another tag; a final one is refused below)
         given = label_info.get("label_info")
         names = getattr(self, "default_label_names", None) or {}
         segments = label_info.get("segments") or {}
@@ -417,8 +431,37 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         # then (any tag) into the cache, through the atomic write and the fresh index (FreshIndex._store_label; its
         # LocalDatastore.save_label copied in place and wrote its in-memory index)
         if label_tag == DefaultLabelTag.FINAL:
+            from fastapi import HTTPException
+
+            from lib.dicom import seg_source_copy
+
+            if not present:  # MONAI Label's converter writes nothing then, and the upload of "" was a 500
+                raise HTTPException(status_code=422, detail=f"series {image_id}: the final label is empty: a DICOM "
+                                                            "SEG holds at least one segment, so it cannot be stored "
+                                                            "in the PACS; nothing was stored")
+            corrected = self.get_image_info(image_id).get("corrections")
+            if corrected:
+                # the label lies on the grid the series was resampled to, not on its slices (a SEG's frames are
+                # placed by the slices they reference: 3.7 mm off on the tilted series here)
+                raise HTTPException(status_code=422, detail=f"series {image_id} was corrected when converted "
+                                                            f"({'; '.join(map(str, corrected))}"
+                                                            "): its label lies on the corrected grid, not on the "
+                                                            "series' slices, so it cannot be stored as a DICOM SEG of "
+                                                            "the series; nothing was stored")
             image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
-            seg = nifti_to_dicom_seg(image_dir, label_filename, label_info.get("label_info"))
+            with tempfile.TemporaryDirectory() as src:
+                repaired = seg_source_copy(image_dir, src)
+                if repaired:
+                    logger.info("series %s: repaired for the DICOM SEG writer: %s", image_id, ", ".join(repaired))
+                seg = nifti_to_dicom_seg(src, label_filename, label_info.get("label_info"))
+            if not seg or not os.path.isfile(seg) or os.path.getsize(seg) == 0:
+                # dcmqi's exit status is not read by MONAI Label's run_command: its log says why
+                if seg and os.path.exists(seg):
+                    os.unlink(seg)
+                raise HTTPException(status_code=422, detail=f"series {image_id}: dcmqi (itkimage2segimage) wrote no "
+                                                            "DICOM SEG for this label (the server log has its "
+                                                            "message: an attribute of the series it refuses); "
+                                                            "nothing was stored")
             try:
                 label_series_id = dicom_web_upload_dcm(seg, self._client)
             finally:

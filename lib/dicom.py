@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -225,6 +226,45 @@ def repair_uids(files: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
             changed.add("SOPInstanceUID")
         ds.save_as(str(out_dir / Path(f).name), write_like_original=True)
     return [f"{'replaced' if force_new else 'filled in empty'} {t}" for t in sorted(changed)]
+
+
+_AGE = re.compile(r"^\s*0*(\d{1,3})\s*([DWMY])\s*$")
+SOP_CLASS_BY_MODALITY = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+
+
+def seg_source_copy(folder: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copy a series for dcmqi (``itkimage2segimage``, which writes a label as a DICOM SEG of it), repairing what it
+    refuses in real PACS data, and return what was repaired, in words. Found on 8 of the 9 real series here (dcmqi
+    wrote no SEG; MONAI Label then uploaded a file that did not exist: a 500): a ``PatientAge`` of ``0Y`` (the
+    DICOM age string is ``nnn`` + D/W/M/Y: zero-padded), an empty ``SOPClassUID`` (taken from the file meta, else
+    from the modality). The UIDs the SEG references are the series' own; pixel data are copied as they are."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    repaired: set[str] = set()
+    for f in sorted(Path(folder).iterdir()):
+        if not f.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(str(f))
+        except Exception:  # noqa: BLE001 - not DICOM (the series reader skips it too)
+            continue
+        age = str(ds.get("PatientAge", "") or "")
+        if age and not re.fullmatch(r"\d{3}[DWMY]", age):
+            m = _AGE.match(age)
+            if m:
+                ds.PatientAge = f"{int(m.group(1)):03d}{m.group(2)}"
+            else:
+                del ds.PatientAge
+            repaired.add(f"PatientAge {age!r}")
+        if not str(ds.get("SOPClassUID", "") or "").strip():
+            meta = getattr(ds, "file_meta", None)
+            sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "").strip() \
+                or SOP_CLASS_BY_MODALITY.get(str(ds.get("Modality", "")))
+            if sop_class:
+                ds.SOPClassUID = sop_class
+                repaired.add("an empty SOPClassUID")
+        ds.save_as(str(out_dir / f.name), write_like_original=True)
+    return sorted(repaired)
 
 
 def write_ct_series(volume_hu: np.ndarray, affine_ras: np.ndarray, out_dir: str | os.PathLike,

@@ -192,6 +192,10 @@ def test_malformed_series_are_corrected_or_refused_clearly(stack):
             assert r.status_code == 422, (name, r.status_code, r.text, server.tail(80))
             assert expect in r.json()["detail"], (name, r.json())
             table[name] = f"{r.status_code}: {r.json()['detail']}"
+            # 3D Slicer downloads the image first: the same 422 (a review: a 500, the reason in the log only)
+            g = requests.get(f"{server.url}/datastore/image",
+                             params={"image": rec["series"][f"malformed/{name}"]["uid"]}, timeout=120)
+            assert g.status_code == 422 and expect in g.json()["detail"], (name, g.status_code, g.text[:300])
     r = _infer(server, rec["series"]["ct_abdomen_j2k"]["uid"])
     assert r.status_code == 200, (r.text, server.tail(80))
     out = ARTIFACTS / "ct_abdomen_j2k_label.nii.gz"
@@ -432,6 +436,36 @@ def test_dicomweb_save_label_checks_the_label_before_the_seg_and_the_cache(tmp_p
     two = _label_for(uri, tmp_path / "two.nii.gz", value=2)
     ds.save_label(uid, str(two), "final", {"label_info": [{"name": "lesion", "idx": 1}, {"name": "vertebra", "idx": 2}]})
     assert [x.SegmentLabel for x in client.stored[-1].SegmentSequence] == ["vertebra"]
+
+
+def test_a_final_label_of_real_pacs_data_becomes_a_seg_and_what_cannot_be_one_is_named(tmp_path):
+    """A review with real series in Orthanc: 8 of the 9 got a 500 on Submit Label -- dcmqi refuses a PatientAge of
+    "0Y" (every vendor MR series here) and an empty SOPClassUID (the abdominal CT), wrote no SEG, and MONAI Label
+    uploaded a file that did not exist; an empty final label was a 500 too, and a gantry-tilt series' label would
+    be a SEG 3.7 mm off its slices. Now the series is repaired in the copy dcmqi reads, and the rest is a 422 naming
+    why, with nothing stored."""
+    from fastapi import HTTPException
+
+    open_ds, client, (uid, other) = _fake_dicomweb(tmp_path, series=("a", "b"))
+    for ds_ in client.files:  # as the vendor series and the CT carry them
+        if ds_.SeriesInstanceUID == uid:
+            ds_.PatientAge = "0Y"
+        else:
+            ds_.SOPClassUID = ""
+    ds = open_ds()
+    for series in (uid, other):
+        uri = ds.get_image_uri(series)
+        ds.save_label(series, str(_label_for(uri, tmp_path / f"{series}.nii.gz")), "final", {})
+    assert [x.Modality for x in client.stored] == ["SEG", "SEG"]
+    assert str(client.stored[0].ReferencedSeriesSequence[0].SeriesInstanceUID) == uid
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(nib.load(uri).shape, np.uint8), nib.load(uri).affine), str(empty))
+    ds.update_image_info(other, {"corrections": ["gantry tilt: resampled onto an orthogonal grid"]})
+    for label, why in ((empty, "the final label is empty"), (tmp_path / f"{other}.nii.gz", "was corrected")):
+        with pytest.raises(HTTPException) as e:
+            ds.save_label(other, str(label), "final", {})
+        assert e.value.status_code == 422 and why in e.value.detail and "nothing was stored" in e.value.detail
+    assert len(client.stored) == 2
 
 
 def test_dicomweb_conversion_and_labels_keep_what_a_subprocess_wrote(tmp_path):
