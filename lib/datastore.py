@@ -259,6 +259,18 @@ def check_series_uid(value, what: str = "image id") -> str:
     return value
 
 
+def label_on_image_grid(label_path: str, image_path: str) -> str:
+    """``label_path`` resampled (nearest neighbour, 0 outside it) onto the grid of ``image_path``, as a temporary
+    NIfTI: a label read back from a DICOM SEG covers only the frames it holds."""
+    import SimpleITK as sitk
+
+    lab, ref = sitk.ReadImage(label_path), sitk.ReadImage(image_path)
+    out = sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, lab.GetPixelID())
+    path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+    sitk.WriteImage(out, path)
+    return path
+
+
 class SeriesInputError(InputError, HTTPException):
     """A series that is no regular volume: an InputError to the app's tasks (which name it, 422) and an HTTP 422 to
     MONAI Label's datastore endpoints, which do not catch it (``GET /datastore/image`` of such a series, 3D Slicer's
@@ -273,7 +285,29 @@ class SeriesInputError(InputError, HTTPException):
 
 
 class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
+    def datalist(self, full_path=True) -> list[dict]:
+        """MONAI Label's (every SEG of the PACS fetched with the series it references, then the cached pairs), where
+        a pair whose series or SEG cannot be read is left out with a warning naming it: one SEG of a malformed
+        series (missing slices) made every training fail."""
+        self._leave_out_bad = True
+        try:
+            return super().datalist(full_path)
+        finally:
+            self._leave_out_bad = False
+
+    def _left_out(self, what: str, e: Exception) -> str:
+        if not getattr(self, "_leave_out_bad", False):
+            raise e
+        logger.warning("left out of the training data: %s: %s", what, getattr(e, "detail", None) or e)
+        return ""
+
     def get_image_uri(self, image_id: str) -> str:
+        try:
+            return self._image_uri(image_id)
+        except (InputError, HTTPException) as e:
+            return self._left_out(f"series {image_id}", e)
+
+    def _image_uri(self, image_id: str) -> str:
         if not image_id:
             return ""
         check_series_uid(image_id)
@@ -477,6 +511,12 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         return super().remove_image(image_id)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        try:
+            return self._label_uri(label_id, label_tag, image_id)
+        except (InputError, HTTPException, ValueError) as e:  # (pydicom-seg: "not a DICOM-SEG", overlapping segments)
+            return self._left_out(f"the {label_tag} label {label_id} of series {image_id}", e)
+
+    def _label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         """A final label is a DICOM SEG series in the PACS, fetched into the cache and converted to the image's label
         file on first use -- MONAI Label's ``get_label_uri`` with three changes: the SEG's id must be a series UID
         (it names a cache folder: ``../..`` downloaded a series anywhere), the download is the checked one (a
@@ -510,11 +550,20 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         named = seg_segments(label_dir)  # the SEG's segment numbers are the converted label's values
         if named:
             info["segments"] = named
+        on_grid = None
         try:
-            self._store_label(image_id, converted, label_tag, info)
+            # a SEG holds the frames its writer kept (dcmqi skips empty slices; another tool may crop in-plane): the
+            # volume read back covered the painted slices only, so the trainer's label check left the image out
+            image_uri = self.get_image_uri(image_id)
+            if not image_uri:
+                raise HTTPException(status_code=404, detail=f"the series {image_id} this SEG labels is not in the PACS "
+                                                            "or cannot be read")
+            on_grid = label_on_image_grid(converted, image_uri)
+            self._store_label(image_id, on_grid, label_tag, info)
         finally:
-            if os.path.exists(converted):
-                os.unlink(converted)
+            for f in (converted, on_grid):
+                if f and os.path.exists(f):
+                    os.unlink(f)
         return self._stored_label_path(image_id, label_tag) or ""
 
     def _stored_label_path(self, image_id: str, label_tag: str, label_id: str | None = None) -> str | None:
