@@ -184,6 +184,89 @@ def _install_request_checks() -> None:
     AsyncTask.run = staticmethod(run)
 
 
+def _install_model_file_checks() -> None:
+    """``PUT /model/<model>`` copied any upload over the file the model serves -- before a training here, the
+    configured checkpoint (with the README's command, the repository's sample model) -- and ``DELETE /model/<model>``
+    renamed that file away: one request from an annotator's role left the model unservable (a review: 170 bytes of
+    garbage answered 200; a 3D checkpoint uploaded for the 2D model was served). Here an upload must load as this
+    model's checkpoint (its VLM, dimension and labels), else 422 and nothing written; it becomes the *published*
+    checkpoint (where a training publishes; the one it replaces is kept beside it as ``<name>.pt.<time>.replaced``),
+    written atomically; ``DELETE`` removes only a published checkpoint (renamed ``.deleted``, as MONAI Label does),
+    so the configured one is served again, and refuses (409) to touch the configured one."""
+    import monailabel.endpoints.model as endpoint
+
+    if getattr(endpoint.update_model, "_dfm_checked", False):
+        return
+
+    def task_of(model: str):
+        from monailabel.interfaces.utils.app import app_instance
+
+        task = (getattr(app_instance(), "_infers", {}) or {}).get(model)
+        if task is None or not hasattr(task, "get_path"):
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}")
+        return task
+
+    def update_model(background_tasks, model: str, file):
+        import datetime
+        import secrets
+        import shutil
+
+        from monailabel.utils.others.generic import file_checksum
+
+        from lib.checkpoint import atomic_write, load_system
+
+        task = task_of(model)
+        published = task.path[-1]
+        folder = os.path.dirname(published) or "."
+        os.makedirs(folder, exist_ok=True)
+        # loaded from the folder it will be served from: a VLM it names relative to itself must be found there
+        upload = os.path.join(folder, f".{os.path.basename(published)}.upload-{secrets.token_hex(4)}")
+        try:
+            with open(upload, "wb") as f:
+                shutil.copyfileobj(file.file, f)
+            try:
+                system = load_system(upload, vlm=getattr(task, "vlm", None))
+            except (CheckpointError, VLMError, ConfigError, OSError) as e:
+                raise HTTPException(status_code=422, detail=f"model {model}: the upload is not a checkpoint this "
+                                                            f"model can serve: {e}; nothing was written") from None
+            want = {k: v for k, v in (task.labels if isinstance(task.labels, dict) else {}).items()
+                    if k not in ("uncertain", "background")}
+            got_dims = system.hparams.preprocessing.spatial_dims
+            if got_dims != task.dimension or (want and system.hparams.label_map != want):
+                raise HTTPException(status_code=422, detail=f"model {model}: the upload is a {got_dims}D model of "
+                                                            f"{system.hparams.label_map}, this model is "
+                                                            f"{task.dimension}D with {want} (its /info labels); "
+                                                            "nothing was written")
+            del system
+            if os.path.exists(published):
+                stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+                shutil.copy2(published, f"{published}.{stamp}.replaced")
+            with open(upload, "rb") as src:
+                atomic_write(published, lambda f: shutil.copyfileobj(src, f))
+        finally:
+            if os.path.exists(upload):
+                os.unlink(upload)
+        s = os.stat(published)
+        return {"checksum": file_checksum(published), "modified_time": int(s.st_mtime), "path": published}
+
+    def delete_model(model: str):
+        import datetime
+        import shutil
+
+        task = task_of(model)
+        published, served = task.path[-1], task.get_path()
+        if not served or served != published:
+            raise HTTPException(status_code=409, detail=f"model {model}: it serves {served}, the configured "
+                                                        "checkpoint, which is not deleted through the API (only a "
+                                                        "checkpoint published here, by a training or an upload, is)")
+        shutil.move(published, f"{published}.{datetime.datetime.now().strftime('%Y%m%d_%H%M%S')}.deleted")
+        return {"deleted": published, "serving": task.get_path()}
+
+    update_model._dfm_checked = True
+    endpoint.update_model = update_model
+    endpoint.delete_model = delete_model
+
+
 def discover_configs() -> dict[str, type]:
     """Model name (config module name) -> TaskConfig class, for every public module of ``lib.configs``."""
     out = {}
@@ -214,6 +297,7 @@ class DFMVLMApp(MONAILabelApp):
             self.models[n] = c
         logger.info("DFM+VLM models: %s (model dir %s)", names, self.model_dir)
         _install_request_checks()
+        _install_model_file_checks()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)

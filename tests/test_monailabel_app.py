@@ -619,3 +619,55 @@ def test_two_annotators_saving_one_image_at_once_leave_one_whole_label(server, t
         assert hashlib.sha256(stored.read_bytes()).hexdigest() in digests
     ds = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]
     assert "concurrent" in ds["phantom_ct_03"]["labels"]
+
+
+@needs_defaults
+def test_a_model_upload_must_be_this_model_s_checkpoint_and_never_replaces_the_configured_one(server):
+    """A review: PUT /model/<model> (an annotator's role in MONAI Label) copied any upload over the served file -- the
+    configured checkpoint before any training -- and DELETE /model/<model> renamed it away: garbage answered 200 and
+    every request then 503; a 3D checkpoint uploaded for the 2D model was served. An upload must load as this model's
+    checkpoint; it is published beside the configured one, which stays; DELETE removes only a published one."""
+    import hashlib
+
+    def sha(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    import io
+
+    import torch
+
+    def served_from_anywhere(path):  # as a training publishes it: its VLM named absolutely
+        ck = torch.load(path, weights_only=True)
+        ck["hyper_parameters"]["vlm"]["name_or_path"] = str(ROOT / "sample_data" / "models" / "vlm" / "tiny-clip")
+        body = io.BytesIO()
+        torch.save(ck, body)
+        return body.getvalue()
+
+    configured = ROOT / "sample_data" / "models" / "dfm_vlm_2d.pt"
+    before = sha(configured)
+    published = server.model_dir / "dfm_vlm_2d.pt"
+    assert not published.exists()
+    for body, phrase in ((b"not a checkpoint" * 10, "is not a checkpoint this model can serve"),
+                         (served_from_anywhere(ROOT / "sample_data" / "models" / "dfm_vlm_3d.pt"),
+                          "the upload is a 3D model")):
+        r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", body)}, timeout=120)
+        assert r.status_code == 422 and phrase in r.json()["detail"], (r.status_code, r.text[:300])
+    assert sha(configured) == before and not published.exists()
+    r = requests.delete(f"{server.url}/model/dfm_vlm_2d_interactive", timeout=60)
+    assert r.status_code == 409 and "not deleted through the API" in r.json()["detail"], r.text
+    assert configured.exists()
+    # a checkpoint whose VLM cannot be found from where it would be served (the sample names it relative to itself)
+    r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", configured.read_bytes())}, timeout=120)
+    assert r.status_code == 422 and "its VLM folder 'vlm/tiny-clip' was not found" in r.json()["detail"], r.text
+    # a good upload (a training's publication names its VLM absolutely) is published and served, the configured file
+    # untouched; DELETE puts the configured one back
+    body = served_from_anywhere(configured)
+    r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", body)}, timeout=120)
+    assert r.status_code == 200 and Path(r.json()["path"]) == published, r.text
+    assert published.read_bytes() == body and not list(server.model_dir.glob(".dfm_vlm_2d.pt.upload-*"))
+    assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"steps": 1}).headers.get("content-type")
+    info = requests.get(f"{server.url}/info/", timeout=60).json()
+    assert info["models"]["dfm_vlm_2d"]["checkpoint"]["path"] == str(published)
+    r = requests.delete(f"{server.url}/model/dfm_vlm_2d", timeout=60)
+    assert r.status_code == 200 and not published.exists() and r.json()["serving"] == str(configured), r.text
+    assert sha(configured) == before
