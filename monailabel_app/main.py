@@ -406,10 +406,45 @@ class DFMVLMApp(MONAILabelApp):
 
     # -- requests: clear HTTP errors instead of bare 500s ------------------------------------------------------
     def infer(self, request, datastore=None):
+        from lib.infers.dfm_vlm import is_upload
+
+        image = request.get("image")
+        try:
+            return self._infer(request, datastore)
+        except Exception:
+            # MONAI Label removes an upload in a background task that FastAPI runs only after an answer: every
+            # refused upload stayed in the temporary folder for good
+            if isinstance(image, str) and is_upload(image):
+                try:
+                    os.unlink(image)
+                except OSError:
+                    pass
+            raise
+
+    def _infer(self, request, datastore=None):
+        import concurrent.futures
+
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
         image = request.get("image")
+        if isinstance(image, str) and not image.strip() and "session" not in request:
+            # MONAI Label leaves the image empty for a session_id it does not know (it was "image id is empty")
+            raise HTTPException(status_code=404, detail="the request names no image: its session_id is unknown or "
+                                                        "expired (upload the image again: PUT /session), or no "
+                                                        "image, file or session_id was sent")
+        if "timeout" in request:
+            # MONAI Label waits this long for an inference run in its thread pool
+            # (MONAI_LABEL_INFER_CONCURRENCY): "abc" and a TimeoutError were 500s
+            from lib.infers.dfm_vlm import _as_float
+
+            try:
+                request["timeout"] = _as_float("timeout", request["timeout"])
+                if not 0 < request["timeout"] < float("inf"):
+                    raise ConfigError(f"parameter 'timeout' must be a number of seconds > 0, got "
+                                      f"{request['timeout']!r}")
+            except ConfigError as e:
+                raise HTTPException(status_code=422, detail=f"{model}: {e}") from None
         ds = datastore or self.datastore()
         server_file = isinstance(image, str) and self._server_made_file(image)
         if isinstance(image, str) and not server_file:
@@ -458,6 +493,10 @@ class DFMVLMApp(MONAILabelApp):
                 raise ConfigError("'save_label' with label_tag 'final' and 'uncertain_segment' would store the "
                                   "uncertain region as a final label: ask without uncertain_segment")
             return super().infer(request, datastore)
+        except concurrent.futures.TimeoutError:
+            raise HTTPException(status_code=504, detail=f"{model}: the inference took longer than the request's "
+                                                        f"timeout ({request.get('timeout')} s); it is still running "
+                                                        "on the server, and its result is dropped") from None
         except (InputError, ConfigError, VLMError) as e:
             raise HTTPException(status_code=422, detail=f"{model}: {e}") from e
         except (ModelNotReady, CheckpointError) as e:
@@ -467,17 +506,12 @@ class DFMVLMApp(MONAILabelApp):
         """A file MONAI Label itself wrote for this request: an upload (``tempfile.NamedTemporaryFile`` in the
         temporary folder, run_inference) or a session's image (under the sessions folder). Any other path in
         ``image`` (a client can also set it through ``params``) would let a client make the server read its files."""
-        from lib.infers.dfm_vlm import is_upload
+        from lib.infers.dfm_vlm import is_session_image, is_upload
 
         if "\x00" in path:  # os.path raises on it
             return False
-        p = os.path.realpath(path)
-        if not os.path.isfile(p):
-            return False
-        if is_upload(p):  # the same rule that seeds an upload by its content
-            return True
-        sessions = getattr(self.sessions(), "store_path", None) if hasattr(self, "sessions") else None
-        return bool(sessions) and p.startswith(os.path.realpath(sessions) + os.sep)
+        # the same rules that seed such an image by its content
+        return is_upload(path) or is_session_image(path)
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"

@@ -539,6 +539,46 @@ def test_a_checkpoint_published_while_a_request_runs_does_not_fail_it(tmp_path, 
         task._pin(None, None)
 
 
+def test_a_published_checkpoint_removed_while_it_loads_serves_the_configured_one(tmp_path, ckpt3d, monkeypatch):
+    """A review: the published file removed between its look-up and its load (DELETE /model, a training replacing
+    it) gave a FileNotFoundError, a 500 on /infer and /info. The file served now is looked up again."""
+    import shutil
+    from pathlib import Path
+
+    import lib.infers.dfm_vlm as infers
+
+    cfg = _task(ckpt3d, tmp_path / "model")
+    task = cfg.infer()
+    published = Path(cfg.published)
+    published.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ckpt3d, published)
+    assert task.get_path() == str(published)
+    real = infers.load_system
+
+    def removed_meanwhile(path, *a, **k):
+        if str(path) == str(published) and published.exists():
+            published.unlink()
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(infers, "load_system", removed_meanwhile)
+    system = task.system("cpu")
+    assert system.checkpoint.path == str(ckpt3d) and not published.exists()
+    assert task.info()["checkpoint"]["path"] == str(ckpt3d)
+    # and once more where the file goes after its look-up, before its time is read
+    shutil.copy(ckpt3d, published)
+    task.clear_cache()
+    real_get = type(task).get_path
+
+    def then_gone(self, validate=True):
+        p = real_get(self, validate)
+        if p == str(published) and published.exists():
+            published.unlink()
+        return p
+
+    monkeypatch.setattr(type(task), "get_path", then_gone)
+    assert task.system("cpu").checkpoint.path == str(ckpt3d)
+
+
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):
     """Found by a review: with --conf dfm_vlm_3d_checkpoint X, a dfm_vlm_3d.pt that an earlier session had published
     into model_dir (shared by every --studies) was served instead of X, silently. X is served until a training here

@@ -227,6 +227,24 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
                             "the selected segment 'Segment_1' is not a label of this model (['lung', 'uncertain'])")):
         r = _infer(server, "dfm_vlm_2d_interactive", "phantom_xray_05", params)
         assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
+    # a review (2026-12-07): "timeout" (MONAI Label's wait for its inference thread pool) "abc" was a 500; an unknown
+    # or expired session_id answered "image id is empty"; a refused upload stayed in the temporary folder for good
+    r = _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"timeout": "abc", "steps": 1})
+    assert r.status_code == 422 and "'timeout'" in r.json()["detail"], r.text
+    r = requests.post(f"{server.url}/infer/dfm_vlm_2d", params={"session_id": "no-such-session"},
+                      data={"params": "{}"}, timeout=60)
+    assert r.status_code == 404 and "session_id is unknown or expired" in r.json()["detail"], r.text
+    import glob
+    import tempfile
+
+    def uploads():
+        return set(glob.glob(os.path.join(tempfile.gettempdir(), "tmp????????.nii.gz")))
+
+    left = uploads()
+    r = requests.post(f"{server.url}/infer/dfm_vlm_2d", data={"params": "{}"},
+                      files={"file": ("ct.nii.gz", (server.studies / "phantom_ct_06.nii.gz").read_bytes())}, timeout=120)
+    assert r.status_code == 422 and "3D image" in r.json()["detail"], r.text
+    assert uploads() - left == set(), "the refused upload was left in the temporary folder"
     assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"save_label": "false", "steps": 1}).status_code == 200
     labels = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]["phantom_xray_05"]
     assert "original" not in labels["labels"] and "final" not in labels["labels"], labels
@@ -469,6 +487,19 @@ def test_an_uploaded_image_gives_the_same_result_for_the_same_seed(server, tmp_p
 
     first, again, dashed = upload("xray.png"), upload("xray.png"), upload("case.AP-view.png")
     assert first.any() and np.array_equal(first, again) and np.array_equal(first, dashed)
+
+    # a session (3D Slicer's PUT /session of an image it opened: a new session id and temporary name each time): the
+    # same image and seed, the same result (a review: 47 voxels apart from one session to the next)
+    def in_session():
+        r = requests.put(f"{server.url}/session/", files={"files": ("xray.png", body)}, timeout=120)
+        assert r.status_code == 200, r.text[:300]
+        r = requests.post(f"{server.url}/infer/dfm_vlm_2d", params={"session_id": r.json()["session_id"],
+                                                                     "output": "image"},
+                          data={"params": json.dumps({"steps": 2, "num_samples": 2})}, timeout=600)
+        assert r.status_code == 200, r.text[:300]
+        return np.asarray(Image.open(io.BytesIO(r.content)))
+
+    assert np.array_equal(in_session(), in_session()) and np.array_equal(in_session(), first)
 
 
 @needs_defaults

@@ -187,11 +187,33 @@ def is_upload(path: str) -> bool:
         re.fullmatch(r"tmp[a-z0-9_]{8}(\.[^/\\]*)?", os.path.basename(real)) is not None
 
 
+def session_store() -> str:
+    """Where MONAI Label keeps session images (``PUT /session``: 3D Slicer's upload of an image it opened itself),
+    as its ``Sessions`` store decides it."""
+    from pathlib import Path
+
+    from monailabel.config import settings
+
+    return os.path.realpath(settings.MONAI_LABEL_SESSION_PATH
+                            or os.path.join(Path.home(), ".cache", "monailabel", "sessions"))
+
+
+def is_session_image(path: str) -> bool:
+    """A file in MONAI Label's session store (under a new session id and a new temporary name each time)."""
+    if "\x00" in path:
+        return False
+    real = os.path.realpath(path)
+    return os.path.isfile(real) and real.startswith(session_store() + os.sep)
+
+
 def seed_key(path: str) -> str:
     """What an image's windows are seeded by (with the seed and each window's position): its case id -- the file
-    name, as ``evaluate`` uses it, so the app equals the core -- or, for an upload (:func:`is_upload`, a new name
-    each time), its content: the same upload and seed give the same result every time."""
-    return "upload-" + file_sha256(path)[:32] if is_upload(path) else case_id({"image": path})
+    name, as ``evaluate`` uses it, so the app equals the core -- or, for an upload (:func:`is_upload`) or a session's
+    image (:func:`is_session_image`: a new name each time), its content: the same image and seed give the same
+    result every time (a session's result differed by ~50 voxels from one session to the next)."""
+    if is_upload(path) or is_session_image(path):
+        return "upload-" + file_sha256(path)[:32]
+    return case_id({"image": path})
 
 
 def request_device(value, default: str) -> str:
@@ -468,7 +490,17 @@ class DFMVLMInfer(BasicInferTask):
     def system(self, device) -> DFMSystem:
         """The checkpoint's system on ``device``; reloaded when the checkpoint file changes (no restart). "cuda"
         and "cuda:<current>" are one device, one copy (MONAI Label's config names the GPU "cuda:0" where a request
-        without a device gets "cuda": two copies of model and VLM on one GPU)."""
+        without a device gets "cuda": two copies of model and VLM on one GPU). A published file removed while it
+        was looked up or loaded (DELETE /model, a training replacing it) is looked up again: the file served now
+        (it was a FileNotFoundError, a 500 on /infer and /info)."""
+        for _ in range(3):
+            try:
+                return self._system(device)
+            except FileNotFoundError:
+                continue
+        raise ModelNotReady(f"the checkpoint files {self.path} kept changing while they were loaded; ask again")
+
+    def _system(self, device) -> DFMSystem:
         device = device_key(device)
         path = self.get_path()
         if not path:
@@ -485,6 +517,8 @@ class DFMVLMInfer(BasicInferTask):
                 digest = file_sha256(path)
                 system = load_system(path, device=device, vlm=self.vlm)
             except (CheckpointError, VLMError, ConfigError, OSError) as e:
+                if not os.path.exists(path):  # removed while it loaded: look again (system)
+                    raise FileNotFoundError(path) from e
                 reason = f"checkpoint {path} cannot be served: {e}"
                 self._failures[device] = (path, mtime, time.monotonic(), reason)
                 raise ModelNotReady(reason) from e
@@ -515,8 +549,14 @@ class DFMVLMInfer(BasicInferTask):
             except ModelNotReady:
                 pass
         i = super().info()
+        if system is not None:  # the file that was loaded (the one looked up may have gone since)
+            path = getattr(getattr(system, "checkpoint", None), "path", None) or path
+        try:
+            mtime = os.stat(path).st_mtime if path else None
+        except FileNotFoundError:  # removed since (a 500 on /info)
+            path = None
         if path:
-            i["checkpoint"] = {"path": path, "modified_time": os.stat(path).st_mtime}
+            i["checkpoint"] = {"path": path, "modified_time": mtime}
             try:
                 if system is None:
                     raise ModelNotReady(path)
