@@ -78,6 +78,13 @@ def _header_problem(datasets: Sequence[pydicom.Dataset]) -> str | None:
 
 def describe_geometry_problem(datasets: Sequence[pydicom.Dataset]) -> str | None:
     """A plain-words reason why these slices are not one regular volume (None if they are)."""
+    frames = [int(str(ds.get("NumberOfFrames", 1) or 1)) if str(ds.get("NumberOfFrames", 1) or 1).isdigit() else 1
+              for ds in datasets]
+    if any(n > 1 for n in frames):
+        # an enhanced (multi-frame) CT or MR: one instance holds the whole volume (was: "only 1 slice(s) ... a
+        # localizer?")
+        return (f"{sum(n > 1 for n in frames)} multi-frame instance(s) ({max(frames)} frames): multi-frame "
+                "(enhanced) DICOM is not read by this server; export the series as single-frame images")
     if len(datasets) < 3:
         return f"only {len(datasets)} slice(s): at least 3 are needed for a volume (a localizer or an incomplete series?)"
     problem = _header_problem(datasets)

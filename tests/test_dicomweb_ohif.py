@@ -718,6 +718,17 @@ def test_malformed_dicom_headers_are_refused_naming_the_file_and_the_tag(tmp_pat
         "instance CT0001.dcm has no ImagePositionPatient (0020,0032)":
             series("no_ipp", lambda ds: delattr(ds, "ImagePositionPatient"), only=1),
     }
+    # an enhanced (multi-frame) instance holding the volume: named as such (a review: "only 1 slice(s) ... a
+    # localizer?"); its frames are not read
+    d = tmp_path / "enhanced"
+    write_ct_series(np.zeros((16, 16, 5)), np.diag([1.0, 1.0, 2.0, 1.0]), d)
+    first = sorted(d.iterdir())[0]
+    for f in sorted(d.iterdir())[1:]:
+        f.unlink()
+    ds = pydicom.dcmread(str(first))
+    ds.NumberOfFrames = 5
+    ds.save_as(str(first))
+    cases["1 multi-frame instance(s) (5 frames): multi-frame (enhanced) DICOM is not read by this server"] = d
     for expect, folder in cases.items():
         with pytest.raises(InputError) as e:
             series_to_nifti(folder, tmp_path / f"{folder.name}.nii.gz")
