@@ -15,6 +15,7 @@ import logging
 import os
 import pkgutil
 import sys
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -267,6 +268,38 @@ def _install_model_file_checks() -> None:
     endpoint.delete_model = delete_model
 
 
+_RESULT = threading.local()  # this thread's last /infer result's label names (for its DICOM SEG, below)
+
+
+def _install_dicom_seg_naming() -> None:
+    """``/infer?output=dicom_seg``: MONAI Label writes the SEG of the result with the request's ``label_info``
+    paired by *position* with the values present, so ``[lesion]`` named the lesion and left the vertebra "unknown",
+    and ``[vertebra]`` named the lesion "vertebra" (a review: OHIF then showed the lesion as the vertebra). Here each
+    value present is named by the result's own ``label_names``, with the client's entry of that name (its colour,
+    model name) where it sent one."""
+    import monailabel.endpoints.infer as endpoint
+
+    if getattr(endpoint.nifti_to_dicom_seg, "_dfm_named", False):
+        return
+    original = endpoint.nifti_to_dicom_seg
+
+    def named(series_dir, label, label_info, file_ext="*", use_itk=True):
+        names = getattr(_RESULT, "label_names", None)
+        if isinstance(names, dict) and names:
+            import nibabel as nib
+            import numpy as np
+
+            by_value = {int(v): str(n) for n, v in names.items() if isinstance(v, (int, float))}
+            given = {str(x.get("name")): x for x in (label_info or []) if isinstance(x, dict)}
+            present = [int(v) for v in np.unique(np.asarray(nib.load(label).dataobj)) if v != 0]
+            label_info = [{**given.get(by_value.get(v, ""), {}), "name": by_value.get(v, f"segment {v}")}
+                          for v in present]
+        return original(series_dir, label, label_info, file_ext=file_ext, use_itk=use_itk)
+
+    named._dfm_named = True
+    endpoint.nifti_to_dicom_seg = named
+
+
 def discover_configs() -> dict[str, type]:
     """Model name (config module name) -> TaskConfig class, for every public module of ``lib.configs``."""
     out = {}
@@ -298,6 +331,7 @@ class DFMVLMApp(MONAILabelApp):
         logger.info("DFM+VLM models: %s (model dir %s)", names, self.model_dir)
         _install_request_checks()
         _install_model_file_checks()
+        _install_dicom_seg_naming()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)
@@ -492,7 +526,11 @@ class DFMVLMApp(MONAILabelApp):
                     and request.get("label_tag", "original") == "final":
                 raise ConfigError("'save_label' with label_tag 'final' and 'uncertain_segment' would store the "
                                   "uncertain region as a final label: ask without uncertain_segment")
-            return super().infer(request, datastore)
+            _RESULT.label_names = None
+            out = super().infer(request, datastore)
+            _RESULT.label_names = ((out or {}).get("params") or {}).get("label_names") if isinstance(out, dict) \
+                else None
+            return out
         except concurrent.futures.TimeoutError:
             raise HTTPException(status_code=504, detail=f"{model}: the inference took longer than the request's "
                                                         f"timeout ({request.get('timeout')} s); it is still running "

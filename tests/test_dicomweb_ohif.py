@@ -227,6 +227,13 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/dicom"), r.text[:300]
     seg_direct = pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content))
     assert seg_direct.Modality == "SEG"
+    # each segment named by its value in the result (a review: paired by position with label_info, so [vertebra]
+    # named the lesion "vertebra" and the vertebra "unknown")
+    r = _infer(server, uid, {"label_info": [{"name": "vertebra", "model_name": "dfm_vlm_3d"}]}, output="dicom_seg")
+    assert r.status_code == 200, r.text[:300]
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content))
+    assert [(int(x.SegmentNumber), str(x.SegmentLabel)) for x in seg.SegmentSequence] == \
+        [(1, "lesion"), (2, "vertebra")], [(x.SegmentNumber, x.SegmentLabel) for x in seg.SegmentSequence]
     # saving the final label stores a SEG in Orthanc over STOW-RS
     with open(label_path, "rb") as f:
         r = requests.put(f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
