@@ -312,12 +312,20 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             return ""
         check_series_uid(image_id)
         image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+        image_nii_gz = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        if os.path.isdir(image_dir) and os.listdir(image_dir) and self._changed_in_pacs(image_id, image_dir):
+            # fetched while the PACS was still receiving it: served (or refused as "missing slices") as first cached,
+            # for good -- after a restart too
+            logger.warning("series %s: the PACS holds another number of instances than the cache: fetched again",
+                           image_id)
+            shutil.rmtree(image_dir, ignore_errors=True)
+            if os.path.exists(image_nii_gz):
+                os.unlink(image_nii_gz)
         if not os.path.exists(image_dir) or not os.listdir(image_dir):
             if not self._download(image_id, image_dir):
                 return ""  # no such series in the PACS
         if not self._convert_to_nifti:
             return image_dir
-        image_nii_gz = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
         if not os.path.exists(image_nii_gz):
             with tempfile.TemporaryDirectory() as tmp_dir:
                 tmp = os.path.join(tmp_dir, f"{image_id}.nii.gz")
@@ -333,6 +341,23 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 # as it is on disk (MONAI Label's wrote its in-memory copy over a subprocess's scores)
                 FreshIndex.add_image(self, image_id, tmp, info)
         return image_nii_gz
+
+    def _changed_in_pacs(self, series_uid: str, image_dir: str) -> bool:
+        """The PACS's NumberOfSeriesRelatedInstances (0020,1209) differs from the cached files (None from the PACS:
+        not known, not changed)."""
+        try:
+            found = [x for x in self._client.search_for_series(
+                search_filters={"SeriesInstanceUID": series_uid}, fields=["NumberOfSeriesRelatedInstances"])
+                if x.get("0020000E", {}).get("Value") == [series_uid]]
+        except Exception as e:  # noqa: BLE001 - a PACS that cannot be asked now: the cache serves
+            logger.warning("series %s: the PACS could not be asked for its instances (%s): the cache serves",
+                           series_uid, e)
+            return False
+        count = (found[0].get("00201209", {}).get("Value") or [None])[0] if found else None
+        try:
+            return count is not None and int(count) != len(os.listdir(image_dir))
+        except (TypeError, ValueError):
+            return False
 
     def _download(self, series_uid: str, image_dir: str) -> bool:
         """All instances of the series, as stored, into ``image_dir`` (complete or not at all)."""
@@ -352,9 +377,15 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                                          media_types=(("application/dicom", "*"),))
                 for ds in instances:
                     ds.save_as(os.path.join(tmp, f"{ds.SOPInstanceUID}.dcm"))
-            if os.path.isdir(image_dir):
-                shutil.rmtree(image_dir)  # an empty leftover
-            os.rename(tmp, image_dir)
+            if os.path.isdir(image_dir) and os.listdir(image_dir):
+                return True  # another process (a training, a scoring) completed it meanwhile: its copy is read now
+            try:
+                if os.path.isdir(image_dir):
+                    os.rmdir(image_dir)  # an empty leftover (was rmtree: of a complete folder another process read)
+                os.rename(tmp, image_dir)
+            except OSError:
+                if not (os.path.isdir(image_dir) and os.listdir(image_dir)):
+                    raise  # not another process's complete copy
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return True

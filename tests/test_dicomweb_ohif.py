@@ -540,6 +540,37 @@ def test_one_seg_of_a_malformed_series_leaves_that_pair_out_of_the_training_data
         fresh.get_image_uri(bad)
 
 
+def test_a_series_cached_while_the_pacs_still_received_it_is_fetched_again(tmp_path):
+    """A review: a series first asked for while the PACS held 6 of its 10 instances was converted from those 6 and
+    served so for good (a late middle slice: "missing slices" for good, after a restart too). The PACS's
+    NumberOfSeriesRelatedInstances is compared with the cache; another count fetches the series again."""
+    open_ds, client, (uid,) = _fake_dicomweb(tmp_path, shape=(24, 20, 10))
+    everything = list(client.files)
+    by_z = sorted(everything, key=lambda f: float(f.ImagePositionPatient[2]))
+    late = by_z[4]
+
+    class CountingPACS(type(client)):
+        def search_for_series(self, search_filters=None, **kw):
+            out = super().search_for_series(search_filters, **kw)
+            for r in out:
+                n = sum(1 for f in self.files if f.SeriesInstanceUID == r["0020000E"]["Value"][0])
+                r["00201209"] = {"vr": "IS", "Value": [n]}
+            return out
+
+    client.__class__ = CountingPACS
+    client.files = [f for f in everything if f is not late]  # slice 5 of 10 arrives late
+    ds = open_ds()
+    with pytest.raises(Exception, match="missing slices"):
+        ds.get_image_uri(uid)
+    client.files = everything
+    assert nib.load(open_ds().get_image_uri(uid)).shape[:3] == (24, 20, 10)  # fetched again, after a restart too
+    client.files = by_z[:6]  # and a series cached whole, served as such while the PACS agrees
+    again = open_ds()
+    assert nib.load(again.get_image_uri(uid)).shape[2] == 6
+    client.files = everything
+    assert nib.load(again.get_image_uri(uid)).shape[2] == 10
+
+
 def _dcm_bytes(ds) -> bytes:
     import io
 
