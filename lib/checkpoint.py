@@ -201,6 +201,9 @@ def _unpack(obj: Any, path: Path) -> tuple[dict, dict | None, str, dict, str | N
             obj.get("library_version")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         hp = obj.get("hyper_parameters", obj.get("hparams"))
+        if hp is not None and not isinstance(hp, dict):  # dict(hp) raised a bare ValueError / TypeError
+            raise CheckpointError(f"{path}: its hyper_parameters must be a mapping, got {type(hp).__name__} "
+                                  f"{str(hp)[:60]!r}")
         sd = obj["state_dict"]
         if any(k.startswith("model.") for k in sd):
             dropped = sorted({k.split(".")[0] for k in sd if not k.startswith("model.")})

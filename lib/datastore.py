@@ -342,16 +342,34 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 FreshIndex.add_image(self, image_id, tmp, info)
         return image_nii_gz
 
+    RECHECK_S = 300.0  # how often (per series and process) a cached series is compared with the PACS
+    ASK_S = 3.0  # how long that question may take (dicomweb_client retries ~30 s, and has no timeout of its own)
+    _asked: dict = {}
+    _asker = None
+
     def _changed_in_pacs(self, series_uid: str, image_dir: str) -> bool:
         """The PACS's NumberOfSeriesRelatedInstances (0020,1209) differs from the cached files (None from the PACS:
-        not known, not changed)."""
+        not known, not changed). Asked at most every ``RECHECK_S`` per series, for at most ``ASK_S``: a PACS that is
+        down or does not answer leaves the cache serving (every request waited on it: 30 s refused, forever
+        silent, with MONAI Label's endpoints on the event loop)."""
+        import concurrent.futures
+        import time as _time
+
+        now = _time.monotonic()
+        key = (id(self), series_uid)
+        if now - CheckedDICOMWebDatastore._asked.get(key, -math.inf) < self.RECHECK_S:
+            return False
+        CheckedDICOMWebDatastore._asked[key] = now
+        if CheckedDICOMWebDatastore._asker is None:
+            CheckedDICOMWebDatastore._asker = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pacs-ask")
+        ask = CheckedDICOMWebDatastore._asker.submit(
+            self._client.search_for_series, search_filters={"SeriesInstanceUID": series_uid},
+            fields=["NumberOfSeriesRelatedInstances"])
         try:
-            found = [x for x in self._client.search_for_series(
-                search_filters={"SeriesInstanceUID": series_uid}, fields=["NumberOfSeriesRelatedInstances"])
-                if x.get("0020000E", {}).get("Value") == [series_uid]]
+            found = [x for x in ask.result(timeout=self.ASK_S) if x.get("0020000E", {}).get("Value") == [series_uid]]
         except Exception as e:  # noqa: BLE001 - a PACS that cannot be asked now: the cache serves
             logger.warning("series %s: the PACS could not be asked for its instances (%s): the cache serves",
-                           series_uid, e)
+                           series_uid, type(e).__name__ if isinstance(e, concurrent.futures.TimeoutError) else e)
             return False
         count = (found[0].get("00201209", {}).get("Value") or [None])[0] if found else None
         try:

@@ -199,6 +199,12 @@ def _install_model_file_checks() -> None:
     if getattr(endpoint.update_model, "_dfm_checked", False):
         return
 
+    def _same_file(a: str, b: str) -> bool:
+        try:
+            return os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b)
+        except OSError:
+            return False
+
     def task_of(model: str):
         from monailabel.interfaces.utils.app import app_instance
 
@@ -218,6 +224,10 @@ def _install_model_file_checks() -> None:
 
         task = task_of(model)
         published = task.path[-1]
+        if _same_file(published, task.path[0]):
+            # --conf model_dir holding the configured checkpoint, or <model>_checkpoint naming the published file
+            raise HTTPException(status_code=409, detail=f"model {model}: its published checkpoint is its configured "
+                                                        f"one ({published}), which is not replaced through the API")
         folder = os.path.dirname(published) or "."
         os.makedirs(folder, exist_ok=True)
         # loaded from the folder it will be served from: a VLM it names relative to itself must be found there
@@ -227,7 +237,7 @@ def _install_model_file_checks() -> None:
                 shutil.copyfileobj(file.file, f)
             try:
                 system = load_system(upload, vlm=getattr(task, "vlm", None))
-            except (CheckpointError, VLMError, ConfigError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever fails to load (hyper_parameters a string: a TypeError)
                 raise HTTPException(status_code=422, detail=f"model {model}: the upload is not a checkpoint this "
                                                             f"model can serve: {e}; nothing was written") from None
             want = {k: v for k, v in (task.labels if isinstance(task.labels, dict) else {}).items()
@@ -256,7 +266,7 @@ def _install_model_file_checks() -> None:
 
         task = task_of(model)
         published, served = task.path[-1], task.get_path()
-        if not served or served != published:
+        if not served or served != published or _same_file(published, task.path[0]):
             raise HTTPException(status_code=409, detail=f"model {model}: it serves {served}, the configured "
                                                         "checkpoint, which is not deleted through the API (only a "
                                                         "checkpoint published here, by a training or an upload, is)")
@@ -286,13 +296,18 @@ def _install_dicom_seg_naming() -> None:
     def named(series_dir, label, label_info, file_ext="*", use_itk=True):
         names = getattr(_RESULT, "label_names", None)
         if isinstance(names, dict) and names:
-            import nibabel as nib
             import numpy as np
+            import SimpleITK as sitk
 
             by_value = {int(v): str(n) for n, v in names.items() if isinstance(v, (int, float))}
-            given = {str(x.get("name")): x for x in (label_info or []) if isinstance(x, dict)}
-            present = [int(v) for v in np.unique(np.asarray(nib.load(label).dataobj)) if v != 0]
-            label_info = [{**given.get(by_value.get(v, ""), {}), "name": by_value.get(v, f"segment {v}")}
+            entries = [x for x in (label_info or []) if isinstance(x, dict)]
+            given = {str(x.get("name")): x for x in entries}
+            # the client's model name names the SEG series (MONAI Label reads it from the first entry)
+            model_name = next((x["model_name"] for x in entries if x.get("model_name")), None)
+            # the result as MONAI Label reads it (any extension: .nrrd, .mha as well as NIfTI)
+            present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(label))) if v != 0]
+            label_info = [{**({"model_name": model_name} if model_name else {}),
+                           **given.get(by_value.get(v, ""), {}), "name": by_value.get(v, f"segment {v}")}
                           for v in present]
         return original(series_dir, label, label_info, file_ext=file_ext, use_itk=use_itk)
 
@@ -510,7 +525,8 @@ class DFMVLMApp(MONAILabelApp):
             label = request.get("label")
             sent = [n for n in ("foreground", "background", *mine)
                     if isinstance(request.get(n), (list, tuple)) and len(request.get(n))]
-            if isinstance(label, str) and label.strip() and label not in mine | {"foreground"} and not sent:
+            values = {str(v) for v in task.labels.values()} if isinstance(task.labels, dict) else set()
+            if isinstance(label, str) and label.strip() and label not in mine | values | {"foreground"} and not sent:
                 raise HTTPException(status_code=422, detail=f"{model}: the selected segment {label!r} is not a label "
                                                             f"of this model ({sorted(mine - {'background'})}), so its "
                                                             "points were not sent; select one of its segments (or "

@@ -423,6 +423,40 @@ def test_next_sample_never_hands_out_an_image_another_annotator_has_and_scores_s
     assert FairRandom()({"strategy": "random"}, ds)["id"] in ids
 
 
+def test_a_scoring_process_does_not_write_the_score_of_an_image_replaced_while_it_scored(tmp_path, ckpt3d):
+    """A second review: the check that a scored image was not replaced meanwhile was proven on the datastore's method
+    only; here through the scoring loop, on the app's datastore, with the replacement made by another process's
+    datastore (the server's) in the same second and format."""
+    import shutil
+    from pathlib import Path
+
+    from lib.activelearning.uncertainty import SCORE, DFMUncertaintyScoring
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for k in (5, 6):
+        shutil.copy(f"{Path(__file__).parent.parent}/sample_data/phantom_ct_0{k}.nii.gz", studies / f"ct{k}.nii.gz")
+    server = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    scoring_ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    server.add_image("ct5", str(studies / "ct5.nii.gz"), {})
+    scoring_ds._reload_index_locked()
+
+    class Scoring(DFMUncertaintyScoring):
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            if image_id == "ct5":  # the server replaces it meanwhile
+                server.add_image("ct5", str(studies / "ct6.nii.gz"), {})
+            return {SCORE: 0.5}
+
+        def candidates(self, datastore):
+            return ["ct5"]
+
+    r = Scoring(_task(ckpt3d, tmp_path / "model").infer(), "m", num_samples=2)({}, scoring_ds)
+    assert r["executed"] == 0, r
+    assert "m_uncertainty" not in CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"],
+                                                         read_only=True).get_image_info("ct5")
+
+
 def test_the_scoring_request_and_its_conf_are_checked_before_anything_runs(tmp_path, ckpt3d):
     """A review: POST /scoring with num_samples 1 or "abc" answered 200 (a task that ended DONE with an error), a
     bad device was ignored; --conf uncertainty_samples 1 started a server whose every scoring failed, "abc" gave a
@@ -577,6 +611,48 @@ def test_a_published_checkpoint_removed_while_it_loads_serves_the_configured_one
 
     monkeypatch.setattr(type(task), "get_path", then_gone)
     assert task.system("cpu").checkpoint.path == str(ckpt3d)
+
+
+def test_the_model_endpoints_never_touch_a_configured_checkpoint_that_is_also_the_published_one(tmp_path, ckpt3d,
+                                                                                                monkeypatch):
+    """A second review: PUT and DELETE /model compared the published and the configured checkpoint as strings, so
+    with --conf model_dir holding the configured file (or <model>_checkpoint naming the published one) a DELETE
+    removed the configured checkpoint and a PUT overwrote it. And an upload whose hyper_parameters are a string
+    was a 500 (a TypeError), not the 422 the others get."""
+    import io
+    import types
+
+    import torch
+    from fastapi import HTTPException
+
+    import monailabel.endpoints.model as endpoint
+    import monailabel.interfaces.utils.app as app_utils
+    from monailabel_app.main import _install_model_file_checks
+
+    _install_model_file_checks()
+    task = _task(ckpt3d, tmp_path / "model").infer()
+
+    class App:
+        _infers = {"dfm_vlm_3d": task}
+
+    monkeypatch.setattr(app_utils, "app_instance", lambda: App())
+    before = ckpt3d.read_bytes()
+    task.path = [str(ckpt3d), str(ckpt3d)]  # --conf model_dir is the configured checkpoint's folder
+    for call in (lambda: endpoint.delete_model("dfm_vlm_3d"),
+                 lambda: endpoint.update_model(None, "dfm_vlm_3d", types.SimpleNamespace(file=io.BytesIO(before)))):
+        with pytest.raises(HTTPException) as e:
+            call()
+        assert e.value.status_code == 409 and "configured" in e.value.detail, e.value.detail
+    assert ckpt3d.read_bytes() == before
+    task.path = [str(ckpt3d), str(tmp_path / "model" / "dfm_vlm_3d.pt")]
+    bad = torch.load(ckpt3d, weights_only=True)
+    bad["hyper_parameters"] = "not a mapping"
+    body = io.BytesIO()
+    torch.save(bad, body)
+    with pytest.raises(HTTPException) as e:
+        endpoint.update_model(None, "dfm_vlm_3d", types.SimpleNamespace(file=io.BytesIO(body.getvalue())))
+    assert e.value.status_code == 422 and "not a checkpoint this model can serve" in e.value.detail
+    assert not (tmp_path / "model" / "dfm_vlm_3d.pt").exists()
 
 
 def test_a_checkpoint_named_with_conf_wins_over_one_an_earlier_session_published(tmp_path, ckpt3d, monkeypatch):

@@ -234,6 +234,13 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content))
     assert [(int(x.SegmentNumber), str(x.SegmentLabel)) for x in seg.SegmentSequence] == \
         [(1, "lesion"), (2, "vertebra")], [(x.SegmentNumber, x.SegmentLabel) for x in seg.SegmentSequence]
+    # any result extension (a second review: an .nrrd result was a 500), the client's model name kept
+    r = _infer(server, uid, {"label_info": [{"name": "vertebra", "model_name": "dfm_vlm_3d"}],
+                             "result_extension": ".nrrd"}, output="dicom_seg")
+    assert r.status_code == 200, r.text[:300]
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content))
+    assert [str(x.SegmentLabel) for x in seg.SegmentSequence] == ["lesion", "vertebra"]
+    assert seg.SeriesDescription == "dfm_vlm_3d", seg.SeriesDescription
     # saving the final label stores a SEG in Orthanc over STOW-RS
     with open(label_path, "rb") as f:
         r = requests.put(f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
@@ -568,7 +575,45 @@ def test_a_series_cached_while_the_pacs_still_received_it_is_fetched_again(tmp_p
     again = open_ds()
     assert nib.load(again.get_image_uri(uid)).shape[2] == 6
     client.files = everything
+    assert nib.load(again.get_image_uri(uid)).shape[2] == 6  # asked at most every RECHECK_S per series
+    again.RECHECK_S = 0
     assert nib.load(again.get_image_uri(uid)).shape[2] == 10
+    # a PACS that does not answer leaves the cache serving, within ASK_S (a second review: every request of a cached
+    # series waited on the PACS: 30 s when it refused connections, for ever when it was silent)
+    import time
+
+    class SilentPACS(CountingPACS):
+        def search_for_series(self, search_filters=None, **kw):
+            if kw.get("fields"):
+                time.sleep(6)
+            return super().search_for_series(search_filters, **kw)
+
+    client.__class__ = SilentPACS
+    t0 = time.monotonic()
+    assert nib.load(again.get_image_uri(uid)).shape[2] == 10 and time.monotonic() - t0 < again.ASK_S + 2
+
+
+def test_a_download_that_finds_another_process_s_complete_copy_keeps_it(tmp_path):
+    """A review: two processes fetching one series (the server and a training or scoring process) -- the second to
+    finish removed the first one's complete folder (rmtree "an empty leftover") while the first read it: a false
+    "missing slices" 422. The second now keeps the copy it finds."""
+    open_ds, client, (uid,) = _fake_dicomweb(tmp_path)
+    ds = open_ds()
+    image_dir = Path(ds._datastore.image_path()) / uid
+
+    class RacingPACS(type(client)):
+        def retrieve_series(self, study, series, media_types=None):
+            out = super().retrieve_series(study, series, media_types)
+            image_dir.mkdir(parents=True, exist_ok=True)  # the other process completes its copy meanwhile
+            for f in out:
+                f.save_as(str(image_dir / f"{f.SOPInstanceUID}.dcm"))
+            (image_dir / "the_other_process_s_copy").write_text("")
+            return out
+
+    client.__class__ = RacingPACS
+    assert nib.load(ds.get_image_uri(uid)).shape[2] == 6
+    assert (image_dir / "the_other_process_s_copy").exists()
+    assert not [p for p in image_dir.parent.iterdir() if p.name.startswith(".download-")]
 
 
 def _dcm_bytes(ds) -> bytes:

@@ -245,6 +245,9 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
                       files={"file": ("ct.nii.gz", (server.studies / "phantom_ct_06.nii.gz").read_bytes())}, timeout=120)
     assert r.status_code == 422 and "3D image" in r.json()["detail"], r.text
     assert uploads() - left == set(), "the refused upload was left in the temporary folder"
+    # a segment named by its value (a prompted model takes "label": "2" as the vertebra) is not refused
+    r = _infer(server, "dfm_vlm_3d_interactive", "phantom_ct_06", {"label": "2", "steps": 1})
+    assert r.status_code == 200, r.text[:300]
     assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"save_label": "false", "steps": 1}).status_code == 200
     labels = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]["phantom_xray_05"]
     assert "original" not in labels["labels"] and "final" not in labels["labels"], labels

@@ -279,6 +279,10 @@ def test_a_checkpoint_whose_sections_disagree_is_refused_at_load_and_one_that_le
                 "hyper_parameters": good}, p)
     with pytest.raises(CheckpointError, match="format_version must be an integer, got '2'"):
         load_checkpoint(p)
+    for hp in ("a string", [1, 2]):  # a Lightning checkpoint's (a second review: bare ValueError / TypeError)
+        torch.save({"state_dict": sd, "hyper_parameters": hp}, path)
+        with pytest.raises(CheckpointError, match="its hyper_parameters must be a mapping"):
+            load_checkpoint(path)
 
 
 def test_checkpoints_of_other_architectures_are_refused_clearly(tmp_path):
