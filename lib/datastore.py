@@ -353,9 +353,8 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         down or does not answer leaves the cache serving (every request waited on it: 30 s refused, forever
         silent, with MONAI Label's endpoints on the event loop)."""
         import concurrent.futures
-        import time as _time
 
-        now = _time.monotonic()
+        now = time.monotonic()
         key = (id(self), series_uid)
         if now - CheckedDICOMWebDatastore._asked.get(key, -math.inf) < self.RECHECK_S:
             return False
@@ -514,8 +513,6 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         # then (any tag) into the cache, through the atomic write and the fresh index (FreshIndex._store_label; its
         # LocalDatastore.save_label copied in place and wrote its in-memory index)
         if label_tag == DefaultLabelTag.FINAL:
-            from fastapi import HTTPException
-
             from lib.dicom import seg_source_copy
 
             if not present:  # MONAI Label's converter writes nothing then, and the upload of "" was a 500
