@@ -457,17 +457,18 @@ class DFMVLMApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         from lib.infers.dfm_vlm import is_upload
 
-        image = request.get("image")
+        uploads = [request.get(k) for k in ("image", "label")]
         try:
             return self._infer(request, datastore)
         except Exception:
-            # MONAI Label removes an upload in a background task that FastAPI runs only after an answer: every
-            # refused upload stayed in the temporary folder for good
-            if isinstance(image, str) and is_upload(image):
-                try:
-                    os.unlink(image)
-                except OSError:
-                    pass
+            # MONAI Label removes an upload (the image, a scribbles label) in a background task that FastAPI runs
+            # only after an answer: every refused upload stayed in the temporary folder for good
+            for f in uploads:
+                if isinstance(f, str) and is_upload(f):
+                    try:
+                        os.unlink(f)
+                    except OSError:
+                        pass
             raise
 
     def _infer(self, request, datastore=None):
@@ -548,6 +549,8 @@ class DFMVLMApp(MONAILabelApp):
                 else None
             return out
         except concurrent.futures.TimeoutError:
+            if not getattr(self, "_infers_threadpool", None):  # not MONAI Label's wait (a socket's): not a 504
+                raise
             raise HTTPException(status_code=504, detail=f"{model}: the inference took longer than the request's "
                                                         f"timeout ({request.get('timeout')} s); it is still running "
                                                         "on the server, and its result is dropped") from None

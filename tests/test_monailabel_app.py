@@ -245,6 +245,12 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
                       files={"file": ("ct.nii.gz", (server.studies / "phantom_ct_06.nii.gz").read_bytes())}, timeout=120)
     assert r.status_code == 422 and "3D image" in r.json()["detail"], r.text
     assert uploads() - left == set(), "the refused upload was left in the temporary folder"
+    r = requests.post(f"{server.url}/infer/dfm_vlm_3d", params={"image": "phantom_ct_06"},
+                      data={"params": json.dumps({"steps": 0})},
+                      files={"label": ("scribbles.nii.gz", (server.studies / "phantom_ct_06.nii.gz").read_bytes())},
+                      timeout=120)
+    assert r.status_code == 422 and "steps" in r.json()["detail"], r.text
+    assert uploads() - left == set(), "the refused request's label upload was left in the temporary folder"
     # a segment named by its value (a prompted model takes "label": "2" as the vertebra) is not refused
     r = _infer(server, "dfm_vlm_3d_interactive", "phantom_ct_06", {"label": "2", "steps": 1})
     assert r.status_code == 200, r.text[:300]
