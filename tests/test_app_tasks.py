@@ -259,6 +259,10 @@ def test_next_sample_by_uncertainty_survives_a_publish_failures_removals_and_doe
     calls.clear()
     strategy({"strategy": "s"}, ds3)
     assert calls == [("case2", 2)] and ds3.info["case2"][scoring.key] == value["case2"]
+    ds3.info["case2"][scoring.key] = 10 ** 400  # a 400-digit score (an OverflowError in math.isfinite: a 500)
+    calls.clear()
+    strategy({"strategy": "s"}, ds3)
+    assert calls == [("case2", 2)] and ds3.info["case2"][scoring.key] == value["case2"]
 
 
 def test_next_sample_scores_for_at_most_its_budget_most_uncertain_first_and_ranks_only_current_scores(tmp_path,

@@ -20,12 +20,13 @@ def served_at(info) -> float:
     rec = info.get("strategy") if isinstance(info, dict) else None
     if not isinstance(rec, dict):
         return 0.0
-    return max((t for t in (_seconds(r.get("ts")) for r in rec.values() if isinstance(r, dict)) if t is not None),
+    return max((t for t in (finite_number(r.get("ts")) for r in rec.values() if isinstance(r, dict)) if t is not None),
                default=0.0)
 
 
-def _seconds(v) -> float | None:
-    """A finite number of seconds, or None (a string, null, NaN, a 400-digit integer: an OverflowError, a 500)."""
+def finite_number(v) -> float | None:
+    """A value of the datastore's info as a finite float, or None (a string, null, NaN, a bool, a 400-digit integer:
+    ``math.isfinite`` raised OverflowError, a 500) -- every number a client may have edited into the index."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     try:

@@ -30,7 +30,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.activelearning.fair_random import served_at
+from lib.activelearning.fair_random import finite_number, served_at
 from lib.data import case_id
 from lib.datastore import FreshIndex, image_identity
 from lib.evaluation import make_inferer, predict_item, uncertainty_scores
@@ -258,4 +258,4 @@ def check_num_samples(value) -> int:
 
 
 def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return finite_number(v) is not None
