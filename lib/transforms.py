@@ -255,7 +255,7 @@ class CheckImaged(MapTransform):
 class CheckIntensityRanged(MapTransform):
     """A model of 8-bit images (its intensity the clipped range 0..255 -> 0..1: the X-ray models) refuses an image
     most of whose values lie above 255: clipped, it is a white image, and the model segmented it without a word (a
-    16-bit PNG or DICOM X-ray, values up to 4 095 or 65 535). InputError naming the share, the image's maximum and the
+    16-bit PNG X-ray, values up to 4 095 or 65 535). InputError naming the share, the image's maximum and the
     model's range. Only for such models: a CT window (-200..300 HU) clips bone and air by design, and which modality a
     model takes is not told by its range."""
 
