@@ -281,6 +281,59 @@ def _install_model_file_checks() -> None:
 _RESULT = threading.local()  # this thread's last /infer result's label names (for its DICOM SEG, below)
 
 
+def check_json_field(name: str, text) -> None:
+    """A client's JSON form field (``params`` of ``/infer`` and of the datastore's uploads, ``info`` of the info
+    updates), as MONAI Label's endpoint will parse it: not JSON, or JSON that is not an object, is a 422 naming the
+    field and where the text breaks (MONAI Label ``json.loads`` it and merges it into its request: a bare 500)."""
+    import json
+
+    if text in (None, ""):  # the endpoint reads "nothing" as {}
+        return
+    if not isinstance(text, (str, bytes, bytearray)):
+        return  # FastAPI's Form(...) default when called directly; the endpoint itself handles it
+    try:
+        value = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError; a UnicodeDecodeError of bytes is a ValueError too
+        raise HTTPException(status_code=422, detail=f"the request's {name!r} field is not valid JSON ({e}): "
+                                                    f"{str(text)[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise HTTPException(status_code=422, detail=f"the request's {name!r} field must be a JSON object "
+                                                    f"({{\"key\": value, ...}}), got {type(value).__name__} "
+                                                    f"{str(text)[:80]!r}")
+
+
+def _install_json_field_checks() -> None:
+    """Wrap the MONAI Label endpoint functions that parse a client's JSON form field with :func:`check_json_field`
+    (they are looked up by their module at each request, as :func:`_install_model_file_checks`' are). ``/infer``
+    with neither an image, an upload nor a session was MONAI Label's 500 too: a 422 here."""
+    import monailabel.endpoints.datastore as datastore
+    import monailabel.endpoints.infer as infer
+
+    def wrap(module, fname: str, field: str, need_input: bool = False):
+        original = getattr(module, fname)
+        if getattr(original, "_dfm_json_checked", False):
+            return
+        signature = inspect.signature(original)
+
+        def checked(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            check_json_field(field, bound.get(field))
+            if need_input and not bound.get("image") and not bound.get("session_id") and not bound.get("file"):
+                raise HTTPException(status_code=422, detail="the request names no image: give an image id, a "
+                                                            "session_id or an uploaded file")
+            return original(*args, **kwargs)
+
+        checked._dfm_json_checked = True
+        checked.__wrapped__ = original
+        setattr(module, fname, checked)
+
+    wrap(infer, "run_inference", "params", need_input=True)
+    wrap(datastore, "add_image", "params")
+    wrap(datastore, "save_label", "params")
+    wrap(datastore, "update_image_info", "info")
+    wrap(datastore, "update_label_info", "info")
+
+
 def _install_dicom_seg_naming() -> None:
     """``/infer?output=dicom_seg``: MONAI Label writes the SEG of the result with the request's ``label_info``
     paired by *position* with the values present, so ``[lesion]`` named the lesion and left the vertebra "unknown",
@@ -347,6 +400,7 @@ class DFMVLMApp(MONAILabelApp):
         _install_request_checks()
         _install_model_file_checks()
         _install_dicom_seg_naming()
+        _install_json_field_checks()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)

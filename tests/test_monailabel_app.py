@@ -251,6 +251,24 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
                       timeout=120)
     assert r.status_code == 422 and "steps" in r.json()["detail"], r.text
     assert uploads() - left == set(), "the refused request's label upload was left in the temporary folder"
+    # 2026-12-07: MONAI Label json.loads a client's params / info form field and merges it into its request: text
+    # that is not JSON, or JSON that is not an object, was a bare 500; /infer naming no image was its 500 too
+    label_before = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]["phantom_xray_05"]
+    for method, url, query, field, text, phrase in (
+            ("post", "/infer/dfm_vlm_2d", {"image": "phantom_xray_05"}, "params", '{"steps": 1', "not valid JSON"),
+            ("post", "/infer/dfm_vlm_2d", {"image": "phantom_xray_05"}, "params", "[1, 2]", "must be a JSON object"),
+            ("post", "/infer/dfm_vlm_2d", {}, "params", '{"steps": 1}', "the request names no image"),
+            ("put", "/datastore/label", {"image": "phantom_xray_05"}, "params", "{label_info: 1}", "not valid JSON"),
+            ("put", "/datastore/image/info", {"image": "phantom_xray_05"}, "info", "{", "not valid JSON"),
+            ("put", "/datastore/label/info", {"label": "phantom_xray_05", "tag": "final"}, "info", '"x"',
+             "must be a JSON object")):
+        files = ({"label": ("l.nii.gz", (server.studies / "phantom_ct_06.nii.gz").read_bytes())}
+                 if url == "/datastore/label" else None)
+        r = getattr(requests, method)(f"{server.url}{url}", params=query, data={field: text}, files=files, timeout=60)
+        assert r.status_code == 422 and phrase in r.json()["detail"] and (field in r.json()["detail"]
+                                                                         or "image" in phrase), (url, text, r.text)
+    assert requests.get(f"{server.url}/datastore/?output=all",
+                        timeout=30).json()["objects"]["phantom_xray_05"] == label_before  # nothing stored or changed
     # a segment named by its value (a prompted model takes "label": "2" as the vertebra) is not refused
     r = _infer(server, "dfm_vlm_3d_interactive", "phantom_ct_06", {"label": "2", "steps": 1})
     assert r.status_code == 200, r.text[:300]
