@@ -893,8 +893,14 @@ def label_segments(present: list[int], label_info: dict | None, image_id: str) -
         except InputError as e:
             raise InputError(f"the label info sent for {image_id!r}: {e}") from None
     elif isinstance((info.get("params") or {}).get("label_names"), dict):  # the app's own result (infer save_label)
+        # a prompted model's result names every structure it has; a request for a subset (``labels``) segmented only
+        # those: the others were never looked for, so they stay unnamed (unknown), not "absent" (a review: a result of
+        # labels=vertebra saved as final taught a training "no lesion" on an image with one)
+        asked = info["params"].get("labels")
+        asked = {str(n) for n in asked} if isinstance(asked, list) else None
         pairs = [(i, v, n) for i, (n, v) in enumerate(info["params"]["label_names"].items())
-                 if str(n).strip().lower() != "background"]
+                 if str(n).strip().lower() != "background"
+                 and (asked is None or str(n) in asked or str(n).strip().lower() == "uncertain")]
     out: dict[str, str] = {}
     for i, value, name in pairs:
         number = _integral(value)

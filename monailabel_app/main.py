@@ -281,6 +281,15 @@ def _install_model_file_checks() -> None:
 _RESULT = threading.local()  # this thread's last /infer result's label names (for its DICOM SEG, below)
 
 
+def _looks_like_points(value) -> bool:
+    """A request value that is a list of click points (``[[x, y, z], ...]``: every entry 2 or 3 numbers)."""
+    import numbers
+
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(p, (list, tuple)) and len(p) in (2, 3)
+        and all(isinstance(c, numbers.Number) and not isinstance(c, bool) for c in p) for p in value)
+
+
 def check_json_field(name: str, text) -> None:
     """A client's JSON form field (``params`` of ``/infer`` and of the datastore's uploads, ``info`` of the info
     updates), as MONAI Label's endpoint will parse it: not JSON, or JSON that is not an object, is a 422 naming the
@@ -321,6 +330,15 @@ def _install_json_field_checks() -> None:
             if need_input and not bound.get("image") and not bound.get("session_id") and not bound.get("file"):
                 raise HTTPException(status_code=422, detail="the request names no image: give an image id, a "
                                                             "session_id or an uploaded file")
+            if need_input and str(getattr(bound.get("output"), "value", bound.get("output"))) == "dicom_seg":
+                from monailabel.datastore.dicom import DICOMWebDatastore
+                from monailabel.interfaces.utils.app import app_instance
+
+                if not isinstance(app_instance().datastore(), DICOMWebDatastore):
+                    # (MONAI Label's 500, after the whole inference)
+                    raise HTTPException(status_code=422, detail="output 'dicom_seg' needs a DICOMweb datastore (a "
+                                                                "PACS): this server's studies are files; ask for "
+                                                                "output 'image'")
             return original(*args, **kwargs)
 
         checked._dfm_json_checked = True
@@ -568,12 +586,18 @@ class DFMVLMApp(MONAILabelApp):
                 return list(t.labels) if isinstance(t.labels, (dict, list, tuple)) else [t.labels]
 
             mine = set(names(task))
+            clickable = sorted(mine - {"background", "uncertain"})  # (clicks under "uncertain" are refused)
             stray = sorted({n for t in self._infers.values() for n in names(t)} - mine - {"background", "foreground"})
             stray = [n for n in stray if isinstance(request.get(n), (list, tuple)) and len(request.get(n))]
+            # points under a name no model has ("kidney", "Lesion"): ignored without a word too (a review)
+            stray += sorted(k for k, v in request.items() if isinstance(k, str) and k not in mine and k not in stray
+                            and k not in ("foreground", "background") and _looks_like_points(v))
             if stray:  # another model's segment: the points did nothing, without a word
+                near = {n: c for n in stray for c in clickable if n.strip().lower() == c.lower()}
                 raise HTTPException(status_code=422, detail=f"{model}: points under {stray}, which is not a label of "
-                                                            f"this model ({sorted(mine - {'background'})}); select one "
-                                                            "of its segments or 'background'")
+                                                            f"this model; select one of its structures {clickable} "
+                                                            "or 'background'"
+                                                            + (f" (names are case-sensitive: {near})" if near else ""))
             # 3D Slicer's DeepEdit mode sends the points of /info's labels only, and "label": the selected segment. A
             # segment the user added ("Segment_1") keeps its points to itself: the request came with none and the
             # click did nothing, without a word
@@ -583,9 +607,9 @@ class DFMVLMApp(MONAILabelApp):
             values = {str(v) for v in task.labels.values()} if isinstance(task.labels, dict) else set()
             if isinstance(label, str) and label.strip() and label not in mine | values | {"foreground"} and not sent:
                 raise HTTPException(status_code=422, detail=f"{model}: the selected segment {label!r} is not a label "
-                                                            f"of this model ({sorted(mine - {'background'})}), so its "
-                                                            "points were not sent; select one of its segments (or "
-                                                            "'background' for a negative click)")
+                                                            f"of this model, so its points were not sent; select one "
+                                                            f"of its structures {clickable} (or 'background' for a "
+                                                            "negative click)")
         try:
             # MONAI Label tests the raw value: "false" (a string) saved the label
             request["save_label"] = _as_bool("save_label", request.get("save_label", False))

@@ -1316,6 +1316,14 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
                  {"model": "dfm_vlm_3d", "params": {"label_names": {"lesion": 1}}}):
         ds.save_label("phantom_ct_06", str(up), "final", info)
         assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion"}, info
+    # the app's result of a subset request (labels=vertebra) names every structure in label_names, but only the
+    # vertebra was looked for: the lesion stays unnamed (unknown), not "absent" (a review, 2026-12-07: a training
+    # learnt "no lesion" on an image with one)
+    vert = tmp_path / "vert.nii.gz"
+    nib.save(nib.Nifti1Image((lab > 0).astype(np.uint8) * 2, img.affine), str(vert))
+    ds.save_label("phantom_ct_06", str(vert), "final", {"model": "dfm_vlm_3d", "params": {
+        "label_names": {"lesion": 1, "vertebra": 2}, "labels": ["vertebra"]}})
+    assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"2": "vertebra"}
     # Slicer's idx counts a segment it does not export (a "background" segment first): the file's value 1 is the
     # first segment sent, not the one whose idx is 1 (a review: truths of a prompted model were swapped)
     ds.save_label("phantom_ct_06", str(up), "final", {"label_info": [{"name": "lesion", "idx": 2},

@@ -224,7 +224,12 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
     # a segment the user added in Slicer (not an /info label): Slicer sends none of its points, only its name
     for params, phrase in (({"lesion": [[5, 5, 0]], "lung": [], "steps": 1}, "points under ['lesion']"),
                            ({"label": "Segment_1", "lung": [], "background": [], "uncertain": [], "steps": 1},
-                            "the selected segment 'Segment_1' is not a label of this model (['lung', 'uncertain'])")):
+                            "the selected segment 'Segment_1' is not a label of this model, so its points were not "
+                            "sent; select one of its structures ['lung']"),
+                           # points under a name no model has, or a label's name in another case: were ignored (a
+                           # review, 2026-12-07: 200 with the automatic result)
+                           ({"kidney": [[5, 5]], "steps": 1}, "points under ['kidney']"),
+                           ({"Lung": [[5, 5]], "steps": 1}, "case-sensitive: {'Lung': 'lung'}")):
         r = _infer(server, "dfm_vlm_2d_interactive", "phantom_xray_05", params)
         assert r.status_code == 422 and phrase in r.json()["detail"], (params, r.status_code, r.text[:300])
     # a review (2026-12-07): "timeout" (MONAI Label's wait for its inference thread pool) "abc" was a 500; an unknown
@@ -251,6 +256,10 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
                       timeout=120)
     assert r.status_code == 422 and "steps" in r.json()["detail"], r.text
     assert uploads() - left == set(), "the refused request's label upload was left in the temporary folder"
+    # output=dicom_seg on a datastore of files: MONAI Label's 500, after the whole inference (a review, 2026-12-07)
+    r = requests.post(f"{server.url}/infer/dfm_vlm_2d", params={"image": "phantom_xray_05", "output": "dicom_seg"},
+                      data={"params": json.dumps({"steps": 1})}, timeout=60)
+    assert r.status_code == 422 and "needs a DICOMweb datastore" in r.json()["detail"], r.text
     # 2026-12-07: MONAI Label json.loads a client's params / info form field and merges it into its request: text
     # that is not JSON, or JSON that is not an object, was a bare 500; /infer naming no image was its 500 too
     label_before = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]["phantom_xray_05"]

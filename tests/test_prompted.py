@@ -668,6 +668,51 @@ def test_the_app_trainer_leaves_out_a_label_whose_segments_name_no_structure(tmp
         ("phantom_ct_01.nii.gz", '{"1": "Lesion", "2": "vertebra"}'), ("phantom_ct_02.nii.gz", "")]
 
 
+def test_the_app_trainer_trains_the_served_prompted_model_s_structures_not_the_preset_s(tmp_path, tiny_clip):
+    """A review (2026-12-07), with another prompted checkpoint served (``--conf dfm_vlm_3d_checkpoint``, as the README
+    shows for BraTS): the trainer filtered labels by the app preset's structures, so every label named by the
+    served model's /info labels was skipped (and the task said "save a final label first"), and a training from
+    scratch (``pretrained`` false) built and published the preset's model, whose structures the app did not serve."""
+    from types import SimpleNamespace
+
+    from conftest import ROOT
+    from lib.configs.dfm_vlm_3d import DFMVLM3D
+
+    hp = prompted_hparams(tiny_clip, TWO, spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
+    hp.preprocessing.orientation = "RAS"
+    torch.manual_seed(0)
+    served = build_system(hp)
+    path = tmp_path / "models" / "dfm_vlm_3d.pt"
+    save_checkpoint(path, served.model, served.hparams)
+    cfg = DFMVLM3D()
+    cfg.init("dfm_vlm_3d", str(tmp_path / "model"), {"dfm_vlm_3d_checkpoint": str(path)}, None)
+    trainer = cfg.trainer()
+    assert [s.name for s in trainer.hparams.structures] == ["lesion", "vertebra"]  # the preset
+    sample = ROOT / "sample_data"
+
+    class DS:
+        def __init__(self, segs):
+            self.segs = segs
+
+        def datalist(self):
+            return [{"image": str(sample / f"phantom_ct_0{k}.nii.gz"),
+                     "label": str(sample / "labels" / "final" / f"phantom_ct_0{k}.nii.gz"), "segments": seg}
+                    for k, seg in self.segs]
+
+    got = trainer.pre_process({}, DS([(0, {"1": "upper", "2": "lower"}), (1, {"1": "lesion", "2": "vertebra"})]))
+    assert [(Path(i["image"]).name, i["segments"]) for i in got] == [
+        ("phantom_ct_00.nii.gz", '{"1": "upper", "2": "lower"}')]
+    with pytest.raises(ValueError, match=r"no labelled 3D image can train this model: 1 labelled image\(s\) left "
+                                         r"out \(phantom_ct_01.nii.gz: its label's segments .* name no structure"):
+        trainer.pre_process({}, DS([(1, {"1": "lesion", "2": "vertebra"})]))
+    ctx = SimpleNamespace(pretrained=False, device=torch.device("cpu"))
+    trainer.network(ctx)
+    assert [s.name for s in ctx.system.hparams.structures] == ["upper", "lower"]
+    assert ctx.system.hparams.label_map == served.hparams.label_map
+    fresh, old = ctx.system.model.state_dict(), served.model.state_dict()
+    assert fresh.keys() == old.keys() and any(not torch.equal(fresh[k], old[k]) for k in old)  # new weights
+
+
 def test_the_app_trainer_leaves_out_a_label_that_does_not_fit_its_image(tmp_path, caplog, monkeypatch):
     """A review: a label put into labels/final by hand (earlier annotations imported) whose shape was not its
     image's passed the trainer's data step and failed in the data loader: no training ran until it was removed. The

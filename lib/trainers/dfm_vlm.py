@@ -367,7 +367,11 @@ class DFMVLMTrain(BasicTrainTask):
         # labels/final by hand (importing earlier annotations) that does not fit its image stopped the whole training
         # in the data loader; it is left out, named. The checks are remembered by file (path, size, time).
         checked = LabelChecks(os.path.join(self._model_dir, LabelChecks.NAME))
-        out = []
+        # the structures of the model this run trains: the served checkpoint's (a --conf <model>_checkpoint of
+        # another prompted model: its structures, not the app preset's; a review found every label of such a model
+        # skipped as "naming no structure of this model", and a label naming the preset's trained to a crash)
+        structures = self.served_hparams().structures
+        out, skipped = [], []
         for d in datastore.datalist():
             try:
                 if image_spatial_dims(d["image"]) == self.dimension:
@@ -375,23 +379,44 @@ class DFMVLMTrain(BasicTrainTask):
                     # loader collates a batch's items key by key, and a mapping per item would not collate; names
                     # that are not a mapping of values (set through PUT /datastore/labelinfo) skip that image
                     seg = parse_segments(d.get("segments"))
-                    if seg and self.hparams.structures and \
-                            not any(painted_values(self.hparams.structures, seg, d["label"])):
-                        logger.warning("skipping %s: its label's segments %s name no structure of this model",
-                                       d.get("image"), seg)
+                    if seg and structures and not any(painted_values(structures, seg, d["label"])):
+                        why = (f"its label's segments {seg} name no structure of this model "
+                               f"({[s.name for s in structures]})")
+                        logger.warning("skipping %s: %s", d.get("image"), why)
+                        skipped.append((d.get("image"), why))
                         continue
                     problem = checked.problem(d["label"], d["image"])
                     if problem:
                         logger.warning("skipping %s: %s", d.get("image"), problem)
+                        skipped.append((d.get("image"), problem))
                         continue
                     out.append({**d, "segments": json.dumps({str(k): v for k, v in seg.items()}) if seg else ""})
             except Exception as e:  # noqa: BLE001 - a broken study must not stop training on the others
                 logger.warning("skipping %s: %s", d.get("image"), e)
+                skipped.append((d.get("image"), str(e)))
         checked.save()
         logger.info("%d labelled %dD image(s) for training", len(out), self.dimension)
+        if not out and skipped:  # (was "save a final label first" when every label had been left out)
+            first = "; ".join(f"{os.path.basename(str(i))}: {w}" for i, w in skipped[:3])
+            raise ValueError(f"no labelled {self.dimension}D image can train this model: {len(skipped)} labelled "
+                             f"image(s) left out ({first}{'; ...' if len(skipped) > 3 else ''})")
         if not out:
             raise ValueError(f"no labelled {self.dimension}D image in the datastore: save a final label first")
         return out
+
+    def served_hparams(self, with_path: bool = False):
+        """The hyper-parameters of the checkpoint the app serves now (the model a training here replaces: its
+        structures, architecture and VLM), else the preset's; with ``with_path``, ``(hparams, path or None)``."""
+        from lib.checkpoint import load_checkpoint
+
+        for p in reversed(live_paths(self.init_paths, self.stale_before)):
+            if p and os.path.exists(p):
+                try:
+                    hp = load_checkpoint(p).hparams
+                    return (hp, p) if with_path else hp
+                except CheckpointError as e:
+                    logger.warning("the served checkpoint %s does not load (%s)", p, e)
+        return (self.hparams, None) if with_path else self.hparams
 
     # -- the network comes from the latest checkpoint (its own hyper-parameters) or the preset --------------
     def _initial(self, context: Context) -> tuple[ConditionalUNet, HParams, VLMEncoder | None]:
@@ -407,10 +432,22 @@ class DFMVLMTrain(BasicTrainTask):
                         return system.model, system.hparams, system.vlm
                     except CheckpointError as e:
                         logger.warning("cannot start from %s: %s", p, e)
-        hp = copy.deepcopy(self.hparams)
+        # from scratch (Slicer's "pretrained" unticked, or nothing served): a new network of the served model's
+        # kind -- its architecture, preprocessing, VLM and structures (a review: the preset's one-label model was
+        # published over a served three-structure model, and /info then misnamed its value 1) -- in the precision
+        # this machine's policy gives (the preset's, "auto"), never the served file's weights
+        hp, served = self.served_hparams(with_path=True)
+        hp = copy.deepcopy(hp)
         vlm = None
+        if served is not None:
+            logger.info("training from scratch a model like the served %s (its structures, architecture and VLM)",
+                        served)
+            hp = dataclasses.replace(hp, precision=self.hparams.precision)
         if hp.model.mode == "dfm" and hp.vlm.name_or_path:
-            vlm = VLMEncoder.from_pretrained(dataclasses.replace(hp.vlm, name_or_path=self.vlm or hp.vlm.name_or_path))
+            from lib.checkpoint import resolve_vlm_path
+
+            name = self.vlm or (resolve_vlm_path(hp.vlm.name_or_path, served) if served else hp.vlm.name_or_path)
+            vlm = VLMEncoder.from_pretrained(dataclasses.replace(hp.vlm, name_or_path=name))
             hp.vlm = vlm.resolved_config()
         hp = hp.resolved()
         if vlm is not None:
