@@ -122,6 +122,29 @@ def remove_interrupted_writes(folder: str | os.PathLike, names) -> list[Path]:
     return removed
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 60.0) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` (``.<name>.<12 hex>.tmp``) that nothing
+    has written for ``older_than_s`` seconds: what a ``kill -9`` or a crash cut short (a review found one of a
+    checkpoint still there after two restarts). A write in progress, in any process, keeps its file (it was
+    written to just now). Returns what was removed; nothing else is touched."""
+    import time
+
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for f in folder.iterdir():
+        if re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", f.name) is None:
+            continue
+        try:
+            if f.is_file() and not f.is_symlink() and now - f.stat().st_mtime > older_than_s:
+                f.unlink()
+                removed.append(f)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`atomic_write`. A failure leaves the old file in place and raises
     :class:`CheckpointError` saying why."""
@@ -129,6 +152,17 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
         return atomic_write(path, lambda f: torch.save(obj, f))
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is kept)") from e
+    except RuntimeError as e:
+        # torch's zip writer reports a failed write (a full disk, a file size limit) as "[enforce fail at
+        # inline_container.cc] unexpected pos ...", which named neither the file nor the cause (a review)
+        import shutil
+
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointError(f"cannot write {path}: the write failed ({free}; a full disk or a file size limit?): "
+                              f"{str(e).splitlines()[0][:200]} (the previous file, if any, is kept)") from e
 
 
 ALLOW_PICKLE_ENV = "DFM_ALLOW_PICKLED_CHECKPOINTS"

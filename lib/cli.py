@@ -38,7 +38,11 @@ def _quiet() -> None:
 
 
 def _set(hp, assignments: list[str]):
-    """``--set section.key=value`` (value parsed as JSON when it parses, else a string)."""
+    """``--set section.key=value`` (value parsed as JSON when it parses, else a string). A key whose value is a JSON
+    object takes ``section.key.subkey=value``, and a JSON object given for it is merged into it (it replaced the
+    whole object: ``train.augmentation={"prob": 0.5}`` dropped the preset's other augmentation settings for the
+    library's defaults; a review); ``null`` sets a key whose default is None (``preprocessing.spacing=null``: keep
+    the image's spacing)."""
     from .config import ConfigError
 
     for a in assignments or []:
@@ -46,15 +50,27 @@ def _set(hp, assignments: list[str]):
             raise ConfigError(f"--set expects section.key=value, got {a!r}")
         path, raw = a.split("=", 1)
         section, key = path.split(".", 1)
+        key, _, sub = key.partition(".")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         obj = getattr(hp, section, None)
         # a field of the section's dataclass (hasattr also matched properties and methods: AttributeError)
-        if obj is None or not dataclasses.is_dataclass(obj) or key not in {f.name for f in dataclasses.fields(obj)}:
+        fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+        if key not in fields:
             raise ConfigError(f"--set {path}: no such hyper-parameter")
-        _check_type(path, getattr(obj, key), value, raw)
+        current = getattr(obj, key)
+        if sub:  # one key of a JSON-object value (train.augmentation.prob=0.5)
+            if not isinstance(current, dict):
+                raise ConfigError(f"--set {path}: {section}.{key} is not a JSON object; give {section}.{key}=value")
+            value = {sub: value}
+        if value is None and "None" in str(fields[key].type):
+            setattr(obj, key, None)
+            continue
+        _check_type(path, current, value, raw)
+        if isinstance(current, dict):
+            value = {**current, **value}
         if key == "features":
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
                 raise ConfigError(f"--set {path}: every entry must be an integer >= 1, got {raw}")
@@ -110,9 +126,28 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
 
 
 def _device(name: str | None) -> str:
+    """``--device``: absent, CUDA when present, else the CPU; a name that is no device, or a CUDA device this
+    machine does not have, is one line (were tracebacks deep in the VLM's load; a review)."""
+    import torch
+
+    from .config import ConfigError
     from .precision import default_device
 
-    return name or default_device()
+    if not name:
+        return default_device()
+    try:
+        d = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {name!r} is not a device: give cpu, cuda or cuda:N ({e})") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: this machine has no CUDA device; leave --device out (the CPU "
+                              "here) or give cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type != "cpu":
+        raise ConfigError(f"--device {name!r}: only cpu and cuda[:N] are supported")
+    return name
 
 
 def _inferer(system, a):
@@ -180,13 +215,31 @@ def cmd_train(a) -> int:
         tr = tr[: a.limit_train]
     if a.limit_val:
         va = va[: a.limit_val]
-    if held and a.overwrite and not a.resume:  # no file of the old run stays beside the new one's
-        for n in RUN_FILES:
-            (out / n).unlink(missing_ok=True)
+    for split, items in ((a.train_split, tr), (a.val_split, va)):  # (a raw KeyError after caching, a review)
+        unlabelled = [it for it in items if not it.get("label")]
+        if unlabelled:
+            raise ConfigError(f"split {split!r} of {a.datalist}: {len(unlabelled)} of {len(items)} entries have no "
+                              f"label (e.g. {unlabelled[0].get('image')!r}); training and validation need one each")
+    device = _device(a.device)
+    set_aside = None
+    if held and a.overwrite and not a.resume and os.environ.get("RANK", "0") == "0":  # (torchrun: rank 0 writes)
+        # no file of the old run stays beside the new one's: moved aside, not deleted, until the new run ends (a
+        # new run refused by its own checks -- a bad --set, a missing image, a budget too short -- deleted the old
+        # one and left the folder empty)
+        set_aside = _set_aside_run(out)
     budget = a.minutes * 60 if a.minutes is not None else None
     logger.info("training on %d images, validating on %d (%s)", len(tr), len(va), a.val_split)
-    res = train(hp, tr, va, a.out, device=_device(a.device), time_budget_s=budget, max_iterations=a.max_iterations,
-                progress=not a.no_progress, resume=a.resume, dist_timeout_min=a.dist_timeout)
+    try:
+        res = train(hp, tr, va, a.out, device=device, time_budget_s=budget, max_iterations=a.max_iterations,
+                    progress=not a.no_progress, resume=a.resume, dist_timeout_min=a.dist_timeout)
+    except BaseException:
+        if set_aside is not None:
+            _restore_or_keep(out, set_aside)
+        raise
+    if set_aside is not None:
+        import shutil
+
+        shutil.rmtree(set_aside, ignore_errors=True)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return 0
     print(json.dumps({"best_checkpoint": res.best_checkpoint, "best_val_dice": res.best_val.get("dice"),
@@ -194,6 +247,40 @@ def cmd_train(a) -> int:
                       "train_seconds": round(res.train_seconds, 1), "wall_seconds": round(res.wall_seconds, 1)},
                      indent=1))
     return 0
+
+
+def _set_aside_run(out: Path) -> Path | None:
+    """``--overwrite``: the old run's files moved into ``OUT/.overwritten`` (same folder, a rename), where
+    :func:`_restore_or_keep` finds them if the new run fails before it writes a state of its own."""
+    import shutil
+
+    aside = out / ".overwritten"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    moved = 0
+    for n in RUN_FILES:
+        if (out / n).exists():
+            os.replace(out / n, aside / n)
+            moved += 1
+    if not moved:
+        aside.rmdir()
+    return aside if moved else None
+
+
+def _restore_or_keep(out: Path, aside: Path) -> None:
+    """The new run stopped: when it wrote no state (no best/last/resume checkpoint), its files are replaced by the
+    old run's again; otherwise the old run stays in ``aside``, named."""
+    import shutil
+
+    if any((out / n).exists() for n in ("best.pt", "last.pt", "resume.pt")):
+        logger.warning("the run you overwrote is kept in %s (the new run stopped after writing a state)", aside)
+        return
+    for n in RUN_FILES:
+        (out / n).unlink(missing_ok=True)
+        if (aside / n).exists():
+            os.replace(aside / n, out / n)
+    shutil.rmtree(aside, ignore_errors=True)
+    logger.warning("the new run stopped before writing a state: the run in %s is as it was", out)
 
 
 def _items_from_args(a):
@@ -264,6 +351,8 @@ def cmd_predict(a) -> int:
     from .config import ConfigError
 
     items = _items_from_args(a)
+    if not items:  # ("wrote 0 prediction(s)", exit 0; evaluate refused it)
+        raise ConfigError(f"split {a.split!r} of {a.datalist} has no images")
     _check_out_folder(a.out)
     seen: dict[str, object] = {}
     names = [output_stem(it["case_id"]) for it in items]
@@ -544,6 +633,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupted_note(args) -> str:
+    """What an interrupted ``train`` left: the iteration of its last saved state and how to go on."""
+    if getattr(args, "fn", None) is not cmd_train:
+        return ""
+    state = Path(args.out) / "resume.pt"
+    if not state.exists():
+        return f": {args.out} holds no saved state yet (train.state_every_s); run the command again"
+    try:
+        from .training import load_train_state
+
+        it = load_train_state(state)["iteration"]
+        return (f": {state} holds the state of iteration {it} (saved every train.state_every_s); the same command "
+                "with --resume continues from there")
+    except Exception:  # noqa: BLE001 - a note, never a second traceback
+        return f": {state} is there; the same command with --resume continues from it"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -559,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
+    except KeyboardInterrupt:  # (a traceback, and no word on what was kept; a review)
+        print("interrupted" + _interrupted_note(args), file=sys.stderr)
+        return 130
     except (CheckpointError, ConfigError, InputError, VLMError, PrecisionError, StructureError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -581,6 +581,8 @@ class HParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HParams":
+        if not isinstance(d, dict):  # (a preset file holding [1, 2]: a TypeError traceback before)
+            raise ConfigError(f"hyper-parameters must be a JSON object of sections, got {type(d).__name__}")
         d = dict(d)
         parts = {"model": ModelConfig, "flow": FlowConfig, "sampler": SamplerConfig, "vlm": VLMConfig,
                  "preprocessing": PreprocConfig, "train": TrainConfig, "clicks": ClickConfig}
@@ -593,7 +595,11 @@ class HParams:
                 _check_keys(sub, d[name], name)
                 vals = dict(d[name])
                 if "features" in vals:
-                    vals["features"] = tuple(vals["features"])
+                    f = vals["features"]
+                    if not (isinstance(f, (list, tuple)) and f and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                       and v >= 1 for v in f)):
+                        raise ConfigError(f"model.features must be a list of integers >= 1, got {f!r}")
+                    vals["features"] = tuple(f)
                 if "intensity_window" in vals:
                     vals["intensity_window"] = tuple(vals["intensity_window"])
                 kwargs[name] = sub(**vals)
@@ -619,8 +625,15 @@ class HParams:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HParams":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (tracebacks before; a review)
+            raise ConfigError(f"{path} is not valid JSON (UTF-8): {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def _precision_of(precision: str, train: TrainConfig) -> tuple[str, TrainConfig]:

@@ -44,11 +44,14 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
     path = Path(path)
     if not path.exists():
         raise InputError(f"datalist not found: {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"datalist {path} is not valid JSON: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (a UTF-16 file: a traceback before)
+            raise InputError(f"datalist {path} is not valid JSON (UTF-8): {e}") from e
+    if not isinstance(d, dict):  # (a list of entries: an AttributeError in this very message before)
+        raise InputError(f"datalist {path} must be a JSON object of splits ({{\"training\": [...], ...}}), got a "
+                         f"{type(d).__name__}")
     if split not in d:
         raise InputError(f"datalist {path} has no split {split!r}; it has {[k for k, v in d.items() if isinstance(v, list)]}")
     base = Path(base_dir) if base_dir else path.parent

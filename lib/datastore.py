@@ -144,17 +144,28 @@ class FreshIndex:
             if obj is None:  # removed meanwhile
                 raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
             old = obj.labels.get(label_tag)
+            info = dict(label_info or {})
+            info.update(ts=int(time.time()), name=name)
+
+            def write(f):
+                shutil.copyfileobj(src, f)
+                # the index is written before the new label replaces the old one: a failure there (a full disk:
+                # room for the label but not for the index) kept the new label with the old label's entry (its
+                # segments, which decide what trains) and answered a 500 (a review)
+                obj.labels[label_tag] = DataModel(info=info, ext=ext)
+                self._update_datastore_file(lock=False)
+
             try:
                 with open(label_filename, "rb") as src:
-                    atomic_write(os.path.join(folder, name), lambda f: shutil.copyfileobj(src, f))
+                    atomic_write(os.path.join(folder, name), write)
             except OSError as e:
+                if old is None:  # the entry in memory as it was (the file on disk is the old index)
+                    obj.labels.pop(label_tag, None)
+                else:
+                    obj.labels[label_tag] = old
                 raise HTTPException(status_code=507, detail=f"cannot store the {label_tag} label of {image_id!r}: "
                                                             f"{e.strerror or e} (the stored label, if any, is "
                                                             f"kept)") from None
-            info = dict(label_info or {})
-            info.update(ts=int(time.time()), name=name)
-            obj.labels[label_tag] = DataModel(info=info, ext=ext)
-            self._update_datastore_file(lock=False)
             # the label it replaces, stored under another extension (Slicer saves .nii.gz for a PNG's .png label):
             # left there, a DELETE of the label brought it back, an image later added under this id inherited it,
             # and a rebuilt index took whichever file it found first

@@ -392,9 +392,6 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     machine = precision_policy.describe(hp.precision, device)
     if world > 1:
         machine["distributed"] = {"world_size": world, "backend": torch.distributed.get_backend()}
-    if main_rank:
-        (out / "hparams.json").write_text(json.dumps(hp.to_dict(), indent=2))
-        (out / "machine.json").write_text(json.dumps(machine, indent=1))
     logger.info("model: %s parameters (arch %s), FiLM stages %s, VLM %s (%s-d); precision %s -> %s on %s (CPU %s)",
                 sum(p.numel() for p in model.parameters()), hp.model.arch, model.vlm_film_decoder_stages,
                 hp.vlm.name_or_path if system.vlm else None, hp.model.cond_dim, hp.precision, machine["dtype"],
@@ -483,6 +480,9 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             best = on_disk
         logger.info("resumed %s at iteration %d (%.0f s of training, best Dice %.4f)", state_path, it, train_s,
                     best["dice"])
+    if main_rank:  # after the resume checks: a refused --resume wrote its rejected settings into the run (a review)
+        (out / "hparams.json").write_text(json.dumps(hp.to_dict(), indent=2))
+        (out / "machine.json").write_text(json.dumps(machine, indent=1))
     loss_log = out / "losses.csv"
     rows = loss_log.read_text().splitlines()[1:] if (resume and loss_log.exists()) else []
     loss_f = None

@@ -423,6 +423,33 @@ class DFMVLMApp(MONAILabelApp):
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)
 
+    def server_mode(self, mode: bool):
+        """MONAI Label calls this in the server process only (not in its training and scoring subprocesses, which
+        build the app again): the temporary files of writes that a ``kill -9`` or a crash cut short are removed
+        here, in the model folder (checkpoints, train stats) and the studies' index and label folders, when nothing
+        has written them for a minute (:func:`lib.checkpoint.remove_stale_temporaries`; a review found a
+        checkpoint's still there after two restarts)."""
+        super().server_mode(mode)
+        if not mode:
+            return
+        from lib.checkpoint import remove_stale_temporaries
+
+        folders = [self.model_dir, *(os.path.join(self.model_dir, n) for n in self.models)]
+        studies = self.studies if isinstance(self.studies, str) and os.path.isdir(self.studies) else None
+        if studies:
+            labels = os.path.join(studies, "labels")
+            folders += [studies, *(os.path.join(labels, t) for t in (os.listdir(labels) if os.path.isdir(labels)
+                                                                     else []))]
+        for folder in folders:
+            try:
+                removed = remove_stale_temporaries(folder)
+            except OSError as e:
+                logger.warning("cannot look for interrupted writes in %s: %s", folder, e)
+                continue
+            if removed:
+                logger.warning("removed %d temporary file(s) of interrupted writes in %s: %s", len(removed), folder,
+                               [f.name for f in removed])
+
     def init_infers(self):
         out = {}
         for n, c in self.models.items():

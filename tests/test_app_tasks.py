@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import pickle
 import shutil
 
@@ -884,6 +886,46 @@ def test_monailabel_trainer_multi_process_path_runs_on_two_cpu_processes(tmp_pat
     assert published.metrics["val_cases"] == 2, published.metrics
 
 
+def test_unreadable_train_stats_are_reported_and_written_atomically(tmp_path, ckpt3d):
+    """A review (2026-12-07): MONAI Label rewrote ``train_stats.json`` in place every epoch; a reader caught it
+    half-written (2 of 63 ``/info`` calls were 500s during a training), and a kill -9 or a full disk left it empty:
+    then every /info, /infer, /activelearning and /train was a 500 and the server did not start again (its scoring
+    reads /info). The stats are now read as an error entry naming the file, and written atomically."""
+    import subprocess
+    import sys
+
+    trainer = _task(ckpt3d, tmp_path / "model").trainer()
+    path = trainer._stats_path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for text in ("", '{"best_metric": 0.9, "epochs"'):
+        with open(path, "w") as f:
+            f.write(text)
+        got = trainer.stats()
+        assert set(got) == {"error"} and path in got["error"] and "unreadable" in got["error"], got
+    with open(path, "w") as f:
+        json.dump({"best_metric": 0.9}, f)
+    assert trainer.stats() == {"best_metric": 0.9}
+    # MONAI Label's publisher's copy, under a file size limit (as a full disk): the old stats stay whole
+    big = tmp_path / "stats_new.json"
+    big.write_text(json.dumps({"best_metric": 0.5, "pad": "x" * 50000}))
+    before = open(path).read()
+    code = ("import resource, signal, sys\n"
+            "from lib.trainers.dfm_vlm import _install_atomic_stats_copy\n"
+            "import monailabel.tasks.train.handler as handler\n"
+            "_install_atomic_stats_copy()\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+            "try:\n"
+            "    handler.shutil.copy(sys.argv[1], sys.argv[2])\n"
+            "except OSError as e:\n"
+            "    print('FAILED', e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(big), path], capture_output=True, text=True, timeout=120,
+                         cwd=str(ROOT))
+    assert out.stdout.startswith("FAILED"), (out.stdout, out.stderr[-2000:])
+    assert open(path).read() == before and trainer.stats() == {"best_metric": 0.9}
+    assert [p for p in os.listdir(os.path.dirname(path)) if p.endswith(".tmp")] == []
+
+
 @pytest.mark.parametrize("capability,native,expected", [("AVX2", True, "fp32"), ("AVX512", True, "bf16")])
 def test_the_monailabel_trainer_records_the_precision_it_trains_in(tmp_path, ckpt3d, make_system, monkeypatch,
                                                                    capability, native, expected):
@@ -1011,6 +1053,60 @@ def test_the_monailabel_trainer_follows_the_cli_learning_rate_schedule(tmp_path,
     constant.attach(engine)
     engine.run(range(3), max_epochs=2)
     assert engine.optimizer.param_groups[0]["lr"] == 7e-4
+
+
+def test_a_publish_keeps_a_file_it_never_measured_and_a_broken_published_file_is_set_aside(tmp_path, ckpt3d,
+                                                                                            make_system):
+    """A review (2026-12-07): (1) restarted with ``--conf <model>_checkpoint X`` (the same command after a crash), a
+    training measured and fine-tuned X only and published a 0.47 epoch over an earlier session's 0.99 model in
+    ``model_dir``, with no copy left; (2) a published checkpoint truncated on disk made the model a 503, and a
+    training measured the configured checkpoint instead, published nothing that did not beat it, and left the
+    broken file served. Now (1) keeps that file as ``<name>.pt.<time>.replaced`` before the first publish, and (2)
+    renames an unloadable published file ``.unreadable-<time>`` when a training starts."""
+    import types
+
+    import lib.trainers.dfm_vlm as trainers
+    from lib.infers.dfm_vlm import live_paths
+
+    system = make_system()
+    ctx = types.SimpleNamespace(system=system, trainer=None, run_id="r", train_datalist=[], val_datalist=[])
+    earlier = tmp_path / "model" / "dfm_vlm_3d.pt"  # an earlier session's published model, not measured by the run
+    earlier.parent.mkdir(parents=True)
+    shutil.copy(ckpt3d, earlier)
+    old = earlier.read_bytes()
+    outcome = trainers._Outcome(None, str(earlier), "better", str(ckpt3d))  # the run measured X (ckpt3d)
+    pub = trainers._Publish(ctx, str(earlier), "val_mean_dice", outcome)
+    for score in (0.5, 0.6):  # two publishes: one copy, of the file the run found
+        pub(types.SimpleNamespace(state=types.SimpleNamespace(metrics={"val_mean_dice": score})))
+    kept = sorted(earlier.parent.glob("dfm_vlm_3d.pt.*.replaced"))
+    assert len(kept) == 1 and kept[0].read_bytes() == old and earlier.read_bytes() != old
+    # the file the run was measured against (the usual fine-tune of the served model): replaced without a copy
+    outcome = trainers._Outcome(None, str(earlier), "better", str(earlier))
+    pub = trainers._Publish(ctx, str(earlier), "val_mean_dice", outcome)
+    pub(types.SimpleNamespace(state=types.SimpleNamespace(metrics={"val_mean_dice": 0.7})))
+    assert len(list(earlier.parent.glob("dfm_vlm_3d.pt.*.replaced"))) == 1
+
+    # (2) a truncated published file: set aside when a training starts, so the configured checkpoint is served
+    trainer = _task(ckpt3d, tmp_path / "model").trainer()
+    published = trainer.publish_path
+    assert live_paths(trainer.init_paths, trainer.stale_before)[-1] != published  # stale: --conf X is served
+    trainer.stale_before = None  # (a checkpoint published by this server)
+    data = open(published, "rb").read()
+    with open(published, "wb") as f:
+        f.write(data[: len(data) // 2])
+    sample = ROOT / "sample_data"
+
+    class DS:  # one labelled image
+        def datalist(self):
+            return [{"image": str(sample / "phantom_ct_00.nii.gz"),
+                     "label": str(sample / "labels" / "final" / "phantom_ct_00.nii.gz")}]
+
+    assert len(trainer.pre_process({}, DS())) == 1  # (MONAI Label's first step of a training)
+    assert not os.path.exists(published) and len(glob.glob(published + ".unreadable-*")) == 1
+    assert live_paths(trainer.init_paths, trainer.stale_before)[-1] == str(ckpt3d)
+    shutil.copy(ckpt3d, published)  # a good published file stays where it is
+    trainer.pre_process({}, DS())
+    assert os.path.exists(published)
 
 
 def test_fine_tuning_publishes_only_a_model_that_beats_the_served_one(tmp_path, make_system, ckpt3d, monkeypatch):

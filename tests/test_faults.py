@@ -112,9 +112,12 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, tiny_clip, 
     assert "nothing to resume" in capsys.readouterr().err
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
                 "--max-iterations", "4", "--no-progress"]) == 0
+    recorded = {n: (out / n).read_text() for n in ("hparams.json", "machine.json")}
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
                 "--max-iterations", "4", "--no-progress", "--resume", "--set", "train.lr=0.01"]) == 2
     assert "differ: train.lr" in capsys.readouterr().err
+    # the refused resume wrote its rejected settings into the run's hparams.json (a review, 2026-12-07)
+    assert {n: (out / n).read_text() for n in recorded} == recorded
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
                 "--max-iterations", "8", "--no-progress", "--resume"]) == 2
     assert "max_iterations 4" in capsys.readouterr().err
@@ -157,6 +160,21 @@ def test_a_disk_that_fills_up_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         atomic_torch_save({"w": torch.zeros(3)}, path)
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]
     monkeypatch.undo()
+    # a real failed write (a file size limit, as a full disk, in a subprocess): torch's zip writer raises a
+    # RuntimeError ("unexpected pos ...") that named neither the file nor the cause (a review, 2026-12-07)
+    code = ("import resource, signal, sys, torch\n"
+            "from lib.checkpoint import CheckpointError, atomic_torch_save\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+            "try:\n"
+            "    atomic_torch_save({'w': torch.zeros(100000)}, sys.argv[1])\n"
+            "except CheckpointError as e:\n"
+            "    print('REFUSED', e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=str(ROOT))
+    assert out.stdout.startswith("REFUSED") and str(path) in out.stdout and "full disk" in out.stdout, \
+        (out.stdout, out.stderr[-2000:])
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]
     blocked = tmp_path / "not_a_folder"
     blocked.write_text("a file where the model folder should be")
     with pytest.raises(CheckpointError, match="cannot write"):
@@ -200,6 +218,21 @@ def test_a_label_write_that_fails_half_way_keeps_the_stored_label(tmp_path, monk
         ds.save_label("phantom_ct_06", str(uploads[1]), "final", {})
     assert e.value.status_code == 507 and "No space left on device" in e.value.detail and "kept" in e.value.detail
     assert stored.read_bytes() == good, "a failed write changed the stored label"
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["phantom_ct_06.nii.gz"], "a partial file was left"
+    monkeypatch.undo()
+    # room for the label but not for the index (a review, 2026-12-07): the new label was in place, its entry (the
+    # segments that decide what trains) not on disk, and the answer a bare 500
+    ds.save_label("phantom_ct_06", str(uploads[0]), "final", {"segments": {"1": "lesion"}})
+
+    def index_full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ds, "_update_datastore_file", index_full)
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom_ct_06", str(uploads[1]), "final", {"segments": {"1": "vertebra"}})
+    assert e.value.status_code == 507 and "kept" in e.value.detail
+    assert stored.read_bytes() == good, "the label was replaced though its index entry was not written"
+    assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion"}  # the entry in memory too
     assert sorted(p.name for p in stored.parent.iterdir()) == ["phantom_ct_06.nii.gz"], "a partial file was left"
     monkeypatch.undo()
     ds.save_label("phantom_ct_06", str(uploads[1]), "final", {"client": "test"})

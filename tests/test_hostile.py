@@ -242,7 +242,8 @@ def test_a_dicom_folder_on_the_command_line_takes_the_checked_series_conversion(
     assert lab.shape == ref.shape and np.allclose(lab.affine, ref.affine, atol=1e-4), (lab.affine, ref.affine)
 
 
-def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_clip, ckpts, capsys, caplog):
+def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_clip, ckpts, capsys, caplog,
+                                                                 monkeypatch):
     """Found by a review, each one line and exit 2 now instead of a lost run, a traceback or a silent surprise:
     training into a folder that holds a run replaced its best.pt; an empty split ended with a best.pt that was never
     written; ``--set`` typos raised deep in training; two images named alike overwrote each other's outputs;
@@ -253,6 +254,7 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     datalist = _phantom_datalist(tmp_path, n_train=3, n_val=2, shape=(32, 32))
     dl = json.loads(datalist.read_text())
     dl["empty"] = []
+    dl["nolabel"] = [{"image": it["image"]} for it in dl["training"]]
     dl["zeros"] = [{"image": it["image"], "label": str(_nii(tmp_path / f"z{k}.nii.gz", np.zeros((32, 32)),
                                                             dtype=np.uint8))} for k, it in enumerate(dl["training"])]
     datalist.write_text(json.dumps(dl))
@@ -273,6 +275,32 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     refused(train(run), "already holds a run", "--resume", "--overwrite")
     assert (run / "best.pt").read_bytes() == digest
     assert train(run, "--overwrite", "--set", "train.seed=1") == 0 and (run / "best.pt").read_bytes() != digest
+    # a review (2026-12-07): --overwrite deleted the old run before the new one was set up, so a new run refused by
+    # its own checks left the folder empty; a refused one now leaves the old run as it was
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    refused(train(run, "--overwrite", "--train-split", "empty"), "the training split has no images")
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    assert not (run / ".overwritten").exists()
+    assert train(run, "--overwrite") == 0 and not (run / ".overwritten").exists()  # a finished one: no copy kept
+    # Ctrl-C: one line saying what is saved and how to go on (was a KeyboardInterrupt traceback)
+    import lib.training
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lib.training, "train", interrupted)
+    assert train(run, "--resume") == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "resume.pt holds the state of iteration 2" in err and "--resume" in err, err
+    monkeypatch.undo()
+    # entries without a label (a raw KeyError after caching), an empty split given to predict ("wrote 0
+    # prediction(s)", exit 0), a --device that is no device or a CUDA this machine lacks (tracebacks)
+    refused(train(tmp_path / "e6", "--train-split", "nolabel"), "split 'nolabel'", "have no label")
+    refused(cli(["predict", "--checkpoint", str(ckpts[2]), "--datalist", str(datalist), "--split", "empty",
+                 "--out", str(tmp_path / "pe"), "--no-progress"]), "split 'empty'", "has no images")
+    refused(train(tmp_path / "e7", "--device", "cpux"), "--device 'cpux' is not a device")
+    if not torch.cuda.is_available():
+        refused(train(tmp_path / "e8", "--device", "cuda"), "this machine has no CUDA device")
     refused(train(tmp_path / "e1", "--val-split", "empty"), "the validation split has no images")
     refused(train(tmp_path / "e2", "--train-split", "empty"), "the training split has no images", "nothing to train on")
     for setting, phrase in (("train.lr=abc", "expected a number"), ("model.features=5", "expected a JSON list"),
@@ -432,6 +460,26 @@ def test_set_refuses_what_is_not_a_hyper_parameter_of_its_kind(tmp_path):
             _set(load_preset("dfm_vlm_2d"), [assignment]).resolved()
     hp = _set(load_preset("dfm_vlm_2d"), ["train.max_iterations=5"])
     assert hp.train.max_iterations == 5
+    # a review (2026-12-07): a JSON object replaced the whole augmentation (the preset's other keys fell back to the
+    # library's defaults), one key of it could not be set, and a key whose default is None could not be set back
+    preset = load_preset("cxr_lung").train.augmentation
+    for assignment in ('train.augmentation={"prob": 0.5}', "train.augmentation.prob=0.5"):
+        hp = _set(load_preset("cxr_lung"), [assignment])
+        assert hp.train.augmentation == {**preset, "prob": 0.5}, assignment
+    hp = _set(load_preset("cxr_lung"), ["preprocessing.spacing=null"])
+    assert hp.preprocessing.spacing is None and hp.preprocessing.resolved().spacing is None
+    for assignment, phrase in (("train.lr=null", "expected a number"),
+                               ("train.lr.x=1", "train.lr is not a JSON object")):
+        with pytest.raises(ConfigError, match=phrase):
+            _set(load_preset("cxr_lung"), [assignment])
+    # a preset file that is not JSON, not an object, or has features that are not integers: one line naming it
+    bad = tmp_path / "bad.json"
+    for text, phrase in (("{bad", "is not valid JSON"), ("[1, 2]", "must be a JSON object of sections"),
+                         ('{"model": {"features": "abc"}}', "model.features must be a list of integers")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=phrase) as e:
+            load_preset(str(bad))
+        assert str(bad) in str(e.value)
 
 
 def test_conditioning_options_the_model_does_not_take_are_refused(tmp_path, tiny_clip, capsys):
@@ -476,8 +524,10 @@ def test_unknown_augmentation_keys_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"train.augmentation: unknown key\(s\) \['rotation'\]; known: "):
         _set(load_preset("dfm_vlm_2d"), ['train.augmentation={"rotation": 0.5, "prob": 0.2}']).resolved()
+    from lib.config import AUGMENTATION
+
     hp = _set(tiny_hparams(None, mode="plain"), ['train.augmentation={"rotate": 0.5}']).resolved()
-    assert hp.train.augmentation == {"rotate": 0.5}
+    assert hp.train.augmentation == {**AUGMENTATION, "rotate": 0.5}  # merged (since 2026-12-07)
 
 
 def test_resume_refuses_another_training_set(tmp_path, tiny_clip, capsys):
@@ -526,6 +576,13 @@ def test_a_datalist_entry_that_is_not_a_path_is_named(tmp_path, capsys):
             load_datalist(dl, "test")
     dl.write_text(json.dumps({"test": {"image": "a.nii.gz"}}))
     with pytest.raises(InputError, match="split 'test' must be a list of entries"):
+        load_datalist(dl, "test")
+    # a list of entries instead of splits, a UTF-16 file: tracebacks before (a review, 2026-12-07)
+    dl.write_text(json.dumps([good]))
+    with pytest.raises(InputError, match="must be a JSON object of splits"):
+        load_datalist(dl, "test")
+    dl.write_bytes(json.dumps({"test": [good]}).encode("utf-16"))
+    with pytest.raises(InputError, match=r"is not valid JSON \(UTF-8\)"):
         load_datalist(dl, "test")
     dl.write_text(json.dumps({"test": [good, {"image": "b.nii.gz", "label": None}]}))
     assert cli(["evaluate", "--checkpoint", str(tmp_path / "no.pt"), "--datalist", str(dl), "--out",

@@ -226,6 +226,30 @@ class _Publish:
             logger.warning("no epoch beat the served checkpoint (val Dice %.4f): %s not replaced", self.baseline,
                            self.publish_path)
 
+    def _keep_unmeasured(self) -> None:
+        """Before this run's first publish over a file it never measured nor started from -- one an earlier session
+        published, while ``--conf <model>_checkpoint`` names the served one (a restart with the same command after
+        a crash) -- keep that file as ``<name>.pt.<time>.replaced``, as ``PUT /model`` does (a review: a 0.47 epoch
+        replaced an earlier session's 0.99 model, with no copy left)."""
+        if getattr(self, "_kept", False):
+            return
+        self._kept = True
+        served = self.outcome.record.get("served") if self.outcome else None
+        if not os.path.exists(self.publish_path) or (served and os.path.exists(served)
+                                                     and os.path.samefile(served, self.publish_path)):
+            return
+        import datetime
+        import shutil
+
+        keep = f"{self.publish_path}.{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.replaced"
+        try:
+            shutil.copy2(self.publish_path, keep)
+            logger.warning("%s (not the checkpoint this run was measured against, %s) is kept as %s before it is "
+                           "replaced", self.publish_path, served, keep)
+        except OSError as e:
+            raise CheckpointError(f"cannot keep a copy of {self.publish_path} ({e.strerror or e}) before replacing "
+                                  "it: not published") from e
+
     def __call__(self, engine):
         ctx = self.context
         value = engine.state.metrics.get(self.metric) if self.metric else None
@@ -237,6 +261,7 @@ class _Publish:
                    "epoch": ctx.trainer.state.epoch if ctx.trainer else None,
                    "run_id": ctx.run_id, "train_images": len(ctx.train_datalist or []),
                    "val_images": len(ctx.val_datalist or [])}
+        self._keep_unmeasured()
         save_checkpoint(self.publish_path, model, ctx.system.hparams, metrics=metrics)
         logger.info("published %s (val Dice %s)", self.publish_path, value)
         if self.outcome:
@@ -331,6 +356,32 @@ class LabelChecks:
                 logger.warning("cannot keep the label checks in %s: %s", self.path, e)
 
 
+def _install_atomic_stats_copy() -> None:
+    """MONAI Label's stats publisher (``monailabel.tasks.train.handler``) copies each epoch's stats over
+    ``train_stats.json`` with ``shutil.copy``, in place: that module's ``shutil.copy`` becomes a copy through
+    :func:`lib.checkpoint.atomic_write` (a reader sees the old file or the new one). Only that module's name is
+    rebound; ``shutil`` itself is untouched."""
+    import shutil
+    import types
+
+    import monailabel.tasks.train.handler as handler
+
+    if getattr(handler.shutil, "_dfm_atomic", False):
+        return
+    from lib.checkpoint import atomic_write
+
+    def copy(src, dst, *, follow_symlinks=True):
+        target = os.path.join(dst, os.path.basename(src)) if os.path.isdir(dst) else dst
+        with open(src, "rb") as f:
+            atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+        return target
+
+    ns = types.SimpleNamespace(**{k: getattr(shutil, k) for k in dir(shutil) if not k.startswith("__")})
+    ns.copy = copy
+    ns._dfm_atomic = True
+    handler.shutil = ns
+
+
 class DFMVLMTrain(BasicTrainTask):
     def __init__(self, model_dir: str, hparams: HParams, publish_path: str, init_paths: list[str],
                  description: str = "Train the DFM+VLM model", vlm: str | None = None, config: dict | None = None,
@@ -346,6 +397,7 @@ class DFMVLMTrain(BasicTrainTask):
                "dataset": ["CacheDataset", "Dataset"], "dataloader": ["ThreadDataLoader", "DataLoader"],
                "multi_gpu": True, "pretrained": True}
         cfg.update(config or {})
+        _install_atomic_stats_copy()
         super().__init__(model_dir, description, config=cfg, amp=False, publish_path=None,
                          key_metric_filename="ignite_model.pt", labels=list(hparams.label_map), **kwargs)
         self.hparams = hparams
@@ -361,12 +413,40 @@ class DFMVLMTrain(BasicTrainTask):
             logger.warning("train.hard_share = %s is not applied by the MONAI Label trainer (its epochs visit every "
                            "labelled image once); python -m lib train samples hard images more often", tc.hard_share)
 
+    def stats(self):
+        """MONAI Label's train stats (``/info``'s ``train_stats``; the scoring a server starts reads ``/info``), read
+        so that an unreadable file is reported, not raised: MONAI Label rewrote it in place every epoch, so a
+        reader could catch it half-written and a ``kill -9`` or a full disk left it empty or truncated -- then
+        every ``/info``, ``/infer``, ``/activelearning`` and ``/train`` was a 500 and the server did not start again
+        (a review). The file is now written atomically (:func:`_install_atomic_stats_copy`); one written by an
+        older server is read again twice, then shown as ``{"error": ...}`` naming it."""
+        import time
+
+        path = self._stats_path
+        if not path or not os.path.exists(path):
+            return {}
+        for attempt in range(3):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    stats = json.load(f)
+                if isinstance(stats, dict):
+                    return stats
+                raise ValueError(f"not a JSON object ({type(stats).__name__})")
+            except (OSError, ValueError) as e:
+                if attempt == 2:
+                    logger.warning("the train stats %s are unreadable (%s): shown as an error; the next training "
+                                   "writes them again", path, e)
+                    return {"error": f"{path} is unreadable ({e}); the next training writes it again"}
+                time.sleep(0.05)
+        return {}
+
     # -- data: only images of this model's dimensionality, with a final label ---------------------------------
     def pre_process(self, request, datastore):
         # every label is checked as Submit Label checks it (lib.datastore.check_label_file): a label put into
         # labels/final by hand (importing earlier annotations) that does not fit its image stopped the whole training
         # in the data loader; it is left out, named. The checks are remembered by file (path, size, time).
         checked = LabelChecks(os.path.join(self._model_dir, LabelChecks.NAME))
+        self._set_aside_unreadable_published()  # before anything reads what is served
         # the structures of the model this run trains: the served checkpoint's (a --conf <model>_checkpoint of
         # another prompted model: its structures, not the app preset's; a review found every label of such a model
         # skipped as "naming no structure of this model", and a label naming the preset's trained to a crash)
@@ -609,6 +689,32 @@ class DFMVLMTrain(BasicTrainTask):
             network=context.network, optimizer=context.optimizer, loss_function=self.loss_function(context),
             train_handlers=self.train_handlers(context), iteration_update=self.train_iteration_update(context),
             amp=False)
+
+    def _set_aside_unreadable_published(self) -> None:
+        """A published checkpoint whose file does not load (truncated, corrupt) served nothing -- every request was
+        a 503 -- and a training compared its epochs with the configured checkpoint, published none that did not
+        beat it, and left the broken file served (a review). It is renamed ``<name>.pt.unreadable-<time>`` (kept,
+        never deleted), so the configured checkpoint is served again and this run is measured against it. Only the
+        *file* decides (:func:`lib.checkpoint.load_checkpoint`): a missing VLM folder leaves it where it is."""
+        from lib.checkpoint import load_checkpoint
+
+        p = self.publish_path
+        if not p or not os.path.exists(p) or any(q and os.path.exists(q) and os.path.samefile(q, p)
+                                                for q in self.init_paths[:-1]):
+            return  # (a published path that is the configured file: the user's, never renamed)
+        try:
+            load_checkpoint(p)
+        except CheckpointError as e:
+            import datetime
+
+            aside = f"{p}.unreadable-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            try:
+                os.replace(p, aside)
+                logger.warning("the published checkpoint %s does not load (%s): set aside as %s; the configured "
+                               "checkpoint is served again and this run is measured against it", p, e, aside)
+            except OSError as err:
+                logger.warning("the published checkpoint %s does not load (%s) and cannot be set aside: %s", p, e,
+                               err)
 
     def _served(self, context: Context, load: bool = True) -> tuple[str | None, DFMSystem | None]:
         """The checkpoint the app serves now and, when this run did not start from it (``pretrained`` false) and
