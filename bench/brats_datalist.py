@@ -3,12 +3,19 @@
     python bench/brats_datalist.py ../shared/data/brats_wt runs/brats/datalist.json
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-root, out = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
-cases = sorted(p for p in root.iterdir() if p.is_dir())
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("root", help="the BraTS folder (../shared/data/brats_wt)")
+ap.add_argument("out", help="the datalist to write")
+a = ap.parse_args()
+root, out = Path(a.root).resolve(), Path(a.out)
+cases = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+if len(cases) < 2:  # (a traceback before; the 3D benches need the shared data)
+    sys.exit(f"error: {root} holds {len(cases)} BraTS case folder(s); the 3D benches need ../shared/data/brats_wt")
 
 
 def entry(c):

@@ -220,8 +220,10 @@ def main() -> None:
     ax.set_title(f"{Path(a.checkpoint).parent.name}: Dice per click")
     fig.tight_layout()
     fig.savefig(out / "dice_per_click.png", dpi=110)
-    print(f"wrote {out}/summary.json, cases.csv, dice_per_click.png ({meta['wall_seconds']} s)")
+    print(f"wrote {out}/summary.json, cases.csv, dice_per_click.png ({round(time.perf_counter() - t_all, 1)} s)")
 
 
 if __name__ == "__main__":
-    main()
+    from lib.cli import run_bench  # noqa: E402
+
+    raise SystemExit(run_bench(main))

@@ -172,4 +172,6 @@ def draw_overlays(path: str, cases: list, command: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lib.cli import run_bench  # noqa: E402
+
+    raise SystemExit(run_bench(main))

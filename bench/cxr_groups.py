@@ -58,4 +58,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lib.cli import run_bench  # noqa: E402
+
+    raise SystemExit(run_bench(main))

@@ -62,6 +62,10 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N images of each split (a quick check)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    if not Path(a.checkpoint).is_file():  # (the app's trainer then trained a new network from its preset)
+        print(f"error: checkpoint not found: {a.checkpoint}", file=sys.stderr)
+        return 2
+    print("command: python " + " ".join(sys.argv), f"| CPU {torch.backends.cpu.get_cpu_capability()}", flush=True)
     train = load_datalist(a.datalist, "training")
     val = load_datalist(a.datalist, "validation")
     test = load_datalist(a.datalist, a.test_split)
@@ -71,6 +75,7 @@ def main(argv=None) -> int:
            "threads": torch.get_num_threads(), "checkpoint": a.checkpoint, "train_images": len(train),
            "val_images": len(val), "test_images": len(test), "epochs": a.epochs, "arms": []}
     original = trainer_mod._Publish.__call__
+    original_baseline = trainer_mod._Publish.baseline_from
     painted_dir = tempfile.TemporaryDirectory()
     painted = {}
     for arm in a.arms:
@@ -94,24 +99,38 @@ def main(argv=None) -> int:
             task = cfg.trainer()
             curve, last = [], str(Path(tmp) / "last_epoch.pt")
 
-            def record(self, engine, _curve=curve, _last=last):
+            def record(self, engine, _curve=curve, _last=last):  # each epoch's validation (the publisher)
                 ctx = self.context
                 dice = float(engine.state.metrics.get(self.metric, float("nan")))
-                epoch = 0 if self.measuring_baseline else ctx.trainer.state.epoch
+                epoch = ctx.trainer.state.epoch
                 lr = ctx.optimizer.param_groups[0]["lr"]
                 _curve.append({"epoch": epoch, "val_dice": round(dice, 4), "lr_at_end": lr})
                 print(f"{arm}: epoch {epoch} val Dice {dice:.4f} (lr {lr:.2e})", flush=True)
-                if not self.measuring_baseline:
-                    save_checkpoint(_last, ctx.system.model, ctx.system.hparams)
+                save_checkpoint(_last, ctx.system.model, ctx.system.hparams)
                 return original(self, engine)
 
+            def baseline(self, evaluator, served=None, _curve=curve):  # the starting checkpoint, before epoch 1
+                run = original_baseline(self, evaluator, served)
+
+                def measured(engine):
+                    run(engine)
+                    opt = getattr(self.context, "optimizer", None)
+                    lr = opt.param_groups[0]["lr"] if opt is not None else None
+                    dice = float("nan") if self.baseline is None else self.baseline
+                    _curve.append({"epoch": 0, "val_dice": round(dice, 4), "lr_at_end": lr})
+                    print(f"{arm}: epoch 0 (the starting checkpoint) val Dice {dice:.4f}", flush=True)
+
+                return measured
+
             trainer_mod._Publish.__call__ = record
+            trainer_mod._Publish.baseline_from = baseline
             try:
                 task({"max_epochs": a.epochs, "val_ds": val, "device": "cpu", "multi_gpu": False,
                       "lr_schedule": schedule, "fine_tune_lr_scale": float(scale), "publish": "better"},
                      _Datastore(train_items))
             finally:
                 trainer_mod._Publish.__call__ = original
+                trainer_mod._Publish.baseline_from = original_baseline
             system = load_system(last)
             items = [dict(i, case_id=case_id(i)) for i in test]
             cases, _ = evaluate_items(system, items, make_inferer(system))
@@ -127,4 +146,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lib.cli import run_bench  # noqa: E402
+
+    raise SystemExit(run_bench(main))

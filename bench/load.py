@@ -268,4 +268,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lib.cli import run_bench  # noqa: E402
+
+    raise SystemExit(run_bench(main))

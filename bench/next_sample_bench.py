@@ -108,4 +108,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lib.cli import run_bench  # noqa: E402
+
+    raise SystemExit(run_bench(main))

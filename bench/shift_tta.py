@@ -86,4 +86,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lib.cli import run_bench  # noqa: E402
+
+    raise SystemExit(run_bench(main))

@@ -73,4 +73,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lib.cli import run_bench  # noqa: E402
+
+    raise SystemExit(run_bench(main))

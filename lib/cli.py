@@ -229,12 +229,19 @@ def cmd_train(a) -> int:
         set_aside = _set_aside_run(out)
     budget = a.minutes * 60 if a.minutes is not None else None
     logger.info("training on %d images, validating on %d (%s)", len(tr), len(va), a.val_split)
+    if set_aside is not None:
+        import signal
+
+        def terminated(signum, _frame):  # a kill or a scheduler's limit: the old run put back, as for Ctrl-C
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, terminated)
     try:
         res = train(hp, tr, va, a.out, device=device, time_budget_s=budget, max_iterations=a.max_iterations,
                     progress=not a.no_progress, resume=a.resume, dist_timeout_min=a.dist_timeout)
     except BaseException:
         if set_aside is not None:
-            _restore_or_keep(out, set_aside)
+            a.restored_old_run = _restore_or_keep(out, set_aside)
         raise
     if set_aside is not None:
         import shutil
@@ -255,7 +262,12 @@ def _set_aside_run(out: Path) -> Path | None:
     import shutil
 
     aside = out / ".overwritten"
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():  # a run kept there before (a new run that stopped after its first state): kept, renamed
+        import datetime
+
+        keep = out / f".overwritten-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        os.replace(aside, keep)
+        logger.warning("an earlier overwritten run in %s is kept as %s", aside, keep)
     aside.mkdir()
     moved = 0
     for n in RUN_FILES:
@@ -267,20 +279,21 @@ def _set_aside_run(out: Path) -> Path | None:
     return aside if moved else None
 
 
-def _restore_or_keep(out: Path, aside: Path) -> None:
+def _restore_or_keep(out: Path, aside: Path) -> bool:
     """The new run stopped: when it wrote no state (no best/last/resume checkpoint), its files are replaced by the
-    old run's again; otherwise the old run stays in ``aside``, named."""
+    old run's again (True); otherwise the old run stays in ``aside``, named (False)."""
     import shutil
 
     if any((out / n).exists() for n in ("best.pt", "last.pt", "resume.pt")):
         logger.warning("the run you overwrote is kept in %s (the new run stopped after writing a state)", aside)
-        return
+        return False
     for n in RUN_FILES:
         (out / n).unlink(missing_ok=True)
         if (aside / n).exists():
             os.replace(aside / n, out / n)
     shutil.rmtree(aside, ignore_errors=True)
     logger.warning("the new run stopped before writing a state: the run in %s is as it was", out)
+    return True
 
 
 def _items_from_args(a):
@@ -637,6 +650,8 @@ def _interrupted_note(args) -> str:
     """What an interrupted ``train`` left: the iteration of its last saved state and how to go on."""
     if getattr(args, "fn", None) is not cmd_train:
         return ""
+    if getattr(args, "restored_old_run", False):  # (it named the overwritten run's state as this run's)
+        return f": the new run saved nothing; the earlier run in {args.out} is as it was"
     state = Path(args.out) / "resume.pt"
     if not state.exists():
         return f": {args.out} holds no saved state yet (train.state_every_s); run the command again"
@@ -648,6 +663,48 @@ def _interrupted_note(args) -> str:
                 "with --resume continues from there")
     except Exception:  # noqa: BLE001 - a note, never a second traceback
         return f": {state} is there; the same command with --resume continues from it"
+
+
+def run_bench(main_fn) -> int:
+    """A bench's entry point (``raise SystemExit(run_bench(main))``): where its figures come from -- the command,
+    ``torch.backends.cpu.get_cpu_capability()``, the threads, and at the end the wall time -- and, as this
+    command line, one line and exit 2 for a missing checkpoint, data or device (they were tracebacks); a SIGTERM
+    (a ``timeout``) ends it through ``SystemExit`` so its ``finally`` clauses run (a bench's MONAI Label server
+    was left running)."""
+    import signal
+
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .precision import PrecisionError
+    from .structures import StructureError
+    from .transforms import InputError
+    from .vlm import VLMError
+
+    def terminated(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+    print(f"command: python {' '.join(sys.argv)} | CPU {torch.backends.cpu.get_cpu_capability()} | "
+          f"{torch.get_num_threads()} threads", flush=True)
+    t0 = time.perf_counter()
+    try:
+        rc = main_fn()
+    except (CheckpointError, ConfigError, InputError, VLMError, PrecisionError, StructureError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a device this machine lacks (CUDA): torch's message, one line
+        if "cuda" not in str(e).lower() and "nvidia" not in str(e).lower():
+            raise
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"wall: {time.perf_counter() - t0:.1f} s", flush=True)
+    return int(rc or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,22 +147,33 @@ class FreshIndex:
             info = dict(label_info or {})
             info.update(ts=int(time.time()), name=name)
 
+            indexed = []
+
             def write(f):
                 shutil.copyfileobj(src, f)
+                f.flush()  # the whole label on disk first (the tail of a copy sits in the buffer until here)
+                os.fsync(f.fileno())
                 # the index is written before the new label replaces the old one: a failure there (a full disk:
                 # room for the label but not for the index) kept the new label with the old label's entry (its
                 # segments, which decide what trains) and answered a 500 (a review)
                 obj.labels[label_tag] = DataModel(info=info, ext=ext)
                 self._update_datastore_file(lock=False)
+                indexed.append(True)
 
             try:
                 with open(label_filename, "rb") as src:
                     atomic_write(os.path.join(folder, name), write)
             except OSError as e:
-                if old is None:  # the entry in memory as it was (the file on disk is the old index)
+                if old is None:  # the entry in memory as it was
                     obj.labels.pop(label_tag, None)
                 else:
                     obj.labels[label_tag] = old
+                if indexed:  # the new entry reached the index, then the label's rename failed: the old entry back
+                    try:
+                        self._update_datastore_file(lock=False)
+                    except OSError as again:
+                        logger.error("the index of %s still lists the %s label that was not stored: %s", image_id,
+                                     label_tag, again)
                 raise HTTPException(status_code=507, detail=f"cannot store the {label_tag} label of {image_id!r}: "
                                                             f"{e.strerror or e} (the stored label, if any, is "
                                                             f"kept)") from None

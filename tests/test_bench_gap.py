@@ -105,6 +105,53 @@ def test_the_click_bench_refuses_an_uncertain_robot_without_samples_and_prints_a
         with pytest.raises(SystemExit) as e:
             clicks_bench.main()
         assert e.value.code == 2
+        # a whole run to its last line (a review, 2026-12-07: a NameError there stopped bench/clicks.sh half-way)
+        sys.argv = argv + ["--robots", "oracle", "--num-samples", "1"]
+        clicks_bench.main()
+        assert (tmp_path / "out" / "summary.json").exists()
     finally:
         sys.argv = old
     assert clicks_bench._secs(None) == "n/a" and clicks_bench._secs(1.234) == "1.23"
+
+
+def test_the_fine_tuning_bench_records_the_starting_checkpoint_and_each_epoch(tmp_path, make_system):
+    """A review (2026-12-07): bench/finetune_lr.py (the README's "Fine-tuning in the app") crashed after its first
+    epoch (the trainer's publisher no longer measures the served model itself), and a checkpoint path that does
+    not exist trained a new network from the app preset. The curve starts with the served checkpoint's Dice as the
+    trainer measured it (epoch 0), then one row per epoch."""
+    import json
+
+    import finetune_lr
+    from lib.checkpoint import save_checkpoint
+    from lib.phantoms import write_phantom_case
+
+    system = make_system(spatial_dims=2, features=(8, 16), spacing=[1.0, 1.0], steps=1)
+    ck = save_checkpoint(tmp_path / "m.pt", system.model, system.hparams)
+    items = [write_phantom_case(tmp_path, f"c{k}", shape=(40, 40), seed=k, spacing=(1.0, 1.0)) for k in range(3)]
+    datalist = tmp_path / "d.json"
+    datalist.write_text(json.dumps({"training": items[:2], "validation": items[2:], "test": items[2:]}))
+    out = tmp_path / "ft.json"
+    args = ["--datalist", str(datalist), "--epochs", "1", "--arms", "cosine:1", "--out", str(out)]
+    assert finetune_lr.main(["--checkpoint", str(tmp_path / "none.pt"), *args]) == 2 and not out.exists()
+    assert finetune_lr.main(["--checkpoint", str(ck), *args]) == 0
+    curve = json.loads(out.read_text())["arms"][0]["curve"]
+    assert [c["epoch"] for c in curve] == [0, 1], curve
+
+
+def test_a_bench_says_where_its_figures_come_from_and_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    """A review (2026-12-07): benches printed tracebacks for a missing checkpoint, data or GPU, and some printed
+    neither their command nor the CPU. Every bench's entry point (lib.cli.run_bench) prints the command, the CPU
+    capability and the threads first, the wall time last, and a missing input is one line, exit 2."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/sampler_bench.py", "--checkpoint", str(tmp_path / "none.pt"),
+                        "--datalist", str(tmp_path / "none.json")], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: checkpoint not found"), r.stderr[-500:]
+    assert r.stdout.startswith("command: python bench/sampler_bench.py --checkpoint") and "| CPU " in r.stdout
+    for bench in sorted((root / "bench").glob("*.py")):  # every bench goes through it
+        text = bench.read_text()
+        if bench.name != "brats_datalist.py":
+            assert "raise SystemExit(run_bench(main))" in text, bench.name

@@ -235,6 +235,25 @@ def test_a_label_write_that_fails_half_way_keeps_the_stored_label(tmp_path, monk
     assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lesion"}  # the entry in memory too
     assert sorted(p.name for p in stored.parent.iterdir()) == ["phantom_ct_06.nii.gz"], "a partial file was left"
     monkeypatch.undo()
+    # the index written, then the label's own rename fails (a second review): the index on disk gets the old entry
+    # back (it kept the new segments beside the old label)
+    import lib.checkpoint
+
+    real_replace = os.replace
+
+    def label_rename_fails(src, dst):
+        if str(dst) == str(stored):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(lib.checkpoint.os, "replace", label_rename_fails)
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom_ct_06", str(uploads[1]), "final", {"segments": {"1": "vertebra"}})
+    assert e.value.status_code == 507 and stored.read_bytes() == good
+    monkeypatch.undo()
+    assert CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"]).get_label_info(
+        "phantom_ct_06", "final")["segments"] == {"1": "lesion"}
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["phantom_ct_06.nii.gz"], "a partial file was left"
     ds.save_label("phantom_ct_06", str(uploads[1]), "final", {"client": "test"})
     assert stored.read_bytes() == uploads[1].read_bytes()
     reopened = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])  # the index on disk lists it

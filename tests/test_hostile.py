@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -282,6 +283,7 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
     assert not (run / ".overwritten").exists()
     assert train(run, "--overwrite") == 0 and not (run / ".overwritten").exists()  # a finished one: no copy kept
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
     # Ctrl-C: one line saying what is saved and how to go on (was a KeyboardInterrupt traceback)
     import lib.training
 
@@ -292,6 +294,24 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     assert train(run, "--resume") == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "resume.pt holds the state of iteration 2" in err and "--resume" in err, err
+    # after --overwrite the old run is put back, and the note does not offer its state as the new run's (a review)
+    assert train(run, "--overwrite") == 130
+    err = capsys.readouterr().err
+    assert "the new run saved nothing; the earlier run" in err and "holds the state" not in err, err
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}["best.pt"] == before["best.pt"]
+
+    def state_then_interrupted(hp, tr, va, out, **k):  # a new run stopped after its first state
+        with open(os.path.join(out, "resume.pt"), "wb") as f:
+            f.write(b"the new run's state")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lib.training, "train", state_then_interrupted)
+    for _ in range(2):  # the old run is kept in .overwritten, and an earlier kept copy is never deleted
+        assert train(run, "--overwrite") == 130
+        (run / "best.pt").write_bytes(b"the new run's model")
+    kept = sorted(p.name for p in run.iterdir() if p.name.startswith(".overwritten"))
+    assert len(kept) == 2 and (run / kept[1] / "best.pt").read_bytes() == before["best.pt"], kept
+    capsys.readouterr()
     monkeypatch.undo()
     # entries without a label (a raw KeyError after caching), an empty split given to predict ("wrote 0
     # prediction(s)", exit 0), a --device that is no device or a CUDA this machine lacks (tracebacks)

@@ -711,6 +711,20 @@ def test_the_app_trainer_trains_the_served_prompted_model_s_structures_not_the_p
     assert ctx.system.hparams.label_map == served.hparams.label_map
     fresh, old = ctx.system.model.state_dict(), served.model.state_dict()
     assert fresh.keys() == old.keys() and any(not torch.equal(fresh[k], old[k]) for k in old)  # new weights
+    # --conf vlm naming a VLM of another embedding size (the README's way to change VLM): a new network sized for
+    # it, from scratch and when the served file cannot run with it (a second review: "cond_dim=16 but the VLM gives
+    # embeddings of size 24", both ways)
+    from lib.vlm import make_tiny_clip
+
+    other = make_tiny_clip(tmp_path / "other-clip", image_size=32, hidden=32, projection_dim=24, seed=1)
+    cfg = DFMVLM3D()
+    cfg.init("dfm_vlm_3d", str(tmp_path / "model2"), {"dfm_vlm_3d_checkpoint": str(path), "vlm": str(other)}, None)
+    for pretrained in (False, True):
+        ctx = SimpleNamespace(pretrained=pretrained, device=torch.device("cpu"))
+        cfg.trainer().network(ctx)
+        assert ctx.system.vlm.embed_dim == 48 != served.vlm.embed_dim, pretrained  # (image + text, 24 each)
+        assert ctx.system.hparams.model.cond_dim == 48, pretrained
+        assert [s.name for s in ctx.system.hparams.structures] == ["upper", "lower"]
 
 
 def test_the_app_trainer_leaves_out_a_label_that_does_not_fit_its_image(tmp_path, caplog, monkeypatch):

@@ -523,6 +523,11 @@ class DFMVLMTrain(BasicTrainTask):
             logger.info("training from scratch a model like the served %s (its structures, architecture and VLM)",
                         served)
             hp = dataclasses.replace(hp, precision=self.hparams.precision)
+            if self.vlm and hp.model.cond_dim is not None:
+                # --conf vlm names the VLM this server runs (another embedding size, the README's way to change
+                # VLM): the new network's conditioning size and the VLM record come from it, not the served file
+                hp.model = dataclasses.replace(hp.model, cond_dim=None)
+                hp.vlm = dataclasses.replace(hp.vlm, image_embed_dim=None, text_embed_dim=None, fingerprint=None)
         if hp.model.mode == "dfm" and hp.vlm.name_or_path:
             from lib.checkpoint import resolve_vlm_path
 
