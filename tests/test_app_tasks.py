@@ -1085,6 +1085,13 @@ def test_a_publish_keeps_a_file_it_never_measured_and_a_broken_published_file_is
     pub = trainers._Publish(ctx, str(earlier), "val_mean_dice", outcome)
     pub(types.SimpleNamespace(state=types.SimpleNamespace(metrics={"val_mean_dice": 0.7})))
     assert len(list(earlier.parent.glob("dfm_vlm_3d.pt.*.replaced"))) == 1
+    # ... unless that file is the configured checkpoint itself (--conf model_dir holding it): the file the user
+    # named is copied first, whatever was measured (a second review; PUT /model refuses that case)
+    named = earlier.read_bytes()
+    pub = trainers._Publish(ctx, str(earlier), "val_mean_dice", outcome, configured=[str(earlier)])
+    pub(types.SimpleNamespace(state=types.SimpleNamespace(metrics={"val_mean_dice": 0.8})))
+    kept = sorted(earlier.parent.glob("dfm_vlm_3d.pt.*.replaced"))
+    assert len(kept) == 2 and named in [k.read_bytes() for k in kept]
 
     # (2) a truncated published file: set aside when a training starts, so the configured checkpoint is served
     trainer = _task(ckpt3d, tmp_path / "model").trainer()

@@ -178,9 +178,11 @@ class _Publish:
     the served model stays (the first epoch's model was published whatever its Dice: a 2-iteration fine-tune replaced
     a 0.992 model with a 0.944 one)."""
 
-    def __init__(self, context: Context, publish_path: str, metric: str | None, outcome: _Outcome | None = None):
+    def __init__(self, context: Context, publish_path: str, metric: str | None, outcome: _Outcome | None = None,
+                 configured: list[str] | None = None):
         self.context = context
         self.publish_path = publish_path
+        self.configured = [p for p in (configured or []) if p]  # the checkpoints the user named (never lost)
         self.metric = metric
         self.best = -1.0
         self.baseline: float | None = None
@@ -235,13 +237,23 @@ class _Publish:
             return
         self._kept = True
         served = self.outcome.record.get("served") if self.outcome else None
-        if not os.path.exists(self.publish_path) or (served and os.path.exists(served)
-                                                     and os.path.samefile(served, self.publish_path)):
+
+        def same(p):
+            return bool(p) and os.path.exists(p) and os.path.samefile(p, self.publish_path)
+
+        # a publish path that is the configured checkpoint itself (--conf model_dir holding it; PUT /model refuses
+        # that case): a copy first, whatever was measured -- it is the file the user named
+        if not os.path.exists(self.publish_path) or (same(served) and not any(same(p) for p in self.configured)):
             return
         import datetime
         import shutil
 
-        keep = f"{self.publish_path}.{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.replaced"
+        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+        keep = f"{self.publish_path}.{stamp}.replaced"
+        for n in range(1, 1000):  # never over an earlier copy of the same second
+            if not os.path.exists(keep):
+                break
+            keep = f"{self.publish_path}.{stamp}-{n}.replaced"
         try:
             shutil.copy2(self.publish_path, keep)
             logger.warning("%s (not the checkpoint this run was measured against, %s) is kept as %s before it is "
@@ -748,7 +760,8 @@ class DFMVLMTrain(BasicTrainTask):
                                served if better else self._served(context, load=False)[0])
             self.outcome = outcome
             if context.evaluator:
-                publish = _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE, outcome)
+                publish = _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE, outcome,
+                                   configured=self.init_paths[:-1])
                 context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, publish)
                 # after MONAI Label's publisher (added by the base class first) rewrote the stats for this epoch
                 context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, outcome.write)
@@ -768,7 +781,8 @@ class DFMVLMTrain(BasicTrainTask):
             else:
                 context.trainer.add_event_handler(Events.EPOCH_COMPLETED, outcome.write)
                 context.trainer.add_event_handler(Events.COMPLETED, _Publish(context, self.publish_path, None,
-                                                                             outcome))
+                                                                             outcome,
+                                                                             configured=self.init_paths[:-1]))
 
     def train(self, rank, world_size, request, datalist):
         """MONAI Label's run; its stats (a synchronous ``/train``'s answer) with this run's ``publication``."""
