@@ -52,6 +52,29 @@ def tiny_hparams(clip: Path | None, spatial_dims: int = 2, features=(8, 16, 32),
     )
 
 
+def serve_in_app(tmp_path: Path, hp: HParams, conf: dict | None = None, film_std: float | None = None):
+    """The app's task config (``dfm_vlm_2d`` or ``dfm_vlm_3d`` by ``hp``'s dimension) serving a model built from
+    ``hp`` (seed 0; FiLM heads drawn with ``film_std`` to make the conditioning matter), saved as its
+    ``--conf <name>_checkpoint`` under ``tmp_path/models`` -> (config, system, checkpoint path)."""
+    from lib.checkpoint import save_checkpoint
+    from lib.configs.dfm_vlm_2d import DFMVLM2D
+    from lib.configs.dfm_vlm_3d import DFMVLM3D
+    from lib.training import build_system
+
+    name, cls = ("dfm_vlm_3d", DFMVLM3D) if hp.preprocessing.spatial_dims == 3 else ("dfm_vlm_2d", DFMVLM2D)
+    torch.manual_seed(0)
+    system = build_system(hp)
+    if film_std is not None:
+        with torch.no_grad():
+            for h in system.model.vlm_film_heads.values():
+                h.weight.normal_(0, film_std)
+    path = tmp_path / "models" / f"{name}.pt"
+    save_checkpoint(path, system.model, system.hparams)
+    cfg = cls()
+    cfg.init(name, str(tmp_path / "model"), {f"{name}_checkpoint": str(path), **(conf or {})}, None)
+    return cfg, system, path
+
+
 @pytest.fixture
 def make_system(tiny_clip):
     from lib.training import build_system

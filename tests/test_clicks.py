@@ -744,21 +744,13 @@ def test_training_with_simulated_clicks_uses_the_guidance(click_system):
 # -- the interactive MONAI Label task ------------------------------------------------------------------------------
 @pytest.fixture
 def interactive_task(tmp_path, make_system):
-    from lib.checkpoint import save_checkpoint
-    from lib.configs.dfm_vlm_3d import DFMVLM3D
-    from lib.training import build_system
+    from conftest import serve_in_app
 
     hp = make_system(spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0]).hparams
     hp.preprocessing.orientation = "RAS"
     hp.clicks.enabled = True
     hp.labels = {"lesion": 1}  # the task serves the checkpoint's labels
-    torch.manual_seed(0)
-    system = build_system(hp)
-    path = tmp_path / "models" / "dfm_vlm_3d.pt"
-    save_checkpoint(path, system.model, system.hparams)
-    cfg = DFMVLM3D()
-    cfg.init("dfm_vlm_3d", str(tmp_path / "model"), {"dfm_vlm_3d_checkpoint": str(path)}, None)
-    return cfg
+    return serve_in_app(tmp_path, hp)[0]
 
 
 def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_model(tmp_path, interactive_task):

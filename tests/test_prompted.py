@@ -331,19 +331,11 @@ def test_a_tiny_siglip_runs_the_whole_pipeline(tmp_path):
 # -- the app's tasks, in-process --------------------------------------------------------------------------------------
 def _prompted_click_app(tmp_path, clip, structures):
     """A 2D app config serving a click-trained prompted checkpoint (FiLM heads made to matter) -> (config, path)."""
-    from lib.configs.dfm_vlm_2d import DFMVLM2D
+    from conftest import serve_in_app
 
     hp = prompted_hparams(clip, structures, patch=[16, 16])
     hp.clicks.enabled = True
-    torch.manual_seed(0)
-    system = build_system(hp)
-    with torch.no_grad():
-        for h in system.model.vlm_film_heads.values():
-            h.weight.normal_(0, 0.5)
-    path = tmp_path / "models" / "dfm_vlm_2d.pt"
-    save_checkpoint(path, system.model, system.hparams)
-    cfg = DFMVLM2D()
-    cfg.init("dfm_vlm_2d", str(tmp_path / "model"), {"dfm_vlm_2d_checkpoint": str(path)}, None)
+    cfg, _, path = serve_in_app(tmp_path, hp, film_std=0.5)
     return cfg, path
 
 
@@ -675,17 +667,11 @@ def test_the_app_trainer_trains_the_served_prompted_model_s_structures_not_the_p
     scratch (``pretrained`` false) built and published the preset's model, whose structures the app did not serve."""
     from types import SimpleNamespace
 
-    from conftest import ROOT
-    from lib.configs.dfm_vlm_3d import DFMVLM3D
+    from conftest import ROOT, serve_in_app
 
     hp = prompted_hparams(tiny_clip, TWO, spatial_dims=3, features=(8, 16), spacing=[2.0, 2.0, 2.0])
     hp.preprocessing.orientation = "RAS"
-    torch.manual_seed(0)
-    served = build_system(hp)
-    path = tmp_path / "models" / "dfm_vlm_3d.pt"
-    save_checkpoint(path, served.model, served.hparams)
-    cfg = DFMVLM3D()
-    cfg.init("dfm_vlm_3d", str(tmp_path / "model"), {"dfm_vlm_3d_checkpoint": str(path)}, None)
+    cfg, served, path = serve_in_app(tmp_path, hp)
     trainer = cfg.trainer()
     assert [s.name for s in trainer.hparams.structures] == ["lesion", "vertebra"]  # the preset
     sample = ROOT / "sample_data"
@@ -715,6 +701,8 @@ def test_the_app_trainer_trains_the_served_prompted_model_s_structures_not_the_p
     # it, from scratch and when the served file cannot run with it (a second review: "cond_dim=16 but the VLM gives
     # embeddings of size 24", both ways)
     from lib.vlm import make_tiny_clip
+
+    from lib.configs.dfm_vlm_3d import DFMVLM3D
 
     other = make_tiny_clip(tmp_path / "other-clip", image_size=32, hidden=32, projection_dim=24, seed=1)
     cfg = DFMVLM3D()
