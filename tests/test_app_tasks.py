@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 
 import pytest
 import torch
@@ -1482,3 +1483,23 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
     unnamed = step(None, batch)["cases"][0]
     assert named["fg_fraction_label"] == pytest.approx(float((lab > 0).mean()), rel=1e-6)  # up: all of it 1
     assert unnamed["fg_fraction_label"] == 0
+
+
+def test_an_upload_s_content_digest_is_read_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    """A session's image (3D Slicer's PUT /session) is seeded by its content; every click of the session named the
+    same file, which was read and hashed again each time. The digest is remembered while the file is unchanged,
+    and a file changed in place (same name, new content) is hashed again, never served an old digest."""
+    import lib.infers.dfm_vlm as infers
+
+    monkeypatch.setattr(infers, "session_store", lambda: os.path.realpath(str(tmp_path)))
+    image = tmp_path / "abc" / "image.nii.gz"
+    image.parent.mkdir()
+    image.write_bytes(b"one image" * 1000)
+    reads = []
+    real = infers.file_sha256
+    monkeypatch.setattr(infers, "file_sha256", lambda p: reads.append(p) or real(p))
+    first = infers.seed_key(str(image))
+    assert first.startswith("upload-") and infers.seed_key(str(image)) == first and len(reads) == 1
+    image.write_bytes(b"another image" * 1000)
+    os.utime(image, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert infers.seed_key(str(image)) != first and len(reads) == 2

@@ -212,8 +212,29 @@ def seed_key(path: str) -> str:
     image (:func:`is_session_image`: a new name each time), its content: the same image and seed give the same
     result every time (a session's result differed by ~50 voxels from one session to the next)."""
     if is_upload(path) or is_session_image(path):
-        return "upload-" + file_sha256(path)[:32]
+        return "upload-" + _content_digest(path)[:32]
     return case_id({"image": path})
+
+
+_DIGESTS: dict = {}  # (real path, inode, size, mtime) -> SHA-256: a session's image is hashed once, not per click
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _content_digest(path: str) -> str:
+    """:func:`file_sha256` of ``path``, remembered while the file is unchanged (its inode, size and modification
+    time): every click of a session named the same image, which was read and hashed again each time."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _DIGESTS_LOCK:
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+    digest = file_sha256(path)
+    with _DIGESTS_LOCK:
+        if len(_DIGESTS) >= 256:  # uploads are new files each time: the oldest entries go
+            for k in list(_DIGESTS)[:128]:
+                del _DIGESTS[k]
+        _DIGESTS[key] = digest
+    return digest
 
 
 def request_device(value, default: str) -> str:
