@@ -122,6 +122,22 @@ def remove_interrupted_writes(folder: str | os.PathLike, names) -> list[Path]:
     return removed
 
 
+def keep_replaced_copy(path: str | os.PathLike) -> str:
+    """A copy of ``path`` beside it, ``<name>.<time>.replaced``, before it is replaced (a published checkpoint:
+    ``PUT /model`` and a training's first publish over a file it never measured); never over an earlier copy of the
+    same second. Returns the copy's path; ``OSError`` when it cannot be written."""
+    import shutil
+
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    keep = f"{path}.{stamp}.replaced"
+    n = 0
+    while os.path.exists(keep):
+        n += 1
+        keep = f"{path}.{stamp}-{n}.replaced"
+    shutil.copy2(path, keep)
+    return keep
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 60.0) -> list[Path]:
     """Delete the temporary files :func:`atomic_write` left in ``folder`` (``.<name>.<12 hex>.tmp``) that nothing
     has written for ``older_than_s`` seconds: what a ``kill -9`` or a crash cut short (a review found one of a

@@ -214,13 +214,12 @@ def _install_model_file_checks() -> None:
         return task
 
     def update_model(background_tasks, model: str, file):
-        import datetime
         import secrets
         import shutil
 
         from monailabel.utils.others.generic import file_checksum
 
-        from lib.checkpoint import atomic_write, load_system
+        from lib.checkpoint import atomic_write, keep_replaced_copy, load_system
 
         task = task_of(model)
         published = task.path[-1]
@@ -250,8 +249,7 @@ def _install_model_file_checks() -> None:
                                                             "nothing was written")
             del system
             if os.path.exists(published):
-                stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-                shutil.copy2(published, f"{published}.{stamp}.replaced")
+                keep_replaced_copy(published)
             with open(upload, "rb") as src:
                 atomic_write(published, lambda f: shutil.copyfileobj(src, f))
         finally:

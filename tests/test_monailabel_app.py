@@ -758,6 +758,11 @@ def test_a_model_upload_must_be_this_model_s_checkpoint_and_never_replaces_the_c
     assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"steps": 1}).headers.get("content-type")
     info = requests.get(f"{server.url}/info/", timeout=60).json()
     assert info["models"]["dfm_vlm_2d"]["checkpoint"]["path"] == str(published)
+    # a second upload keeps the published file it replaces, beside it (lib.checkpoint.keep_replaced_copy)
+    r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", body)}, timeout=120)
+    kept = list(server.model_dir.glob("dfm_vlm_2d.pt.*.replaced"))
+    assert r.status_code == 200 and len(kept) == 1 and kept[0].read_bytes() == body, (r.text, kept)
+    kept[0].unlink()
     r = requests.delete(f"{server.url}/model/dfm_vlm_2d", timeout=60)
     assert r.status_code == 200 and not published.exists() and r.json()["serving"] == str(configured), r.text
     assert sha(configured) == before

@@ -245,17 +245,10 @@ class _Publish:
         # that case): a copy first, whatever was measured -- it is the file the user named
         if not os.path.exists(self.publish_path) or (same(served) and not any(same(p) for p in self.configured)):
             return
-        import datetime
-        import shutil
+        from lib.checkpoint import keep_replaced_copy
 
-        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        keep = f"{self.publish_path}.{stamp}.replaced"
-        for n in range(1, 1000):  # never over an earlier copy of the same second
-            if not os.path.exists(keep):
-                break
-            keep = f"{self.publish_path}.{stamp}-{n}.replaced"
         try:
-            shutil.copy2(self.publish_path, keep)
+            keep = keep_replaced_copy(self.publish_path)
             logger.warning("%s (not the checkpoint this run was measured against, %s) is kept as %s before it is "
                            "replaced", self.publish_path, served, keep)
         except OSError as e:
