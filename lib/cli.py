@@ -215,11 +215,6 @@ def cmd_train(a) -> int:
         tr = tr[: a.limit_train]
     if a.limit_val:
         va = va[: a.limit_val]
-    for split, items in ((a.train_split, tr), (a.val_split, va)):  # (a raw KeyError after caching, a review)
-        unlabelled = [it for it in items if not it.get("label")]
-        if unlabelled:
-            raise ConfigError(f"split {split!r} of {a.datalist}: {len(unlabelled)} of {len(items)} entries have no "
-                              f"label (e.g. {unlabelled[0].get('image')!r}); training and validation need one each")
     device = _device(a.device)
     set_aside = None
     if held and a.overwrite and not a.resume and os.environ.get("RANK", "0") == "0":  # (torchrun: rank 0 writes)

@@ -354,6 +354,11 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     if not train_items or not val_items:  # the CLI's and every script's check (the CLI names no split here)
         raise ConfigError(f"the {'training' if not train_items else 'validation'} split has no images: nothing to "
                           f"{'train on' if not train_items else 'validate (and choose best.pt) on'}")
+    for split, items in (("training", train_items), ("validation", val_items)):  # (a raw KeyError after caching)
+        unlabelled = [it for it in items if not it.get("label")]
+        if unlabelled:
+            raise ConfigError(f"the {split} split: {len(unlabelled)} of {len(items)} entries have no label (e.g. "
+                              f"{unlabelled[0].get('image')!r}); training and validation need one each")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = hp.train

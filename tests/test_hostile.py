@@ -315,7 +315,7 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     monkeypatch.undo()
     # entries without a label (a raw KeyError after caching), an empty split given to predict ("wrote 0
     # prediction(s)", exit 0), a --device that is no device or a CUDA this machine lacks (tracebacks)
-    refused(train(tmp_path / "e6", "--train-split", "nolabel"), "split 'nolabel'", "have no label")
+    refused(train(tmp_path / "e6", "--train-split", "nolabel"), "the training split: 3 of 3 entries have no label")
     refused(cli(["predict", "--checkpoint", str(ckpts[2]), "--datalist", str(datalist), "--split", "empty",
                  "--out", str(tmp_path / "pe"), "--no-progress"]), "split 'empty'", "has no images")
     refused(train(tmp_path / "e7", "--device", "cpux"), "--device 'cpux' is not a device")
