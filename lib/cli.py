@@ -553,7 +553,11 @@ def cmd_audit(a) -> int:
     for fl in rep["flags"]:
         print(f"[{fl['severity']}] {fl['check']}: {fl['message']}")
     print(f"report: {a.out}")
-    return 0
+    # exit 1 when an error is flagged (a script or CI gate reads the status; it was 0 whatever was found)
+    errors = sum(fl["severity"] == "error" for fl in rep["flags"])
+    if errors:
+        print(f"{errors} error(s) flagged: exit 1", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -629,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vlm", help="its VLM folder or hub id, if not where the checkpoint says")
     s.set_defaults(fn=cmd_upgrade_checkpoint)
 
-    s = sub.add_parser("audit", help="compare two splits or datasets and flag differences")
+    s = sub.add_parser("audit", help="compare two splits or datasets and flag differences "
+                                     "(exit 1 when an error is flagged, 0 for warnings only)")
     s.add_argument("--datalist", required=True)
     s.add_argument("--a", default="validation")
     s.add_argument("--b", default="test")

@@ -215,6 +215,12 @@ def test_audit_flags_what_differs(tmp_path):
     assert not {"pixel_duplicates", "unreadable"} & checks
     same = audit(a[:3], a[3:], "x", "y")
     assert not [f for f in same["flags"] if f["severity"] != "info"]
+    # the command's status: 1 when an error is flagged (it was 0 whatever was found), 0 for warnings only
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"validation": a, "test": b, "x": a[:3], "y": a[3:]}))
+    args = ["audit", "--datalist", str(datalist), "--no-progress", "--out"]
+    assert cli(args + [str(tmp_path / "r1.json"), "--a", "validation", "--b", "test"]) == 1
+    assert cli(args + [str(tmp_path / "r2.json"), "--a", "x", "--b", "y"]) == 0
 
 
 def test_audit_reads_files_as_the_loader_does(tmp_path):
