@@ -205,6 +205,10 @@ def cmd_train(a) -> int:
         hp.structures = select(hp.structures, a.structures) if hp.structures else select([], a.structures)
     _check_out_folder(a.out)
     out = Path(a.out)
+    if out.is_dir() and os.environ.get("RANK", "0") == "0":
+        from .training import hold_run_lock
+
+        hold_run_lock(out)  # before --overwrite moves a run aside: not one still training (a second process)
     held = [n for n in ("best.pt", "resume.pt") if (out / n).exists()]
     if held and not (a.resume or a.overwrite):
         raise ConfigError(f"{out} already holds a run ({', '.join(held)}): --resume continues it, --overwrite "

@@ -339,6 +339,37 @@ class TrainResult:
     wall_seconds: float = 0.0
 
 
+_RUN_LOCKS: dict[str, object] = {}  # OUT folders whose run this process holds (for its lifetime)
+
+
+def hold_run_lock(out: str | os.PathLike) -> None:
+    """One training per ``OUT``: an exclusive ``flock`` on ``OUT/.train.lock``, held until this process ends (the
+    kernel drops it at any exit, ``kill -9`` included, so no stale lock is left). Two runs in one folder (a second
+    ``--resume`` started beside the first, or torchrun's orphaned ranks after a ``kill -9`` of the launcher) each
+    rewrote ``losses.csv``, ``resume.pt`` and the checkpoints, and one deleted the other's temporary files (a
+    review); the second is now refused naming the first's process id. Raises ConfigError."""
+    import fcntl
+
+    path = Path(out) / ".train.lock"
+    key = os.path.realpath(path)
+    if key in _RUN_LOCKS:
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"another training is running in {out} (process {holder}; {path} is locked): wait for it "
+                          "to end, or stop it, before training or resuming there") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _RUN_LOCKS[key] = f
+
+
 def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], out_dir: str | Path,
           device: str | torch.device = "cpu", time_budget_s: float | None = None,
           max_iterations: int | None = None, progress: bool = True,
@@ -380,6 +411,8 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         raise ConfigError(f"the distributed timeout must be a number of minutes > 0, got {dist_timeout_min!r}")
     world, rank, device = _init_distributed(torch.device(device), dist_timeout_min)
     main_rank = rank == 0
+    if main_rank:
+        hold_run_lock(out)  # before anything in OUT is touched (the next line deletes temporary files)
     if main_rank:  # half-written files of a run killed during a write
         for f in remove_interrupted_writes(out, ("best.pt", "last.pt", "resume.pt", "losses.csv")):
             logger.info("removed %s, left by an interrupted write", f)
@@ -702,5 +735,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     res = TrainResult(best_checkpoint=str(best_path), last_checkpoint=str(last_path),
                       best_val={k: v for k, v in best.items() if k != "cases"}, history=history, iterations=it,
                       train_seconds=train_s, wall_seconds=wall)
-    (out / "train_result.json").write_text(json.dumps(res.__dict__, indent=1, default=str))
+    if main_rank:  # every rank wrote it: another rank's empty result, or two texts overlapping (a review)
+        text = json.dumps(res.__dict__, indent=1, default=str)
+        atomic_write(out / "train_result.json", lambda f: f.write(text.encode()))
     return res

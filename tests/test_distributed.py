@@ -60,6 +60,9 @@ def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(tmp_pa
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     assert a["hyper_parameters"] == b["hyper_parameters"]  # the same checkpoint format, written by rank 0
+    # the run's result, by rank 0 only: every rank wrote it, and it held rank 1's (no validation) or both overlapping
+    res1, res2 = (json.loads((tmp_path / r / "train_result.json").read_text()) for r in ("one", "two"))
+    assert res2["history"] and len(res2["history"]) == len(res1["history"]) and res2["iterations"] == 6, res2
     assert curve[-1][1] < curve[0][1] - 0.1  # it trained
     diff = _max_param_diff(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt")
     assert diff < TOLERANCE, diff

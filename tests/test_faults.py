@@ -130,6 +130,24 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, tiny_clip, 
                     "--max-iterations", "4", "--no-progress", "--resume", "--vlm", str(vlm)]) == rc
         err = capsys.readouterr().err
         assert says in err, err[-2000:]
+    # one training per folder: a second --resume (or --overwrite) beside a running one rewrote its files, and
+    # deleted its temporary ones (a review, 2026-12-07); a process that holds the run's lock stands for it here
+    busy = shutil.copytree(out, tmp_path / "busy")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lib.training import hold_run_lock; "
+                               "hold_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(busy)],
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p.name: p.stat().st_mtime_ns for p in busy.iterdir()}
+        for flag in ("--resume", "--overwrite"):
+            assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(busy),
+                        "--max-iterations", "4", "--no-progress", flag]) == 2
+            err = capsys.readouterr().err
+            assert f"another training is running in {busy} (process {holder.pid}" in err, err[-2000:]
+        assert {p.name: p.stat().st_mtime_ns for p in busy.iterdir()} == before  # nothing moved or rewritten
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_checkpoints_are_written_with_the_umask_not_0600(tmp_path):
