@@ -86,25 +86,10 @@ def check_file(path, label: bool = False) -> None:
                              f"{aff[:3, :3].round(4).tolist()}; the voxel spacing/orientation is unknown")
     elif name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
         # read whole before (a gzip NRRD of zeros is a decompression bomb): ITK reads the header only here
-        import itk
-
-        try:
-            io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
-            if io is None:
-                raise ValueError("no ITK reader for it")
-            io.SetFileName(str(path))
-            io.ReadImageInformation()
-            shape = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
-            comps = int(io.GetNumberOfComponents())
-        except Exception as e:  # noqa: BLE001
-            raise UnreadableInput(f"cannot read {path}: not a readable image header ({type(e).__name__}: {e})") \
-                from None
-        if not shape or min(shape) < 1:
-            raise InputError(f"{path}: the header declares shape {shape}: an empty image")
-        n = int(np.prod(shape, dtype=np.int64)) * max(comps, 1)
-        if n > MAX_VOXELS:
-            raise InputError(f"{path}: the header declares shape {shape} x {comps} component(s) = {n:,} voxels, more "
-                             f"than this server's limit of {MAX_VOXELS:,} (DFM_MAX_VOXELS); refused before reading it")
+        shape, comps = _itk_header(path)
+        if shape is None:
+            raise UnreadableInput(f"cannot read {path}: not a readable image header ({comps})")
+        _check_declared(path, shape, comps)
     elif name.endswith(".png"):
         from PIL import Image
 
@@ -119,6 +104,47 @@ def check_file(path, label: bool = False) -> None:
         if mode in (("RGBA", "LA", "PA") if label else ("P", "PA", "RGBA", "LA")):
             raise InputError(f"{path}: a {'palette' if mode.startswith('P') else 'transparent (' + mode + ')'} PNG; "
                              f"save the image as greyscale (8 or 16 bit)")
+    elif os.path.isfile(str(path)):
+        # every other single file (TIFF, JPEG, BMP, a DICOM file...): the size its header declares, as ITK (or PIL)
+        # reads it without the pixels. A 453 KB deflate TIFF of 17000 x 17000 pixels passed unchecked and took a
+        # server past 7 GB (a review); a format neither reads is left to the loader, which names it
+        shape, comps = _itk_header(path)
+        if shape is None:
+            from PIL import Image
+
+            try:
+                with Image.open(str(path)) as im:
+                    shape, comps = tuple(im.size), len(im.getbands())
+            except Image.DecompressionBombError as e:
+                raise InputError(f"{path}: {e}; refused before reading it") from None
+            except Exception:  # noqa: BLE001 - not an image PIL knows: the loader says what it is
+                return
+        _check_declared(path, shape, comps)
+
+
+def _itk_header(path) -> tuple:
+    """``(shape, components)`` as ITK reads a file's header (the pixels stay on disk), or ``(None, reason)``."""
+    import itk
+
+    try:
+        io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+        if io is None:
+            return None, "no ITK reader for it"
+        io.SetFileName(str(path))
+        io.ReadImageInformation()
+        return (tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions())),
+                int(io.GetNumberOfComponents()))
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _check_declared(path, shape: tuple, comps: int) -> None:
+    if not shape or min(shape) < 1:
+        raise InputError(f"{path}: the header declares shape {shape}: an empty image")
+    n = int(np.prod(shape, dtype=np.int64)) * max(int(comps), 1)
+    if n > MAX_VOXELS:
+        raise InputError(f"{path}: the header declares shape {shape} x {comps} component(s) = {n:,} voxels, more "
+                         f"than this server's limit of {MAX_VOXELS:,} (DFM_MAX_VOXELS); refused before reading it")
 
 
 class LoadImageChecked(MapTransform):

@@ -78,6 +78,23 @@ def _text_file(path, text):
     return path
 
 
+def _tiff_header(path, width, height):
+    """A deflate TIFF whose header declares width x height 8-bit pixels, with one small strip (a decompression
+    bomb's header: the pixels a reader would inflate are not needed to refuse it)."""
+    import struct
+    import zlib
+
+    data = zlib.compress(b"\x00" * 4096)
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, 0), (277, 3, 1),
+            (278, 4, height), (279, 4, len(data))]
+    start = 8 + 2 + 12 * len(tags) + 4
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII", tag, kind, 1, start if tag == 273 else value) if kind == 4 else
+        struct.pack("<HHIHH", tag, kind, 1, value, 0) for tag, kind, value in tags) + struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + data)
+    return path
+
+
 def _predict(ck, image, out):
     return cli(["predict", "--checkpoint", str(ck), "--image", str(image), "--out", str(out), "--no-progress"])
 
@@ -113,6 +130,9 @@ REFUSED = [
     ("MetaImage header claiming 2.7e13 voxels", 3, lambda t: _text_file(
         t / "huge.mha", "ObjectType = Image\nNDims = 3\nDimSize = 30000 30000 30000\nElementType = MET_FLOAT\n"
                         "ElementDataFile = LOCAL\n"), "more than this server's limit"),
+    # a review: any other format went unchecked; a 453 KB deflate TIFF of 17000 x 17000 took a server past 7 GB
+    ("TIFF header claiming 9e8 pixels", 2, lambda t: _tiff_header(t / "huge.tif", 30000, 30000),
+     "more than this server's limit"),
     ("spacing in micrometres written as millimetres", "3s",
      lambda t: _nii(t / "um.nii.gz", np.zeros((20, 20, 20)), np.diag([2000.0, 2000.0, 2000.0, 1.0])),
      "is the header's spacing right"),
