@@ -108,6 +108,8 @@ class FreshIndex:
 
         id_, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or id_
+        # "A.NII.GZ" was stored as ".nii.GZ", which a rebuilt index (case-sensitive globs) leaves out (a review)
+        ext = ext.lower()
         name = self._filename(image_id, ext)
         dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
         with FileLock(self._lock_file):
@@ -650,7 +652,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
 
 
 # -- the local (folder) datastore: a label is checked before it may replace anything ---------------------------------
-MAX_NAME = 255
+MAX_NAME = 200  # the stored file adds its extension, a write's temporary name 18 more: within 255
 
 
 def check_name(value, what: str) -> str:
@@ -659,11 +661,12 @@ def check_name(value, what: str) -> str:
 
     if not isinstance(value, str) or not value.strip():
         raise HTTPException(status_code=422, detail=f"{what} is empty")
-    bad = ("/" in value or "\\" in value or "\x00" in value or value in (".", "..") or len(value) > MAX_NAME
+    bad = ("/" in value or "\\" in value or "\x00" in value or value in (".", "..")
+           or len(value.encode("utf-8", "surrogatepass")) > MAX_NAME
            or os.path.isabs(value))
     if bad:
         raise HTTPException(status_code=422, detail=f"{what} {value[:80]!r} is not a plain name (no path "
-                                                    f"separators, '..', NUL, at most {MAX_NAME} characters)")
+                                                    f"separators, '..', NUL, at most {MAX_NAME} bytes in UTF-8)")
     return value
 
 
@@ -935,6 +938,15 @@ def label_segments(present: list[int], label_info: dict | None, image_id: str) -
         if key in out and out[key] != name:
             raise InputError(f"the label_info sent for {image_id!r} names value {key} twice ({out[key]!r}, {name!r})")
         out[key] = name
+    absent = sorted(int(k) for k in out if int(k) not in present)
+    unnamed = [v for v in present if str(v) not in out]
+    if out and absent and unnamed:
+        # a label holding only 7 with [{"name": "lesion", "idx": 7}] was stored as {"1": "lesion"}: the lesion's
+        # truth read as empty, value 7 unknown (a review); an absent name alone is an empty segment, not this
+        raise InputError(f"the label_info sent for {image_id!r} names value(s) {absent} "
+                         f"({[out[str(v)] for v in absent]}), which the label does not hold, and leaves its value(s) "
+                         f"{unnamed} unnamed: give each segment its value (segmentAttribute.labelID, or 'segments' "
+                         "{value: name}), or number the label's segments 1, 2, ... as 3D Slicer exports them")
     for key, name in out.items():
         if name.lower() == "uncertain" and int(key) in present:
             raise InputError(f"the label sent for {image_id!r} still has the 'uncertain' segment (value {key}): "

@@ -1440,6 +1440,14 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
     ds.save_label("phantom_ct_06", str(up3), "final", {"label_info": [
         {"name": "lung", "idx": 1}, {"name": "lesion", "idx": 3}, {"name": "vertebra", "idx": 4}]})
     assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lung", "2": "lesion", "3": "vertebra"}
+    # a file holding only 7 with one Slicer entry: the name lands on 1, which the file lacks, and 7 stays unnamed (a
+    # review, 2026-12-07: stored as {"1": "lesion"}, the lesion's truth read as empty); nothing stored
+    up7 = tmp_path / "up7.nii.gz"
+    nib.save(nib.Nifti1Image((lab > 0).astype(np.uint8) * 7, img.affine), str(up7))
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("phantom_ct_06", str(up7), "final", {"label_info": [{"name": "lesion", "idx": 7}]})
+    assert e.value.status_code == 422 and "does not hold" in e.value.detail and "[7] unnamed" in e.value.detail
+    assert ds.get_label_info("phantom_ct_06", "final")["segments"] == {"1": "lung", "2": "lesion", "3": "vertebra"}
     # names without idx are paired with the file's values in order, counted among themselves (a fourth review: a
     # "background" entry before them took a position, and the vertebra was stored as the lesion); more such names
     # than values cannot be paired (which segment was left empty?): 422, nothing stored
