@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import os
 import pkgutil
@@ -276,6 +277,106 @@ def _install_model_file_checks() -> None:
     endpoint.delete_model = delete_model
 
 
+MAX_ARCHIVE_BYTES = int(os.environ.get("DFM_MAX_ARCHIVE_BYTES", 2 ** 31))  # a session archive, unpacked (2 GiB)
+MAX_ARCHIVE_MEMBERS = 20000
+
+
+def check_archive(path: str) -> None:
+    """A session archive (``PUT /session?uncompress=true``; MONAI Label ``shutil.unpack_archive``s it unfiltered):
+    only plain files and folders inside it, at most :data:`MAX_ARCHIVE_BYTES` unpacked (``DFM_MAX_ARCHIVE_BYTES``)
+    and :data:`MAX_ARCHIVE_MEMBERS` entries. A tar member ``../../x`` was written outside the session folder (as
+    root: anywhere), a link member pointed at /etc, and a small archive could unpack to any size (a review)."""
+    import tarfile
+    import zipfile
+
+    def bad(why):
+        return HTTPException(status_code=422, detail=f"the session archive is refused: {why}")
+
+    def check_name_in(name: str):
+        parts = name.replace("\\", "/").split("/")
+        if "\x00" in name or name.startswith("/") or ".." in parts or (len(parts[0]) == 2 and parts[0][1] == ":"):
+            raise bad(f"the entry {name[:80]!r} points outside the folder it unpacks to")
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            if len(infos) > MAX_ARCHIVE_MEMBERS:
+                raise bad(f"{len(infos)} entries, more than {MAX_ARCHIVE_MEMBERS}")
+            for i in infos:
+                check_name_in(i.filename)
+                if (i.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise bad(f"the entry {i.filename[:80]!r} is a link")
+            total = sum(i.file_size for i in infos)
+    else:
+        try:
+            with tarfile.open(path) as t:  # any compression tarfile reads
+                members = []
+                for m in t:
+                    members.append(m)
+                    if len(members) > MAX_ARCHIVE_MEMBERS:
+                        raise bad(f"more than {MAX_ARCHIVE_MEMBERS} entries")
+                    check_name_in(m.name)
+                    if not (m.isfile() or m.isdir()):
+                        raise bad(f"the entry {m.name[:80]!r} is a link or a device, not a file")
+        except tarfile.TarError as e:
+            raise bad(f"not a zip or tar archive ({e})") from None
+        total = sum(m.size for m in members)
+    if total > MAX_ARCHIVE_BYTES:
+        raise bad(f"it unpacks to {total:,} bytes, more than this server's limit of {MAX_ARCHIVE_BYTES:,} "
+                  "(DFM_MAX_ARCHIVE_BYTES)")
+
+
+def _install_session_checks() -> None:
+    """``PUT /session``: MONAI Label's ``create_session`` with the upload's names checked (a file named ``..`` or
+    ``/`` was a 500 that left a folder behind), an archive checked before it is unpacked (:func:`check_archive`),
+    and the received files removed when the session is refused (they stayed in the temporary folder)."""
+    import monailabel.endpoints.session as endpoint
+
+    if getattr(endpoint.create_session, "_dfm_checked", False):
+        return
+
+    def create_session(background_tasks, uncompress: bool = False, expiry: int = 0, files=None):
+        import shutil
+        import tempfile
+
+        from monailabel.interfaces.utils.app import app_instance
+
+        sessions = app_instance().sessions()
+        if sessions is None:
+            raise HTTPException(status_code=406, detail="Session Feature is Not Enabled")
+        files = list(files or [])
+        if not files:
+            raise HTTPException(status_code=422, detail="no file was sent")
+        names = []
+        for f in files:
+            check_upload_name("file", f.filename)
+            name = os.path.basename(str(f.filename or "").replace("\\", "/"))
+            if f.filename and name in ("", ".", ".."):
+                raise HTTPException(status_code=422, detail=f"the uploaded file's name {f.filename[:80]!r} is not a "
+                                                            "file name")
+            names.append(name or "image.nii.gz")
+        if len(set(names)) < len(names):
+            raise HTTPException(status_code=422, detail=f"two uploaded files share a name: {names}")
+        if uncompress and len(files) != 1:
+            raise HTTPException(status_code=422, detail="'uncompress' takes one archive; send the files themselves "
+                                                        "without it")
+        received = tempfile.mkdtemp()
+        try:
+            for f, name in zip(files, names):
+                with open(os.path.join(received, name), "wb") as out:
+                    shutil.copyfileobj(f.file, out)
+            data = received if len(files) > 1 else os.path.join(received, names[0])
+            if uncompress:
+                check_archive(data)
+            session_id, info = sessions.add_session(data, expiry, uncompress)
+        finally:
+            shutil.rmtree(received, ignore_errors=True)
+        return {"session_id": session_id, "session_info": info.to_json()}
+
+    create_session._dfm_checked = True
+    endpoint.create_session = create_session
+
+
 _RESULT = threading.local()  # this thread's last /infer result's label names (for its DICOM SEG, below)
 
 
@@ -286,6 +387,20 @@ def _looks_like_points(value) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(
         isinstance(p, (list, tuple)) and len(p) in (2, 3)
         and all(isinstance(c, numbers.Number) and not isinstance(c, bool) for c in p) for p in value)
+
+
+_INPUTS = threading.local()  # what the /infer request being checked uploaded (its image, a label) or named (a session)
+MAX_UPLOAD_NAME = 200  # an upload's file name: MONAI Label stores it under a temporary name with the name's suffixes
+
+
+def check_upload_name(key: str, filename) -> None:
+    """An uploaded file's name (MONAI Label keeps its suffixes for the temporary copy): NUL or a suffix of hundreds
+    of characters made ``tempfile`` raise, a bare 500 (a review)."""
+    if not isinstance(filename, str):
+        return
+    if "\x00" in filename or len(os.path.basename(filename)) > MAX_UPLOAD_NAME:
+        raise HTTPException(status_code=422, detail=f"the uploaded {key}'s file name {filename[:80]!r} has a NUL "
+                                                    f"character or more than {MAX_UPLOAD_NAME} characters")
 
 
 def check_json_field(name: str, text) -> None:
@@ -324,6 +439,27 @@ def _install_json_field_checks() -> None:
 
         def checked(*args, **kwargs):
             bound = signature.bind_partial(*args, **kwargs).arguments
+            try:
+                return run_checked(bound, args, kwargs)
+            except BaseException:
+                # MONAI Label removes an upload in a background task that FastAPI runs only after a successful
+                # answer: every refused upload (a label for an unknown image, a file that is no image) stayed in
+                # the temporary folder for good (a review filled it with 50 MB files)
+                tasks = getattr(bound.get("background_tasks"), "tasks", None) or []
+                for t in list(tasks):
+                    if getattr(t.func, "__name__", "") == "remove_file":
+                        try:
+                            t.func(*t.args, **t.kwargs)
+                        except OSError:
+                            pass
+                        tasks.remove(t)
+                raise
+            finally:
+                _INPUTS.given = None
+
+        def run_checked(bound, args, kwargs):
+            for key in ("file", "label"):
+                check_upload_name(key, getattr(bound.get(key), "filename", None))
             check_json_field(field, bound.get(field))
             if need_input and not bound.get("image") and not bound.get("session_id") and not bound.get("file"):
                 raise HTTPException(status_code=422, detail="the request names no image: give an image id, a "
@@ -337,6 +473,21 @@ def _install_json_field_checks() -> None:
                     raise HTTPException(status_code=422, detail="output 'dicom_seg' needs a DICOMweb datastore (a "
                                                                 "PACS): this server's studies are files; ask for "
                                                                 "output 'image'")
+            if need_input:
+                # the image and a scribbles label are files only where this request uploaded them (or its session
+                # holds the image): a path in the query or in params made the server read -- and, refused, delete
+                # -- any file of its temporary folder named like an upload (a review)
+                params = json.loads(bound.get("params") or "{}") if isinstance(bound.get("params"),
+                                                                               (str, bytes)) else {}
+                if "image" in params:
+                    raise HTTPException(status_code=422, detail="'image' goes in the query (an image id), as an "
+                                                                "uploaded file or as a session_id, not in params")
+                label = params.get("label")
+                if isinstance(label, str) and ("/" in label or "\\" in label or "\x00" in label):
+                    raise HTTPException(status_code=422, detail=f"params 'label' is the selected segment's name, "
+                                                                f"not a path: {label[:80]!r}")
+                _INPUTS.given = {"image": bool(bound.get("file")), "label": bool(bound.get("label")),
+                                 "session": bool(bound.get("session_id"))}
             return original(*args, **kwargs)
 
         checked._dfm_json_checked = True
@@ -417,6 +568,7 @@ class DFMVLMApp(MONAILabelApp):
         _install_model_file_checks()
         _install_dicom_seg_naming()
         _install_json_field_checks()
+        _install_session_checks()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)
@@ -552,21 +704,10 @@ class DFMVLMApp(MONAILabelApp):
 
     # -- requests: clear HTTP errors instead of bare 500s ------------------------------------------------------
     def infer(self, request, datastore=None):
-        from lib.infers.dfm_vlm import is_upload
-
-        uploads = [request.get(k) for k in ("image", "label")]
-        try:
-            return self._infer(request, datastore)
-        except Exception:
-            # MONAI Label removes an upload (the image, a scribbles label) in a background task that FastAPI runs
-            # only after an answer: every refused upload stayed in the temporary folder for good
-            for f in uploads:
-                if isinstance(f, str) and is_upload(f):
-                    try:
-                        os.unlink(f)
-                    except OSError:
-                        pass
-            raise
+        # MONAI Label removes an upload (the image, a scribbles label) in a background task that FastAPI runs only
+        # after an answer: a refused upload stays until the /infer wrapper (_install_json_field_checks) runs those
+        # tasks itself; only files this request uploaded are ever removed (a path sent in the query was deleted)
+        return self._infer(request, datastore)
 
     def _infer(self, request, datastore=None):
         import concurrent.futures
@@ -646,6 +787,13 @@ class DFMVLMApp(MONAILabelApp):
                     and request.get("label_tag", "original") == "final":
                 raise ConfigError("'save_label' with label_tag 'final' and 'uncertain_segment' would store the "
                                   "uncertain region as a final label: ask without uncertain_segment")
+            if request["save_label"] and request.get("label_tag", "original") == "final" and \
+                    isinstance(image, str) and not server_file and "final" in (ds.get_labels_by_image_id(image) or {}):
+                # /infer needs MONAI Label's lowest role; it replaced an annotator's final label with the model's
+                # result, keeping no copy (a review). An annotator replaces a label with PUT /datastore/label
+                raise HTTPException(status_code=409, detail=f"{model}: image {image!r} has a final label already; "
+                                                            "an inference does not replace it (save it with label_tag "
+                                                            "'original', or submit the label: PUT /datastore/label)")
             _RESULT.label_names = None
             out = super().infer(request, datastore)
             _RESULT.label_names = ((out or {}).get("params") or {}).get("label_names") if isinstance(out, dict) \
@@ -664,14 +812,17 @@ class DFMVLMApp(MONAILabelApp):
 
     def _server_made_file(self, path: str) -> bool:
         """A file MONAI Label itself wrote for this request: an upload (``tempfile.NamedTemporaryFile`` in the
-        temporary folder, run_inference) or a session's image (under the sessions folder). Any other path in
-        ``image`` (a client can also set it through ``params``) would let a client make the server read its files."""
+        temporary folder, run_inference) or a session's image (under the sessions folder), and only when this
+        request sent a file or a session_id (the /infer wrapper records which: ``_INPUTS``). Any other path in
+        ``image`` would let a client make the server read its files: a path in the query named like an upload was
+        read, and deleted when refused (a review); ``params`` may not name the image at all."""
         from lib.infers.dfm_vlm import is_session_image, is_upload
 
+        given = getattr(_INPUTS, "given", None) or {}
         if "\x00" in path:  # os.path raises on it
             return False
         # the same rules that seed such an image by its content
-        return is_upload(path) or is_session_image(path)
+        return (given.get("image") and is_upload(path)) or (given.get("session") and is_session_image(path))
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"

@@ -766,3 +766,82 @@ def test_a_model_upload_must_be_this_model_s_checkpoint_and_never_replaces_the_c
     r = requests.delete(f"{server.url}/model/dfm_vlm_2d", timeout=60)
     assert r.status_code == 200 and not published.exists() and r.json()["serving"] == str(configured), r.text
     assert sha(configured) == before
+
+
+@needs_defaults
+def test_a_client_cannot_make_the_server_read_delete_or_write_files_outside_its_own(server, tmp_path):
+    """A security review (2026-12-07), each point with the real server: (1) a path in the query's ``image`` (or in
+    params) named like an upload was read as the image -- and, when refused, deleted; (2) ``PUT /session`` with
+    ``uncompress`` unpacked a tar's ``../`` member and links anywhere the server could write; (3) refused uploads
+    stayed in the temporary folder; (4) an upload's file name with NUL or hundreds of characters was a 500; (5) an
+    ``/infer`` with ``save_label`` and tag ``final`` (MONAI Label's lowest role) replaced an annotator's label."""
+    import glob
+    import io
+    import tarfile
+    import tempfile
+
+    tmp = tempfile.gettempdir()
+    victim = Path(tmp) / "tmpdfmvict1.nii.gz"  # named as MONAI Label names an upload
+    victim.write_bytes((server.studies / "phantom_ct_06.nii.gz").read_bytes())
+    try:
+        for query, params, phrase in ((str(victim), {"steps": 1}, "not a plain name"),
+                                      ("phantom_ct_06", {"steps": 1, "image": str(victim)}, "'image' goes in the query"),
+                                      ("phantom_ct_06", {"steps": 1, "label": str(victim)}, "not a path")):
+            r = _infer(server, "dfm_vlm_3d", query, params)
+            assert r.status_code == 422 and phrase in r.json()["detail"], r.text[:300]
+            assert victim.exists(), "a file of the server's temporary folder was deleted"
+    finally:
+        victim.unlink(missing_ok=True)
+
+    def uploads():  # MONAI Label's uploads (tmpXXXXXXXX<suffixes>) and a session's received folder (mkdtemp)
+        return {f for pattern in ("tmp????????.nii.gz", "tmp????????/case.tar", "tmp????????/*.nii.gz")
+                for f in glob.glob(os.path.join(tmp, pattern))}
+
+    before = uploads()
+    junk = b"not an image " * 1000
+    r = requests.put(f"{server.url}/datastore/label", params={"image": "no_such_image", "tag": "final"},
+                     files={"label": ("l.nii.gz", junk)}, timeout=60)
+    assert r.status_code == 404, r.text
+    r = requests.put(f"{server.url}/datastore/image", params={"image": "junk_again"},
+                     files={"file": ("j.nii.gz", junk)}, timeout=60)
+    assert r.status_code == 422, r.text
+    r = requests.put(f"{server.url}/datastore/image", params={"image": "long_name"},
+                     files={"file": ("x." + "y" * 300 + ".nii.gz", junk)}, timeout=60)
+    assert r.status_code == 422 and "more than 200 characters" in r.json()["detail"], r.text
+    assert uploads() - before == set(), "a refused upload stayed in the temporary folder"
+
+    outside = tmp_path / "written_by_a_tar.txt"
+
+    def tar_of(*members):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            for info, data in members:
+                t.addfile(info, io.BytesIO(data) if data is not None else None)
+        return buf.getvalue()
+
+    def member(name, data=b"x", kind=tarfile.REGTYPE, link=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+        return info, data if kind == tarfile.REGTYPE else None
+
+    image = (server.studies / "phantom_ct_06.nii.gz").read_bytes()
+    for archive, phrase in ((tar_of(member("../" * 12 + str(outside).lstrip("/"))), "points outside"),
+                            (tar_of(member("ok.nii.gz", image), member("etc", kind=tarfile.SYMTYPE, link="/etc")),
+                             "is a link")):
+        r = requests.put(f"{server.url}/session/", params={"uncompress": "true"},
+                         files={"files": ("case.tar", archive)}, timeout=60)
+        assert r.status_code == 422 and phrase in r.json()["detail"], r.text
+    assert not outside.exists() and server.alive()
+    r = requests.put(f"{server.url}/session/", files=[("files", ("..", image))], timeout=60)
+    assert r.status_code == 422 and "not a file name" in r.json()["detail"], r.text
+    r = requests.put(f"{server.url}/session/", params={"uncompress": "true"},
+                     files={"files": ("case.tar", tar_of(member("case/ct.nii.gz", image)))}, timeout=60)
+    assert r.status_code == 200, r.text  # a plain archive is still a session
+    requests.delete(f"{server.url}/session/{r.json()['session_id']}", timeout=60)
+    assert uploads() - before == set(), "a session's upload stayed in the temporary folder"
+
+    final = server.studies / "labels" / "final" / "phantom_ct_00.nii.gz"
+    kept = final.read_bytes()
+    r = _infer(server, "dfm_vlm_3d", "phantom_ct_00", {"steps": 1, "save_label": True, "label_tag": "final"})
+    assert r.status_code == 409 and "has a final label already" in r.json()["detail"], r.text[:300]
+    assert final.read_bytes() == kept
