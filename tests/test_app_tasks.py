@@ -1511,3 +1511,50 @@ def test_an_upload_s_content_digest_is_read_once_and_again_when_the_file_changes
     image.write_bytes(b"another image" * 1000)
     os.utime(image, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
     assert infers.seed_key(str(image)) != first and len(reads) == 2
+
+
+def test_a_scoring_run_stops_when_a_newer_checkpoint_is_published_and_skips_what_changed_meanwhile(tmp_path, ckpt3d):
+    """A review (2026-12-07): MONAI Label's startup scoring ran for 30 min; after a training published, its
+    ``score_image`` loaded the new checkpoint but stamped the scores with the old one's time (fresh scores then read
+    as stale), it scored images labelled after it started, and it re-scored images the server had just scored."""
+    import os
+
+    from lib.activelearning.uncertainty import SCORE, DFMUncertaintyScoring
+
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    images = {f"case{k}": f"case{k}.nii.gz" for k in range(4)}
+    ds = _MemoryDatastore(images)
+    scored = []
+
+    class Scoring(DFMUncertaintyScoring):
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            scored.append(image_id)
+            if image_id == "case0":  # meanwhile: the server scores case1, an annotator labels case2
+                datastore.info["case1"] = {self.key: 0.7, f"{self.key}_ts": self.model_ts(),
+                                           f"{self.key}_num_samples": num_samples}
+                del datastore.images["case2"]
+            if image_id == "case3":  # meanwhile: a training publishes
+                st = os.stat(task.get_path())
+                os.utime(task.get_path(), ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+            return {SCORE: 0.5}
+
+        def candidates(self, datastore):
+            return sorted(datastore.get_unlabeled_images())
+
+    scoring = Scoring(task, "m", num_samples=2)
+    stamp = scoring.model_ts()
+    r = scoring({}, ds)
+    assert scored == ["case0", "case3"], scored  # case1 current, case2 labelled: not scored again
+    assert ds.info["case0"]["m_uncertainty_ts"] == stamp and ds.info["case1"]["m_uncertainty"] == 0.7
+    assert "m_uncertainty" not in ds.info.get("case3", {}), "a score of an unknown checkpoint was written"
+    assert r["executed"] == 1 and r["pending"] == 1 and r["skipped"] == 2, r
+    # a publish between two images (here: right after the first score's write) stops the run before the next one
+    class Published(_MemoryDatastore):
+        def update_image_info(self, image_id, d):
+            super().update_image_info(image_id, d)
+            st = os.stat(task.get_path())
+            os.utime(task.get_path(), ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+
+    scored.clear()
+    r = Scoring(task, "m", num_samples=2)({}, Published({"case4": "x", "case5": "y"}))
+    assert len(scored) == 1 and r["executed"] == 1 and r["pending"] == 1, (scored, r)

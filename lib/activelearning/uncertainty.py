@@ -88,6 +88,12 @@ class DFMUncertaintyScoring(ScoringMethod):
             raise ModelNotReady(self.infer_task.readiness()[1])
         return os.stat(path).st_mtime_ns
 
+    def _published_since(self, model_ts: int) -> bool:
+        try:
+            return self.model_ts() != model_ts
+        except (ModelNotReady, OSError):
+            return True
+
     def current_num_samples(self, infos: dict, model_ts: int) -> int:
         """The M to score and rank with when a request names none: the default, unless every current score was made
         with another M by one explicit ``POST /scoring`` (``num_samples=8``): those are kept, not replaced by a
@@ -145,9 +151,25 @@ class DFMUncertaintyScoring(ScoringMethod):
             if deadline is not None and done and self.clock() >= deadline:
                 pending = len(stale) - n
                 break
+            if self._published_since(model_ts):
+                # a training published: this run's stamp is the old checkpoint's, and score_image would load the new
+                # one (a review: the startup scoring went on for 30 min, writing the new model's scores under the
+                # old stamp, so fresh scores read as stale, and it held MONAI Label's one scoring slot)
+                pending = len(stale) - n
+                logger.info("%s: a newer checkpoint was published: %d image(s) left to the next scoring", self.key,
+                            pending)
+                break
             try:
-                before = image_identity(datastore.get_image_info(image_id))
+                info_now = datastore.get_image_info(image_id) or {}
+                if self.is_current(info_now, model_ts, num_samples) or \
+                        image_id not in set(datastore.get_unlabeled_images()):
+                    skipped += 1  # scored by another process meanwhile, or labelled since this run listed it
+                    continue
+                before = image_identity(info_now)
                 s = self.score_image(image_id, datastore, num_samples, device)
+                if self._published_since(model_ts):  # which checkpoint scored it cannot be told: not written
+                    pending = len(stale) - n
+                    break
                 # the image replaced while it was scored (PUT /datastore/image): this score is the old file's, and
                 # was counted current for the new one. Checked under the index's lock where the datastore can (the
                 # app's: FreshIndex), else by reading the info again
