@@ -319,6 +319,42 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         finally:
             self._leave_out_bad = False
 
+    def _download_labeled_data(self):
+        """MONAI Label's (every SEG of the PACS fetched with the series it references, the cached labels the PACS no
+        longer has removed) with one change: a series with several SEGs (a label corrected and submitted again) gets
+        its **newest** one. MONAI Label converted them all in the PACS's order, each over the last (Orthanc lists the
+        newest first), so a training and 3D Slicer got the superseded label back (a review)."""
+        from pydicom import Dataset
+
+        newest: dict[str, tuple] = {}
+        for found in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+            seg = Dataset.from_json(found)
+            seg_uid, study_uid = str(seg.get("SeriesInstanceUID", "")), str(seg.get("StudyInstanceUID", ""))
+            try:
+                meta = Dataset.from_json(self._client.retrieve_series_metadata(study_uid, seg_uid)[0])
+                ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
+            except Exception as e:  # noqa: BLE001 - a SEG without a referenced series, or not readable: skipped
+                logger.warning("SEG %s ignored: no referenced series (%s)", seg_uid, type(e).__name__)
+                continue
+            if ref not in self.list_images():
+                logger.warning("SEG %s ignored: its series %s is not among this server's series", seg_uid, ref)
+                continue
+            stamp = max(f"{meta.get(d, '') or ''}{meta.get(t, '') or ''}" for d, t in (
+                ("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
+                ("InstanceCreationDate", "InstanceCreationTime")))
+            if ref not in newest or (stamp, seg_uid) > newest[ref]:
+                newest[ref] = (stamp, seg_uid)
+        invalid = set(LocalDatastore.get_labeled_images(self)) - set(newest)
+        for image_id in invalid:  # (as MONAI Label does) a cached label whose SEG the PACS no longer has
+            logger.info("the final label of %s is no longer in the PACS: removed from the cache", image_id)
+            label_uri = LocalDatastore.get_label_uri(self, image_id, DefaultLabelTag.FINAL)
+            if label_uri and os.path.exists(label_uri):
+                shutil.rmtree(os.path.join(os.path.dirname(label_uri), image_id), ignore_errors=True)
+                os.unlink(label_uri)
+        for image_id, (_, seg_uid) in newest.items():
+            self.get_image_uri(image_id=image_id)
+            self.get_label_uri(label_id=seg_uid, label_tag=DefaultLabelTag.FINAL, image_id=image_id)
+
     def _left_out(self, what: str, e: Exception) -> str:
         if not getattr(self, "_leave_out_bad", False):
             raise e

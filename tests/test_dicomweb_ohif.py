@@ -816,3 +816,49 @@ def test_malformed_dicom_headers_are_refused_naming_the_file_and_the_tag(tmp_pat
         with pytest.raises(InputError) as e:
             series_to_nifti(folder, tmp_path / f"{folder.name}.nii.gz")
         assert expect in str(e.value), (folder.name, str(e.value))
+
+
+def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):
+    """A review (2026-12-07, a real Orthanc): a label corrected and submitted again leaves two SEGs of the series in
+    the PACS; MONAI Label's listing converted both in the PACS's order (Orthanc lists the newest first), each over
+    the other, so a training -- and 3D Slicer's label download after it -- got the superseded label back."""
+    from lib.datastore import CheckedDICOMWebDatastore
+
+    open_ds, client, (a,) = _fake_dicomweb(tmp_path)
+    annotator = open_ds()
+    uri = annotator.get_image_uri(a)
+    first = _label_for(uri, tmp_path / "first.nii.gz")
+    annotator.save_label(a, str(first), "final", {})
+    corrected = np.zeros(nib.load(str(uri)).shape, np.uint8)
+    corrected[4:20, 3:15, 2:5] = 1
+    nib.save(nib.Nifti1Image(corrected, nib.load(str(uri)).affine), str(tmp_path / "corrected.nii.gz"))
+    annotator.save_label(a, str(tmp_path / "corrected.nii.gz"), "final", {})
+    old, new = client.stored
+    for x in (old,):  # submitted an hour before the correction (both were made within this second here)
+        x.ContentTime = x.SeriesTime = "%06d" % max(int(x.ContentTime) - 10000, 0)
+
+    class SegPACS(type(client)):
+        def search_for_series(self, search_filters=None, **_):
+            if (search_filters or {}).get("Modality") == "SEG":
+                return [{"0020000E": {"vr": "UI", "Value": [str(x.SeriesInstanceUID)]},
+                         "0020000D": {"vr": "UI", "Value": [str(x.StudyInstanceUID)]}} for x in self.segs]
+            found = super().search_for_series(search_filters)
+            if (search_filters or {}).get("SeriesInstanceUID"):
+                return found
+            return [r for r in found if r["0020000E"]["Value"][0] == a]
+
+        def retrieve_series_metadata(self, study, series):
+            return [x.to_json_dict() for x in self.files if x.SeriesInstanceUID == series][:1]
+
+    client.__class__ = SegPACS
+    client.files.extend([old, new])
+    for k, order in enumerate(([new, old], [old, new])):  # Orthanc's order (newest first), and the other
+        client.segs = order
+        ds = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / f"cache{k}"),
+                                      fetch_by_frame=False, convert_to_nifti=True)
+        ds._observer.stop()
+        ds._observer.join()
+        (item,) = ds.datalist()
+        got = np.asarray(nib.load(item["label"]).dataobj)
+        assert np.array_equal(got > 0, corrected > 0), f"the superseded label was listed (PACS order {k})"
+        assert ds.get_label_info(a, "final")["SeriesInstanceUID"] == new.SeriesInstanceUID
