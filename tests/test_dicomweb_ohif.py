@@ -241,6 +241,22 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content))
     assert [str(x.SegmentLabel) for x in seg.SegmentSequence] == ["lesion", "vertebra"]
     assert seg.SeriesDescription == "dfm_vlm_3d", seg.SeriesDescription
+    # a real vendor series: dcmqi refuses its PatientAge '0Y' (a review, 2026-12-07: a 500 after the inference;
+    # the final-label path repaired it, this one did not); without label_info: 422 before the inference (was a 404
+    # after it); the tilted series (corrected on conversion): 422, its result is not on the series' slices
+    if rec["series"]:
+        real = rec["series"]["hitachi_anatomical_001"]["uid"]
+        r = _infer(server, real, {"label_info": [{"name": "lesion", "model_name": "dfm_vlm_3d"}]}, output="dicom_seg")
+        assert r.status_code == 200, r.text[:300]
+        real_seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content))
+        assert real_seg.Modality == "SEG" and real_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == real
+        t0 = time.perf_counter()
+        r = _infer(server, real, {}, output="dicom_seg")
+        assert r.status_code == 422 and "needs 'label_info'" in r.json()["detail"], r.text[:300]
+        assert time.perf_counter() - t0 < 30  # refused before an inference
+        tilted = rec["series"]["malformed/gantrytilting/001"]["uid"]
+        r = _infer(server, tilted, {"label_info": [{"name": "lesion"}]}, output="dicom_seg")
+        assert r.status_code == 422 and "was corrected when converted" in r.json()["detail"], r.text[:300]
     # saving the final label stores a SEG in Orthanc over STOW-RS
     with open(label_path, "rb") as f:
         r = requests.put(f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
