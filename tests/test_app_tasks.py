@@ -1558,3 +1558,24 @@ def test_a_scoring_run_stops_when_a_newer_checkpoint_is_published_and_skips_what
     scored.clear()
     r = Scoring(task, "m", num_samples=2)({}, Published({"case4": "x", "case5": "y"}))
     assert len(scored) == 1 and r["executed"] == 1 and r["pending"] == 1, (scored, r)
+
+
+def test_random_next_sample_skips_images_that_cannot_be_read(tmp_path):
+    """A review (2026-12-07, a real Orthanc with malformed series): a series the loader refuses was never handed
+    out, so it kept the largest weight, and once the readable series were handed out nearly every ``random`` Next
+    Sample was a 422 about it. It is skipped; when no unlabelled image can be read, the error names them."""
+    from lib.activelearning.fair_random import FairRandom
+    from lib.transforms import InputError
+
+    class Store(_MemoryDatastore):
+        def get_image_uri(self, image_id):
+            if image_id.startswith("bad"):
+                raise InputError(f"series {image_id}: uneven slice increment")
+            return super().get_image_uri(image_id)
+
+    now = int(__import__("time").time())
+    served = {"good": {"strategy": {"random": {"ts": now - 5}}}}  # handed out 5 s ago: the bad ones weigh 1e9 x
+    ds = Store({"good": "g.nii.gz", "bad1": "b1", "bad2": "b2"}, info=served)
+    assert {FairRandom()({}, ds)["id"] for _ in range(10)} == {"good"}
+    with pytest.raises(InputError, match="no unlabelled image can be read .2 refused.*uneven slice increment"):
+        FairRandom()({}, Store({"bad1": "b1", "bad2": "b2"}))

@@ -49,6 +49,23 @@ class FairRandom(Random):
             return None
         now = int(time.time())
         weights = [max(1, int(now - served_at(datastore.get_image_info(i)))) for i in images]
-        k = random.choices(range(len(images)), weights=weights)[0]
-        logger.info("Random: selected image %s (weight %s of %s)", images[k], weights[k], sum(weights))
-        return {"id": images[k], "weight": weights[k]}
+        refused = {}
+        while images:
+            k = random.choices(range(len(images)), weights=weights)[0]
+            try:
+                # a series the loader refuses (a PACS's malformed series): never handed out, it kept the largest
+                # weight, and once the readable ones were handed out nearly every Next Sample was its 422 (a review)
+                datastore.get_image_uri(images[k])
+            except Exception as e:  # noqa: BLE001 - InputError, a 422 HTTPException: the next image
+                if getattr(e, "status_code", 422) != 422:
+                    raise
+                refused[images[k]] = str(getattr(e, "detail", None) or e)
+                logger.warning("Random: %s cannot be read, another image is chosen: %s", images[k], refused[images[k]])
+                del images[k], weights[k]
+                continue
+            logger.info("Random: selected image %s (weight %s of %s)", images[k], weights[k], sum(weights))
+            return {"id": images[k], "weight": weights[k]}
+        from lib.transforms import InputError
+
+        raise InputError(f"no unlabelled image can be read ({len(refused)} refused): "
+                         + "; ".join(f"{i}: {e}" for i, e in list(refused.items())[:3]))
