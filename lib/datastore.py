@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+import requests
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -373,14 +374,20 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         check_series_uid(image_id)
         image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
         image_nii_gz = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
-        if os.path.isdir(image_dir) and os.listdir(image_dir) and self._changed_in_pacs(image_id, image_dir):
+        state = self._changed_in_pacs(image_id, image_dir) if os.path.isdir(image_dir) and os.listdir(image_dir) \
+            else False
+        if state:
             # fetched while the PACS was still receiving it: served (or refused as "missing slices") as first cached,
-            # for good -- after a restart too
-            logger.warning("series %s: the PACS holds another number of instances than the cache: fetched again",
-                           image_id)
+            # for good -- after a restart too. Deleted from the PACS (a wrong patient, a failed quality check): it
+            # was served, and a final label of it written to the PACS, for good (a review)
+            logger.warning("series %s: %s", image_id, "no longer in the PACS: removed from the cache" if
+                           state == "gone" else "the PACS holds another number of instances than the cache: "
+                                                "fetched again")
             shutil.rmtree(image_dir, ignore_errors=True)
             if os.path.exists(image_nii_gz):
                 os.unlink(image_nii_gz)
+            if state == "gone":
+                return ""
         if not os.path.exists(image_dir) or not os.listdir(image_dir):
             if not self._download(image_id, image_dir):
                 return ""  # no such series in the PACS
@@ -407,11 +414,12 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
     _asked: dict = {}
     _asker = None
 
-    def _changed_in_pacs(self, series_uid: str, image_dir: str) -> bool:
+    def _changed_in_pacs(self, series_uid: str, image_dir: str) -> bool | str:
         """The PACS's NumberOfSeriesRelatedInstances (0020,1209) differs from the cached files (None from the PACS:
-        not known, not changed). Asked at most every ``RECHECK_S`` per series, for at most ``ASK_S``: a PACS that is
-        down or does not answer leaves the cache serving (every request waited on it: 30 s refused, forever
-        silent, with MONAI Label's endpoints on the event loop)."""
+        not known, not changed): True; ``"gone"`` when the PACS answers that it has no such series. Asked at most
+        every ``RECHECK_S`` per series (a final label's save asks now), for at most ``ASK_S``: a PACS that is down or does not
+        answer leaves the cache serving (every request waited on it: 30 s refused, forever silent, with MONAI
+        Label's endpoints on the event loop)."""
         import concurrent.futures
 
         now = time.monotonic()
@@ -430,7 +438,9 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             logger.warning("series %s: the PACS could not be asked for its instances (%s): the cache serves",
                            series_uid, type(e).__name__ if isinstance(e, concurrent.futures.TimeoutError) else e)
             return False
-        count = (found[0].get("00201209", {}).get("Value") or [None])[0] if found else None
+        if not found:
+            return "gone"
+        count = (found[0].get("00201209", {}).get("Value") or [None])[0]
         try:
             return count is not None and int(count) != len(os.listdir(image_dir))
         except (TypeError, ValueError):
@@ -516,6 +526,10 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
 
         check_series_uid(image_id)
         label_tag = check_name(label_tag or DefaultLabelTag.FINAL, "label tag")
+        if label_tag == DefaultLabelTag.FINAL:  # asked now, not within RECHECK_S: a SEG of a deleted series is not
+            image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))  # sent to the PACS
+            if os.path.isdir(image_dir):
+                CheckedDICOMWebDatastore._asked.pop((id(self), image_id), None)
         image_uri = self.get_image_uri(image_id)
         if not image_uri:
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (no such series in the PACS)")
@@ -604,8 +618,19 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                                             "nothing was stored")
             try:
                 label_series_id = dicom_web_upload_dcm(seg, self._client)
+            except (requests.exceptions.RequestException, OSError) as e:
+                # the PACS down or refusing the SEG: a bare 500 after dicomweb_client's ~30 s of retries (a review)
+                raise HTTPException(status_code=503, detail=f"series {image_id}: the PACS did not store the label's "
+                                                            f"DICOM SEG ({type(e).__name__}: {str(e)[:200]}); nothing "
+                                                            "was stored: submit the label again when the PACS "
+                                                            "answers") from None
             finally:
                 os.unlink(seg)
+            # MONAI Label lists the PACS's series and labelled series through caches kept for
+            # MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (default 2 h): the label saved here was not counted, and Next Sample
+            # handed the image out again, for that long (a review)
+            for cached in (DICOMWebDatastore.list_images, DICOMWebDatastore.get_labeled_images):
+                cached.cache_clear()
             image_info = self.get_image_info(image_id)
             label_info.update({"SeriesInstanceUID": label_series_id, "Modality": image_info.get("Modality"),
                                "PatientID": image_info.get("PatientID"),

@@ -878,3 +878,57 @@ def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):
         got = np.asarray(nib.load(item["label"]).dataobj)
         assert np.array_equal(got > 0, corrected > 0), f"the superseded label was listed (PACS order {k})"
         assert ds.get_label_info(a, "final")["SeriesInstanceUID"] == new.SeriesInstanceUID
+
+
+def test_a_series_deleted_from_the_pacs_is_not_served_nor_labelled_and_a_pacs_that_is_down_stores_nothing(tmp_path):
+    """A review (2026-12-07, a real Orthanc): (1) a series deleted from the PACS (a wrong patient, a failed quality
+    check) was still served from the cache, and a final label of it went to the PACS as a SEG of nothing; (2) a
+    final label saved while the PACS was down was a bare 500 after ~30 s; (3) MONAI Label's series and labelled-series
+    lists are cached for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (2 h): a label saved here was not counted for that long."""
+    from fastapi import HTTPException
+
+    from lib.datastore import CheckedDICOMWebDatastore
+
+    open_ds, client, (a, b) = _fake_dicomweb(tmp_path, series=("a", "b"))
+    ds = open_ds()
+    uri_a, uri_b = ds.get_image_uri(a), ds.get_image_uri(b)
+
+    class SegPACS(type(client)):  # lists the SEGs it stored, each referencing its series
+        def search_for_series(self, search_filters=None, **kw):
+            if (search_filters or {}).get("Modality") == "SEG":
+                return [{"0020000E": {"vr": "UI", "Value": [str(x.SeriesInstanceUID)]},
+                         "0020000D": {"vr": "UI", "Value": [str(x.StudyInstanceUID)]}} for x in self.stored]
+            return super().search_for_series(search_filters, **kw)
+
+        def retrieve_series_metadata(self, study, series):
+            return [x.to_json_dict() for x in self.files + self.stored if x.SeriesInstanceUID == series][:1]
+
+    client.__class__ = SegPACS
+    assert sorted(ds.get_unlabeled_images()) == sorted([a, b])  # (the 2-hour lists, filled now)
+    ds.save_label(b, str(_label_for(uri_b, tmp_path / "b.nii.gz")), "final", {})
+    assert ds.get_unlabeled_images() == [a], "the label just saved was not counted (MONAI Label's 2-hour cache)"
+    assert ds.get_image_uri(a) == uri_a  # served from the cache, the PACS asked (not again within RECHECK_S)
+    client.files = [f for f in client.files if f.SeriesInstanceUID != a]  # deleted in the PACS
+    with pytest.raises(HTTPException) as e:
+        ds.save_label(a, str(_label_for(uri_a, tmp_path / "a.nii.gz")), "final", {})
+    assert e.value.status_code == 404 and "no such series in the PACS" in e.value.detail
+    assert len(client.stored) == 1, "a SEG of a deleted series was sent to the PACS"
+    assert not Path(uri_a).exists(), "the deleted series stays in the cache"
+    CheckedDICOMWebDatastore._asked.clear()  # (a later request, after RECHECK_S)
+    assert open_ds().get_image_uri(a) == ""  # not served: the request is a 404
+
+    import requests as http
+
+    def down(datasets):
+        raise http.exceptions.ConnectionError("Connection refused")
+
+    client.store_instances = down
+    label_b = ds.get_label_uri(b, "final", b)
+    kept = Path(label_b).read_bytes()
+    bigger = np.zeros(nib.load(str(uri_b)).shape, np.uint8)
+    bigger[1:20, 1:15, 1:5] = 1
+    nib.save(nib.Nifti1Image(bigger, nib.load(str(uri_b)).affine), str(tmp_path / "b2.nii.gz"))
+    with pytest.raises(HTTPException) as e:
+        ds.save_label(b, str(tmp_path / "b2.nii.gz"), "final", {})
+    assert e.value.status_code == 503 and "the PACS did not store" in e.value.detail, e.value.detail
+    assert Path(ds.get_label_uri(b, "final", b)).read_bytes() == kept  # the cached label as it was
