@@ -203,11 +203,23 @@ class FreshIndex:
         except OSError as e:
             logger.warning("the replaced file %s could not be removed: %s", stale, e)
 
+    def get_dataset_archive(self, limit_cases):
+        """MONAI Label's ``GET /datastore/dataset`` zip, from its own image/label pairs: it writes every value of a
+        pair as a file, and the ``segments`` this datalist adds (a dict) made it a 500 for any datastore with a
+        label submitted from 3D Slicer. The names are in the archive's ``metadata.json`` (the index)."""
+        self._plain_datalist = True
+        try:
+            return super().get_dataset_archive(limit_cases)
+        finally:
+            self._plain_datalist = False
+
     def datalist(self, full_path=True) -> list[dict]:
         """MONAI Label's image/label pairs, each with its label's ``segments`` (the names a client sent with the
         label, :func:`label_segments`) where there are any: a training reads such a label as painted in the app
         (:mod:`lib.structures`), not by the dataset's rules."""
         items = super().datalist(full_path)
+        if getattr(self, "_plain_datalist", False):
+            return items
         named = {}
         for k, obj in self._datastore.filter_by_tag(DefaultLabelTag.FINAL).items():
             label = obj.labels[DefaultLabelTag.FINAL]

@@ -500,6 +500,23 @@ def _install_json_field_checks() -> None:
         checked.__wrapped__ = original
         setattr(module, fname, checked)
 
+    original_download = datastore.download_dataset
+    if not getattr(original_download, "_dfm_checked", False):
+        def download_dataset(limit_cases=None):
+            """``GET /datastore/dataset``: MONAI Label wrote a new zip of the whole dataset into the temporary folder
+            at every call and never removed it; with no labelled image its assertion was a 500."""
+            from starlette.background import BackgroundTask
+
+            try:
+                response = original_download(limit_cases)
+            except AssertionError:
+                raise HTTPException(status_code=404, detail="no image has a final label: there is no dataset to "
+                                                            "download yet") from None
+            response.background = BackgroundTask(os.unlink, response.path)
+            return response
+
+        download_dataset._dfm_checked = True
+        datastore.download_dataset = download_dataset
     wrap(infer, "run_inference", "params", need_input=True)
     wrap(datastore, "add_image", "params")
     wrap(datastore, "save_label", "params")

@@ -845,3 +845,31 @@ def test_a_client_cannot_make_the_server_read_delete_or_write_files_outside_its_
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_00", {"steps": 1, "save_label": True, "label_tag": "final"})
     assert r.status_code == 409 and "has a final label already" in r.json()["detail"], r.text[:300]
     assert final.read_bytes() == kept
+
+
+@needs_defaults
+def test_the_dataset_download_works_with_named_segments_and_leaves_no_zip_behind(server):
+    """A review (2026-12-07): ``GET /datastore/dataset`` was a 500 as soon as a label had segment names (every label
+    3D Slicer submits: the datalist's ``segments`` were written as a file), and each call left a zip of the whole
+    dataset in the temporary folder."""
+    import glob
+    import io
+    import tempfile
+    import zipfile
+
+    def zips():
+        return {f for f in glob.glob(os.path.join(tempfile.gettempdir(), "tmp????????"))
+                if os.path.isfile(f) and zipfile.is_zipfile(f)}
+
+    r = requests.put(f"{server.url}/datastore/label/info", params={"label": "phantom_ct_00", "tag": "final"},
+                     data={"info": json.dumps({"segments": {"1": "lesion", "2": "vertebra"}})}, timeout=60)
+    assert r.status_code == 200, r.text
+    before = zips()
+    r = requests.get(f"{server.url}/datastore/dataset", timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    assert "metadata.json" in names and "label/phantom_ct_00.nii.gz" in names, names
+    deadline = time.time() + 10
+    while zips() - before and time.time() < deadline:
+        time.sleep(0.2)
+    assert not zips() - before, "the dataset's zip stayed in the temporary folder"
