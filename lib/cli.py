@@ -736,6 +736,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # torchrun: a rank whose peer stopped (rank 0's own error, a kill) or timed out printed ~25 lines of gloo's
+        # traceback after rank 0's one-line error (a review); one line, pointing at the cause
+        import torch.distributed as dist
+
+        if not isinstance(e, dist.DistError) or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"error: rank {os.environ.get('RANK', '?')}: lost the other ranks ({first}): another rank stopped "
+              "(its error is above) or a collective waited longer than --dist-timeout", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -872,7 +872,10 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
                                                         "file under another id")
         try:
             check_file(image_filename)
-            LoadImage(image_only=True)(image_filename)
+            voxels = LoadImage(image_only=True)(image_filename)
+            if not np.isfinite(np.asarray(voxels)).all():
+                # stored, every inference, scoring and training of it was refused (a review): refused once, here
+                raise InputError("it holds NaN or infinite voxels")
         except InputError as e:
             raise HTTPException(status_code=422, detail=f"the image sent as {image_id!r} is refused: {e}") from None
         except Exception as e:  # noqa: BLE001 - any reader failure means: not an image
@@ -883,6 +886,22 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
     def remove_image(self, image_id: str) -> None:
         check_name(image_id, "image id")
         return super().remove_image(image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        """``DELETE /datastore/label``: an unknown image or a tag it has no label under answered 200 ``{}`` (a
+        review: a client's typo looked like a deletion); a 404 naming it."""
+        from fastapi import HTTPException
+
+        check_name(label_id, "label id")
+        check_name(label_tag or "final", "label tag")
+        with FileLock(self._lock_file):
+            self._reload_index_locked()
+        obj = self._datastore.objects.get(label_id)
+        if obj is None or label_tag not in obj.labels:
+            raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label in the "
+                                                        "datastore" if obj is not None else
+                                                        f"unknown image id {label_id!r} (not in the datastore)")
+        return super().remove_label(label_id, label_tag)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         from fastapi import HTTPException

@@ -488,6 +488,11 @@ def _install_json_field_checks() -> None:
                 if "image" in params:
                     raise HTTPException(status_code=422, detail="'image' goes in the query (an image id), as an "
                                                                 "uploaded file or as a session_id, not in params")
+                if "model" in params and params["model"] != bound.get("model"):
+                    # the request's model was replaced by params': /infer/dfm_vlm_2d ran the 3D model (a review)
+                    raise HTTPException(status_code=422, detail=f"params name the model {params['model']!r}, the "
+                                                                f"request's path {bound.get('model')!r}: send it to "
+                                                                f"/infer/{params['model']}")
                 label = params.get("label")
                 if isinstance(label, str) and ("/" in label or "\\" in label or "\x00" in label):
                     raise HTTPException(status_code=422, detail=f"params 'label' is the selected segment's name, "

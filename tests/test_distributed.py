@@ -134,3 +134,32 @@ def test_the_process_group_waits_as_long_as_asked(monkeypatch):
     assert got == {"backend": "gloo", "timeout": datetime.timedelta(minutes=7.5)}
     training._init_distributed(torch.device("cpu"))
     assert got["timeout"] == datetime.timedelta(minutes=training.DIST_TIMEOUT_MIN) > datetime.timedelta(minutes=30)
+
+
+def test_a_rank_that_loses_its_peers_says_so_in_one_line(monkeypatch, capsys):
+    """A review (2026-12-07): when rank 0 stopped on a full disk or a collective timed out, rank 1 printed ~25 lines
+    of gloo's traceback ("Connection closed by peer") after rank 0's one-line error. The CLI names it in one line;
+    the same error outside torchrun, or another RuntimeError, is not hidden."""
+    import pytest
+
+    import lib.cli as cli
+
+    def lost(_args):
+        raise torch.distributed.DistBackendError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer\nmore")
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["audit", "--datalist", "x.json", "--out", "o.json"])
+    args.fn = lost
+    monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_args": lambda self, argv: args})())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rank 1: lost the other ranks (" in err and "Connection closed by peer" in err, err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(torch.distributed.DistBackendError):
+        cli.main([])
+    args.fn = lambda _a: (_ for _ in ()).throw(RuntimeError("a bug"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main([])

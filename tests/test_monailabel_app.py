@@ -586,6 +586,17 @@ def test_an_uploaded_image_stays_in_the_studies_and_is_an_image(client, server, 
 
     r = put("truncated_upload", _truncated(tmp_path))  # its header reads, its voxels do not
     assert r.status_code == 422 and "truncated_upload" in r.json()["detail"], r.text
+    # an image with a NaN voxel was stored, then every inference, scoring and training of it refused (a review,
+    # 2026-12-07); an unknown image or tag in DELETE /datastore/label answered 200 {}
+    nan = np.zeros((20, 20, 20), np.float32)
+    nan[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    r = put("nan_upload", tmp_path / "nan.nii.gz")
+    assert r.status_code == 422 and "NaN or infinite" in r.json()["detail"], r.text
+    assert not (server.studies / "nan_upload.nii.gz").exists()
+    for image, tag in (("no_such_image", "final"), ("phantom_ct_06", "no_such_tag")):
+        r = requests.delete(f"{server.url}/datastore/label", params={"id": image, "tag": tag}, timeout=30)
+        assert r.status_code == 404 and image in r.json()["detail"], r.text
     labelled = server.studies / "phantom_ct_07.nii.gz"
     if not (server.studies / "labels" / "final" / "phantom_ct_07.nii.gz").exists():
         lab = tmp_path / "lab07.nii.gz"
@@ -786,7 +797,8 @@ def test_a_client_cannot_make_the_server_read_delete_or_write_files_outside_its_
     try:
         for query, params, phrase in ((str(victim), {"steps": 1}, "not a plain name"),
                                       ("phantom_ct_06", {"steps": 1, "image": str(victim)}, "'image' goes in the query"),
-                                      ("phantom_ct_06", {"steps": 1, "label": str(victim)}, "not a path")):
+                                      ("phantom_ct_06", {"steps": 1, "label": str(victim)}, "not a path"),
+                                      ("phantom_ct_06", {"steps": 1, "model": "dfm_vlm_2d"}, "params name the model")):
             r = _infer(server, "dfm_vlm_3d", query, params)
             assert r.status_code == 422 and phrase in r.json()["detail"], r.text[:300]
             assert victim.exists(), "a file of the server's temporary folder was deleted"
