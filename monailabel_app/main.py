@@ -238,8 +238,14 @@ def _install_model_file_checks() -> None:
             try:
                 system = load_system(upload, vlm=getattr(task, "vlm", None))
             except Exception as e:  # noqa: BLE001 - whatever fails to load (hyper_parameters a string: a TypeError)
+                hint = ""
+                if "was not found" in str(e):  # the served file itself, uploaded again (a review): its VLM is named
+                    hint = (f" (an uploaded checkpoint is served from {folder}: it must name its VLM by an absolute "
+                            "path or a hub id, or have it beside it there; python -m lib upgrade-checkpoint FILE "
+                            "--out NEW --vlm FOLDER writes such a copy)")
                 raise HTTPException(status_code=422, detail=f"model {model}: the upload is not a checkpoint this "
-                                                            f"model can serve: {e}; nothing was written") from None
+                                                            f"model can serve: {e}{hint}; nothing was written") \
+                    from None
             want = {k: v for k, v in (task.labels if isinstance(task.labels, dict) else {}).items()
                     if k not in ("uncertain", "background")}
             got_dims = system.hparams.preprocessing.spatial_dims

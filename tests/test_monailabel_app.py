@@ -759,7 +759,8 @@ def test_a_model_upload_must_be_this_model_s_checkpoint_and_never_replaces_the_c
     assert configured.exists()
     # a checkpoint whose VLM cannot be found from where it would be served (the sample names it relative to itself)
     r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", configured.read_bytes())}, timeout=120)
-    assert r.status_code == 422 and "its VLM folder 'vlm/tiny-clip' was not found" in r.json()["detail"], r.text
+    assert r.status_code == 422 and "its VLM folder 'vlm/tiny-clip' was not found" in r.json()["detail"] \
+        and "upgrade-checkpoint FILE --out NEW --vlm FOLDER" in r.json()["detail"], r.text  # and how to make one
     # a good upload (a training's publication names its VLM absolutely) is published and served, the configured file
     # untouched; DELETE puts the configured one back
     body = served_from_anywhere(configured)
