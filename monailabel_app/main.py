@@ -499,10 +499,6 @@ def _install_json_field_checks() -> None:
                     raise HTTPException(status_code=422, detail=f"params name the model {params['model']!r}, the "
                                                                 f"request's path {bound.get('model')!r}: send it to "
                                                                 f"/infer/{params['model']}")
-                label = params.get("label")
-                if isinstance(label, str) and ("/" in label or "\\" in label or "\x00" in label):
-                    raise HTTPException(status_code=422, detail=f"params 'label' is the selected segment's name, "
-                                                                f"not a path: {label[:80]!r}")
                 _INPUTS.given = {"image": bool(bound.get("file")), "label": bool(bound.get("label")),
                                  "session": bool(bound.get("session_id"))}
             return original(*args, **kwargs)

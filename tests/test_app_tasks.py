@@ -850,6 +850,9 @@ def test_random_next_sample_survives_annotators_asking_in_the_same_second():
         def get_image_info(self, image):
             return {"strategy": {"random": {"ts": int(_time.time())}}}
 
+        def get_image_uri(self, image):
+            return f"{image}.nii.gz"
+
     request = {"strategy": "random"}
     with pytest.raises(ValueError, match="weights"):
         Random()(request, Store())

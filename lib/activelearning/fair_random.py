@@ -7,7 +7,10 @@ import math
 import random
 import time
 
+from fastapi import HTTPException
 from monailabel.tasks.activelearning.random import Random
+
+from lib.transforms import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,8 @@ class FairRandom(Random):
                 # a series the loader refuses (a PACS's malformed series): never handed out, it kept the largest
                 # weight, and once the readable ones were handed out nearly every Next Sample was its 422 (a review)
                 datastore.get_image_uri(images[k])
-            except Exception as e:  # noqa: BLE001 - InputError, a 422 HTTPException: the next image
-                if getattr(e, "status_code", 422) != 422:
+            except (InputError, HTTPException) as e:  # the loader's refusal (a 422): the next image
+                if isinstance(e, HTTPException) and e.status_code != 422 and not isinstance(e, InputError):
                     raise
                 refused[images[k]] = str(getattr(e, "detail", None) or e)
                 logger.warning("Random: %s cannot be read, another image is chosen: %s", images[k], refused[images[k]])
@@ -65,7 +68,5 @@ class FairRandom(Random):
                 continue
             logger.info("Random: selected image %s (weight %s of %s)", images[k], weights[k], sum(weights))
             return {"id": images[k], "weight": weights[k]}
-        from lib.transforms import InputError
-
         raise InputError(f"no unlabelled image can be read ({len(refused)} refused): "
                          + "; ".join(f"{i}: {e}" for i, e in list(refused.items())[:3]))
