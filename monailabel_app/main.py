@@ -491,9 +491,8 @@ def _install_json_field_checks() -> None:
                 # -- any file of its temporary folder named like an upload (a review)
                 params = json.loads(bound.get("params") or "{}") if isinstance(bound.get("params"),
                                                                                (str, bytes)) else {}
-                if "image" in params:
-                    raise HTTPException(status_code=422, detail="'image' goes in the query (an image id), as an "
-                                                                "uploaded file or as a session_id, not in params")
+                if "image" in params:  # an id there replaces the query's (MONAI Label merges params); never a path
+                    check_name(params["image"], "image id")
                 if "model" in params and params["model"] != bound.get("model"):
                     # the request's model was replaced by params': /infer/dfm_vlm_2d ran the 3D model (a review)
                     raise HTTPException(status_code=422, detail=f"params name the model {params['model']!r}, the "

@@ -797,13 +797,19 @@ def test_a_client_cannot_make_the_server_read_delete_or_write_files_outside_its_
     victim.write_bytes((server.studies / "phantom_ct_06.nii.gz").read_bytes())
     try:
         for query, params, phrase in ((str(victim), {"steps": 1}, "not a plain name"),
-                                      ("phantom_ct_06", {"steps": 1, "image": str(victim)}, "'image' goes in the query"),
+                                      ("phantom_ct_06", {"steps": 1, "image": str(victim)}, "not a plain name"),
                                       # params' label is a segment's name (Slicer's); a path there is no file
                                       ("phantom_ct_06", {"steps": 0, "label": str(victim)}, "steps must be"),
                                       ("phantom_ct_06", {"steps": 1, "model": "dfm_vlm_2d"}, "params name the model")):
             r = _infer(server, "dfm_vlm_3d", query, params)
             assert r.status_code == 422 and phrase in r.json()["detail"], r.text[:300]
             assert victim.exists(), "a file of the server's temporary folder was deleted"
+        # with an upload, params' image replaced the uploaded file, which the request may read: the victim was read
+        r = requests.post(f"{server.url}/infer/dfm_vlm_3d", params={"output": "image"},
+                          data={"params": json.dumps({"steps": 1, "image": str(victim)})},
+                          files={"file": ("ct.nii.gz", (server.studies / "phantom_ct_06.nii.gz").read_bytes())},
+                          timeout=600)
+        assert r.status_code == 422 and "not a plain name" in r.json()["detail"], r.text[:300]
     finally:
         victim.unlink(missing_ok=True)
 
