@@ -484,9 +484,17 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             raise ResumeError(f"{state_path} was written for other hyper-parameters (differ: {', '.join(diff)}); "
                               f"resume with the same preset and --set options, or train into a new --out")
         if (st["budget_s"], st["max_iterations"]) != (budget, max_it):
-            raise ResumeError(f"{state_path} belongs to a run with budget {st['budget_s']} s and max_iterations "
-                              f"{st['max_iterations']}; this command asks for {budget} s / {max_it}: resume "
-                              f"with the interrupted command's --minutes / --max-iterations")
+            def asked(b, m, limited):  # as the command gave it (a preset's budget unused by --max-iterations alone
+                if limited is False:   # was named "budget 2400.0 s": a review)
+                    return f"--max-iterations {m} (no --minutes)"
+                if limited is None:  # a state from before it recorded which limits were given
+                    return f"a budget of {b} s and max_iterations {m}"
+                return f"a time budget of {b:g} s" + (f" and --max-iterations {m}" if m is not None else "")
+
+            before, now = asked(st["budget_s"], st["max_iterations"], st.get("time_limited")), \
+                asked(budget, max_it, time_limited)
+            raise ResumeError(f"{state_path} belongs to a run of {before}; this command asks for {now}: resume with "
+                              f"the interrupted command's --minutes / --max-iterations")
         for split, saved in (st.get("data") or {}).items():  # states from before the digest: not checked
             now = data.get(split)
             if now is not None and saved != now:
@@ -553,7 +561,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             return
         loss_f.flush()
         st = {"format": STATE_FORMAT, "hyper_parameters": hp.to_dict(), "budget_s": budget, "max_iterations": max_it,
-              "data": data,
+              "time_limited": time_limited, "data": data,
               "iteration": it, "train_seconds": train_s, "next_val": next_val, "val_seconds": val_s_est,
               "loop_start": loop_start, "validated_at": validated_at,
               "elapsed_seconds": time.perf_counter() - t_start, "losses": losses[-200:], "history": history,
