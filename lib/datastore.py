@@ -340,13 +340,20 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         from pydicom import Dataset
 
         newest: dict[str, tuple] = {}
+        incomplete = False  # a SEG the PACS did not return: which series it labels is unknown
         for found in self._client.search_for_series(search_filters={"Modality": "SEG"}):
             seg = Dataset.from_json(found)
             seg_uid, study_uid = str(seg.get("SeriesInstanceUID", "")), str(seg.get("StudyInstanceUID", ""))
             try:
                 meta = Dataset.from_json(self._client.retrieve_series_metadata(study_uid, seg_uid)[0])
+            except Exception as e:  # noqa: BLE001 - a PACS error on one SEG: the others still train
+                logger.warning("SEG %s could not be read from the PACS (%s: %s): left out of this listing", seg_uid,
+                               type(e).__name__, str(e)[:200])
+                incomplete = True
+                continue
+            try:
                 ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
-            except Exception as e:  # noqa: BLE001 - a SEG without a referenced series, or not readable: skipped
+            except (AttributeError, IndexError, KeyError) as e:  # a SEG without a referenced series: skipped
                 logger.warning("SEG %s ignored: no referenced series (%s)", seg_uid, type(e).__name__)
                 continue
             if ref not in self.list_images():
@@ -357,7 +364,9 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 ("InstanceCreationDate", "InstanceCreationTime")))
             if ref not in newest or (stamp, seg_uid) > newest[ref]:
                 newest[ref] = (stamp, seg_uid)
-        invalid = set(LocalDatastore.get_labeled_images(self)) - set(newest)
+        # a cached label whose SEG the PACS no longer lists is removed (as MONAI Label does) -- not on a partial view
+        # (a review: one SEG's read failing made its series' cached label count as gone)
+        invalid = set() if incomplete else set(LocalDatastore.get_labeled_images(self)) - set(newest)
         for image_id in invalid:  # (as MONAI Label does) a cached label whose SEG the PACS no longer has
             logger.info("the final label of %s is no longer in the PACS: removed from the cache", image_id)
             label_uri = LocalDatastore.get_label_uri(self, image_id, DefaultLabelTag.FINAL)
@@ -893,7 +902,7 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
         from fastapi import HTTPException
 
         check_name(label_id, "label id")
-        check_name(label_tag or "final", "label tag")
+        label_tag = check_name(label_tag or "final", "label tag")
         with FileLock(self._lock_file):
             self._reload_index_locked()
         obj = self._datastore.objects.get(label_id)

@@ -287,11 +287,14 @@ MAX_ARCHIVE_BYTES = int(os.environ.get("DFM_MAX_ARCHIVE_BYTES", 2 ** 31))  # a s
 MAX_ARCHIVE_MEMBERS = 20000
 
 
-def check_archive(path: str) -> None:
-    """A session archive (``PUT /session?uncompress=true``; MONAI Label ``shutil.unpack_archive``s it unfiltered):
-    only plain files and folders inside it, at most :data:`MAX_ARCHIVE_BYTES` unpacked (``DFM_MAX_ARCHIVE_BYTES``)
-    and :data:`MAX_ARCHIVE_MEMBERS` entries. A tar member ``../../x`` was written outside the session folder (as
-    root: anywhere), a link member pointed at /etc, and a small archive could unpack to any size (a review)."""
+def unpack_archive_checked(path: str, dest: str) -> None:
+    """A session archive (``PUT /session?uncompress=true``), checked and unpacked **by the reader that checked
+    it** into ``dest``: only plain files and folders, no entry outside ``dest``, at most :data:`MAX_ARCHIVE_BYTES`
+    unpacked (``DFM_MAX_ARCHIVE_BYTES``) and :data:`MAX_ARCHIVE_MEMBERS` entries. MONAI Label
+    ``shutil.unpack_archive``d it unfiltered: a tar member ``../../x`` was written outside the session folder (as
+    root: anywhere) and a link member pointed at /etc (a review); and a check by content followed by an unpack by
+    file name let a tar with a small zip appended pass as the zip (a second review). A tar is unpacked with
+    tarfile's ``data`` filter as well."""
     import tarfile
     import zipfile
 
@@ -303,17 +306,12 @@ def check_archive(path: str) -> None:
         if "\x00" in name or name.startswith("/") or ".." in parts or (len(parts[0]) == 2 and parts[0][1] == ":"):
             raise bad(f"the entry {name[:80]!r} points outside the folder it unpacks to")
 
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            if len(infos) > MAX_ARCHIVE_MEMBERS:
-                raise bad(f"{len(infos)} entries, more than {MAX_ARCHIVE_MEMBERS}")
-            for i in infos:
-                check_name_in(i.filename)
-                if (i.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise bad(f"the entry {i.filename[:80]!r} is a link")
-            total = sum(i.file_size for i in infos)
-    else:
+    def check_size(total: int):
+        if total > MAX_ARCHIVE_BYTES:
+            raise bad(f"it unpacks to {total:,} bytes, more than this server's limit of {MAX_ARCHIVE_BYTES:,} "
+                      "(DFM_MAX_ARCHIVE_BYTES)")
+
+    if tarfile.is_tarfile(path):
         try:
             with tarfile.open(path) as t:  # any compression tarfile reads
                 members = []
@@ -324,17 +322,31 @@ def check_archive(path: str) -> None:
                     check_name_in(m.name)
                     if not (m.isfile() or m.isdir()):
                         raise bad(f"the entry {m.name[:80]!r} is a link or a device, not a file")
-        except tarfile.TarError as e:
-            raise bad(f"not a zip or tar archive ({e})") from None
-        total = sum(m.size for m in members)
-    if total > MAX_ARCHIVE_BYTES:
-        raise bad(f"it unpacks to {total:,} bytes, more than this server's limit of {MAX_ARCHIVE_BYTES:,} "
-                  "(DFM_MAX_ARCHIVE_BYTES)")
+                check_size(sum(m.size for m in members))
+                t.extractall(dest, members=members, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise bad(f"it cannot be unpacked as a tar archive ({type(e).__name__}: {e})") from None
+    elif zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                infos = z.infolist()
+                if len(infos) > MAX_ARCHIVE_MEMBERS:
+                    raise bad(f"{len(infos)} entries, more than {MAX_ARCHIVE_MEMBERS}")
+                for i in infos:
+                    check_name_in(i.filename)
+                    if (i.external_attr >> 16) & 0o170000 == 0o120000:
+                        raise bad(f"the entry {i.filename[:80]!r} is a link")
+                check_size(sum(i.file_size for i in infos))
+                z.extractall(dest)
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise bad(f"it cannot be unpacked as a zip archive ({type(e).__name__}: {e})") from None
+    else:
+        raise bad("it is neither a zip nor a tar archive")
 
 
 def _install_session_checks() -> None:
     """``PUT /session``: MONAI Label's ``create_session`` with the upload's names checked (a file named ``..`` or
-    ``/`` was a 500 that left a folder behind), an archive checked before it is unpacked (:func:`check_archive`),
+    ``/`` was a 500 that left a folder behind), an archive checked and unpacked by the app (:func:`unpack_archive_checked`),
     and the received files removed when the session is refused (they stayed in the temporary folder)."""
     import monailabel.endpoints.session as endpoint
 
@@ -372,9 +384,11 @@ def _install_session_checks() -> None:
                 with open(os.path.join(received, name), "wb") as out:
                     shutil.copyfileobj(f.file, out)
             data = received if len(files) > 1 else os.path.join(received, names[0])
-            if uncompress:
-                check_archive(data)
-            session_id, info = sessions.add_session(data, expiry, uncompress)
+            if uncompress:  # unpacked here, checked, into a folder MONAI Label stores as the session's image
+                unpacked = tempfile.mkdtemp(dir=received)  # (a new tmpXXXXXXXX name, as MONAI Label's)
+                unpack_archive_checked(data, unpacked)
+                data = unpacked
+            session_id, info = sessions.add_session(data, expiry, False)
         finally:
             shutil.rmtree(received, ignore_errors=True)
         return {"session_id": session_id, "session_info": info.to_json()}
@@ -404,9 +418,10 @@ def check_upload_name(key: str, filename) -> None:
     of characters made ``tempfile`` raise, a bare 500 (a review)."""
     if not isinstance(filename, str):
         return
-    if "\x00" in filename or len(os.path.basename(filename)) > MAX_UPLOAD_NAME:
+    # bytes, as the file system counts them (a review: 159 characters of "é" are 309 bytes, and a 500 again)
+    if "\x00" in filename or len(os.path.basename(filename).encode("utf-8", "surrogatepass")) > MAX_UPLOAD_NAME:
         raise HTTPException(status_code=422, detail=f"the uploaded {key}'s file name {filename[:80]!r} has a NUL "
-                                                    f"character or more than {MAX_UPLOAD_NAME} characters")
+                                                    f"character or more than {MAX_UPLOAD_NAME} bytes in UTF-8")
 
 
 def check_json_field(name: str, text) -> None:

@@ -1574,11 +1574,11 @@ def test_random_next_sample_skips_images_that_cannot_be_read(tmp_path):
         def get_image_uri(self, image_id):
             if image_id.startswith("bad"):
                 raise InputError(f"series {image_id}: uneven slice increment")
-            return super().get_image_uri(image_id)
+            return "" if image_id == "gone" else super().get_image_uri(image_id)  # deleted from the PACS
 
     now = int(__import__("time").time())
     served = {"good": {"strategy": {"random": {"ts": now - 5}}}}  # handed out 5 s ago: the bad ones weigh 1e9 x
-    ds = Store({"good": "g.nii.gz", "bad1": "b1", "bad2": "b2"}, info=served)
+    ds = Store({"good": "g.nii.gz", "bad1": "b1", "bad2": "b2", "gone": ""}, info=served)
     assert {FairRandom()({}, ds)["id"] for _ in range(10)} == {"good"}
     with pytest.raises(InputError, match="no unlabelled image can be read .2 refused.*uneven slice increment"):
         FairRandom()({}, Store({"bad1": "b1", "bad2": "b2"}))

@@ -57,8 +57,10 @@ class FairRandom(Random):
             k = random.choices(range(len(images)), weights=weights)[0]
             try:
                 # a series the loader refuses (a PACS's malformed series): never handed out, it kept the largest
-                # weight, and once the readable ones were handed out nearly every Next Sample was its 422 (a review)
-                datastore.get_image_uri(images[k])
+                # weight, and once the readable ones were handed out nearly every Next Sample was its 422 (a review);
+                # no file at all: a series deleted from the PACS (its list is cached for up to 2 h)
+                if not datastore.get_image_uri(images[k]):
+                    raise InputError("not in the datastore any more (deleted from the PACS?)")
             except (InputError, HTTPException) as e:  # the loader's refusal (a 422): the next image
                 if isinstance(e, HTTPException) and e.status_code != 422 and not isinstance(e, InputError):
                     raise
