@@ -546,7 +546,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         from fastapi import HTTPException
 
         check_series_uid(image_id)
-        label_tag = check_name(label_tag or DefaultLabelTag.FINAL, "label tag")
+        label_tag = check_name(label_tag or DefaultLabelTag.FINAL, "label tag", MAX_NAME)
         if label_tag == DefaultLabelTag.FINAL:  # asked now, not within RECHECK_S: a SEG of a deleted series is not
             image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))  # sent to the PACS
             if os.path.isdir(image_dir):
@@ -734,21 +734,25 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
 
 
 # -- the local (folder) datastore: a label is checked before it may replace anything ---------------------------------
-MAX_NAME = 200  # the stored file adds its extension, a write's temporary name 18 more: within 255
+MAX_NAME = 200  # a new id or tag: the stored file adds its extension, a write's temporary name 18 more: within 255
+MAX_EXISTING_NAME = 255  # an id looked up: a file already in the studies folder may have any name the disk allows
 
 
-def check_name(value, what: str) -> str:
-    """An image id or label tag that names one file in the studies folder: no path, no NUL, not too long."""
+def check_name(value, what: str, limit: int = MAX_EXISTING_NAME) -> str:
+    """An image id or label tag that names one file in the studies folder: no path, no NUL, at most ``limit``
+    bytes (:data:`MAX_NAME` for a new one: an id of 250 characters was stored, and its file name with the extension
+    and a write's temporary name went over the file system's 255, a 500; an image already there under a longer name
+    is still served: a second review)."""
     from fastapi import HTTPException
 
     if not isinstance(value, str) or not value.strip():
         raise HTTPException(status_code=422, detail=f"{what} is empty")
     bad = ("/" in value or "\\" in value or "\x00" in value or value in (".", "..")
-           or len(value.encode("utf-8", "surrogatepass")) > MAX_NAME
+           or len(value.encode("utf-8", "surrogatepass")) > limit
            or os.path.isabs(value))
     if bad:
         raise HTTPException(status_code=422, detail=f"{what} {value[:80]!r} is not a plain name (no path "
-                                                    f"separators, '..', NUL, at most {MAX_NAME} bytes in UTF-8)")
+                                                    f"separators, '..', NUL, at most {limit} bytes in UTF-8)")
     return value
 
 
@@ -869,7 +873,7 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
 
         from .transforms import check_file
 
-        image_id = check_name(image_id or self._to_id(os.path.basename(image_filename))[0], "image id")
+        image_id = check_name(image_id or self._to_id(os.path.basename(image_filename))[0], "image id", MAX_NAME)
         with FileLock(self._lock_file):  # the labels as the index on disk has them (another process may have saved)
             self._reload_index_locked()
         obj = self._datastore.objects.get(image_id)
@@ -916,7 +920,7 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
         from fastapi import HTTPException
 
         check_name(image_id, "image id")
-        check_name(label_tag or "final", "label tag")
+        check_name(label_tag or "final", "label tag", MAX_NAME)
         if not self._datastore.objects.get(image_id):
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r} (not in the datastore)")
         try:

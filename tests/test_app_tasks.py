@@ -1582,3 +1582,30 @@ def test_random_next_sample_skips_images_that_cannot_be_read(tmp_path):
     assert {FairRandom()({}, ds)["id"] for _ in range(10)} == {"good"}
     with pytest.raises(InputError, match="no unlabelled image can be read .2 refused.*uneven slice increment"):
         FairRandom()({}, Store({"bad1": "b1", "bad2": "b2"}))
+
+
+def test_new_ids_are_at_most_200_bytes_and_an_image_already_stored_under_a_longer_name_is_still_served(tmp_path):
+    """A review (2026-12-07): an id of 250 characters was stored and its file name plus the extension and a write's
+    temporary name went over the file system's 255 (a 500); a second review: the first fix's 200-byte limit also
+    refused every request on an image already in the folder under a longer (legal) name."""
+    import shutil
+    from pathlib import Path
+
+    from fastapi import HTTPException
+
+    from lib.datastore import CheckedLocalDatastore, check_name
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    sample = Path(__file__).parent.parent / "sample_data" / "phantom_ct_05.nii.gz"
+    old_id = "a" * 230  # 237 bytes with .nii.gz: a legal file name, put there before the server started
+    shutil.copy(sample, studies / f"{old_id}.nii.gz")
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    assert check_name(old_id, "image id") == old_id and ds.get_image_uri(old_id)
+    with pytest.raises(HTTPException) as e:
+        ds.remove_label(old_id, "final")
+    assert e.value.status_code == 404, e.value.detail  # (not a 422 about its name)
+    with pytest.raises(HTTPException) as e:
+        ds.add_image("b" * 250, str(sample), {})
+    assert e.value.status_code == 422 and "at most 200 bytes" in e.value.detail, e.value.detail
+    assert not list(studies.glob("bbb*"))
