@@ -608,35 +608,12 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         # then (any tag) into the cache, through the atomic write and the fresh index (FreshIndex._store_label; its
         # LocalDatastore.save_label copied in place and wrote its in-memory index)
         if label_tag == DefaultLabelTag.FINAL:
-            from lib.dicom import seg_source_copy
-
             if not present:  # MONAI Label's converter writes nothing then, and the upload of "" was a 500
                 raise HTTPException(status_code=422, detail=f"series {image_id}: the final label is empty: a DICOM "
                                                             "SEG holds at least one segment, so it cannot be stored "
                                                             "in the PACS; nothing was stored")
-            corrected = self.get_image_info(image_id).get("corrections")
-            if corrected:
-                # the label lies on the grid the series was resampled to, not on its slices (a SEG's frames are
-                # placed by the slices they reference: 3.7 mm off on the tilted series here)
-                raise HTTPException(status_code=422, detail=f"series {image_id} was corrected when converted "
-                                                            f"({'; '.join(map(str, corrected))}"
-                                                            "): its label lies on the corrected grid, not on the "
-                                                            "series' slices, so it cannot be stored as a DICOM SEG of "
-                                                            "the series; nothing was stored")
-            image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
-            with tempfile.TemporaryDirectory() as src:
-                repaired = seg_source_copy(image_dir, src)
-                if repaired:
-                    logger.info("series %s: repaired for the DICOM SEG writer: %s", image_id, ", ".join(repaired))
-                seg = nifti_to_dicom_seg(src, label_filename, label_info.get("label_info"))
-            if not seg or not os.path.isfile(seg) or os.path.getsize(seg) == 0:
-                # dcmqi's exit status is not read by MONAI Label's run_command: its log says why
-                if seg and os.path.exists(seg):
-                    os.unlink(seg)
-                raise HTTPException(status_code=422, detail=f"series {image_id}: dcmqi (itkimage2segimage) wrote no "
-                                                            "DICOM SEG for this label (the server log has its "
-                                                            "message: an attribute of the series it refuses); "
-                                                            "nothing was stored")
+            seg = self.write_seg(image_id, label_filename, label_info.get("label_info"), nifti_to_dicom_seg,
+                                 "label", "nothing was stored")
             try:
                 label_series_id = dicom_web_upload_dcm(seg, self._client)
             except (requests.exceptions.RequestException, OSError) as e:
@@ -657,6 +634,36 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                "PatientID": image_info.get("PatientID"),
                                "StudyInstanceUID": image_info.get("StudyInstanceUID")})
         return self._store_label(image_id, label_filename, label_tag, label_info)
+
+    def write_seg(self, image_id: str, label_file: str, label_info, convert, what: str, then: str) -> str:
+        """The DICOM SEG of ``label_file`` on the cached series ``image_id``, written by ``convert`` (MONAI Label's
+        ``nifti_to_dicom_seg(series_dir, label, label_info)``; dcmqi) -- for a final label's save and for
+        ``/infer?output=dicom_seg`` alike. A series corrected on conversion is refused (the label lies on the
+        corrected grid, not on the series' slices: 3.7 mm off on the tilted series here); what dcmqi refuses in the
+        series (a ``PatientAge`` of ``0Y``, an empty SOPClassUID) is repaired in the copy it reads (8 of the 9 real
+        series here gave a 500, on either path); a SEG that dcmqi did not write is a 422 (MONAI Label does not read
+        its exit status). ``what`` / ``then`` word the refusals ("label", "nothing was stored")."""
+        from lib.dicom import seg_source_copy
+
+        corrected = (self.get_image_info(image_id) or {}).get("corrections")
+        if corrected:
+            raise HTTPException(status_code=422, detail=f"series {image_id} was corrected when converted "
+                                                        f"({'; '.join(map(str, corrected))}): its {what} lies on the "
+                                                        "corrected grid, not on the series' slices, so it cannot be "
+                                                        f"a DICOM SEG of the series; {then}")
+        image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+        with tempfile.TemporaryDirectory() as src:
+            repaired = seg_source_copy(image_dir, src)
+            if repaired:
+                logger.info("series %s: repaired for the DICOM SEG writer: %s", image_id, ", ".join(repaired))
+            seg = convert(src, label_file, label_info)
+        if not seg or not os.path.isfile(seg) or os.path.getsize(seg) == 0:
+            if seg and os.path.exists(seg):
+                os.unlink(seg)
+            raise HTTPException(status_code=422, detail=f"series {image_id}: dcmqi (itkimage2segimage) wrote no DICOM "
+                                                        f"SEG for this {what} (the server log has its message: an "
+                                                        f"attribute of the series it refuses); {then}")
+        return seg
 
     def remove_image(self, image_id: str) -> None:
         check_series_uid(image_id)

@@ -576,38 +576,15 @@ def _install_dicom_seg_naming() -> None:
             if not present:  # MONAI Label's converter writes nothing: its answer was a 500 (no such file)
                 raise HTTPException(status_code=422, detail="the result is empty: a DICOM SEG holds at least one "
                                                             "segment; ask output 'image' for an empty result")
-        # as a final label's SEG is written (lib.datastore): a series corrected on conversion is refused, and what
-        # dcmqi refuses in the series (a PatientAge '0Y', an empty SOPClassUID) is repaired in a copy it reads. The
-        # result of a real vendor series was a 500 after the whole inference (dcmqi: "Value Representation
-        # violated"; a review, 2026-12-07)
-        import tempfile
-
+        # written as a final label's SEG is (CheckedDICOMWebDatastore.write_seg: a corrected series refused, what
+        # dcmqi refuses repaired in a copy): the result of a real vendor series was a 500 after the whole inference
+        # (dcmqi: "Value Representation violated"; a review, 2026-12-07)
         from monailabel.interfaces.utils.app import app_instance
 
-        from lib.dicom import seg_source_copy
-
-        image_id = os.path.basename(os.path.normpath(str(series_dir)))
-        try:
-            corrected = (app_instance().datastore().get_image_info(image_id) or {}).get("corrections")
-        except Exception:  # noqa: BLE001 - no info: nothing was corrected
-            corrected = None
-        if corrected:
-            raise HTTPException(status_code=422, detail=f"series {image_id} was corrected when converted "
-                                                        f"({'; '.join(map(str, corrected))}): the result lies on the "
-                                                        "corrected grid, not on the series' slices, so it cannot be "
-                                                        "a DICOM SEG of the series; ask output 'image'")
-        with tempfile.TemporaryDirectory() as src:
-            repaired = seg_source_copy(str(series_dir), src)
-            if repaired:
-                logger.info("series %s: repaired for the DICOM SEG writer: %s", image_id, ", ".join(repaired))
-            seg = original(src, label, label_info, file_ext=file_ext, use_itk=use_itk)
-        if not seg or not os.path.isfile(seg) or os.path.getsize(seg) == 0:
-            if seg and os.path.exists(seg):
-                os.unlink(seg)
-            raise HTTPException(status_code=422, detail=f"series {image_id}: dcmqi (itkimage2segimage) wrote no DICOM "
-                                                        "SEG for this result (the server log has its message); ask "
-                                                        "output 'image'")
-        return seg
+        return app_instance().datastore().write_seg(
+            os.path.basename(os.path.normpath(str(series_dir))), label, label_info,
+            lambda src, lab, info: original(src, lab, info, file_ext=file_ext, use_itk=use_itk),
+            "result", "ask output 'image'")
 
     named._dfm_named = True
     endpoint.nifti_to_dicom_seg = named
