@@ -409,7 +409,7 @@ def _looks_like_points(value) -> bool:
         and all(isinstance(c, numbers.Number) and not isinstance(c, bool) for c in p) for p in value)
 
 
-_INPUTS = threading.local()  # what the /infer request being checked uploaded (its image, a label) or named (a session)
+_INPUTS = threading.local()  # whether the /infer request being checked uploaded its image or named a session
 MAX_UPLOAD_NAME = 200  # an upload's file name: MONAI Label stores it under a temporary name with the name's suffixes
 
 
@@ -482,10 +482,14 @@ def _install_json_field_checks() -> None:
             for key in ("file", "label"):
                 check_upload_name(key, getattr(bound.get(key), "filename", None))
             check_json_field(field, bound.get(field))
-            if need_input and not bound.get("image") and not bound.get("session_id") and not bound.get("file"):
+            if not need_input:
+                return original(*args, **kwargs)
+            text = bound.get("params")
+            params = json.loads(text) if isinstance(text, (str, bytes, bytearray)) and text else {}  # (checked above)
+            if not bound.get("image") and not bound.get("session_id") and not bound.get("file"):
                 raise HTTPException(status_code=422, detail="the request names no image: give an image id, a "
                                                             "session_id or an uploaded file")
-            if need_input and str(getattr(bound.get("output"), "value", bound.get("output"))) == "dicom_seg":
+            if str(getattr(bound.get("output"), "value", bound.get("output"))) == "dicom_seg":
                 from monailabel.datastore.dicom import DICOMWebDatastore
                 from monailabel.interfaces.utils.app import app_instance
 
@@ -494,27 +498,22 @@ def _install_json_field_checks() -> None:
                     raise HTTPException(status_code=422, detail="output 'dicom_seg' needs a DICOMweb datastore (a "
                                                                 "PACS): this server's studies are files; ask for "
                                                                 "output 'image'")
-                if not (json.loads(bound.get("params") or "{}") if isinstance(bound.get("params"), (str, bytes))
-                        else {}).get("label_info"):
+                if not params.get("label_info"):
                     # MONAI Label's rule, checked after the whole inference and answered as a 404
                     raise HTTPException(status_code=422, detail="output 'dicom_seg' needs 'label_info' in params (a "
                                                                 "list of {\"name\": ..., \"model_name\": ...}, as "
                                                                 "MONAI Label asks)")
-            if need_input:
-                # the image and a scribbles label are files only where this request uploaded them (or its session
-                # holds the image): a path in the query or in params made the server read -- and, refused, delete
-                # -- any file of its temporary folder named like an upload (a review)
-                params = json.loads(bound.get("params") or "{}") if isinstance(bound.get("params"),
-                                                                               (str, bytes)) else {}
-                if "image" in params:  # an id there replaces the query's (MONAI Label merges params); never a path
-                    check_name(params["image"], "image id")
-                if "model" in params and params["model"] != bound.get("model"):
-                    # the request's model was replaced by params': /infer/dfm_vlm_2d ran the 3D model (a review)
-                    raise HTTPException(status_code=422, detail=f"params name the model {params['model']!r}, the "
-                                                                f"request's path {bound.get('model')!r}: send it to "
-                                                                f"/infer/{params['model']}")
-                _INPUTS.given = {"image": bool(bound.get("file")), "label": bool(bound.get("label")),
-                                 "session": bool(bound.get("session_id"))}
+            # the image is a file only where this request uploaded it (or its session holds it): a path in the query
+            # or in params made the server read -- and, refused, delete -- any file of its temporary folder named
+            # like an upload (a review)
+            if "image" in params:  # an id there replaces the query's (MONAI Label merges params); never a path
+                check_name(params["image"], "image id")
+            if "model" in params and params["model"] != bound.get("model"):
+                # the request's model was replaced by params': /infer/dfm_vlm_2d ran the 3D model (a review)
+                raise HTTPException(status_code=422, detail=f"params name the model {params['model']!r}, the "
+                                                            f"request's path {bound.get('model')!r}: send it to "
+                                                            f"/infer/{params['model']}")
+            _INPUTS.given = {"image": bool(bound.get("file")), "session": bool(bound.get("session_id"))}
             return original(*args, **kwargs)
 
         checked._dfm_json_checked = True

@@ -7,7 +7,6 @@ import math
 import random
 import time
 
-from fastapi import HTTPException
 from monailabel.tasks.activelearning.random import Random
 
 from lib.transforms import InputError
@@ -55,20 +54,18 @@ class FairRandom(Random):
         refused = {}
         while images:
             k = random.choices(range(len(images)), weights=weights)[0]
+            # a series the loader refuses (a PACS's malformed series): never handed out, it kept the largest weight,
+            # and once the readable ones were handed out nearly every Next Sample was its 422 (a review); no file at
+            # all: a series deleted from the PACS (its list is cached for up to 2 h)
             try:
-                # a series the loader refuses (a PACS's malformed series): never handed out, it kept the largest
-                # weight, and once the readable ones were handed out nearly every Next Sample was its 422 (a review);
-                # no file at all: a series deleted from the PACS (its list is cached for up to 2 h)
-                if not datastore.get_image_uri(images[k]):
-                    raise InputError("not in the datastore any more (deleted from the PACS?)")
-            except (InputError, HTTPException) as e:  # the loader's refusal (a 422): the next image
-                if isinstance(e, HTTPException) and e.status_code != 422 and not isinstance(e, InputError):
-                    raise
-                refused[images[k]] = str(getattr(e, "detail", None) or e)
-                logger.warning("Random: %s cannot be read, another image is chosen: %s", images[k], refused[images[k]])
-                del images[k], weights[k]
-                continue
-            logger.info("Random: selected image %s (weight %s of %s)", images[k], weights[k], sum(weights))
-            return {"id": images[k], "weight": weights[k]}
+                why = None if datastore.get_image_uri(images[k]) else "not in the datastore any more"
+            except InputError as e:  # (the DICOMweb datastore's refusal is an InputError and a 422 HTTPException)
+                why = str(e)
+            if why is None:
+                logger.info("Random: selected image %s (weight %s of %s)", images[k], weights[k], sum(weights))
+                return {"id": images[k], "weight": weights[k]}
+            refused[images[k]] = why
+            logger.warning("Random: %s cannot be read, another image is chosen: %s", images[k], why)
+            del images[k], weights[k]
         raise InputError(f"no unlabelled image can be read ({len(refused)} refused): "
                          + "; ".join(f"{i}: {e}" for i, e in list(refused.items())[:3]))
