@@ -25,6 +25,10 @@ if ROOT not in sys.path:
 if ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
+from lib.lifetime import SERVER_PID, end_with_the_server  # noqa: E402
+
+end_with_the_server()  # in a task process the server started: before the imports below (seconds)
+
 # MONAI Label downloads dcmqi at start unless itkimage2segimage is on PATH; the pip package dcmqi puts it beside
 # this interpreter (a venv's bin/), which is not on PATH when the venv's python is run without activation.
 _bin = os.path.dirname(sys.executable)
@@ -636,6 +640,7 @@ class DFMVLMApp(MONAILabelApp):
         super().server_mode(mode)
         if not mode:
             return
+        os.environ[SERVER_PID] = str(os.getpid())  # for the task processes it starts (end_with_the_server)
         from lib.checkpoint import remove_stale_temporaries
 
         folders = [self.model_dir, *(os.path.join(self.model_dir, n) for n in self.models)]

@@ -455,7 +455,7 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_not_run(tmp_path, mon
 def test_kill_9_of_the_server_in_the_middle_of_a_training_loses_nothing(tmp_path):
     """kill -9 of the server's whole process group while a training runs (after it published once): the model
     file is a complete checkpoint, the label saved before is listed after a restart, the restarted server serves
-    that checkpoint and trains again."""
+    that checkpoint and trains again; a SIGTERM to the server alone then ends the training it started too."""
     import time
 
     import nibabel as nib
@@ -518,8 +518,39 @@ def test_kill_9_of_the_server_in_the_middle_of_a_training_loses_nothing(tmp_path
             time.sleep(2)
             status = client.train_status()
         assert status["status"] == "DONE", again.tail(80)
+        # the server stopped (SIGTERM to it alone, as a service manager or ``kill <pid>`` does) in a training it
+        # started: the training ends with it (it went on running with no parent, writing checkpoints)
+        import psutil
+
+        client.train_start("dfm_vlm_3d", {"max_epochs": 500, "val_split": 0.34, "patches_per_image": 2})
+        deadline = time.time() + 300
+        while time.time() < deadline and "Epoch: 2/" not in str(client.train_status().get("details")):
+            time.sleep(0.5)  # training (a task process still importing died on its first print to the server)
+        tasks = psutil.Process(again.proc.pid).children(recursive=True)
+        assert tasks and client.train_status()["status"] == "RUNNING", again.tail(40)
+        os.kill(again.proc.pid, signal.SIGTERM)
+        again.proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(tasks, timeout=30)
+        assert not alive, f"left running after the server ended: {[p.cmdline()[:6] for p in alive]}"
     finally:
         again.stop()
+
+
+def test_a_task_process_started_when_its_server_has_ended_does_not_run(tmp_path):
+    """MONAI Label's task queue starts the next task (the second model's scoring) as the first is stopped by the
+    signal that stops the server: the process it starts finds its server gone and ends, before building anything."""
+    code = ("import ctypes, os, signal, sys; sys.path.insert(0, sys.argv[1]); import lib.lifetime as m; "
+            "m.end_with_the_server(); v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); "
+            "print('ran', v.value == signal.SIGTERM, m.SERVER_PID in os.environ)")
+    env = {**os.environ, "DFM_MONAILABEL_SERVER_PID": str(os.getppid())}  # alive, not the task's parent
+    ended = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert ended.returncode == 1 and "has ended: not running it" in ended.stderr, ended.stderr[-500:]
+    assert "ran" not in ended.stdout
+    env["DFM_MONAILABEL_SERVER_PID"] = str(os.getpid())  # its parent: it runs, to end with it
+    ran = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ran.returncode == 0 and "ran True False" in ran.stdout, ran.stderr[-500:]
 
 
 def _studies_with(tmp_path, *names):
