@@ -47,6 +47,7 @@ from lib.checkpoint import CheckpointError  # noqa: E402
 from lib.config import ConfigError  # noqa: E402
 from lib.datastore import check_name  # noqa: E402
 from lib.infers.dfm_vlm import ModelNotReady, _as_bool  # noqa: E402
+from lib.threads import in_a_passing_thread, one_cpu_thread_here  # noqa: E402
 from lib.transforms import InputError  # noqa: E402
 from lib.vlm import VLMError  # noqa: E402
 
@@ -548,6 +549,81 @@ def _install_json_field_checks() -> None:
     wrap(datastore, "update_label_info", "info")
 
 
+# MONAI Label's endpoints that are moved off the event loop (every one of these modules' routes; the DICOMweb proxy,
+# the login and the OHIF files stay: the proxy awaits its request body), and those that run a model: these run one
+# at a time in one thread (an inference of a volume holds gigabytes and torch already uses every core), the others
+# as they come
+THREADED_ENDPOINTS = ("activelearning", "batch_infer", "datastore", "infer", "info", "logs", "model", "scoring",
+                      "session", "train", "wsi_infer")
+MODEL_ENDPOINTS = {("infer", "POST"), ("activelearning", "POST"), ("model", "PUT"), ("wsi_infer", "POST")}
+
+
+def _run_to_end(endpoint, args, kwargs):
+    """Run one of MONAI Label's ``async def`` endpoints, whose bodies never await, to its end in this worker thread
+    (in an event loop of its own)."""
+    import asyncio
+
+    return asyncio.run(endpoint(*args, **kwargs))
+
+
+def _install_worker_threads() -> None:
+    """MONAI Label's endpoints are ``async def`` functions that run an inference, a Next Sample scoring or a model
+    load without awaiting: each ran on the server's one event loop, so while one user's inference ran the server
+    answered no one -- not ``/info``, not a label save, not another user's click -- and a SIGTERM was not even seen
+    until it ended (a review: one Next Sample held the server for minutes; a stopped server still lets the request
+    in progress end). Here each such route is served from a thread (the route rebuilt on MONAI Label's own router,
+    same path, parameters and order): a model's work in the one model thread (:data:`lib.threads.MODEL_THREAD`),
+    queued without holding another thread; the rest at once in a worker thread, where torch uses that thread alone
+    (:func:`lib.threads.one_cpu_thread_here`: a second OpenMP team in the server made every inference about 25 %
+    slower). The thread-local records of a request (``_INPUTS``, ``_RESULT``) stay in that request's thread."""
+    import asyncio
+    import functools
+
+    from fastapi.routing import APIRoute
+
+    from lib.threads import MODEL_THREAD
+
+    def in_thread(original):
+        def endpoint(*args, **kwargs):
+            one_cpu_thread_here()
+            return _run_to_end(original, args, kwargs)
+        return endpoint
+
+    def in_model_thread(original):
+        async def endpoint(*args, **kwargs):
+            return await asyncio.get_running_loop().run_in_executor(
+                MODEL_THREAD, functools.partial(_run_to_end, original, args, kwargs))
+        return endpoint
+
+    for name in THREADED_ENDPOINTS:
+        router = importlib.import_module(f"monailabel.endpoints.{name}").router
+        for i, route in enumerate(list(router.routes)):
+            original = getattr(route, "endpoint", None)
+            if not isinstance(route, APIRoute) or getattr(original, "_dfm_threaded", False) \
+                    or not inspect.iscoroutinefunction(original):
+                continue
+            model = any((name, m) in MODEL_ENDPOINTS for m in route.methods)
+            endpoint = (in_model_thread if model else in_thread)(original)
+            # FastAPI reads the parameters from __signature__; no __wrapped__ (it would take the endpoint for the
+            # coroutine it wraps)
+            endpoint.__signature__ = inspect.signature(original)
+            for a in ("__name__", "__qualname__", "__doc__", "__module__"):
+                setattr(endpoint, a, getattr(original, a))
+            endpoint._dfm_threaded = True
+            path = route.path[len(router.prefix):] if route.path.startswith(router.prefix) else route.path
+            router.add_api_route(  # (which puts the router's prefix before the path again)
+                path, endpoint, methods=sorted(route.methods), name=route.name, summary=route.summary,
+                description=route.description, status_code=route.status_code, response_model=route.response_model,
+                response_class=route.response_class, response_description=route.response_description,
+                deprecated=route.deprecated, operation_id=route.operation_id,
+                include_in_schema=route.include_in_schema, openapi_extra=route.openapi_extra,
+                # the router adds its own tags, dependencies and responses again
+                tags=[t for t in route.tags or [] if t not in (router.tags or [])],
+                dependencies=[d for d in route.dependencies or [] if d not in (router.dependencies or [])],
+                responses={k: v for k, v in (route.responses or {}).items() if k not in (router.responses or {})})
+            router.routes[i] = router.routes.pop()  # in the old one's place: the order decides which path matches
+
+
 def _install_dicom_seg_naming() -> None:
     """``/infer?output=dicom_seg``: MONAI Label writes the SEG of the result with the request's ``label_info``
     paired by *position* with the values present, so ``[lesion]`` named the lesion and left the vertebra "unknown",
@@ -617,16 +693,21 @@ class DFMVLMApp(MONAILabelApp):
         if unknown:
             raise ValueError(f"--conf models: unknown model(s) {unknown}; available: {sorted(available)}")
         self.models: dict[str, TaskConfig] = {}
-        for n in names:
-            c = available[n]()
-            c.init(n, self.model_dir, conf, None)
-            self.models[n] = c
+
+        def init_configs():  # (they read their checkpoints: torch work that must not leave the main thread a team)
+            for n in names:
+                c = available[n]()
+                c.init(n, self.model_dir, conf, None)
+                self.models[n] = c
+
+        in_a_passing_thread(init_configs)
         logger.info("DFM+VLM models: %s (model dir %s)", names, self.model_dir)
         _install_request_checks()
         _install_model_file_checks()
         _install_dicom_seg_naming()
         _install_json_field_checks()
         _install_session_checks()
+        _install_worker_threads()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)
@@ -641,6 +722,7 @@ class DFMVLMApp(MONAILabelApp):
         if not mode:
             return
         os.environ[SERVER_PID] = str(os.getpid())  # for the task processes it starts (end_with_the_server)
+        one_cpu_thread_here()  # the main thread runs the event loop; the models run in lib.threads.MODEL_THREAD
         from lib.checkpoint import remove_stale_temporaries
 
         folders = [self.model_dir, *(os.path.join(self.model_dir, n) for n in self.models)]

@@ -101,3 +101,16 @@ def process_group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def openmp_teams(pid: int) -> int | None:
+    """How many threads of GNU OpenMP teams the process holds (``gdb`` attached for a moment; None where gdb is
+    missing or may not attach)."""
+    gdb = shutil.which("gdb")
+    if not gdb:
+        return None
+    out = subprocess.run([gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt 8"], capture_output=True,
+                         text=True, timeout=300).stdout
+    if "Thread 1 " not in out:
+        return None
+    return out.count("gomp_thread_start")

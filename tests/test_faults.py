@@ -463,7 +463,7 @@ def test_kill_9_of_the_server_in_the_middle_of_a_training_loses_nothing(tmp_path
     from monailabel.client import MONAILabelClient
 
     from lib.checkpoint import load_checkpoint
-    from server_utils import Server, copy_sample_data, process_group_alive
+    from server_utils import Server, copy_sample_data, openmp_teams, process_group_alive
 
     sys.path.insert(0, str(ROOT / "sample_data"))
     try:
@@ -473,8 +473,13 @@ def test_kill_9_of_the_server_in_the_middle_of_a_training_loses_nothing(tmp_path
     studies = copy_sample_data(tmp_path / "studies")
     conf = {"model_dir": tmp_path / "model", "uncertainty_samples": 2}
     published = tmp_path / "model" / "dfm_vlm_3d.pt"
-    server = Server(str(studies), tmp_path, conf=conf)
+    # started as users start it, scoring every image at start: MONAI Label asks /info for that on the main thread,
+    # which loads the models there; that must not leave the main thread an OpenMP team (every inference, in the
+    # models' thread, was about 25 % slower beside it)
+    server = Server(str(studies), tmp_path, conf=conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"})
     try:
+        requests.delete(f"{server.url}/scoring/", timeout=60)  # (that scoring itself is not this test's)
+        assert openmp_teams(server.proc.pid) in (None, 0), "a thread other than the models' holds an OpenMP team"
         client = MONAILabelClient(server.url)
         _, truth = ct_phantom(7)
         lab = tmp_path / "phantom_ct_07_label.nii.gz"

@@ -11,12 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from PIL import Image
 
 from conftest import CXR, requires_cxr
-from server_utils import ROOT, Server, copy_sample_data, process_group_alive
+from server_utils import ROOT, Server, copy_sample_data, openmp_teams, process_group_alive
 
 pytestmark = pytest.mark.server
 
@@ -906,3 +907,42 @@ def test_the_dataset_download_works_with_named_segments_and_leaves_no_zip_behind
     while zips() - before and time.time() < deadline:
         time.sleep(0.2)
     assert not zips() - before, "the dataset's zip stayed in the temporary folder"
+
+
+@needs_defaults
+def test_the_server_answers_while_an_inference_runs_and_runs_one_model_at_a_time(server):
+    """Found by a review: MONAI Label's endpoints ran an inference (or a Next Sample's scoring) on the server's one
+    event loop, so while it ran nobody got an answer, not even ``/info``. Now ``/info`` answers during a slow 3D
+    inference, and a 2D click sent meanwhile waits for the model slot (one model's work at a time)."""
+    import threading
+
+    done = {}
+
+    def infer(name, model, image, params):
+        r = requests.post(f"{server.url}/infer/{model}", params={"image": image, "output": "json"},
+                          data={"params": json.dumps(params)}, timeout=600)
+        done[name] = (r.status_code, time.monotonic())
+
+    seed = 770077  # marks this request in the server's log
+    slow = threading.Thread(target=infer, args=("slow", "dfm_vlm_3d", "phantom_ct_05",
+                                                {"steps": 6, "num_samples": 4, "seed": seed}))
+    slow.start()
+    deadline = time.time() + 120
+    while f"'seed': {seed}" not in server.tail(40) and time.time() < deadline:  # the server is running it
+        time.sleep(0.05)
+    info = requests.get(f"{server.url}/info/", timeout=600)
+    answered = time.monotonic()
+    fast = threading.Thread(target=infer, args=("fast", "dfm_vlm_2d_interactive", "phantom_xray_05",
+                                                {"steps": 1, "num_samples": 1, "foreground": [[40, 40]]}))
+    fast.start()
+    slow.join()
+    fast.join()
+    assert info.status_code == 200 and "dfm_vlm_3d" in info.json()["models"]
+    assert done["slow"][0] == 200 and done["fast"][0] == 200, done
+    assert done["slow"][1] - answered > 1.0, "/info was answered only when the inference had ended"
+    assert done["fast"][1] > done["slow"][1], "the click ran beside the 3D inference, not after it"
+    # one thread ran the models: one OpenMP team in the server (a second, made by the main thread reading the
+    # checkpoints at start, made every inference about 25 % slower), however many threads answered the rest
+    teams = openmp_teams(server.proc.pid)
+    if teams is not None:
+        assert teams == torch.get_num_threads() - 1, f"{teams} OpenMP team threads"

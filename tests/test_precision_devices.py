@@ -172,3 +172,22 @@ def test_a_config_file_without_precision_gets_the_default_and_a_checkpoint_fp32(
     raw = HParams().to_dict()
     raw.pop("precision")
     assert resolve_hparams(raw, {}).precision == "fp32"
+
+
+def test_a_thread_told_to_use_one_cpu_thread_makes_no_openmp_team_and_leaves_the_others_theirs():
+    """The server's threads other than the models' one run torch operators in themselves alone (lib.threads): a
+    second OpenMP team in the process made every inference about 25 % slower."""
+    from lib.threads import in_a_passing_thread
+
+    before = torch.get_num_threads()
+    if before < 2:
+        pytest.skip("one CPU thread here: nothing to tell apart")
+
+    def work():
+        torch.ones(2 ** 22).sum()  # a parallel operator
+        return torch.get_num_threads()
+
+    assert in_a_passing_thread(work) == 1
+    assert torch.get_num_threads() == before and work() == before
+    with pytest.raises(ZeroDivisionError):
+        in_a_passing_thread(lambda: 1 / 0)
