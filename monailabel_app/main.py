@@ -9,6 +9,7 @@ conf keys and request parameters.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -47,7 +48,7 @@ from lib.checkpoint import CheckpointError  # noqa: E402
 from lib.config import ConfigError  # noqa: E402
 from lib.datastore import check_name  # noqa: E402
 from lib.infers.dfm_vlm import ModelNotReady, _as_bool  # noqa: E402
-from lib.threads import in_a_passing_thread, one_cpu_thread_here  # noqa: E402
+from lib.threads import DATASTORE_WRITES, in_a_passing_thread, one_cpu_thread_here  # noqa: E402
 from lib.transforms import InputError  # noqa: E402
 from lib.vlm import VLMError  # noqa: E402
 
@@ -556,6 +557,8 @@ def _install_json_field_checks() -> None:
 THREADED_ENDPOINTS = ("activelearning", "batch_infer", "datastore", "infer", "info", "logs", "model", "scoring",
                       "session", "train", "wsi_infer")
 MODEL_ENDPOINTS = {("infer", "POST"), ("activelearning", "POST"), ("model", "PUT"), ("wsi_infer", "POST")}
+SYNC_TASK_ENDPOINTS = {("batch_infer", "POST"), ("scoring", "POST"), ("train", "POST")}  # model work with run_sync
+WRITE_ENDPOINTS = {("datastore", "PUT"), ("datastore", "DELETE")}  # one at a time (lib.threads.DATASTORE_WRITES)
 
 
 def _run_to_end(endpoint, args, kwargs):
@@ -579,18 +582,24 @@ def _install_worker_threads() -> None:
     import asyncio
     import functools
 
+    import anyio
     from fastapi.routing import APIRoute
 
-    from lib.threads import MODEL_THREAD
+    from lib.threads import DATASTORE_WRITES, MODEL_THREAD
 
-    def in_thread(original):
+    def in_thread(original, writes=False):
         def endpoint(*args, **kwargs):
             one_cpu_thread_here()
-            return _run_to_end(original, args, kwargs)
+            with DATASTORE_WRITES if writes else contextlib.nullcontext():
+                return _run_to_end(original, args, kwargs)
         return endpoint
 
-    def in_model_thread(original):
+    def in_model_thread(original, only_with_run_sync=False):
+        threaded = in_thread(original)
+
         async def endpoint(*args, **kwargs):
+            if only_with_run_sync and not kwargs.get("run_sync"):  # a task process starts: nothing to wait for
+                return await anyio.to_thread.run_sync(functools.partial(threaded, *args, **kwargs))
             return await asyncio.get_running_loop().run_in_executor(
                 MODEL_THREAD, functools.partial(_run_to_end, original, args, kwargs))
         return endpoint
@@ -602,8 +611,13 @@ def _install_worker_threads() -> None:
             if not isinstance(route, APIRoute) or getattr(original, "_dfm_threaded", False) \
                     or not inspect.iscoroutinefunction(original):
                 continue
-            model = any((name, m) in MODEL_ENDPOINTS for m in route.methods)
-            endpoint = (in_model_thread if model else in_thread)(original)
+            kinds = {(name, m) for m in route.methods}
+            if kinds & MODEL_ENDPOINTS:
+                endpoint = in_model_thread(original)
+            elif kinds & SYNC_TASK_ENDPOINTS:  # run_sync runs the task here, in the server (a batch: every image)
+                endpoint = in_model_thread(original, only_with_run_sync=True)
+            else:
+                endpoint = in_thread(original, writes=bool(kinds & WRITE_ENDPOINTS))
             # FastAPI reads the parameters from __signature__; no __wrapped__ (it would take the endpoint for the
             # coroutine it wraps)
             endpoint.__signature__ = inspect.signature(original)
@@ -928,15 +942,20 @@ class DFMVLMApp(MONAILabelApp):
                     and request.get("label_tag", "original") == "final":
                 raise ConfigError("'save_label' with label_tag 'final' and 'uncertain_segment' would store the "
                                   "uncertain region as a final label: ask without uncertain_segment")
-            if request["save_label"] and request.get("label_tag", "original") == "final" and \
-                    isinstance(image, str) and not server_file and "final" in (ds.get_labels_by_image_id(image) or {}):
-                # /infer needs MONAI Label's lowest role; it replaced an annotator's final label with the model's
-                # result, keeping no copy (a review). An annotator replaces a label with PUT /datastore/label
-                raise HTTPException(status_code=409, detail=f"{model}: image {image!r} has a final label already; "
-                                                            "an inference does not replace it (save it with label_tag "
-                                                            "'original', or submit the label: PUT /datastore/label)")
-            _RESULT.label_names = None
-            out = super().infer(request, datastore)
+            final = request["save_label"] and request.get("label_tag", "original") == "final"
+            # from the check below to the save: a label saved meanwhile (PUT /datastore/label, now in another thread)
+            # was replaced by the model's result (a review)
+            with DATASTORE_WRITES if final else contextlib.nullcontext():
+                if final and isinstance(image, str) and not server_file and \
+                        "final" in (ds.get_labels_by_image_id(image) or {}):
+                    # /infer needs MONAI Label's lowest role; it replaced an annotator's final label with the model's
+                    # result, keeping no copy (a review). An annotator replaces a label with PUT /datastore/label
+                    raise HTTPException(status_code=409, detail=f"{model}: image {image!r} has a final label "
+                                                                "already; an inference does not replace it (save it "
+                                                                "with label_tag 'original', or submit the label: PUT "
+                                                                "/datastore/label)")
+                _RESULT.label_names = None
+                out = super().infer(request, datastore)
             _RESULT.label_names = ((out or {}).get("params") or {}).get("label_names") if isinstance(out, dict) \
                 else None
             return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -934,15 +935,76 @@ def test_the_server_answers_while_an_inference_runs_and_runs_one_model_at_a_time
     answered = time.monotonic()
     fast = threading.Thread(target=infer, args=("fast", "dfm_vlm_2d_interactive", "phantom_xray_05",
                                                 {"steps": 1, "num_samples": 1, "foreground": [[40, 40]]}))
-    fast.start()
+
+    def batch():  # run_sync: the batch runs in the server, as an inference does
+        r = requests.post(f"{server.url}/batch/infer/dfm_vlm_2d", params={"run_sync": "true"},
+                          json={"images": ["phantom_xray_05"], "steps": 1, "num_samples": 1}, timeout=600)
+        done["batch"] = (r.status_code, time.monotonic())
+
+    others = [fast, threading.Thread(target=batch)]
+    for t in others:
+        t.start()
     slow.join()
-    fast.join()
+    for t in others:
+        t.join()
     assert info.status_code == 200 and "dfm_vlm_3d" in info.json()["models"]
-    assert done["slow"][0] == 200 and done["fast"][0] == 200, done
+    assert {k: v[0] for k, v in done.items()} == {"slow": 200, "fast": 200, "batch": 200}, done
     assert done["slow"][1] - answered > 1.0, "/info was answered only when the inference had ended"
     assert done["fast"][1] > done["slow"][1], "the click ran beside the 3D inference, not after it"
+    assert done["batch"][1] > done["slow"][1], "the run_sync batch ran beside the 3D inference, not after it"
     # one thread ran the models: one OpenMP team in the server (a second, made by the main thread reading the
     # checkpoints at start, made every inference about 25 % slower), however many threads answered the rest
     teams = openmp_teams(server.proc.pid)
     if teams is not None:
         assert teams == torch.get_num_threads() - 1, f"{teams} OpenMP team threads"
+
+
+@needs_defaults
+def test_a_label_saved_during_an_inference_that_saves_a_final_label_is_not_replaced_by_it(server, tmp_path):
+    """Found by a review of the threaded server: ``/infer`` with ``save_label`` and tag ``final`` checked for a final
+    label at its start and saved the model's result at its end; a label an annotator saved in between (now answered
+    at once, in another thread) was replaced by the model's result, no copy kept. The save now waits for that
+    inference, and the annotator's label is the one stored."""
+    import threading
+
+    sys.path.insert(0, str(ROOT / "sample_data"))
+    try:
+        from make_sample_data import ct_affine, ct_phantom
+    finally:
+        sys.path.remove(str(ROOT / "sample_data"))
+    image, truth = ct_phantom(6)
+    nib.save(nib.Nifti1Image(image, ct_affine()), str(tmp_path / "race_ct.nii.gz"))
+    with open(tmp_path / "race_ct.nii.gz", "rb") as f:
+        r = requests.put(f"{server.url}/datastore/image", params={"image": "race_ct"},
+                         files={"file": ("race_ct.nii.gz", f)}, timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    annotated = truth.copy()
+    annotated[:4, :4, :4] = 2  # a corner no model paints: the annotator's label is told from the model's
+    nib.save(nib.Nifti1Image(annotated, ct_affine()), str(tmp_path / "annotated.nii.gz"))
+    seed, done = 770099, {}
+
+    def infer():
+        r = requests.post(f"{server.url}/infer/dfm_vlm_3d", params={"image": "race_ct", "output": "json"},
+                          data={"params": json.dumps({"save_label": True, "label_tag": "final", "steps": 6,
+                                                      "num_samples": 4, "seed": seed})}, timeout=600)
+        done["infer"] = (r.status_code, time.monotonic())
+
+    t = threading.Thread(target=infer)
+    t.start()
+    deadline = time.time() + 120
+    while f"'seed': {seed}" not in server.tail(40) and time.time() < deadline:
+        time.sleep(0.05)
+    with open(tmp_path / "annotated.nii.gz", "rb") as f:
+        r = requests.put(f"{server.url}/datastore/label", params={"image": "race_ct", "tag": "final"},
+                         files={"label": ("race_ct.nii.gz", f)},
+                         data={"params": json.dumps({"label_info": [{"name": "lesion", "idx": 1},
+                                                                    {"name": "vertebra", "idx": 2}]})}, timeout=600)
+    saved = time.monotonic()
+    t.join()
+    assert r.status_code == 200 and done["infer"][0] == 200, (r.text[:300], done)
+    r = requests.get(f"{server.url}/datastore/label", params={"label": "race_ct", "tag": "final"}, timeout=60)
+    (tmp_path / "stored.nii.gz").write_bytes(r.content)
+    stored = np.asarray(nib.load(str(tmp_path / "stored.nii.gz")).dataobj)
+    assert np.array_equal(stored, annotated), f"{int((stored != annotated).sum())} voxels differ from the annotator's"
+    assert saved >= done["infer"][1] - 0.5, "the label save was answered while the inference ran"
+    requests.delete(f"{server.url}/datastore/image", params={"id": "race_ct"}, timeout=60)
