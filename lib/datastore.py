@@ -32,6 +32,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.checkpoint import atomic_write
 from lib.dicom import series_to_nifti
+from lib.threads import DATASTORE_WRITES
 from lib.transforms import InputError, geometry_difference as _geometry_difference
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,20 @@ def image_identity(info) -> tuple:
     """What tells one stored file of an image from its replacement: MONAI Label's ``ts`` (whole seconds) and
     ``name``, and the nanoseconds :meth:`FreshIndex.add_image` stores (two replacements in one second)."""
     return tuple(info.get(k) for k in ("ts", "name", "stored_ns")) if isinstance(info, dict) else (None,) * 3
+
+
+def one_write_at_a_time(method):
+    """A datastore write (an image or label added, replaced, removed, its info changed) runs while no other write of
+    this process does (:data:`lib.threads.DATASTORE_WRITES`): each checks the store, then writes, and the server
+    now serves requests from several threads (a review: an image replaced during a label's save was left with a
+    label of the old image's grid). Re-entrant: a write may call another."""
+    import functools
+
+    @functools.wraps(method)
+    def locked(*args, **kwargs):
+        with DATASTORE_WRITES:
+            return method(*args, **kwargs)
+    return locked
 
 
 class FreshIndex:
@@ -101,6 +116,7 @@ class FreshIndex:
         else:
             write()
 
+    @one_write_at_a_time
     def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
         """MONAI Label's ``add_image`` (copy the file into the image folder, record it in the index), with the
         index re-read under the lock first (it wrote its in-memory copy: a score a subprocess wrote meanwhile was
@@ -239,6 +255,7 @@ class FreshIndex:
 
     # an unknown id: a 404 naming it (MONAI Label's ImageNotFoundException / LabelNotFoundException have no HTTP
     # status: PUT /datastore/imageinfo or /labelinfo and DELETE /datastore of an unknown id answered 500)
+    @one_write_at_a_time
     def update_image_info(self, image_id: str, info: dict, unless_replaced: tuple | None = None) -> bool:
         """``unless_replaced``: the image's :func:`image_identity` when the caller read it; the info is not written
         (False) when the index, re-read under the lock, holds another file for the id (a score of the file it
@@ -257,6 +274,7 @@ class FreshIndex:
         self._change_index(change)
         return written[0]
 
+    @one_write_at_a_time
     def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
         def change():
             label = self._datastore.label(label_id, label_tag)
@@ -266,6 +284,7 @@ class FreshIndex:
 
         self._change_index(change)
 
+    @one_write_at_a_time
     def remove_image(self, image_id: str) -> None:
         with FileLock(self._lock_file):  # the index as it is on disk (another process may have added the image)
             self._reload_index_locked()
@@ -537,6 +556,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         d["pacs_series"] = self.list_images()
         return d
 
+    @one_write_at_a_time
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict, label_id: str = ""):
         """Fill in the segment description when the client sent none (DICOM SEG needs a label and an algorithm).
 
@@ -665,6 +685,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                                         f"attribute of the series it refuses); {then}")
         return seg
 
+    @one_write_at_a_time
     def remove_image(self, image_id: str) -> None:
         check_series_uid(image_id)
         return super().remove_image(image_id)
@@ -870,6 +891,7 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
     an unknown image (404), an id or tag that is a path (422), a file that is not a label map of the image's shape
     (422). The stored label is untouched by a refused request."""
 
+    @one_write_at_a_time
     def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
         """``PUT /datastore/image``: MONAI Label's ``add_image`` named the stored file after the id as given, so
         ``image=../x`` wrote (and ``DELETE`` later removed) a file outside the studies folder, and a file that is no
@@ -903,10 +925,12 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
                                                         f"{type(e).__name__}: {str(e)[:200]}") from None
         return super().add_image(image_id, image_filename, image_info)
 
+    @one_write_at_a_time
     def remove_image(self, image_id: str) -> None:
         check_name(image_id, "image id")
         return super().remove_image(image_id)
 
+    @one_write_at_a_time
     def remove_label(self, label_id: str, label_tag: str) -> None:
         """``DELETE /datastore/label``: an unknown image or a tag it has no label under answered 200 ``{}`` (a
         review: a client's typo looked like a deletion); a 404 naming it."""
@@ -923,6 +947,7 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
                                                         f"unknown image id {label_id!r} (not in the datastore)")
         return super().remove_label(label_id, label_tag)
 
+    @one_write_at_a_time
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         from fastapi import HTTPException
 

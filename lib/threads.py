@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 logger = logging.getLogger(__name__)
 
 MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfm-model")  # (its thread starts at first use)
-# the datastore's writes, one at a time (they ran one after another on the event loop: each checks the store, then
-# writes; and an inference that saves a final label holds it from its check to its save)
+# the datastore's writes, one at a time (lib.datastore.one_write_at_a_time: each checks the store, then writes; they
+# ran one after another on the event loop), and an inference that saves a final label holds it from its check to
+# its save
 DATASTORE_WRITES = threading.RLock()
 _HERE = threading.local()
 

@@ -558,7 +558,6 @@ THREADED_ENDPOINTS = ("activelearning", "batch_infer", "datastore", "infer", "in
                       "session", "train", "wsi_infer")
 MODEL_ENDPOINTS = {("infer", "POST"), ("activelearning", "POST"), ("model", "PUT"), ("wsi_infer", "POST")}
 SYNC_TASK_ENDPOINTS = {("batch_infer", "POST"), ("scoring", "POST"), ("train", "POST")}  # model work with run_sync
-WRITE_ENDPOINTS = {("datastore", "PUT"), ("datastore", "DELETE")}  # one at a time (lib.threads.DATASTORE_WRITES)
 
 
 def _run_to_end(endpoint, args, kwargs):
@@ -585,13 +584,12 @@ def _install_worker_threads() -> None:
     import anyio
     from fastapi.routing import APIRoute
 
-    from lib.threads import DATASTORE_WRITES, MODEL_THREAD
+    from lib.threads import MODEL_THREAD
 
-    def in_thread(original, writes=False):
+    def in_thread(original):
         def endpoint(*args, **kwargs):
             one_cpu_thread_here()
-            with DATASTORE_WRITES if writes else contextlib.nullcontext():
-                return _run_to_end(original, args, kwargs)
+            return _run_to_end(original, args, kwargs)
         return endpoint
 
     def in_model_thread(original, only_with_run_sync=False):
@@ -617,7 +615,7 @@ def _install_worker_threads() -> None:
             elif kinds & SYNC_TASK_ENDPOINTS:  # run_sync runs the task here, in the server (a batch: every image)
                 endpoint = in_model_thread(original, only_with_run_sync=True)
             else:
-                endpoint = in_thread(original, writes=bool(kinds & WRITE_ENDPOINTS))
+                endpoint = in_thread(original)
             # FastAPI reads the parameters from __signature__; no __wrapped__ (it would take the endpoint for the
             # coroutine it wraps)
             endpoint.__signature__ = inspect.signature(original)
