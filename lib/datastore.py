@@ -31,7 +31,7 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.checkpoint import atomic_write
-from lib.dicom import series_to_nifti
+from lib.dicom import is_projection_series, projection_seg, projection_seg_label, series_to_nifti
 from lib.threads import DATASTORE_WRITES
 from lib.transforms import InputError, geometry_difference as _geometry_difference
 
@@ -662,7 +662,8 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         corrected grid, not on the series' slices: 3.7 mm off on the tilted series here); what dcmqi refuses in the
         series (a ``PatientAge`` of ``0Y``, an empty SOPClassUID) is repaired in the copy it reads (8 of the 9 real
         series here gave a 500, on either path); a SEG that dcmqi did not write is a 422 (MONAI Label does not read
-        its exit status). ``what`` / ``then`` word the refusals ("label", "nothing was stored")."""
+        its exit status). An X-ray's SEG is written by :func:`lib.dicom.projection_seg` (highdicom): dcmqi needs a
+        plane in space. ``what`` / ``then`` word the refusals ("label", "nothing was stored")."""
         from lib.dicom import seg_source_copy
 
         corrected = (self.get_image_info(image_id) or {}).get("corrections")
@@ -676,7 +677,13 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             repaired = seg_source_copy(image_dir, src)
             if repaired:
                 logger.info("series %s: repaired for the DICOM SEG writer: %s", image_id, ", ".join(repaired))
-            seg = convert(src, label_file, label_info)
+            if is_projection_series(src):  # an X-ray: dcmqi needs a plane in space (it wrote nothing: a 422)
+                try:
+                    seg = projection_seg(src, label_file, label_info)
+                except InputError as e:
+                    raise HTTPException(status_code=422, detail=f"series {image_id}: {e}; {then}") from None
+            else:
+                seg = convert(src, label_file, label_info)
         if not seg or not os.path.isfile(seg) or os.path.getsize(seg) == 0:
             if seg and os.path.exists(seg):
                 os.unlink(seg)
@@ -702,7 +709,8 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         (it names a cache folder: ``../..`` downloaded a series anywhere), the download is the checked one (a
         temporary folder renamed when complete), and the converted label is stored through :meth:`_store_label`
         (atomic, the index re-read under the lock; MONAI Label's ``LocalDatastore.save_label`` wrote the index as
-        this process held it, dropping a score a subprocess wrote meanwhile)."""
+        this process held it, dropping a score a subprocess wrote meanwhile). The SEG of an X-ray is read by
+        :func:`lib.dicom.projection_seg_label` (pydicom-seg needs plane positions)."""
         if label_tag != DefaultLabelTag.FINAL:
             return super().get_label_uri(label_id, label_tag)
         from monailabel.datastore.utils.convert import dicom_to_nifti
@@ -723,27 +731,37 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 return ""  # no such series in the PACS
         if not self._convert_to_nifti:
             return label_dir
+        image_uri = self.get_image_uri(image_id) if image_id else ""
+        if image_uri and is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
+            # the SEG of an X-ray has no plane positions, which pydicom-seg (MONAI Label's reader) needs
+            with tempfile.TemporaryDirectory() as tmp:
+                on_grid = projection_seg_label(label_dir, image_uri, os.path.join(tmp, "label.nii.gz"))
+                return self._store_seg_label(image_id, label_id, label_dir, label_tag, on_grid)
         converted = dicom_to_nifti(label_dir, is_seg=True)  # a temporary .seg.nrrd
         if not converted or not image_id:
             return converted or ""
-        info = self._dicom_info(label_id)
-        named = seg_segments(label_dir)  # the SEG's segment numbers are the converted label's values
-        if named:
-            info["segments"] = named
         on_grid = None
         try:
             # a SEG holds the frames its writer kept (dcmqi skips empty slices; another tool may crop in-plane): the
             # volume read back covered the painted slices only, so the trainer's label check left the image out
-            image_uri = self.get_image_uri(image_id)
             if not image_uri:
                 raise HTTPException(status_code=404, detail=f"the series {image_id} this SEG labels is not in the PACS "
                                                             "or cannot be read")
             on_grid = label_on_image_grid(converted, image_uri)
-            self._store_label(image_id, on_grid, label_tag, info)
+            return self._store_seg_label(image_id, label_id, label_dir, label_tag, on_grid)
         finally:
             for f in (converted, on_grid):
                 if f and os.path.exists(f):
                     os.unlink(f)
+
+    def _store_seg_label(self, image_id: str, label_id: str, label_dir: str, label_tag: str, on_grid: str) -> str:
+        """Cache the label read from the SEG ``label_id`` (``on_grid``: on the image's grid) with the SEG's segment
+        names, which travel with it (a training reads it as painted, not by the dataset's codes)."""
+        info = self._dicom_info(label_id)
+        named = seg_segments(label_dir)  # the SEG's segment numbers are the converted label's values
+        if named:
+            info["segments"] = named
+        self._store_label(image_id, on_grid, label_tag, info)
         return self._stored_label_path(image_id, label_tag) or ""
 
     def _stored_label_path(self, image_id: str, label_tag: str, label_id: str | None = None) -> str | None:

@@ -1,4 +1,5 @@
-"""DICOM series in and out (pydicom, dicom2nifti): checked conversion, a CT series writer, UID repair.
+"""DICOM series in and out (pydicom, dicom2nifti, highdicom): checked conversion, X-rays (one DX / CR instance: a
+2D image, and the DICOM SEG of its label), a CT series writer, an X-ray writer, UID repair.
 
 :func:`series_to_nifti` converts a downloaded series with dicom2nifti's validation switched on, and either
 *corrects* what can be corrected without inventing data (a tilted gantry: resampled onto an orthogonal grid) or
@@ -78,8 +79,7 @@ def _header_problem(datasets: Sequence[pydicom.Dataset]) -> str | None:
 
 def describe_geometry_problem(datasets: Sequence[pydicom.Dataset]) -> str | None:
     """A plain-words reason why these slices are not one regular volume (None if they are)."""
-    frames = [int(str(ds.get("NumberOfFrames", 1) or 1)) if str(ds.get("NumberOfFrames", 1) or 1).isdigit() else 1
-              for ds in datasets]
+    frames = [_frames(ds) for ds in datasets]
     if any(n > 1 for n in frames):
         # an enhanced (multi-frame) CT or MR: one instance holds the whole volume (was: "only 1 slice(s) ... a
         # localizer?")
@@ -167,8 +167,8 @@ def to_series_order(path: str | os.PathLike, datasets: Sequence[pydicom.Dataset]
 
 
 def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name: str | None = None) -> dict:
-    """Convert one series with dicom2nifti, the array in the series' own voxel order (:func:`to_series_order`);
-    returns ``{"path", "corrections"}`` or raises InputError naming the series as ``name`` (default: the folder's
+    """Convert one series with dicom2nifti, the array in the series' own voxel order (:func:`to_series_order`), or
+    one projection radiograph (an X-ray: :func:`projection_to_nifti`) to a 2D image; returns ``{"path", "corrections"}`` or raises InputError naming the series as ``name`` (default: the folder's
     own name, e.g. a DICOMweb series UID)."""
     import dicom2nifti
     import dicom2nifti.settings as d2n_settings
@@ -177,6 +177,8 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
     folder, out_path = str(folder), str(out_path)
     datasets = read_series(folder)
     name = name or Path(folder).name
+    if is_projection_image(datasets):  # an X-ray (DX, CR): one 2D image (was refused: "only 1 slice(s)")
+        return projection_to_nifti(folder, out_path, name)
     corrections: list[str] = []
     problem = describe_geometry_problem(datasets)
     tilt = problem is None and is_gantry_tilt(datasets)
@@ -327,3 +329,280 @@ def write_ct_series(volume_hu: np.ndarray, affine_ras: np.ndarray, out_dir: str 
         ds.is_little_endian, ds.is_implicit_VR = True, False
         ds.save_as(str(out_dir / f"CT{k:04d}.dcm"), write_like_original=False)
     return {"StudyInstanceUID": study, "SeriesInstanceUID": series, "files": volume_hu.shape[2]}
+
+
+# -- projection radiographs (DX, CR, ...): one instance, one 2D image, no plane in space --------------------------------
+PROJECTION_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RG"}
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1": "DX", "1.2.840.10008.5.1.4.1.1.1.2.1": "MG",
+                              "1.2.840.10008.5.1.4.1.1.1.3.1": "IO"}
+
+
+def _frames(ds: pydicom.Dataset) -> int:
+    value = str(ds.get("NumberOfFrames", 1) or 1)
+    return int(value) if value.isdigit() else 1
+
+
+def is_projection_image(datasets: Sequence[pydicom.Dataset]) -> bool:
+    """One single-frame instance of a projection modality (CR, DX, MG, IO, PX, RG), or one without a plane in space
+    (no ImagePositionPatient or ImageOrientationPatient: a secondary capture of an X-ray): a 2D image, not a
+    volume's slice. A single CT or MR slice (a localizer) is not one: it is refused as a volume of one slice."""
+    if len(datasets) != 1 or _frames(datasets[0]) > 1:
+        return False
+    ds = datasets[0]
+    if str(ds.get("Modality", "") or "").strip().upper() in PROJECTION_MODALITIES:
+        return True
+    return not ds.get("ImagePositionPatient") or not ds.get("ImageOrientationPatient")
+
+
+def is_projection_series(folder: str | os.PathLike) -> bool:
+    """:func:`is_projection_image` of the DICOM files in ``folder``, or of the one DICOM file ``folder`` (False for
+    anything else)."""
+    try:
+        if os.path.isfile(folder):
+            return is_projection_image([pydicom.dcmread(str(folder), stop_before_pixels=True)])
+        return is_projection_image(read_series(folder))
+    except Exception:  # noqa: BLE001 - not DICOM, or no such folder
+        return False
+
+
+def projection_pixel_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float], str] | None:
+    """``((row spacing, column spacing), tag)`` in mm: Pixel Spacing (in the patient, where calibrated), else Imager
+    Pixel Spacing (at the detector: an X-ray's anatomy is magnified by some 10 %); None when neither is usable."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(tag)
+        try:
+            r, c = float(value[0]), float(value[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            continue
+        if np.isfinite([r, c]).all() and r > 0 and c > 0:
+            return (r, c), tag
+    return None
+
+
+def projection_display(ds: pydicom.Dataset, name: str) -> np.ndarray:
+    """The image as a viewer displays it, ``(rows, columns)`` float32 in 0..255 (what the 2D models were trained on:
+    8-bit X-rays, bright bone): stored values -> Modality LUT (rescale) -> the first VOI (window centre/width, or
+    the VOI LUT) scaled from its output range to 0..255 -- without a VOI, the image's own minimum..maximum, as
+    OHIF (cornerstone) and 3D Slicer show such an image -- and MONOCHROME1 (white is the lowest value) inverted."""
+    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut, apply_windowing
+
+    where = f"DICOM image {name}"
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise InputError(f"{where}: a colour image ({photometric or 'no PhotometricInterpretation'}, {samples} "
+                         "sample(s) per pixel): the 2D models read grey-scale X-rays (MONOCHROME1 or MONOCHROME2)")
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID",
+                                                         "") or "")
+    intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
+    if sop_class in FOR_PROCESSING_SOP_CLASSES or intent == "FOR PROCESSING":
+        raise InputError(f"{where}: a 'for processing' image (the detector's raw data, not what a radiologist "
+                         "reads): send the 'for presentation' image of this exposure")
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - an unsupported or broken encoding: named, not a 500
+        raise InputError(f"{where}: its pixel data cannot be decoded ({type(e).__name__}: {str(e)[:200]})") from e
+    if stored.ndim != 2:
+        raise InputError(f"{where}: pixel data of shape {tuple(stored.shape)}, not one grey-scale image")
+    try:
+        values = apply_modality_lut(stored, ds)
+        if ds.get("VOILUTSequence"):
+            shown = apply_voi_lut(values, ds, index=0)
+            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64).ravel()
+            lo, hi = float(lut.min()), float(lut.max())
+        elif "WindowCenter" in ds and "WindowWidth" in ds:
+            shown = apply_windowing(values, ds, index=0)
+            ends = apply_windowing(np.array([-1e12, 1e12]), ds, index=0)  # the window's output range
+            lo, hi = float(ends.min()), float(ends.max())
+        else:
+            shown = values
+            lo, hi = float(np.min(values)), float(np.max(values))
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise InputError(f"{where}: its intensity transform (rescale / window / VOI LUT) cannot be applied: "
+                         f"{type(e).__name__}: {str(e)[:200]}") from e
+    shown = np.asarray(shown, dtype=np.float64)
+    if not np.isfinite(shown).all():
+        raise InputError(f"{where}: its intensities are not finite numbers after the rescale and window")
+    out = np.clip((shown - lo) / (hi - lo) * 255.0, 0.0, 255.0) if hi > lo else np.zeros_like(shown)
+    if photometric == "MONOCHROME1":
+        out = 255.0 - out
+    return out.astype(np.float32)
+
+
+def projection_affine(ds: pydicom.Dataset) -> np.ndarray:
+    """The 2D image's NIfTI affine: i along the columns, j along the rows (as a PNG is read), spaced by
+    :func:`projection_pixel_spacing` (1 per pixel where the image has none)."""
+    found = projection_pixel_spacing(ds)
+    row, col = found[0] if found else (1.0, 1.0)
+    return np.diag([col, row, 1.0, 1.0])
+
+
+def projection_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name: str) -> dict:
+    """One projection radiograph (:func:`is_projection_image`; ``folder``: its series folder or its file) as a 2D
+    NIfTI: the array ``(columns, rows)`` -- the voxel order of a PNG as MONAI reads it, and of the image's own
+    pixels, so that a click or a label in its indices is the pixel the user saw -- with
+    :func:`projection_display`'s grey values and :func:`projection_affine`'s spacing."""
+    import nibabel as nib
+
+    files = [p for p in sorted(Path(folder).iterdir()) if p.is_file()] if os.path.isdir(folder) else [Path(folder)]
+    ds = None
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f))
+            break
+        except Exception:  # noqa: BLE001 - non-DICOM files beside it (read_series skipped them too)
+            continue
+    if ds is None:
+        raise InputError(f"DICOM image {name}: no DICOM file")
+    image = projection_display(ds, name)
+    found = projection_pixel_spacing(ds)
+    if found is None:
+        logger.warning("DICOM image %s has no pixel spacing: 1 per pixel", name)
+    out = nib.Nifti1Image(np.ascontiguousarray(image.T), projection_affine(ds))
+    out.header.set_xyzt_units("mm")
+    nib.save(out, str(out_path))
+    return {"path": str(out_path), "corrections": []}
+
+
+def _segment_description(entry: dict, number: int):
+    """A highdicom segment description from one entry of MONAI Label's ``label_info`` (``name``, ``model_name``,
+    ``color``, or the dcmqi ``segmentAttribute`` the datastore fills in)."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    attr = entry.get("segmentAttribute") if isinstance(entry.get("segmentAttribute"), dict) else {}
+    name = str(attr.get("SegmentLabel") or entry.get("name") or f"segment {number}")[:64]
+    kind = str(attr.get("SegmentAlgorithmType") or entry.get("algorithm_type") or "AUTOMATIC").upper()
+    if kind not in ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"):
+        kind = "AUTOMATIC"
+    algorithm = str(attr.get("SegmentAlgorithmName") or entry.get("model_name") or "DFM+VLM")[:64]
+
+    def code(key, default):
+        c = attr.get(key) if isinstance(attr.get(key), dict) else {}
+        return Code(str(c.get("CodeValue") or default[0]), str(c.get("CodingSchemeDesignator") or default[1]),
+                    str(c.get("CodeMeaning") or default[2])[:64])
+
+    return hd.seg.SegmentDescription(
+        segment_number=number, segment_label=name,
+        segmented_property_category=code("SegmentedPropertyCategoryCodeSequence",
+                                         ("91723000", "SCT", "Anatomical Structure")),
+        segmented_property_type=code("SegmentedPropertyTypeCodeSequence", ("85756007", "SCT", "Tissue")),
+        algorithm_type=getattr(hd.seg.SegmentAlgorithmTypeValues, kind),
+        algorithm_identification=None if kind == "MANUAL" else hd.AlgorithmIdentificationSequence(
+            name=algorithm, version="1", family=Code("113037", "DCM", "Artificial Intelligence")),
+        tracking_id=None, tracking_uid=None)
+
+
+def projection_seg(folder: str | os.PathLike, label_file: str, label_info) -> str:
+    """The DICOM SEG (highdicom) of a label on the projection image in ``folder`` -- dcmqi, which writes the SEGs of
+    volumes, needs a plane in space and wrote nothing for an X-ray. As MONAI Label's writer does: the i-th value
+    present in the label is segment i + 1, described by ``label_info[i]``. Returns a temporary ``.dcm`` file."""
+    import tempfile
+
+    import highdicom as hd
+    import SimpleITK as sitk
+
+    files = [p for p in sorted(Path(folder).iterdir()) if p.is_file()]
+    source = pydicom.dcmread(str(files[0]))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))  # (rows, columns), or (1, rows, columns)
+    if label.ndim == 3 and label.shape[0] == 1:  # 3D Slicer saves a 2D image's label as a one-slice volume
+        label = label[0]
+    shape = (int(source.Rows), int(source.Columns))
+    if label.shape != shape:
+        raise InputError(f"the label's grid {tuple(label.shape[::-1])} (columns x rows) is not the X-ray's "
+                         f"{shape[::-1]}")
+    present = [int(v) for v in np.unique(label) if v != 0]
+    entries = [x if isinstance(x, dict) else {} for x in (label_info or [])]
+    numbered = np.zeros(shape, np.uint8)
+    descriptions = []
+    for i, v in enumerate(present):
+        numbered[label == v] = i + 1
+        descriptions.append(_segment_description(entries[i] if i < len(entries) else {}, i + 1))
+    model = next((str(x["model_name"]) for x in entries if x.get("model_name")), "DFM+VLM")
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=numbered[None], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=300,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="DFM+VLM", manufacturer_model_name=model[:64],
+        software_versions="1", device_serial_number="1", series_description=model[:64], omit_empty_frames=False)
+    out = tempfile.NamedTemporaryFile(suffix=".dcm", delete=False).name
+    seg.save_as(out)
+    return out
+
+
+def projection_seg_label(seg_folder: str | os.PathLike, image_nifti: str, out_path: str) -> str:
+    """The label of a DICOM SEG of a projection image, as a NIfTI on that image's converted grid
+    (:func:`projection_to_nifti`): each frame's pixels take its segment's number. Read with pydicom (the SEG of an
+    image without a frame of reference has no plane positions, which MONAI Label's pydicom-seg reader needs)."""
+    import nibabel as nib
+
+    seg = next((ds for ds in (pydicom.dcmread(str(p)) for p in sorted(Path(seg_folder).iterdir()) if p.is_file())
+                if str(ds.get("Modality", "")) == "SEG"), None)
+    if seg is None:
+        raise InputError(f"{seg_folder}: no DICOM SEG")
+    image = nib.load(image_nifti)
+    columns, rows = image.shape[:2]
+    if (int(seg.Rows), int(seg.Columns)) != (rows, columns):
+        raise InputError(f"the DICOM SEG {seg.SeriesInstanceUID} has {seg.Columns} x {seg.Rows} pixels, its X-ray "
+                         f"{columns} x {rows}")
+    frames = seg.pixel_array.reshape(-1, rows, columns)
+    groups = seg.PerFrameFunctionalGroupsSequence
+    fractional = str(seg.get("SegmentationType", "")) == "FRACTIONAL"
+    threshold = float(seg.get("MaximumFractionalValue", 255)) / 2 if fractional else 0
+    label = np.zeros((rows, columns), np.uint8)
+    for frame, group in zip(frames, groups):
+        label[frame > threshold] = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(label.T), image.affine), out_path)
+    return out_path
+
+
+def write_xray(stored: np.ndarray, out_file: str | os.PathLike, *, photometric: str = "MONOCHROME2",
+               bits_stored: int = 8, window: tuple[float, float] | None = None, voi_function: str | None = None,
+               pixel_spacing: tuple[float, float] | None = None, modality: str = "DX", samples: int = 1,
+               seed: str = "dfm-vlm-xray") -> dict:
+    """Write ``stored`` ((rows, columns) of stored values, or (rows, columns, 3) RGB with ``samples`` 3) as one
+    projection radiograph, DX For Presentation (or ``modality`` CR): the header a detector writes, with
+    deterministic UIDs from ``seed``."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    sop_class = DX_FOR_PRESENTATION if modality == "DX" else "1.2.840.10008.5.1.4.1.1.1"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = _uid(seed, "sop")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = _uid("dfm-vlm-implementation")
+    ds = FileDataset(str(out_file), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = _uid(seed, "study"), _uid(seed, "series")
+    ds.Modality = modality
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "XRAY-001", "Phantom^Xray", "", "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Manufacturer = "dfm-vlm-seg"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PatientOrientation = ["L", "F"]
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    if pixel_spacing is not None:
+        ds.ImagerPixelSpacing = [float(v) for v in pixel_spacing]
+        ds.PixelSpacing = [float(v) for v in pixel_spacing]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    allocated = 8 if bits_stored <= 8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits_stored, bits_stored - 1, 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = float(window[0]), float(window[1])
+    if voi_function:
+        ds.VOILUTFunction = voi_function
+    ds.PixelData = np.ascontiguousarray(stored, dtype=np.uint8 if allocated == 8 else np.uint16).tobytes()
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.save_as(str(out_file), write_like_original=False)
+    return {"StudyInstanceUID": ds.StudyInstanceUID, "SeriesInstanceUID": ds.SeriesInstanceUID,
+            "SOPInstanceUID": ds.SOPInstanceUID}

@@ -168,7 +168,7 @@ class LoadImageChecked(MapTransform):
                 for n, f in enumerate(files):
                     if isinstance(f, (str, os.PathLike)) and not os.path.exists(f):
                         raise InputError(f"{key} file not found: {f}")
-                    if isinstance(f, (str, os.PathLike)) and os.path.isdir(f):
+                    if isinstance(f, (str, os.PathLike)) and (os.path.isdir(f) or _xray_file(f)):
                         tmp = tmp or stack.enter_context(tempfile.TemporaryDirectory(prefix="dfm_series_"))
                         files[n] = self._series(f, os.path.join(tmp, f"{key}_{n}.nii.gz"))
                         series.setdefault(key, str(f))
@@ -191,14 +191,25 @@ class LoadImageChecked(MapTransform):
     def _series(folder, out: str) -> str:
         """A folder is a DICOM series: converted by the one checked path (:func:`lib.dicom.series_to_nifti`, as the
         DICOMweb datastore does), so an uneven, tilted or incomplete series is refused or corrected and named, never
-        read as an evenly spaced volume."""
-        from .dicom import series_to_nifti
+        read as an evenly spaced volume. So is one X-ray file (``.dcm``): MONAI's reader took its stored values,
+        neither windowed nor, for MONOCHROME1, inverted, as a (X, Y, 1) volume."""
+        from .dicom import projection_to_nifti, series_to_nifti
 
-        res = series_to_nifti(folder, out, name=str(folder))  # the folder as given: many series are named "001"
+        if os.path.isfile(folder):
+            res = projection_to_nifti(folder, out, name=str(folder))
+        else:
+            res = series_to_nifti(folder, out, name=str(folder))  # the folder as given: many series are named "001"
         for c in res["corrections"]:
             logger.warning("DICOM series %s: %s", folder, c)
         check_file(out)
         return out
+
+
+def _xray_file(path) -> bool:
+    """A ``.dcm`` file holding one projection radiograph (:func:`lib.dicom.is_projection_series`)."""
+    from .dicom import is_projection_series
+
+    return str(path).lower().endswith(".dcm") and os.path.isfile(path) and is_projection_series(path)
 
 
 def one_slice_as_2d(lab, spatial_dims: int):
@@ -651,7 +662,9 @@ def image_spatial_dims(path) -> int:
     p = str(path)
     low = p.lower()
     if os.path.isdir(p) or low.endswith(".dcm"):
-        return 3
+        from .dicom import is_projection_series
+
+        return 2 if is_projection_series(p) else 3  # an X-ray (DX, CR) is a 2D image
     if low.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
         return 2
     if low.endswith((".nii", ".nii.gz")):
