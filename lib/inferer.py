@@ -39,7 +39,8 @@ from . import precision as precision_policy
 from .config import ConfigError, HParams, check_patch_fits, roi_mismatch_message, validate_sampler
 from .flow import make_scheduler
 from .network import ConditionalUNet
-from .samplers import ItemNoise, _hold, derive_seed, mean_var, sample_source_like, sampler_function
+from .samplers import (ItemNoise, _hold, derive_seed, mean_var, network_evaluations, sample_source_like,
+                       sampler_function)
 from .transforms import InputError
 from .vlm import VLMEncoder, VLMError, patch_condition
 from .clicks import Clicks, guidance_maps, hold_maps
@@ -368,6 +369,24 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
                   max_batch_voxels=s.max_batch_voxels)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(allow_roi_mismatch=allow_roi_mismatch, **kw)
+
+    def window_count(self, spatial_shape) -> int:
+        """How many windows MONAI's sliding window takes over an image of ``spatial_shape`` (the network's grid), at
+        this inferer's overlap (MONAI's own slicing: an image smaller than the window is one window along that
+        axis)."""
+        from monai.data.utils import dense_patch_slices
+        from monai.inferers.utils import _get_scan_interval
+        from monai.utils import ensure_tuple_rep, fall_back_tuple
+
+        roi = fall_back_tuple(self.roi_size, tuple(int(v) for v in spatial_shape))
+        image = [int(s) for s in spatial_shape]
+        overlap = ensure_tuple_rep(self.overlap, len(image))
+        return len(dense_patch_slices(image, roi, _get_scan_interval(image, roi, len(image), overlap)))
+
+    def work(self, spatial_shape) -> int:
+        """Window evaluations of the network for one image and one structure: windows x samples x evaluations per
+        sample (:func:`lib.samplers.network_evaluations`)."""
+        return self.window_count(spatial_shape) * self.num_samples * network_evaluations(self.sampler, self.steps)
 
     def settings(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "num_samples": self.num_samples,

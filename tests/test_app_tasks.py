@@ -1609,3 +1609,57 @@ def test_new_ids_are_at_most_200_bytes_and_an_image_already_stored_under_a_longe
         ds.add_image("b" * 250, str(sample), {})
     assert e.value.status_code == 422 and "at most 200 bytes" in e.value.detail, e.value.detail
     assert not list(studies.glob("bbb*"))
+
+
+@pytest.mark.parametrize("shape, overlap", [((40, 36, 20), 0.25), ((80, 80, 52), 0.5), ((10, 70, 33), 0.9),
+                                            ((200, 150), 0.25), ((20, 30), 0.6)])
+def test_the_window_count_is_the_number_of_windows_monai_s_sliding_window_runs(shape, overlap):
+    """What a request's work is counted in (:meth:`DFMSlidingWindowInferer.window_count`): the windows MONAI's own
+    sliding window hands the predictor, for images larger and smaller than the window, in 2D and 3D."""
+    from monai.inferers import SlidingWindowInferer
+
+    from lib.inferer import DFMSlidingWindowInferer
+
+    roi = [32] * len(shape)
+    seen = [0]
+
+    def count(x):
+        seen[0] += x.shape[0]
+        return x
+
+    SlidingWindowInferer(roi_size=roi, sw_batch_size=3, overlap=overlap)(torch.zeros(1, 1, *shape), count)
+    ours = DFMSlidingWindowInferer(roi_size=roi, overlap=overlap)
+    assert ours.window_count(shape) == seen[0] > 0
+
+
+def test_a_request_asking_far_more_work_than_the_model_s_own_sampler_is_refused_before_it_runs(tmp_path, ckpt3d,
+                                                                                                 monkeypatch):
+    """Steps, samples and overlap each within their bounds, their product not: refused naming the work and the
+    limit, before any window runs; the model's own sampler and a few times its work run; DFM_MAX_REQUEST_WORK=0
+    lifts the limit."""
+    import lib.infers.dfm_vlm as infer_mod
+
+    entry = write_phantom_case(tmp_path / "studies", "case01", shape=(40, 36, 20), spacing=(1.2, 1.0, 2.0))
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    ran = []
+    real = infer_mod.predict_preprocessed
+
+    def predict(system, pre, inferer, **k):
+        assert inferer.steps < 256, "the refused request ran"  # (it would run for hours)
+        ran.append(inferer.steps)
+        return real(system, pre, inferer, **k)
+
+    monkeypatch.setattr(infer_mod, "predict_preprocessed", predict)
+    req = {"image": entry["image"], "skip_writer": True, "device": "cpu"}
+    task({**req, "steps": 2, "num_samples": 1})  # the checkpoint's defaults or near them
+    task({**req, "steps": 4, "num_samples": 4})
+    assert len(ran) == 2
+    big = {"steps": 256, "num_samples": 64, "overlap": 0.9}
+    with pytest.raises(ConfigError, match=r"times the network work of the model's own sampler.*"
+                                          r"at most 32 times \(DFM_MAX_REQUEST_WORK\)"):
+        task({**req, **big})
+    assert ran == [2, 4]
+    monkeypatch.setattr(infer_mod, "MAX_REQUEST_WORK", 0.0)
+    monkeypatch.setattr(infer_mod, "predict_preprocessed", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # past the check, stopped at the first window
+        task({**req, **big})

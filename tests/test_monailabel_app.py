@@ -216,6 +216,11 @@ def test_bad_requests_get_clear_http_errors_and_the_server_keeps_serving(server)
         assert r.status_code == 422 and k in r.json()["detail"], (k, r.status_code, r.text[:200])
     r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"sampler": "rk4"})
     assert r.status_code == 422 and "sampler must be one of" in r.json()["detail"]
+    # every parameter within its bound, their product not (a review, 2026-12-07: days of the one model thread)
+    t0 = time.perf_counter()
+    r = _infer(server, "dfm_vlm_3d", "phantom_ct_06", {"steps": 256, "num_samples": 64, "overlap": 0.9})
+    assert r.status_code == 422 and "DFM_MAX_REQUEST_WORK" in r.json()["detail"], r.text[:300]
+    assert time.perf_counter() - t0 < 60
     # training: checked before MONAI Label starts its background process (was: a task ending in ERROR, or a 500)
     r = requests.post(f"{server.url}/train/no_such_model", json={}, timeout=30)
     assert r.status_code == 404 and "unknown model 'no_such_model'" in r.json()["detail"], r.text

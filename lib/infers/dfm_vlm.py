@@ -30,6 +30,7 @@ from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
+from lib.samplers import network_evaluations
 from lib.structures import NOT_A_STRUCTURE, StructureError, inside, paint
 from lib.transforms import affine_2d, has_geometry
 from lib.vlm import VLMError
@@ -98,6 +99,19 @@ def _as_float(name: str, v) -> float:
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# a request may ask at most this many times the network work of the checkpoint's own sampler (DFM_MAX_REQUEST_WORK;
+# 0: no limit): steps, samples and overlap are each bounded, their product was not (check_work)
+def _max_request_work(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"DFM_MAX_REQUEST_WORK={raw!r}: expected a number (0: no limit)")
+    return value
+
+
+MAX_REQUEST_WORK = _max_request_work(os.environ.get("DFM_MAX_REQUEST_WORK", "32"))
 INTERNAL_PREFIX = "_dfm_"  # the keys this app adds to a request's data while it runs (never a client's)
 
 
@@ -621,12 +635,33 @@ class DFMVLMInfer(BasicInferTask):
         params = sampler_params({k: v for k, v in data.items() if k in REQUEST_KEYS})
         return make_inferer(system, **params)
 
+    @staticmethod
+    def check_work(system: DFMSystem, inferer, spatial_shape) -> None:
+        """Refuse a request that asks more than :data:`MAX_REQUEST_WORK` times the network work of the checkpoint's
+        own sampler on this image (:meth:`lib.inferer.DFMSlidingWindowInferer.work`: windows x samples x
+        evaluations). Each parameter has its bound (``steps`` <= 256, ``num_samples`` <= 64, ``overlap`` <= 0.9),
+        but not their product: one request of all three would hold the model -- which serves requests one at a time
+        -- for some 39 hours (5.6 million window evaluations on the 3D sample image phantom_ct_06 against 40 by
+        default, which take about 1 s here), with no way to cancel it."""
+        if not MAX_REQUEST_WORK or MAX_REQUEST_WORK <= 0:
+            return
+        asked, usual = inferer.work(spatial_shape), make_inferer(system).work(spatial_shape)
+        if asked > MAX_REQUEST_WORK * usual:
+            raise ConfigError(
+                f"this request asks {asked / usual:.0f} times the network work of the model's own sampler on this "
+                f"image ({inferer.window_count(spatial_shape)} windows x {inferer.num_samples} samples x "
+                f"{network_evaluations(inferer.sampler, inferer.steps)} evaluations = {asked:,}, against {usual:,}); "
+                f"this server takes at most {MAX_REQUEST_WORK:g} times (DFM_MAX_REQUEST_WORK), because the model "
+                "serves one request at a time for everyone: lower steps, num_samples or overlap, or run it "
+                "outside the server (python -m lib predict)")
+
     def run_inferer(self, data: dict, convert_to_batch=True, device="cuda"):
         system = data.pop("_dfm_system", None) or self.system(self._device(data))
         inferer = self.make_inferer(system, data)
         src = data.get("image_path")
         key = seed_key(src) if isinstance(src, str) and src else None
         pre = dict(data["_dfm_pre"])
+        self.check_work(system, inferer, tuple(pre["image"].shape[1:]))
         pre["case_id"] = key
         clicks = data.pop("_dfm_clicks", None)
         hold, grow, tol, scale = hold_params(data)
