@@ -67,6 +67,14 @@ def test_an_xray_dicom_reads_as_its_png_does(tmp_path):
         one = load({"image": str(folder / "x.dcm")})["image"]
         assert tuple(one.shape) == tuple(ref.shape) and float((one - ref).abs().max()) < 1e-3, name
         assert image_spatial_dims(folder) == image_spatial_dims(folder / "x.dcm") == 2
+    # compressed as a PACS may store it (RLE Lossless: pydicom's decoders)
+    from pydicom.uid import RLELossless
+
+    ds = pydicom.dcmread(str(tmp_path / "m1" / "x.dcm"))
+    ds.compress(RLELossless)
+    ds.save_as(str(tmp_path / "rle.dcm"))
+    got = load({"image": str(tmp_path / "rle.dcm")})["image"]
+    assert float((got - ref).abs().max()) < 1e-3
     # the spacing a detector writes, rows then columns: i (columns) 0.25 mm, j (rows) 0.5 mm
     write_xray(p, tmp_path / "aniso" / "x.dcm", window=(127.5, 255), voi_function="LINEAR_EXACT",
                pixel_spacing=(0.5, 0.25), seed="aniso")
