@@ -168,8 +168,9 @@ def to_series_order(path: str | os.PathLike, datasets: Sequence[pydicom.Dataset]
 
 def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name: str | None = None) -> dict:
     """Convert one series with dicom2nifti, the array in the series' own voxel order (:func:`to_series_order`), or
-    one projection radiograph (an X-ray: :func:`projection_to_nifti`) to a 2D image; returns ``{"path", "corrections"}`` or raises InputError naming the series as ``name`` (default: the folder's
-    own name, e.g. a DICOMweb series UID)."""
+    one projection radiograph (an X-ray: :func:`projection_to_nifti`) to a 2D image; returns ``{"path",
+    "corrections"}`` or raises InputError naming the series as ``name`` (default: the folder's own name, e.g. a
+    DICOMweb series UID)."""
     import dicom2nifti
     import dicom2nifti.settings as d2n_settings
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
@@ -331,7 +332,7 @@ def write_ct_series(volume_hu: np.ndarray, affine_ras: np.ndarray, out_dir: str 
     return {"StudyInstanceUID": study, "SeriesInstanceUID": series, "files": volume_hu.shape[2]}
 
 
-# -- projection radiographs (DX, CR, ...): one instance, one 2D image, no plane in space --------------------------------
+# -- projection radiographs (DX, CR, ...): one instance, one 2D image, no plane in space ---------------------------
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RG"}
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1": "DX", "1.2.840.10008.5.1.4.1.1.1.2.1": "MG",
@@ -536,8 +537,15 @@ def projection_seg_label(seg_folder: str | os.PathLike, image_nifti: str, out_pa
     image without a frame of reference has no plane positions, which MONAI Label's pydicom-seg reader needs)."""
     import nibabel as nib
 
-    seg = next((ds for ds in (pydicom.dcmread(str(p)) for p in sorted(Path(seg_folder).iterdir()) if p.is_file())
-                if str(ds.get("Modality", "")) == "SEG"), None)
+    seg = None
+    for p in sorted(Path(seg_folder).iterdir()):
+        try:
+            ds = pydicom.dcmread(str(p)) if p.is_file() else None
+        except Exception:  # noqa: BLE001 - not DICOM: skipped, as the series reader does
+            continue
+        if ds is not None and str(ds.get("Modality", "")) == "SEG":
+            seg = ds
+            break
     if seg is None:
         raise InputError(f"{seg_folder}: no DICOM SEG")
     image = nib.load(image_nifti)
@@ -545,13 +553,19 @@ def projection_seg_label(seg_folder: str | os.PathLike, image_nifti: str, out_pa
     if (int(seg.Rows), int(seg.Columns)) != (rows, columns):
         raise InputError(f"the DICOM SEG {seg.SeriesInstanceUID} has {seg.Columns} x {seg.Rows} pixels, its X-ray "
                          f"{columns} x {rows}")
-    frames = seg.pixel_array.reshape(-1, rows, columns)
-    groups = seg.PerFrameFunctionalGroupsSequence
     fractional = str(seg.get("SegmentationType", "")) == "FRACTIONAL"
     threshold = float(seg.get("MaximumFractionalValue", 255)) / 2 if fractional else 0
     label = np.zeros((rows, columns), np.uint8)
-    for frame, group in zip(frames, groups):
-        label[frame > threshold] = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    try:
+        frames = seg.pixel_array.reshape(-1, rows, columns)
+        groups = seg.PerFrameFunctionalGroupsSequence
+        if len(groups) != len(frames):
+            raise ValueError(f"{len(frames)} frames, {len(groups)} per-frame descriptions")
+        for frame, group in zip(frames, groups):
+            label[frame > threshold] = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:  # a SEG another tool wrote badly
+        raise InputError(f"the DICOM SEG {seg.get('SeriesInstanceUID', '?')} of the X-ray cannot be read: "
+                         f"{type(e).__name__}: {str(e)[:200]}") from e
     nib.save(nib.Nifti1Image(np.ascontiguousarray(label.T), image.affine), out_path)
     return out_path
 

@@ -229,6 +229,15 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
     assert trainer.get_label_info(uid, "final").get("segments") == {"1": "left lung", "2": "right lung"}
     pairs = trainer.datalist()
     assert [x["segments"] for x in pairs] == [{"1": "left lung", "2": "right lung"}]
+    # a SEG of the X-ray that another tool wrote without its per-frame descriptions: named, not a crash
+    import copy
+
+    broken = copy.deepcopy(seg)
+    del broken.PerFrameFunctionalGroupsSequence
+    broken.SeriesInstanceUID = "1.2.3.4.5.6.7.8.9"
+    client.files.append(broken)
+    with pytest.raises(InputError, match="of the X-ray cannot be read: AttributeError"):
+        _datastore(client, tmp_path / "cache3").get_label_uri(broken.SeriesInstanceUID, "final", uid)
 
 
 @pytest.mark.orthanc

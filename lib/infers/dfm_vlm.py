@@ -99,8 +99,8 @@ def _as_float(name: str, v) -> float:
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-# a request may ask at most this many times the network work of the checkpoint's own sampler (DFM_MAX_REQUEST_WORK;
-# 0: no limit): steps, samples and overlap are each bounded, their product was not (check_work)
+
+
 def _max_request_work(raw: str) -> float:
     try:
         value = float(raw)
@@ -111,6 +111,8 @@ def _max_request_work(raw: str) -> float:
     return value
 
 
+# a request may ask at most this many times the network work of the checkpoint's own sampler (DFM_MAX_REQUEST_WORK;
+# 0: no limit): steps, samples and overlap are each bounded, their product was not (DFMVLMInfer.check_work)
 MAX_REQUEST_WORK = _max_request_work(os.environ.get("DFM_MAX_REQUEST_WORK", "32"))
 INTERNAL_PREFIX = "_dfm_"  # the keys this app adds to a request's data while it runs (never a client's)
 
