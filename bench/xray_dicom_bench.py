@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.checkpoint import load_system  # noqa: E402
-from lib.cli import _quiet  # noqa: E402
+from lib.cli import _quiet, run_bench  # noqa: E402
 from lib.data import case_id, load_datalist  # noqa: E402
 from lib.dicom import write_xray  # noqa: E402
 from lib.evaluation import evaluate_items, make_inferer  # noqa: E402
@@ -94,4 +94,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_bench(main))
