@@ -292,6 +292,9 @@ def test_an_xray_in_orthanc_is_segmented_clicked_and_labelled_through_the_real_s
         assert r.status_code == 200, r.text[:500]
         (tmp_path / "click.nii.gz").write_bytes(r.content)
         assert np.asarray(nib.load(str(tmp_path / "click.nii.gz")).dataobj)[col, row] == 1
+        # Next Sample with the 2D model's uncertainty: the X-ray is an image of the 2D model (it was refused)
+        r = requests.post(f"{server.url}/activelearning/dfm_vlm_2d_uncertainty", json={}, timeout=300)
+        assert r.status_code == 200 and r.json().get("id") == uid, r.text[:500]
         # the result as a DICOM SEG of the X-ray
         r = infer("dfm_vlm_2d", {"label_info": [{"name": "lung", "model_name": "dfm_vlm_2d"}]}, output="dicom_seg")
         assert r.status_code == 200, r.text[:500]
