@@ -180,6 +180,11 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
     name = name or Path(folder).name
     if is_projection_image(datasets):  # an X-ray (DX, CR): one 2D image (was refused: "only 1 slice(s)")
         return projection_to_nifti(folder, out_path, name)
+    if len(datasets) > 1 and all(is_projection_image([ds]) for ds in datasets):
+        # (was: "only 2 slice(s): at least 3 are needed for a volume", or "not one volume")
+        raise InputError(f"DICOM series {name}: {len(datasets)} X-ray images in one series (a PA and a lateral "
+                         "view?): an image here is a series, so this server segments series of one X-ray each; "
+                         "send each image as its own series")
     corrections: list[str] = []
     problem = describe_geometry_problem(datasets)
     tilt = problem is None and is_gantry_tilt(datasets)
