@@ -415,8 +415,9 @@ def projection_display(ds: pydicom.Dataset, name: str) -> np.ndarray:
         values = apply_modality_lut(stored, ds)
         if ds.get("VOILUTSequence"):
             shown = apply_voi_lut(values, ds, index=0)
-            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64).ravel()
-            lo, hi = float(lut.min()), float(lut.max())
+            entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+            ends = apply_voi_lut(np.arange(first, first + (entries or 65536)), ds, index=0)  # the LUT's outputs
+            lo, hi = float(ends.min()), float(ends.max())
         elif "WindowCenter" in ds and "WindowWidth" in ds:
             shown = apply_windowing(values, ds, index=0)
             ends = apply_windowing(np.array([-1e12, 1e12]), ds, index=0)  # the window's output range

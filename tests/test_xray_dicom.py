@@ -80,6 +80,23 @@ def test_an_xray_dicom_reads_as_its_png_does(tmp_path):
                pixel_spacing=(0.5, 0.25), seed="aniso")
     got = load({"image": str(tmp_path / "aniso")})["image"]
     assert np.allclose(got.pixdim.numpy(), [0.25, 0.5]), got.pixdim
+    # a VOI LUT instead of a window (CR and DX vendors ship curves): the LUT's output, scaled from its range; OW
+    # and US LUT data alike
+    from pydicom.dataset import Dataset
+
+    lut = (np.sqrt(np.arange(4096) / 4095) * 4095).astype(np.uint16)  # a curve, not a line
+    stored = (p * 16).astype(np.int64)
+    want_lut = ((lut[stored] - lut.min()) / (lut.max() - lut.min()) * 255.0).T
+    for vr in ("US", "OW"):
+        write_xray(stored, tmp_path / f"lut_{vr}" / "x.dcm", bits_stored=12, seed=f"lut_{vr}")
+        ds = pydicom.dcmread(str(tmp_path / f"lut_{vr}" / "x.dcm"))
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 12]
+        item.add_new(0x00283006, vr, lut.tolist() if vr == "US" else lut.astype("<u2").tobytes())
+        ds.VOILUTSequence = [item]
+        ds.save_as(str(tmp_path / f"lut_{vr}" / "x.dcm"))
+        got = load({"image": str(tmp_path / f"lut_{vr}")})["image"].numpy()
+        assert np.abs(got - want_lut).max() < 1e-3, vr
     # no window: the image's own range, as a viewer shows it (16 bits, of which 1000..3040 are used)
     write_xray(1000 + 8 * p, tmp_path / "raw" / "x.dcm", bits_stored=16, seed="raw")
     got = load({"image": str(tmp_path / "raw")})["image"].numpy()
