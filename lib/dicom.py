@@ -405,6 +405,15 @@ def projection_display(ds: pydicom.Dataset, name: str) -> np.ndarray:
     if sop_class in FOR_PROCESSING_SOP_CLASSES or intent == "FOR PROCESSING":
         raise InputError(f"{where}: a 'for processing' image (the detector's raw data, not what a radiologist "
                          "reads): send the 'for presentation' image of this exposure")
+    from .transforms import MAX_VOXELS
+
+    try:
+        declared = int(ds.Rows) * int(ds.Columns) * samples
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(f"{where}: no usable Rows / Columns in its header") from None
+    if declared > MAX_VOXELS:  # before decoding (a compressed 20 000^2 image is a few KB; decoded 800 MB and more)
+        raise InputError(f"{where}: {ds.Columns} x {ds.Rows} pixels, more than this server's limit of "
+                         f"{MAX_VOXELS:,} (DFM_MAX_VOXELS); refused before reading it")
     try:
         stored = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - an unsupported or broken encoding: named, not a 500

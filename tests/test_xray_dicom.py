@@ -117,13 +117,18 @@ def test_what_is_not_an_xray_the_models_read_is_refused_naming_why(tmp_path):
     ds.PresentationIntentType = "FOR PROCESSING"
     ds.save_as(str(tmp_path / "raw" / "x.dcm"))
     write_ct_series(np.zeros((20, 20, 1)), np.eye(4), tmp_path / "ct1", seed="ct1")  # one CT slice: a localizer
+    write_xray(p, tmp_path / "huge" / "x.dcm", seed="huge")  # a header declaring 20 000 x 20 000 pixels
+    ds = pydicom.dcmread(str(tmp_path / "huge" / "x.dcm"))
+    ds.Rows = ds.Columns = 20000
+    ds.save_as(str(tmp_path / "huge" / "x.dcm"))
     write_xray(p, tmp_path / "two" / "pa.dcm", seed="pa")  # two views in one series
     lateral = pydicom.dcmread(str(tmp_path / "two" / "pa.dcm"))
     lateral.SOPInstanceUID = "1.2.3.4.5"
     lateral.save_as(str(tmp_path / "two" / "lat.dcm"))
     for folder, why in (("rgb", "a colour image (RGB, 3 sample(s) per pixel)"), ("zero", "Window Width"),
                         ("raw", "a 'for processing' image"), ("ct1", "only 1 slice(s)"),
-                        ("two", "2 X-ray images in one series")):
+                        ("two", "2 X-ray images in one series"),
+                        ("huge", "20000 x 20000 pixels, more than this server's limit")):
         with pytest.raises(InputError) as e:
             series_to_nifti(tmp_path / folder, tmp_path / f"{folder}.nii.gz")
         assert why in str(e.value), (folder, str(e.value))
