@@ -339,6 +339,7 @@ def write_ct_series(volume_hu: np.ndarray, affine_ras: np.ndarray, out_dir: str 
 
 # -- projection radiographs (DX, CR, ...): one instance, one 2D image, no plane in space ---------------------------
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RG"}
+VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1": "DX", "1.2.840.10008.5.1.4.1.1.1.2.1": "MG",
                               "1.2.840.10008.5.1.4.1.1.1.3.1": "IO"}
@@ -350,14 +351,18 @@ def _frames(ds: pydicom.Dataset) -> int:
 
 
 def is_projection_image(datasets: Sequence[pydicom.Dataset]) -> bool:
-    """One single-frame instance of a projection modality (CR, DX, MG, IO, PX, RG), or one without a plane in space
-    (no ImagePositionPatient or ImageOrientationPatient: a secondary capture of an X-ray): a 2D image, not a
-    volume's slice. A single CT or MR slice (a localizer) is not one: it is refused as a volume of one slice."""
+    """One single-frame instance of a projection modality (CR, DX, MG, IO, PX, RG), or of another modality but CT,
+    MR, PT or NM without a plane in space (no ImagePositionPatient or ImageOrientationPatient: a secondary capture of
+    an X-ray): a 2D image, not a volume's slice. A single CT or MR slice (a localizer) is not one: it is refused as
+    a volume of one slice, and one without its position as such."""
     if len(datasets) != 1 or _frames(datasets[0]) > 1:
         return False
     ds = datasets[0]
-    if str(ds.get("Modality", "") or "").strip().upper() in PROJECTION_MODALITIES:
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in PROJECTION_MODALITIES:
         return True
+    if modality in VOLUME_MODALITIES:  # a CT / MR slice without its position is a broken volume, named as such
+        return False
     return not ds.get("ImagePositionPatient") or not ds.get("ImageOrientationPatient")
 
 
@@ -365,11 +370,18 @@ def is_projection_series(folder: str | os.PathLike) -> bool:
     """:func:`is_projection_image` of the DICOM files in ``folder``, or of the one DICOM file ``folder`` (False for
     anything else)."""
     try:
-        if os.path.isfile(folder):
-            return is_projection_image([pydicom.dcmread(str(folder), stop_before_pixels=True)])
-        return is_projection_image(read_series(folder))
-    except Exception:  # noqa: BLE001 - not DICOM, or no such folder
+        files = [Path(folder)] if os.path.isfile(folder) else sorted(p for p in Path(folder).iterdir() if p.is_file())
+    except OSError:
         return False
+    found = []
+    for f in files:  # headers only, and no further than a second DICOM file (a volume's folder: not one X-ray)
+        try:
+            found.append(pydicom.dcmread(str(f), stop_before_pixels=True))
+        except Exception:  # noqa: BLE001 - not DICOM (skipped, as read_series does)
+            continue
+        if len(found) > 1:
+            return False
+    return is_projection_image(found)
 
 
 def projection_pixel_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float], str] | None:
@@ -386,12 +398,61 @@ def projection_pixel_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float], 
     return None
 
 
+def _stored_bits(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The stored values with the bits above Bits Stored cleared (overlay or garbage bits, which the standard says to
+    ignore: one pixel of 61 696 in a 12-bit image put the real image into 0..7 of 255), sign-extended when signed."""
+    bits = int(ds.get("BitsStored", 0) or 0)
+    allocated = int(ds.get("BitsAllocated", 0) or 0)
+    values = stored.astype(np.int64)
+    if not 0 < bits < allocated:
+        return values
+    values &= (1 << bits) - 1
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        sign = 1 << (bits - 1)
+        values = (values ^ sign) - sign
+    return values
+
+
+def _voi_lut(values: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, float, float]:
+    """The first VOI LUT of ``ds`` applied to ``values`` (the Modality LUT's output), with its output range. Read
+    here rather than with pydicom 2.4's ``apply_voi``, which indexed a LUT of 8-bit entries with 8-bit indices (a
+    4 096-entry LUT scrambled the image) and read a signed image's first mapped value coded as US (-2048 as
+    63 488) as it is (every pixel took the first entry)."""
+    from struct import unpack_from
+
+    item = ds.VOILUTSequence[0]
+    entries, first, bits = (int(v) for v in item.LUTDescriptor[:3])
+    entries = entries or 65536
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first >= 32768:
+        first -= 65536  # a signed image's first mapped value, coded as US (the descriptor's VR is US or SS)
+    if not 1 <= bits <= 16:
+        raise ValueError(f"its VOI LUT has {bits} bits per entry (1..16)")
+    data = item["LUTData"]
+    if isinstance(data.value, (bytes, bytearray)):  # OW: 16-bit words
+        raw = bytes(data.value)
+        if len(raw) < 2 * entries:
+            raise ValueError(f"its VOI LUT holds {len(raw) // 2} entries, its descriptor says {entries}")
+        lut = np.asarray(unpack_from(f"{'<' if ds.is_little_endian else '>'}{entries}H", raw), dtype=np.float64)
+    else:
+        lut = np.asarray(list(data.value) if not isinstance(data.value, (int, float)) else [data.value],
+                         dtype=np.float64)
+        if lut.size < entries:
+            raise ValueError(f"its VOI LUT holds {lut.size} entries, its descriptor says {entries}")
+        lut = lut[:entries]
+    index = np.clip(np.rint(values).astype(np.int64) - first, 0, entries - 1)
+    return lut[index], float(lut.min()), float(lut.max())
+
+
 def projection_display(ds: pydicom.Dataset, name: str) -> np.ndarray:
     """The image as a viewer displays it, ``(rows, columns)`` float32 in 0..255 (what the 2D models were trained on:
-    8-bit X-rays, bright bone): stored values -> Modality LUT (rescale) -> the first VOI (window centre/width, or
-    the VOI LUT) scaled from its output range to 0..255 -- without a VOI, the image's own minimum..maximum, as
-    OHIF (cornerstone) and 3D Slicer show such an image -- and MONOCHROME1 (white is the lowest value) inverted."""
-    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut, apply_windowing
+    8-bit X-rays, bright bone): the stored values (bits above Bits Stored cleared) -> Modality LUT (rescale) -> the
+    first VOI LUT, else the first window (centre/width), scaled from its output range to 0..255 -- without either
+    (or with empty ones), the image's own minimum..maximum, as OHIF (cornerstone) and 3D Slicer show such an image
+    -- and MONOCHROME1 (white is the lowest value) inverted. Presentation LUT Shape is not read: a DX writes
+    INVERSE with MONOCHROME1 and IDENTITY with MONOCHROME2, the same rendering as the photometric interpretation."""
+    from struct import error as StructError
+
+    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_windowing
 
     where = f"DICOM image {name}"
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
@@ -420,13 +481,13 @@ def projection_display(ds: pydicom.Dataset, name: str) -> np.ndarray:
         raise InputError(f"{where}: its pixel data cannot be decoded ({type(e).__name__}: {str(e)[:200]})") from e
     if stored.ndim != 2:
         raise InputError(f"{where}: pixel data of shape {tuple(stored.shape)}, not one grey-scale image")
+    for tag in ("WindowCenter", "WindowWidth", "VOILUTFunction"):  # present but empty (type 2): as absent
+        if tag in ds and (ds[tag].value is None or str(ds[tag].value).strip() in ("", "[]")):
+            del ds[tag]
     try:
-        values = apply_modality_lut(stored, ds)
+        values = apply_modality_lut(_stored_bits(stored, ds), ds)
         if ds.get("VOILUTSequence"):
-            shown = apply_voi_lut(values, ds, index=0)
-            entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
-            ends = apply_voi_lut(np.arange(first, first + (entries or 65536)), ds, index=0)  # the LUT's outputs
-            lo, hi = float(ends.min()), float(ends.max())
+            shown, lo, hi = _voi_lut(values, ds)
         elif "WindowCenter" in ds and "WindowWidth" in ds:
             shown = apply_windowing(values, ds, index=0)
             ends = apply_windowing(np.array([-1e12, 1e12]), ds, index=0)  # the window's output range
@@ -434,7 +495,7 @@ def projection_display(ds: pydicom.Dataset, name: str) -> np.ndarray:
         else:
             shown = values
             lo, hi = float(np.min(values)), float(np.max(values))
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError, StructError) as e:
         raise InputError(f"{where}: its intensity transform (rescale / window / VOI LUT) cannot be applied: "
                          f"{type(e).__name__}: {str(e)[:200]}") from e
     shown = np.asarray(shown, dtype=np.float64)
@@ -521,6 +582,15 @@ def projection_seg(folder: str | os.PathLike, label_file: str, label_info) -> st
 
     files = [p for p in sorted(Path(folder).iterdir()) if p.is_file()]
     source = pydicom.dcmread(str(files[0]))
+    # what highdicom copies from the source and needs (type 2: present, may be empty), missing in anonymised X-rays
+    # (an AttributeError, a 500, a review); with a frame of reference it wrote plane positions, asking for a slice
+    # thickness an X-ray has not: the SEG of a 2D image references the image itself, frame by frame
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        if keyword not in source:
+            setattr(source, keyword, "")
+    if "FrameOfReferenceUID" in source:
+        del source.FrameOfReferenceUID
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))  # (rows, columns), or (1, rows, columns)
     if label.ndim == 3 and label.shape[0] == 1:  # 3D Slicer saves a 2D image's label as a one-slice volume
         label = label[0]
@@ -536,11 +606,16 @@ def projection_seg(folder: str | os.PathLike, label_file: str, label_info) -> st
         numbered[label == v] = i + 1
         descriptions.append(_segment_description(entries[i] if i < len(entries) else {}, i + 1))
     model = next((str(x["model_name"]) for x in entries if x.get("model_name")), "DFM+VLM")
-    seg = hd.seg.Segmentation(
-        source_images=[source], pixel_array=numbered[None], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=300,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="DFM+VLM", manufacturer_model_name=model[:64],
-        software_versions="1", device_serial_number="1", series_description=model[:64], omit_empty_frames=False)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[source], pixel_array=numbered[None],
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(), series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
+            manufacturer="DFM+VLM", manufacturer_model_name=model[:64], software_versions="1",
+            device_serial_number="1", series_description=model[:64], omit_empty_frames=False)
+    except (AttributeError, TypeError, ValueError, KeyError) as e:  # an attribute of the X-ray highdicom refuses
+        raise InputError(f"highdicom could not write the DICOM SEG of this X-ray: {type(e).__name__}: "
+                         f"{str(e)[:200]}") from e
     out = tempfile.NamedTemporaryFile(suffix=".dcm", delete=False).name
     seg.save_as(out)
     return out
@@ -577,8 +652,11 @@ def projection_seg_label(seg_folder: str | os.PathLike, image_nifti: str, out_pa
         if len(groups) != len(frames):
             raise ValueError(f"{len(frames)} frames, {len(groups)} per-frame descriptions")
         for frame, group in zip(frames, groups):
-            label[frame > threshold] = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:  # a SEG another tool wrote badly
+            number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            if not 1 <= number <= 255:
+                raise ValueError(f"segment number {number} (a label holds 1..255)")
+            label[frame > threshold] = number
+    except Exception as e:  # noqa: BLE001 - a SEG another tool wrote badly, or pixels that cannot be decoded
         raise InputError(f"the DICOM SEG {seg.get('SeriesInstanceUID', '?')} of the X-ray cannot be read: "
                          f"{type(e).__name__}: {str(e)[:200]}") from e
     nib.save(nib.Nifti1Image(np.ascontiguousarray(label.T), image.affine), out_path)

@@ -206,10 +206,24 @@ class LoadImageChecked(MapTransform):
 
 
 def _xray_file(path) -> bool:
-    """A ``.dcm`` file holding one projection radiograph (:func:`lib.dicom.is_projection_series`)."""
+    """A DICOM file (``.dcm``, or no image extension and the ``DICM`` mark: PACS exports name files ``IM0001``)
+    holding one projection radiograph (:func:`lib.dicom.is_projection_series`)."""
     from .dicom import is_projection_series
 
-    return str(path).lower().endswith(".dcm") and os.path.isfile(path) and is_projection_series(path)
+    name = str(path).lower()
+    if not os.path.isfile(path):
+        return False
+    if not name.endswith(".dcm"):
+        if name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp",
+                          ".tif", ".tiff", ".gz", ".zip")):
+            return False
+        try:
+            with open(path, "rb") as f:
+                if f.read(132)[128:] != b"DICM":
+                    return False
+        except OSError:
+            return False
+    return is_projection_series(path)
 
 
 def one_slice_as_2d(lab, spatial_dims: int):

@@ -1659,6 +1659,11 @@ def test_a_request_asking_far_more_work_than_the_model_s_own_sampler_is_refused_
                                           r"at most 32 times \(DFM_MAX_REQUEST_WORK\)"):
         task({**req, **big})
     assert ran == [2, 4]
+    # the operator's setting: 0 (no limit) or a factor >= 1 (below 1 the model's own sampler would be refused)
+    assert infer_mod._max_request_work("") == 32.0 and infer_mod._max_request_work("0") == 0.0
+    for bad in ("0.5", "-1", "abc", "nan"):
+        with pytest.raises(ConfigError, match="DFM_MAX_REQUEST_WORK"):
+            infer_mod._max_request_work(bad)
     monkeypatch.setattr(infer_mod, "MAX_REQUEST_WORK", 0.0)
     monkeypatch.setattr(infer_mod, "predict_preprocessed", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # past the check, stopped at the first window

@@ -67,6 +67,46 @@ def test_an_xray_dicom_reads_as_its_png_does(tmp_path):
         one = load({"image": str(folder / "x.dcm")})["image"]
         assert tuple(one.shape) == tuple(ref.shape) and float((one - ref).abs().max()) < 1e-3, name
         assert image_spatial_dims(folder) == image_spatial_dims(folder / "x.dcm") == 2
+    # as detectors and PACS exports also write it (a review, 2026-12-07: each read wrong or refused):
+    # - overlay bits above the 12 stored ones set in a pixel (cleared, as the standard says: the pixel read 61 696);
+    # - a 4 096-entry VOI LUT of 8-bit entries (pydicom indexed it with 8-bit indices: a scrambled image);
+    # - a signed image whose LUT's first mapped value is coded as US (-2048 as 63 488: every pixel the first entry);
+    # - a file named as PACS exports name them, without an extension
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(str(tmp_path / "m1" / "x.dcm"))
+    arr = ds.pixel_array.copy()
+    arr[5, 7] |= 0xF000
+    ds.PixelData = arr.tobytes()
+    ds.save_as(str(tmp_path / "overlay.dcm"))
+    lut8 = Dataset()
+    lut8.LUTDescriptor = [4096, 0, 8]
+    lut8.add_new(0x00283006, "US", (np.arange(4096) // 16).tolist())
+    write_xray(16 * p, tmp_path / "lut8" / "x.dcm", bits_stored=12, seed="lut8")
+    ds = pydicom.dcmread(str(tmp_path / "lut8" / "x.dcm"))
+    ds.VOILUTSequence = [lut8]
+    ds.save_as(str(tmp_path / "lut8" / "x.dcm"))
+    signed = Dataset()
+    signed.add_new(0x00283002, "US", [4096, 63488, 8])  # LUT Descriptor: -2048 coded as US
+    signed.add_new(0x00283006, "US", (np.arange(4096) // 16).tolist())
+    write_xray((16 * p - 2048) & 0xFFFF, tmp_path / "signed" / "x.dcm", bits_stored=16, seed="signed")
+    ds = pydicom.dcmread(str(tmp_path / "signed" / "x.dcm"))
+    ds.PixelRepresentation = 1
+    ds.VOILUTSequence = [signed]
+    ds.save_as(str(tmp_path / "signed" / "x.dcm"))
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "IM0001").write_bytes((tmp_path / "m1" / "x.dcm").read_bytes())
+    for case in ("overlay.dcm", "lut8", "signed", "export/IM0001"):
+        got = load({"image": str(tmp_path / case)})["image"]
+        assert tuple(got.shape) == tuple(ref.shape) and float((got - ref).abs().max()) < 1e-3, \
+            (case, float((got - ref).abs().max()))
+    # empty window tags (type 2, present and empty): as no window, the image's own range (they were a 422)
+    write_xray(p, tmp_path / "empty" / "x.dcm", seed="empty")
+    ds = pydicom.dcmread(str(tmp_path / "empty" / "x.dcm"))
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = "", "", ""
+    ds.save_as(str(tmp_path / "empty" / "x.dcm"))
+    got = load({"image": str(tmp_path / "empty")})["image"].numpy()
+    assert np.abs(got - (p.T - p.min()) / (p.max() - p.min()) * 255.0).max() < 1e-3
     # compressed as a PACS may store it (RLE Lossless: pydicom's decoders)
     from pydicom.uid import RLELossless
 
@@ -125,7 +165,13 @@ def test_what_is_not_an_xray_the_models_read_is_refused_naming_why(tmp_path):
     lateral = pydicom.dcmread(str(tmp_path / "two" / "pa.dcm"))
     lateral.SOPInstanceUID = "1.2.3.4.5"
     lateral.save_as(str(tmp_path / "two" / "lat.dcm"))
+    write_ct_series(np.zeros((20, 20, 4)), np.eye(4), tmp_path / "ct_no_position", seed="ctnp")
+    for f in (tmp_path / "ct_no_position").iterdir():  # a CT series without positions: a broken volume, named so
+        ds = pydicom.dcmread(str(f))
+        del ds.ImagePositionPatient
+        ds.save_as(str(f))
     for folder, why in (("rgb", "a colour image (RGB, 3 sample(s) per pixel)"), ("zero", "Window Width"),
+                        ("ct_no_position", "has no ImagePositionPatient (0020,0032)"),
                         ("raw", "a 'for processing' image"), ("ct1", "only 1 slice(s)"),
                         ("two", "2 X-ray images in one series"),
                         ("huge", "20000 x 20000 pixels, more than this server's limit")):
@@ -221,6 +267,13 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
     sent, its segment names with it."""
     p = _pixels()
     info = _variants(tmp_path, p)["dx_monochrome1_12bit"]
+    # anonymised as X-rays often are (type 2 attributes left out), with a frame of reference: highdicom needed the
+    # first and asked for a slice thickness for the second (AttributeErrors: a 500, a review)
+    ds = pydicom.dcmread(str(tmp_path / "m1" / "x.dcm"))
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "StudyTime", "PatientID"):
+        delattr(ds, keyword)
+    ds.FrameOfReferenceUID = "1.2.3.4.5.6"
+    ds.save_as(str(tmp_path / "m1" / "x.dcm"))
     client = _XrayPACS(tmp_path / "m1")
     annotator = _datastore(client, tmp_path / "cache")
     uid = info["SeriesInstanceUID"]

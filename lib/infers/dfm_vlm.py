@@ -102,12 +102,16 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _max_request_work(raw: str) -> float:
+    """``DFM_MAX_REQUEST_WORK``: 0 (no limit) or a factor of at least 1 (below 1 the model's own sampler would be
+    refused); empty: the default."""
+    if not raw.strip():
+        return 32.0
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value):
-        raise ConfigError(f"DFM_MAX_REQUEST_WORK={raw!r}: expected a number (0: no limit)")
+    if not math.isfinite(value) or not (value == 0 or value >= 1):
+        raise ConfigError(f"DFM_MAX_REQUEST_WORK={raw!r}: expected 0 (no limit) or a number >= 1")
     return value
 
 
@@ -645,12 +649,12 @@ class DFMVLMInfer(BasicInferTask):
         but not their product: one request of all three would hold the model -- which serves requests one at a time
         -- for some 39 hours (5.6 million window evaluations on the 3D sample image phantom_ct_06 against 40 by
         default, which take about 1 s here), with no way to cancel it."""
-        if not MAX_REQUEST_WORK or MAX_REQUEST_WORK <= 0:
+        if not MAX_REQUEST_WORK:
             return
         asked, usual = inferer.work(spatial_shape), make_inferer(system).work(spatial_shape)
         if asked > MAX_REQUEST_WORK * usual:
             raise ConfigError(
-                f"this request asks {asked / usual:.0f} times the network work of the model's own sampler on this "
+                f"this request asks {asked / usual:.1f} times the network work of the model's own sampler on this "
                 f"image ({inferer.window_count(spatial_shape)} windows x {inferer.num_samples} samples x "
                 f"{network_evaluations(inferer.sampler, inferer.steps)} evaluations = {asked:,}, against {usual:,}); "
                 f"this server takes at most {MAX_REQUEST_WORK:g} times (DFM_MAX_REQUEST_WORK), because the model "
