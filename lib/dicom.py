@@ -341,8 +341,8 @@ def write_ct_series(volume_hu: np.ndarray, affine_ras: np.ndarray, out_dir: str 
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RG"}
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1": "DX", "1.2.840.10008.5.1.4.1.1.1.2.1": "MG",
-                              "1.2.840.10008.5.1.4.1.1.1.3.1": "IO"}
+FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1",  # DX, MG,
+                              "1.2.840.10008.5.1.4.1.1.1.3.1"}  # IO ("for processing")
 
 
 def _frames(ds: pydicom.Dataset) -> int:
@@ -384,18 +384,20 @@ def is_projection_series(folder: str | os.PathLike) -> bool:
     return is_projection_image(found)
 
 
-def projection_pixel_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float], str] | None:
-    """``((row spacing, column spacing), tag)`` in mm: Pixel Spacing (in the patient, where calibrated), else Imager
-    Pixel Spacing (at the detector: an X-ray's anatomy is magnified by some 10 %); None when neither is usable."""
-    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+def projection_affine(ds: pydicom.Dataset, name: str) -> np.ndarray:
+    """The 2D image's NIfTI affine: i along the columns, j along the rows (as a PNG is read), spaced in mm by Pixel
+    Spacing (in the patient, where calibrated), else Imager Pixel Spacing (at the detector: an X-ray's anatomy is
+    magnified by some 10 %), else 1 per pixel (logged)."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):  # (row spacing, column spacing)
         value = ds.get(tag)
         try:
-            r, c = float(value[0]), float(value[1])
+            row, col = float(value[0]), float(value[1])
         except (TypeError, ValueError, IndexError, KeyError):
             continue
-        if np.isfinite([r, c]).all() and r > 0 and c > 0:
-            return (r, c), tag
-    return None
+        if np.isfinite([row, col]).all() and row > 0 and col > 0:
+            return np.diag([col, row, 1.0, 1.0])
+    logger.warning("DICOM image %s has no pixel spacing: 1 per pixel", name)
+    return np.eye(4)
 
 
 def _stored_bits(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
@@ -507,14 +509,6 @@ def projection_display(ds: pydicom.Dataset, name: str) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def projection_affine(ds: pydicom.Dataset) -> np.ndarray:
-    """The 2D image's NIfTI affine: i along the columns, j along the rows (as a PNG is read), spaced by
-    :func:`projection_pixel_spacing` (1 per pixel where the image has none)."""
-    found = projection_pixel_spacing(ds)
-    row, col = found[0] if found else (1.0, 1.0)
-    return np.diag([col, row, 1.0, 1.0])
-
-
 def projection_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name: str) -> dict:
     """One projection radiograph (:func:`is_projection_image`; ``folder``: its series folder or its file) as a 2D
     NIfTI: the array ``(columns, rows)`` -- the voxel order of a PNG as MONAI reads it, and of the image's own
@@ -533,10 +527,7 @@ def projection_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, 
     if ds is None:
         raise InputError(f"DICOM image {name}: no DICOM file")
     image = projection_display(ds, name)
-    found = projection_pixel_spacing(ds)
-    if found is None:
-        logger.warning("DICOM image %s has no pixel spacing: 1 per pixel", name)
-    out = nib.Nifti1Image(np.ascontiguousarray(image.T), projection_affine(ds))
+    out = nib.Nifti1Image(np.ascontiguousarray(image.T), projection_affine(ds, name))
     out.header.set_xyzt_units("mm")
     nib.save(out, str(out_path))
     return {"path": str(out_path), "corrections": []}

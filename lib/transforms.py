@@ -210,16 +210,12 @@ def _xray_file(path) -> bool:
     holding one projection radiograph (:func:`lib.dicom.is_projection_series`)."""
     from .dicom import is_projection_series
 
-    name = str(path).lower()
     if not os.path.isfile(path):
         return False
-    if not name.endswith(".dcm"):
-        if name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp",
-                          ".tif", ".tiff", ".gz", ".zip")):
-            return False
+    if not str(path).lower().endswith(".dcm"):
         try:
             with open(path, "rb") as f:
-                if f.read(132)[128:] != b"DICM":
+                if f.read(132)[128:] != b"DICM":  # (any other image file: 132 bytes read)
                     return False
         except OSError:
             return False
