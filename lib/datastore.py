@@ -356,6 +356,23 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         longer has removed) with one change: a series with several SEGs (a label corrected and submitted again) gets
         its **newest** one. MONAI Label converted them all in the PACS's order, each over the last (Orthanc lists the
         newest first), so a training and 3D Slicer got the superseded label back (a review)."""
+        newest, incomplete = self._newest_segs()
+        # a cached label whose SEG the PACS no longer lists is removed (as MONAI Label does) -- not on a partial view
+        # (a review: one SEG's read failing made its series' cached label count as gone)
+        invalid = set() if incomplete else set(LocalDatastore.get_labeled_images(self)) - set(newest)
+        for image_id in invalid:  # (as MONAI Label does) a cached label whose SEG the PACS no longer has
+            logger.info("the final label of %s is no longer in the PACS: removed from the cache", image_id)
+            label_uri = LocalDatastore.get_label_uri(self, image_id, DefaultLabelTag.FINAL)
+            if label_uri and os.path.exists(label_uri):
+                shutil.rmtree(os.path.join(os.path.dirname(label_uri), image_id), ignore_errors=True)
+                os.unlink(label_uri)
+        for image_id, (_, seg_uid) in newest.items():
+            self.get_image_uri(image_id=image_id)
+            self.get_label_uri(label_id=seg_uid, label_tag=DefaultLabelTag.FINAL, image_id=image_id)
+
+    def _newest_segs(self) -> tuple[dict[str, tuple], bool]:
+        """``{series: (time, SEG uid)}``: the newest SEG in the PACS that references each of this server's series,
+        and whether a SEG could not be read (then which series it labels is unknown)."""
         from pydicom import Dataset
 
         newest: dict[str, tuple] = {}
@@ -383,18 +400,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 ("InstanceCreationDate", "InstanceCreationTime")))
             if ref not in newest or (stamp, seg_uid) > newest[ref]:
                 newest[ref] = (stamp, seg_uid)
-        # a cached label whose SEG the PACS no longer lists is removed (as MONAI Label does) -- not on a partial view
-        # (a review: one SEG's read failing made its series' cached label count as gone)
-        invalid = set() if incomplete else set(LocalDatastore.get_labeled_images(self)) - set(newest)
-        for image_id in invalid:  # (as MONAI Label does) a cached label whose SEG the PACS no longer has
-            logger.info("the final label of %s is no longer in the PACS: removed from the cache", image_id)
-            label_uri = LocalDatastore.get_label_uri(self, image_id, DefaultLabelTag.FINAL)
-            if label_uri and os.path.exists(label_uri):
-                shutil.rmtree(os.path.join(os.path.dirname(label_uri), image_id), ignore_errors=True)
-                os.unlink(label_uri)
-        for image_id, (_, seg_uid) in newest.items():
-            self.get_image_uri(image_id=image_id)
-            self.get_label_uri(label_id=seg_uid, label_tag=DefaultLabelTag.FINAL, image_id=image_id)
+        return newest, incomplete
 
     def _left_out(self, what: str, e: Exception) -> str:
         if not getattr(self, "_leave_out_bad", False):
@@ -726,6 +732,15 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             stored = self._stored_label_path(owner, label_tag, None if owner == label_id else label_id)
             if stored:
                 return stored
+        if not image_id:
+            # GET /datastore/label with a series id alone: read, the SEG of an X-ray was a 500 (AttributeError) and
+            # an image's id made its whole series download into the label cache, then a 500 (not a DICOM-SEG) on
+            # every later call. A SEG names the series it labels; an image's id stands for its newest SEG
+            label_id, image_id = self._seg_and_image(label_id)
+            label_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
+            stored = self._convert_to_nifti and self._stored_label_path(image_id, label_tag, label_id)
+            if stored:
+                return stored
         if not os.path.isdir(label_dir) or not os.listdir(label_dir):
             if not self._download(label_id, label_dir):
                 return ""  # no such series in the PACS
@@ -753,6 +768,34 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             for f in (converted, on_grid):
                 if f and os.path.exists(f):
                     os.unlink(f)
+
+    def _seg_and_image(self, series_uid: str) -> tuple[str, str]:
+        """``(SEG, image)`` for a final label asked for by one series UID: a SEG and the series it references, or an
+        image (MONAI Label's convention: a label's id is its image's) and the newest SEG in the PACS that references
+        it. 404 when the PACS has no such series or no SEG of that image; 422 for a SEG that names no series."""
+        from pydicom import Dataset
+
+        found = [s for s in self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+                 if s.get("0020000E", {}).get("Value") == [series_uid]]
+        if not found:
+            raise _not_found(f"no series {series_uid} in the PACS (no final label)")
+        modality = (found[0].get("00080060", {}).get("Value") or [None])[0]
+        meta = None
+        if modality in (None, "SEG"):  # (a series search need not return the modality)
+            meta = Dataset.from_json(self._client.retrieve_series_metadata(found[0]["0020000D"]["Value"][0],
+                                                                           series_uid)[0])
+            modality = meta.get("Modality")
+        if modality != "SEG":
+            newest, _ = self._newest_segs()
+            if series_uid not in newest:
+                raise _not_found(f"series {series_uid} has no final label: no SEG in the PACS references it")
+            return newest[series_uid][1], series_uid
+        try:
+            ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        except (AttributeError, IndexError, KeyError) as e:
+            raise SeriesInputError(f"the SEG {series_uid} names no series it labels (no Referenced Series "
+                                   "Sequence)") from e
+        return series_uid, check_series_uid(ref, f"the series the SEG {series_uid} references:")
 
     def _store_seg_label(self, image_id: str, label_id: str, label_dir: str, label_tag: str, on_grid: str) -> str:
         """Cache the label read from the SEG ``label_id`` (``on_grid``: on the image's grid) with the SEG's segment

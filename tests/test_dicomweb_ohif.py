@@ -348,7 +348,8 @@ class FakePACS:
             return []
         series = {ds.SeriesInstanceUID: ds for ds in self.files}
         return [{"0020000E": {"vr": "UI", "Value": [uid]}, "0020000D": {"vr": "UI", "Value": [ds.StudyInstanceUID]},
-                 "00080060": {"vr": "CS", "Value": ["CT"]}} for uid, ds in series.items() if not want or want == uid]
+                 "00080060": {"vr": "CS", "Value": [ds.Modality]}} for uid, ds in series.items()
+                if not want or want == uid]
 
     def retrieve_series(self, study, series, media_types=None):
         return [ds for ds in self.files if ds.SeriesInstanceUID == series]
@@ -878,6 +879,17 @@ def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):
         got = np.asarray(nib.load(item["label"]).dataobj)
         assert np.array_equal(got > 0, corrected > 0), f"the superseded label was listed (PACS order {k})"
         assert ds.get_label_info(a, "final")["SeriesInstanceUID"] == new.SeriesInstanceUID
+    # GET /datastore/label with one series id (a review, 2026-12-07): the image's id stands for its newest SEG, a
+    # SEG's for itself, on the image's grid (MONAI Label downloaded the CT itself into the label cache for the first,
+    # then a 500 "not a DICOM-SEG" on every call, and returned the second cropped to its painted slices)
+    for k, (asked, want) in enumerate(((a, corrected), (old.SeriesInstanceUID, nib.load(str(first)).dataobj))):
+        alone = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / f"alone{k}"),
+                                         fetch_by_frame=False, convert_to_nifti=True)
+        alone._observer.stop()
+        alone._observer.join()
+        got = np.asarray(nib.load(alone.get_label_uri(asked, "final")).dataobj)
+        assert np.array_equal(got > 0, np.asarray(want) > 0), asked
+        assert not (Path(alone._datastore.label_path("final")) / a).exists(), "the CT went into the label cache"
     # a PACS that fails on one SEG while the SEGs are listed: left out with a warning, and no cached label is removed
     # on that partial view (a second review: the SEG's series counted as no longer labelled)
     import requests as http

@@ -287,6 +287,11 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
     annotator.save_label(uid, str(tmp_path / "label.nii.gz"), "final",
                          {"label_info": [{"name": "left lung", "idx": 1}, {"name": "right lung", "idx": 2}]})
     (seg,) = client.stored
+    from fastapi import HTTPException
+
+    with pytest.raises(HTTPException, match="has no final label: no SEG in the PACS references it") as e:
+        _datastore(client, tmp_path / "cache_nolabel").get_label_uri(uid, "final")  # (the SEG is not in the PACS yet)
+    assert e.value.status_code == 404
     assert seg.Modality == "SEG" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["left lung", "right lung"]
@@ -309,6 +314,14 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
     assert trainer.get_label_info(uid, "final").get("segments") == {"1": "left lung", "2": "right lung"}
     pairs = trainer.datalist()
     assert [x["segments"] for x in pairs] == [{"1": "left lung", "2": "right lung"}]
+    # GET /datastore/label with one series id (a review, 2026-12-07): the SEG's alone was a 500 (pydicom-seg's
+    # AttributeError), the image's alone downloaded the X-ray into the label cache and was a 500 (not a DICOM-SEG).
+    # A SEG names its image; an image's id stands for its newest SEG
+    for k, asked in enumerate((seg.SeriesInstanceUID, uid)):
+        alone = _datastore(client, tmp_path / f"cache_alone{k}")
+        got = alone.get_label_uri(asked, "final")
+        assert got and np.array_equal(np.asarray(nib.load(got).dataobj), lab), asked
+        assert not (Path(alone._datastore.label_path("final")) / uid).exists(), "the X-ray went into the label cache"
     # a SEG of the X-ray that another tool wrote without its per-frame descriptions: named, not a crash
     import copy
 
@@ -318,6 +331,12 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
     client.files.append(broken)
     with pytest.raises(InputError, match="of the X-ray cannot be read: AttributeError"):
         _datastore(client, tmp_path / "cache3").get_label_uri(broken.SeriesInstanceUID, "final", uid)
+    unreferenced = copy.deepcopy(seg)
+    del unreferenced.ReferencedSeriesSequence
+    unreferenced.SeriesInstanceUID = "1.2.3.4.5.6.7.8.10"
+    client.files.append(unreferenced)
+    with pytest.raises(InputError, match=r"the SEG 1\.2\.3\.4\.5\.6\.7\.8\.10 names no series it labels"):
+        _datastore(client, tmp_path / "cache4").get_label_uri(unreferenced.SeriesInstanceUID, "final")
 
 
 @pytest.mark.orthanc
