@@ -422,29 +422,44 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         image_nii_gz = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
         state = self._changed_in_pacs(image_id, image_dir) if os.path.isdir(image_dir) and os.listdir(image_dir) \
             else False
-        if state:
-            # fetched while the PACS was still receiving it: served (or refused as "missing slices") as first cached,
-            # for good -- after a restart too. Deleted from the PACS (a wrong patient, a failed quality check): it
-            # was served, and a final label of it written to the PACS, for good (a review)
-            logger.warning("series %s: %s", image_id, "no longer in the PACS: removed from the cache" if
-                           state == "gone" else "the PACS holds another number of instances than the cache: "
-                                                "fetched again")
+        def gone() -> str:
+            # deleted from the PACS (a wrong patient, a failed quality check): it was served, and a final label of it
+            # written to the PACS, for good (a review)
+            logger.warning("series %s: no longer in the PACS: removed from the cache", image_id)
             shutil.rmtree(image_dir, ignore_errors=True)
             if os.path.exists(image_nii_gz):
                 os.unlink(image_nii_gz)
-            if state == "gone":
-                return ""
-        if not os.path.exists(image_dir) or not os.listdir(image_dir):
+            return ""
+
+        if state == "gone":
+            return gone()
+        if state:
+            # fetched while the PACS was still receiving it: served (or refused as "missing slices") as first cached,
+            # for good -- after a restart too (a review). The new copy replaces the cached one when it is complete
+            # and converted: the cache was removed first, so a training or scoring process reading it met missing
+            # files for the whole download, and a PACS failing during it left nothing to serve
+            logger.warning("series %s: the PACS holds another number of instances than the cache: fetched again",
+                           image_id)
+            try:
+                if not self._download(image_id, image_dir, replace=True):
+                    return gone()  # (meanwhile)
+            except Exception as e:  # noqa: BLE001 - a PACS failing now: the cached copy serves, asked again later
+                logger.warning("series %s: fetching it again failed (%s: %s): the cached copy serves", image_id,
+                               type(e).__name__, str(e)[:200])
+                state = False
+        elif not os.path.exists(image_dir) or not os.listdir(image_dir):
             if not self._download(image_id, image_dir):
                 return ""  # no such series in the PACS
         if not self._convert_to_nifti:
             return image_dir
-        if not os.path.exists(image_nii_gz):
+        if state or not os.path.exists(image_nii_gz):
             with tempfile.TemporaryDirectory() as tmp_dir:
                 tmp = os.path.join(tmp_dir, f"{image_id}.nii.gz")
                 try:
                     res = series_to_nifti(image_dir, tmp)
                 except InputError as e:
+                    if os.path.exists(image_nii_gz):
+                        os.unlink(image_nii_gz)  # the series as fetched again is refused: not its earlier copy
                     raise SeriesInputError(f"series {image_id}: {str(e).split(': ', 1)[-1]}") from e
                 info = self._dicom_info(image_id)
                 if res["corrections"]:
@@ -492,8 +507,9 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         except (TypeError, ValueError):
             return False
 
-    def _download(self, series_uid: str, image_dir: str) -> bool:
-        """All instances of the series, as stored, into ``image_dir`` (complete or not at all)."""
+    def _download(self, series_uid: str, image_dir: str, replace: bool = False) -> bool:
+        """All instances of the series, as stored, into ``image_dir`` (complete or not at all); ``replace``: over
+        the copy there (renamed aside, then removed), else another process's complete copy found there is kept."""
         found = [s for s in self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
                  if s.get("0020000E", {}).get("Value") == [series_uid]]
         if not found:
@@ -510,6 +526,14 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                                          media_types=(("application/dicom", "*"),))
                 for ds in instances:
                     ds.save_as(os.path.join(tmp, f"{ds.SOPInstanceUID}.dcm"))
+            if replace and os.path.isdir(image_dir):
+                aside = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+                try:
+                    os.rename(image_dir, os.path.join(aside, "old"))
+                    os.rename(tmp, image_dir)
+                finally:
+                    shutil.rmtree(aside, ignore_errors=True)
+                return True
             if os.path.isdir(image_dir) and os.listdir(image_dir):
                 return True  # another process (a training, a scoring) completed it meanwhile: its copy is read now
             try:

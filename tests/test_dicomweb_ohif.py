@@ -564,6 +564,17 @@ def test_one_seg_of_a_malformed_series_leaves_that_pair_out_of_the_training_data
         fresh.get_image_uri(bad)
 
 
+class CountingPACS(FakePACS):
+    """A PACS that answers each series' NumberOfSeriesRelatedInstances, which the datastore compares with its cache."""
+
+    def search_for_series(self, search_filters=None, **kw):
+        out = super().search_for_series(search_filters, **kw)
+        for r in out:
+            n = sum(1 for f in self.files if f.SeriesInstanceUID == r["0020000E"]["Value"][0])
+            r["00201209"] = {"vr": "IS", "Value": [n]}
+        return out
+
+
 def test_a_series_cached_while_the_pacs_still_received_it_is_fetched_again(tmp_path):
     """A review: a series first asked for while the PACS held 6 of its 10 instances was converted from those 6 and
     served so for good (a late middle slice: "missing slices" for good, after a restart too). The PACS's
@@ -572,15 +583,6 @@ def test_a_series_cached_while_the_pacs_still_received_it_is_fetched_again(tmp_p
     everything = list(client.files)
     by_z = sorted(everything, key=lambda f: float(f.ImagePositionPatient[2]))
     late = by_z[4]
-
-    class CountingPACS(type(client)):
-        def search_for_series(self, search_filters=None, **kw):
-            out = super().search_for_series(search_filters, **kw)
-            for r in out:
-                n = sum(1 for f in self.files if f.SeriesInstanceUID == r["0020000E"]["Value"][0])
-                r["00201209"] = {"vr": "IS", "Value": [n]}
-            return out
-
     client.__class__ = CountingPACS
     client.files = [f for f in everything if f is not late]  # slice 5 of 10 arrives late
     ds = open_ds()
@@ -608,6 +610,50 @@ def test_a_series_cached_while_the_pacs_still_received_it_is_fetched_again(tmp_p
     client.__class__ = SilentPACS
     t0 = time.monotonic()
     assert nib.load(again.get_image_uri(uid)).shape[2] == 10 and time.monotonic() - t0 < again.ASK_S + 2
+
+
+def test_a_series_fetched_again_replaces_the_cached_copy_only_when_complete(tmp_path):
+    """A review (2026-12-07): a series whose instance count changed in the PACS was removed from the cache before it
+    was fetched again, so a training or scoring process reading it (the converted image, the DICOM files) met missing
+    files for the whole download, and a PACS failing during it left nothing to serve. The new copy now replaces the
+    cached one when complete; a fetch that fails leaves the cached copy serving; a new copy that does not convert is
+    refused, not served as the earlier one."""
+    import requests as http
+
+    open_ds, client, (uid,) = _fake_dicomweb(tmp_path, shape=(24, 20, 10))
+    by_z = sorted(client.files, key=lambda f: float(f.ImagePositionPatient[2]))
+    client.__class__ = CountingPACS
+    client.files = by_z[:6]
+    ds = open_ds()
+    ds.RECHECK_S = 0  # (the PACS asked on every request)
+    uri = ds.get_image_uri(uid)
+    image_dir = Path(ds._datastore.image_path()) / uid
+    seen = []
+
+    class WatchedPACS(CountingPACS):  # what another process reading the cache finds while the series downloads
+        def retrieve_series(self, study, series, media_types=None):
+            seen.append((nib.load(uri).shape[2], len(list(image_dir.iterdir()))))
+            return super().retrieve_series(study, series, media_types)
+
+    client.__class__ = WatchedPACS
+    client.files = by_z
+    assert nib.load(ds.get_image_uri(uid)).shape[2] == 10
+    assert seen == [(6, 6)], "the cached copy was removed before the new one was complete"
+
+    class FailingPACS(CountingPACS):
+        def retrieve_series(self, study, series, media_types=None):
+            raise http.exceptions.ConnectionError("Connection reset by peer")
+
+    client.__class__ = FailingPACS
+    client.files = by_z[:8]
+    assert nib.load(ds.get_image_uri(uid)).shape[2] == 10, "a PACS failing during the fetch left nothing to serve"
+    assert len(list(image_dir.iterdir())) == 10
+    assert not [p.name for p in image_dir.parent.iterdir() if p.name.startswith((".download-", ".replaced-"))]
+    client.__class__ = CountingPACS
+    client.files = by_z[:4] + by_z[5:]  # a slice deleted in the PACS: the new copy misses one
+    for _ in range(2):  # (and on the next request, which finds the cache agreeing with the PACS)
+        with pytest.raises(Exception, match="missing slices"):
+            ds.get_image_uri(uid)
 
 
 def test_a_download_that_finds_another_process_s_complete_copy_keeps_it(tmp_path):
