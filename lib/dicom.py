@@ -387,14 +387,25 @@ def is_projection_series(folder: str | os.PathLike) -> bool:
 def projection_affine(ds: pydicom.Dataset, name: str) -> np.ndarray:
     """The 2D image's NIfTI affine: i along the columns, j along the rows (as a PNG is read), spaced in mm by Pixel
     Spacing (in the patient, where calibrated), else Imager Pixel Spacing (at the detector: an X-ray's anatomy is
-    magnified by some 10 %), else 1 per pixel (logged)."""
+    magnified by some 10 %) divided by the Estimated Radiographic Magnification Factor where one is given (the size
+    in the patient, as OHIF measures and the IHE mammography profile asks), else 1 per pixel (logged)."""
+    def positive(value) -> float | None:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return None
+        return v if np.isfinite(v) and v > 0 else None
+
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):  # (row spacing, column spacing)
         value = ds.get(tag)
         try:
-            row, col = float(value[0]), float(value[1])
-        except (TypeError, ValueError, IndexError, KeyError):
+            row, col = positive(value[0]), positive(value[1])
+        except (TypeError, IndexError, KeyError):
             continue
-        if np.isfinite([row, col]).all() and row > 0 and col > 0:
+        if row and col:
+            magnified = tag == "ImagerPixelSpacing" and positive(ds.get("EstimatedRadiographicMagnificationFactor"))
+            if magnified:
+                row, col = row / magnified, col / magnified
             return np.diag([col, row, 1.0, 1.0])
     logger.warning("DICOM image %s has no pixel spacing: 1 per pixel", name)
     return np.eye(4)

@@ -120,6 +120,15 @@ def test_an_xray_dicom_reads_as_its_png_does(tmp_path):
                pixel_spacing=(0.5, 0.25), seed="aniso")
     got = load({"image": str(tmp_path / "aniso")})["image"]
     assert np.allclose(got.pixdim.numpy(), [0.25, 0.5]), got.pixdim
+    # the detector's spacing alone, with the magnification the X-ray's geometry gives: the size in the patient (as
+    # OHIF's ruler); a magnification that is no number is not used
+    ds = pydicom.dcmread(str(tmp_path / "aniso" / "x.dcm"))
+    del ds.PixelSpacing
+    for ermf, want in (("1.25", [0.2, 0.4]), ("-1.25", [0.25, 0.5]), ("", [0.25, 0.5])):
+        ds.EstimatedRadiographicMagnificationFactor = ermf
+        ds.save_as(str(tmp_path / "aniso" / "x.dcm"))
+        got = load({"image": str(tmp_path / "aniso")})["image"]
+        assert np.allclose(got.pixdim.numpy(), want), (ermf, got.pixdim)
     # a VOI LUT instead of a window (CR and DX vendors ship curves): the LUT's output, scaled from its range; OW
     # and US LUT data alike
     from pydicom.dataset import Dataset
