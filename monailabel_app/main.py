@@ -636,6 +636,33 @@ def _install_worker_threads() -> None:
             router.routes[i] = router.routes.pop()  # in the old one's place: the order decides which path matches
 
 
+RELOAD_REFUSED = ("POST /reload is not supported by this app: it dropped the running app, and the next requests "
+                  "each built another one beside it (MONAI Label unloads and re-imports the app's lib package, "
+                  "whose model thread and datastore lock the running requests hold; concurrent requests answered "
+                  "500). A changed checkpoint is loaded without it; restart the server for new code or --conf.")
+
+
+def _install_reload_refusal() -> None:
+    """MONAI Label's hidden ``POST /reload`` cleared its app cache: the next requests each built an app (four at once
+    in a probe, one answering a 500 as another unloaded ``lib`` under its import), beside the running one, whose
+    threads and watchers stayed (the server's threads went from 13 to 30 after three reloads). Here it answers 501
+    naming why, and the running app keeps serving. Only in the server (a task process has no routes)."""
+    app_module = sys.modules.get("monailabel.app")
+    if app_module is None:
+        return
+    from fastapi.routing import APIRoute
+
+    def reload():
+        raise HTTPException(status_code=501, detail=RELOAD_REFUSED)
+
+    routes = app_module.app.router.routes
+    for i, route in enumerate(list(routes)):
+        if isinstance(route, APIRoute) and route.path == "/reload" and not getattr(route.endpoint, "_dfm", False):
+            reload._dfm = True
+            app_module.app.router.add_api_route("/reload", reload, methods=["POST"], include_in_schema=False)
+            routes[i] = routes.pop()  # in the old one's place
+
+
 def _install_dicom_seg_naming() -> None:
     """``/infer?output=dicom_seg``: MONAI Label writes the SEG of the result with the request's ``label_info``
     paired by *position* with the values present, so ``[lesion]`` named the lesion and left the vertebra "unknown",
@@ -720,6 +747,7 @@ class DFMVLMApp(MONAILabelApp):
         _install_json_field_checks()
         _install_session_checks()
         _install_worker_threads()
+        _install_reload_refusal()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DFM+VLM segmentation",
                          description="Binary discrete flow matching segmentation conditioned by a vision-language "
                                      "model", version=lib.__version__)
