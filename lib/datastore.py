@@ -370,14 +370,16 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             self.get_image_uri(image_id=image_id)
             self.get_label_uri(label_id=seg_uid, label_tag=DefaultLabelTag.FINAL, image_id=image_id)
 
-    def _newest_segs(self) -> tuple[dict[str, tuple], bool]:
-        """``{series: (time, SEG uid)}``: the newest SEG in the PACS that references each of this server's series,
-        and whether a SEG could not be read (then which series it labels is unknown)."""
+    def _newest_segs(self, study_uid: str | None = None) -> tuple[dict[str, tuple], bool]:
+        """``{series: (time, SEG uid)}``: the newest SEG in the PACS (in ``study_uid``, where given: a SEG is stored
+        in its image's study) that references each of this server's series, and whether a SEG could not be read
+        (then which series it labels is unknown)."""
         from pydicom import Dataset
 
         newest: dict[str, tuple] = {}
         incomplete = False  # a SEG the PACS did not return: which series it labels is unknown
-        for found in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+        wanted = {"Modality": "SEG", **({"StudyInstanceUID": study_uid} if study_uid else {})}
+        for found in self._client.search_for_series(search_filters=wanted):
             seg = Dataset.from_json(found)
             seg_uid, study_uid = str(seg.get("SeriesInstanceUID", "")), str(seg.get("StudyInstanceUID", ""))
             try:
@@ -810,7 +812,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                                                            series_uid)[0])
             modality = meta.get("Modality")
         if modality != "SEG":
-            newest, _ = self._newest_segs()
+            newest, _ = self._newest_segs(found[0]["0020000D"]["Value"][0])  # (the SEGs of its study alone)
             if series_uid not in newest:
                 raise _not_found(f"series {series_uid} has no final label: no SEG in the PACS references it")
             return newest[series_uid][1], series_uid
