@@ -347,9 +347,18 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         series (missing slices) made every training fail."""
         self._leave_out_bad = True
         try:
-            return super().datalist(full_path)
+            items = super().datalist(full_path)
         finally:
             self._leave_out_bad = False
+        kept = []
+        for item in items:  # a series whose new copy was refused (the PACS changed it) keeps its index entry
+            missing = [k for k in ("image", "label") if not os.path.isfile(str(item.get(k)))]
+            if missing:
+                logger.warning("left out of the training data: %s: its %s file is not in the cache", item.get("image"),
+                               " and ".join(missing))
+                continue
+            kept.append(item)
+        return kept
 
     def _download_labeled_data(self):
         """MONAI Label's (every SEG of the PACS fetched with the series it references, the cached labels the PACS no
@@ -467,9 +476,17 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 if res["corrections"]:
                     info["corrections"] = res["corrections"]
                     logger.warning("series %s: %s", image_id, "; ".join(res["corrections"]))
+                before = self._datastore.objects.get(image_id)
                 # FreshIndex.add_image copies the converted file into the cache and records its info in the index
                 # as it is on disk (MONAI Label's wrote its in-memory copy over a subprocess's scores)
                 FreshIndex.add_image(self, image_id, tmp, info)
+                if state and before is not None:
+                    # the entry of the copy it replaces went with its scores and labels; the files of its labels
+                    # (on the earlier grid) go too, but the final label's, which the SEG gives again on this grid
+                    for tag, label in before.labels.items():
+                        stale = os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext))
+                        if tag != DefaultLabelTag.FINAL and os.path.isfile(stale):
+                            os.unlink(stale)
         return image_nii_gz
 
     RECHECK_S = 300.0  # how often (per series and process) a cached series is compared with the PACS
@@ -532,7 +549,12 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 aside = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
                 try:
                     os.rename(image_dir, os.path.join(aside, "old"))
-                    os.rename(tmp, image_dir)
+                    try:
+                        os.rename(tmp, image_dir)
+                    except OSError:
+                        if not os.path.exists(image_dir):  # the cached copy back (a review: it was removed)
+                            os.rename(os.path.join(aside, "old"), image_dir)
+                        raise
                 finally:
                     shutil.rmtree(aside, ignore_errors=True)
                 return True
@@ -748,25 +770,26 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         from monailabel.datastore.utils.convert import dicom_to_nifti
 
         check_series_uid(label_id, "label id")
+        superseded = False
         if image_id:
             check_series_uid(image_id)
+            stored = self._convert_to_nifti and self._stored_label_path(
+                image_id, label_tag, None if image_id == label_id else label_id)  # (asked by the image's id: any)
+            if stored:
+                return stored
+        if not image_id or image_id == label_id:
+            # GET /datastore/label with a series id alone: the SEG of an X-ray was a 500 (AttributeError) and an
+            # image's id made its whole series download into the label cache, then a 500 (not a DICOM-SEG) on every
+            # later call. A SEG names the series it labels; an image's id stands for its newest SEG (not the label
+            # cached for it, which may be of an older one). A SEG that a newer one replaces is read, not stored as
+            # the image's label (a review: asking for it made the cache serve the superseded label)
+            label_id, image_id, superseded = self._seg_and_image(label_id)
         label_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
         if self._convert_to_nifti:
-            # the index keys a label by its image's id (a client asks for it so, LocalDatastore's convention); a SEG
-            # id that is not the image's must be the SEG the cached label came from
-            owner = image_id or label_id
-            stored = self._stored_label_path(owner, label_tag, None if owner == label_id else label_id)
-            if stored:
-                return stored
-        if not image_id:
-            # GET /datastore/label with a series id alone: read, the SEG of an X-ray was a 500 (AttributeError) and
-            # an image's id made its whole series download into the label cache, then a 500 (not a DICOM-SEG) on
-            # every later call. A SEG names the series it labels; an image's id stands for its newest SEG
-            label_id, image_id = self._seg_and_image(label_id)
-            label_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
-            stored = self._convert_to_nifti and self._stored_label_path(image_id, label_tag, label_id)
-            if stored:
-                return stored
+            kept = self._superseded_path(label_id) if superseded else \
+                self._stored_label_path(image_id, label_tag, label_id)  # (a label cached from another SEG: read again)
+            if kept and os.path.isfile(kept):
+                return kept
         if not os.path.isdir(label_dir) or not os.listdir(label_dir):
             if not self._download(label_id, label_dir):
                 return ""  # no such series in the PACS
@@ -777,7 +800,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             # the SEG of an X-ray has no plane positions, which pydicom-seg (MONAI Label's reader) needs
             with tempfile.TemporaryDirectory() as tmp:
                 on_grid = projection_seg_label(label_dir, image_uri, os.path.join(tmp, "label.nii.gz"))
-                return self._store_seg_label(image_id, label_id, label_dir, label_tag, on_grid)
+                return self._store_seg_label(image_id, label_id, label_dir, label_tag, on_grid, superseded)
         converted = dicom_to_nifti(label_dir, is_seg=True)  # a temporary .seg.nrrd
         if not converted or not image_id:
             return converted or ""
@@ -789,43 +812,71 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 raise HTTPException(status_code=404, detail=f"the series {image_id} this SEG labels is not in the PACS "
                                                             "or cannot be read")
             on_grid = label_on_image_grid(converted, image_uri)
-            return self._store_seg_label(image_id, label_id, label_dir, label_tag, on_grid)
+            return self._store_seg_label(image_id, label_id, label_dir, label_tag, on_grid, superseded)
         finally:
             for f in (converted, on_grid):
                 if f and os.path.exists(f):
                     os.unlink(f)
 
-    def _seg_and_image(self, series_uid: str) -> tuple[str, str]:
-        """``(SEG, image)`` for a final label asked for by one series UID: a SEG and the series it references, or an
-        image (MONAI Label's convention: a label's id is its image's) and the newest SEG in the PACS that references
-        it. 404 when the PACS has no such series or no SEG of that image; 422 for a SEG that names no series."""
+    def _seg_and_image(self, series_uid: str) -> tuple[str, str, bool]:
+        """``(SEG, image, superseded)`` for a final label asked for by one series UID: a SEG, the series it
+        references and whether a newer SEG of that series is in the PACS; or an image (MONAI Label's convention: a
+        label's id is its image's) and the newest SEG in the PACS that references it. 404 when the PACS has no such
+        series, the image is not among this server's series (its search filter) or has no SEG; 422 for a SEG that
+        names no series; 503 when the PACS does not answer."""
         from pydicom import Dataset
 
-        found = [s for s in self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
-                 if s.get("0020000E", {}).get("Value") == [series_uid]]
-        if not found:
-            raise _not_found(f"no series {series_uid} in the PACS (no final label)")
-        modality = (found[0].get("00080060", {}).get("Value") or [None])[0]
-        meta = None
-        if modality in (None, "SEG"):  # (a series search need not return the modality)
-            meta = Dataset.from_json(self._client.retrieve_series_metadata(found[0]["0020000D"]["Value"][0],
-                                                                           series_uid)[0])
-            modality = meta.get("Modality")
-        if modality != "SEG":
-            newest, _ = self._newest_segs(found[0]["0020000D"]["Value"][0])  # (the SEGs of its study alone)
-            if series_uid not in newest:
-                raise _not_found(f"series {series_uid} has no final label: no SEG in the PACS references it")
-            return newest[series_uid][1], series_uid
         try:
-            ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
-        except (AttributeError, IndexError, KeyError) as e:
-            raise SeriesInputError(f"the SEG {series_uid} names no series it labels (no Referenced Series "
-                                   "Sequence)") from e
-        return series_uid, check_series_uid(ref, f"the series the SEG {series_uid} references:")
+            found = [s for s in self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+                     if s.get("0020000E", {}).get("Value") == [series_uid]]
+            if not found:
+                raise _not_found(f"no series {series_uid} in the PACS (no final label)")
+            study = found[0]["0020000D"]["Value"][0]
+            modality = (found[0].get("00080060", {}).get("Value") or [None])[0]
+            image = series_uid
+            if modality in (None, "SEG"):  # (a series search need not return the modality)
+                meta = Dataset.from_json(self._client.retrieve_series_metadata(study, series_uid)[0])
+                if meta.get("Modality") == "SEG":
+                    try:
+                        image = check_series_uid(str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID),
+                                                 f"the series the SEG {series_uid} references:")
+                    except (AttributeError, IndexError, KeyError) as e:
+                        raise SeriesInputError(f"the SEG {series_uid} names no series it labels (no Referenced "
+                                               "Series Sequence)") from e
+            if image not in self.list_images():
+                raise _not_found(f"the series {image} is not among this server's series (its DICOMweb search "
+                                 "filter): no final label of it is served")
+            newest, incomplete = self._newest_segs(study)  # (the SEGs of its study alone: a SEG is stored there)
+        except requests.exceptions.RequestException as e:
+            raise HTTPException(status_code=503, detail=f"the PACS did not answer for series {series_uid} "
+                                                        f"({type(e).__name__}: {str(e)[:200]}): ask again") from None
+        if image != series_uid:  # a SEG
+            return series_uid, image, image in newest and newest[image][1] != series_uid
+        if image not in newest:
+            if incomplete:
+                raise HTTPException(status_code=503, detail=f"series {image}: a SEG of its study could not be read "
+                                                            "from the PACS, so its newest final label is not known: "
+                                                            "ask again")
+            raise _not_found(f"series {image} has no final label: no SEG in the PACS references it")
+        return newest[image][1], image, False
 
-    def _store_seg_label(self, image_id: str, label_id: str, label_dir: str, label_tag: str, on_grid: str) -> str:
+    def _superseded_path(self, seg_uid: str) -> str:
+        """Where the label read from a SEG that a newer one replaces is kept (a hidden folder: not a label of any
+        image, which MONAI Label's index would take it for)."""
+        return os.path.realpath(os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), ".superseded",
+                                             f"{seg_uid}.nii.gz"))
+
+    def _store_seg_label(self, image_id: str, label_id: str, label_dir: str, label_tag: str, on_grid: str,
+                         superseded: bool = False) -> str:
         """Cache the label read from the SEG ``label_id`` (``on_grid``: on the image's grid) with the SEG's segment
-        names, which travel with it (a training reads it as painted, not by the dataset's codes)."""
+        names, which travel with it (a training reads it as painted, not by the dataset's codes); that of a
+        ``superseded`` SEG aside (:meth:`_superseded_path`), not as the image's label."""
+        if superseded:
+            kept = self._superseded_path(label_id)
+            os.makedirs(os.path.dirname(kept), exist_ok=True)
+            with open(on_grid, "rb") as src:
+                atomic_write(kept, lambda f: shutil.copyfileobj(src, f))
+            return kept
         info = self._dicom_info(label_id)
         named = seg_segments(label_dir)  # the SEG's segment numbers are the converted label's values
         if named:

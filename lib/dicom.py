@@ -384,6 +384,9 @@ def is_projection_series(folder: str | os.PathLike) -> bool:
     return is_projection_image(found)
 
 
+MAGNIFICATION = (1.0, 5.0)  # source-to-detector over source-to-patient distance: 1 at least (~1.1 for a chest film)
+
+
 def projection_affine(ds: pydicom.Dataset, name: str) -> np.ndarray:
     """The 2D image's NIfTI affine: i along the columns, j along the rows (as a PNG is read), spaced in mm by Pixel
     Spacing (in the patient, where calibrated), else Imager Pixel Spacing (at the detector: an X-ray's anatomy is
@@ -404,7 +407,10 @@ def projection_affine(ds: pydicom.Dataset, name: str) -> np.ndarray:
             continue
         if row and col:
             magnified = tag == "ImagerPixelSpacing" and positive(ds.get("EstimatedRadiographicMagnificationFactor"))
-            if magnified:
+            if magnified and not MAGNIFICATION[0] <= magnified <= MAGNIFICATION[1]:
+                logger.warning("DICOM image %s: Estimated Radiographic Magnification Factor %g is outside %g..%g: "
+                               "not used", name, magnified, *MAGNIFICATION)
+            elif magnified:
                 row, col = row / magnified, col / magnified
             return np.diag([col, row, 1.0, 1.0])
     logger.warning("DICOM image %s has no pixel spacing: 1 per pixel", name)

@@ -635,10 +635,31 @@ def test_a_series_fetched_again_replaces_the_cached_copy_only_when_complete(tmp_
             seen.append((nib.load(uri).shape[2], len(list(image_dir.iterdir()))))
             return super().retrieve_series(study, series, media_types)
 
+    original = _label_for(uri, tmp_path / "original.nii.gz")
+    ds.save_label(uid, str(original), "original", {})  # the model's result on the 6 slices, saved with it
+    original_file = Path(ds.get_label_uri(uid, "original"))
     client.__class__ = WatchedPACS
     client.files = by_z
     assert nib.load(ds.get_image_uri(uid)).shape[2] == 10
     assert seen == [(6, 6)], "the cached copy was removed before the new one was complete"
+    assert not original_file.exists(), "a label of the earlier copy's grid was left in the cache (a second review)"
+    # the new copy's swap failing (another process's first download in the gap): the cached copy is put back (a
+    # second review: it was removed with the folder it was moved to)
+    client.__class__ = CountingPACS
+    client.files = by_z[:9]
+    real = os.rename
+
+    def swap_fails(src, dst):
+        if ".download-" in str(src):
+            raise OSError(39, "Directory not empty")
+        return real(src, dst)
+
+    os.rename = swap_fails
+    try:
+        assert nib.load(ds.get_image_uri(uid)).shape[2] == 10
+    finally:
+        os.rename = real
+    assert len(list(image_dir.iterdir())) == 10, "the cached DICOM copy was lost"
 
     class FailingPACS(CountingPACS):
         def retrieve_series(self, study, series, media_types=None):
@@ -936,6 +957,44 @@ def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):
         got = np.asarray(nib.load(alone.get_label_uri(asked, "final")).dataobj)
         assert np.array_equal(got > 0, np.asarray(want) > 0), asked
         assert not (Path(alone._datastore.label_path("final")) / a).exists(), "the CT went into the label cache"
+    # in one cache (a second review): the image's id alone is its newest SEG even where the cache holds an older
+    # one's label (a training listed before the correction), and the older SEG asked for does not replace it
+    from fastapi import HTTPException
+
+    def painted(path):
+        return np.asarray(nib.load(path).dataobj) > 0
+
+    one = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / "one"),
+                                   fetch_by_frame=False, convert_to_nifti=True)
+    one._observer.stop()
+    one._observer.join()
+    one.get_label_uri(old.SeriesInstanceUID, "final", a)  # (how a training's listing caches a SEG's label)
+    assert np.array_equal(painted(one.get_label_uri(a, "final")), corrected > 0), "the cached older label served"
+    assert np.array_equal(painted(one.get_label_uri(old.SeriesInstanceUID, "final")), painted(str(first)))
+    assert one.get_label_info(a, "final")["SeriesInstanceUID"] == new.SeriesInstanceUID, "the older SEG replaced it"
+    assert np.array_equal(painted(one.get_label_uri(a, "final", a)), corrected > 0), "the older SEG replaced it"
+    # a PACS that does not answer, or fails on a SEG of the study: 503 naming it, not a 500 nor a false 404
+    import requests as http
+
+    def refused(*_, **__):
+        raise http.exceptions.ConnectionError("Connection refused")
+
+    for broken, phrase in (("search_for_series", "the PACS did not answer"),
+                           ("retrieve_series_metadata", "could not be read from the PACS")):
+        fresh = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / broken),
+                                         fetch_by_frame=False, convert_to_nifti=True)
+        fresh._observer.stop()
+        fresh._observer.join()
+        listing = type(client).search_for_series
+        setattr(client, broken, refused if broken == "retrieve_series_metadata" else
+                (lambda search_filters=None, **kw: refused() if (search_filters or {}).get("SeriesInstanceUID")
+                 else listing(client, search_filters, **kw)))
+        try:
+            with pytest.raises(HTTPException) as e:
+                fresh.get_label_uri(a, "final")
+        finally:
+            delattr(client, broken)
+        assert e.value.status_code == 503 and phrase in e.value.detail, (broken, e.value.detail)
     # a PACS that fails on one SEG while the SEGs are listed: left out with a warning, and no cached label is removed
     # on that partial view (a second review: the SEG's series counted as no longer labelled)
     import requests as http
@@ -950,6 +1009,13 @@ def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):
     assert [Path(i["label"]).name for i in ds.datalist()] == [Path(cached).name]
     assert Path(cached).is_file() and Path(cached).read_bytes() == kept, "a PACS error deleted the cached final label"
     assert ds.get_label_info(a, "final")["SeriesInstanceUID"] == new.SeriesInstanceUID
+    # a cached series that no longer converts (a new copy the PACS changed and that was refused) keeps its index
+    # entry and final label: the pair is left out of the training data, not listed with an image that is not there
+    del client.retrieve_series_metadata
+    image = Path(ds.get_image_uri(a))
+    sorted((image.parent / a).iterdir())[3].unlink()  # (a slice missing in the copy fetched again)
+    image.unlink()
+    assert ds.datalist() == [], "a pair without its image file was listed"
 
 
 def test_a_series_deleted_from_the_pacs_is_not_served_nor_labelled_and_a_pacs_that_is_down_stores_nothing(tmp_path):

@@ -121,10 +121,10 @@ def test_an_xray_dicom_reads_as_its_png_does(tmp_path):
     got = load({"image": str(tmp_path / "aniso")})["image"]
     assert np.allclose(got.pixdim.numpy(), [0.25, 0.5]), got.pixdim
     # the detector's spacing alone, with the magnification the X-ray's geometry gives: the size in the patient (as
-    # OHIF's ruler); a magnification that is no number is not used
+    # OHIF's ruler); a magnification that is no number, or below 1 (impossible: a ratio of distances), is not used
     ds = pydicom.dcmread(str(tmp_path / "aniso" / "x.dcm"))
     del ds.PixelSpacing
-    for ermf, want in (("1.25", [0.2, 0.4]), ("-1.25", [0.25, 0.5]), ("", [0.25, 0.5])):
+    for ermf, want in (("1.25", [0.2, 0.4]), ("-1.25", [0.25, 0.5]), ("", [0.25, 0.5]), ("0.5", [0.25, 0.5])):
         ds.EstimatedRadiographicMagnificationFactor = ermf
         ds.save_as(str(tmp_path / "aniso" / "x.dcm"))
         got = load({"image": str(tmp_path / "aniso")})["image"]
@@ -235,7 +235,7 @@ class _XrayPACS:
         for ds in self.files:
             if f.get("SeriesInstanceUID") not in (None, ds.SeriesInstanceUID):
                 continue
-            if f.get("Modality") == "SEG" and ds.Modality != "SEG":
+            if f.get("Modality") not in (None, ds.Modality):
                 continue
             out.append({"0020000E": {"vr": "UI", "Value": [ds.SeriesInstanceUID]},
                         "0020000D": {"vr": "UI", "Value": [ds.StudyInstanceUID]},
@@ -258,11 +258,11 @@ class _XrayPACS:
         return r
 
 
-def _datastore(client, cache):
+def _datastore(client, cache, search_filter=None):
     from lib.datastore import CheckedDICOMWebDatastore
 
-    ds = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(cache), fetch_by_frame=False,
-                                  convert_to_nifti=True)
+    ds = CheckedDICOMWebDatastore(client=client, search_filter=search_filter or {}, cache_path=str(cache),
+                                  fetch_by_frame=False, convert_to_nifti=True)
     ds._observer.stop()
     ds._observer.join()
     return ds
@@ -331,6 +331,13 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
         got = alone.get_label_uri(asked, "final")
         assert got and np.array_equal(np.asarray(nib.load(got).dataobj), lab), asked
         assert not (Path(alone._datastore.label_path("final")) / uid).exists(), "the X-ray went into the label cache"
+    # a SEG of a series this server does not serve (its search filter): named, nothing fetched (a second review: the
+    # series was fetched into the cache, and its pair later listed without its label file)
+    for asked in (seg.SeriesInstanceUID, uid):
+        elsewhere = _datastore(client, tmp_path / "cache_ct_only", {"Modality": "CT"})
+        with pytest.raises(HTTPException, match="is not among this server's series") as e:
+            elsewhere.get_label_uri(asked, "final")
+        assert e.value.status_code == 404 and not list((tmp_path / "cache_ct_only").rglob("*.dcm")), asked
     # a SEG of the X-ray that another tool wrote without its per-frame descriptions: named, not a crash
     import copy
 
