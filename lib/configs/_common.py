@@ -9,7 +9,8 @@ Conf keys (``--conf KEY VALUE``), ``<name>`` being the model (config module) nam
 * ``interactive``: also serve ``<name>_interactive`` (clicks; default ``true``)
 * ``uncertainty_samples``: M, the samples per image for uncertainty scoring (default 4)
 * ``next_sample_scoring_s``: the seconds a Next Sample may spend scoring images not yet scored by the served
-  checkpoint (default 10; at least one image; the server answers nothing else meanwhile)
+  checkpoint (default 10; at least one image; it runs in the model thread: other inferences wait, the rest is
+  answered)
 """
 
 from __future__ import annotations
