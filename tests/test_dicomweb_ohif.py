@@ -676,6 +676,14 @@ def test_a_series_fetched_again_replaces_the_cached_copy_only_when_complete(tmp_
         with pytest.raises(Exception, match="missing slices"):
             ds.get_image_uri(uid)
 
+    class VanishingPACS(CountingPACS):  # another count when asked, then gone when the series is fetched
+        def search_for_series(self, search_filters=None, **kw):
+            return super().search_for_series(search_filters, **kw) if kw.get("fields") else []
+
+    client.__class__ = VanishingPACS
+    client.files = by_z
+    assert ds.get_image_uri(uid) == "" and not image_dir.exists(), "a series deleted while fetched again was served"
+
 
 def test_a_download_that_finds_another_process_s_complete_copy_keeps_it(tmp_path):
     """A review: two processes fetching one series (the server and a training or scoring process) -- the second to
