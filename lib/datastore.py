@@ -379,38 +379,64 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             self.get_image_uri(image_id=image_id)
             self.get_label_uri(label_id=seg_uid, label_tag=DefaultLabelTag.FINAL, image_id=image_id)
 
+    SEG_REFS = ".seg_references.json"  # in the cache's final-label folder: {SEG uid: [series it references, time]}
+
     def _newest_segs(self, study_uid: str | None = None) -> tuple[dict[str, tuple], bool]:
         """``{series: (time, SEG uid)}``: the newest SEG in the PACS (in ``study_uid``, where given: a SEG is stored
         in its image's study) that references each of this server's series, and whether a SEG could not be read
-        (then which series it labels is unknown)."""
+        (then which series it labels is unknown). What a SEG references and when it was made are read from the
+        PACS once and kept in the cache (:attr:`SEG_REFS`; a SEG does not change): every listing -- each training's
+        start -- asked the PACS for the metadata of every SEG it holds."""
         from pydicom import Dataset
 
+        refs_path = os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), self.SEG_REFS)
+        try:
+            with open(refs_path, encoding="utf-8") as f:
+                known = json.load(f)
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        read: dict[str, list] = {}
         newest: dict[str, tuple] = {}
         incomplete = False  # a SEG the PACS did not return: which series it labels is unknown
         wanted = {"Modality": "SEG", **({"StudyInstanceUID": study_uid} if study_uid else {})}
         for found in self._client.search_for_series(search_filters=wanted):
             seg = Dataset.from_json(found)
             seg_uid, study_uid = str(seg.get("SeriesInstanceUID", "")), str(seg.get("StudyInstanceUID", ""))
-            try:
-                meta = Dataset.from_json(self._client.retrieve_series_metadata(study_uid, seg_uid)[0])
-            except Exception as e:  # noqa: BLE001 - a PACS error on one SEG: the others still train
-                logger.warning("SEG %s could not be read from the PACS (%s: %s): left out of this listing", seg_uid,
-                               type(e).__name__, str(e)[:200])
-                incomplete = True
-                continue
-            try:
-                ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
-            except (AttributeError, IndexError, KeyError) as e:  # a SEG without a referenced series: skipped
-                logger.warning("SEG %s ignored: no referenced series (%s)", seg_uid, type(e).__name__)
+            entry = known.get(seg_uid)
+            if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
+                ref, stamp = entry
+            else:
+                try:
+                    meta = Dataset.from_json(self._client.retrieve_series_metadata(study_uid, seg_uid)[0])
+                except Exception as e:  # noqa: BLE001 - a PACS error on one SEG: the others still train
+                    logger.warning("SEG %s could not be read from the PACS (%s: %s): left out of this listing",
+                                   seg_uid, type(e).__name__, str(e)[:200])
+                    incomplete = True
+                    continue
+                try:
+                    ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
+                except (AttributeError, IndexError, KeyError) as e:  # a SEG without a referenced series: skipped
+                    logger.warning("SEG %s ignored: no referenced series (%s)", seg_uid, type(e).__name__)
+                    ref = ""
+                stamp = max(f"{meta.get(d, '') or ''}{meta.get(t, '') or ''}" for d, t in (
+                    ("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
+                    ("InstanceCreationDate", "InstanceCreationTime")))
+                read[seg_uid] = [ref, stamp]
+            if not ref:
                 continue
             if ref not in self.list_images():
                 logger.warning("SEG %s ignored: its series %s is not among this server's series", seg_uid, ref)
                 continue
-            stamp = max(f"{meta.get(d, '') or ''}{meta.get(t, '') or ''}" for d, t in (
-                ("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
-                ("InstanceCreationDate", "InstanceCreationTime")))
             if ref not in newest or (stamp, seg_uid) > newest[ref]:
                 newest[ref] = (stamp, seg_uid)
+        if read:
+            text = json.dumps({**known, **read})
+            try:
+                os.makedirs(os.path.dirname(refs_path), exist_ok=True)
+                atomic_write(refs_path, lambda f: f.write(text.encode("utf-8")))
+            except OSError as e:  # (read again next time)
+                logger.warning("the SEG references could not be kept in %s: %s", refs_path, e)
         return newest, incomplete
 
     def _left_out(self, what: str, e: Exception) -> str:

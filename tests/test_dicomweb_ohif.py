@@ -954,6 +954,22 @@ def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):
         got = np.asarray(nib.load(item["label"]).dataobj)
         assert np.array_equal(got > 0, corrected > 0), f"the superseded label was listed (PACS order {k})"
         assert ds.get_label_info(a, "final")["SeriesInstanceUID"] == new.SeriesInstanceUID
+    # what each SEG references, and when it was made, is read from the PACS once per cache: each listing (each
+    # training's start) asked the PACS for the metadata of every SEG it holds
+    asked = []
+    client.retrieve_series_metadata = lambda study, series: asked.append(series) or SegPACS.retrieve_series_metadata(
+        client, study, series)
+    again = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / "cache1"),
+                                     fetch_by_frame=False, convert_to_nifti=True)
+    again._observer.stop()
+    again._observer.join()
+    (item,) = again.datalist()
+    del client.retrieve_series_metadata
+    assert asked == [] and np.array_equal(np.asarray(nib.load(item["label"]).dataobj) > 0, corrected > 0), asked
+    refs = Path(again._datastore.label_path("final")) / CheckedDICOMWebDatastore.SEG_REFS
+    refs.write_text('{"truncated')  # (a disk that filled during a write): read from the PACS again
+    assert [Path(i["label"]).name for i in again.datalist()] == [Path(item["label"]).name]
+    assert len(json.loads(refs.read_text())) == 2
     # GET /datastore/label with one series id (a review, 2026-12-07): the image's id stands for its newest SEG, a
     # SEG's for itself, on the image's grid (MONAI Label downloaded the CT itself into the label cache for the first,
     # then a 500 "not a DICOM-SEG" on every call, and returned the second cropped to its painted slices)
