@@ -381,12 +381,13 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
 
     SEG_REFS = ".seg_references.json"  # in the cache's final-label folder: {SEG uid: [series it references, time]}
 
-    def _newest_segs(self, study_uid: str | None = None) -> tuple[dict[str, tuple], bool]:
+    def _newest_segs(self, study_uid: str | None = None, served: set | None = None) -> tuple[dict[str, tuple], bool]:
         """``{series: (time, SEG uid)}``: the newest SEG in the PACS (in ``study_uid``, where given: a SEG is stored
         in its image's study) that references each of this server's series, and whether a SEG could not be read
         (then which series it labels is unknown). What a SEG references and when it was made are read from the
         PACS once and kept in the cache (:attr:`SEG_REFS`; a SEG does not change): every listing -- each training's
-        start -- asked the PACS for the metadata of every SEG it holds."""
+        start -- asked the PACS for the metadata of every SEG it holds. ``served``: the series counted as this
+        server's (default: MONAI Label's list of them)."""
         from pydicom import Dataset
 
         refs_path = os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), self.SEG_REFS)
@@ -425,7 +426,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 read[seg_uid] = [ref, stamp]
             if not ref:
                 continue
-            if ref not in self.list_images():
+            if ref not in (self.list_images() if served is None else served):
                 logger.warning("SEG %s ignored: its series %s is not among this server's series", seg_uid, ref)
                 continue
             if ref not in newest or (stamp, seg_uid) > newest[ref]:
@@ -506,13 +507,15 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 # FreshIndex.add_image copies the converted file into the cache and records its info in the index
                 # as it is on disk (MONAI Label's wrote its in-memory copy over a subprocess's scores)
                 FreshIndex.add_image(self, image_id, tmp, info)
-                if state and before is not None:
-                    # the entry of the copy it replaces went with its scores and labels; the files of its labels
-                    # (on the earlier grid) go too, but the final label's, which the SEG gives again on this grid
-                    for tag, label in before.labels.items():
+                if state:
+                    # the entry of the copy it replaces went with its scores and labels; the files of its labels (on
+                    # the earlier grid) go too -- the final one's as well, which its SEG gives again on this grid (a
+                    # review: MONAI Label's refresh took the file back into the index, paired with the new image)
+                    for tag, label in (before.labels.items() if before is not None else []):
                         stale = os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext))
-                        if tag != DefaultLabelTag.FINAL and os.path.isfile(stale):
+                        if os.path.isfile(stale):
                             os.unlink(stale)
+                    shutil.rmtree(os.path.dirname(self._superseded_path("", image_id)), ignore_errors=True)
         return image_nii_gz
 
     RECHECK_S = 300.0  # how often (per series and process) a cached series is compared with the PACS
@@ -812,7 +815,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             label_id, image_id, superseded = self._seg_and_image(label_id)
         label_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
         if self._convert_to_nifti:
-            kept = self._superseded_path(label_id) if superseded else \
+            kept = self._superseded_path(label_id, image_id) if superseded else \
                 self._stored_label_path(image_id, label_tag, label_id)  # (a label cached from another SEG: read again)
             if kept and os.path.isfile(kept):
                 return kept
@@ -869,28 +872,39 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                     except (AttributeError, IndexError, KeyError) as e:
                         raise SeriesInputError(f"the SEG {series_uid} names no series it labels (no Referenced "
                                                "Series Sequence)") from e
-            if image not in self.list_images():
+            if not self._serves(image):
                 raise _not_found(f"the series {image} is not among this server's series (its DICOMweb search "
                                  "filter): no final label of it is served")
-            newest, incomplete = self._newest_segs(study)  # (the SEGs of its study alone: a SEG is stored there)
+            # (the SEGs of its study alone: a SEG is stored there)
+            newest, incomplete = self._newest_segs(study, served=set(self.list_images()) | {image})
         except requests.exceptions.RequestException as e:
             raise HTTPException(status_code=503, detail=f"the PACS did not answer for series {series_uid} "
                                                         f"({type(e).__name__}: {str(e)[:200]}): ask again") from None
-        if image != series_uid:  # a SEG
-            return series_uid, image, image in newest and newest[image][1] != series_uid
+        if image != series_uid:  # a SEG: the image's label only where it is known to be the newest
+            return series_uid, image, incomplete or (image in newest and newest[image][1] != series_uid)
+        if incomplete:  # (a newer SEG than those read may be among those not read: a review)
+            raise HTTPException(status_code=503, detail=f"series {image}: a SEG of its study could not be read from "
+                                                        "the PACS, so its newest final label is not known: ask again")
         if image not in newest:
-            if incomplete:
-                raise HTTPException(status_code=503, detail=f"series {image}: a SEG of its study could not be read "
-                                                            "from the PACS, so its newest final label is not known: "
-                                                            "ask again")
             raise _not_found(f"series {image} has no final label: no SEG in the PACS references it")
         return newest[image][1], image, False
 
-    def _superseded_path(self, seg_uid: str) -> str:
-        """Where the label read from a SEG that a newer one replaces is kept (a hidden folder: not a label of any
-        image, which MONAI Label's index would take it for)."""
+    def _serves(self, series_uid: str) -> bool:
+        """The series is among this server's (its search filter): in MONAI Label's list, which it keeps for
+        MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (2 h), else asked of the PACS now (a review: a study sent to the PACS
+        after the list was made was a 404 for that long)."""
+        if series_uid in self.list_images():
+            return True
+        found = self._client.search_for_series(search_filters={**(self._search_filter or {}),
+                                                               "SeriesInstanceUID": series_uid})
+        return any(s.get("0020000E", {}).get("Value") == [series_uid] for s in found)
+
+    def _superseded_path(self, seg_uid: str, image_id: str) -> str:
+        """Where the label read from a SEG that a newer one replaces (or may: a SEG of its study could not be read)
+        is kept: a hidden folder per image (not a label of any image, which MONAI Label's index would take it for;
+        removed when the image is fetched again)."""
         return os.path.realpath(os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), ".superseded",
-                                             f"{seg_uid}.nii.gz"))
+                                             image_id, f"{seg_uid}.nii.gz"))
 
     def _store_seg_label(self, image_id: str, label_id: str, label_dir: str, label_tag: str, on_grid: str,
                          superseded: bool = False) -> str:
@@ -898,7 +912,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         names, which travel with it (a training reads it as painted, not by the dataset's codes); that of a
         ``superseded`` SEG aside (:meth:`_superseded_path`), not as the image's label."""
         if superseded:
-            kept = self._superseded_path(label_id)
+            kept = self._superseded_path(label_id, image_id)
             os.makedirs(os.path.dirname(kept), exist_ok=True)
             with open(on_grid, "rb") as src:
                 atomic_write(kept, lambda f: shutil.copyfileobj(src, f))
@@ -918,8 +932,10 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         lab = obj.labels.get(label_tag) if obj else None
         if lab is None:
             return None
-        if label_id is not None and lab.info.get("SeriesInstanceUID") not in (None, label_id):
-            return None  # the cache holds another SEG's label (the PACS has a newer one): converted again
+        if label_id is not None and lab.info.get("SeriesInstanceUID") != label_id:
+            # the cache holds another SEG's label (the PACS has a newer one), or a label file the index took back
+            # without its SEG (MONAI Label's refresh, after a re-fetch on a new grid: a review): converted again
+            return None
         path = os.path.realpath(os.path.join(self._datastore.label_path(label_tag),
                                               lab.info.get("name") or self._filename(image_id, lab.ext)))
         return path if os.path.isfile(path) else None

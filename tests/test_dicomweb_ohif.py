@@ -685,6 +685,92 @@ def test_a_series_fetched_again_replaces_the_cached_copy_only_when_complete(tmp_
     assert ds.get_image_uri(uid) == "" and not image_dir.exists(), "a series deleted while fetched again was served"
 
 
+class SegListingPACS(CountingPACS):
+    """A PACS that lists the SEGs it was sent (STOW-RS) and serves their metadata, and lists (without a series
+    filter) only the series not in ``hidden``."""
+
+    hidden: tuple = ()
+
+    def search_for_series(self, search_filters=None, **kw):
+        f = search_filters or {}
+        if f.get("Modality") == "SEG":
+            return [{"0020000E": {"vr": "UI", "Value": [str(x.SeriesInstanceUID)]},
+                     "0020000D": {"vr": "UI", "Value": [str(x.StudyInstanceUID)]},
+                     "00080060": {"vr": "CS", "Value": ["SEG"]}} for x in self.stored]
+        found = [r for r in super().search_for_series(search_filters, **kw)
+                 if f.get("SeriesInstanceUID") or r["0020000E"]["Value"][0] not in self.hidden]
+        seg = [x for x in self.stored if x.SeriesInstanceUID == f.get("SeriesInstanceUID")]
+        return found + [{"0020000E": {"vr": "UI", "Value": [str(x.SeriesInstanceUID)]},
+                         "0020000D": {"vr": "UI", "Value": [str(x.StudyInstanceUID)]},
+                         "00080060": {"vr": "CS", "Value": ["SEG"]}} for x in seg]
+
+    def retrieve_series_metadata(self, study, series):
+        return [x.to_json_dict() for x in self.files + self.stored if x.SeriesInstanceUID == series][:1]
+
+    def retrieve_series(self, study, series, media_types=None):
+        return [x for x in self.files + self.stored if x.SeriesInstanceUID == series]
+
+
+def test_a_final_label_follows_the_pacs_through_a_new_grid_a_late_series_and_an_unreadable_seg(tmp_path):
+    """A second review (2026-12-07) of the final label read from the PACS: (1) a series fetched again on a new grid
+    kept its final label file of the earlier grid, which MONAI Label's refresh took back into the index, paired with
+    the new image; (2) a series sent to the PACS after MONAI Label listed its series (a list kept 2 h) was a 404
+    "not among this server's series"; (3) while the PACS could not return the metadata of the newest SEG, the older
+    one was served for the image and stored over the label just submitted."""
+    from fastapi import HTTPException
+
+    open_ds, client, (a, b) = _fake_dicomweb(tmp_path, series=("a", "b"), shape=(24, 20, 10))
+    b_files = [f for f in client.files if f.SeriesInstanceUID == b]
+    a_by_z = sorted([f for f in client.files if f.SeriesInstanceUID == a],
+                    key=lambda f: float(f.ImagePositionPatient[2]))
+    client.__class__ = SegListingPACS
+    client.files = a_by_z[:6] + b_files  # the PACS still receiving a
+    ds = open_ds()
+    ds.RECHECK_S = 0
+    uri = ds.get_image_uri(a)
+    ds.save_label(a, str(_label_for(uri, tmp_path / "a6.nii.gz")), "final", {})
+    seg6 = client.stored[-1].SeriesInstanceUID
+    assert nib.load(ds.get_label_uri(seg6, "final", a)).shape[2] == 6
+    client.files = a_by_z + b_files  # a's other 4 slices arrive: fetched again on a 10-slice grid
+    assert nib.load(ds.get_image_uri(a)).shape[2] == 10
+    assert not (Path(ds._datastore.label_path("final")) / f"{a}.nii.gz").exists(), "the earlier grid's label kept"
+    training = open_ds()  # (another process: MONAI Label's refresh of the cache folder at its start)
+    for item in training.datalist():
+        assert nib.load(item["image"]).shape == nib.load(item["label"]).shape, "a label of the earlier grid paired"
+    # (2) b reaches the PACS after this server listed its series
+    client.hidden = (b,)
+    late = open_ds()
+    assert b not in late.list_images()
+    client.hidden = ()
+    uri_b = late.get_image_uri(b)
+    annotator = open_ds()  # (another process) submits b's label
+    annotator.save_label(b, str(_label_for(uri_b, tmp_path / "b.nii.gz")), "final", {})
+    client.hidden = (b,)  # (the save cleared this process's lists; they are made again before b shows)
+    late_list = late.list_images()  # (kept for 2 h)
+    client.hidden = ()
+    assert b not in late_list
+    assert nib.load(late.get_label_uri(b, "final")).shape[2] == 10, "a series listed late was a 404"
+    # (3) a label submitted again; the PACS cannot yet return the new SEG's metadata
+    first = client.stored[-1].SeriesInstanceUID
+    corrected = np.zeros(nib.load(uri_b).shape, np.uint8)
+    corrected[3:20, 3:15, 2:8] = 1
+    nib.save(nib.Nifti1Image(corrected, nib.load(uri_b).affine), str(tmp_path / "b2.nii.gz"))
+    annotator.save_label(b, str(tmp_path / "b2.nii.gz"), "final", {})
+    newest = client.stored[-1].SeriesInstanceUID
+    real = SegListingPACS.retrieve_series_metadata
+    client.retrieve_series_metadata = lambda study, series: (_ for _ in ()).throw(
+        requests.exceptions.ConnectionError("reset")) if series == newest else real(client, study, series)
+    try:
+        with pytest.raises(HTTPException) as e:
+            annotator.get_label_uri(b, "final")
+        assert e.value.status_code == 503, e.value.detail
+        older = np.asarray(nib.load(annotator.get_label_uri(first, "final")).dataobj)  # read aside
+    finally:
+        del client.retrieve_series_metadata
+    assert older.sum() and annotator.get_label_info(b, "final")["SeriesInstanceUID"] == newest, \
+        "the older SEG was stored over the label just submitted"
+
+
 def test_a_download_that_finds_another_process_s_complete_copy_keeps_it(tmp_path):
     """A review: two processes fetching one series (the server and a training or scoring process) -- the second to
     finish removed the first one's complete folder (rmtree "an empty leftover") while the first read it: a false
