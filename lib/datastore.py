@@ -403,13 +403,13 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         wanted = {"Modality": "SEG", **({"StudyInstanceUID": study_uid} if study_uid else {})}
         for found in self._client.search_for_series(search_filters=wanted):
             seg = Dataset.from_json(found)
-            seg_uid, study_uid = str(seg.get("SeriesInstanceUID", "")), str(seg.get("StudyInstanceUID", ""))
+            seg_uid, seg_study = str(seg.get("SeriesInstanceUID", "")), str(seg.get("StudyInstanceUID", ""))
             entry = known.get(seg_uid)
             if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
                 ref, stamp = entry
             else:
                 try:
-                    meta = Dataset.from_json(self._client.retrieve_series_metadata(study_uid, seg_uid)[0])
+                    meta = Dataset.from_json(self._client.retrieve_series_metadata(seg_study, seg_uid)[0])
                 except Exception as e:  # noqa: BLE001 - a PACS error on one SEG: the others still train
                     logger.warning("SEG %s could not be read from the PACS (%s: %s): left out of this listing",
                                    seg_uid, type(e).__name__, str(e)[:200])
