@@ -824,22 +824,22 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 return ""  # no such series in the PACS
         if not self._convert_to_nifti:
             return label_dir
-        image_uri = self.get_image_uri(image_id) if image_id else ""
-        if image_uri and is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:  # (before reading the SEG: a SEG read without its image was a 500 in pydicom-seg)
+            raise HTTPException(status_code=404, detail=f"the series {image_id} this SEG labels is not in the PACS "
+                                                        "or cannot be read")
+        if is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
             # the SEG of an X-ray has no plane positions, which pydicom-seg (MONAI Label's reader) needs
             with tempfile.TemporaryDirectory() as tmp:
                 on_grid = projection_seg_label(label_dir, image_uri, os.path.join(tmp, "label.nii.gz"))
                 return self._store_seg_label(image_id, label_id, label_dir, label_tag, on_grid, superseded)
         converted = dicom_to_nifti(label_dir, is_seg=True)  # a temporary .seg.nrrd
-        if not converted or not image_id:
-            return converted or ""
+        if not converted:
+            return ""
         on_grid = None
         try:
             # a SEG holds the frames its writer kept (dcmqi skips empty slices; another tool may crop in-plane): the
             # volume read back covered the painted slices only, so the trainer's label check left the image out
-            if not image_uri:
-                raise HTTPException(status_code=404, detail=f"the series {image_id} this SEG labels is not in the PACS "
-                                                            "or cannot be read")
             on_grid = label_on_image_grid(converted, image_uri)
             return self._store_seg_label(image_id, label_id, label_dir, label_tag, on_grid, superseded)
         finally:

@@ -178,6 +178,14 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
     folder, out_path = str(folder), str(out_path)
     datasets = read_series(folder)
     name = name or Path(folder).name
+    kind = next((m for m in (str(ds.get("Modality", "") or "").strip().upper() for ds in datasets)
+                 if m in NOT_IMAGES), None)
+    if kind:  # (a SEG of an X-ray was converted as an X-ray, indexed and segmented: a review)
+        try:
+            ref = f": the image it refers to is series {datasets[0].ReferencedSeriesSequence[0].SeriesInstanceUID}"
+        except (AttributeError, IndexError):
+            ref = ""
+        raise InputError(f"DICOM series {name}: a {kind} series ({NOT_IMAGES[kind]}), not an image{ref}")
     if is_projection_image(datasets):  # an X-ray (DX, CR): one 2D image (was refused: "only 1 slice(s)")
         return projection_to_nifti(folder, out_path, name)
     if len(datasets) > 1 and all(is_projection_image([ds]) for ds in datasets):
@@ -340,6 +348,8 @@ def write_ct_series(volume_hu: np.ndarray, affine_ras: np.ndarray, out_dir: str 
 # -- projection radiographs (DX, CR, ...): one instance, one 2D image, no plane in space ---------------------------
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RG"}
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+NOT_IMAGES = {"SEG": "a segmentation", "RTSTRUCT": "contours", "SR": "a report", "PR": "a presentation state",
+              "KO": "a key-object selection", "REG": "a registration", "RTPLAN": "a treatment plan"}
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1",  # DX, MG,
                               "1.2.840.10008.5.1.4.1.1.1.3.1"}  # IO ("for processing")

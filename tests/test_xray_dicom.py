@@ -331,6 +331,17 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
         got = alone.get_label_uri(asked, "final")
         assert got and np.array_equal(np.asarray(nib.load(got).dataobj), lab), asked
         assert not (Path(alone._datastore.label_path("final")) / uid).exists(), "the X-ray went into the label cache"
+    # the SEG's own id asked for as an image (a review, 2026-12-07: it was converted as an X-ray -- it has no plane
+    # either --, indexed, and could be segmented and labelled); a SEG read for an image the PACS does not have: a 404
+    # (was pydicom-seg's AttributeError, a 500)
+    as_image = _datastore(client, tmp_path / "cache_seg_as_image")
+    with pytest.raises(InputError, match=rf"a SEG series \(a segmentation\), not an image: the image it refers to is "
+                                         rf"series {uid}"):
+        as_image.get_image_uri(seg.SeriesInstanceUID)
+    assert seg.SeriesInstanceUID not in as_image._datastore.objects
+    with pytest.raises(HTTPException, match="this SEG labels is not in the PACS") as e:
+        as_image.get_label_uri(seg.SeriesInstanceUID, "final", "1.2.3.4")
+    assert e.value.status_code == 404
     # a SEG of a series this server does not serve (its search filter): named, nothing fetched (a second review: the
     # series was fetched into the cache, and its pair later listed without its label file)
     for asked in (seg.SeriesInstanceUID, uid):
