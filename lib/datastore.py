@@ -293,6 +293,12 @@ class FreshIndex:
         return super().remove_image(image_id)
 
 
+def seg_stamp(meta) -> str:
+    """When a SEG was made, as a sortable text: the latest of its content, series and instance creation date+time."""
+    return max(f"{meta.get(d, '') or ''}{meta.get(t, '') or ''}" for d, t in (
+        ("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"), ("InstanceCreationDate", "InstanceCreationTime")))
+
+
 def _not_found(detail: str):
     from fastapi import HTTPException
 
@@ -390,13 +396,8 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         server's (default: MONAI Label's list of them)."""
         from pydicom import Dataset
 
-        refs_path = os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), self.SEG_REFS)
-        try:
-            with open(refs_path, encoding="utf-8") as f:
-                known = json.load(f)
-            known = known if isinstance(known, dict) else {}
-        except (OSError, ValueError):
-            known = {}
+        known = self._known_segs()
+        listed: set[str] = set()
         read: dict[str, list] = {}
         newest: dict[str, tuple] = {}
         incomplete = False  # a SEG the PACS did not return: which series it labels is unknown
@@ -404,6 +405,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         for found in self._client.search_for_series(search_filters=wanted):
             seg = Dataset.from_json(found)
             seg_uid, seg_study = str(seg.get("SeriesInstanceUID", "")), str(seg.get("StudyInstanceUID", ""))
+            listed.add(seg_uid)
             entry = known.get(seg_uid)
             if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
                 ref, stamp = entry
@@ -420,9 +422,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 except (AttributeError, IndexError, KeyError) as e:  # a SEG without a referenced series: skipped
                     logger.warning("SEG %s ignored: no referenced series (%s)", seg_uid, type(e).__name__)
                     ref = ""
-                stamp = max(f"{meta.get(d, '') or ''}{meta.get(t, '') or ''}" for d, t in (
-                    ("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
-                    ("InstanceCreationDate", "InstanceCreationTime")))
+                stamp = seg_stamp(meta)
                 read[seg_uid] = [ref, stamp]
             if not ref:
                 continue
@@ -431,14 +431,34 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 continue
             if ref not in newest or (stamp, seg_uid) > newest[ref]:
                 newest[ref] = (stamp, seg_uid)
-        if read:
-            text = json.dumps({**known, **read})
-            try:
-                os.makedirs(os.path.dirname(refs_path), exist_ok=True)
-                atomic_write(refs_path, lambda f: f.write(text.encode("utf-8")))
-            except OSError as e:  # (read again next time)
-                logger.warning("the SEG references could not be kept in %s: %s", refs_path, e)
+        # the SEGs the PACS no longer lists are forgotten on a whole listing (not on one study's, nor a partial one)
+        self._remember_segs(read, keep=listed if study_uid is None and not incomplete else None)
         return newest, incomplete
+
+    def _known_segs(self) -> dict:
+        """The SEG references kept in the cache (:attr:`SEG_REFS`); an unreadable file counts as none."""
+        try:
+            with open(os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), self.SEG_REFS),
+                      encoding="utf-8") as f:
+                known = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    def _remember_segs(self, new: dict, keep: set | None) -> None:
+        """Add ``new`` to the kept SEG references and, with ``keep``, drop the others not in it (written atomically;
+        a lost update between processes costs a second read from the PACS)."""
+        known = self._known_segs()
+        merged = {k: v for k, v in known.items() if keep is None or k in keep} | new
+        if merged == known:
+            return
+        path = os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), self.SEG_REFS)
+        text = json.dumps(merged)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+        except OSError as e:  # (read again next time)
+            logger.warning("the SEG references could not be kept in %s: %s", path, e)
 
     def _left_out(self, what: str, e: Exception) -> str:
         if not getattr(self, "_leave_out_bad", False):
@@ -486,7 +506,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                type(e).__name__, str(e)[:200])
                 state = False
         elif not os.path.exists(image_dir) or not os.listdir(image_dir):
-            if not self._download(image_id, image_dir):
+            if not self._fetch(image_id, image_dir):
                 return ""  # no such series in the PACS
         if not self._convert_to_nifti:
             return image_dir
@@ -554,6 +574,16 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             return count is not None and int(count) != len(os.listdir(image_dir))
         except (TypeError, ValueError):
             return False
+
+    def _fetch(self, series_uid: str, folder: str) -> bool:
+        """:meth:`_download` of a series not cached yet; a PACS that does not answer is a 503 naming the series (was a
+        500 through MONAI Label's endpoints: a review)."""
+        try:
+            return self._download(series_uid, folder)
+        except requests.exceptions.RequestException as e:
+            raise HTTPException(status_code=503, detail=f"series {series_uid}: the PACS did not return it "
+                                                        f"({type(e).__name__}: {str(e)[:200]}); nothing was cached: "
+                                                        "ask again") from None
 
     def _download(self, series_uid: str, image_dir: str, replace: bool = False) -> bool:
         """All instances of the series, as stored, into ``image_dir`` (complete or not at all); ``replace``: over
@@ -719,6 +749,12 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                  "label", "nothing was stored")
             try:
                 label_series_id = dicom_web_upload_dcm(seg, self._client)
+                import pydicom
+
+                # what the new SEG references, known without asking the PACS for its metadata (a review: while the
+                # PACS could not return it, the image's newest label was not known)
+                self._remember_segs({label_series_id: [image_id, seg_stamp(pydicom.dcmread(
+                    seg, stop_before_pixels=True))]}, keep=None)
             except (requests.exceptions.RequestException, OSError) as e:
                 # the PACS down or refusing the SEG: a bare 500 after dicomweb_client's ~30 s of retries (a review)
                 raise HTTPException(status_code=503, detail=f"series {image_id}: the PACS did not store the label's "
@@ -819,15 +855,15 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 self._stored_label_path(image_id, label_tag, label_id)  # (a label cached from another SEG: read again)
             if kept and os.path.isfile(kept):
                 return kept
+        image_uri = self.get_image_uri(image_id) if self._convert_to_nifti else None
+        if image_uri == "":  # (before the SEG is fetched and read: read without its image, a 500 in pydicom-seg)
+            raise HTTPException(status_code=404, detail=f"the series {image_id} this SEG labels is not in the PACS "
+                                                        "or cannot be read")
         if not os.path.isdir(label_dir) or not os.listdir(label_dir):
-            if not self._download(label_id, label_dir):
+            if not self._fetch(label_id, label_dir):
                 return ""  # no such series in the PACS
         if not self._convert_to_nifti:
             return label_dir
-        image_uri = self.get_image_uri(image_id)
-        if not image_uri:  # (before reading the SEG: a SEG read without its image was a 500 in pydicom-seg)
-            raise HTTPException(status_code=404, detail=f"the series {image_id} this SEG labels is not in the PACS "
-                                                        "or cannot be read")
         if is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
             # the SEG of an X-ray has no plane positions, which pydicom-seg (MONAI Label's reader) needs
             with tempfile.TemporaryDirectory() as tmp:

@@ -719,6 +719,8 @@ def test_a_final_label_follows_the_pacs_through_a_new_grid_a_late_series_and_an_
     one was served for the image and stored over the label just submitted."""
     from fastapi import HTTPException
 
+    from lib.datastore import CheckedDICOMWebDatastore
+
     open_ds, client, (a, b) = _fake_dicomweb(tmp_path, series=("a", "b"), shape=(24, 20, 10))
     b_files = [f for f in client.files if f.SeriesInstanceUID == b]
     a_by_z = sorted([f for f in client.files if f.SeriesInstanceUID == a],
@@ -729,11 +731,15 @@ def test_a_final_label_follows_the_pacs_through_a_new_grid_a_late_series_and_an_
     ds.RECHECK_S = 0
     uri = ds.get_image_uri(a)
     ds.save_label(a, str(_label_for(uri, tmp_path / "a6.nii.gz")), "final", {})
-    seg6 = client.stored[-1].SeriesInstanceUID
-    assert nib.load(ds.get_label_uri(seg6, "final", a)).shape[2] == 6
+    ds.save_label(a, str(_label_for(uri, tmp_path / "a6b.nii.gz", value=2)), "final", {})  # corrected
+    newest6 = ds.get_label_info(a, "final")["SeriesInstanceUID"]
+    (older6,) = [x.SeriesInstanceUID for x in client.stored if x.SeriesInstanceUID != newest6]
+    assert nib.load(ds.get_label_uri(newest6, "final", a)).shape[2] == 6
+    assert nib.load(ds.get_label_uri(older6, "final")).shape[2] == 6  # (read aside: superseded)
     client.files = a_by_z + b_files  # a's other 4 slices arrive: fetched again on a 10-slice grid
     assert nib.load(ds.get_image_uri(a)).shape[2] == 10
     assert not (Path(ds._datastore.label_path("final")) / f"{a}.nii.gz").exists(), "the earlier grid's label kept"
+    assert nib.load(ds.get_label_uri(older6, "final")).shape[2] == 10, "a superseded label of the earlier grid kept"
     training = open_ds()  # (another process: MONAI Label's refresh of the cache folder at its start)
     for item in training.datalist():
         assert nib.load(item["image"]).shape == nib.load(item["label"]).shape, "a label of the earlier grid paired"
@@ -750,6 +756,19 @@ def test_a_final_label_follows_the_pacs_through_a_new_grid_a_late_series_and_an_
     client.hidden = ()
     assert b not in late_list
     assert nib.load(late.get_label_uri(b, "final")).shape[2] == 10, "a series listed late was a 404"
+    # a PACS that drops while a series is first fetched: a 503 naming it, nothing cached (was a 500)
+    cold = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / "cold"),
+                                    fetch_by_frame=False, convert_to_nifti=True)
+    cold._observer.stop()
+    cold._observer.join()
+    client.retrieve_series = lambda *_, **__: (_ for _ in ()).throw(requests.exceptions.ConnectionError("reset"))
+    try:
+        with pytest.raises(HTTPException) as e:
+            cold.get_image_uri(b)
+    finally:
+        del client.retrieve_series
+    assert e.value.status_code == 503 and "the PACS did not return it" in e.value.detail, e.value.detail
+    assert not list((tmp_path / "cold").rglob("*.dcm"))
     # (3) a label submitted again; the PACS cannot yet return the new SEG's metadata
     first = client.stored[-1].SeriesInstanceUID
     corrected = np.zeros(nib.load(uri_b).shape, np.uint8)
@@ -757,17 +776,26 @@ def test_a_final_label_follows_the_pacs_through_a_new_grid_a_late_series_and_an_
     nib.save(nib.Nifti1Image(corrected, nib.load(uri_b).affine), str(tmp_path / "b2.nii.gz"))
     annotator.save_label(b, str(tmp_path / "b2.nii.gz"), "final", {})
     newest = client.stored[-1].SeriesInstanceUID
+    # another server (its own cache), which holds the new label (a training there listed it)
+    third = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / "other_server"),
+                                     fetch_by_frame=False, convert_to_nifti=True)
+    third._observer.stop()
+    third._observer.join()
+    third.get_label_uri(newest, "final", b)
     real = SegListingPACS.retrieve_series_metadata
     client.retrieve_series_metadata = lambda study, series: (_ for _ in ()).throw(
         requests.exceptions.ConnectionError("reset")) if series == newest else real(client, study, series)
     try:
-        with pytest.raises(HTTPException) as e:
-            annotator.get_label_uri(b, "final")
+        # the annotator's process knows what the SEG it just stored references: the new label, without the PACS
+        got = np.asarray(nib.load(annotator.get_label_uri(b, "final")).dataobj)
+        assert np.array_equal(got > 0, corrected > 0), "the label just submitted was not served"
+        with pytest.raises(HTTPException) as e:  # another server does not: the newest label is not known
+            third.get_label_uri(b, "final")
         assert e.value.status_code == 503, e.value.detail
-        older = np.asarray(nib.load(annotator.get_label_uri(first, "final")).dataobj)  # read aside
+        older = np.asarray(nib.load(third.get_label_uri(first, "final")).dataobj)  # read aside
     finally:
         del client.retrieve_series_metadata
-    assert older.sum() and annotator.get_label_info(b, "final")["SeriesInstanceUID"] == newest, \
+    assert older.sum() and third.get_label_info(b, "final")["SeriesInstanceUID"] == newest, \
         "the older SEG was stored over the label just submitted"
 
 
@@ -1056,6 +1084,11 @@ def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):
     refs.write_text('{"truncated')  # (a disk that filled during a write): read from the PACS again
     assert [Path(i["label"]).name for i in again.datalist()] == [Path(item["label"]).name]
     assert len(json.loads(refs.read_text())) == 2
+    listed = client.segs
+    client.segs = [new]  # the older SEG deleted from the PACS: forgotten at the next whole listing
+    again.datalist()
+    assert list(json.loads(refs.read_text())) == [new.SeriesInstanceUID]
+    client.segs = listed
     # GET /datastore/label with one series id (a review, 2026-12-07): the image's id stands for its newest SEG, a
     # SEG's for itself, on the image's grid (MONAI Label downloaded the CT itself into the label cache for the first,
     # then a 500 "not a DICOM-SEG" on every call, and returned the second cropped to its painted slices)

@@ -179,6 +179,21 @@ def test_what_is_not_an_xray_the_models_read_is_refused_naming_why(tmp_path):
         ds = pydicom.dcmread(str(f))
         del ds.ImagePositionPatient
         ds.save_as(str(f))
+    for modality in ("RTSTRUCT", " sr ", "seg"):  # what is no image (an X-ray's SEG has no plane either)
+        folder = f"not_image_{modality.strip()}"
+        write_xray(p, tmp_path / folder / "x.dcm", window=(127.5, 255), seed=folder)
+        ds = pydicom.dcmread(str(tmp_path / folder / "x.dcm"))
+        ds.Modality = modality
+        ds.save_as(str(tmp_path / folder / "x.dcm"))
+        with pytest.raises(InputError, match=rf"a {modality.strip().upper()} series \(.*\), not an image"):
+            series_to_nifti(tmp_path / folder, tmp_path / f"{folder}.nii.gz")
+    for modality in ("OT", ""):  # a secondary capture of an X-ray, or no modality: converted
+        folder = f"image_{modality or 'none'}"
+        write_xray(p, tmp_path / folder / "x.dcm", window=(127.5, 255), seed=folder)
+        ds = pydicom.dcmread(str(tmp_path / folder / "x.dcm"))
+        ds.Modality = modality
+        ds.save_as(str(tmp_path / folder / "x.dcm"))
+        series_to_nifti(tmp_path / folder, tmp_path / f"{folder}.nii.gz")
     for folder, why in (("rgb", "a colour image (RGB, 3 sample(s) per pixel)"), ("zero", "Window Width"),
                         ("ct_no_position", "has no ImagePositionPatient (0020,0032)"),
                         ("raw", "a 'for processing' image"), ("ct1", "only 1 slice(s)"),
@@ -341,7 +356,7 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
     assert seg.SeriesInstanceUID not in as_image._datastore.objects
     with pytest.raises(HTTPException, match="this SEG labels is not in the PACS") as e:
         as_image.get_label_uri(seg.SeriesInstanceUID, "final", "1.2.3.4")
-    assert e.value.status_code == 404
+    assert e.value.status_code == 404 and not list(Path(as_image._datastore.label_path("final")).rglob("*.dcm"))
     # a SEG of a series this server does not serve (its search filter): named, nothing fetched (a second review: the
     # series was fetched into the cache, and its pair later listed without its label file)
     for asked in (seg.SeriesInstanceUID, uid):
