@@ -747,14 +747,14 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                                             "in the PACS; nothing was stored")
             seg = self.write_seg(image_id, label_filename, label_info.get("label_info"), nifti_to_dicom_seg,
                                  "label", "nothing was stored")
+            import pydicom
+
+            try:
+                stamp = seg_stamp(pydicom.dcmread(seg, stop_before_pixels=True))
+            except Exception:  # noqa: BLE001 - (then read from the PACS when next listed)
+                stamp = None
             try:
                 label_series_id = dicom_web_upload_dcm(seg, self._client)
-                import pydicom
-
-                # what the new SEG references, known without asking the PACS for its metadata (a review: while the
-                # PACS could not return it, the image's newest label was not known)
-                self._remember_segs({label_series_id: [image_id, seg_stamp(pydicom.dcmread(
-                    seg, stop_before_pixels=True))]}, keep=None)
             except (requests.exceptions.RequestException, OSError) as e:
                 # the PACS down or refusing the SEG: a bare 500 after dicomweb_client's ~30 s of retries (a review)
                 raise HTTPException(status_code=503, detail=f"series {image_id}: the PACS did not store the label's "
@@ -763,6 +763,10 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                                             "answers") from None
             finally:
                 os.unlink(seg)
+            if stamp is not None and label_series_id:
+                # what the new SEG references, known without asking the PACS for its metadata (a review: while the
+                # PACS could not return it, the image's newest label was not known)
+                self._remember_segs({label_series_id: [image_id, stamp]}, keep=None)
             # MONAI Label lists the PACS's series and labelled series through caches kept for
             # MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (default 2 h): the label saved here was not counted, and Next Sample
             # handed the image out again, for that long (a review)
