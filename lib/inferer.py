@@ -39,8 +39,7 @@ from . import precision as precision_policy
 from .config import ConfigError, HParams, check_patch_fits, roi_mismatch_message, validate_sampler
 from .flow import make_scheduler
 from .network import ConditionalUNet
-from .samplers import (ItemNoise, _hold, derive_seed, mean_var, network_evaluations, sample_source_like,
-                       sampler_function)
+from .samplers import ItemNoise, _hold, derive_seed, mean_var, nfe_of, sample_source_like, sampler_function
 from .transforms import InputError
 from .vlm import VLMEncoder, VLMError, patch_condition
 from .clicks import Clicks, guidance_maps, hold_maps
@@ -385,8 +384,8 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
 
     def work(self, spatial_shape) -> int:
         """Window evaluations of the network for one image and one structure: windows x samples x evaluations per
-        sample (:func:`lib.samplers.network_evaluations`)."""
-        return self.window_count(spatial_shape) * self.num_samples * network_evaluations(self.sampler, self.steps)
+        sample (:func:`lib.samplers.nfe_of`)."""
+        return self.window_count(spatial_shape) * self.num_samples * nfe_of(self.sampler, self.steps)
 
     def settings(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "num_samples": self.num_samples,

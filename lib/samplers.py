@@ -219,12 +219,6 @@ def sampler_dfm_heun(model_fn: ModelFn, cond, x0: torch.Tensor, steps: int, sche
 SAMPLER_FUNCTIONS = {"euler": sampler_dfm_euler, "heun": sampler_dfm_heun}
 
 
-def network_evaluations(sampler: str, steps: int) -> int:
-    """Network evaluations of one sample, the final ``p_final`` one included (the samplers' ``nfe``): Euler one per
-    step, Heun two per step but its last (an Euler jump)."""
-    return 2 * steps if sampler == "heun" else steps + 1
-
-
 def nfe_of(sampler: str, steps: int) -> int:
     """Network evaluations of one sampler run, p_final included."""
     return steps + 1 if sampler == "euler" else 2 * steps

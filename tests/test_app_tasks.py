@@ -1658,6 +1658,8 @@ def test_a_request_asking_far_more_work_than_the_model_s_own_sampler_is_refused_
     with pytest.raises(ConfigError, match=r"times the network work of the model's own sampler.*"
                                           r"at most 32 times \(DFM_MAX_REQUEST_WORK\)"):
         task({**req, **big})
+    with pytest.raises(ConfigError, match="times the network work"):  # the steps alone: evaluations per sample count
+        task({**req, "steps": 256, "num_samples": 1})
     assert ran == [2, 4]
     # the operator's setting: 0 (no limit) or a factor >= 1 (below 1 the model's own sampler would be refused)
     assert infer_mod._max_request_work("") == 32.0 and infer_mod._max_request_work("0") == 0.0

@@ -30,7 +30,7 @@ from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
-from lib.samplers import network_evaluations
+from lib.samplers import nfe_of
 from lib.structures import NOT_A_STRUCTURE, StructureError, inside, paint
 from lib.transforms import affine_2d, has_geometry
 from lib.vlm import VLMError
@@ -656,7 +656,7 @@ class DFMVLMInfer(BasicInferTask):
             raise ConfigError(
                 f"this request asks {asked / usual:.1f} times the network work of the model's own sampler on this "
                 f"image ({inferer.window_count(spatial_shape)} windows x {inferer.num_samples} samples x "
-                f"{network_evaluations(inferer.sampler, inferer.steps)} evaluations = {asked:,}, against {usual:,}); "
+                f"{nfe_of(inferer.sampler, inferer.steps)} evaluations = {asked:,}, against {usual:,}); "
                 f"this server takes at most {MAX_REQUEST_WORK:g} times (DFM_MAX_REQUEST_WORK), because the model "
                 "serves one request at a time for everyone: lower steps, num_samples or overlap, or run it "
                 "outside the server (python -m lib predict)")
