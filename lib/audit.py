@@ -60,6 +60,30 @@ def _spacing(meta, nd: int) -> list[float] | None:
     return [round(float(v), 4) for v in np.asarray(pix)[1:1 + nd]] if pix is not None else None
 
 
+def _canonical_sha1(a: np.ndarray, affine, spatial_dims: int, channel_first: bool = False) -> str | None:
+    """The SHA-1 of the pixels in the closest canonical voxel order of their affine (RAS): one scan stored twice in
+    another voxel order (flipped or permuted axes, the affine following) has two stored-order hashes and one of
+    these (a review: a LAS copy of a RAS training scan in the test split was not flagged). None without one."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    from .transforms import affine_2d
+
+    if affine is None or spatial_dims not in (2, 3):
+        return None
+    aff = np.asarray(affine, dtype=float)
+    if spatial_dims == 2:
+        aff = affine_2d(aff)
+    if aff.shape != (spatial_dims + 1,) * 2 or not np.isfinite(aff).all():
+        return None
+    arr = np.moveaxis(a, 0, -1) if channel_first else a  # the spatial axes first
+    if arr.ndim < spatial_dims:
+        return None
+    ornt = io_orientation(aff)
+    if np.isnan(ornt).any():
+        return None
+    return hashlib.sha1(np.ascontiguousarray(apply_orientation(arr, ornt)).tobytes()).hexdigest()
+
+
 def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
     # dtype=None: the stored data type (LoadImage's default float32 made every image "float32", so the
     # different-data-types check could never fire)
@@ -92,6 +116,8 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
     rec.update(p1=float(p1), p50=float(p50), p99=float(p99), mean=float(finite.mean()) if finite.size else None)
     rec["header_keys"] = sorted(k for k in meta if isinstance(k, str) and not k.startswith("_"))
     rec["sha1"] = hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+    rec["sha1_canonical"] = _canonical_sha1(a, meta.get("affine"), len(spatial),
+                                            channel_first=isinstance(item["image"], (list, tuple)))
     if "label" in item:
         try:
             with tempfile.TemporaryDirectory(prefix="dfm_audit_") as tmp:
@@ -207,8 +233,10 @@ def compare(a_recs: Sequence[dict], b_recs: Sequence[dict], name_a: str = "A", n
     ids = set(r["case_id"] for r in a_recs) & set(r["case_id"] for r in b_recs)
     if ids:
         flag("id_overlap", "error", f"{len(ids)} image id(s) in both {name_a} and {name_b}: {sorted(ids)[:5]}")
-    hashes = {r["sha1"]: r["case_id"] for r in ok_a}
-    dup = [(hashes[r["sha1"]], r["case_id"]) for r in ok_b if r["sha1"] in hashes]
+    # the pixels as stored, or in their canonical voxel order (one scan stored as RAS and as LAS)
+    hashes = {h: r["case_id"] for r in ok_a for h in (r["sha1"], r.get("sha1_canonical")) if h}
+    dup = [(hashes[h], r["case_id"]) for r in ok_b
+           for h in [next((x for x in (r["sha1"], r.get("sha1_canonical")) if x in hashes), None)] if h]
     if dup:
         flag("pixel_duplicates", "error", f"{len(dup)} image(s) of {name_b} have the same pixels as one of {name_a}: {dup[:5]}")
     return {"a": {"name": name_a, **sa}, "b": {"name": name_b, **sb}, "flags": flags}

@@ -470,10 +470,17 @@ def cmd_evaluate(a) -> int:
         for r, row in summary["dice_matrix"].items():
             print(f"  {r}: " + " | ".join(f"{row[c]:.4f}" if row[c] is not None else "-" for c in cols))
     hd = ""
-    if summary.get("hd95"):
+    unit = {"mm": " mm", "px": " px"}.get(summary.get("hd95_units"), f" ({summary['hd95_units']})"
+                                           if summary.get("hd95_units") else "")
+    if summary.get("hd95", {}).get("n"):
         h = summary["hd95"]
-        hd = f"; HD95 mean {h['mean']:.2f}" + (f" over {h['n']} of {summary['n']} cases (undefined where the "
-                                                f"prediction or the truth is empty)" if h["n"] < summary["n"] else "")
+        hd = f"; HD95 mean {h['mean']:.2f}{unit}" + (f" over {h['n']} of {summary['n']} cases (undefined where the "
+                                                     f"prediction or the truth is empty)" if h["n"] < summary["n"] else "")
+    elif summary.get("hd95"):
+        hd = "; HD95 undefined in every case (the prediction or the truth is empty)"
+    if summary.get("truth_read_empty"):  # (each named in the log and in its row's truth_note)
+        hd += (f"; {summary['truth_read_empty']} label(s) with foreground read as an empty truth (see "
+               "truth_note in cases.json)")
     if summary.get("empty_prediction_by_structure"):  # a prompted model: counted per structure
         missed = {k: v for k, v in summary["empty_prediction_by_structure"].items() if v}
         if missed:
@@ -481,7 +488,7 @@ def cmd_evaluate(a) -> int:
     elif summary.get("empty_prediction"):
         hd += f"; {summary['empty_prediction']} case(s) with nothing predicted where the truth has foreground"
     what = "Dice (mean of the structures)" if summary.get("structures") else "Dice"
-    if not d and a.prompt is not None:  # a free prompt has no truth of its own: only its row of the matrix above
+    if not d.get("n") and a.prompt is not None:  # a free prompt has no truth of its own: only its row of the matrix above
         print(f"{a.split}: n={summary['n']} free prompt {a.prompt!r}: scored against every structure's truth "
               f"(the row above){hd}; {wall:.0f} s -> {out}")
         return 0

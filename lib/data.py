@@ -76,7 +76,40 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
                 e[k] = absolute(e[k], f"entry {i}: '{k}'")
         e["case_id"] = case_id(e)
         items.append(e)
+    shared = _shared_names(d, base)
+    for e, given in zip(items, d[split]):
+        if e["case_id"] in shared and not given.get("case_id"):
+            e["case_id"] = _path_id(e["image"], base)
     return items
+
+
+def _path_id(image, base: Path) -> str:
+    """An entry's id by where its image lies below the datalist's folder (``BraTS20_0003/flair``; a multi-file
+    image's folder), for files that share one name in their own folders (:func:`_shared_names`)."""
+    first = Path(str(image[0] if isinstance(image, (list, tuple)) else image))
+    try:
+        rel = first.relative_to(base.resolve())
+    except ValueError:  # outside the datalist's folder: its absolute path
+        rel = first
+    if isinstance(image, (list, tuple)):
+        return rel.parent.as_posix()
+    return (rel.parent / case_id({"image": str(rel)})).as_posix()
+
+
+def _shared_names(d: dict, base: Path) -> set[str]:
+    """The ids by file name (:func:`case_id`) that two different images of the datalist would share, over all its
+    splits: the usual one-folder-per-case layout (``case1/flair.nii.gz``, ``case2/flair.nii.gz``) gave every case
+    one id, so ``evaluate``'s rows could not be told apart, their seeds were one, and ``audit`` flagged two
+    disjoint splits as leaking (a review, 2026-12-07). Entries with their own ``case_id`` keep it."""
+    seen: dict[str, set] = {}
+    for v in d.values():
+        for e in v if isinstance(v, list) else []:
+            img = e.get("image") if isinstance(e, dict) and not e.get("case_id") else None
+            first = img[0] if isinstance(img, (list, tuple)) and img else img
+            if not isinstance(first, str) or not first.strip():
+                continue
+            seen.setdefault(case_id({"image": img}), set()).add(str((base / first).resolve()))
+    return {k for k, files in seen.items() if len(files) > 1}
 
 
 def patch_transforms(cfg: PreprocConfig, num_patches: int, augment: bool = True,

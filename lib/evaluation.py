@@ -22,7 +22,15 @@ from monai.transforms import Invertd
 
 from .clicks import Clicks, to_network_grid
 from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
-from .transforms import InputError, check_label_grid, first_path, has_geometry, label_item, reorient_like
+from .transforms import (
+    TRUTH_NOTE,
+    InputError,
+    check_label_grid,
+    first_path,
+    has_geometry,
+    label_item,
+    reorient_like,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +161,7 @@ def case_metrics(pred_bin: torch.Tensor, label: torch.Tensor, spacing=None) -> d
 def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSlidingWindowInferer | None = None,
                    preprocessed: Sequence[dict] | None = None, labels: Sequence[dict] | None = None,
                    progress: bool = False, on_case: Callable[[dict], None] | None = None,
-                   structures=None, prompt: str | None = None) -> tuple[list[dict], dict]:
+                   structures=None, prompt: str | None = None, check: bool = True) -> tuple[list[dict], dict]:
     """Sliding-window prediction on whole images, ``prob > 0.5``, metrics in the label's original geometry.
 
     ``preprocessed``/``labels``: the same pipelines' outputs computed earlier (the training loop caches them); the
@@ -163,10 +171,15 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
     sampler run per image and scored against its own truth (``structures: {name: metrics}``; the case's
     ``dice`` is their mean); ``dice_matrix[prompt][truth]`` scores every prediction against every structure's
     truth (the wrong-prompt control). A free ``prompt`` is scored against every truth (one row of the matrix).
+
+    ``check``: :func:`check_labels` on ``items`` first (unless ``labels`` are given): off for a validation that
+    scores its images a batch at a time, whose whole set is checked once before its training.
     """
     inferer = inferer or make_inferer(system)
     truths = system.structures
     lab_t = system.label_reader()
+    if labels is None and check:  # (given, or check=False: a training's, checked once before it trains)
+        check_labels(items, (lab_t(label_item(it)) for it in items))
     cases = []
     it = range(len(items))
     if progress:
@@ -180,6 +193,7 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         lab = labels[i] if labels is not None else lab_t(label_item(item))
         out = predict_preprocessed(system, d, inferer, labels=structures, prompt=prompt)
         label = lab["label"]
+        note = getattr(label, "meta", {}).get(TRUTH_NOTE)
         prob = out["prob"]
         label = truth_on_image_grid(item, label, prob)
         spacing = _spacing(label)
@@ -198,11 +212,73 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
                     per[name] = case_metrics(pred, label[k:k + 1], spacing=spacing)
             dices = [v["dice"] for v in per.values() if v.get("dice") is not None]
             m = {"dice": float(np.mean(dices)) if dices else None, "structures": per, "dice_matrix": matrix}
-        m = {"case_id": item.get("case_id"), **m, "seconds": round(time.perf_counter() - t0, 3)}
+        m = {"case_id": item.get("case_id"), **m, "seconds": round(time.perf_counter() - t0, 3),
+             # HD95's unit: a PNG or JPEG has no pixel size (its spacing is the reader's 1)
+             "units": "mm" if has_geometry(first_path(item["image"])) else "px"}
+        if note:
+            m[TRUTH_NOTE] = f"{first_path(item['label'])}: {note}"
         cases.append(m)
         if on_case:
             on_case(m)
     return cases, summarize(cases)
+
+
+def _header_shape(path: str) -> tuple | None:
+    """An image file's spatial shape in the loader's axis order, from its header (no pixels read), or None where
+    that is not simply known (a DICOM series, an unknown format)."""
+    import nibabel as nib
+    from PIL import Image
+
+    low = path.lower()
+    try:
+        if low.endswith((".nii", ".nii.gz")):
+            return tuple(int(v) for v in nib.load(path).shape[:3])
+        if low.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
+            with Image.open(path) as im:
+                return tuple(int(v) for v in im.size)  # (width, height): MONAI's (x, y)
+    except Exception:  # noqa: BLE001 - unreadable: the loader says so, naming the file
+        return None
+    return None
+
+
+def check_labels(items: Sequence[dict], labels) -> None:
+    """Before any image is predicted: every label's size is its image's (as far as the image's header says), and not
+    every label with foreground reads as an empty truth (a label coded otherwise than the model's threshold or
+    structure values: one such case is logged, each is named in its row; all of them is refused). A label that did
+    not fit its image was found after the inferences before it, and stopped the run with nothing written (a
+    review, 2026-12-07). ``labels``: the label pipeline's outputs, in ``items``' order (read one at a time)."""
+    misfit, unread, unsure = [], [], []
+    n = 0
+    for item, lab in zip(items, labels):
+        n += 1
+        label = lab["label"]
+        note = getattr(label, "meta", {}).get(TRUTH_NOTE)
+        if note:
+            unread.append(f"{first_path(item['label'])}: {note}")
+            logger.warning("%s: %s", first_path(item["label"]), note)
+        img_shape = _header_shape(first_path(item["image"]))
+        lab_shape = tuple(int(v) for v in label.shape[1:])
+        if img_shape is not None and img_shape[:len(lab_shape)] != lab_shape:
+            swapped = len(lab_shape) == 2 and tuple(img_shape[:2][::-1]) == lab_shape
+            misfit.append(f"{item.get('case_id')}: image {first_path(item['image'])} {img_shape}, label "
+                          f"{first_path(item['label'])} {lab_shape}" + (
+                              " (transposed: a mask written from a (rows, columns) array into a file with a "
+                              "geometry, beside a PNG that the loader reads as (x, y)?)" if swapped else ""))
+        elif img_shape is not None and len(lab_shape) == 2 and lab_shape[0] == lab_shape[1] \
+                and has_geometry(first_path(item["label"])) and not has_geometry(first_path(item["image"])):
+            unsure.append(first_path(item["label"]))
+    if unsure:  # (a square one: the same size either way; a review scored such a transposed mask 0.43 for 0.96)
+        logger.warning("%d label(s) with a geometry (e.g. %s) beside square image(s) without one (PNG, JPEG): "
+                       "their voxel order cannot be checked against the image's; a mask written from a (rows, "
+                       "columns) array into a NIfTI is transposed to the loader's (x, y) order of a PNG", len(unsure),
+                       unsure[0])
+    if misfit:
+        raise InputError(f"{len(misfit)} of {n} label(s) do not fit their image's size, found before any image "
+                         f"was predicted: {'; '.join(misfit[:5])}")
+    if n and len(unread) == n:
+        raise InputError(f"every label ({n}) holds foreground that the model's truth reads as background, so every "
+                         f"score would be of an empty truth: {unread[0]} (the labels are coded otherwise than "
+                         "the model's preprocessing.label_threshold or structure values)")
 
 
 def truth_on_image_grid(item: dict, label, prob):
@@ -232,20 +308,21 @@ def dice_of(pred_bin: torch.Tensor, truth: torch.Tensor) -> float | None:
 def _stats(vals) -> dict | None:
     """Statistics of the defined values; ``undefined`` counts the cases left out (HD95 where the prediction or the
     truth is empty, precision where the prediction is, recall where the truth is), so a mean over fewer cases is
-    never read as a mean over all of them."""
+    never read as a mean over all of them. Undefined in every case: ``{"n": 0, "undefined": N}`` (the metric was
+    left out of the summary without a word; a review); no case: None."""
     vals = list(vals)
     undefined = sum(v is None for v in vals)
     vals = np.array([v for v in vals if v is not None], dtype=float)
     if not len(vals):
-        return None
+        return {"n": 0, "undefined": int(undefined)} if undefined else None
     return {"mean": float(vals.mean()), "median": float(np.median(vals)), "std": float(vals.std()),
             "min": float(vals.min()), "max": float(vals.max()), "n": int(len(vals)), "undefined": int(undefined)}
 
 
 def summarize(cases: Sequence[dict]) -> dict:
     out: dict = {"n": len(cases)}
-    for k in ("dice", "hd95", "precision", "recall"):
-        st = _stats(c.get(k) for c in cases)
+    for k in ("dice", "hd95", "precision", "recall"):  # (a prompted model's rows: Dice only, the rest per structure)
+        st = _stats(c.get(k) for c in cases if k in c)
         if st:
             out[k] = st
     # a total miss (nothing predicted where there is truth) has Dice 0 and no HD95 or precision: counted here
@@ -253,6 +330,14 @@ def summarize(cases: Sequence[dict]) -> dict:
         return "precision" in m and m.get("precision") is None and m.get("recall") is not None
 
     prompted = bool(cases and "structures" in cases[0])
+    # an empty truth (recall undefined): a case without the structure, or a label read as background (named in
+    # the case's truth_note); and HD95's unit
+    out["empty_truth"] = sum(1 for c in cases for m in (c.get("structures", {}).values() if prompted else [c])
+                             if "recall" in m and m.get("recall") is None)
+    out["truth_read_empty"] = sum(1 for c in cases if c.get(TRUTH_NOTE))
+    units = sorted({c["units"] for c in cases if c.get("units")})
+    if units:
+        out["hd95_units"] = units[0] if len(units) == 1 else "mixed (" + " and ".join(units) + ")"
     # a prompted model's misses are per structure (its case rows hold no precision of their own: always 0)
     out["empty_prediction"] = sum(1 for c in cases for m in (c.get("structures", {}).values() if prompted else [c])
                                   if missed(m))

@@ -223,7 +223,7 @@ class StructureTruthd(MapTransform):
         self.structures = list(structures)
 
     def __call__(self, data):
-        from .transforms import _name, one_channel_label
+        from .transforms import TRUTH_NOTE, _name, one_channel_label, unread_label_note
 
         d = dict(data)
         segments = parse_segments(d.pop("segments", None))
@@ -239,6 +239,12 @@ class StructureTruthd(MapTransform):
                 d[key] = torch.cat([lab.float() * 0 + torch.as_tensor(c, device=lab.device) for c in chans])
             else:
                 d[key] = np.concatenate(chans)
+            note = None if painted is not None else unread_label_note(
+                lab, np.nan_to_num(np.concatenate(chans)), "no structure's truth takes them (" + "; ".join(
+                    f"{s.name}: " + (f"values {list(s.truth['values'])}" if "values" in s.truth
+                                     else f"above {s.truth['above']:g}") for s in self.structures) + ")")
+            if note and hasattr(d[key], "meta"):
+                d[key].meta[TRUTH_NOTE] = note
         return d
 
 

@@ -32,7 +32,7 @@ from .checkpoint import atomic_torch_save, atomic_write, remove_interrupted_writ
 from .clicks import Clicks, guidance_maps, hold_maps, next_click, random_clicks
 from .config import DIST_TIMEOUT_MIN, ConfigError, HParams, check_train
 from .data import PatchBatcher
-from .evaluation import evaluate_items, make_inferer
+from .evaluation import check_labels, evaluate_items, make_inferer
 from .flow import training_step
 from .inferer import DFMSystem
 from .samplers import ItemNoise, derive_seed
@@ -440,6 +440,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                for it in val_items]
     lab_t = system.label_reader()  # evaluate's
     val_lab = [lab_t(label_item(it)) for it in val_items]
+    check_labels(val_items, val_lab)  # (a label off its image's size, or every one read as empty: before training)
     labels = (train_ds[i].get("label") for i in range(len(train_ds)))  # each cached item read (copied) once
     empty = [i for i, lab in enumerate(labels) if lab is not None and not bool((lab > 0).any())]
     if main_rank and empty:  # a wrong label_threshold (or label files) shows here, not as a Dice of 0 at the end

@@ -237,6 +237,41 @@ def one_slice_as_2d(lab, spatial_dims: int):
     return lab
 
 
+def stored_layout_note(affine, name: str = "the image") -> str | None:
+    """A 2D image's pixels are read in stored order, rows from the top and columns from the left, as a PNG and a
+    DICOM X-ray define them (the 2D presets set no orientation: a projection image has no plane in space). Both
+    readers' conventions call that order upright: ITK / 3D Slicer give a PNG the axis codes ``LP`` (LPS identity),
+    MONAI and nibabel ``RA`` (the identity affine); so no one orientation can be imposed without turning the other's
+    images round. A 2D affine that is neither -- one axis mirrored (``LA``, ``RP``: e.g. rows stored bottom-up with
+    an affine to match) or the axes swapped -- displays differently from its stored order, and the model segments
+    the stored order: a lung Dice of 0.96 fell to 0.75 with the rows reversed (a review, 2026-12-07). This returns
+    the note that says so, or None for an upright layout (coronal ``LI`` / ``RS`` too), a sagittal one or no affine."""
+    if affine is None:
+        return None
+    from nibabel.orientations import aff2axcodes, io_orientation
+
+    a = np.asarray(affine, dtype=float)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        return None
+    ornt = io_orientation(a)[:2]  # the stored axes' world axis (0: L/R, 1: P/A, 2: I/S) and direction
+    if np.isnan(ornt).any():
+        return None
+    codes = "".join(aff2axcodes(a)[:2])
+    first, second = int(ornt[0, 0]), int(ornt[1, 0])
+    if second == 0:
+        how = "its axes swapped (the first runs %s)" % ("P/A" if first == 1 else "I/S")
+    elif first != 0:  # a sagittal plane (a lateral view's affine): no PNG layout to compare it with
+        return None
+    elif ornt[0, 1] != ornt[1, 1]:
+        how = "one axis mirrored"
+    else:
+        return None
+    return (f"{name}: its affine's in-plane axis codes are {codes!r}, {how} relative to a PNG's order ('LP' in "
+            "ITK and 3D Slicer, 'RA' in MONAI and nibabel); a 2D model reads the pixels in stored order, so it "
+            "segmented the image as stored, not as it displays: store the pixels upright (rows from the top) for "
+            "the result a viewer's display would give")
+
+
 class OneSliceAs2Dd(MapTransform):
     """:func:`one_slice_as_2d` on ``keys`` (the reference label of a ``spatial_dims`` model)."""
 
@@ -280,6 +315,10 @@ class CheckImaged(MapTransform):
                     f"{name}: a {sd}D image (shape {tuple(img.shape[1:])}, {img.shape[0]} channel(s)) was given to a "
                     f"{self.spatial_dims}D model"
                 )
+            if self.spatial_dims == 2:
+                note = stored_layout_note(getattr(img, "affine", None), name)
+                if note:
+                    logger.warning("%s", note)
             if img.shape[0] != self.num_channels:
                 raise InputError(f"{name}: the model expects {self.num_channels} channel(s), the image has "
                                  f"{img.shape[0]} (shape {tuple(img.shape)})")
@@ -505,6 +544,23 @@ def one_channel_label(d: Mapping, key: Hashable):
     return lab
 
 
+TRUTH_NOTE = "truth_note"  # a label's meta: why its truth is empty although the file has foreground
+
+
+def unread_label_note(raw, truth, why: str) -> str | None:
+    """When a label file holds non-zero values but the model's truth reads none of them (a {0, 1} mask under the
+    cxr preset's threshold 127, a label coded otherwise than a prompted model's structure values), what was read,
+    in words (``why`` says by which rule); None otherwise. Such a case scored Dice 0 and trained as background
+    without a word (a review, 2026-12-07)."""
+    t = torch.as_tensor(truth)
+    r = torch.as_tensor(raw)
+    if bool((t > 0).any()) or not bool((r != 0).any()):
+        return None
+    values = torch.unique(r[r != 0]).tolist()
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    return f"its values {{{shown}}} read as background: {why}"
+
+
 class BinarizeLabeld(MapTransform):
     """``label > threshold`` as a float 0/1 map (the binary truth). A label painted in the app (the item's
     ``segments`` names its values, :mod:`lib.structures`) holds the app's values, not the dataset's: its truth is
@@ -540,6 +596,10 @@ class BinarizeLabeld(MapTransform):
             else:
                 d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) else \
                     (np.asarray(lab) > self.threshold).astype(np.float32)
+                note = unread_label_note(lab, d[key], f"all at or below preprocessing.label_threshold "
+                                                      f"{self.threshold:g}")
+                if note and hasattr(d[key], "meta"):
+                    d[key].meta[TRUTH_NOTE] = note
         return d
 
 

@@ -73,6 +73,27 @@ def test_cli_reports_bad_checkpoint_and_input_without_traceback(tmp_path, system
                 "--no-progress"]) == 2
 
 
+def test_a_2d_image_stored_mirrored_or_transposed_is_named():
+    """2D images are read in stored order; both readers' upright layouts (MONAI's 'RA', ITK's 'LP', and a coronal
+    'LI') pass, and a layout that displays otherwise than it is stored (one axis mirrored, the axes swapped) is named
+    with its axis codes (a review: a y-flipped X-ray was segmented upside down, Dice 0.96 -> 0.75, without a word)."""
+    from lib.transforms import stored_layout_note
+
+    upright = {"RA": np.diag([0.14, 0.2, 1.0, 1.0]), "LP": np.diag([-1.0, -1.0, 1.0, 1.0]),
+               "LI": np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])}
+    for codes, a in upright.items():
+        assert stored_layout_note(a, "x.nii.gz") is None, codes
+    assert stored_layout_note(None) is None
+    # a sagittal plane (a lateral view's affine): neither axis L/R, no PNG layout to compare with
+    assert stored_layout_note(np.array([[0, 0, 1.0, 0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]])) is None
+    for codes, a, how in [("LA", np.diag([-1.0, 1.0, 1.0, 1.0]), "mirrored"),
+                          ("RP", np.diag([1.0, -1.0, 1.0, 1.0]), "mirrored"),
+                          ("AR", np.array([[0, 1.0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), "swapped"),
+                          ("IL", np.array([[0, -1.0, 0, 0], [0, 0, 1, 0], [-1, 0, 0, 0], [0, 0, 0, 1]]), "swapped")]:
+        note = stored_layout_note(a, "x.nii.gz")
+        assert note and f"'{codes}'" in note and how in note and note.startswith("x.nii.gz"), (codes, note)
+
+
 def test_case_metrics_with_monai():
     a = torch.zeros(1, 20, 20)
     a[:, 5:15, 5:15] = 1
@@ -223,6 +244,48 @@ def test_audit_flags_what_differs(tmp_path):
     assert cli(args + [str(tmp_path / "r2.json"), "--a", "x", "--b", "y"]) == 0
 
 
+def test_audit_finds_one_scan_stored_twice_and_tells_cases_in_their_own_folders_apart(tmp_path):
+    """A review (2026-12-07): a copy of a training scan stored in another voxel order (LAS, its affine following)
+    was not flagged as leakage (the pixels were hashed as stored); and every case of the one-folder-per-case layout
+    (``c1/flair.nii.gz``, ``c2/flair.nii.gz``) got the id ``flair``, so two disjoint splits were flagged as sharing
+    an image and evaluate's rows (and their seeds) were one."""
+    import nibabel as nib
+
+    from lib.data import load_datalist
+
+    entries = {"a": [], "b": []}
+    for i in range(4):
+        img, lab = phantom((20, 18, 12), seed=i)
+        split = "a" if i < 2 else "b"
+        write_nifti(tmp_path / f"c{i}" / "flair.nii.gz", img[0])
+        write_nifti(tmp_path / f"c{i}" / "seg.nii.gz", lab)
+        entries[split].append({"image": f"c{i}/flair.nii.gz", "label": f"c{i}/seg.nii.gz"})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(entries))
+    a, b = load_datalist(datalist, "a"), load_datalist(datalist, "b")
+    assert [e["case_id"] for e in a + b] == ["c0/flair", "c1/flair", "c2/flair", "c3/flair"]
+    args = ["audit", "--datalist", str(datalist), "--no-progress", "--a", "a", "--b", "b", "--out"]
+    assert cli(args + [str(tmp_path / "r1.json")]) == 0
+    assert "id_overlap" not in {f["check"] for f in json.loads((tmp_path / "r1.json").read_text())["flags"]}
+    # c0's scan again in split b, mirrored on its first axis with an affine that puts it on the same points
+    src = nib.load(str(tmp_path / "c0" / "flair.nii.gz"))
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = src.shape[0] - 1
+    write = tmp_path / "copy" / "flair.nii.gz"
+    write.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj)[::-1].copy(), src.affine @ flip), str(write))
+    assert "".join(nib.aff2axcodes(nib.load(str(write)).affine)) == "LAS"
+    entries["b"].append({"image": "copy/flair.nii.gz"})
+    datalist.write_text(json.dumps(entries))
+    assert cli(args + [str(tmp_path / "r2.json")]) == 1
+    flags = {f["check"]: f for f in json.loads((tmp_path / "r2.json").read_text())["flags"]}
+    assert "c0/flair" in flags["pixel_duplicates"]["message"] and "copy/flair" in flags["pixel_duplicates"]["message"]
+    # and the other way round (the stored-order copy on the second side)
+    rev = ["audit", "--datalist", str(datalist), "--no-progress", "--a", "b", "--b", "a", "--out"]
+    assert cli(rev + [str(tmp_path / "r3.json")]) == 1
+    assert "pixel_duplicates" in {f["check"] for f in json.loads((tmp_path / "r3.json").read_text())["flags"]}
+
+
 def test_audit_reads_files_as_the_loader_does(tmp_path):
     """A review: the audit read DICOM series with MONAI's plain reader, so four malformed series that training and
     inference refuse passed as normal volumes; it took spacings from NIfTI's pixdim only (NRRD, MHA and DICOM had
@@ -295,6 +358,77 @@ def test_histogram_equalisation_is_a_whole_image_preprocessing_step(tmp_path):
         cfg.resolved()
 
 
+def test_labels_coded_otherwise_or_off_their_image_are_named_before_any_prediction(tmp_path, tiny_clip, monkeypatch,
+                                                                                   caplog):
+    """A review (2026-12-07): real lung masks stored {0, 1} under a threshold of 127 scored Dice 0.0000 with exit 0
+    (an empty truth, no word); a label that did not fit its image stopped evaluate after the inferences before it,
+    with nothing written; HD95 undefined in every case vanished from the summary; its unit was not said."""
+    from PIL import Image
+
+    import lib.evaluation as ev
+    from lib.config import StructureConfig
+    from lib.training import build_system
+    from lib.transforms import InputError, TRUTH_NOTE, label_transforms
+
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    hp.preprocessing.label_threshold = 127.0
+    system = build_system(hp)
+
+    def case(i, scale, shape=(40, 32)):
+        img, lab = phantom(shape, seed=i)
+        Image.fromarray(np.clip(img[0] * 60 + 40, 0, 255).astype(np.uint8)).save(tmp_path / f"i{i}.png")
+        Image.fromarray((lab * scale).astype(np.uint8)).save(tmp_path / f"l{i}.png")
+        return {"image": str(tmp_path / f"i{i}.png"), "label": str(tmp_path / f"l{i}.png"), "case_id": f"c{i}"}
+
+    ok, coded = case(0, 255), case(1, 1)
+    cases, summ = ev.evaluate_items(system, [ok, coded])
+    assert TRUTH_NOTE not in cases[0] and "{1}" in cases[1][TRUTH_NOTE] and "127" in cases[1][TRUTH_NOTE]
+    assert summ["truth_read_empty"] == 1 and summ["empty_truth"] == 1 and summ["hd95_units"] == "px"
+    with pytest.raises(InputError, match=r"every label \(1\).*\{1\}.*127"):
+        ev.evaluate_items(system, [coded])
+    from lib import training  # and a training validated on them stops before it trains, not at its first validation
+
+    with pytest.raises(InputError, match=r"every label \(1\)"):
+        training.train(hp, [ok], [coded], tmp_path / "run", max_iterations=2, progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()
+    # a label off its image's size, last of three: refused before the first prediction
+    bad = case(2, 255)
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(bad["label"])
+    calls = []
+    real = ev.predict_preprocessed
+    monkeypatch.setattr(ev, "predict_preprocessed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(InputError, match=r"1 of 3 label\(s\) do not fit.*c2.*\(32, 40\).*\(30, 40\)"):
+        ev.evaluate_items(system, [ok, case(3, 255), bad])
+    assert calls == []
+    # a mask written from PIL's (rows, columns) array into a NIfTI beside its PNG: transposed, and said so; a square
+    # one cannot be told by its size: a warning
+    import logging
+
+    nib_lab = tmp_path / "rows_cols.nii.gz"
+    write_nifti(nib_lab, np.asarray(Image.open(ok["label"])))
+    with pytest.raises(InputError, match=r"do not fit.*\(32, 40\).*\(40, 32\) \(transposed"):
+        ev.evaluate_items(system, [{**ok, "label": str(nib_lab)}])
+    square = case(4, 255, shape=(36, 36))
+    write_nifti(nib_lab, np.asarray(Image.open(square["label"])))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ev.check_labels([{**square, "label": str(nib_lab)}], [system.label_reader()({"label": str(nib_lab)})])
+    assert any("cannot be checked" in r.getMessage() and "rows_cols.nii.gz" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ev.check_labels([square], [system.label_reader()({"label": square["label"]})])
+    assert not any("cannot be checked" in r.getMessage() for r in caplog.records)
+    # a prompted model's structures: a label none of whose values is any structure's
+    two = [StructureConfig(name="upper", value=1, prompts=["upper"], truth={"values": [1]}).resolved(),
+           StructureConfig(name="lower", value=2, prompts=["lower"], truth={"above": 2}).resolved()]
+    Image.fromarray((np.asarray(Image.open(ok["label"])) > 0).astype(np.uint8) * 2).save(tmp_path / "two.png")
+    lab = label_transforms(hp.preprocessing, structures=two)({"label": str(tmp_path / "two.png")})["label"]
+    assert "{2}" in lab.meta[TRUTH_NOTE] and "upper: values [1]; lower: above 2" in lab.meta[TRUTH_NOTE]
+    Image.fromarray((np.asarray(Image.open(ok["label"])) > 0).astype(np.uint8) * 3).save(tmp_path / "three.png")
+    assert TRUTH_NOTE not in label_transforms(hp.preprocessing, structures=two)(
+        {"label": str(tmp_path / "three.png")})["label"].meta
+
+
 def test_a_summary_says_how_many_cases_each_mean_is_over():
     """Found by a review: with one perfect case and one total miss (nothing predicted), the summary gave Dice 0.5 but
     HD95 mean 0.0 and precision 1.0 -- the miss has neither, and was left out without a word."""
@@ -309,6 +443,8 @@ def test_a_summary_says_how_many_cases_each_mean_is_over():
     assert s["hd95"]["n"] == 1 and s["hd95"]["undefined"] == 1 and s["precision"]["undefined"] == 1
     assert s["empty_prediction"] == 1
     assert summarize(cases[:1])["empty_prediction"] == 0 and summarize(cases[:1])["hd95"]["undefined"] == 0
+    # undefined in every case: said, not left out (a review)
+    assert summarize(cases[1:] * 2)["hd95"] == {"n": 0, "undefined": 2}
     # a prompted model's misses are its structures' (a second review: always 0, its case rows have no precision)
     prompted = [{"dice": 0.5, "structures": {"lesion": cases[1], "vertebra": cases[0]}},
                 {"dice": 1.0, "structures": {"lesion": cases[0], "vertebra": cases[0]}}]

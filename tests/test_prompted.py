@@ -824,6 +824,9 @@ def test_evaluate_of_a_prompted_model_says_what_it_scored(tmp_path, tiny_clip, c
     out = capsys.readouterr().out
     assert "nothing predicted where the truth has foreground: {'upper': 1, 'lower': 1}" in out, out
     assert json.loads((tmp_path / "e1" / "summary.json").read_text())["empty_prediction"] == 2
+    # HD95, precision and recall are per structure: no summary of rows that have none (read as "undefined")
+    assert not {"hd95", "precision", "recall"} & set(json.loads((tmp_path / "e1" / "summary.json").read_text()))
+    assert "undefined in every case" not in out, out
     assert cli([*base, "--out", str(tmp_path / "e2"), "--prompt", "a bright thing"]) == 0
     out = capsys.readouterr().out
     assert "free prompt 'a bright thing': scored against every structure's truth" in out and "nan" not in out, out

@@ -32,11 +32,11 @@ from lib.checkpoint import CheckpointError, load_system, save_checkpoint
 from lib.config import HParams
 from lib.infers.dfm_vlm import _as_bool, live_paths
 from lib.data import case_id, patch_transforms
-from lib.evaluation import evaluate_items, make_inferer
+from lib.evaluation import check_labels, evaluate_items, make_inferer
 from lib.inferer import DFMSystem
 from lib.network import ConditionalUNet
 from lib.structures import painted_values, parse_segments
-from lib.transforms import image_spatial_dims, preprocess
+from lib.transforms import image_spatial_dims, label_item, preprocess
 from lib.training import lr_at, train_loss
 from lib.vlm import VLMEncoder
 
@@ -121,7 +121,7 @@ class _ValStep:
                 it["text"] = batch["text"][i]
             it["case_id"] = case_id(it)
             items.append(it)
-        cases, _ = evaluate_items(system, items, make_inferer(system))
+        cases, _ = evaluate_items(system, items, make_inferer(system), check=False)  # (checked: _create_evaluator)
         return {"dice": [c["dice"] for c in cases], "cases": cases}
 
 
@@ -685,6 +685,11 @@ class DFMVLMTrain(BasicTrainTask):
 
         if not context.val_datalist:
             return None
+        # the validation labels, once, before the training (the evaluator scores them a batch at a time): one that
+        # does not fit its image, or every one read as background, stops the run now, not at its first validation
+        items = [{**it, "case_id": case_id(it)} for it in context.val_datalist]
+        lab_t = context.system.label_reader()
+        check_labels(items, (lab_t(label_item(it)) for it in items))
         return SupervisedEvaluator(
             device=context.device, val_data_loader=self.val_data_loader(context), network=context.network,
             inferer=self.val_inferer(context), key_val_metric=self.val_key_metric(context),
