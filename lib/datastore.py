@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+from typing import Sequence
 
 import numpy as np
 import requests
@@ -297,6 +298,35 @@ def seg_stamp(meta) -> str:
     """When a SEG was made, as a sortable text: the latest of its content, series and instance creation date+time."""
     return max(f"{meta.get(d, '') or ''}{meta.get(t, '') or ''}" for d, t in (
         ("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"), ("InstanceCreationDate", "InstanceCreationTime")))
+
+
+SEG_ALGORITHM = "DFM+VLM"  # a SEG's algorithm and series name where the client names no model
+
+
+def segment_infos(values: Sequence[int], infos: Sequence[dict]) -> list[dict]:
+    """MONAI Label's ``label_info`` for its DICOM SEG writer (dcmqi): ``infos[i]`` describes the label value
+    ``values[i]``; each entry gets the value as its ``labelID`` (dcmqi reads the voxels by it), its ``model_name``
+    (the client's, else :data:`SEG_ALGORITHM`) and the segment's attributes -- label, description, algorithm type
+    and name, category and type codes, colour -- unless the client sent its own. One function for a final label's SEG
+    and for ``/infer?output=dicom_seg``: the latter passed MONAI Label's defaults on (every segment coded 78961009,
+    SNOMED's spleen, algorithm "MONAILABEL", description "Unknown"), and a final label named by Slicer's segments
+    titled its SEG series "AIName" (a review, 2026-12-07)."""
+    filled = []
+    for v, info in zip(values, infos):
+        info = dict(info)
+        name = info.get("name", "segment")
+        info.setdefault("model_name", SEG_ALGORITHM)
+        info.setdefault("segmentAttribute", {
+            "labelID": int(v), "SegmentLabel": name, "SegmentDescription": info.get("description", name),
+            "SegmentAlgorithmType": info.get("algorithm_type", "AUTOMATIC"), "SegmentAlgorithmName": info["model_name"],
+            "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT",
+                                                      "CodeMeaning": "Anatomical Structure"},
+            "SegmentedPropertyTypeCodeSequence": {"CodeValue": "85756007", "CodingSchemeDesignator": "SCT",
+                                                  "CodeMeaning": "Tissue"},
+            "recommendedDisplayRGBValue": list(info.get("color", [255, 0, 0]))[:3],
+        })
+        filled.append(info)
+    return filled
 
 
 def _not_found(detail: str):
@@ -703,7 +733,6 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
     def _save_checked_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
                             present: list[int]) -> str:
         from monailabel.datastore.utils.convert import nifti_to_dicom_seg
-        from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 
         # MONAI Label pairs the i-th label value present in the file with label_info[i]: build the list in that order,
         # named by value from the models' label maps (the prompted sample model: lesion = 1, vertebra = 2) unless the
@@ -720,23 +749,8 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             infos = [dict(given[i]) if i < len(given) else {"name": names.get(v, f"segment {v}")}
                      for i, v in enumerate(values)]
         else:
-            infos = [{"name": names.get(v, f"segment {v}"), "model_name": "DFM+VLM"} for v in values]
-        filled = []
-        for i, info in enumerate(infos):
-            info = dict(info)
-            name = info.get("name", "segment")
-            algo = info.get("model_name", "DFM+VLM")
-            info.setdefault("segmentAttribute", {
-                "labelID": values[i], "SegmentLabel": name, "SegmentDescription": info.get("description", name),
-                "SegmentAlgorithmType": info.get("algorithm_type", "AUTOMATIC"), "SegmentAlgorithmName": algo,
-                "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT",
-                                                          "CodeMeaning": "Anatomical Structure"},
-                "SegmentedPropertyTypeCodeSequence": {"CodeValue": "85756007", "CodingSchemeDesignator": "SCT",
-                                                      "CodeMeaning": "Tissue"},
-                "recommendedDisplayRGBValue": list(info.get("color", [255, 0, 0]))[:3],
-            })
-            filled.append(info)
-        label_info["label_info"] = filled
+            infos = [{"name": names.get(v, f"segment {v}")} for v in values]
+        label_info["label_info"] = segment_infos(values, infos)
         # MONAI Label's DICOMWebDatastore.save_label from here: a final label goes to the PACS as a DICOM SEG (dcmqi),
         # then (any tag) into the cache, through the atomic write and the fresh index (FreshIndex._store_label; its
         # LocalDatastore.save_label copied in place and wrote its in-memory index)
@@ -754,7 +768,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             except Exception:  # noqa: BLE001 - (then read from the PACS when next listed)
                 stamp = None
             try:
-                label_series_id = dicom_web_upload_dcm(seg, self._client)
+                label_series_id = self._upload_seg(seg, image_id)
             except (requests.exceptions.RequestException, OSError) as e:
                 # the PACS down or refusing the SEG: a bare 500 after dicomweb_client's ~30 s of retries (a review)
                 raise HTTPException(status_code=503, detail=f"series {image_id}: the PACS did not store the label's "
@@ -777,6 +791,28 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                "PatientID": image_info.get("PatientID"),
                                "StudyInstanceUID": image_info.get("StudyInstanceUID")})
         return self._store_label(image_id, label_filename, label_tag, label_info)
+
+    def _upload_seg(self, seg: str, image_id: str) -> str:
+        """STOW-RS of the SEG file ``seg``; its SeriesInstanceUID once the PACS stored it. A PACS may answer without
+        an HTTP error and still refuse the instance (its answer's Failed SOP Sequence, PS3.18): MONAI Label's upload
+        then returned an empty series id, and the label was reported saved and cached with none, while the PACS held
+        nothing (a review, 2026-12-07). That answer is a 503 naming the PACS's failure reason; nothing is stored."""
+        import pydicom
+
+        ds = pydicom.dcmread(seg)
+        answer = self._client.store_instances([ds])
+        failed = list(answer.get("FailedSOPSequence", None) or []) if answer is not None else []
+        if failed:
+            reasons = sorted({f"0x{int(f.FailureReason):04X}" for f in failed if "FailureReason" in f})
+            raise HTTPException(status_code=503, detail=(
+                f"series {image_id}: the PACS refused the label's DICOM SEG (STOW-RS Failed SOP Sequence, failure "
+                f"reason {', '.join(reasons) or 'not given'}); nothing was stored: submit the label again when the "
+                "PACS takes it"))
+        for elem in answer.iterall() if answer is not None else []:  # the series the PACS says it stored it in
+            url = str(elem.value or "") if elem.keyword == "RetrieveURL" else ""
+            if "/series/" in url:
+                return url.split("/series/")[1].split("/")[0]
+        return str(ds.SeriesInstanceUID)  # (an answer without a Retrieve URL: the SEG's own series)
 
     def write_seg(self, image_id: str, label_file: str, label_info, convert, what: str, then: str) -> str:
         """The DICOM SEG of ``label_file`` on the cached series ``image_id``, written by ``convert`` (MONAI Label's

@@ -676,24 +676,33 @@ def _install_dicom_seg_naming() -> None:
     original = endpoint.nifti_to_dicom_seg
 
     def named(series_dir, label, label_info, file_ext="*", use_itk=True):
-        names = getattr(_RESULT, "label_names", None)
-        if isinstance(names, dict) and names:
-            import numpy as np
-            import SimpleITK as sitk
+        import numpy as np
+        import SimpleITK as sitk
 
+        from lib.datastore import segment_infos
+
+        names = getattr(_RESULT, "label_names", None)
+        entries = [x for x in (label_info or []) if isinstance(x, dict)]
+        # the client's model name names the SEG series (MONAI Label reads it from the first entry)
+        model_name = next((x["model_name"] for x in entries if x.get("model_name")), None)
+        # the result as MONAI Label reads it (any extension: .nrrd, .mha as well as NIfTI); a copy of the pixels: a
+        # view of the image read here outlived it (freed memory: values 38, 49, ... read as segments; found 2026-12-07)
+        present = [int(v) for v in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(label))) if v != 0]
+        if not present:  # MONAI Label's converter writes nothing: its answer was a 500 (no such file)
+            raise HTTPException(status_code=422, detail="the result is empty: a DICOM SEG holds at least one "
+                                                        "segment; ask output 'image' for an empty result")
+        if isinstance(names, dict) and names:
             by_value = {int(v): str(n) for n, v in names.items() if isinstance(v, (int, float))}
-            entries = [x for x in (label_info or []) if isinstance(x, dict)]
             given = {str(x.get("name")): x for x in entries}
-            # the client's model name names the SEG series (MONAI Label reads it from the first entry)
-            model_name = next((x["model_name"] for x in entries if x.get("model_name")), None)
-            # the result as MONAI Label reads it (any extension: .nrrd, .mha as well as NIfTI)
-            present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(label))) if v != 0]
-            label_info = [{**({"model_name": model_name} if model_name else {}),
-                           **given.get(by_value.get(v, ""), {}), "name": by_value.get(v, f"segment {v}")}
-                          for v in present]
-            if not present:  # MONAI Label's converter writes nothing: its answer was a 500 (no such file)
-                raise HTTPException(status_code=422, detail="the result is empty: a DICOM SEG holds at least one "
-                                                            "segment; ask output 'image' for an empty result")
+            infos = [{**given.get(by_value.get(v, ""), {}), "name": by_value.get(v, f"segment {v}")} for v in present]
+        else:  # (a one-label model's result names no values: the client's entries in order, as MONAI Label pairs them)
+            infos = [{**(entries[k] if k < len(entries) else {}),
+                      "name": str((entries[k] if k < len(entries) else {}).get("name") or f"segment {v}")}
+                     for k, v in enumerate(present)]
+        # each segment's attributes as a final label's SEG has them (lib.datastore.segment_infos: MONAI Label's
+        # defaults coded every segment as the spleen, algorithm "MONAILABEL", description "Unknown")
+        label_info = segment_infos(present, [{**({"model_name": model_name} if model_name else {}), **x}
+                                             for x in infos])
         # written as a final label's SEG is (CheckedDICOMWebDatastore.write_seg: a corrected series refused, what
         # dcmqi refuses repaired in a copy): the result of a real vendor series was a 500 after the whole inference
         # (dcmqi: "Value Representation violated"; a review, 2026-12-07)

@@ -832,6 +832,17 @@ def test_trainer_task_pickles_for_ddp_and_filters_by_dimension(tmp_path, ckpt3d)
     assert [v["image"] for v in val] == ["img1", "img2"] and [t["image"] for t in train] == ["img0", "img3", "img4"]
     context.request = {"val_split": 0.4, "val_ds": labels[3:]}  # given validation images: as given
     assert [v["image"] for v in trainer.partition_datalist(context)[1]] == ["img3", "img4"]
+    # the validation labels are checked once, before the training (the evaluator scores a batch at a time): a label
+    # off its image's size is refused then, not at the first validation (a review, 2026-12-07)
+    from lib.checkpoint import load_system
+    from lib.transforms import InputError
+
+    context.system = load_system(ckpt3d)
+    case = write_phantom_case(tmp_path / "s", "v3d", shape=(20, 20, 12))
+    small = write_phantom_case(tmp_path / "s2", "v3d", shape=(20, 20, 10))
+    context.val_datalist = [case, {**case, "label": small["label"]}]
+    with pytest.raises(InputError, match=r"1 of 2 label\(s\) do not fit.*\(20, 20, 12\).*\(20, 20, 10\)"):
+        trainer._create_evaluator(context)
 
 
 def test_random_next_sample_survives_annotators_asking_in_the_same_second():
@@ -1282,10 +1293,23 @@ def test_a_2d_image_slicer_sends_as_a_one_slice_volume_is_segmented_as_the_2d_im
     _, a = auto({**req, "image": str(png)})
     _, b = auto({**req, "image": str(nii)})
     assert np.array_equal(np.asarray(a["pred"]), np.asarray(b["pred"])) and np.asarray(a["pred"]).any()
+    # both conventions' upright layout ('RA': MONAI's PNG; 'LP': ITK's, Slicer's) pass without a note; the same
+    # X-ray stored with its rows bottom-up and an affine to match ('RP') is segmented as stored, and the result says
+    # so (a review, 2026-12-07: the lung Dice fell from 0.96 to 0.75 without a word)
+    assert "notes" not in a["result"] and "notes" not in b["result"]
+    (tmp_path / "flipped").mkdir()
+    flipped = tmp_path / "flipped" / "xray.nii.gz"
+    nib.save(nib.Nifti1Image(px.T[:, ::-1].copy(), np.array([[1.0, 0, 0, 0], [0, -1, 0, px.shape[0] - 1],
+                                                               [0, 0, 1, 0], [0, 0, 0, 1]])), str(flipped))
+    _, f = auto({**req, "image": str(flipped)})
+    assert len(f["result"]["notes"]) == 1 and "'RP'" in f["result"]["notes"][0] \
+        and "mirrored" in f["result"]["notes"][0] and "xray.nii.gz" in f["result"]["notes"][0]
     out, _ = auto({"image": str(nii), "device": "cpu", "steps": 2})
     check_label_file(out, str(nii), "xray")
     assert np.allclose(nib.load(out).affine, nib.load(str(nii)).affine)
-    assert np.array_equal(np.asarray(nib.load(out).dataobj).reshape(px.T.shape), np.asarray(a["pred"]))
+    # the image's own grid, its one-slice axis kept (a review, 2026-12-07: the label came back as (X, Y))
+    assert nib.load(out).shape == nib.load(str(nii)).shape == px.T.shape + (1,)
+    assert np.array_equal(np.asarray(nib.load(out).dataobj)[:, :, 0], np.asarray(a["pred"]))
     zeros = np.argwhere(np.asarray(a["pred"]) == 0)
     empty = [[int(i), int(j), 0] for i, j in zeros[::max(1, len(zeros) // 3)][:3]]
     assert len(empty) == 3
@@ -1670,3 +1694,43 @@ def test_a_request_asking_far_more_work_than_the_model_s_own_sampler_is_refused_
     monkeypatch.setattr(infer_mod, "predict_preprocessed", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # past the check, stopped at the first window
         task({**req, **big})
+
+
+def test_the_result_s_dicom_seg_describes_each_segment_as_a_final_label_s_seg_does(tmp_path, monkeypatch):
+    """A review (2026-12-07): ``/infer?output=dicom_seg`` handed MONAI Label's defaults on to dcmqi -- every segment
+    coded 78961009 (SNOMED's spleen), algorithm "MONAILABEL", description "Unknown" -- where a final label's SEG
+    says what it is. Both go through ``lib.datastore.segment_infos``: a prompted result's segments named by its
+    label_names, a one-label result's (no label_names) by the client's entries in order."""
+    import nibabel as nib
+    import numpy as np
+    import monailabel.endpoints.infer as endpoint
+    import monailabel.interfaces.utils.app as app_utils
+
+    import monailabel_app.main as app_main
+
+    monkeypatch.setattr(endpoint, "nifti_to_dicom_seg", lambda *a, **k: "original")
+    app_main._install_dicom_seg_naming()
+    written = {}
+
+    class Store:
+        def write_seg(self, image_id, label, info, convert, what, then):
+            written.update(image=image_id, info=info)
+            return "seg.dcm"
+
+    monkeypatch.setattr(app_utils, "app_instance", lambda *a, **k: type("App", (), {"datastore": lambda s: Store()})())
+    lab = np.zeros((8, 8, 4), np.uint8)
+    lab[1:3] = 1
+    lab[5:7] = 2
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "result.nii.gz"))
+    for names, sent, want in (
+            ({"lesion": 1, "vertebra": 2}, [{"name": "vertebra", "model_name": "dfm_vlm_3d"}],
+             [("lesion", "dfm_vlm_3d"), ("vertebra", "dfm_vlm_3d")]),
+            (None, [{"name": "tumour"}, {"name": "oedema"}], [("tumour", "DFM+VLM"), ("oedema", "DFM+VLM")])):
+        app_main._RESULT.label_names = names
+        assert endpoint.nifti_to_dicom_seg(str(tmp_path / "1.2.3"), str(tmp_path / "result.nii.gz"), sent) == "seg.dcm"
+        attrs = [x["segmentAttribute"] for x in written["info"]]
+        assert written["image"] == "1.2.3"
+        assert [(a["SegmentLabel"], a["SegmentAlgorithmName"]) for a in attrs] == want, attrs
+        assert [a["labelID"] for a in attrs] == [1, 2] and [a["SegmentDescription"] for a in attrs] == [w[0] for w in want]
+        assert {a["SegmentedPropertyTypeCodeSequence"]["CodeValue"] for a in attrs} == {"85756007"}
+    app_main._RESULT.label_names = None

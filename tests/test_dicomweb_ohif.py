@@ -234,6 +234,11 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
     seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content))
     assert [(int(x.SegmentNumber), str(x.SegmentLabel)) for x in seg.SegmentSequence] == \
         [(1, "lesion"), (2, "vertebra")], [(x.SegmentNumber, x.SegmentLabel) for x in seg.SegmentSequence]
+    # described as a final label's SEG is (a review, 2026-12-07: MONAI Label's defaults coded every segment
+    # 78961009, SNOMED's spleen, algorithm "MONAILABEL", description "Unknown")
+    assert {str(x.SegmentedPropertyTypeCodeSequence[0].CodeValue) for x in seg.SegmentSequence} == {"85756007"}
+    assert [(str(x.SegmentDescription), str(x.SegmentAlgorithmName)) for x in seg.SegmentSequence] == \
+        [("lesion", "dfm_vlm_3d"), ("vertebra", "dfm_vlm_3d")]
     # any result extension (a second review: an .nrrd result was a 500), the client's model name kept
     r = _infer(server, uid, {"label_info": [{"name": "vertebra", "model_name": "dfm_vlm_3d"}],
                              "result_extension": ".nrrd"}, output="dicom_seg")
@@ -467,6 +472,26 @@ def test_dicomweb_save_label_checks_the_label_before_the_seg_and_the_cache(tmp_p
     two = _label_for(uri, tmp_path / "two.nii.gz", value=2)
     ds.save_label(uid, str(two), "final", {"label_info": [{"name": "lesion", "idx": 1}, {"name": "vertebra", "idx": 2}]})
     assert [x.SegmentLabel for x in client.stored[-1].SegmentSequence] == ["vertebra"]
+    # a label named by Slicer's segments: its SEG series is the model's, not MONAI Label's "AIName" (a review)
+    assert client.stored[-1].SeriesDescription == "DFM+VLM" != client.stored[-1].ContentCreatorName
+    assert client.stored[-1].SegmentSequence[0].SegmentAlgorithmName == "DFM+VLM"
+    # a PACS that answers the upload without an HTTP error but refuses the instance (its Failed SOP Sequence): 503,
+    # nothing cached (a review, 2026-12-07: reported saved, cached with an empty SeriesInstanceUID)
+    from pydicom.dataset import Dataset
+
+    def refuse(datasets):
+        failed = Dataset()
+        failed.ReferencedSOPInstanceUID, failed.FailureReason = datasets[0].SOPInstanceUID, 0xA700
+        answer = Dataset()
+        answer.FailedSOPSequence = [failed]
+        return answer
+
+    kept_info, kept = ds.get_label_info(uid, "final"), cached.read_bytes()
+    client.store_instances = refuse
+    with pytest.raises(HTTPException) as e:
+        ds.save_label(uid, str(good), "final", {})
+    assert e.value.status_code == 503 and "0xA700" in e.value.detail and "nothing was stored" in e.value.detail
+    assert ds.get_label_info(uid, "final") == kept_info and cached.read_bytes() == kept
 
 
 def test_a_final_label_of_real_pacs_data_becomes_a_seg_and_what_cannot_be_one_is_named(tmp_path):

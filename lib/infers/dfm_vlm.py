@@ -32,7 +32,7 @@ from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
 from lib.samplers import nfe_of
 from lib.structures import NOT_A_STRUCTURE, StructureError, inside, paint
-from lib.transforms import affine_2d, has_geometry
+from lib.transforms import affine_2d, has_geometry, stored_layout_note
 from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
@@ -332,6 +332,11 @@ def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
     import nibabel as nib
 
     src = nib.load(image_path)
+    label = np.asarray(label)
+    if label.ndim == 2 and len(src.shape) == 3 and src.shape[2] == 1:
+        # a 2D image that 3D Slicer sends as a one-slice volume (X, Y, 1): its label on that grid, the slice axis
+        # kept (it came back as (X, Y): the same voxels and affine, another shape than the image's; a review)
+        label = label[:, :, None]
     spatial = tuple(src.shape[:label.ndim])
     if tuple(label.shape) != spatial:
         logger.warning("label shape %s is not the spatial shape of %s %s: written by MONAI Label's writer",
@@ -720,6 +725,10 @@ class DFMVLMInfer(BasicInferTask):
                     "sampler": inferer.sampler, "steps": inferer.steps,
                     "num_samples": inferer.num_samples, "overlap": inferer.overlap, "seed": inferer.seed,
                     "precision": inferer.precision or system.hparams.precision, "device": str(system.device)})
+        if system.hparams.preprocessing.spatial_dims == 2:  # a 2D image stored mirrored or transposed: said
+            note = stored_layout_note(pre["image"].meta.get("loaded_affine"), os.path.basename(str(src or "image")))
+            if note:
+                res["notes"] = [note]
         if system.structures or prompt is not None:
             res["label_names"] = dict(names)  # Slicer names the segments by these
             res["labels"] = [t[0] for t in targets]  # what was segmented
