@@ -10,6 +10,7 @@ the same image id or the same pixels in both splits (leakage), unreadable files.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from collections import Counter
 from typing import Sequence
@@ -91,6 +92,13 @@ def image_stats(item: dict, label_threshold: float = 0.0) -> dict:
     rec: dict = {"case_id": item.get("case_id"), "entry_keys": sorted(k for k in item if k != "case_id"),
                  "has_text": bool(isinstance(item.get("text"), str) and item["text"].strip()),
                  "has_label": "label" in item}
+    from .data import case_id
+
+    src = item["image"]
+    first = str(src[0] if isinstance(src, (list, tuple)) and src else src)
+    rec["image_file"] = os.path.realpath(first) if os.path.exists(first) else first
+    # an id taken from the file's name (not the datalist's own case_id): two files of one name are not one case
+    rec["named_by_file"] = item.get("case_id") == case_id({"image": src})
     try:
         with tempfile.TemporaryDirectory(prefix="dfm_audit_") as tmp:
             img, meta = loader(_as_the_loader_reads(item["image"], tmp))
@@ -231,8 +239,17 @@ def compare(a_recs: Sequence[dict], b_recs: Sequence[dict], name_a: str = "A", n
             flag("label_geometry", "error", f"{n}: labels not on their image's grid (another affine: training "
                                             f"would learn them mirrored or shifted) for {s['label_geometry_mismatch'][:5]}")
     ids = set(r["case_id"] for r in a_recs) & set(r["case_id"] for r in b_recs)
-    if ids:
-        flag("id_overlap", "error", f"{len(ids)} image id(s) in both {name_a} and {name_b}: {sorted(ids)[:5]}")
+    # one image file in both, or one id the datalist gave: an error; two files that only share a name (ids taken from
+    # file names, e.g. case*/flair.nii.gz of two datalists): a warning, the pixel check below tells copies
+    files = {r["case_id"]: r.get("image_file") for r in a_recs}
+    same = {i for i in ids if any(r["case_id"] == i and (r.get("image_file") == files[i]
+                                                         or not r.get("named_by_file", False)) for r in b_recs)}
+    if same:
+        flag("id_overlap", "error", f"{len(same)} image id(s) in both {name_a} and {name_b}: {sorted(same)[:5]}")
+    if ids - same:
+        flag("id_name_overlap", "warning", f"{len(ids - same)} image name(s) in both {name_a} and {name_b}, of other "
+                                           f"files: {sorted(ids - same)[:5]} (two cases of one file name, or one case "
+                                           "at two paths: the pixel check tells copies)")
     # the pixels as stored, or in their canonical voxel order (one scan stored as RAS and as LAS)
     hashes = {h: r["case_id"] for r in ok_a for h in (r["sha1"], r.get("sha1_canonical")) if h}
     dup = [(hashes[h], r["case_id"]) for r in ok_b

@@ -84,15 +84,13 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
 
 
 def _path_id(image, base: Path) -> str:
-    """An entry's id by where its image lies below the datalist's folder (``BraTS20_0003/flair``; a multi-file
-    image's folder), for files that share one name in their own folders (:func:`_shared_names`)."""
+    """An entry's id by where its (first) image file lies below the datalist's folder, without the extension
+    (``BraTS20_0003/flair``), for files or case folders that share one name (:func:`_shared_names`)."""
     first = Path(str(image[0] if isinstance(image, (list, tuple)) else image))
     try:
         rel = first.relative_to(base.resolve())
     except ValueError:  # outside the datalist's folder: its absolute path
         rel = first
-    if isinstance(image, (list, tuple)):
-        return rel.parent.as_posix()
     return (rel.parent / case_id({"image": str(rel)})).as_posix()
 
 
@@ -100,7 +98,9 @@ def _shared_names(d: dict, base: Path) -> set[str]:
     """The ids by file name (:func:`case_id`) that two different images of the datalist would share, over all its
     splits: the usual one-folder-per-case layout (``case1/flair.nii.gz``, ``case2/flair.nii.gz``) gave every case
     one id, so ``evaluate``'s rows could not be told apart, their seeds were one, and ``audit`` flagged two
-    disjoint splits as leaking (a review, 2026-12-07). Entries with their own ``case_id`` keep it."""
+    disjoint splits as leaking (a review, 2026-12-07). Entries with their own ``case_id`` keep it, and an id is the
+    file name's wherever no other image shares it (so the datalists of this README's figures keep theirs): adding an
+    image of the same name elsewhere in the datalist gives both their path ids."""
     seen: dict[str, set] = {}
     for v in d.values():
         for e in v if isinstance(v, list) else []:

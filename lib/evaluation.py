@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Callable, Sequence
 
@@ -213,8 +214,8 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
             dices = [v["dice"] for v in per.values() if v.get("dice") is not None]
             m = {"dice": float(np.mean(dices)) if dices else None, "structures": per, "dice_matrix": matrix}
         m = {"case_id": item.get("case_id"), **m, "seconds": round(time.perf_counter() - t0, 3),
-             # HD95's unit: a PNG or JPEG has no pixel size (its spacing is the reader's 1)
-             "units": "mm" if has_geometry(first_path(item["image"])) else "px"}
+             # HD95's unit: the label's pixel size, which it is measured in (a PNG or JPEG has none: 1)
+             "units": "mm" if has_geometry(first_path(item["label"])) else "px"}
         if note:
             m[TRUTH_NOTE] = f"{first_path(item['label'])}: {note}"
         cases.append(m)
@@ -223,62 +224,40 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
     return cases, summarize(cases)
 
 
-def _header_shape(path: str) -> tuple | None:
-    """An image file's spatial shape in the loader's axis order, from its header (no pixels read), or None where
-    that is not simply known (a DICOM series, an unknown format)."""
-    import nibabel as nib
-    from PIL import Image
-
-    low = path.lower()
-    try:
-        if low.endswith((".nii", ".nii.gz")):
-            return tuple(int(v) for v in nib.load(path).shape[:3])
-        if low.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
-            with Image.open(path) as im:
-                return tuple(int(v) for v in im.size)  # (width, height): MONAI's (x, y)
-    except Exception:  # noqa: BLE001 - unreadable: the loader says so, naming the file
-        return None
-    return None
-
-
 def check_labels(items: Sequence[dict], labels) -> None:
-    """Before any image is predicted: every label's size is its image's (as far as the image's header says), and not
-    every label with foreground reads as an empty truth (a label coded otherwise than the model's threshold or
-    structure values: one such case is logged, each is named in its row; all of them is refused). A label that did
-    not fit its image was found after the inferences before it, and stopped the run with nothing written (a
-    review, 2026-12-07). ``labels``: the label pipeline's outputs, in ``items``' order (read one at a time)."""
-    misfit, unread, unsure = [], [], []
+    """Before any image is predicted: each label's size is its image's, as the image's header gives it (any format
+    ITK reads; a DICOM series is checked when converted), in any axis order when both files place their axes by an
+    affine (``evaluate`` reorders such a label by it, :func:`truth_on_image_grid`); a label that did not fit its image
+    was found after the inferences before it, and the run ended with nothing written (a review, 2026-12-07). A
+    label whose foreground the model's truth reads as background (a {0, 1} mask under a threshold of 127, values no
+    structure takes: ``TRUTH_NOTE``) is logged, named in its row and counted (it scored Dice 0 without a word); not
+    refused, since a structure may be absent from every case (a class of a multi-class label). ``labels``: the label
+    pipeline's outputs in ``items``' order, read one at a time."""
+    from .transforms import _itk_header
+
+    misfit = []
     n = 0
     for item, lab in zip(items, labels):
         n += 1
         label = lab["label"]
+        img_file, lab_file = first_path(item["image"]), first_path(item["label"])
         note = getattr(label, "meta", {}).get(TRUTH_NOTE)
         if note:
-            unread.append(f"{first_path(item['label'])}: {note}")
-            logger.warning("%s: %s", first_path(item["label"]), note)
-        img_shape = _header_shape(first_path(item["image"]))
+            logger.warning("%s: %s", lab_file, note)
+        header, _ = _itk_header(img_file) if os.path.isfile(img_file) else (None, None)
+        if header is None:
+            continue
         lab_shape = tuple(int(v) for v in label.shape[1:])
-        if img_shape is not None and img_shape[:len(lab_shape)] != lab_shape:
-            swapped = len(lab_shape) == 2 and tuple(img_shape[:2][::-1]) == lab_shape
-            misfit.append(f"{item.get('case_id')}: image {first_path(item['image'])} {img_shape}, label "
-                          f"{first_path(item['label'])} {lab_shape}" + (
-                              " (transposed: a mask written from a (rows, columns) array into a file with a "
-                              "geometry, beside a PNG that the loader reads as (x, y)?)" if swapped else ""))
-        elif img_shape is not None and len(lab_shape) == 2 and lab_shape[0] == lab_shape[1] \
-                and has_geometry(first_path(item["label"])) and not has_geometry(first_path(item["image"])):
-            unsure.append(first_path(item["label"]))
-    if unsure:  # (a square one: the same size either way; a review scored such a transposed mask 0.43 for 0.96)
-        logger.warning("%d label(s) with a geometry (e.g. %s) beside square image(s) without one (PNG, JPEG): "
-                       "their voxel order cannot be checked against the image's; a mask written from a (rows, "
-                       "columns) array into a NIfTI is transposed to the loader's (x, y) order of a PNG", len(unsure),
-                       unsure[0])
+        img_shape = tuple(header[:len(lab_shape)])
+        placed = has_geometry(img_file) and has_geometry(lab_file)  # (its axes reordered by the affines)
+        if img_shape != lab_shape and not (placed and sorted(img_shape) == sorted(lab_shape)):
+            swapped = len(lab_shape) == 2 and img_shape[::-1] == lab_shape
+            misfit.append(f"{item.get('case_id')}: image {img_file} {img_shape}, label {lab_file} {lab_shape}" + (
+                " (transposed: a mask written from a (rows, columns) array beside an image the loader reads as "
+                "(x, y), a PNG?)" if swapped else ""))
     if misfit:
         raise InputError(f"{len(misfit)} of {n} label(s) do not fit their image's size, found before any image "
                          f"was predicted: {'; '.join(misfit[:5])}")
-    if n and len(unread) == n:
-        raise InputError(f"every label ({n}) holds foreground that the model's truth reads as background, so every "
-                         f"score would be of an empty truth: {unread[0]} (the labels are coded otherwise than "
-                         "the model's preprocessing.label_threshold or structure values)")
 
 
 def truth_on_image_grid(item: dict, label, prob):

@@ -250,8 +250,8 @@ def stored_layout_note(affine, name: str = "the image") -> str | None:
         return None
     from nibabel.orientations import aff2axcodes, io_orientation
 
-    a = np.asarray(affine, dtype=float)
-    if a.shape != (4, 4) or not np.isfinite(a).all():
+    a = np.asarray(affine.numpy() if hasattr(affine, "numpy") else affine, dtype=float)
+    if a.shape not in ((4, 4), (3, 3)) or not np.isfinite(a).all():  # (3 x 3: a 2D NRRD's, MHA's)
         return None
     ornt = io_orientation(a)[:2]  # the stored axes' world axis (0: L/R, 1: P/A, 2: I/S) and direction
     if np.isnan(ornt).any():
