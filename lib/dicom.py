@@ -260,7 +260,8 @@ def seg_source_copy(folder: str | os.PathLike, out_dir: str | os.PathLike) -> li
     refuses in real PACS data, and return what was repaired, in words. Found on 8 of the 9 real series here (dcmqi
     wrote no SEG; MONAI Label then uploaded a file that did not exist: a 500): a ``PatientAge`` of ``0Y`` (the
     DICOM age string is ``nnn`` + D/W/M/Y: zero-padded), an empty ``SOPClassUID`` (taken from the file meta, else
-    from the modality). The UIDs the SEG references are the series' own; pixel data are copied as they are."""
+    from the modality), a missing ``FrameOfReferenceUID`` (one made from the series UID, so that every SEG of the
+    series has one frame). The UIDs the SEG references are the series' own; pixel data are copied as they are."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     repaired: set[str] = set()
@@ -286,6 +287,11 @@ def seg_source_copy(folder: str | os.PathLike, out_dir: str | os.PathLike) -> li
             if sop_class:
                 ds.SOPClassUID = sop_class
                 repaired.add("an empty SOPClassUID")
+        if not str(ds.get("FrameOfReferenceUID", "") or "").strip():
+            # dcmqi made a new frame of reference for every SEG of such a series (all 8 vendor MR series here), so
+            # two SEGs of one series claimed two frames (a review, 2026-12-07): one, made from the series UID
+            ds.FrameOfReferenceUID = _uid("frame-of-reference", str(ds.get("SeriesInstanceUID", "") or folder))
+            repaired.add("no FrameOfReferenceUID (one made from the series UID, the same for every SEG of it)")
         ds.save_as(str(out_dir / f.name), write_like_original=True)
     return sorted(repaired)
 

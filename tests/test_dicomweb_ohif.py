@@ -503,17 +503,24 @@ def test_a_final_label_of_real_pacs_data_becomes_a_seg_and_what_cannot_be_one_is
     from fastapi import HTTPException
 
     open_ds, client, (uid, other) = _fake_dicomweb(tmp_path, series=("a", "b"))
-    for ds_ in client.files:  # as the vendor series and the CT carry them
+    for ds_ in client.files:  # as the vendor series (no frame of reference either) and the CT carry them
         if ds_.SeriesInstanceUID == uid:
             ds_.PatientAge = "0Y"
+            del ds_.FrameOfReferenceUID
         else:
             ds_.SOPClassUID = ""
     ds = open_ds()
-    for series in (uid, other):
+    for series in (uid, other, uid):
         uri = ds.get_image_uri(series)
         ds.save_label(series, str(_label_for(uri, tmp_path / f"{series}.nii.gz")), "final", {})
-    assert [x.Modality for x in client.stored] == ["SEG", "SEG"]
+    assert [x.Modality for x in client.stored] == ["SEG", "SEG", "SEG"]
     assert str(client.stored[0].ReferencedSeriesSequence[0].SeriesInstanceUID) == uid
+    # a series without a frame of reference: one for every SEG of it (a review: dcmqi made a new one for each);
+    # a series with one: its own
+    assert client.stored[0].FrameOfReferenceUID == client.stored[2].FrameOfReferenceUID
+    assert client.stored[1].FrameOfReferenceUID == next(f.FrameOfReferenceUID for f in client.files
+                                                        if f.SeriesInstanceUID == other)
+    client.stored.pop()
     empty = tmp_path / "empty.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(nib.load(uri).shape, np.uint8), nib.load(uri).affine), str(empty))
     ds.update_image_info(other, {"corrections": ["gantry tilt: resampled onto an orthogonal grid"]})
