@@ -71,6 +71,22 @@ def test_training_objective_is_bce_on_x1_logits():
     assert loss_d > loss
 
 
+def test_training_draws_t_uniform_and_x_t_from_the_path_at_that_t():
+    """The state the network is trained on is the path's at the ``t`` it is told: per patch, the share of x_t equal
+    to x1 is kappa(t) + (1 - kappa(t)) * P(x0 = x1), and t covers [0, 1] uniformly (a check of the core's guards,
+    2026-12-07: x_t drawn at t / 2 while the network was told t passed the flow tests)."""
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.ones(512, 1, 32, 32)  # all foreground: P(x0 = x1) = source_p
+    spy = Spy(torch.zeros(512, 1, 32, 32))
+    flow = FlowConfig(scheduler="polynomial", exponent=2.0, source_p=0.5)
+    training_step(spy, object(), x1, flow, generator=g)
+    (x_t, t, _), = spy.calls
+    assert float(t.min()) < 0.02 and float(t.max()) > 0.98 and abs(float(t.mean()) - 0.5) < 0.04
+    kappa = t ** 2
+    share = x_t.flatten(1).mean(1)
+    assert torch.allclose(share, kappa + (1 - kappa) * 0.5, atol=0.06), float((share - kappa - (1 - kappa) / 2).abs().max())
+
+
 def image_model(steep=False, x_gain=0.0):
     """Posterior depends on the image only: p = sigmoid(4 * (image - 0.5)); at t = 1 it copies x (as trained nets do)
     unless ``steep`` is False, in which case it stays the image posterior (an 'ambiguous' model). ``x_gain``: the
