@@ -474,8 +474,9 @@ def cmd_evaluate(a) -> int:
                                            if summary.get("hd95_units") else "")
     if summary.get("hd95", {}).get("n"):
         h = summary["hd95"]
-        hd = f"; HD95 mean {h['mean']:.2f}{unit}" + (f" over {h['n']} of {summary['n']} cases (undefined where the "
-                                                     f"prediction or the truth is empty)" if h["n"] < summary["n"] else "")
+        hd = f"; HD95 mean {h['mean']:.2f}{unit}" + (
+            f" over {h['n']} of {summary['n']} cases (undefined where the prediction or the truth is empty)"
+            if h["n"] < summary["n"] else "")
     elif summary.get("hd95"):
         hd = "; HD95 undefined in every case (the prediction or the truth is empty)"
     if summary.get("truth_read_empty"):  # (each named in the log and in its row's truth_note)
@@ -488,7 +489,7 @@ def cmd_evaluate(a) -> int:
     elif summary.get("empty_prediction"):
         hd += f"; {summary['empty_prediction']} case(s) with nothing predicted where the truth has foreground"
     what = "Dice (mean of the structures)" if summary.get("structures") else "Dice"
-    if not d.get("n") and a.prompt is not None:  # a free prompt has no truth of its own: only its row of the matrix above
+    if not d.get("n") and a.prompt is not None:  # a free prompt has no truth of its own: its row of the matrix above
         print(f"{a.split}: n={summary['n']} free prompt {a.prompt!r}: scored against every structure's truth "
               f"(the row above){hd}; {wall:.0f} s -> {out}")
         return 0

@@ -764,11 +764,9 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             import pydicom
 
             try:
-                stamp = seg_stamp(pydicom.dcmread(seg, stop_before_pixels=True))
-            except Exception:  # noqa: BLE001 - (then read from the PACS when next listed)
-                stamp = None
-            try:
-                label_series_id = self._upload_seg(seg, image_id)
+                ds = pydicom.dcmread(seg)  # (read once: its time for the SEG references, the instance to upload)
+                stamp = seg_stamp(ds)
+                label_series_id = self._upload_seg(ds, image_id)
             except (requests.exceptions.RequestException, OSError) as e:
                 # the PACS down or refusing the SEG: a bare 500 after dicomweb_client's ~30 s of retries (a review)
                 raise HTTPException(status_code=503, detail=f"series {image_id}: the PACS did not store the label's "
@@ -777,7 +775,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                                             "answers") from None
             finally:
                 os.unlink(seg)
-            if stamp is not None and label_series_id:
+            if label_series_id:
                 # what the new SEG references, known without asking the PACS for its metadata (a review: while the
                 # PACS could not return it, the image's newest label was not known)
                 self._remember_segs({label_series_id: [image_id, stamp]}, keep=None)
@@ -792,23 +790,23 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                                "StudyInstanceUID": image_info.get("StudyInstanceUID")})
         return self._store_label(image_id, label_filename, label_tag, label_info)
 
-    def _upload_seg(self, seg: str, image_id: str) -> str:
-        """STOW-RS of the SEG file ``seg``; its SeriesInstanceUID once the PACS stored it. A PACS may answer without
-        an HTTP error and still refuse the instance (its answer's Failed SOP Sequence, PS3.18): MONAI Label's upload
+    def _upload_seg(self, ds, image_id: str) -> str:
+        """STOW-RS of the SEG ``ds``; its SeriesInstanceUID once the PACS stored it. A PACS may answer without an
+        HTTP error and still refuse the instance (its answer's Failed SOP Sequence, PS3.18): MONAI Label's upload
         then returned an empty series id, and the label was reported saved and cached with none, while the PACS held
         nothing (a review, 2026-12-07). That answer is a 503 naming the PACS's failure reason; nothing is stored."""
-        import pydicom
+        from pydicom import Dataset
 
-        ds = pydicom.dcmread(seg)
         answer = self._client.store_instances([ds])
-        failed = list(answer.get("FailedSOPSequence", None) or []) if answer is not None else []
+        answer = answer if answer is not None else Dataset()
+        failed = list(answer.get("FailedSOPSequence", None) or [])
         if failed:
             reasons = sorted({f"0x{int(f.FailureReason):04X}" for f in failed if "FailureReason" in f})
             raise HTTPException(status_code=503, detail=(
                 f"series {image_id}: the PACS refused the label's DICOM SEG (STOW-RS Failed SOP Sequence, failure "
                 f"reason {', '.join(reasons) or 'not given'}); nothing was stored: submit the label again when the "
                 "PACS takes it"))
-        for elem in answer.iterall() if answer is not None else []:  # the series the PACS says it stored it in
+        for elem in answer.iterall():  # the series the PACS says it stored it in (its answer's Retrieve URL)
             url = str(elem.value or "") if elem.keyword == "RetrieveURL" else ""
             if "/series/" in url:
                 return url.split("/series/")[1].split("/")[0]

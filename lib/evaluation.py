@@ -180,7 +180,7 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
     truths = system.structures
     lab_t = system.label_reader()
     if labels is None and check:  # (given, or check=False: a training's, checked once before it trains)
-        check_labels(items, (lab_t(label_item(it)) for it in items))
+        check_labels(items)
     cases = []
     it = range(len(items))
     if progress:
@@ -218,37 +218,38 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
              "units": "mm" if has_geometry(first_path(item["label"])) else "px"}
         if note:
             m[TRUTH_NOTE] = f"{first_path(item['label'])}: {note}"
+            if labels is None:  # (a training's: logged once, by check_labels)
+                logger.warning("%s", m[TRUTH_NOTE])
         cases.append(m)
         if on_case:
             on_case(m)
     return cases, summarize(cases)
 
 
-def check_labels(items: Sequence[dict], labels) -> None:
-    """Before any image is predicted: each label's size is its image's, as the image's header gives it (any format
-    ITK reads; a DICOM series is checked when converted), in any axis order when both files place their axes by an
-    affine (``evaluate`` reorders such a label by it, :func:`truth_on_image_grid`); a label that did not fit its image
-    was found after the inferences before it, and the run ended with nothing written (a review, 2026-12-07). A
-    label whose foreground the model's truth reads as background (a {0, 1} mask under a threshold of 127, values no
-    structure takes: ``TRUTH_NOTE``) is logged, named in its row and counted (it scored Dice 0 without a word); not
-    refused, since a structure may be absent from every case (a class of a multi-class label). ``labels``: the label
-    pipeline's outputs in ``items``' order, read one at a time."""
+def check_labels(items: Sequence[dict], labels=None) -> None:
+    """Before any image is predicted: each label's size is its image's, as both files' headers give them (any format
+    ITK reads; no pixels read; a DICOM series is checked when converted), in any axis order when both files place
+    their axes by an affine (``evaluate`` reorders such a label by it, :func:`truth_on_image_grid`): a label that
+    did not fit its image was found after the inferences before it, and the run ended with nothing written (a
+    review, 2026-12-07). ``labels`` (a training's, read already): each one whose foreground the model's truth reads
+    as background (``TRUTH_NOTE``: a {0, 1} mask under a threshold of 127, values no structure takes) is logged;
+    ``evaluate_items`` logs and names it as it reads it. Not refused: a structure may be absent from every case."""
     from .transforms import _itk_header
 
     misfit = []
-    n = 0
-    for item, lab in zip(items, labels):
-        n += 1
-        label = lab["label"]
+    for k, item in enumerate(items):
         img_file, lab_file = first_path(item["image"]), first_path(item["label"])
-        note = getattr(label, "meta", {}).get(TRUTH_NOTE)
+        note = getattr(labels[k]["label"], "meta", {}).get(TRUTH_NOTE) if labels is not None else None
         if note:
             logger.warning("%s: %s", lab_file, note)
-        header, _ = _itk_header(img_file) if os.path.isfile(img_file) else (None, None)
-        if header is None:
+        img, _ = _itk_header(img_file) if os.path.isfile(img_file) else (None, None)
+        lab, _ = _itk_header(lab_file) if os.path.isfile(lab_file) else (None, None)
+        if img is None or lab is None:  # (unreadable: the loader says so, naming the file)
             continue
-        lab_shape = tuple(int(v) for v in label.shape[1:])
-        img_shape = tuple(header[:len(lab_shape)])
+        lab = list(lab)
+        while len(lab) > 2 and lab[-1] == 1:  # a label saved with a trailing axis of 1 (Slicer's one-slice 2D)
+            lab.pop()
+        lab_shape, img_shape = tuple(lab), tuple(img[:len(lab)])
         placed = has_geometry(img_file) and has_geometry(lab_file)  # (its axes reordered by the affines)
         if img_shape != lab_shape and not (placed and sorted(img_shape) == sorted(lab_shape)):
             swapped = len(lab_shape) == 2 and img_shape[::-1] == lab_shape
@@ -256,8 +257,8 @@ def check_labels(items: Sequence[dict], labels) -> None:
                 " (transposed: a mask written from a (rows, columns) array beside an image the loader reads as "
                 "(x, y), a PNG?)" if swapped else ""))
     if misfit:
-        raise InputError(f"{len(misfit)} of {n} label(s) do not fit their image's size, found before any image "
-                         f"was predicted: {'; '.join(misfit[:5])}")
+        raise InputError(f"{len(misfit)} of {len(items)} label(s) do not fit their image's size, found before any "
+                         f"image was predicted: {'; '.join(misfit[:5])}")
 
 
 def truth_on_image_grid(item: dict, label, prob):

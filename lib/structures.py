@@ -240,7 +240,7 @@ class StructureTruthd(MapTransform):
             else:
                 d[key] = np.concatenate(chans)
             note = None if painted is not None else unread_label_note(
-                lab, np.nan_to_num(np.concatenate(chans)), "no structure's truth takes them (" + "; ".join(
+                lab, d[key], "no structure's truth takes them (" + "; ".join(
                     f"{s.name}: " + (f"values {list(s.truth['values'])}" if "values" in s.truth
                                      else f"above {s.truth['above']:g}") for s in self.structures) + ")")
             if note and hasattr(d[key], "meta"):

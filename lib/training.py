@@ -440,7 +440,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
                for it in val_items]
     lab_t = system.label_reader()  # evaluate's
     val_lab = [lab_t(label_item(it)) for it in val_items]
-    check_labels(val_items, val_lab)  # (a label off its image's size, or every one read as empty: before training)
+    check_labels(val_items, val_lab)  # before training: a label off its image's size refused, one read empty logged
     labels = (train_ds[i].get("label") for i in range(len(train_ds)))  # each cached item read (copied) once
     empty = [i for i, lab in enumerate(labels) if lab is not None and not bool((lab > 0).any())]
     if main_rank and empty:  # a wrong label_threshold (or label files) shows here, not as a Dice of 0 at the end

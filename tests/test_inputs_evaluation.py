@@ -400,6 +400,10 @@ def test_labels_coded_otherwise_or_off_their_image_are_named_before_any_predicti
         cases, summ = ev.evaluate_items(system, [coded])
     assert summ["truth_read_empty"] == 1 and any("l1.png" in r.getMessage() and "127" in r.getMessage()
                                                  for r in caplog.records)
+    caplog.clear()  # a training's validation labels, read already: logged by the check before it trains
+    with caplog.at_level(logging.WARNING):
+        ev.check_labels([coded], [system.label_reader()({"label": coded["label"]})])
+    assert any("l1.png" in r.getMessage() and "127" in r.getMessage() for r in caplog.records)
     # a label off its image's size, last of three: refused before the first prediction
     bad = case(2, 255)
     Image.fromarray(np.zeros((40, 30), np.uint8)).save(bad["label"])

@@ -36,7 +36,7 @@ from lib.evaluation import check_labels, evaluate_items, make_inferer
 from lib.inferer import DFMSystem
 from lib.network import ConditionalUNet
 from lib.structures import painted_values, parse_segments
-from lib.transforms import image_spatial_dims, label_item, preprocess
+from lib.transforms import image_spatial_dims, preprocess
 from lib.training import lr_at, train_loss
 from lib.vlm import VLMEncoder
 
@@ -685,11 +685,9 @@ class DFMVLMTrain(BasicTrainTask):
 
         if not context.val_datalist:
             return None
-        # the validation labels, once, before the training (the evaluator scores them a batch at a time): one that
-        # does not fit its image, or every one read as background, stops the run now, not at its first validation
-        items = [{**it, "case_id": case_id(it)} for it in context.val_datalist]
-        lab_t = context.system.label_reader()
-        check_labels(items, (lab_t(label_item(it)) for it in items))
+        # the validation labels' sizes, once, before the training (the evaluator scores them a batch at a time): one
+        # that does not fit its image stops the run now, not at its first validation
+        check_labels([{**it, "case_id": case_id(it)} for it in context.val_datalist])
         return SupervisedEvaluator(
             device=context.device, val_data_loader=self.val_data_loader(context), network=context.network,
             inferer=self.val_inferer(context), key_val_metric=self.val_key_metric(context),
