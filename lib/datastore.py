@@ -32,7 +32,8 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.checkpoint import atomic_write
-from lib.dicom import is_projection_series, projection_seg, projection_seg_label, series_to_nifti
+from lib.dicom import (SEGMENT_COLOURS, is_projection_series, projection_seg, projection_seg_label, segment_codes,
+                       series_to_nifti)
 from lib.threads import DATASTORE_WRITES
 from lib.transforms import InputError, geometry_difference as _geometry_difference
 
@@ -303,6 +304,7 @@ def seg_stamp(meta) -> str:
 SEG_ALGORITHM = "DFM+VLM"  # a SEG's algorithm and series name where the client names no model
 
 
+
 def segment_infos(values: Sequence[int], infos: Sequence[dict]) -> list[dict]:
     """MONAI Label's ``label_info`` for its DICOM SEG writer (dcmqi): ``infos[i]`` describes the label value
     ``values[i]``; each entry gets the value as its ``labelID`` (dcmqi reads the voxels by it), its ``model_name``
@@ -319,11 +321,9 @@ def segment_infos(values: Sequence[int], infos: Sequence[dict]) -> list[dict]:
         info.setdefault("segmentAttribute", {
             "labelID": int(v), "SegmentLabel": name, "SegmentDescription": info.get("description", name),
             "SegmentAlgorithmType": info.get("algorithm_type", "AUTOMATIC"), "SegmentAlgorithmName": info["model_name"],
-            "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT",
-                                                      "CodeMeaning": "Anatomical Structure"},
-            "SegmentedPropertyTypeCodeSequence": {"CodeValue": "85756007", "CodingSchemeDesignator": "SCT",
-                                                  "CodeMeaning": "Tissue"},
-            "recommendedDisplayRGBValue": list(info.get("color", [255, 0, 0]))[:3],
+            **segment_codes(name),
+            "recommendedDisplayRGBValue": list(info.get("color") or SEGMENT_COLOURS[(int(v) - 1) % len(
+                SEGMENT_COLOURS)])[:3],
         })
         filled.append(info)
     return filled

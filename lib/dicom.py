@@ -10,6 +10,7 @@ slices or an uneven slice increment, mixed slice orientations).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import os
@@ -566,6 +567,69 @@ def projection_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, 
     return {"path": str(out_path), "corrections": []}
 
 
+# the segmentation property categories (DICOM CID 7150) of the type lists (CIDs 7191-7197) a segment's name is
+# looked up in; "Anatomical Structure" as SNOMED's 91723000 (pydicom's dictionary also has the older 123037004)
+_CATEGORY_OF_CID = {7191: ("85756007", "Tissue"), 7192: ("91723000", "Anatomical Structure"),
+                    7193: ("260787004", "Physical object"), 7194: ("49755003", "Morphologically Abnormal Structure"),
+                    7195: ("246464006", "Function"), 7196: ("309825002", "Spatial and Relational Concept"),
+                    7197: ("91720002", "Body Substance")}
+# names a label here goes by that the DICOM lists spell otherwise (British spelling, plurals, a lesion: SNOMED's
+# 52988006, in no segmentation list, so its category is the one Slicer's terminology gives it)
+_SEGMENT_SYNONYMS = {"tumour": "Neoplasm", "tumor": "Neoplasm", "lungs": "Lung", "vertebrae": "Vertebra",
+                     "oedema": "Edema", "haemorrhage": "Hemorrhage", "lesion": ("Lesion", 7194)}
+_LATERALITY = {"right": ("24028007", "Right"), "left": ("7771000", "Left")}
+# distinct display colours by label value (recommendedDisplayRGBValue: every segment was red)
+SEGMENT_COLOURS = [(216, 101, 79), (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210),
+                    (220, 245, 20), (230, 220, 70), (144, 238, 144), (183, 156, 220), (255, 128, 0)]
+_DEFAULT_TYPE = ("85756007", "Tissue")
+
+
+@functools.lru_cache(maxsize=None)
+def _segment_type_index() -> dict:
+    from pydicom.sr._cid_dict import cid_concepts
+
+    index = {}
+    for cid in _CATEGORY_OF_CID:
+        for keyword in cid_concepts.get(cid, {}).get("SCT", []):
+            index.setdefault(keyword.lower(), (keyword, cid))
+    for name, target in _SEGMENT_SYNONYMS.items():
+        keyword, cid = target if isinstance(target, tuple) else (target, index[target.lower()][1])
+        index[name] = (keyword, cid)
+    return index
+
+
+def segment_codes(name: str) -> dict:
+    """The DICOM codes of a segment named ``name`` (``lung``, ``left_lung``, ``whole_tumour``, ``vertebra``): its
+    property category and type from DICOM's segmentation lists (CIDs 7191-7197, pydicom's dictionary), looked up by
+    the whole name, then by each word from the last (``tumour_core`` -> Neoplasm), and a laterality modifier for a
+    ``left``/``right`` word; a name in no list keeps the generic Anatomical Structure / Tissue. Every segment was
+    coded Tissue, so a viewer or a PACS query by code could not tell a lung from a tumour."""
+    from pydicom.sr.codedict import codes
+
+    index = _segment_type_index()
+    words = [w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w]
+    found = None
+    for key in ["".join(words)] + words[::-1]:
+        if key in index:
+            try:
+                code = getattr(codes.SCT, index[key][0])
+            except (AttributeError, NotImplementedError):  # (a keyword of several codes)
+                continue
+            found = ((str(code.value), str(code.meaning)), index[key][1])
+            break
+    (value, meaning), cid = found or (_DEFAULT_TYPE, 7192)
+    category = _CATEGORY_OF_CID[cid]
+    out = {"SegmentedPropertyCategoryCodeSequence": {"CodeValue": category[0], "CodingSchemeDesignator": "SCT",
+                                                     "CodeMeaning": category[1]},
+           "SegmentedPropertyTypeCodeSequence": {"CodeValue": value, "CodingSchemeDesignator": "SCT",
+                                                 "CodeMeaning": meaning[:1].upper() + meaning[1:]}}
+    side = next((_LATERALITY[w] for w in words if w in _LATERALITY), None)
+    if side and found:
+        out["SegmentedPropertyTypeModifierCodeSequence"] = {"CodeValue": side[0], "CodingSchemeDesignator": "SCT",
+                                                            "CodeMeaning": side[1]}
+    return out
+
+
 def _segment_description(entry: dict, number: int):
     """A highdicom segment description from one entry of MONAI Label's ``label_info`` (``name``, ``model_name``,
     ``color``, or the dcmqi ``segmentAttribute`` the datastore fills in)."""
@@ -579,20 +643,40 @@ def _segment_description(entry: dict, number: int):
         kind = "AUTOMATIC"
     algorithm = str(attr.get("SegmentAlgorithmName") or entry.get("model_name") or "DFM+VLM")[:64]
 
-    def code(key, default):
-        c = attr.get(key) if isinstance(attr.get(key), dict) else {}
-        return Code(str(c.get("CodeValue") or default[0]), str(c.get("CodingSchemeDesignator") or default[1]),
-                    str(c.get("CodeMeaning") or default[2])[:64])
+    # the client's codes, else those of the segment's name (the modifier goes with the type it modifies)
+    given = {k: v for k, v in attr.items() if isinstance(v, dict) and v.get("CodeValue")}
+    coded = segment_codes(name)
+    if "SegmentedPropertyTypeCodeSequence" in given:
+        coded.pop("SegmentedPropertyTypeModifierCodeSequence", None)
+    coded.update(given)
 
-    return hd.seg.SegmentDescription(
+    def code(key):
+        c = coded.get(key)
+        return Code(str(c["CodeValue"]), str(c.get("CodingSchemeDesignator") or "SCT"),
+                    str(c.get("CodeMeaning") or c["CodeValue"])[:64]) if c else None
+
+    description = hd.seg.SegmentDescription(
         segment_number=number, segment_label=name,
-        segmented_property_category=code("SegmentedPropertyCategoryCodeSequence",
-                                         ("91723000", "SCT", "Anatomical Structure")),
-        segmented_property_type=code("SegmentedPropertyTypeCodeSequence", ("85756007", "SCT", "Tissue")),
+        segmented_property_category=code("SegmentedPropertyCategoryCodeSequence"),
+        segmented_property_type=code("SegmentedPropertyTypeCodeSequence"),
         algorithm_type=getattr(hd.seg.SegmentAlgorithmTypeValues, kind),
         algorithm_identification=None if kind == "MANUAL" else hd.AlgorithmIdentificationSequence(
             name=algorithm, version="1", family=Code("113037", "DCM", "Artificial Intelligence")),
         tracking_id=None, tracking_uid=None)
+    modifier = code("SegmentedPropertyTypeModifierCodeSequence")
+    if modifier is not None:
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept(modifier.value, modifier.scheme_designator, modifier.meaning)]
+    rgb = attr.get("recommendedDisplayRGBValue") or entry.get("color") or SEGMENT_COLOURS[(number - 1) % len(
+        SEGMENT_COLOURS)]
+    try:  # the colour a viewer draws it in, as dcmqi writes it for a volume's SEG (RGB -> CIELab)
+        from skimage.color import rgb2lab
+
+        lab = rgb2lab(np.asarray(list(rgb)[:3], float).reshape(1, 1, 3) / 255.0)[0, 0]
+        description.RecommendedDisplayCIELabValue = list(hd.color.CIELabColor(*map(float, lab)).value)
+    except (TypeError, ValueError):  # (a client's colour that is not three numbers 0-255: none recommended)
+        pass
+    return description
 
 
 def projection_seg(folder: str | os.PathLike, label_file: str, label_info) -> str:

@@ -1732,5 +1732,10 @@ def test_the_result_s_dicom_seg_describes_each_segment_as_a_final_label_s_seg_do
         assert written["image"] == "1.2.3"
         assert [(a["SegmentLabel"], a["SegmentAlgorithmName"]) for a in attrs] == want, attrs
         assert [a["labelID"] for a in attrs] == [1, 2] and [a["SegmentDescription"] for a in attrs] == [w[0] for w in want]
-        assert {a["SegmentedPropertyTypeCodeSequence"]["CodeValue"] for a in attrs} == {"85756007"}
+        # coded by name (every segment was 85756007, "Tissue"), in distinct colours (every one was red)
+        assert [(a["SegmentedPropertyCategoryCodeSequence"]["CodeValue"], a["SegmentedPropertyTypeCodeSequence"][
+            "CodeValue"]) for a in attrs] == {"lesion": [("49755003", "52988006"), ("91723000", "51282000")],
+                                              "tumour": [("49755003", "108369006"), ("49755003", "79654002")]}[
+            want[0][0]], attrs
+        assert attrs[0]["recommendedDisplayRGBValue"] != attrs[1]["recommendedDisplayRGBValue"], attrs
     app_main._RESULT.label_names = None

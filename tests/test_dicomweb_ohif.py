@@ -236,7 +236,9 @@ def test_dicom_seg_stored_in_orthanc_matches_the_label(stack):
         [(1, "lesion"), (2, "vertebra")], [(x.SegmentNumber, x.SegmentLabel) for x in seg.SegmentSequence]
     # described as a final label's SEG is (a review, 2026-12-07: MONAI Label's defaults coded every segment
     # 78961009, SNOMED's spleen, algorithm "MONAILABEL", description "Unknown")
-    assert {str(x.SegmentedPropertyTypeCodeSequence[0].CodeValue) for x in seg.SegmentSequence} == {"85756007"}
+    assert [str(x.SegmentedPropertyTypeCodeSequence[0].CodeValue) for x in seg.SegmentSequence] == \
+        ["52988006", "51282000"]  # lesion, vertebra (coded by name: every segment was 85756007, "Tissue")
+    assert seg.SegmentSequence[0].RecommendedDisplayCIELabValue != seg.SegmentSequence[1].RecommendedDisplayCIELabValue
     assert [(str(x.SegmentDescription), str(x.SegmentAlgorithmName)) for x in seg.SegmentSequence] == \
         [("lesion", "dfm_vlm_3d"), ("vertebra", "dfm_vlm_3d")]
     # any result extension (a second review: an .nrrd result was a 500), the client's model name kept

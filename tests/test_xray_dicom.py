@@ -319,6 +319,13 @@ def test_a_final_label_of_an_xray_goes_to_the_pacs_as_its_seg_and_comes_back_pix
     assert seg.Modality == "SEG" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["left lung", "right lung"]
+    # coded by name, with the side (every segment was "Tissue"), each in its own colour (the two were one)
+    types = [s.SegmentedPropertyTypeCodeSequence[0] for s in seg.SegmentSequence]
+    assert [(str(t.CodeValue), str(t.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning)) for t in types] == \
+        [("39607008", "Left"), ("39607008", "Right")]
+    assert {str(s.SegmentedPropertyCategoryCodeSequence[0].CodeValue) for s in seg.SegmentSequence} == {"91723000"}
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence]
+    assert len(set(colours)) == 2, colours
     ref = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
     assert ref.ReferencedSOPInstanceUID == info["SOPInstanceUID"]
     frames = seg.pixel_array.reshape(-1, 256, 216)
