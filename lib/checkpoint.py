@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import ConfigError, FlowConfig, HParams, ModelConfig, PreprocConfig, SamplerConfig, TrainConfig, \
-    VLMConfig
+from .config import ClickConfig, ConfigError, FlowConfig, HParams, ModelConfig, PreprocConfig, SamplerConfig, \
+    TrainConfig, VLMConfig
 from .network import ConditionalUNet
 from .precision import served
 
@@ -213,7 +213,7 @@ def _torch_load(path: Path, map_location) -> Any:
 
 
 _SECTIONS = {"model": ModelConfig, "flow": FlowConfig, "sampler": SamplerConfig, "vlm": VLMConfig,
-             "preprocessing": PreprocConfig, "train": TrainConfig}
+             "preprocessing": PreprocConfig, "train": TrainConfig, "clicks": ClickConfig}
 
 
 def _hparams_from_flat(flat: dict, notes: list[str]) -> dict:
@@ -393,7 +393,20 @@ def _check_sections(hp: HParams, raw: dict, notes: list[str]) -> None:
                      "training patch)")
     elif smp.roi_size is None:
         notes.append(f"sampler.roi_size missing: the training patch {list(pre.patch_size)}")
+    # the click maps the network takes (model.guidance_channels, in its weights) and clicks.enabled, which decides
+    # whether requests make them and a fine-tune simulates clicks: a checkpoint without the clicks section was served
+    # as a click model with the defaults and failed to save again at a fine-tune's first publish (a review)
+    guided = bool(m.guidance_channels)
+    if "enabled" not in given("clicks"):
+        if hp.clicks.enabled != guided:
+            notes.append(f"clicks.enabled missing: {guided} from model.guidance_channels={m.guidance_channels}")
+        hp.clicks.enabled = guided
+    elif bool(hp.clicks.enabled) != guided:
+        raise CheckpointError(f"clicks.enabled={hp.clicks.enabled!r} but model.guidance_channels="
+                              f"{m.guidance_channels}: the network takes "
+                              f"{'2 click maps' if guided else 'no click maps'}")
     try:
+        hp.clicks = hp.clicks.resolved()
         hp.preprocessing = pre.resolved()
         hp.sampler = smp.resolved(hp.preprocessing.patch_size)
         hp.flow = hp.flow.resolved()
@@ -508,15 +521,33 @@ def upgrade_checkpoint(src: str | os.PathLike, out: str | os.PathLike, vlm: str 
 
 
 def resolve_vlm_path(name_or_path: str | None, checkpoint_path: str | os.PathLike | None) -> str | None:
-    """A relative VLM folder is looked up beside the checkpoint first, then from the working directory."""
+    """A relative VLM folder is looked up beside the checkpoint first, then from the working directory; a folder
+    found is returned as an absolute path (a checkpoint saved from it finds it from anywhere: it recorded the path
+    relative to the directory it was loaded from, a review)."""
     if not name_or_path:
         return name_or_path
     p = Path(name_or_path).expanduser()
     if not p.is_absolute() and checkpoint_path is not None:
         beside = Path(checkpoint_path).parent / p
         if beside.exists():
-            return str(beside)
-    return str(p) if p.exists() else name_or_path
+            return str(beside.resolve())
+    return str(p.resolve()) if p.exists() else name_or_path
+
+
+def moved_vlm_folder(name: str, checkpoint_path: str | os.PathLike) -> Path | None:
+    """A recorded VLM folder that is not where the checkpoint says, looked for where a moved or copied tree puts it:
+    its last parts (``models/vlm/tiny-clip``, ``vlm/tiny-clip``, ...) under the checkpoint's folder and each folder
+    above it, then the working directory (a published checkpoint records the VLM's absolute path: after the app's
+    folder moved, the same VLM at the same place in it was "not found"; a review). Only the VLM's fingerprint makes
+    a folder found so the checkpoint's (:func:`load_system` checks it)."""
+    parts = [x for x in Path(name).expanduser().parts if x not in ("/", ".", "..")]
+    here = Path(checkpoint_path).resolve().parent
+    for base in [here, *here.parents, Path.cwd()]:
+        for k in range(len(parts), min(2, len(parts)) - 1, -1):  # (a folder with its parent, at least)
+            candidate = base.joinpath(*parts[-k:])
+            if (candidate / "config.json").is_file():
+                return candidate
+    return None
 
 
 def _vlm_places(name: str, checkpoint_path) -> list[str]:
@@ -551,6 +582,13 @@ def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm
         src = resolve_vlm_path(name, path)
         vcfg = dataclasses.replace(hp.vlm, name_or_path=src)
         local_only = False
+        if vlm is None and src and not Path(src).expanduser().exists() and (recorded or {}).get("source") == "local":
+            moved = moved_vlm_folder(src, path)
+            if moved is not None:
+                logger.warning("%s: its VLM folder %s is not there; using %s, where a moved copy of the app puts it "
+                               "(its fingerprint is checked)", path, src, moved)
+                src = str(moved)
+                vcfg = dataclasses.replace(hp.vlm, name_or_path=src)
         if vlm is None and src and not Path(src).expanduser().exists():
             source = (recorded or {}).get("source")
             places = " and ".join(_vlm_places(src, path))

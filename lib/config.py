@@ -137,7 +137,8 @@ class SamplerConfig:
         if c.max_batch_voxels != "auto" and (not isinstance(c.max_batch_voxels, int)
                                              or isinstance(c.max_batch_voxels, bool) or c.max_batch_voxels < 1):
             raise ConfigError(f"max_batch_voxels must be 'auto' or an integer >= 1, got {c.max_batch_voxels!r}")
-        validate_sampler(c.name, c.steps, c.num_samples, c.overlap, c.sw_batch_size, c.output)
+        validate_sampler(c.name, c.steps, c.num_samples, c.overlap, c.sw_batch_size, c.output, c.seed, c.blend_mode,
+                         c.roi_size)
         return c
 
 
@@ -163,8 +164,14 @@ def check_patch_fits(size, features, what: str) -> None:
                           f"levels, features {list(features)}, halve it {len(features) - 1} times); e.g. {fit}")
 
 
+BLEND_MODES = ("gaussian", "constant")  # MONAI's sliding-window blend modes
+
+
 def validate_sampler(name: str, steps: int, num_samples: int, overlap: float, sw_batch_size: int,
-                     output: str = "p_final") -> None:
+                     output: str = "p_final", seed=None, blend_mode: str | None = None, roi_size=None) -> None:
+    """Every sampler setting in its range, ConfigError naming the one that is not: one check for a preset, a
+    checkpoint (:meth:`SamplerConfig.resolved`), the inferer and the app's requests (a seed of -1 or a blend mode
+    "bogus" was accepted by a preset, loaded, reported ready and failed every request; a review, 2026-12-07)."""
     if name not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {SAMPLERS}, got {name!r}")
     # upper bounds too: one request of num_samples=100000 held a server's CPU until it was killed (a review). The
@@ -180,6 +187,14 @@ def validate_sampler(name: str, steps: int, num_samples: int, overlap: float, sw
         raise ConfigError(f"sw_batch_size must be an integer in [1, {MAX_SW_BATCH}], got {sw_batch_size!r}")
     if output not in OUTPUTS:
         raise ConfigError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    if blend_mode is not None and blend_mode not in BLEND_MODES:
+        raise ConfigError(f"blend_mode must be one of {BLEND_MODES}, got {blend_mode!r}")
+    if roi_size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in roi_size):
+        # (MONAI reads a side <= 0 as "the whole image along that axis": the whole-image embedding of the earlier
+        # system, with --allow-roi-mismatch; a review)
+        raise ConfigError(f"roi_size {list(roi_size)}: every side must be an integer >= 1")
 
 
 @dataclass

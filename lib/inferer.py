@@ -236,7 +236,9 @@ class DFMSystem(nn.Module):
                 trace: dict = {}
                 h = None if hold is None else hold[idx // m]
                 p_final = fn(self.model, c, x0, steps, scheduler, generator=noise, trace=trace, hold=h)
-                outs.append(trace["last_posterior"] if output == "last_posterior" else p_final)
+                # the held (clicked) voxels are known in either output (the samplers hold them in p_final; the
+                # posterior before t = 1 is the network's own: a review found them unheld there)
+                outs.append(_hold(trace["last_posterior"], h) if output == "last_posterior" else p_final)
         out = torch.cat(outs).float().view(b, m, 1, *spatial)
         return mean_var(out, 1)
 
@@ -338,7 +340,7 @@ class DFMSlidingWindowInferer(SlidingWindowInferer):
                  output: str = "p_final", seed: int = 0, device: str | torch.device | None = None,
                  precision: str | None = None, max_batch_voxels: int | str | None = None,
                  allow_roi_mismatch: bool = False, progress: bool = False):
-        validate_sampler(sampler, steps, num_samples, overlap, sw_batch_size, output)
+        validate_sampler(sampler, steps, num_samples, overlap, sw_batch_size, output, seed, mode, list(roi_size))
         if precision is not None:
             precision_policy.check(precision)
         super().__init__(roi_size=list(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,

@@ -506,3 +506,96 @@ def test_the_shipped_sample_checkpoints_record_their_vlm_and_load_without_notes(
         ck = load_checkpoint(ROOT / "sample_data" / "models" / f"{name}.pt")
         assert ck.notes == [] and ck.hparams.vlm.fingerprint, (name, ck.notes)
         assert ck.hparams.vlm.name_or_path == "vlm/tiny-clip"  # beside the checkpoint, wherever the repo is
+
+
+def test_a_checkpoint_s_clicks_seed_blend_and_window_are_checked_at_load_not_at_the_first_request(tmp_path):
+    """A review (2026-12-07): a click model's checkpoint without its ``clicks`` section was served with clicks
+    disabled and the defaults, and failed to save again at a fine-tune's first publish; ``clicks.enabled`` false
+    over 2 guidance channels loaded without a word; a seed of -1 or a blend mode "bogus" loaded, was reported ready
+    and failed every request; a window side of -8 was read by MONAI as the whole image (the earlier system's
+    whole-image embedding)."""
+    from lib.inferer import DFMSlidingWindowInferer
+
+    m = ConditionalUNet(ModelConfig(features=(8, 16), guidance_channels=2).resolved())
+    good = HParams(model=m.cfg).to_dict()
+    good["preprocessing"]["patch_size"] = good["sampler"]["roi_size"] = [16, 16]
+    good["clicks"]["enabled"] = True
+    p = tmp_path / "clicks.pt"
+
+    def save(hp):
+        torch.save({"format": "dfm-vlm-checkpoint", "format_version": 1, "state_dict": m.state_dict(),
+                    "hyper_parameters": hp}, p)
+
+    save(good)
+    assert not load_checkpoint(p).notes
+    no_clicks = json.loads(json.dumps(good))
+    del no_clicks["clicks"]
+    save(no_clicks)
+    ck = load_checkpoint(p)
+    assert ck.hparams.clicks.enabled and any("clicks.enabled missing: True" in n for n in ck.notes), ck.notes
+    save_checkpoint(tmp_path / "again.pt", ck.model, ck.hparams)  # (a fine-tune's publish: was refused)
+    assert load_checkpoint(tmp_path / "again.pt").hparams.clicks.enabled
+    for section, key, value, phrase in (
+            ("clicks", "enabled", False, r"clicks.enabled=False but model.guidance_channels=2"),
+            ("clicks", "sigma", 0, r"clicks.sigma must be > 0"),
+            ("sampler", "seed", -1, r"seed must be an integer >= 0, got -1"),
+            ("sampler", "blend_mode", "bogus", r"blend_mode must be one of \('gaussian', 'constant'\), got 'bogus'")):
+        bad = json.loads(json.dumps(good))
+        bad[section][key] = value
+        save(bad)
+        with pytest.raises(CheckpointError, match=phrase) as e:
+            load_checkpoint(p)
+        assert str(p) in str(e.value), e.value
+    with pytest.raises(ConfigError, match=r"roi_size \[-8, 16\]: every side must be an integer >= 1"):
+        DFMSlidingWindowInferer(roi_size=[-8, 16], allow_roi_mismatch=True)
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
+        DFMSlidingWindowInferer(roi_size=[16, 16], seed=-1)
+
+
+def test_a_published_checkpoint_finds_its_vlm_after_the_app_folder_moved_and_only_that_vlm(tmp_path, make_system,
+                                                                                         tiny_clip, monkeypatch):
+    """A review (2026-12-07): a checkpoint published by the app records the VLM's absolute path; after the app's
+    folder moved (a copy to a server), the same VLM at the same place in it was "not found". It is looked for by the
+    recorded path's last parts above the checkpoint, and its fingerprint must still match: another VLM there is
+    refused."""
+    import shutil
+
+    from lib.vlm import make_tiny_clip
+
+    old = tmp_path / "old" / "app"
+    shutil.copytree(tiny_clip, old / "models" / "vlm" / "tiny-clip")
+    system = make_system()
+    hp = dataclasses.replace(system.hparams, vlm=dataclasses.replace(
+        system.hparams.vlm, name_or_path=str(old / "models" / "vlm" / "tiny-clip")))
+    save_checkpoint(old / "model" / "published.pt", system.model, hp)
+    new = tmp_path / "new" / "app"
+    shutil.move(str(old), str(new))
+    monkeypatch.chdir(tmp_path)
+    moved = load_system(new / "model" / "published.pt")
+    assert moved.hparams.vlm.name_or_path == str(new / "models" / "vlm" / "tiny-clip")
+    x = torch.rand(1, 1, 32, 32)
+    assert torch.equal(moved.vlm.encode_images(x), system.vlm.encode_images(x))
+    shutil.rmtree(new / "models" / "vlm" / "tiny-clip")
+    make_tiny_clip(new / "models" / "vlm" / "tiny-clip", image_size=32, hidden=32, projection_dim=16, seed=1)
+    with pytest.raises(CheckpointError, match="trained with another VLM"):
+        load_system(new / "model" / "published.pt")
+    shutil.rmtree(new / "models")
+    with pytest.raises(CheckpointError, match="its VLM folder .* was not found"):
+        load_system(new / "model" / "published.pt")
+
+
+def test_a_checkpoint_loaded_by_a_relative_path_records_its_vlm_by_an_absolute_one(tmp_path, make_system, tiny_clip,
+                                                                                   monkeypatch):
+    """A review (2026-12-07): loaded as ``sample_data/models/x.pt``, the VLM was recorded as
+    ``sample_data/models/vlm/tiny-clip``, relative to the working directory, so a checkpoint published from it was
+    found only from that directory."""
+    import shutil
+
+    home = tmp_path / "repo" / "models"
+    shutil.copytree(tiny_clip, home / "vlm" / "tiny-clip")
+    system = make_system()
+    hp = dataclasses.replace(system.hparams, vlm=dataclasses.replace(system.hparams.vlm, name_or_path="vlm/tiny-clip"))
+    save_checkpoint(home / "model.pt", system.model, hp)
+    monkeypatch.chdir(tmp_path / "repo")
+    loaded = load_system("models/model.pt")
+    assert loaded.hparams.vlm.name_or_path == str(home / "vlm" / "tiny-clip")

@@ -24,7 +24,7 @@ from pathlib import Path
 from monailabel.interfaces.config import TaskConfig
 
 from lib.checkpoint import CheckpointError, load_checkpoint
-from lib.config import load_preset
+from lib.config import ConfigError, load_preset
 from lib.infers.dfm_vlm import live_paths
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ class DFMTaskConfig(TaskConfig):
             self.hparams.vlm.name_or_path = str(REPO / vlm)
         self.vlm = conf.get("vlm") or None
         explicit = conf.get(f"{name}_checkpoint")
+        if explicit:
+            if not os.path.isfile(explicit):  # (a typo served the sample model, or last week's published one)
+                raise ConfigError(f"--conf {name}_checkpoint {explicit!r}: no such file (from {os.getcwd()})")
+            explicit = os.path.abspath(explicit)  # (training and scoring subprocesses read it too)
         self.checkpoint = explicit or str(SAMPLE_MODELS / f"{name}.pt")
         self.published = os.path.join(model_dir, f"{name}.pt")
         self.path = [self.checkpoint, self.published]  # the last existing file is served (live_paths)
@@ -72,6 +76,11 @@ class DFMTaskConfig(TaskConfig):
         self._served = self._served_hparams()  # read once: the labels (a prompted model's structures), sampler
         self.labels = self._served.label_map
         self.dimension = self.hparams.preprocessing.spatial_dims
+        served_dims = self._served.preprocessing.spatial_dims
+        if served_dims != self.dimension:  # (a 2D checkpoint as the 3D model: ready in /info, every request failed)
+            raise ConfigError(f"model {name} is {self.dimension}D but its checkpoint {self.served_path()} is a "
+                              f"{served_dims}D model; name it for a {served_dims}D model instead (--conf "
+                              "<model>_checkpoint FILE)")
         self._infer = None
         self._interactive = None
         self._scoring = None
@@ -81,10 +90,17 @@ class DFMTaskConfig(TaskConfig):
         for p in reversed(live_paths(self.path, self.stale_before)):
             if os.path.exists(p):
                 try:
-                    return load_checkpoint(p).hparams
+                    hp = load_checkpoint(p).hparams
+                    self._served_from = p
+                    return hp
                 except CheckpointError as e:
                     logger.warning("%s: %s", self.name, e)
+        self._served_from = None
         return self.hparams
+
+    def served_path(self) -> str | None:
+        """The checkpoint file whose settings this config serves (None: none loads; the preset's)."""
+        return getattr(self, "_served_from", None)
 
     def _sampler_defaults(self):
         return copy.deepcopy(self._served.sampler)
@@ -134,6 +150,7 @@ class DFMTaskConfig(TaskConfig):
         from lib.trainers.dfm_vlm import DFMVLMTrain
 
         return DFMVLMTrain(model_dir=os.path.join(self.model_dir, self.name), hparams=self.hparams,
+                           labels=list(self._served.label_map),
                            publish_path=self.published, init_paths=self.path, vlm=self.vlm,
                            stale_before=self.stale_before, train_defaults=self._served.train,
                            description=f"Train {self.name}: {self.DESCRIPTION}")

@@ -390,7 +390,9 @@ def _install_atomic_stats_copy() -> None:
 class DFMVLMTrain(BasicTrainTask):
     def __init__(self, model_dir: str, hparams: HParams, publish_path: str, init_paths: list[str],
                  description: str = "Train the DFM+VLM model", vlm: str | None = None, config: dict | None = None,
-                 stale_before: float | None = None, train_defaults=None, **kwargs):
+                 stale_before: float | None = None, train_defaults=None, labels: list[str] | None = None,
+                 **kwargs):
+        # ``labels`` (/info): the served checkpoint's structures (the preset's when none is served)
         # the run's defaults (learning rate, batch, patches, augmentation) are those the served checkpoint was trained
         # with (``train_defaults``; the preset's when none is served): a cxr_lung checkpoint named with --conf was
         # fine-tuned with the app preset's rate and batch (3e-3 x 2 images instead of 2e-3 x 8)
@@ -404,7 +406,8 @@ class DFMVLMTrain(BasicTrainTask):
         cfg.update(config or {})
         _install_atomic_stats_copy()
         super().__init__(model_dir, description, config=cfg, amp=False, publish_path=None,
-                         key_metric_filename="ignite_model.pt", labels=list(hparams.label_map), **kwargs)
+                         key_metric_filename="ignite_model.pt",
+                         labels=list(hparams.label_map) if labels is None else list(labels), **kwargs)
         self.hparams = hparams
         self.publish_path = publish_path
         self.init_paths = list(init_paths)
