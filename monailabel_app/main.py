@@ -192,6 +192,46 @@ def _install_request_checks() -> None:
     AsyncTask.run = staticmethod(run)
 
 
+def opened_file_response(path, media_type=None, filename=None, **kwargs):
+    """A datastore file's download, read from the one file it opened: MONAI Label's ``FileResponse`` took the size
+    from ``stat`` and opened the file again by its name later, so a label saved meanwhile (an atomic replace) was
+    sent cut short or overlong ("Too much data for declared Content-Length"; a review, 2026-12-07). The open file
+    stays the file it was, whatever is renamed over it or removed."""
+    from urllib.parse import quote
+
+    from starlette.responses import StreamingResponse
+
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise HTTPException(status_code=404, detail=f"{os.path.basename(path)} was removed meanwhile") from None
+    size = os.fstat(f.fileno()).st_size
+
+    def chunks():
+        with f:
+            while True:
+                block = f.read(1 << 20)
+                if not block:
+                    return
+                yield block
+
+    headers = {"content-length": str(size)}
+    if filename:  # as Starlette's FileResponse names it
+        quoted = quote(filename)
+        headers["content-disposition"] = (f"attachment; filename*=utf-8''{quoted}" if quoted != filename
+                                          else f'attachment; filename="{filename}"')
+    response = StreamingResponse(chunks(), media_type=media_type, headers=headers)
+    response.path = path  # (the file it sends; the dataset's zip is removed once sent)
+    return response
+
+
+def _install_consistent_downloads() -> None:
+    """``GET /datastore/image`` and ``/datastore/label`` send the file they opened (:func:`opened_file_response`)."""
+    import monailabel.endpoints.datastore as endpoint
+
+    endpoint.FileResponse = opened_file_response
+
+
 def _install_model_file_checks() -> None:
     """``PUT /model/<model>`` copied any upload over the file the model serves -- before a training here, the
     configured checkpoint (with the README's command, the repository's sample model) -- and ``DELETE /model/<model>``
@@ -560,6 +600,41 @@ MODEL_ENDPOINTS = {("infer", "POST"), ("activelearning", "POST"), ("model", "PUT
 SYNC_TASK_ENDPOINTS = {("batch_infer", "POST"), ("scoring", "POST"), ("train", "POST")}  # model work with run_sync
 
 
+HTTP_REQUEST_PARAM = "dfm_http_request"  # the Request a queued model endpoint watches (added to its signature)
+
+
+def _server_stopping() -> bool:
+    """Whether the server was told to stop (SIGTERM, SIGINT): uvicorn's handler of SIGTERM is its Server's bound
+    ``handle_exit``, which sets ``should_exit``."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    return bool(getattr(getattr(handler, "__self__", None), "should_exit", False))
+
+
+async def _wait_for_model(job, request, poll_s: float = 0.5):
+    """The result of ``job`` (a future of :data:`lib.threads.MODEL_THREAD`), or 503 once its client has gone away or
+    the server is stopping while it still waits its turn (the job then never runs). A job already running runs to
+    its end: MONAI Label's inference cannot be interrupted. A review (2026-12-07): six clients that had hung up
+    each had their inference run (the next user waited 200 s instead of 32 s), and a SIGTERM waited for every queued
+    inference (2 minutes; a 10 s stop grace ends in a SIGKILL)."""
+    import asyncio
+
+    waiting = asyncio.wrap_future(job)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=poll_s)
+        if done:
+            return waiting.result()
+        if job.running():
+            continue
+        why = "the server is stopping" if _server_stopping() else \
+            "its client went away" if request is not None and await request.is_disconnected() else None
+        if why and job.cancel():
+            where = f"{request.method} {request.url.path}" if request is not None else "a request"
+            logger.warning("%s was not run: %s before its turn on the model", where, why)
+            raise HTTPException(status_code=503, detail=f"not run: {why} before its turn on the model")
+
+
 def _run_to_end(endpoint, args, kwargs):
     """Run one of MONAI Label's ``async def`` endpoints, whose bodies never await, to its end in this worker thread
     (in an event loop of its own)."""
@@ -578,7 +653,6 @@ def _install_worker_threads() -> None:
     queued without holding another thread; the rest at once in a worker thread, where torch uses that thread alone
     (:func:`lib.threads.one_cpu_thread_here`: a second OpenMP team in the server made every inference about 25 %
     slower). The thread-local records of a request (``_INPUTS``, ``_RESULT``) stay in that request's thread."""
-    import asyncio
     import functools
 
     import anyio
@@ -596,10 +670,10 @@ def _install_worker_threads() -> None:
         threaded = in_thread(original)
 
         async def endpoint(*args, **kwargs):
+            request = kwargs.pop(HTTP_REQUEST_PARAM, None)
             if only_with_run_sync and not kwargs.get("run_sync"):  # a task process starts: nothing to wait for
                 return await anyio.to_thread.run_sync(functools.partial(threaded, *args, **kwargs))
-            return await asyncio.get_running_loop().run_in_executor(
-                MODEL_THREAD, functools.partial(_run_to_end, original, args, kwargs))
+            return await _wait_for_model(MODEL_THREAD.submit(_run_to_end, original, args, kwargs), request)
         return endpoint
 
     for name in THREADED_ENDPOINTS:
@@ -617,8 +691,14 @@ def _install_worker_threads() -> None:
             else:
                 endpoint = in_thread(original)
             # FastAPI reads the parameters from __signature__; no __wrapped__ (it would take the endpoint for the
-            # coroutine it wraps)
-            endpoint.__signature__ = inspect.signature(original)
+            # coroutine it wraps). A queued model endpoint also takes the request (to see its client go away)
+            signature = inspect.signature(original)
+            if kinds & (MODEL_ENDPOINTS | SYNC_TASK_ENDPOINTS):
+                from starlette.requests import Request
+
+                signature = signature.replace(parameters=[*signature.parameters.values(), inspect.Parameter(
+                    HTTP_REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request)])
+            endpoint.__signature__ = signature
             for a in ("__name__", "__qualname__", "__doc__", "__module__"):
                 setattr(endpoint, a, getattr(original, a))
             endpoint._dfm_threaded = True
@@ -740,6 +820,11 @@ class DFMVLMApp(MONAILabelApp):
         unknown = [n for n in names if n not in available]
         if unknown:
             raise ValueError(f"--conf models: unknown model(s) {unknown}; available: {sorted(available)}")
+        # (a misspelt model in --conf <model>_checkpoint was ignored: the sample model was served)
+        unknown = sorted(k for k in conf if k.endswith("_checkpoint") and k[:-len("_checkpoint")] not in available)
+        if unknown:
+            raise ValueError(f"--conf {unknown[0]}: no model {unknown[0][:-len('_checkpoint')]!r}; the models are "
+                             f"{sorted(available)} (--conf <model>_checkpoint FILE)")
         self.models: dict[str, TaskConfig] = {}
 
         def init_configs():  # (they read their checkpoints: torch work that must not leave the main thread a team)
@@ -753,6 +838,7 @@ class DFMVLMApp(MONAILabelApp):
         _install_request_checks()
         _install_model_file_checks()
         _install_dicom_seg_naming()
+        _install_consistent_downloads()
         _install_json_field_checks()
         _install_session_checks()
         _install_worker_threads()
@@ -794,7 +880,7 @@ class DFMVLMApp(MONAILabelApp):
         out = {}
         for n, c in self.models.items():
             out[n] = c.infer()
-            if str(self.conf.get("interactive", "true")).lower() not in ("false", "0", "no"):
+            if _as_bool("--conf interactive", self.conf.get("interactive", "true")):
                 out[f"{n}_interactive"] = c.interactive_infer()  # clicks, from the same checkpoint
         return out
 

@@ -131,6 +131,31 @@ def test_scoring_a_per_image_text_model_uses_each_image_s_text_and_skips_one_wit
     assert list(r["failed"]) == ["case08"] and "text" in r["failed"]["case08"], r
 
 
+def test_next_sample_never_hands_out_an_image_labelled_while_it_scored(tmp_path, ckpt3d):
+    """A review (2026-12-07): Next Sample listed the unlabelled images, scored them (up to its budget: minutes on
+    real X-rays) and ranked that first list: an image another annotator labelled meanwhile was handed out."""
+    from lib.activelearning.uncertainty import SCORE, DFMUncertaintyScoring, DFMUncertaintyStrategy
+
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    images = {f"case{k}": write_phantom_case(tmp_path / "studies", f"case{k}", shape=(16, 16, 8))["image"]
+              for k in range(3)}
+    value = {"case0": 0.3, "case1": 0.2, "case2": 0.1}
+    calls, labelled = [], []
+
+    class Scoring(DFMUncertaintyScoring):
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            calls.append(image_id)
+            if len(calls) == len(images):  # the last one: meanwhile an annotator labels the top image scored so far
+                top = max(calls[:-1], key=value.get)
+                datastore.images.pop(top)
+                labelled.append(top)
+            return {SCORE: value[image_id]}
+
+    ds = _MemoryDatastore(images)
+    got = DFMUncertaintyStrategy(Scoring(task, "dfm_vlm_3d", num_samples=2))({"strategy": "s"}, ds)
+    assert labelled and got["id"] == max(ds.images, key=value.get) != labelled[0], (got, labelled)
+
+
 def test_a_score_is_reused_only_for_the_same_checkpoint_and_number_of_samples(tmp_path, ckpt3d):
     """Found by a review: scores made with M = 2 were kept when scoring was asked with M = 8 (only the checkpoint's
     time was compared), so the strategy ranked images by the cheaper, noisier estimate."""
@@ -743,6 +768,39 @@ def test_next_sample_by_uncertainty_without_a_model_is_a_503_naming_why(tmp_path
         assert ("no trained checkpoint" if content is None else "cannot be served") in e.value.detail
     shutil.copy(ckpt3d, published)
     assert app.next_sample({"strategy": "dfm_vlm_3d_uncertainty"})["id"] == "case05"
+
+
+def test_a_conf_checkpoint_that_is_missing_or_of_the_other_dimension_stops_the_start_naming_it(tmp_path, ckpt3d,
+                                                                                               make_system):
+    """A review (2026-12-07): a mistyped ``--conf <model>_checkpoint`` served last week's published model (or the
+    sample one) while the log named the missing file; a 2D checkpoint named for the 3D model was "ready" in /info,
+    which said 3D, and failed every request; a misspelt model in the option, or ``interactive off``, was ignored;
+    the trainer's /info labels were the preset's, not the served checkpoint's."""
+    import os
+    import time
+    import types
+
+    import monailabel_app.main as app_main
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(ckpt3d, model_dir / "dfm_vlm_3d.pt")
+    os.utime(model_dir / "dfm_vlm_3d.pt", (time.time() - 86400, time.time() - 86400))  # an earlier session's
+    with pytest.raises(ConfigError, match=r"--conf dfm_vlm_3d_checkpoint '.*nmaed.pt': no such file"):
+        DFMVLM3D().init("dfm_vlm_3d", str(model_dir), {"dfm_vlm_3d_checkpoint": str(tmp_path / "nmaed.pt")}, None)
+    two_d = tmp_path / "two_d.pt"
+    system = make_system()
+    save_checkpoint(two_d, system.model, system.hparams)
+    with pytest.raises(ConfigError, match=r"model dfm_vlm_3d is 3D but its checkpoint .*two_d.pt is a 2D model"):
+        DFMVLM3D().init("dfm_vlm_3d", str(tmp_path / "m2"), {"dfm_vlm_3d_checkpoint": str(two_d)}, None)
+    cfg = _task(ckpt3d, tmp_path / "m3")
+    assert cfg.trainer().info()["labels"] == list(cfg.labels) == ["blob"], (cfg.trainer().info(), cfg.labels)
+    with pytest.raises(ValueError, match=r"--conf dfm_vlm3d_checkpoint: no model 'dfm_vlm3d'"):
+        app_main.DFMVLMApp(str(tmp_path / "app"), str(tmp_path), {"dfm_vlm3d_checkpoint": str(ckpt3d)})
+    fake = types.SimpleNamespace(models={"dfm_vlm_3d": cfg}, conf={"interactive": "off"})
+    assert list(app_main.DFMVLMApp.init_infers(fake)) == ["dfm_vlm_3d"]
+    fake.conf = {}
+    assert list(app_main.DFMVLMApp.init_infers(fake)) == ["dfm_vlm_3d", "dfm_vlm_3d_interactive"]
 
 
 def test_a_failing_checkpoint_is_not_reloaded_on_every_poll_but_a_new_file_is(tmp_path, ckpt3d, monkeypatch):
@@ -1739,3 +1797,35 @@ def test_the_result_s_dicom_seg_describes_each_segment_as_a_final_label_s_seg_do
             want[0][0]], attrs
         assert attrs[0]["recommendedDisplayRGBValue"] != attrs[1]["recommendedDisplayRGBValue"], attrs
     app_main._RESULT.label_names = None
+
+
+def test_a_download_sends_the_file_it_opened_whatever_is_saved_over_it_meanwhile(tmp_path, monkeypatch):
+    """A review (2026-12-07): MONAI Label's download took the file's size, then opened it again by its name to send
+    it; a label saved meanwhile (renamed over it) was sent cut short or overlong ("Too much data for declared
+    Content-Length", an IncompleteRead in the client). The file opened is the one sent, its own size declared."""
+    import asyncio
+    import os
+    import types
+
+    import monailabel.endpoints.datastore as endpoint
+    import monailabel.interfaces.utils.app as app_utils
+
+    import monailabel_app.main as app_main
+
+    app_main._install_consistent_downloads()
+    label = tmp_path / "case.nii.gz"
+    label.write_bytes(b"old label " * 1000)
+    store = types.SimpleNamespace(get_label_uri=lambda *a: str(label), get_image_uri=lambda *a: str(label))
+    monkeypatch.setattr(endpoint, "app_instance", lambda *a, **k: types.SimpleNamespace(datastore=lambda: store))
+
+    async def body(response):
+        return b"".join([chunk async for chunk in response.body_iterator])
+
+    for download in (lambda: endpoint.download_label("case", "final"), lambda: endpoint.download_image("case")):
+        label.write_bytes(b"old label " * 1000)
+        response = download()
+        (tmp_path / "new.nii.gz").write_bytes(b"a new, longer label " * 3000)
+        os.replace(tmp_path / "new.nii.gz", label)  # a save lands between the answer's headers and its body
+        sent = asyncio.run(body(response))
+        assert sent == b"old label " * 1000 and int(response.headers["content-length"]) == len(sent)
+        assert response.headers["content-disposition"] == 'attachment; filename="case.nii.gz"'

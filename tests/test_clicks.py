@@ -425,6 +425,28 @@ def test_a_one_pass_click_model_holds_the_clicked_neighbourhood_too(make_system)
     assert 0.05 < float(free[0, 0, 20, 20]) < 0.95, "the network alone is not already sure there"
 
 
+@pytest.mark.parametrize("output", ["p_final", "last_posterior"])
+def test_either_output_of_the_sampler_holds_the_clicked_neighbourhood(make_system, output):
+    """A review (2026-12-07): the samplers hold the clicked voxels in ``p_final``, but ``output="last_posterior"``
+    (the CLI's ``--output``, a checkpoint's ``sampler.output``) returned the network's own posterior there: the
+    held disc around a click had a mean probability of 0.264."""
+    from lib.clicks import Clicks
+    from lib.training import build_system
+
+    hp = make_system().hparams
+    hp.clicks.enabled, hp.clicks.hold_radius = True, 3
+    torch.manual_seed(0)
+    system = build_system(hp)
+    img = torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(0))
+    inf = DFMSlidingWindowInferer([32, 32], steps=2, output=output)
+    free = inf(img, system)
+    p = inf(img, system, clicks=Clicks(fg=[(20, 20)], bg=[(6, 30)]))
+    near_fg = [p[0, 0, 20 + d, 20] for d in (-3, 0, 2)] + [p[0, 0, 20, 23]]
+    near_bg = [p[0, 0, 6 + d, 30] for d in (-3, 0, 3)]
+    assert all(float(v) == 1.0 for v in near_fg) and all(float(v) == 0.0 for v in near_bg), (near_fg, near_bg)
+    assert 0.05 < float(free[0, 0, 17, 20]) < 0.95, "the network alone is not already sure there"
+
+
 # -- where the robot clicks --------------------------------------------------------------------------------------
 def test_next_click_is_the_centre_of_the_largest_error_region():
     truth = np.zeros((40, 40), bool)

@@ -799,3 +799,73 @@ def test_a_resumed_run_keeps_a_best_pt_newer_than_its_state(tmp_path, tiny_clip)
     assert res.iterations == 4 and res.history[-1]["val_dice"] < 0.999
     assert torch.load(out / "best.pt", weights_only=False)["metrics"]["val"]["dice"]["mean"] == 0.999
     assert res.best_val["dice"] == 0.999 and res.best_val["iteration"] == 3
+
+
+def test_a_queued_inference_whose_client_left_or_whose_server_stops_is_not_run(tmp_path):
+    """A review (2026-12-07): inferences wait their turn on the one model thread, and nothing took one out of the
+    queue: six clients that had hung up each had their inference run (the next user waited 200 s instead of 32 s),
+    and a SIGTERM waited for every queued inference (2 minutes; a service manager's 10 s grace ends in a SIGKILL).
+    A queued request is dropped when its client goes away, or answered 503 when the server is told to stop; the
+    inference that is running runs to its end."""
+    import threading
+    import time
+
+    import requests
+
+    from server_utils import Server, copy_sample_data
+
+    studies = copy_sample_data(tmp_path / "studies")
+    server = Server(str(studies), tmp_path, conf={"model_dir": tmp_path / "model", "models": "dfm_vlm_3d",
+                                                  "interactive": "false"})
+    done = {}
+
+    def infer(name, seed, timeout=600):
+        try:
+            r = requests.post(f"{server.url}/infer/dfm_vlm_3d", params={"image": "phantom_ct_05", "output": "json"},
+                              data={"params": json.dumps({"steps": 6, "num_samples": 4, "seed": seed})},
+                              timeout=timeout)
+            done[name] = (r.status_code, r.text[:300], time.monotonic())
+        except requests.exceptions.RequestException as e:
+            done[name] = (type(e).__name__, "", time.monotonic())
+
+    def running(seed):
+        return f"'seed': {seed}" in server.tail(400)
+
+    def start(name, seed, timeout=600):
+        t = threading.Thread(target=infer, args=(name, seed, timeout))
+        t.start()
+        return t
+
+    try:
+        slow = start("slow", 880001)
+        deadline = time.time() + 120
+        while not running(880001) and time.time() < deadline:
+            time.sleep(0.05)
+        gone = [start(f"gone{i}", 880010 + i, timeout=1.0) for i in range(2)]  # the clients hang up after 1 s
+        for t in gone:
+            t.join()
+        after = start("after", 880020)
+        slow.join()
+        after.join()
+        assert done["slow"][0] == 200 and done["after"][0] == 200, done
+        assert {done[f"gone{i}"][0] for i in range(2)} == {"ReadTimeout"}, done
+        log = server.tail(400)
+        assert log.count("was not run: its client went away before its turn on the model") == 2, log
+        assert not running(880010) and not running(880011), "an inference whose client had gone away was run"
+        # told to stop (SIGTERM, as a service manager does) while one inference runs and another waits
+        slow = start("slow2", 880030)
+        deadline = time.time() + 120
+        while not running(880030) and time.time() < deadline:
+            time.sleep(0.05)
+        queued = start("queued", 880031)
+        time.sleep(1.0)
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=120)
+        slow.join()
+        queued.join()
+        assert done["slow2"][0] == 200, done  # the running one ends
+        assert done["queued"][0] == 503 and "the server is stopping" in done["queued"][1], done
+        assert done["queued"][2] < done["slow2"][2], "the queued request was answered only after the running one"
+        assert not running(880031)
+    finally:
+        server.stop()

@@ -240,6 +240,12 @@ class DFMUncertaintyStrategy(Strategy):
             # one meanwhile (was: ranked by the newer one's, of which there were none: "no more images")
             ts, m, failed = res.get("model_ts", ts), res.get("num_samples", m), res.get("failed") or {}
             infos = {i: datastore.get_image_info(i) for i in candidates}
+        # an image labelled meanwhile (scoring takes up to the budget; an annotator saves in another thread) is no
+        # longer a candidate: it was handed out, labelled (a review, 2026-12-07)
+        unlabelled = set(datastore.get_unlabeled_images())
+        candidates = [i for i in candidates if i in unlabelled]
+        if not candidates:
+            return None
         # only scores of one checkpoint with one M: never old and new models' scores side by side (is_current: and
         # numbers -- a score edited to null or NaN through PUT /datastore/imageinfo was a 500)
         scored = [(float(infos[i][key]), i) for i in candidates if self.scoring.is_current(infos[i], ts, m)]
