@@ -192,7 +192,9 @@ class VLMEncoder(nn.Module):
         hub = not local.exists()
         kw = {"local_files_only": True} if local_files_only else {}
         try:
-            model = AutoModel.from_pretrained(src, **kw)
+            # fp32 whatever the weights were saved in (a VLM saved in fp16/bf16 ran in it on the CPU: slow on AVX2, and
+            # not the fp32 the text and probe embeddings are said to be in; a review); autocast still applies
+            model = AutoModel.from_pretrained(src, dtype=torch.float32, **kw)
             image_processor = AutoImageProcessor.from_pretrained(src, **kw)
         except (OSError, ValueError) as e:
             raise VLMError(f"cannot load the VLM {cfg.name_or_path!r} with from_pretrained: {e}") from e
@@ -205,6 +207,9 @@ class VLMEncoder(nn.Module):
                 tokenizer = AutoTokenizer.from_pretrained(src, **kw)
             except (OSError, ValueError) as e:
                 raise VLMError(f"text_mode={cfg.text_mode!r} needs the VLM's tokenizer: {e}") from e
+            warn = legacy_eos_pooling(model, tokenizer)
+            if warn:
+                logger.warning("VLM %s: %s", cfg.name_or_path, warn)
         enc = cls(model, image_processor, tokenizer, cfg)
         enc.source = "hub" if hub else "local"
         return enc.to(device) if device is not None else enc
@@ -392,6 +397,25 @@ def ensure_tiny_clip(path: str | Path) -> Path:
     return path if path.exists() else make_tiny_clip(path)
 
 
+def legacy_eos_pooling(model, tokenizer) -> str | None:
+    """What is wrong when a CLIP text model pools a text at the wrong token: with ``eos_token_id`` 2 in its config,
+    transformers' CLIP pools at the highest token id (the end of text in OpenAI's vocabulary, where it is the last
+    id); a vocabulary with its end-of-text elsewhere embeds a prompt by its highest-id token, so every prompt whose
+    highest-id token is the same gets one embedding ("tumour" and "tumour core in a brain MRI"). The tiny CLIPs made
+    here before 2026-12-07 are such. None when the pooling is right."""
+    text_cfg = getattr(getattr(model, "config", None), "text_config", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if text_cfg is None or getattr(text_cfg, "eos_token_id", None) != 2 or eos is None:
+        return None
+    top = max(tokenizer.get_vocab().values())
+    if eos == top:
+        return None
+    return (f"its text model pools each prompt at its highest token id (config eos_token_id 2) but its end of text "
+            f"is token {eos}, not the highest ({top}): a prompt is embedded by one of its tokens, and prompts that "
+            "share it get one embedding (a tiny CLIP made before 2026-12-07; make it again for prompts embedded "
+            "whole)")
+
+
 def make_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, projection_dim: int = 32,
                    seed: int = 0) -> Path:
     """Write a tiny randomly initialised CLIP (model, image processor, byte-level tokenizer) with save_pretrained.
@@ -403,11 +427,15 @@ def make_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, pro
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|pad|>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}
+    vocab = {"<|pad|>": 0, "<|startoftext|>": 1}
     for c in _bytes_to_unicode():
         vocab[c] = len(vocab)
     for c in _bytes_to_unicode():
         vocab[c + "</w>"] = len(vocab)
+    # the end of text last, as in OpenAI's vocabulary, and named as such in the config: CLIP pools a text at its end
+    # of text (with it at 2, the legacy rule pooled at the highest id, any character: a prompt was embedded by one
+    # of its characters; a review, 2026-12-07)
+    vocab["<|endoftext|>"] = eos = len(vocab)
     tmp = path / "_vocab"
     tmp.mkdir(exist_ok=True)
     (tmp / "vocab.json").write_text(json.dumps(vocab))
@@ -416,7 +444,7 @@ def make_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, pro
                         model_max_length=64)  # = max_position_embeddings below
     cfg = CLIPConfig(
         text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                         vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=1, eos_token_id=eos,
                          pad_token_id=0),
         vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                            num_attention_heads=2, image_size=image_size, patch_size=max(4, image_size // 8)),

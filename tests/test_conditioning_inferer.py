@@ -473,6 +473,39 @@ def test_a_prompt_longer_than_the_text_model_is_truncated(tiny_clip):
     assert e.shape == (2, enc.text_embed_dim) and torch.isfinite(e).all()
 
 
+def test_the_tiny_clip_embeds_a_prompt_whole_and_a_vlm_that_pools_at_one_token_is_named(tiny_clip):
+    """A review (2026-12-07): the tiny CLIP had its end of text at id 2, which transformers' CLIP reads as the legacy
+    rule "pool at the highest token id": a prompt was embedded by its highest-id character, so "tumour core in a
+    brain MRI" and "tumour" had one embedding (cosine 1.000000), and so had "...right lung" and "...left lung". Its
+    end of text is now the last id, as in OpenAI's vocabulary; a VLM that still pools so is named when it loads."""
+    from lib.vlm import legacy_eos_pooling
+
+    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(tiny_clip), text_mode="label", prompt="lung"))
+    for a, b in (("tumour core in a brain MRI", "tumour"), ("the patient's right lung", "the patient's left lung"),
+                 ("a lesion in a CT scan", "a lesion in a CT scan of the liver")):
+        e = enc.encode_texts([a, b])
+        assert torch.nn.functional.cosine_similarity(e[:1], e[1:]).item() < 0.999, (a, b)
+    assert legacy_eos_pooling(enc.model, enc.tokenizer) is None
+    enc.model.config.text_config.eos_token_id = 2  # the legacy rule, with an end of text that is not the last id
+    enc.tokenizer.eos_token = "a"
+    assert "pools each prompt at its highest token id" in legacy_eos_pooling(enc.model, enc.tokenizer)
+
+
+def test_a_vlm_saved_in_half_precision_runs_in_fp32(tiny_clip, tmp_path):
+    """A review (2026-12-07): from_pretrained keeps the dtype the weights were saved in, so a VLM saved in fp16 ran
+    in fp16 on the CPU (slow without the instructions; its embeddings not the fp32 ones the precision policy
+    assumes)."""
+    import shutil
+
+    from transformers import AutoModel
+
+    half = tmp_path / "half-clip"
+    shutil.copytree(tiny_clip, half)
+    AutoModel.from_pretrained(str(tiny_clip)).half().save_pretrained(str(half))
+    enc = VLMEncoder.from_pretrained(VLMConfig(name_or_path=str(half), text_mode="label", prompt="lung"))
+    assert {p.dtype for p in enc.model.parameters()} == {torch.float32}
+
+
 def test_the_text_embedding_cache_is_bounded_and_keeps_what_is_used(tiny_clip):
     """A review: the text cache grew with every free prompt a server was sent. It is a least-recently-used cache of
     ``text_cache_size`` entries; evictions never change an embedding."""
