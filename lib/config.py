@@ -350,8 +350,10 @@ class PreprocConfig:
 AUGMENTATION = {
     "prob": 0.3,  # probability of the random affine (whole image, before cropping; zero padding)
     "rotate": 0.15,  # radians
-    "scale": 0.1,  # +- relative zoom
-    "translate": 0.0,  # +- fraction of the image size
+    # +- relative stretch of the FIRST spatial axis only: MONAI's RandAffine reads one number as axis 0's range (the
+    # others keep their size); every figure in the README was measured so (a review, 2026-12-07)
+    "scale": 0.1,
+    "translate": 0.0,  # +- fraction of the patch size (lib.data: in network voxels), not of the image
     "gamma": [0.7, 1.5],  # random contrast (gamma) range, applied with probability 0.3
 }
 

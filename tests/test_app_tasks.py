@@ -889,7 +889,9 @@ def test_trainer_task_pickles_for_ddp_and_filters_by_dimension(tmp_path, ckpt3d)
     train, val = trainer.partition_datalist(context)
     assert [v["image"] for v in val] == ["img1", "img2"] and [t["image"] for t in train] == ["img0", "img3", "img4"]
     context.request = {"val_split": 0.4, "val_ds": labels[3:]}  # given validation images: as given
-    assert [v["image"] for v in trainer.partition_datalist(context)[1]] == ["img3", "img4"]
+    train, val = trainer.partition_datalist(context)
+    # and not trained on (a review, 2026-12-07: MONAI Label trains on the whole datastore beside a given val_ds)
+    assert [v["image"] for v in val] == ["img3", "img4"] and [t["image"] for t in train] == ["img0", "img1", "img2"]
     # the validation labels are checked once, before the training (the evaluator scores a batch at a time): a label
     # off its image's size is refused then, not at the first validation (a review, 2026-12-07)
     from lib.checkpoint import load_system

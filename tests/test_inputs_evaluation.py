@@ -572,6 +572,37 @@ def test_a_label_off_its_image_s_grid_is_refused_in_training_and_evaluate(tmp_pa
         evaluate_items(system, [{**item, "label": str(bad)}], inf)
 
 
+def test_a_2d_label_stored_in_another_voxel_order_is_trained_in_the_image_s_order(tmp_path, make_system):
+    """A review (2026-12-07): a 2D label on its image's points but stored with an axis reversed (or the axes
+    swapped) passed the grid check, and with no orientation step (every 2D preset) its training patches were the
+    mirrored mask -- Dice 0.667 against the truth on a real X-ray -- while evaluate scored it the right way round.
+    The label is put into the image's voxel order; swapped axes of a non-square image are accepted as evaluate
+    accepts them (they were refused as "image size differs")."""
+    import nibabel as nib
+
+    from lib.evaluation import preprocess_item
+
+    system = make_system()  # 2D, no orientation step
+    assert not system.hparams.preprocessing.orientation
+    img = np.zeros((40, 30), np.float32)
+    img[3:15, 4:10] = 1.0  # an asymmetric blob
+    image = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(img, np.eye(4)), str(image))
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = img.shape[0] - 1  # the same points, x stored from the other end
+    swap = np.eye(4)[[1, 0, 2, 3]]  # the same points, the axes swapped
+    labels = {"same": (img, np.eye(4)), "flipped": (img[::-1], flip), "swapped": (img.T, swap)}
+    got = {}
+    for name, (arr, affine) in labels.items():
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr).astype(np.uint8), affine), str(tmp_path / f"{name}.nii.gz"))
+        out = preprocess_item(system, {"image": str(image), "label": str(tmp_path / f"{name}.nii.gz"), "case_id": "c"},
+                              with_label=True)
+        got[name] = np.asarray(out["label"])[0]
+    assert got["same"].sum() > 0
+    for name in ("flipped", "swapped"):
+        assert np.array_equal(got[name], got["same"]), (name, int((got[name] != got["same"]).sum()))
+
+
 def test_a_zero_spacing_axis_keeps_its_spacing_and_old_run_settings_still_resolve(tmp_path):
     """A second review. The resampled-grid check divided by a spacing of 0, which MONAI's Spacingd reads as "keep this
     axis' spacing": every image was refused (an OverflowError). And the run-only training checks (seed, threads,

@@ -659,6 +659,15 @@ class DFMVLMTrain(BasicTrainTask):
         lands, so "Submit Label, Train" did not train on what was just annotated. The validation images stay the
         same as labels are added, and the newest label always trains."""
         train, val = super().partition_datalist(context, shuffle=shuffle)
+        if val and context.request.get("val_ds") and not context.request.get("train_ds"):
+            # MONAI Label trains on the whole datastore beside a given val_ds: its images were trained on, and the
+            # publish decision ("beats the served checkpoint") was measured on them (a review, 2026-12-07)
+            held = {os.path.realpath(str(it.get("image") if isinstance(it, dict) else it)) for it in val}
+            kept = [it for it in train
+                    if os.path.realpath(str(it.get("image") if isinstance(it, dict) else it)) not in held]
+            if len(kept) < len(train):
+                logger.info("val_ds: %d of its image(s) left out of training", len(train) - len(kept))
+            train = kept
         if val and train and not context.request.get("val_ds"):
             items = list(train) + list(val)  # the datastore's order (MONAI's split is its first and last part)
 
