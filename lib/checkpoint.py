@@ -593,8 +593,9 @@ def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm
             source = (recorded or {}).get("source")
             places = " and ".join(_vlm_places(src, path))
             if source == "local":
-                raise CheckpointError(f"{path}: its VLM folder {src!r} was not found (looked at {places}); put the "
-                                      f"VLM there, or give its folder with --vlm")
+                raise CheckpointError(f"{path}: its VLM folder {src!r} was not found (looked at {places}, and for "
+                                      f"its last parts in the folders above the checkpoint); put the VLM there, or "
+                                      f"give its folder with --vlm")
             local_only = source != "hub"
         try:
             encoder = VLMEncoder.from_pretrained(vcfg, device=device, local_files_only=local_only)

@@ -188,7 +188,7 @@ def validate_sampler(name: str, steps: int, num_samples: int, overlap: float, sw
     if output not in OUTPUTS:
         raise ConfigError(f"output must be one of {OUTPUTS}, got {output!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if blend_mode is not None and blend_mode not in BLEND_MODES:
         raise ConfigError(f"blend_mode must be one of {BLEND_MODES}, got {blend_mode!r}")
     if roi_size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in roi_size):

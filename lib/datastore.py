@@ -318,13 +318,16 @@ def segment_infos(values: Sequence[int], infos: Sequence[dict]) -> list[dict]:
         info = dict(info)
         name = info.get("name", "segment")
         info.setdefault("model_name", SEG_ALGORITHM)
-        info.setdefault("segmentAttribute", {
+        if "segmentAttribute" in info:  # (the client's own: kept as sent)
+            filled.append(info)
+            continue
+        info["segmentAttribute"] = {
             "labelID": int(v), "SegmentLabel": name, "SegmentDescription": info.get("description", name),
             "SegmentAlgorithmType": info.get("algorithm_type", "AUTOMATIC"), "SegmentAlgorithmName": info["model_name"],
             **segment_codes(name),
             "recommendedDisplayRGBValue": list(info.get("color") or SEGMENT_COLOURS[(int(v) - 1) % len(
                 SEGMENT_COLOURS)])[:3],
-        })
+        }
         filled.append(info)
     return filled
 

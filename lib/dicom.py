@@ -576,7 +576,7 @@ _CATEGORY_OF_CID = {7191: ("85756007", "Tissue"), 7192: ("91723000", "Anatomical
 # names a label here goes by that the DICOM lists spell otherwise (British spelling, plurals, a lesion: SNOMED's
 # 52988006, in no segmentation list, so its category is the one Slicer's terminology gives it)
 _SEGMENT_SYNONYMS = {"tumour": "Neoplasm", "tumor": "Neoplasm", "lungs": "Lung", "vertebrae": "Vertebra",
-                     "oedema": "Edema", "haemorrhage": "Hemorrhage", "lesion": ("Lesion", 7194)}
+                     "oedema": "Edema", "haemorrhage": "Hemorrhage", "necrotic": "Necrosis", "lesion": ("Lesion", 7194)}
 _LATERALITY = {"right": ("24028007", "Right"), "left": ("7771000", "Left")}
 # distinct display colours by label value (recommendedDisplayRGBValue: every segment was red)
 SEGMENT_COLOURS = [(216, 101, 79), (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210),
@@ -586,15 +586,26 @@ _DEFAULT_TYPE = ("85756007", "Tissue")
 
 @functools.lru_cache(maxsize=None)
 def _segment_type_index() -> dict:
+    """lower-case keyword (and synonym) -> (value, meaning, cid): each keyword's code in the list it is found in
+    (pydicom's concepts by CID: "Mass" has two SNOMED codes, 4147007 in CID 7194; asking pydicom by keyword for such
+    a one raised, and a label named "breast mass" failed to save: a review)."""
     from pydicom.sr._cid_dict import cid_concepts
+    from pydicom.sr._concepts_dict import concepts
 
     index = {}
     for cid in _CATEGORY_OF_CID:
         for keyword in cid_concepts.get(cid, {}).get("SCT", []):
-            index.setdefault(keyword.lower(), (keyword, cid))
+            found = [(value, meaning) for value, (meaning, cids) in concepts["SCT"].get(keyword, {}).items()
+                     if cid in cids]
+            if len(found) == 1:
+                index.setdefault(keyword.lower(), (*found[0], cid))
     for name, target in _SEGMENT_SYNONYMS.items():
-        keyword, cid = target if isinstance(target, tuple) else (target, index[target.lower()][1])
-        index[name] = (keyword, cid)
+        if isinstance(target, tuple):  # (a code in no segmentation list, its category given)
+            keyword, cid = target
+            (value, (meaning, _)), = concepts["SCT"][keyword].items()
+            index[name] = (value, meaning, cid)
+        else:
+            index[name] = index[target.lower()]
     return index
 
 
@@ -602,29 +613,20 @@ def segment_codes(name: str) -> dict:
     """The DICOM codes of a segment named ``name`` (``lung``, ``left_lung``, ``whole_tumour``, ``vertebra``): its
     property category and type from DICOM's segmentation lists (CIDs 7191-7197, pydicom's dictionary), looked up by
     the whole name, then by each word from the last (``tumour_core`` -> Neoplasm), and a laterality modifier for a
-    ``left``/``right`` word; a name in no list keeps the generic Anatomical Structure / Tissue. Every segment was
-    coded Tissue, so a viewer or a PACS query by code could not tell a lung from a tumour."""
-    from pydicom.sr.codedict import codes
-
+    ``left``/``right`` word that the type found does not already hold ("Left Ventricle" has none added); a name in no
+    list keeps the generic Anatomical Structure / Tissue. Every segment was coded Tissue, so a viewer or a PACS
+    query by code could not tell a lung from a tumour."""
     index = _segment_type_index()
     words = [w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w]
-    found = None
-    for key in ["".join(words)] + words[::-1]:
-        if key in index:
-            try:
-                code = getattr(codes.SCT, index[key][0])
-            except (AttributeError, NotImplementedError):  # (a keyword of several codes)
-                continue
-            found = ((str(code.value), str(code.meaning)), index[key][1])
-            break
-    (value, meaning), cid = found or (_DEFAULT_TYPE, 7192)
+    matched = next((key for key in ["".join(words)] + words[::-1] if key in index), None)
+    value, meaning, cid = index[matched] if matched else (*_DEFAULT_TYPE, 7192)
     category = _CATEGORY_OF_CID[cid]
     out = {"SegmentedPropertyCategoryCodeSequence": {"CodeValue": category[0], "CodingSchemeDesignator": "SCT",
                                                      "CodeMeaning": category[1]},
            "SegmentedPropertyTypeCodeSequence": {"CodeValue": value, "CodingSchemeDesignator": "SCT",
                                                  "CodeMeaning": meaning[:1].upper() + meaning[1:]}}
     side = next((_LATERALITY[w] for w in words if w in _LATERALITY), None)
-    if side and found:
+    if side and matched and matched in words:  # (a whole-name match such as "leftventricle" holds its side)
         out["SegmentedPropertyTypeModifierCodeSequence"] = {"CodeValue": side[0], "CodingSchemeDesignator": "SCT",
                                                             "CodeMeaning": side[1]}
     return out

@@ -102,9 +102,10 @@ def fingerprint_mismatch(recorded: dict | None, actual: dict | None, tol: float 
 def describe_fingerprint(fp: dict | None) -> str:
     if not fp:
         return "no fingerprint"
-    probe = fp.get("image_probe") or []
+    probe, text = fp.get("image_probe") or [], fp.get("text_probe") or []
     return (f"{fp.get('model_type')}, {fp.get('image_embed_dim')}-d image / {fp.get('text_embed_dim')}-d text, "
-            f"image probe {[round(v, 3) for v in probe[:3]]}")
+            f"image probe {[round(v, 3) for v in probe[:3]]}"
+            + (f", text probe {[round(v, 3) for v in text[:3]]}" if text else ""))  # (either may be what differs)
 
 
 def _features(out) -> torch.Tensor:

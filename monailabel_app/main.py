@@ -193,35 +193,36 @@ def _install_request_checks() -> None:
 
 
 def opened_file_response(path, media_type=None, filename=None, **kwargs):
-    """A datastore file's download, read from the one file it opened: MONAI Label's ``FileResponse`` took the size
-    from ``stat`` and opened the file again by its name later, so a label saved meanwhile (an atomic replace) was
-    sent cut short or overlong ("Too much data for declared Content-Length"; a review, 2026-12-07). The open file
-    stays the file it was, whatever is renamed over it or removed."""
-    from urllib.parse import quote
+    """A datastore file's download, sent from the file it opened: MONAI Label's ``FileResponse`` took the size from
+    ``stat`` and opened the file again by its name later, so a label saved meanwhile (an atomic replace) was sent cut
+    short or overlong ("Too much data for declared Content-Length"; a review, 2026-12-07). Starlette's
+    ``FileResponse`` of ``/proc/self/fd/N`` (the open file, whatever is renamed over its name or removed), with that
+    file's own ``stat``: ranges, ETag and Last-Modified as before. The descriptor is closed once the answer is sent
+    or dropped."""
+    import weakref
 
-    from starlette.responses import StreamingResponse
+    from starlette.background import BackgroundTask
+    from starlette.responses import FileResponse
 
     try:
-        f = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise HTTPException(status_code=404, detail=f"{os.path.basename(path)} was removed meanwhile") from None
-    size = os.fstat(f.fileno()).st_size
+    opened = f"/proc/self/fd/{fd}"
+    if not os.path.exists(opened):  # (no /proc: by its name, as MONAI Label did)
+        os.close(fd)
+        return FileResponse(path, media_type=media_type, filename=filename, **kwargs)
+    response = FileResponse(opened, media_type=media_type, filename=filename, stat_result=os.fstat(fd), **kwargs)
+    close = weakref.finalize(response, os.close, fd)  # (once: when sent, or when the answer is dropped)
+    given = response.background
 
-    def chunks():
-        with f:
-            while True:
-                block = f.read(1 << 20)
-                if not block:
-                    return
-                yield block
+    async def after():
+        close()
+        if given is not None:
+            await given()
 
-    headers = {"content-length": str(size)}
-    if filename:  # as Starlette's FileResponse names it
-        quoted = quote(filename)
-        headers["content-disposition"] = (f"attachment; filename*=utf-8''{quoted}" if quoted != filename
-                                          else f'attachment; filename="{filename}"')
-    response = StreamingResponse(chunks(), media_type=media_type, headers=headers)
-    response.path = path  # (the file it sends; the dataset's zip is removed once sent)
+    response.background = BackgroundTask(after)
+    response.source = path  # (its name: the dataset's zip is removed once sent; .path is the open file's)
     return response
 
 
@@ -578,7 +579,14 @@ def _install_json_field_checks() -> None:
             except AssertionError:
                 raise HTTPException(status_code=404, detail="no image has a final label: there is no dataset to "
                                                             "download yet") from None
-            response.background = BackgroundTask(os.unlink, response.path)
+            sent, zip_file = response.background, getattr(response, "source", response.path)
+
+            async def remove():
+                if sent is not None:  # (the download's own: its file descriptor closed)
+                    await sent()
+                os.unlink(zip_file)
+
+            response.background = BackgroundTask(remove)
             return response
 
         download_dataset._dfm_checked = True

@@ -1756,6 +1756,31 @@ def test_a_request_asking_far_more_work_than_the_model_s_own_sampler_is_refused_
         task({**req, **big})
 
 
+def test_a_segment_is_coded_by_its_name_and_any_name_can_be_saved():
+    """Segments are coded from DICOM's segmentation lists by name (every one was "Tissue"). A second review found
+    that a keyword with two SNOMED codes in pydicom's dictionary ("Mass", "Pelvis", "Hand": 17 of the lists') made
+    the lookup raise, so a label named "breast mass" failed to save; and that "left_ventricle", whose type holds its
+    side, was given the modifier Left as well."""
+    from lib.dicom import segment_codes
+
+    def coded(name):
+        c = segment_codes(name)
+        return (c["SegmentedPropertyCategoryCodeSequence"]["CodeValue"],
+                c["SegmentedPropertyTypeCodeSequence"]["CodeValue"],
+                c.get("SegmentedPropertyTypeModifierCodeSequence", {}).get("CodeMeaning"))
+
+    assert coded("breast mass") == ("49755003", "4147007", None)  # Mass, in CID 7194
+    assert coded("pelvis")[1] == "12921003" and coded("left hand") == ("91723000", "85562004", "Left")
+    assert coded("left_ventricle") == ("91723000", "87878005", None)  # Left Ventricle: no second side
+    assert coded("right_lung") == ("91723000", "39607008", "Right")
+    assert coded("whole_tumour") == ("49755003", "108369006", None)
+    assert coded("segment 3") == ("91723000", "85756007", None)  # in no list: Tissue, as before
+    from lib.datastore import segment_infos
+
+    own = {"labelID": 1, "SegmentLabel": "x", "SegmentedPropertyTypeCodeSequence": {"CodeValue": "1"}}
+    assert segment_infos([1], [{"name": "pelvis", "segmentAttribute": own}])[0]["segmentAttribute"] == own
+
+
 def test_the_result_s_dicom_seg_describes_each_segment_as_a_final_label_s_seg_does(tmp_path, monkeypatch):
     """A review (2026-12-07): ``/infer?output=dicom_seg`` handed MONAI Label's defaults on to dcmqi -- every segment
     coded 78961009 (SNOMED's spleen), algorithm "MONAILABEL", description "Unknown" -- where a final label's SEG
@@ -1804,30 +1829,45 @@ def test_the_result_s_dicom_seg_describes_each_segment_as_a_final_label_s_seg_do
 def test_a_download_sends_the_file_it_opened_whatever_is_saved_over_it_meanwhile(tmp_path, monkeypatch):
     """A review (2026-12-07): MONAI Label's download took the file's size, then opened it again by its name to send
     it; a label saved meanwhile (renamed over it) was sent cut short or overlong ("Too much data for declared
-    Content-Length", an IncompleteRead in the client). The file opened is the one sent, its own size declared."""
+    Content-Length", an IncompleteRead in the client). The file opened is the one sent, its own size declared, and
+    a range request is still answered with that range (a second review)."""
     import asyncio
     import os
     import types
 
     import monailabel.endpoints.datastore as endpoint
-    import monailabel.interfaces.utils.app as app_utils
 
     import monailabel_app.main as app_main
 
     app_main._install_consistent_downloads()
     label = tmp_path / "case.nii.gz"
-    label.write_bytes(b"old label " * 1000)
     store = types.SimpleNamespace(get_label_uri=lambda *a: str(label), get_image_uri=lambda *a: str(label))
     monkeypatch.setattr(endpoint, "app_instance", lambda *a, **k: types.SimpleNamespace(datastore=lambda: store))
 
-    async def body(response):
-        return b"".join([chunk async for chunk in response.body_iterator])
+    def served(response, headers=()):
+        sent = []
 
-    for download in (lambda: endpoint.download_label("case", "final"), lambda: endpoint.download_image("case")):
-        label.write_bytes(b"old label " * 1000)
+        async def receive():  # (the client stays: Starlette listens for a disconnect while it sends)
+            await asyncio.Event().wait()
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "headers": [(k.encode(), v.encode()) for k, v in headers]}
+        asyncio.run(response(scope, receive, send))
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        return start["status"], dict((k.decode(), v.decode()) for k, v in start["headers"]), \
+            b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    old = b"old label " * 1000
+    for download, headers, want in ((lambda: endpoint.download_label("case", "final"), (), (200, old)),
+                                    (lambda: endpoint.download_image("case"), (), (200, old)),
+                                    (lambda: endpoint.download_label("case", "final"), (("range", "bytes=0-9"),),
+                                     (206, old[:10]))):
+        label.write_bytes(old)
         response = download()
         (tmp_path / "new.nii.gz").write_bytes(b"a new, longer label " * 3000)
         os.replace(tmp_path / "new.nii.gz", label)  # a save lands between the answer's headers and its body
-        sent = asyncio.run(body(response))
-        assert sent == b"old label " * 1000 and int(response.headers["content-length"]) == len(sent)
-        assert response.headers["content-disposition"] == 'attachment; filename="case.nii.gz"'
+        status, head, body = served(response, headers)
+        assert (status, body) == want and int(head["content-length"]) == len(body), (status, head, len(body))
+        assert head["content-disposition"] == 'attachment; filename="case.nii.gz"'

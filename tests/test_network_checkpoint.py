@@ -259,7 +259,7 @@ def test_a_checkpoint_whose_sections_disagree_is_refused_at_load_and_one_that_le
     good["preprocessing"]["patch_size"] = good["sampler"]["roi_size"] = [16, 16]
     save(good)
     assert not load_checkpoint(p).notes
-    for section, key, value, phrase in (
+    _each_refused(good, save, p, (
             ("preprocessing", "spatial_dims", 3, r"preprocessing.spatial_dims=3 but model.spatial_dims=2"),
             ("preprocessing", "num_channels", 3, r"preprocessing.num_channels=3 but model.in_channels=1"),
             ("sampler", "roi_size", [32, 32], r"roi_size \[32, 32\] differs from the training patch size \[16, 16\]"),
@@ -268,13 +268,7 @@ def test_a_checkpoint_whose_sections_disagree_is_refused_at_load_and_one_that_le
             ("preprocessing", "patch_size", [16, 16, 16], "does not have spatial_dims=2 values"),
             ("flow", "scheduler", "cosine", "flow scheduler must be"),
             ("model", "vlm_film_decoder_stages", 2, r"must be a list of decoder stage indices, got 2"),
-            ("model", "vlm_film_decoder_stages", "all", r"must be a list of decoder stage indices, got 'all'")):
-        bad = json.loads(json.dumps(good))
-        bad[section][key] = value
-        save(bad)
-        with pytest.raises(CheckpointError, match=phrase) as e:
-            load_checkpoint(p)
-        assert str(p) in str(e.value), e.value
+            ("model", "vlm_film_decoder_stages", "all", r"must be a list of decoder stage indices, got 'all'")))
     torch.save({"format": "dfm-vlm-checkpoint", "format_version": "2", "state_dict": m.state_dict(),
                 "hyper_parameters": good}, p)
     with pytest.raises(CheckpointError, match="format_version must be an integer, got '2'"):
@@ -283,6 +277,17 @@ def test_a_checkpoint_whose_sections_disagree_is_refused_at_load_and_one_that_le
         torch.save({"state_dict": sd, "hyper_parameters": hp}, path)
         with pytest.raises(CheckpointError, match="its hyper_parameters must be a mapping"):
             load_checkpoint(path)
+
+
+def _each_refused(good: dict, save, path, cases) -> None:
+    """Each (section, key, value, phrase) put into ``good`` and saved: loading refuses it naming the file."""
+    for section, key, value, phrase in cases:
+        bad = json.loads(json.dumps(good))
+        bad[section][key] = value
+        save(bad)
+        with pytest.raises(CheckpointError, match=phrase) as e:
+            load_checkpoint(path)
+        assert str(path) in str(e.value), e.value
 
 
 def test_checkpoints_of_other_architectures_are_refused_clearly(tmp_path):
@@ -488,7 +493,7 @@ def test_a_missing_relative_vlm_folder_is_not_looked_up_on_the_hub(tmp_path, tin
     shutil.copy(ck, lonely / "m.pt")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"its VLM folder 'vlm/tiny-clip' was not found \(looked at "
-                                              r".*lonely/vlm/tiny-clip and .*/vlm/tiny-clip\)"):
+                                              r".*lonely/vlm/tiny-clip and .*/vlm/tiny-clip, and for its last parts in the folders above the checkpoint\)"):
         load_system(lonely / "m.pt")
     obj = torch.load(ck, weights_only=True)
     del obj["hyper_parameters"]["vlm"]["fingerprint"]
@@ -535,21 +540,20 @@ def test_a_checkpoint_s_clicks_seed_blend_and_window_are_checked_at_load_not_at_
     assert ck.hparams.clicks.enabled and any("clicks.enabled missing: True" in n for n in ck.notes), ck.notes
     save_checkpoint(tmp_path / "again.pt", ck.model, ck.hparams)  # (a fine-tune's publish: was refused)
     assert load_checkpoint(tmp_path / "again.pt").hparams.clicks.enabled
-    for section, key, value, phrase in (
+    _each_refused(good, save, p, (
             ("clicks", "enabled", False, r"clicks.enabled=False but model.guidance_channels=2"),
             ("clicks", "sigma", 0, r"clicks.sigma must be > 0"),
-            ("sampler", "seed", -1, r"seed must be an integer >= 0, got -1"),
-            ("sampler", "blend_mode", "bogus", r"blend_mode must be one of \('gaussian', 'constant'\), got 'bogus'")):
-        bad = json.loads(json.dumps(good))
-        bad[section][key] = value
-        save(bad)
-        with pytest.raises(CheckpointError, match=phrase) as e:
-            load_checkpoint(p)
-        assert str(p) in str(e.value), e.value
+            ("sampler", "seed", -1, r"seed must be an integer in \[0, 2\*\*63\), got -1"),
+            ("sampler", "blend_mode", "bogus", r"blend_mode must be one of \('gaussian', 'constant'\), got 'bogus'")))
     with pytest.raises(ConfigError, match=r"roi_size \[-8, 16\]: every side must be an integer >= 1"):
         DFMSlidingWindowInferer(roi_size=[-8, 16], allow_roi_mismatch=True)
-    with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
         DFMSlidingWindowInferer(roi_size=[16, 16], seed=-1)
+    from lib.infers.dfm_vlm import sampler_params  # an app request's, by the same check
+
+    for seed in (-1, 2 ** 63):
+        with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+            sampler_params({"seed": str(seed)})
 
 
 def test_a_published_checkpoint_finds_its_vlm_after_the_app_folder_moved_and_only_that_vlm(tmp_path, make_system,

@@ -148,9 +148,8 @@ def sampler_params(req: dict) -> dict:
         if out["precision"] not in PRECISIONS:
             raise ConfigError(f"parameter 'precision' must be one of {PRECISIONS}, got {out['precision']!r}")
     full = {"sampler": "euler", "steps": 1, "num_samples": 1, "overlap": 0.0, "sw_batch_size": 1, **out}
-    validate_sampler(full["sampler"], full["steps"], full["num_samples"], full["overlap"], full["sw_batch_size"])
-    if "seed" in out and out["seed"] < 0:
-        raise ConfigError(f"parameter 'seed' must be >= 0, got {out['seed']}")
+    validate_sampler(full["sampler"], full["steps"], full["num_samples"], full["overlap"], full["sw_batch_size"],
+                     seed=out.get("seed"))
     return out
 
 
