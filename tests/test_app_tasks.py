@@ -770,12 +770,13 @@ def test_next_sample_by_uncertainty_without_a_model_is_a_503_naming_why(tmp_path
     assert app.next_sample({"strategy": "dfm_vlm_3d_uncertainty"})["id"] == "case05"
 
 
-def test_a_conf_checkpoint_that_is_missing_or_of_the_other_dimension_stops_the_start_naming_it(tmp_path, ckpt3d,
-                                                                                               make_system):
+def test_a_conf_checkpoint_that_is_missing_is_not_replaced_and_one_of_the_other_dimension_stops_the_start(
+        tmp_path, ckpt3d, make_system):
     """A review (2026-12-07): a mistyped ``--conf <model>_checkpoint`` served last week's published model (or the
-    sample one) while the log named the missing file; a 2D checkpoint named for the 3D model was "ready" in /info,
-    which said 3D, and failed every request; a misspelt model in the option, or ``interactive off``, was ignored;
-    the trainer's /info labels were the preset's, not the served checkpoint's."""
+    sample one) while the log named the missing file -- now nothing is served until the file exists (or a training
+    here publishes one), and /info says which files it looked for; a 2D checkpoint named for the 3D model was
+    "ready" in /info, which said 3D, and failed every request; a misspelt model in the option, or ``interactive
+    off``, was ignored; the trainer's /info labels were the preset's, not the served checkpoint's."""
     import os
     import time
     import types
@@ -786,8 +787,12 @@ def test_a_conf_checkpoint_that_is_missing_or_of_the_other_dimension_stops_the_s
     model_dir.mkdir()
     shutil.copy(ckpt3d, model_dir / "dfm_vlm_3d.pt")
     os.utime(model_dir / "dfm_vlm_3d.pt", (time.time() - 86400, time.time() - 86400))  # an earlier session's
-    with pytest.raises(ConfigError, match=r"--conf dfm_vlm_3d_checkpoint '.*nmaed.pt': no such file"):
-        DFMVLM3D().init("dfm_vlm_3d", str(model_dir), {"dfm_vlm_3d_checkpoint": str(tmp_path / "nmaed.pt")}, None)
+    typo = DFMVLM3D()
+    typo.init("dfm_vlm_3d", str(model_dir), {"dfm_vlm_3d_checkpoint": str(tmp_path / "nmaed.pt")}, None)
+    ok, reason = typo.infer().readiness()
+    assert not ok and "nmaed.pt" in reason and typo.infer().get_path() is None, reason
+    shutil.copy(ckpt3d, tmp_path / "nmaed.pt")  # the file named comes: it is served
+    assert typo.infer().get_path() == str(tmp_path / "nmaed.pt")
     two_d = tmp_path / "two_d.pt"
     system = make_system()
     save_checkpoint(two_d, system.model, system.hparams)

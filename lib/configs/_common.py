@@ -53,8 +53,11 @@ class DFMTaskConfig(TaskConfig):
         self.vlm = conf.get("vlm") or None
         explicit = conf.get(f"{name}_checkpoint")
         if explicit:
-            if not os.path.isfile(explicit):  # (a typo served the sample model, or last week's published one)
-                raise ConfigError(f"--conf {name}_checkpoint {explicit!r}: no such file (from {os.getcwd()})")
+            if not os.path.isfile(explicit):
+                # not served until it exists or a training here publishes one (lib.infers.dfm_vlm.live_paths: never
+                # an earlier session's published model instead -- a typo served last week's model, a review)
+                logger.warning("%s: --conf %s_checkpoint %r names no file (from %s): the model is not served until "
+                               "it exists or a training here publishes one", name, name, explicit, os.getcwd())
             explicit = os.path.abspath(explicit)  # (training and scoring subprocesses read it too)
         self.checkpoint = explicit or str(SAMPLE_MODELS / f"{name}.pt")
         self.published = os.path.join(model_dir, f"{name}.pt")
@@ -69,7 +72,7 @@ class DFMTaskConfig(TaskConfig):
             key = stale_env_key(name)
             self.stale_before = float(os.environ.get(key) or time.time())
             os.environ[key] = repr(self.stale_before)
-        if self.stale_before is not None and os.path.exists(self.published) \
+        if self.stale_before is not None and os.path.exists(self.published) and os.path.isfile(explicit) \
                 and os.stat(self.published).st_mtime < self.stale_before:
             logger.warning("%s: serving %s (--conf %s_checkpoint), not %s, which an earlier session published; a "
                            "training here replaces it and is then served", name, explicit, name, self.published)

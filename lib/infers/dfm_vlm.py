@@ -55,10 +55,12 @@ def live_paths(paths: Sequence[str], stale_before: float | None = None) -> list[
     """The existing checkpoint files of ``paths`` in serving order (the last one is served): ``[the configured
     checkpoint, the published one]``. With ``stale_before`` (a ``--conf <model>_checkpoint`` was given while a file
     published by an earlier session sat in ``model_dir``), that published file counts only once a training here has
-    replaced it: the checkpoint the user named is served, not last week's model."""
+    replaced it: the checkpoint the user named is served, not last week's model -- and not when the named file does
+    not exist either (a typo served last week's model; a review, 2026-12-07): then nothing is, until it does."""
     out = [p for p in paths if p and os.path.exists(p)]
     last = paths[-1] if paths else None
-    if stale_before is not None and len(out) > 1 and out[-1] == last and os.stat(last).st_mtime < stale_before:
+    if stale_before is not None and len(paths) > 1 and out and out[-1] == last \
+            and os.stat(last).st_mtime < stale_before:
         out.pop()
     return out
 
