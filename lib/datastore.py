@@ -32,7 +32,7 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.checkpoint import atomic_write
-from lib.dicom import (SEGMENT_COLOURS, is_projection_series, projection_seg, projection_seg_label, segment_codes,
+from lib.dicom import (is_projection_series, projection_seg, projection_seg_label, segment_codes, segment_colour,
                        series_to_nifti)
 from lib.threads import DATASTORE_WRITES
 from lib.transforms import InputError, geometry_difference as _geometry_difference
@@ -325,8 +325,7 @@ def segment_infos(values: Sequence[int], infos: Sequence[dict]) -> list[dict]:
             "labelID": int(v), "SegmentLabel": name, "SegmentDescription": info.get("description", name),
             "SegmentAlgorithmType": info.get("algorithm_type", "AUTOMATIC"), "SegmentAlgorithmName": info["model_name"],
             **segment_codes(name),
-            "recommendedDisplayRGBValue": list(info.get("color") or SEGMENT_COLOURS[(int(v) - 1) % len(
-                SEGMENT_COLOURS)])[:3],
+            "recommendedDisplayRGBValue": list(info.get("color") or segment_colour(v))[:3],
         }
         filled.append(info)
     return filled

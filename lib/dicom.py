@@ -584,6 +584,11 @@ SEGMENT_COLOURS = [(216, 101, 79), (128, 174, 128), (241, 214, 145), (177, 122, 
 _DEFAULT_TYPE = ("85756007", "Tissue")
 
 
+def segment_colour(value: int) -> list[int]:
+    """The display colour (RGB) of the segment of label value ``value``, where the client gives none."""
+    return list(SEGMENT_COLOURS[(int(value) - 1) % len(SEGMENT_COLOURS)])
+
+
 @functools.lru_cache(maxsize=None)
 def _segment_type_index() -> dict:
     """lower-case keyword (and synonym) -> (value, meaning, cid): each keyword's code in the list it is found in
@@ -669,8 +674,7 @@ def _segment_description(entry: dict, number: int):
     if modifier is not None:
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             hd.sr.CodedConcept(modifier.value, modifier.scheme_designator, modifier.meaning)]
-    rgb = attr.get("recommendedDisplayRGBValue") or entry.get("color") or SEGMENT_COLOURS[(number - 1) % len(
-        SEGMENT_COLOURS)]
+    rgb = attr.get("recommendedDisplayRGBValue") or entry.get("color") or segment_colour(number)
     try:  # the colour a viewer draws it in, as dcmqi writes it for a volume's SEG (RGB -> CIELab)
         from skimage.color import rgb2lab
 

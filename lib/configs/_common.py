@@ -76,6 +76,7 @@ class DFMTaskConfig(TaskConfig):
                 and os.stat(self.published).st_mtime < self.stale_before:
             logger.warning("%s: serving %s (--conf %s_checkpoint), not %s, which an earlier session published; a "
                            "training here replaces it and is then served", name, explicit, name, self.published)
+        self._served_from = None
         self._served = self._served_hparams()  # read once: the labels (a prompted model's structures), sampler
         self.labels = self._served.label_map
         self.dimension = self.hparams.preprocessing.spatial_dims
@@ -98,12 +99,11 @@ class DFMTaskConfig(TaskConfig):
                     return hp
                 except CheckpointError as e:
                     logger.warning("%s: %s", self.name, e)
-        self._served_from = None
         return self.hparams
 
     def served_path(self) -> str | None:
         """The checkpoint file whose settings this config serves (None: none loads; the preset's)."""
-        return getattr(self, "_served_from", None)
+        return self._served_from
 
     def _sampler_defaults(self):
         return copy.deepcopy(self._served.sampler)

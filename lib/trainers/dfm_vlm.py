@@ -662,9 +662,11 @@ class DFMVLMTrain(BasicTrainTask):
         if val and context.request.get("val_ds") and not context.request.get("train_ds"):
             # MONAI Label trains on the whole datastore beside a given val_ds: its images were trained on, and the
             # publish decision ("beats the served checkpoint") was measured on them (a review, 2026-12-07)
-            held = {os.path.realpath(str(it.get("image") if isinstance(it, dict) else it)) for it in val}
-            kept = [it for it in train
-                    if os.path.realpath(str(it.get("image") if isinstance(it, dict) else it)) not in held]
+            def image_file(it):
+                return os.path.realpath(str(it.get("image") if isinstance(it, dict) else it))
+
+            held = {image_file(it) for it in val}
+            kept = [it for it in train if image_file(it) not in held]
             if len(kept) < len(train):
                 logger.info("val_ds: %d of its image(s) left out of training", len(train) - len(kept))
             train = kept
