@@ -26,7 +26,7 @@ import secrets
 from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -550,6 +550,27 @@ def moved_vlm_folder(name: str, checkpoint_path: str | os.PathLike) -> Path | No
     return None
 
 
+def _recorded_vlm_among(candidates: Sequence[str | os.PathLike], hp, recorded: dict | None, device):
+    """The first of ``candidates`` (VLM folders) whose embedding size and fingerprint are the checkpoint's, loaded;
+    None if none is (or nothing is recorded to compare with: a VLM is never taken on its name alone)."""
+    from .vlm import VLMEncoder, VLMError, fingerprint_mismatch
+
+    if not recorded:
+        return None
+    for c in dict.fromkeys(str(Path(c).expanduser().resolve()) for c in candidates if c):
+        if not (Path(c) / "config.json").is_file():
+            continue
+        try:
+            encoder = VLMEncoder.from_pretrained(dataclasses.replace(hp.vlm, name_or_path=c), device=device,
+                                                 local_files_only=True)
+        except VLMError as e:
+            logger.info("VLM %s was not loaded to compare with %s's (%s)", c, hp.vlm.name_or_path, e)
+            continue
+        if encoder.embed_dim == hp.model.cond_dim and fingerprint_mismatch(recorded, encoder.fingerprint) is None:
+            return encoder
+    return None
+
+
 def _vlm_places(name: str, checkpoint_path) -> list[str]:
     """Where :func:`resolve_vlm_path` looks for a VLM folder (for the error that says it found none)."""
     p = Path(name).expanduser()
@@ -558,7 +579,65 @@ def _vlm_places(name: str, checkpoint_path) -> list[str]:
     return [str((Path(checkpoint_path).parent / p).resolve()), str(p.resolve())]
 
 
-def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm: str | None = None):
+def load_recorded_vlm(hp, path: str | os.PathLike, device: str | torch.device = "cpu", vlm: str | None = None,
+                      vlm_candidates: Sequence[str | os.PathLike] = ()):
+    """The VLM a checkpoint (at ``path``, of hyper-parameters ``hp``) was trained with, loaded and checked (embedding
+    size, fingerprint): where :func:`load_system` and a training from scratch "like the served model" find it (see
+    :func:`load_system` for where it is looked for)."""
+    from .vlm import VLMEncoder, VLMError, describe_fingerprint, fingerprint_mismatch
+
+    encoder = None
+    recorded = hp.vlm.fingerprint
+    name = vlm or hp.vlm.name_or_path
+    src = resolve_vlm_path(name, path)
+    vcfg = dataclasses.replace(hp.vlm, name_or_path=src)
+    local_only = False
+    if vlm is None and src and not Path(src).expanduser().exists() and (recorded or {}).get("source") == "local":
+        moved = moved_vlm_folder(src, path)
+        if moved is not None:
+            logger.warning("%s: its VLM folder %s is not there; using %s, where a moved copy of the app puts it "
+                           "(its fingerprint is checked)", path, src, moved)
+            src = str(moved)
+            vcfg = dataclasses.replace(hp.vlm, name_or_path=src)
+        else:  # (a checkpoint from another machine, a sample checkpoint's copy uploaded: refused, a review)
+            encoder = _recorded_vlm_among(vlm_candidates, hp, recorded, device)
+            if encoder is not None:
+                logger.warning("%s: its VLM folder %s is not there; using %s, a VLM this server serves, which has "
+                               "the fingerprint it records", path, src, encoder.cfg.name_or_path)
+                vcfg, src = encoder.cfg, encoder.cfg.name_or_path
+    if encoder is None and vlm is None and src and not Path(src).expanduser().exists():
+        source = (recorded or {}).get("source")
+        places = " and ".join(_vlm_places(src, path))
+        if source == "local":
+            also = (f", and the VLM folder(s) this server serves ({', '.join(map(str, vlm_candidates))}), none "
+                    "with its fingerprint" if vlm_candidates else "")
+            raise CheckpointError(f"{path}: its VLM folder {src!r} was not found (looked at {places}, and for "
+                                  f"its last parts in the folders above the checkpoint{also}); put the VLM "
+                                  f"there, or give its folder with --vlm")
+        local_only = source != "hub"
+    try:
+        if encoder is None:
+            encoder = VLMEncoder.from_pretrained(vcfg, device=device, local_files_only=local_only)
+    except VLMError as e:
+        if not local_only:
+            raise
+        raise CheckpointError(f"{path}: its VLM {src!r} was not found (looked at "
+                              f"{' and '.join(_vlm_places(src, path))}, and in the local Hugging Face cache; a "
+                              f"checkpoint without a VLM fingerprint is not looked up on the Hub); put the VLM "
+                              f"there, or give its folder or hub id with --vlm") from e
+    if encoder.embed_dim != hp.model.cond_dim:
+        raise CheckpointError(f"{path}: the model was trained with {hp.model.cond_dim}-d VLM embeddings but "
+                              f"{vcfg.name_or_path!r} gives {encoder.embed_dim}-d ones")
+    why = fingerprint_mismatch(recorded, encoder.fingerprint)
+    if why:
+        raise CheckpointError(f"{path}: the model was trained with another VLM than {vcfg.name_or_path!r} "
+                              f"({why}): trained with {hp.vlm.name_or_path!r} ({describe_fingerprint(recorded)}), "
+                              f"given {vcfg.name_or_path!r} ({describe_fingerprint(encoder.fingerprint)})")
+    return encoder
+
+
+def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm: str | None = None,
+                vlm_candidates: Sequence[str | os.PathLike] = ()):
     """Checkpoint -> :class:`lib.inferer.DFMSystem` (model + its frozen VLM) ready for prediction.
 
     ``vlm`` overrides the VLM folder/hub id stored in the checkpoint (e.g. the weights moved); its embedding size
@@ -569,51 +648,18 @@ def load_system(path: str | os.PathLike, device: str | torch.device = "cpu", vlm
     the Hugging Face Hub only when the checkpoint records it as a hub id (fingerprint ``source`` "hub"). A
     checkpoint from before fingerprints may find a hub id in the local Hugging Face cache, never on the Hub: a
     missing folder ("vlm/tiny-clip" is also a valid hub id) would otherwise fetch whatever model bears its name.
+
+    ``vlm_candidates``: VLM folders the caller already serves (the app: its models' VLM), tried when the folder a
+    checkpoint records is nowhere to be found (a checkpoint trained on another machine, or a copy of a sample
+    checkpoint uploaded with ``PUT /model``); one is taken only if its fingerprint is the one recorded.
     """
     from .inferer import DFMSystem
-    from .vlm import VLMEncoder, VLMError, describe_fingerprint, fingerprint_mismatch
 
     ck = load_checkpoint(path, map_location=device)
     hp = ck.hparams
     encoder = None
     if hp.model.cond_dim is not None:
-        recorded = hp.vlm.fingerprint
-        name = vlm or hp.vlm.name_or_path
-        src = resolve_vlm_path(name, path)
-        vcfg = dataclasses.replace(hp.vlm, name_or_path=src)
-        local_only = False
-        if vlm is None and src and not Path(src).expanduser().exists() and (recorded or {}).get("source") == "local":
-            moved = moved_vlm_folder(src, path)
-            if moved is not None:
-                logger.warning("%s: its VLM folder %s is not there; using %s, where a moved copy of the app puts it "
-                               "(its fingerprint is checked)", path, src, moved)
-                src = str(moved)
-                vcfg = dataclasses.replace(hp.vlm, name_or_path=src)
-        if vlm is None and src and not Path(src).expanduser().exists():
-            source = (recorded or {}).get("source")
-            places = " and ".join(_vlm_places(src, path))
-            if source == "local":
-                raise CheckpointError(f"{path}: its VLM folder {src!r} was not found (looked at {places}, and for "
-                                      f"its last parts in the folders above the checkpoint); put the VLM there, or "
-                                      f"give its folder with --vlm")
-            local_only = source != "hub"
-        try:
-            encoder = VLMEncoder.from_pretrained(vcfg, device=device, local_files_only=local_only)
-        except VLMError as e:
-            if not local_only:
-                raise
-            raise CheckpointError(f"{path}: its VLM {src!r} was not found (looked at "
-                                  f"{' and '.join(_vlm_places(src, path))}, and in the local Hugging Face cache; a "
-                                  f"checkpoint without a VLM fingerprint is not looked up on the Hub); put the VLM "
-                                  f"there, or give its folder or hub id with --vlm") from e
-        if encoder.embed_dim != hp.model.cond_dim:
-            raise CheckpointError(f"{path}: the model was trained with {hp.model.cond_dim}-d VLM embeddings but "
-                                  f"{vcfg.name_or_path!r} gives {encoder.embed_dim}-d ones")
-        why = fingerprint_mismatch(recorded, encoder.fingerprint)
-        if why:
-            raise CheckpointError(f"{path}: the model was trained with another VLM than {vcfg.name_or_path!r} "
-                                  f"({why}): trained with {hp.vlm.name_or_path!r} ({describe_fingerprint(recorded)}), "
-                                  f"given {vcfg.name_or_path!r} ({describe_fingerprint(encoder.fingerprint)})")
+        encoder = load_recorded_vlm(hp, path, device, vlm=vlm, vlm_candidates=vlm_candidates)
     if encoder is not None:
         # the system records the VLM it actually runs (a relative folder resolved beside the checkpoint), so a
         # checkpoint saved from it (e.g. a trainer publishing elsewhere) still finds its VLM

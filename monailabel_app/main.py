@@ -283,13 +283,15 @@ def _install_model_file_checks() -> None:
             with open(upload, "wb") as f:
                 shutil.copyfileobj(file.file, f)
             try:
-                system = load_system(upload, vlm=getattr(task, "vlm", None))
+                system = load_system(upload, vlm=getattr(task, "vlm", None),
+                                     vlm_candidates=getattr(task, "vlm_candidates", ()))
             except Exception as e:  # noqa: BLE001 - whatever fails to load (hyper_parameters a string: a TypeError)
                 hint = ""
                 if "was not found" in str(e):  # the served file itself, uploaded again (a review): its VLM is named
                     hint = (f" (an uploaded checkpoint is served from {folder}: it must name its VLM by an absolute "
-                            "path or a hub id, or have it beside it there; python -m lib upgrade-checkpoint FILE "
-                            "--out NEW --vlm FOLDER writes such a copy)")
+                            "path or a hub id, have it beside it there, or have been trained with a VLM this server "
+                            "serves (the same fingerprint); python -m lib upgrade-checkpoint FILE --out NEW --vlm "
+                            "FOLDER writes such a copy)")
                 raise HTTPException(status_code=422, detail=f"model {model}: the upload is not a checkpoint this "
                                                             f"model can serve: {e}{hint}; nothing was written") \
                     from None

@@ -1876,3 +1876,36 @@ def test_a_download_sends_the_file_it_opened_whatever_is_saved_over_it_meanwhile
         status, head, body = served(response, headers)
         assert (status, body) == want and int(head["content-length"]) == len(body), (status, head, len(body))
         assert head["content-disposition"] == 'attachment; filename="case.nii.gz"'
+
+
+def test_a_checkpoint_whose_vlm_folder_is_not_here_is_served_with_the_app_s_vlm_of_its_fingerprint(tmp_path):
+    """A review: a checkpoint trained on another machine (or a copy of a sample checkpoint, which names its VLM
+    beside itself) was refused at ``--conf <model>_checkpoint`` and at ``PUT /model`` although the app serves that
+    very VLM ("its VLM folder ... was not found"). The app's VLMs are tried, and one is taken only with the
+    fingerprint the checkpoint records -- for serving, fine-tuning and a training from scratch alike."""
+    from types import SimpleNamespace
+
+    from lib.checkpoint import CheckpointError
+    from lib.configs.dfm_vlm_2d import DFMVLM2D
+    from lib.vlm import make_tiny_clip
+
+    sample_vlm = (ROOT / "sample_data" / "models" / "vlm" / "tiny-clip").resolve()
+    copy = tmp_path / "from-another-machine" / "dfm_vlm_2d.pt"
+    copy.parent.mkdir()
+    shutil.copy(ROOT / "sample_data" / "models" / "dfm_vlm_2d.pt", copy)
+    with pytest.raises(CheckpointError, match="its VLM folder 'vlm/tiny-clip' was not found"):
+        load_system(copy)
+    system = load_system(copy, vlm_candidates=[tmp_path / "no-such-folder", sample_vlm])
+    assert system.hparams.vlm.name_or_path == str(sample_vlm)
+    other = make_tiny_clip(tmp_path / "other" / "tiny-clip", seed=1)  # the sample VLM's sizes, other weights
+    with pytest.raises(CheckpointError, match="none with its fingerprint"):
+        load_system(copy, vlm_candidates=[other])
+    cfg = DFMVLM2D()
+    cfg.init("dfm_vlm_2d", str(tmp_path / "model"), {"dfm_vlm_2d_checkpoint": str(copy)}, None)
+    assert cfg.infer().readiness() == (True, None)
+    assert cfg.infer().system("cpu").hparams.vlm.name_or_path == str(sample_vlm)
+    trainer = cfg.trainer()
+    for pretrained in (True, False):  # fine-tuned from it, or trained from scratch like it
+        ctx = SimpleNamespace(pretrained=pretrained, device=torch.device("cpu"))
+        trainer.network(ctx)
+        assert ctx.system.hparams.vlm.name_or_path == str(sample_vlm), pretrained

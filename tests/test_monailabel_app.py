@@ -773,23 +773,34 @@ def test_a_model_upload_must_be_this_model_s_checkpoint_and_never_replaces_the_c
     r = requests.delete(f"{server.url}/model/dfm_vlm_2d_interactive", timeout=60)
     assert r.status_code == 409 and "not deleted through the API" in r.json()["detail"], r.text
     assert configured.exists()
-    # a checkpoint whose VLM cannot be found from where it would be served (the sample names it relative to itself)
+    # a checkpoint whose VLM folder is nowhere here (the sample names it relative to itself; uploaded, it is served
+    # from the model folder) and whose fingerprint is not that of a VLM this server serves: refused, saying how
+    other = torch.load(configured, weights_only=True)
+    probe = other["hyper_parameters"]["vlm"]["fingerprint"]["image_probe"]
+    other["hyper_parameters"]["vlm"]["fingerprint"]["image_probe"] = [v + 0.5 for v in probe]
+    body = io.BytesIO()
+    torch.save(other, body)
+    r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", body.getvalue())}, timeout=120)
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "its VLM folder 'vlm/tiny-clip' was not found" in detail \
+        and "none with its fingerprint" in detail and "upgrade-checkpoint FILE --out NEW --vlm FOLDER" in detail, r.text
+    assert not published.exists()
+    # the sample's own copy (a model trained on another machine, its VLM there): served with the VLM this server
+    # serves, which has the fingerprint it records (it was refused, a review); the configured file untouched
     r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", configured.read_bytes())}, timeout=120)
-    assert r.status_code == 422 and "its VLM folder 'vlm/tiny-clip' was not found" in r.json()["detail"] \
-        and "upgrade-checkpoint FILE --out NEW --vlm FOLDER" in r.json()["detail"], r.text  # and how to make one
-    # a good upload (a training's publication names its VLM absolutely) is published and served, the configured file
-    # untouched; DELETE puts the configured one back
-    body = served_from_anywhere(configured)
-    r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", body)}, timeout=120)
     assert r.status_code == 200 and Path(r.json()["path"]) == published, r.text
-    assert published.read_bytes() == body and not list(server.model_dir.glob(".dfm_vlm_2d.pt.upload-*"))
+    assert published.read_bytes() == configured.read_bytes()
+    assert not list(server.model_dir.glob(".dfm_vlm_2d.pt.upload-*"))
     assert _infer(server, "dfm_vlm_2d", "phantom_xray_05", {"steps": 1}).headers.get("content-type")
     info = requests.get(f"{server.url}/info/", timeout=60).json()
     assert info["models"]["dfm_vlm_2d"]["checkpoint"]["path"] == str(published)
-    # a second upload keeps the published file it replaces, beside it (lib.checkpoint.keep_replaced_copy)
+    # a second upload (a training's publication names its VLM absolutely) keeps the published file it replaces,
+    # beside it (lib.checkpoint.keep_replaced_copy); DELETE puts the configured one back
+    body = served_from_anywhere(configured)
     r = requests.put(f"{server.url}/model/dfm_vlm_2d", files={"file": ("m.pt", body)}, timeout=120)
     kept = list(server.model_dir.glob("dfm_vlm_2d.pt.*.replaced"))
-    assert r.status_code == 200 and len(kept) == 1 and kept[0].read_bytes() == body, (r.text, kept)
+    assert r.status_code == 200 and published.read_bytes() == body, r.text
+    assert len(kept) == 1 and kept[0].read_bytes() == configured.read_bytes(), kept
     kept[0].unlink()
     r = requests.delete(f"{server.url}/model/dfm_vlm_2d", timeout=60)
     assert r.status_code == 200 and not published.exists() and r.json()["serving"] == str(configured), r.text

@@ -85,9 +85,22 @@ class DFMTaskConfig(TaskConfig):
             raise ConfigError(f"model {name} is {self.dimension}D but its checkpoint {self.served_path()} is a "
                               f"{served_dims}D model; name it for a {served_dims}D model instead (--conf "
                               "<model>_checkpoint FILE)")
+        self.vlm_candidates = self._served_vlms()
         self._infer = None
         self._interactive = None
         self._scoring = None
+
+    def _served_vlms(self) -> list[str]:
+        """The VLM folders this model serves: the preset's (the sample VLM) and the served checkpoint's. A checkpoint
+        whose recorded VLM folder is not on this machine (trained on another one; a sample checkpoint's copy uploaded
+        with PUT /model) is served with one of them when it has the fingerprint the checkpoint records
+        (:func:`lib.checkpoint.load_recorded_vlm`)."""
+        from lib.checkpoint import resolve_vlm_path
+
+        found = [self.hparams.vlm.name_or_path]
+        if self._served_from:
+            found.append(resolve_vlm_path(self._served.vlm.name_or_path, self._served_from))
+        return [str(p) for p in dict.fromkeys(found) if p and os.path.isdir(p)]
 
     def _served_hparams(self):
         """The hyper-parameters of the checkpoint served first (the last existing path), else the preset's."""
@@ -114,6 +127,7 @@ class DFMTaskConfig(TaskConfig):
         if self._infer is None:
             self._infer = DFMVLMInfer(path=self.path, labels=self.served_labels(), dimension=self.dimension,
                                       description=self.DESCRIPTION, vlm=self.vlm,
+                                      vlm_candidates=self.vlm_candidates,
                                       sampler_defaults=self._sampler_defaults(), stale_before=self.stale_before)
         return self._infer
 
@@ -144,6 +158,7 @@ class DFMTaskConfig(TaskConfig):
             self._interactive = DFMVLMInfer(path=self.path, labels=labels, dimension=self.dimension,
                                             description=f"{self.DESCRIPTION}; interactive: foreground/background "
                                                         "clicks", vlm=self.vlm,
+                                            vlm_candidates=self.vlm_candidates,
                                             sampler_defaults=self._sampler_defaults(), interactive=True,
                                             stale_before=self.stale_before)
             self._interactive.share_models_with(auto)
@@ -155,6 +170,7 @@ class DFMTaskConfig(TaskConfig):
         return DFMVLMTrain(model_dir=os.path.join(self.model_dir, self.name), hparams=self.hparams,
                            labels=list(self._served.label_map),
                            publish_path=self.published, init_paths=self.path, vlm=self.vlm,
+                           vlm_candidates=self.vlm_candidates,
                            stale_before=self.stale_before, train_defaults=self._served.train,
                            description=f"Train {self.name}: {self.DESCRIPTION}")
 

@@ -488,7 +488,8 @@ class DFMVLMInfer(BasicInferTask):
 
     def __init__(self, path: Sequence[str], labels, dimension: int, description: str, vlm: str | None = None,
                  sampler_defaults: SamplerConfig | None = None, config: dict | None = None,
-                 interactive: bool = False, cache_bytes: int = 512 * 2 ** 20, stale_before: float | None = None):
+                 interactive: bool = False, cache_bytes: int = 512 * 2 ** 20, stale_before: float | None = None,
+                 vlm_candidates: Sequence[str] = ()):
         d = sampler_defaults or SamplerConfig()
         cfg = {**_sampler_config(d), "device": device_list(),  # "precision" is accepted too (the checkpoint's policy)
                "uncertain_segment": False}  # a check box in Slicer's options: where the samples disagree
@@ -504,6 +505,7 @@ class DFMVLMInfer(BasicInferTask):
         # the windows of the last results: a new click re-runs only the windows it reaches (lib.inferer.WindowCache)
         self.window_cache = WindowCache(cache_bytes) if interactive else None
         self.vlm = vlm
+        self.vlm_candidates = list(vlm_candidates)  # VLM folders a checkpoint's missing one may be (fingerprint)
         self._lock = threading.Lock()
         self._request = threading.local()  # the model a request started with (its config, preprocessing, inference)
         self._systems: dict[str, tuple[DFMSystem, str, float]] = {}
@@ -562,7 +564,7 @@ class DFMVLMInfer(BasicInferTask):
                 raise ModelNotReady(failed[3])  # /info polls often: do not retry a failing load (hub lookups) each time
             try:
                 digest = file_sha256(path)
-                system = load_system(path, device=device, vlm=self.vlm)
+                system = load_system(path, device=device, vlm=self.vlm, vlm_candidates=self.vlm_candidates)
             except (CheckpointError, VLMError, ConfigError, OSError) as e:
                 if not os.path.exists(path):  # removed while it loaded: look again (system)
                     raise FileNotFoundError(path) from e

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ignite.metrics import Metric
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib import precision as precision_policy
-from lib.checkpoint import CheckpointError, load_system, save_checkpoint
+from lib.checkpoint import CheckpointError, load_recorded_vlm, load_system, save_checkpoint
 from lib.config import HParams
 from lib.infers.dfm_vlm import _as_bool, live_paths
 from lib.data import case_id, patch_transforms
@@ -391,7 +391,7 @@ class DFMVLMTrain(BasicTrainTask):
     def __init__(self, model_dir: str, hparams: HParams, publish_path: str, init_paths: list[str],
                  description: str = "Train the DFM+VLM model", vlm: str | None = None, config: dict | None = None,
                  stale_before: float | None = None, train_defaults=None, labels: list[str] | None = None,
-                 **kwargs):
+                 vlm_candidates: Sequence[str] = (), **kwargs):
         # ``labels`` (/info): the served checkpoint's structures (the preset's when none is served)
         # the run's defaults (learning rate, batch, patches, augmentation) are those the served checkpoint was trained
         # with (``train_defaults``; the preset's when none is served): a cxr_lung checkpoint named with --conf was
@@ -413,6 +413,7 @@ class DFMVLMTrain(BasicTrainTask):
         self.init_paths = list(init_paths)
         self.stale_before = stale_before  # fine-tune from what is served (lib.infers.dfm_vlm.live_paths)
         self.vlm = vlm
+        self.vlm_candidates = list(vlm_candidates)  # (lib.checkpoint.load_recorded_vlm)
         self.dimension = hparams.preprocessing.spatial_dims
         if tc.ema_decay:
             logger.warning("train.ema_decay = %s is not applied by the MONAI Label trainer (its epochs publish the "
@@ -514,7 +515,8 @@ class DFMVLMTrain(BasicTrainTask):
                     try:
                         # the same loader as prediction: the checkpoint's hyper-parameters, its VLM resolved
                         # beside it (recorded as resolved, so the published checkpoint finds it too)
-                        system = load_system(p, device=context.device, vlm=self.vlm)  # its precision there
+                        system = load_system(p, device=context.device, vlm=self.vlm,  # its precision there
+                                             vlm_candidates=self.vlm_candidates)
                         logger.info("fine-tuning from %s", p)
                         context.fine_tuned_from = p
                         return system.model, system.hparams, system.vlm
@@ -537,10 +539,13 @@ class DFMVLMTrain(BasicTrainTask):
                 hp.model = dataclasses.replace(hp.model, cond_dim=None)
                 hp.vlm = dataclasses.replace(hp.vlm, image_embed_dim=None, text_embed_dim=None, fingerprint=None)
         if hp.model.mode == "dfm" and hp.vlm.name_or_path:
-            from lib.checkpoint import resolve_vlm_path
-
-            name = self.vlm or (resolve_vlm_path(hp.vlm.name_or_path, served) if served else hp.vlm.name_or_path)
-            vlm = VLMEncoder.from_pretrained(dataclasses.replace(hp.vlm, name_or_path=name))
+            if served is not None and not self.vlm and hp.model.cond_dim is not None:
+                # the served model's VLM, found and checked as serving it finds it (it was looked for beside the
+                # checkpoint only: a served checkpoint whose VLM is found elsewhere failed every training)
+                vlm = load_recorded_vlm(hp, served, context.device, vlm_candidates=self.vlm_candidates)
+            else:
+                vlm = VLMEncoder.from_pretrained(dataclasses.replace(hp.vlm, name_or_path=self.vlm or
+                                                                     hp.vlm.name_or_path))
             hp.vlm = vlm.resolved_config()
         hp = hp.resolved()
         if vlm is not None:
@@ -752,7 +757,8 @@ class DFMVLMTrain(BasicTrainTask):
         for p in reversed(live_paths(self.init_paths, self.stale_before)):
             if p and os.path.exists(p):
                 try:
-                    return p, load_system(p, device=context.device, vlm=self.vlm) if load else None
+                    return p, (load_system(p, device=context.device, vlm=self.vlm, vlm_candidates=self.vlm_candidates)
+                               if load else None)
                 except CheckpointError as e:
                     logger.warning("the served checkpoint %s does not load (%s): this run may replace it", p, e)
         return None, None
