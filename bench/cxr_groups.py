@@ -24,15 +24,27 @@ def groups(cases: list[dict]) -> list[dict]:
         m = re.match(r"CHNCXR_(\d+)_\d", str(c["case_id"]))
         by[f"CHNCXR {int(m.group(1)) // 100 * 100:03d}-{int(m.group(1)) // 100 * 100 + 99:03d}" if m
            else "other"].append(c)
-    total = sum(1 - c["dice"] for c in cases) or 1.0
+    from lib.evaluation import _stats
+
+    def loss(c):  # (Dice is defined in every case but one of two empty masks, which loses nothing)
+        return 1 - c["dice"] if c.get("dice") is not None else 0.0
+
+    def mean(g, k):  # evaluate's statistics: the defined values, the others counted (a total miss has no precision,
+        st = _stats(c.get(k) for c in g) or {}  # an empty truth no recall: the sums failed on them, a review)
+        return st.get("mean"), st.get("undefined", 0)
+
+    total = sum(loss(c) for c in cases) or 1.0
     out = []
     for name in sorted(by):
         g = by[name]
-        out.append({"group": name, "n": len(g), "dice": sum(c["dice"] for c in g) / len(g),
-                    "recall": sum(c["recall"] for c in g) / len(g),
-                    "precision": sum(c["precision"] for c in g) / len(g),
-                    "recall_below_0.9": sum(c["recall"] < 0.9 for c in g),
-                    "share_of_dice_loss": sum(1 - c["dice"] for c in g) / total})
+        row = {"group": name, "n": len(g)}
+        for k in ("dice", "recall", "precision"):
+            row[k], undefined = mean(g, k)
+            if undefined:
+                row[f"{k}_undefined"] = undefined
+        row["recall_below_0.9"] = sum(c.get("recall") is not None and c["recall"] < 0.9 for c in g)
+        row["share_of_dice_loss"] = sum(loss(c) for c in g) / total
+        out.append(row)
     return out
 
 
@@ -46,12 +58,16 @@ def main() -> None:
         cases = json.load(open(path))
         cases = cases["cases"] if isinstance(cases, dict) else cases
         report[path] = rows = groups(cases)
-        mean = sum(c["dice"] for c in cases) / len(cases)
-        print(f"{path}: {len(cases)} cases, mean Dice {mean:.4f}")
+        dice = [c["dice"] for c in cases if c.get("dice") is not None]
+        print(f"{path}: {len(cases)} cases, mean Dice {sum(dice) / max(len(dice), 1):.4f}")
         print(f"  {'group':<16}{'n':>4}{'Dice':>8}{'recall':>8}{'prec.':>8}{'rec<0.9':>8}{'loss share':>11}")
+        def f(v):  # (undefined in every case of the group: a dash)
+            return f"{v:>8.4f}" if v is not None else f"{'-':>8}"
+
         for r in rows:
-            print(f"  {r['group']:<16}{r['n']:>4}{r['dice']:>8.4f}{r['recall']:>8.4f}{r['precision']:>8.4f}"
-                  f"{r['recall_below_0.9']:>8}{r['share_of_dice_loss']:>11.3f}")
+            print(f"  {r['group']:<16}{r['n']:>4}{f(r['dice'])}{f(r['recall'])}{f(r['precision'])}"
+                  f"{r['recall_below_0.9']:>8}{r['share_of_dice_loss']:>11.3f}"
+                  + "".join(f"  ({r[k]} without {k.split('_')[0]})" for k in r if k.endswith("_undefined")))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)

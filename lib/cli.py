@@ -479,6 +479,9 @@ def cmd_evaluate(a) -> int:
             if h["n"] < summary["n"] else "")
     elif summary.get("hd95"):
         hd = "; HD95 undefined in every case (the prediction or the truth is empty)"
+    elif summary.get("hd95_by_unit"):  # images with and without a physical pixel size: no mean across both
+        hd = "; HD95 mean " + ", ".join(f"{st['mean']:.2f} {u} over {st['n']} case(s)" for u, st in
+                                        summary["hd95_by_unit"].items() if st and st.get("n"))
     if summary.get("truth_read_empty"):  # (each named in the log and in its row's truth_note)
         hd += (f"; {summary['truth_read_empty']} label(s) with foreground read as an empty truth (see "
                "truth_note in cases.json)")

@@ -344,7 +344,14 @@ class PreprocConfig:
             raise ConfigError(f"intensity type 'histogram' equalises one channel; this model has {self.num_channels}")
         if t == "range" and not {"a_min", "a_max"} <= set(self.intensity):
             raise ConfigError("intensity type 'range' needs a_min and a_max")
-        return dataclasses.replace(self, patch_size=[int(p) for p in self.patch_size])
+        try:  # (refused here, in a second: MONAI's crop refused them after the VLM load and the data cache, a review)
+            pos, neg = float(self.pos), float(self.neg)
+        except (TypeError, ValueError):
+            raise ConfigError(f"preprocessing.pos and .neg must be numbers, got {self.pos!r} and {self.neg!r}") from None
+        if not (math.isfinite(pos) and math.isfinite(neg) and pos >= 0 and neg >= 0 and pos + neg > 0):
+            raise ConfigError(f"preprocessing.pos and .neg (the weights of patch centres on and off the label) must be "
+                              f"finite, >= 0 and not both 0, got {self.pos!r} and {self.neg!r}")
+        return dataclasses.replace(self, patch_size=[int(p) for p in self.patch_size], pos=pos, neg=neg)
 
 
 AUGMENTATION = {

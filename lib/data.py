@@ -168,7 +168,7 @@ class PatchBatcher:
         for k, it in enumerate(items):
             if seeds is not None:
                 self.transforms.set_random_state(seed=int(seeds[k]) % (2 ** 32))
-            patches = self.transforms({"image": it["image"], "label": it["label"]})
+            patches = self.transforms({"image": _own_meta(it["image"]), "label": _own_meta(it["label"])})
             patches = patches if isinstance(patches, list) else [patches]
             crop_centers = [list(map(int, c)) for c in (self.crop.cropper.centers or [])]
             for j, p in enumerate(patches):
@@ -183,6 +183,18 @@ class PatchBatcher:
         if any(t is not None for t in texts):  # a prompted model: the prompt drawn with each patch's structure
             out["texts"] = texts
         return out
+
+
+def _own_meta(x):
+    """The same voxels (not copied) with a metadata dict, affine and transform history of their own: the items are a
+    ``CacheDataset``'s cached objects, and the random transforms appended to the cached image's history at every draw
+    (96 entries after 300 batches; a review) -- the cache is read-only."""
+    from monai.data import MetaTensor
+
+    if not isinstance(x, MetaTensor):
+        return x
+    meta = {**x.meta, "affine": x.affine.clone()}
+    return MetaTensor(x.as_tensor(), meta=meta, applied_operations=list(x.applied_operations))
 
 
 def random_patch_batch(items: Sequence[dict], cfg: PreprocConfig, num_patches: int, augment: bool = False,

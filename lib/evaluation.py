@@ -197,7 +197,11 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         note = getattr(label, "meta", {}).get(TRUTH_NOTE)
         prob = out["prob"]
         label = truth_on_image_grid(item, label, prob)
-        spacing = _spacing(label)
+        # HD95 in the label's spacing where image and label both have one; in pixels where the image has none (a
+        # PNG or JPEG: a label beside it saved by 3D Slicer as NIfTI says 1 mm, which is a pixel -- it was reported
+        # in mm, a review)
+        physical = has_geometry(first_path(item["image"])) and has_geometry(first_path(item["label"]))
+        spacing = _spacing(label) if physical else None
         if not truths:
             m = case_metrics((prob > 0.5).float(), label, spacing=spacing)
         else:
@@ -214,8 +218,7 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
             dices = [v["dice"] for v in per.values() if v.get("dice") is not None]
             m = {"dice": float(np.mean(dices)) if dices else None, "structures": per, "dice_matrix": matrix}
         m = {"case_id": item.get("case_id"), **m, "seconds": round(time.perf_counter() - t0, 3),
-             # HD95's unit: the label's pixel size, which it is measured in (a PNG or JPEG has none: 1)
-             "units": "mm" if has_geometry(first_path(item["label"])) else "px"}
+             "units": "mm" if physical else "px"}  # HD95's
         if note:
             m[TRUTH_NOTE] = f"{first_path(item['label'])}: {note}"
             if labels is None:  # (a training's: logged once, by check_labels)
@@ -301,7 +304,10 @@ def _stats(vals) -> dict | None:
 
 def summarize(cases: Sequence[dict]) -> dict:
     out: dict = {"n": len(cases)}
+    units = sorted({c["units"] for c in cases if c.get("units")})
     for k in ("dice", "hd95", "precision", "recall"):  # (a prompted model's rows: Dice only, the rest per structure)
+        if k == "hd95" and len(units) > 1:
+            continue  # (mm and pixels are not averaged together: hd95_by_unit)
         st = _stats(c.get(k) for c in cases if k in c)
         if st:
             out[k] = st
@@ -315,9 +321,11 @@ def summarize(cases: Sequence[dict]) -> dict:
     out["empty_truth"] = sum(1 for c in cases for m in (c.get("structures", {}).values() if prompted else [c])
                              if "recall" in m and m.get("recall") is None)
     out["truth_read_empty"] = sum(1 for c in cases if c.get(TRUTH_NOTE))
-    units = sorted({c["units"] for c in cases if c.get("units")})
     if units:
         out["hd95_units"] = units[0] if len(units) == 1 else "mixed (" + " and ".join(units) + ")"
+    if len(units) > 1:  # HD95 per unit: a mean of millimetres and pixels means nothing (a review)
+        out["hd95_by_unit"] = {u: _stats(c.get("hd95") for c in cases if "hd95" in c and c.get("units") == u)
+                               for u in units}
     # a prompted model's misses are per structure (its case rows hold no precision of their own: always 0)
     out["empty_prediction"] = sum(1 for c in cases for m in (c.get("structures", {}).values() if prompted else [c])
                                   if missed(m))
@@ -326,7 +334,13 @@ def summarize(cases: Sequence[dict]) -> dict:
         out["empty_prediction_by_structure"] = {n: sum(1 for c in cases if missed(c["structures"].get(n, {})))
                                                 for n in names}
         out["structures"] = {n: {k: _stats(c["structures"].get(n, {}).get(k) for c in cases)
-                                 for k in ("dice", "hd95", "precision", "recall")} for n in names}
+                                 for k in ("dice", "hd95", "precision", "recall") if k != "hd95" or len(units) < 2}
+                             for n in names}
+        if len(units) > 1:
+            for n in names:
+                out["structures"][n]["hd95_by_unit"] = {
+                    u: _stats(c["structures"].get(n, {}).get("hd95") for c in cases if c.get("units") == u)
+                    for u in units}
         rows = list(dict.fromkeys(r for c in cases for r in c.get("dice_matrix", {})))
         cols = list(dict.fromkeys(t for c in cases for r in c.get("dice_matrix", {}).values() for t in r))
         out["dice_matrix"] = {r: {t: (_stats(c["dice_matrix"].get(r, {}).get(t) for c in cases) or {}).get("mean")

@@ -316,7 +316,12 @@ def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None
     @torch.no_grad()
     def ema(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
         d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
-        torch._foreach_lerp_(averaged, current, 1.0 - d)
+        floats = [i for i, a in enumerate(averaged) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], 1.0 - d)
+        for a, c in zip(averaged, current):  # integer buffers (batch norm's count) are copied: lerp has none (it
+            if not a.is_floating_point():  # raised at the second step with model.norm=batch, a review)
+                a.copy_(c)
 
     return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
 
@@ -394,6 +399,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
     out.mkdir(parents=True, exist_ok=True)
     tc = hp.train
     check_train(tc)  # before anything is loaded: a bad value is refused in a second, not after caching the data
+    hp.preprocessing.resolved()  # (the patch centres' pos / neg too)
     budget = float(time_budget_s if time_budget_s is not None else tc.time_budget_s)
     max_it = max_iterations if max_iterations is not None else tc.max_iterations
     if not (math.isfinite(budget) and budget > 0):  # nan never stopped the loop (every comparison False)

@@ -93,6 +93,32 @@ def test_kill_9_then_resume_continues_the_loss_curve(tmp_path, run_files):
     assert 0 < dist(served, raw) < 0.25 * dist(initial, raw), (dist(served, raw), dist(initial, raw))
 
 
+def test_weight_average_of_a_batch_norm_network_copies_its_integer_buffers():
+    """A review: with ``model.norm=batch`` and ``train.ema_decay`` > 0 the second step raised ("lerp_kernel_scalar"
+    not implemented for 'Long': batch norm's ``num_batches_tracked``). Integer buffers are copied, the floating
+    ones averaged."""
+    from lib.config import ModelConfig
+    from lib.network import ConditionalUNet
+    from lib.training import weight_average
+
+    torch.manual_seed(0)
+    model = ConditionalUNet(ModelConfig(features=(8, 16), time_embed_dim=8, norm="batch").resolved())
+    avg = weight_average(model, 0.5)
+    counts = [n for n, b in model.named_buffers() if not b.is_floating_point()]
+    assert counts  # (batch norm's)
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+            for n, b in model.named_buffers():
+                b.fill_(step * 7) if not b.is_floating_point() else b.add_(1.0)
+        avg.update_parameters(model)
+    averaged = dict(avg.module.named_buffers())
+    assert all(int(averaged[n].max()) == 21 for n in counts)  # the current count
+    p_now, p_avg = next(model.parameters()), next(avg.module.parameters())
+    assert 0 < float((p_now - p_avg).abs().min())  # the weights averaged, not copied
+
+
 def test_weight_average_decay_outside_0_1_is_refused():
     for bad in (1.0, 1.5, -0.1):  # 1 would never move from the initial weights; < 0 extrapolates past the current
         with pytest.raises(ConfigError, match=r"train\.ema_decay must be in \[0, 1\)"):

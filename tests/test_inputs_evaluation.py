@@ -434,10 +434,24 @@ def test_labels_coded_otherwise_or_off_their_image_are_named_before_any_predicti
     ev.check_labels([item], [system.label_reader()({"label": str(swapped)})])
     cases, _ = ev.evaluate_items(system, [item])
     assert cases[0]["fg_fraction_label"] == pytest.approx(float((np.asarray(Image.open(ok["label"])) > 127).mean()))
-    # HD95's unit is the label's (the metric reads its spacing): a NIfTI label beside a PNG is in mm
-    write_nifti(nib_lab, np.asarray(Image.open(ok["label"])).T.copy())
-    cases, summ = ev.evaluate_items(system, [ok, {**ok, "label": str(nib_lab), "case_id": "nii"}])
-    assert [c["units"] for c in cases] == ["px", "mm"] and summ["hd95_units"] == "mixed (mm and px)"
+    # HD95 of a PNG image is in pixels, whatever its label's format: a NIfTI label beside it (3D Slicer's, 1 mm a
+    # pixel) was reported in mm (a review); in mm where image and label both have a geometry, measured with the
+    # label's spacing; millimetres and pixels are not averaged together (HD95 per unit)
+    slicer = write_nifti(nib_lab, np.asarray(Image.open(ok["label"])).T.copy())
+    img2 = write_nifti(tmp_path / "img2.nii.gz", np.asarray(Image.open(ok["image"])).T.astype(np.float32),
+                       spacing=(2.0, 2.0))
+    lab2 = write_nifti(tmp_path / "lab2.nii.gz", np.asarray(Image.open(ok["label"])).T.copy(), spacing=(2.0, 2.0))
+    spacings = []
+    real_metrics = ev.case_metrics
+    monkeypatch.setattr(ev, "case_metrics", lambda *a, **k: spacings.append(k.get("spacing")) or real_metrics(*a, **k))
+    cases, summ = ev.evaluate_items(system, [ok, {**ok, "label": str(slicer), "case_id": "nii"},
+                                             {"image": str(img2), "label": str(lab2), "case_id": "mm"}])
+    assert [c["units"] for c in cases] == ["px", "px", "mm"] and summ["hd95_units"] == "mixed (mm and px)"
+    assert spacings[:2] == [None, None] and [float(v) for v in spacings[2]] == [2.0, 2.0]
+    assert cases[1]["hd95"] == pytest.approx(cases[0]["hd95"])
+    assert "hd95" not in summ and summ["hd95_by_unit"]["mm"]["mean"] == pytest.approx(cases[2]["hd95"]) \
+        and summ["hd95_by_unit"]["px"]["mean"] == pytest.approx(cases[0]["hd95"])
+    monkeypatch.setattr(ev, "case_metrics", real_metrics)
     # a prompted model's structures: a label none of whose values is any structure's
     two = [StructureConfig(name="upper", value=1, prompts=["upper"], truth={"values": [1]}).resolved(),
            StructureConfig(name="lower", value=2, prompts=["lower"], truth={"above": 2}).resolved()]
@@ -449,7 +463,7 @@ def test_labels_coded_otherwise_or_off_their_image_are_named_before_any_predicti
         {"label": str(tmp_path / "three.png")})["label"].meta
 
 
-def test_a_summary_says_how_many_cases_each_mean_is_over():
+def test_a_summary_says_how_many_cases_each_mean_is_over(tmp_path):
     """Found by a review: with one perfect case and one total miss (nothing predicted), the summary gave Dice 0.5 but
     HD95 mean 0.0 and precision 1.0 -- the miss has neither, and was left out without a word."""
     from lib.evaluation import case_metrics, summarize
@@ -470,6 +484,18 @@ def test_a_summary_says_how_many_cases_each_mean_is_over():
                 {"dice": 1.0, "structures": {"lesion": cases[0], "vertebra": cases[0]}}]
     s = summarize(prompted)
     assert s["empty_prediction"] == 1 and s["empty_prediction_by_structure"] == {"lesion": 1, "vertebra": 0}
+    # a data set of images with and without a physical pixel size: HD95 per unit, per structure too
+    s = summarize([{**prompted[0], "units": "mm"}, {**prompted[1], "units": "px"}])
+    assert "hd95" not in s["structures"]["vertebra"] and s["hd95_units"] == "mixed (mm and px)"
+    assert {u: v["n"] for u, v in s["structures"]["vertebra"]["hd95_by_unit"].items()} == {"mm": 1, "px": 1}
+    # bench/cxr_groups.py reads these rows: a total miss (precision null) made it raise a TypeError (a review)
+    rows = [{**c, "case_id": f"CHNCXR_000{i}_0"} for i, c in enumerate(cases)]
+    (tmp_path / "cases.json").write_text(json.dumps(rows))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "cxr_groups.py"), str(tmp_path / "cases.json"),
+                          "--out", str(tmp_path / "groups.json")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1500:]
+    group = json.loads((tmp_path / "groups.json").read_text())[str(tmp_path / "cases.json")][0]
+    assert group["n"] == 2 and group["dice"] == 0.5 and group["precision"] == 1.0 and group["precision_undefined"] == 1
 
 
 def test_audit_sees_stored_data_types_and_multi_channel_labels(tmp_path):
@@ -776,3 +802,30 @@ def test_a_2d_label_saved_by_slicer_as_a_one_slice_volume_trains_and_scores(tmp_
     pa, _ = evaluate_items(system, [{"image": str(image), "label": str(png_label), "case_id": "c"}], inf)
     pb, _ = evaluate_items(system, [{"image": str(image), "label": str(slicer_label), "case_id": "c"}], inf)
     assert pb[0]["dice"] == pytest.approx(pa[0]["dice"]) and pb[0]["recall"] == pytest.approx(pa[0]["recall"])
+
+
+def test_patch_centre_weights_are_refused_before_anything_is_loaded(tmp_path, tiny_clip, monkeypatch):
+    """A review: ``preprocessing.pos`` / ``neg`` of 0 and 0, a negative or NaN (NaN drew every centre one way) were
+    accepted by the configuration and refused by MONAI's crop only after the VLM had loaded and the training set had
+    been cached."""
+    import lib.training as training
+    from lib.config import ConfigError
+    from lib.data import load_datalist
+    from lib.vlm import VLMEncoder
+
+    datalist = _phantom_datalist(tmp_path, n_train=2, n_val=1)
+    tr, va = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
+    loaded = []
+    real = VLMEncoder.from_pretrained.__func__
+    monkeypatch.setattr(VLMEncoder, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(1) or
+                                                                   real(cls, *a, **k)))
+    for pos, neg in ((0.0, 0.0), (-1.0, 1.0), (float("nan"), 1.0), ("many", 1.0)):
+        hp = tiny_hparams(tiny_clip)
+        hp.preprocessing.pos, hp.preprocessing.neg = pos, neg
+        with pytest.raises(ConfigError, match=r"preprocessing\.pos and \.neg"):
+            training.train(hp, tr, va, tmp_path / "run", max_iterations=1, progress=False)
+    assert loaded == []
+    hp = tiny_hparams(tiny_clip)
+    hp.preprocessing.pos, hp.preprocessing.neg = 0.0, 1.0  # background centres only: allowed
+    training.train(hp, tr, va, tmp_path / "run", max_iterations=1, progress=False)
+    assert loaded and (tmp_path / "run" / "last.pt").exists()

@@ -125,3 +125,18 @@ def test_soft_target_is_the_bce_target_and_the_state_stays_binary():
     spy = Spy(logits)
     training_step(spy, None, x1, flow, AtOne())
     assert torch.equal(spy.x_t[0], (x1 > 0.5).float())
+
+
+def test_drawing_patches_leaves_the_cached_item_as_it_was(disc_png):
+    """A review: the training set is a CacheDataset's cached objects, and every draw appended the random transforms to
+    the cached image's and label's history (96 entries after 300 batches); the cache is read-only."""
+    d = preprocess(_cfg(False))(dict(disc_png))
+    before = {k: (len(d[k].applied_operations), d[k].as_tensor().clone(), d[k].affine.clone()) for k in ("image",
+                                                                                                        "label")}
+    batcher = PatchBatcher(_cfg(False), 2, augment=True, seed=0,
+                           augmentation={"prob": 0.5, "rotate": 0.3, "scale": 0.1, "translate": 0.0})
+    for i in range(12):
+        batcher([d], seeds=[i])
+    for k, (ops, values, affine) in before.items():
+        assert len(d[k].applied_operations) == ops, k
+        assert torch.equal(d[k].as_tensor(), values) and torch.equal(d[k].affine, affine), k
