@@ -348,6 +348,29 @@ def output_stem(case: str) -> str:
     return stem if stem not in ("", ".", "..") else f"case_{stem or 'unnamed'}"
 
 
+def _as_the_image_nifti(path: Path, image_path: str) -> None:
+    """A NIfTI image's output rewritten with the image's own header geometry (qform and sform with their codes, units;
+    :func:`lib.infers.dfm_vlm.nifti_like`, as the app writes its results) and shape (a one-slice (X, Y, 1) image's
+    slice axis): MONAI's SaveImage wrote the sform as the qform too, so 3D Slicer, which reads the qform, showed a
+    registered image's results 10 mm off it, and a Slicer 2D image's results as (X, Y) (a review)."""
+    import nibabel as nib
+    import numpy as np
+
+    from .infers.dfm_vlm import nifti_like
+
+    if not str(image_path).lower().endswith((".nii", ".nii.gz")):
+        return
+    src, written = nib.load(image_path), nib.load(str(path))
+    data = np.asanyarray(written.dataobj)
+    shape = tuple(src.shape[:3])
+    if len(shape) == 3 and shape[2] == 1 and data.shape[:2] == shape[:2] and (data.ndim == 2 or data.shape[2] != 1):
+        data = data[:, :, None]  # (X, Y[, C]) -> (X, Y, 1[, C])
+    if tuple(data.shape[:len(shape)]) != shape:
+        logger.warning("%s: shape %s is not the image's %s; its header left as written", path, data.shape, shape)
+        return
+    nib.save(nifti_like(data, src), str(path))
+
+
 def cmd_predict(a) -> int:
     import numpy as np
     from monai.transforms import SaveImage
@@ -417,6 +440,8 @@ def cmd_predict(a) -> int:
             (out / f"{name}_labels.json").write_text(json.dumps({t[0]: t[1] for t in r["targets"]}))
         if a.save_variance:
             saver_v(named(r["var"]))
+        for suffix in ("_prob.nii.gz", "_label.nii.gz") + (("_var.nii.gz",) if a.save_variance else ()):
+            _as_the_image_nifti(out / f"{name}{suffix}", first_path(it["image"]))
         logger.info("%s: %.1f s, foreground %.3f", it["case_id"], time.perf_counter() - t0,
                     float((r["prob"] > 0.5).float().mean()))
     print(f"wrote {len(items)} prediction(s) to {out}")
@@ -623,7 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--checkpoint", required=True)
         g = s.add_mutually_exclusive_group(required=True)
-        g.add_argument("--image", nargs="+", help="image file(s); channels of one image joined by commas")
+        g.add_argument("--image", nargs="+", action="extend",  # (--image a --image b: both; the last alone was run)
+                       help="image file(s), after one --image or each after its own; channels of one image joined by "
+                            "commas")
         g.add_argument("--datalist")
         s.add_argument("--split", default="test")
         s.add_argument("--text", help="per-image text for --image: only for a model of text_mode 'image' (refused "

@@ -1129,6 +1129,23 @@ class DFMVLMApp(MONAILabelApp):
                                                         "strategies 'random' and 'first' serve an image without "
                                                         "a model") from e
 
+    def async_scoring(self, method, params=None):
+        """MONAI Label's background scoring; after a Next Sample (``method`` None) a method is queued only when none
+        of its runs waits or runs and some image's score is stale (:func:`background_scorings_to_queue`: every
+        Next Sample queued one subprocess per method, each loading the app, whatever was stale or queued)."""
+        if method is not None or not self._server_mode or not self._scoring_methods:
+            return super().async_scoring(method, params)
+        from lib.activelearning.uncertainty import background_scorings_to_queue
+
+        result = {}
+        for m, why in background_scorings_to_queue(self._scoring_methods, self.datastore()).items():
+            if why:
+                logger.debug("background scoring %s not queued: %s", m, why)
+                result[m] = why
+            else:
+                result[m] = super().async_scoring(m, params)
+        return result
+
     def scoring(self, request, datastore=None):
         method = request.get("method")
         if method not in self._scoring_methods:

@@ -1909,3 +1909,61 @@ def test_a_checkpoint_whose_vlm_folder_is_not_here_is_served_with_the_app_s_vlm_
         ctx = SimpleNamespace(pretrained=pretrained, device=torch.device("cpu"))
         trainer.network(ctx)
         assert ctx.system.hparams.vlm.name_or_path == str(sample_vlm), pretrained
+
+
+def test_background_scoring_is_queued_only_when_stale_and_not_scored_twice_at_once(tmp_path, ckpt3d, monkeypatch):
+    """A review: every Next Sample queued one scoring subprocess per method (each loading the app) whatever was stale
+    or already queued -- 10 Next Samples left 20 runs of 16-32 s each on a 2-core server, for nothing; and while the
+    background scoring scored a new checkpoint's stale images, Next Sample scored the same ones in the server at the
+    same time (each twice, 2.5 times slower). Queued: only when stale and none waits or runs; Next Sample ranks
+    among the current scores while one runs."""
+    from monailabel.utils.async_tasks import utils as async_utils
+
+    from lib.activelearning.uncertainty import (DFMUncertaintyScoring, DFMUncertaintyStrategy,
+                                                background_scorings_to_queue)
+
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    calls = []
+
+    class Scoring(DFMUncertaintyScoring):
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            calls.append(image_id)
+            return {"variance_per_foreground_voxel": {"a": 0.3, "b": 0.2, "c": 0.1}[image_id]}
+
+    scoring = Scoring(task, "dfm_vlm_3d", num_samples=2)
+    scoring.candidates = lambda datastore: datastore.get_unlabeled_images()
+    ds = _MemoryDatastore({k: f"{k}.nii.gz" for k in "abc"})
+    monkeypatch.setattr(async_utils, "background_tasks", {})
+    methods = {scoring.key: scoring, "other": object()}
+    assert background_scorings_to_queue(methods, ds) == {scoring.key: None, "other": None}  # stale: queued
+    scoring({}, ds)
+    assert sorted(calls) == ["a", "b", "c"]
+    assert background_scorings_to_queue(methods, ds)[scoring.key] == "every score is current"
+    ds.info["c"][f"{scoring.key}_ts"] = 0  # another checkpoint's score: stale again
+    assert background_scorings_to_queue(methods, ds)[scoring.key] is None
+    for status in ("SUBMITTED", "RUNNING"):
+        async_utils.background_tasks["scoring"] = [{"status": status, "request": {"method": scoring.key}}]
+        assert background_scorings_to_queue(methods, ds) == {scoring.key: "a scoring of it is queued or running",
+                                                             "other": None}
+    # Next Sample while the background scoring runs: ranked among the current scores, nothing scored here
+    calls.clear()
+    got = DFMUncertaintyStrategy(scoring, scoring_s=60)({}, ds)
+    assert got["id"] == "a" and calls == []
+    async_utils.background_tasks["scoring"][0]["status"] = "DONE"  # none runs: it scores the stale one itself
+    DFMUncertaintyStrategy(scoring, scoring_s=60)({}, ds)
+    assert calls == ["c"]
+    # the app's background scoring after a Next Sample (MONAI Label's async_scoring(None)) queues by that rule
+    from monailabel.utils.async_tasks.task import AsyncTask
+
+    from monailabel_app.main import DFMVLMApp
+
+    queued = []
+    monkeypatch.setattr(AsyncTask, "run", staticmethod(lambda method, request=None, **k: queued.append(
+        request["method"]) or ({"id": "t"}, None)))
+    app = object.__new__(DFMVLMApp)  # the app's method alone (no server)
+    app._scoring_methods, app._server_mode, app.datastore = methods, True, (lambda: ds)
+    app.async_scoring(None)
+    assert queued == ["other"]  # every 3D score current
+    ds.info["b"][f"{scoring.key}_ts"] = 0
+    app.async_scoring(None)
+    assert queued == ["other", scoring.key, "other"]

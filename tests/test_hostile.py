@@ -655,3 +655,47 @@ def test_errors_about_a_dicom_series_name_the_folder_given_not_its_temporary_con
     with pytest.raises(InputError) as e:
         preprocess(cfg2)({"image": str(series)})
     assert str(e.value).startswith(f"{series}: the model expects 2 channel(s)"), str(e.value)
+
+
+def test_predict_outputs_of_a_nifti_keep_its_header_geometry_and_shape(tmp_path):
+    """A review: MONAI's SaveImage wrote ``predict``'s outputs with the sform as the qform too, so a registered image
+    (sform and qform 10 mm apart) had its label 10 mm off it in 3D Slicer (ITK reads the qform), where the app's
+    result lay on it; a one-slice (X, Y, 1) image's outputs came back (X, Y); ``--image a --image b`` predicted b
+    alone, exit 0."""
+    import itk
+    import nibabel as nib
+
+    from conftest import ROOT
+
+    ck3, ck2 = (ROOT / "sample_data" / "models" / f"dfm_vlm_{d}d.pt" for d in (3, 2))
+    if not (ck3.exists() and ck2.exists()):
+        pytest.skip("sample_data/models has no default checkpoints (make_sample_data.py --train)")
+    src = nib.load(str(ROOT / "sample_data" / "phantom_ct_00.nii.gz"))
+    qform = src.affine.copy()
+    sform = qform.copy()
+    sform[:3, 3] += [10.0, 0.0, 0.0]
+    reg = nib.Nifti1Image(np.asarray(src.dataobj), sform)
+    reg.set_sform(sform, code=2)
+    reg.set_qform(qform, code=1)
+    nib.save(reg, str(tmp_path / "registered.nii.gz"))
+    flat = nib.Nifti1Image(np.asarray(Image.open(ROOT / "sample_data" / "phantom_xray_04.png")).T[:, :, None]
+                           .astype(np.float32), np.diag([0.5, 0.5, 1.0, 1.0]))
+    nib.save(flat, str(tmp_path / "slicer2d.nii.gz"))
+    assert cli(["predict", "--checkpoint", str(ck3), "--image", str(tmp_path / "registered.nii.gz"), "--image",
+                str(ROOT / "sample_data" / "phantom_ct_01.nii.gz"), "--out", str(tmp_path / "o3"), "--steps", "1",
+                "--no-progress"]) == 0
+    assert (tmp_path / "o3" / "phantom_ct_01_label.nii.gz").exists()  # both --image
+    image = itk.imread(str(tmp_path / "registered.nii.gz"))
+    out = itk.imread(str(tmp_path / "o3" / "registered_label.nii.gz"))  # where 3D Slicer puts it
+    assert np.allclose(np.asarray(out.GetOrigin()), np.asarray(image.GetOrigin()), atol=1e-4)
+    assert np.allclose(np.asarray(out.GetDirection()), np.asarray(image.GetDirection()), atol=1e-6)
+    for suffix in ("label", "prob"):  # (the probabilities: one channel per structure, after the spatial axes)
+        got = nib.load(str(tmp_path / "o3" / f"registered_{suffix}.nii.gz"))
+        assert np.allclose(got.get_qform(), qform) and np.allclose(got.get_sform(), sform), suffix
+        assert int(got.header["qform_code"]) == 1 and int(got.header["sform_code"]) == 2, suffix
+    assert cli(["predict", "--checkpoint", str(ck2), "--image", str(tmp_path / "slicer2d.nii.gz"), "--out",
+                str(tmp_path / "o2"), "--steps", "1", "--no-progress"]) == 0
+    for suffix in ("label", "prob"):
+        got = nib.load(str(tmp_path / "o2" / f"slicer2d_{suffix}.nii.gz"))
+        assert got.shape[:3] == flat.shape and np.allclose(got.affine, flat.affine), (suffix, got.shape)
+    assert np.asarray(nib.load(str(tmp_path / "o2" / "slicer2d_label.nii.gz")).dataobj).sum() > 100

@@ -343,10 +343,22 @@ def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
         logger.warning("label shape %s is not the spatial shape of %s %s: written by MONAI Label's writer",
                        tuple(label.shape), image_path, tuple(src.shape))
         return None
-    # a new header: only the geometry and units are the image's (its intent -- e.g. "vector" for a 4D image, which
-    # ITK then reads the label as --, display range, description and scaling are not a label's)
-    img = nib.Nifti1Image(np.asarray(label), src.affine)
-    img.header.set_data_dtype(label.dtype)
+    out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
+    nib.save(nifti_like(label, src), out)
+    return out
+
+
+def nifti_like(array: np.ndarray, src):
+    """``array`` (the image's voxel grid; channels after the spatial axes) as a NIfTI with the image ``src``'s
+    affine, qform/sform codes and units in a fresh header: only the geometry and units are the image's (its intent --
+    e.g. "vector" for a 4D image, which ITK then reads the result as --, display range, description and scaling
+    are not a result's). ITK (3D Slicer) places a NIfTI by its qform: a writer that puts the sform in both (MONAI's
+    SaveImage) moved a result of a registered image -- sform and qform apart -- off it (a review)."""
+    import nibabel as nib
+
+    array = np.asarray(array)
+    img = nib.Nifti1Image(array, src.affine)
+    img.header.set_data_dtype(array.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     units = src.header.get_xyzt_units()
     img.header.set_xyzt_units(units[0], units[1])
@@ -356,9 +368,7 @@ def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
         img.set_sform(sform, code=int(scode))
     if qcode:
         img.set_qform(qform, code=int(qcode))
-    out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
-    nib.save(img, out)
-    return out
+    return img
 
 
 class DFMPreprocessd:
