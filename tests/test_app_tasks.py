@@ -910,7 +910,7 @@ def test_trainer_task_pickles_for_ddp_and_filters_by_dimension(tmp_path, ckpt3d)
         trainer._create_evaluator(context)
 
 
-def test_random_next_sample_survives_annotators_asking_in_the_same_second():
+def test_random_next_sample_survives_annotators_asking_in_the_same_second(tmp_path):
     """bench/load.py: 3 of 20 concurrent next_sample requests answered 500, MONAI Label's Random weighting every
     image by the whole seconds since it was handed out -- all 0 within one second."""
     import time as _time
@@ -927,7 +927,7 @@ def test_random_next_sample_survives_annotators_asking_in_the_same_second():
             return {"strategy": {"random": {"ts": int(_time.time())}}}
 
         def get_image_uri(self, image):
-            return f"{image}.nii.gz"
+            return write_phantom_case(tmp_path, image, shape=(8, 8, 4))["image"]
 
     request = {"strategy": "random"}
     with pytest.raises(ValueError, match="weights"):
@@ -1655,7 +1655,8 @@ def test_a_scoring_run_stops_when_a_newer_checkpoint_is_published_and_skips_what
 def test_random_next_sample_skips_images_that_cannot_be_read(tmp_path):
     """A review (2026-12-07, a real Orthanc with malformed series): a series the loader refuses was never handed
     out, so it kept the largest weight, and once the readable series were handed out nearly every ``random`` Next
-    Sample was a 422 about it. It is skipped; when no unlabelled image can be read, the error names them."""
+    Sample was a 422 about it. It is skipped; when no unlabelled image can be read, the error names them. So is a
+    file in a folder datastore that does not decode (a truncated PNG: a later review), once per version of it."""
     from lib.activelearning.fair_random import FairRandom
     from lib.transforms import InputError
 
@@ -1667,8 +1668,22 @@ def test_random_next_sample_skips_images_that_cannot_be_read(tmp_path):
 
     now = int(__import__("time").time())
     served = {"good": {"strategy": {"random": {"ts": now - 5}}}}  # handed out 5 s ago: the bad ones weigh 1e9 x
-    ds = Store({"good": "g.nii.gz", "bad1": "b1", "bad2": "b2", "gone": ""}, info=served)
+    import numpy as np
+    from PIL import Image
+
+    import lib.activelearning.fair_random as fair_random
+
+    good = write_phantom_case(tmp_path, "good", shape=(8, 8, 4))["image"]
+    png = tmp_path / "xray.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(png)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png.read_bytes()[:-200])
+    ds = Store({"good": good, "bad1": "b1", "bad2": "b2", "gone": "", "trunc": str(truncated)}, info=served)
     assert {FairRandom()({}, ds)["id"] for _ in range(10)} == {"good"}
+    assert "truncated.png" in fair_random.unreadable(str(truncated))
+    truncated.write_bytes(png.read_bytes())  # the file mended: read again, handed out
+    ds.info["good"]["strategy"]["random"]["ts"] = now
+    assert {FairRandom()({}, ds)["id"] for _ in range(10)} == {"trunc"}
     with pytest.raises(InputError, match="no unlabelled image can be read .2 refused.*uneven slice increment"):
         FairRandom()({}, Store({"bad1": "b1", "bad2": "b2"}))
 
@@ -1967,3 +1982,36 @@ def test_background_scoring_is_queued_only_when_stale_and_not_scored_twice_at_on
     ds.info["b"][f"{scoring.key}_ts"] = 0
     app.async_scoring(None)
     assert queued == ["other", scoring.key, "other"]
+
+
+def test_an_image_file_replaced_in_the_studies_folder_is_scored_again(tmp_path, ckpt3d):
+    """A review: an image file replaced in place (another scan copied over it) kept the old file's uncertainty score
+    as current, so Next Sample ranked it by the old image, and no scoring run ever scored it again. A score records
+    the file's size and time; a score from before (without them) stays current."""
+    import os
+
+    from lib.activelearning.uncertainty import DFMUncertaintyScoring, DFMUncertaintyStrategy
+
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    calls = []
+
+    class Scoring(DFMUncertaintyScoring):
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            calls.append(image_id)
+            return {"variance_per_foreground_voxel": len(open(datastore.get_image_uri(image_id), "rb").read()) / 1e3}
+
+    files = {k: tmp_path / f"{k}.nii.gz" for k in "ab"}
+    for k, f in files.items():
+        f.write_bytes(b"x" * (10 if k == "a" else 20))
+    scoring = Scoring(task, "dfm_vlm_3d", num_samples=2)
+    scoring.candidates = lambda datastore: datastore.get_unlabeled_images()
+    ds = _MemoryDatastore({k: str(f) for k, f in files.items()})
+    assert scoring({}, ds)["executed"] == 2 and scoring({}, ds)["skipped"] == 2
+    new = tmp_path / "new.nii.gz"
+    new.write_bytes(b"x" * 30)  # another scan, copied over a's file
+    os.replace(new, files["a"])
+    calls.clear()
+    assert DFMUncertaintyStrategy(scoring, scoring_s=60)({}, ds)["id"] == "a"  # ranked by the new file's score
+    assert calls == ["a"] and ds.info["a"][scoring.key] == pytest.approx(0.03)
+    del ds.info["b"][f"{scoring.key}_file"]  # a score from before file stamps: not scored again for want of one
+    assert scoring({}, ds)["skipped"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 
@@ -38,6 +39,31 @@ def finite_number(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
+_READ: dict = {}  # (path, size, mtime_ns) -> why the file cannot be read, or None
+
+
+def unreadable(path) -> str | None:
+    """Why the image at ``path`` cannot be read as the models read it (:class:`lib.transforms.LoadImageChecked`: the
+    header checks, then every voxel decoded), or None; remembered per version of the file (size, time), so each
+    version is decoded once."""
+    from lib.transforms import LoadImageChecked
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"cannot read {path}: {e}"
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _READ:
+        if len(_READ) > 10000:
+            _READ.clear()
+        try:
+            LoadImageChecked(keys="image", image_only=True)({"image": str(path)})
+            _READ[key] = None
+        except InputError as e:
+            _READ[key] = str(e)
+    return _READ[key]
+
+
 class FairRandom(Random):
     """Like MONAI Label's ``Random`` (an unlabelled image, weighted by the seconds since it was last handed out), but
     every image keeps a weight of at least 1. MONAI Label's weights are ``now - ts`` in whole seconds: when every
@@ -58,7 +84,10 @@ class FairRandom(Random):
             # and once the readable ones were handed out nearly every Next Sample was its 422 (a review); no file at
             # all: a series deleted from the PACS (its list is cached for up to 2 h)
             try:
-                why = None if datastore.get_image_uri(images[k]) else "not in the datastore any more"
+                uri = datastore.get_image_uri(images[k])
+                # a file that does not decode (a truncated PNG) was handed out: never served, it kept the largest
+                # weight, and the annotator's inference was a 422 (a review)
+                why = unreadable(uri) if uri else "not in the datastore any more"
             except InputError as e:  # (the DICOMweb datastore's refusal is an InputError and a 422 HTTPException)
                 why = str(e)
             if why is None:

@@ -80,6 +80,16 @@ class DFMUncertaintyScoring(ScoringMethod):
         out = predict_item(system, item, inferer)
         return uncertainty_scores(out["prob_pre"], out["var_pre"])
 
+    def file_stamp(self, datastore: Datastore, image_id: str) -> list[int] | None:
+        """The image file's (or series folder's) size and modification time in ns, recorded with its score: a file
+        replaced in the studies folder kept the old file's score as current, never scored again (a review); None
+        when it cannot be read (not compared)."""
+        try:
+            st = os.stat(datastore.get_image_uri(image_id))
+        except Exception:  # noqa: BLE001 - scoring names what cannot be read
+            return None
+        return [int(st.st_size), int(st.st_mtime_ns)]
+
     def model_ts(self) -> int:
         """The served checkpoint's mtime in nanoseconds (whole seconds let two trainings that published within one
         second share their scores); raises ModelNotReady."""
@@ -113,11 +123,13 @@ class DFMUncertaintyScoring(ScoringMethod):
         except ConfigError:
             return self.num_samples
 
-    def is_current(self, info: dict, model_ts: int, num_samples: int) -> bool:
-        """A score is reused only when the served checkpoint made it with the same number of samples, and it is a
-        number (one edited to null or NaN is scored again)."""
+    def is_current(self, info: dict, model_ts: int, num_samples: int, stamp: list[int] | None = None) -> bool:
+        """A score is reused only when the served checkpoint made it with the same number of samples, of the file
+        there now (``stamp``: :meth:`file_stamp`; a score recorded without one, from before, is not compared), and
+        it is a number (one edited to null or NaN is scored again)."""
         return self.key in info and _finite(info[self.key]) and info.get(f"{self.key}_ts") == model_ts \
-            and info.get(f"{self.key}_num_samples") == num_samples
+            and info.get(f"{self.key}_num_samples") == num_samples \
+            and (stamp is None or info.get(f"{self.key}_file") in (None, stamp))
 
     def __call__(self, request, datastore: Datastore, deadline: float | None = None, last=frozenset()):
         """Score every candidate whose score is not current (MONAI Label's ``POST /scoring`` and its background scoring
@@ -143,7 +155,8 @@ class DFMUncertaintyScoring(ScoringMethod):
                 else self.current_num_samples(infos, model_ts)
         except ConfigError as e:
             return {"error": str(e)}
-        stale = [i for i, info in infos.items() if not self.is_current(info, model_ts, num_samples)]
+        stamps = {i: self.file_stamp(datastore, i) for i in infos}
+        stale = [i for i, info in infos.items() if not self.is_current(info, model_ts, num_samples, stamps[i])]
         stale.sort(key=lambda i: (i in last, -infos[i][self.key] if _finite(infos[i].get(self.key)) else -math.inf))
         done, failed, pending = 0, {}, 0
         skipped = len(infos) - len(stale)
@@ -161,7 +174,8 @@ class DFMUncertaintyScoring(ScoringMethod):
                 break
             try:
                 info_now = datastore.get_image_info(image_id) or {}
-                if self.is_current(info_now, model_ts, num_samples) or \
+                stamp = self.file_stamp(datastore, image_id)  # (the file scored: taken before it is read)
+                if self.is_current(info_now, model_ts, num_samples, stamp) or \
                         image_id not in set(datastore.get_unlabeled_images()):
                     skipped += 1  # scored by another process meanwhile, or labelled since this run listed it
                     continue
@@ -174,7 +188,8 @@ class DFMUncertaintyScoring(ScoringMethod):
                 # was counted current for the new one. Checked under the index's lock where the datastore can (the
                 # app's: FreshIndex), else by reading the info again
                 score = {self.key: s[self.score], f"{self.key}_detail": s, f"{self.key}_ts": model_ts,
-                         f"{self.key}_num_samples": num_samples, f"{self.key}_default_num_samples": self.num_samples}
+                         f"{self.key}_num_samples": num_samples, f"{self.key}_default_num_samples": self.num_samples,
+                         f"{self.key}_file": stamp}
                 if isinstance(datastore, FreshIndex):
                     replaced = not datastore.update_image_info(image_id, score, unless_replaced=before)
                 else:
@@ -216,7 +231,8 @@ def stale_images(scoring: "DFMUncertaintyScoring", datastore) -> int:
         return 0
     infos = {i: datastore.get_image_info(i) or {} for i in scoring.candidates(datastore)}
     m = scoring.current_num_samples(infos, model_ts)
-    return sum(not scoring.is_current(info, model_ts, m) for info in infos.values())
+    return sum(not scoring.is_current(info, model_ts, m, scoring.file_stamp(datastore, i))
+               for i, info in infos.items())
 
 
 def background_scorings_to_queue(methods: dict, datastore) -> dict:
@@ -263,7 +279,8 @@ class DFMUncertaintyStrategy(Strategy):
         pending = 0
         now = int(time.time())
         recent = {i for i in candidates if now - served_at(infos[i]) < self.reset}
-        current = [i for i in candidates if self.scoring.is_current(infos[i], ts, m)]
+        stamps = {i: self.scoring.file_stamp(datastore, i) for i in candidates}
+        current = [i for i in candidates if self.scoring.is_current(infos[i], ts, m, stamps[i])]
         if current and len(current) < len(candidates) and scoring_in_background(self.scoring.key, ("RUNNING",)):
             # the background scoring of this method is scoring the stale images now: scoring them here too (in
             # the same order) scored each twice at once, on 2 cores 2.5 times slower (a review); ranked among the
@@ -294,7 +311,8 @@ class DFMUncertaintyStrategy(Strategy):
             return None
         # only scores of one checkpoint with one M: never old and new models' scores side by side (is_current: and
         # numbers -- a score edited to null or NaN through PUT /datastore/imageinfo was a 500)
-        scored = [(float(infos[i][key]), i) for i in candidates if self.scoring.is_current(infos[i], ts, m)]
+        scored = [(float(infos[i][key]), i) for i in candidates
+                  if self.scoring.is_current(infos[i], ts, m, self.scoring.file_stamp(datastore, i))]
         if not scored:
             why = "; ".join(f"{i}: {e}" for i, e in list(failed.items())[:5]) or res_error
             raise InputError(f"no unlabelled image could be scored for {self.scoring.model}"
