@@ -830,3 +830,22 @@ def test_evaluate_of_a_prompted_model_says_what_it_scored(tmp_path, tiny_clip, c
     assert cli([*base, "--out", str(tmp_path / "e2"), "--prompt", "a bright thing"]) == 0
     out = capsys.readouterr().out
     assert "free prompt 'a bright thing': scored against every structure's truth" in out and "nan" not in out, out
+
+
+def test_foreground_clicks_with_a_label_the_model_lacks_name_that_label(tiny_clip):
+    """A review: 'foreground' clicks with ``label`` "kidney" (a renamed Slicer segment) or "background" were told to
+    "give 'label'", which the request had given; the refusal names the label and what to do."""
+    from lib.clicks import ClickError
+    from lib.infers.dfm_vlm import prompted_clicks
+
+    system = build_system(prompted_hparams(tiny_clip))
+    for label, hint in (("kidney", "select one of them"), ("background", "send negative points as 'background'"),
+                        ("Uncertain", "the uncertain segment takes no clicks")):
+        with pytest.raises(ClickError, match=f"with label '{label}', which is not a structure of this model "
+                                             rf"\(\['upper', 'lower'\]\): {hint}"):
+            prompted_clicks(system, {"foreground": [[5, 5]], "label": label}, 2, (32, 32))
+    assert prompted_clicks(system, {"foreground": [[5, 5]], "label": "lower"}, 2, (32, 32))["lower"].fg == [(5.0, 5.0)]
+    assert prompted_clicks(system, {"foreground": [[5, 5]], "label": "kidney", "labels": ["upper"]}, 2,
+                           (32, 32))["upper"].fg == [(5.0, 5.0)]  # one structure asked for: the clicks are its
+    with pytest.raises(ClickError, match="give 'label'"):  # none given, two asked
+        prompted_clicks(system, {"foreground": [[5, 5]]}, 2, (32, 32))

@@ -432,6 +432,15 @@ def prompted_clicks(system: DFMSystem, d: dict, dims: int, shape: Sequence[int])
     by_value = {str(s.value): s.name for s in system.structures}  # Slicer may send the segment's value ("2")
     label = by_value.get(str(label).strip(), label) if label is not None else None
     target = label if label in structures else (asked[0] if len(asked) == 1 else None)
+    if target is None and label not in (None, "") and d.get("foreground"):
+        # (was: "give 'label'", to a request that gave one: a Slicer segment renamed, or background / uncertain
+        # selected; a review)
+        hint = {"background": "send negative points as 'background'",
+                "uncertain": "the uncertain segment takes no clicks"}.get(str(label).strip().lower(),
+                                                                       "select one of them, or put the points "
+                                                                       "under the structure's name")
+        raise ClickError(f"'foreground' clicks with label {label!r}, which is not a structure of this model "
+                         f"({structures}): {hint}")
     clicks = parse_label_clicks(d, structures, dims, shape, target=target)
     dropped = [n for n in structures if n not in asked and clicks[n].fg]
     if dropped:
