@@ -350,13 +350,13 @@ def output_stem(case: str) -> str:
 
 def _as_the_image_nifti(path: Path, image_path: str) -> None:
     """A NIfTI image's output rewritten with the image's own header geometry (qform and sform with their codes, units;
-    :func:`lib.infers.dfm_vlm.nifti_like`, as the app writes its results) and shape (a one-slice (X, Y, 1) image's
+    :func:`lib.transforms.nifti_like`, as the app writes its results) and shape (a one-slice (X, Y, 1) image's
     slice axis): MONAI's SaveImage wrote the sform as the qform too, so 3D Slicer, which reads the qform, showed a
     registered image's results 10 mm off it, and a Slicer 2D image's results as (X, Y) (a review)."""
     import nibabel as nib
     import numpy as np
 
-    from .infers.dfm_vlm import nifti_like
+    from .transforms import nifti_like
 
     if not str(image_path).lower().endswith((".nii", ".nii.gz")):
         return

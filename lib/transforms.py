@@ -222,6 +222,29 @@ def _xray_file(path) -> bool:
     return is_projection_series(path)
 
 
+def nifti_like(array, src):
+    """``array`` (the image's voxel grid; channels after the spatial axes) as a NIfTI with the image ``src``'s
+    affine, qform/sform codes and units in a fresh header: only the geometry and units are the image's (its intent --
+    e.g. "vector" for a 4D image, which ITK then reads the result as --, display range, description and scaling
+    are not a result's). ITK (3D Slicer) places a NIfTI by its qform: a writer that puts the sform in both (MONAI's
+    SaveImage) moved a result of a registered image -- sform and qform apart -- off it (a review)."""
+    import nibabel as nib
+
+    array = np.asarray(array)
+    img = nib.Nifti1Image(array, src.affine)
+    img.header.set_data_dtype(array.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    units = src.header.get_xyzt_units()
+    img.header.set_xyzt_units(units[0], units[1])
+    sform, scode = src.get_sform(coded=True)
+    qform, qcode = src.get_qform(coded=True)
+    if scode:
+        img.set_sform(sform, code=int(scode))
+    if qcode:
+        img.set_qform(qform, code=int(qcode))
+    return img
+
+
 def one_slice_as_2d(lab, spatial_dims: int):
     """A 2D image's label (or the image itself: :class:`CheckImaged`) saved as a one-slice volume ``(C, X, Y, 1)`` ->
     ``(C, X, Y)``; any other array as it is.

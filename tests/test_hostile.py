@@ -699,3 +699,23 @@ def test_predict_outputs_of_a_nifti_keep_its_header_geometry_and_shape(tmp_path)
         got = nib.load(str(tmp_path / "o2" / f"slicer2d_{suffix}.nii.gz"))
         assert got.shape[:3] == flat.shape and np.allclose(got.affine, flat.affine), (suffix, got.shape)
     assert np.asarray(nib.load(str(tmp_path / "o2" / "slicer2d_label.nii.gz")).dataobj).sum() > 100
+
+
+def test_the_core_runs_without_monai_label(tmp_path):
+    """README, Layout: the core modules import nothing of MONAI Label. A review found ``predict``'s NIfTI writer
+    importing the app's infer task (and with it MONAI Label): predict failed where MONAI Label is not installed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    img = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), np.diag([2.0, 1.0, 3.0, 1.0])), str(img))
+    code = ("import sys; sys.modules['monailabel'] = None; sys.path.insert(0, sys.argv[1]); import pathlib, shutil\n"
+            "import lib.cli, lib.training, lib.evaluation, lib.inferer, lib.checkpoint, lib.transforms, lib.dicom, "
+            "lib.audit, lib.clicks, lib.vlm, lib.samplers, lib.flow, lib.network, lib.data, lib.structures, "
+            "lib.precision, lib.config\n"
+            "out = pathlib.Path(sys.argv[2]).with_name('out.nii.gz'); shutil.copy(sys.argv[2], out)\n"
+            "lib.cli._as_the_image_nifti(out, sys.argv[2]); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(img)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-1500:]

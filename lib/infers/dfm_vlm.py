@@ -32,7 +32,7 @@ from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
 from lib.samplers import nfe_of
 from lib.structures import NOT_A_STRUCTURE, StructureError, inside, paint
-from lib.transforms import affine_2d, has_geometry, stored_layout_note
+from lib.transforms import affine_2d, has_geometry, nifti_like, stored_layout_note
 from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
@@ -346,29 +346,6 @@ def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
     out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
     nib.save(nifti_like(label, src), out)
     return out
-
-
-def nifti_like(array: np.ndarray, src):
-    """``array`` (the image's voxel grid; channels after the spatial axes) as a NIfTI with the image ``src``'s
-    affine, qform/sform codes and units in a fresh header: only the geometry and units are the image's (its intent --
-    e.g. "vector" for a 4D image, which ITK then reads the result as --, display range, description and scaling
-    are not a result's). ITK (3D Slicer) places a NIfTI by its qform: a writer that puts the sform in both (MONAI's
-    SaveImage) moved a result of a registered image -- sform and qform apart -- off it (a review)."""
-    import nibabel as nib
-
-    array = np.asarray(array)
-    img = nib.Nifti1Image(array, src.affine)
-    img.header.set_data_dtype(array.dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    units = src.header.get_xyzt_units()
-    img.header.set_xyzt_units(units[0], units[1])
-    sform, scode = src.get_sform(coded=True)
-    qform, qcode = src.get_qform(coded=True)
-    if scode:
-        img.set_sform(sform, code=int(scode))
-    if qcode:
-        img.set_qform(qform, code=int(qcode))
-    return img
 
 
 class DFMPreprocessd:
