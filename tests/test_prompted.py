@@ -369,7 +369,8 @@ def test_infer_task_returns_one_multi_label_map_and_per_structure_clicks(tmp_pat
     assert d["result"]["clicks"] == {"foreground": 1, "background": 1}
     _, d2 = task({**req, "foreground": [up], "background": [bg], "label": "upper"})
     assert np.array_equal(np.asarray(d2["pred"]), out) and d2["result"]["windows_rerun"] == 0  # same clicks
-    with pytest.raises(ClickError, match="need the structure"):
+    with pytest.raises(ClickError, match="label 'background', which is not a structure .*send negative points as "
+                                         "'background'"):
         task({**req, "foreground": [up], "label": "background"})
     _, d3 = task({**req, "foreground": [up], "labels": ["lower"]})  # one structure asked: its foreground
     assert np.asarray(d3["pred"])[tuple(up)] == 2
