@@ -1146,6 +1146,60 @@ class DFMVLMApp(MONAILabelApp):
                 result[m] = super().async_scoring(m, params)
         return result
 
+    SCORING_WATCH_S = 30.0  # how often the server looks whether a model's checkpoint changed (a stat per model)
+
+    def on_init_complete(self):
+        """MONAI Label's (its scoring at start, when scoring updates automatically), then the watch that queues a
+        model's rescoring after its checkpoint changes (:meth:`queue_scoring_of_new_checkpoints`)."""
+        super().on_init_complete()
+        if self._server_mode and self._auto_update_scoring and self._scoring_methods:
+            self._scoring_watch_stop = threading.Event()
+            threading.Thread(target=self._watch_checkpoints_for_scoring, args=(self._scoring_model_times(),),
+                             name="dfm-scoring-watch", daemon=True).start()
+
+    def _scoring_model_times(self) -> dict:
+        """Each scoring method's served checkpoint time (None: none served)."""
+        out = {}
+        for m, scoring in self._scoring_methods.items():
+            try:
+                out[m] = scoring.model_ts()
+            except Exception:  # noqa: BLE001 - no checkpoint served, or not a DFM scoring
+                out[m] = None
+        return out
+
+    def _watch_checkpoints_for_scoring(self, seen: dict) -> None:
+        from lib.threads import MODEL_THREAD
+
+        stop = self._scoring_watch_stop
+        while not stop.wait(self.SCORING_WATCH_S):
+            try:
+                if self._scoring_model_times() != seen:  # (the check itself runs where the models run)
+                    MODEL_THREAD.submit(self.queue_scoring_of_new_checkpoints, seen).result()
+            except RuntimeError:  # the model thread has shut down: the server is stopping
+                return
+            except Exception as e:  # noqa: BLE001 - the next look tries again
+                logger.warning("scoring watch: %s: %s", type(e).__name__, e)
+
+    def queue_scoring_of_new_checkpoints(self, seen: dict) -> list[str]:
+        """The background scoring of each method whose checkpoint changed since ``seen`` (updated here), queued when
+        one of its images' scores is stale and none of its runs waits or runs (then it is looked at again next
+        time). A training asks MONAI Label's ``POST /scoring/<method>`` when it ends, which refuses while any
+        scoring runs ("Scoring Task is Already Running"): a long 3D scoring at start kept the 2D model's rescoring
+        after its publish from ever being queued (a review)."""
+        from lib.activelearning.uncertainty import scoring_in_background, stale_images
+
+        now = self._scoring_model_times()
+        queued = []
+        for m, scoring in self._scoring_methods.items():
+            if now.get(m) == seen.get(m) or scoring_in_background(m):
+                continue
+            if stale_images(scoring, self.datastore()):
+                MONAILabelApp.async_scoring(self, m)
+                queued.append(m)
+                logger.info("checkpoint of %s changed: its scoring queued", m)
+            seen[m] = now.get(m)
+        return queued
+
     def scoring(self, request, datastore=None):
         method = request.get("method")
         if method not in self._scoring_methods:

@@ -2015,3 +2015,65 @@ def test_an_image_file_replaced_in_the_studies_folder_is_scored_again(tmp_path, 
     assert calls == ["a"] and ds.info["a"][scoring.key] == pytest.approx(0.03)
     del ds.info["b"][f"{scoring.key}_file"]  # a score from before file stamps: not scored again for want of one
     assert scoring({}, ds)["skipped"] == 2
+
+
+def test_a_changed_checkpoint_gets_its_rescoring_queued_when_the_scoring_slot_frees(tmp_path, ckpt3d, monkeypatch):
+    """A review (an annotator's loop on a real server): a training asks ``POST /scoring/<method>`` when it ends, which
+    MONAI Label refuses while any scoring runs, so a long scoring at start kept the new checkpoint's rescoring from
+    ever being queued. The server looks every SCORING_WATCH_S whether a checkpoint changed, and queues its method's
+    scoring when a score is stale and none of its runs waits or runs (else it looks again)."""
+    import os
+    import time
+
+    from monailabel.utils.async_tasks import utils as async_utils
+    from monailabel.utils.async_tasks.task import AsyncTask
+
+    from lib.activelearning.uncertainty import DFMUncertaintyScoring
+    from monailabel_app.main import DFMVLMApp
+
+    ck = tmp_path / "served.pt"
+    shutil.copy(ckpt3d, ck)
+
+    class Scoring(DFMUncertaintyScoring):
+        def score_image(self, image_id, datastore, num_samples, device=None):
+            return {"variance_per_foreground_voxel": 0.5}
+
+    scoring = Scoring(_task(ck, tmp_path / "model").infer(), "dfm_vlm_3d", num_samples=2)
+    scoring.candidates = lambda datastore: datastore.get_unlabeled_images()
+    ds = _MemoryDatastore({k: f"{k}.nii.gz" for k in "ab"})
+    scoring({}, ds)  # every score current
+    queued = []
+    monkeypatch.setattr(AsyncTask, "run", staticmethod(lambda method, request=None, **k: queued.append(
+        request["method"]) or ({"id": "t"}, None)))
+    monkeypatch.setattr(async_utils, "background_tasks", {})
+    app = object.__new__(DFMVLMApp)  # the app's methods alone (no server)
+    app._scoring_methods, app._server_mode, app._auto_update_scoring, app.datastore = \
+        {scoring.key: scoring}, True, True, (lambda: ds)
+    seen = app._scoring_model_times()
+    assert app.queue_scoring_of_new_checkpoints(seen) == [] and queued == []  # nothing changed
+    t = os.stat(ck).st_mtime_ns + 10 ** 9
+    os.utime(ck, ns=(t, t))  # a training published
+    async_utils.background_tasks["scoring"] = [{"status": "RUNNING", "request": {"method": scoring.key}}]
+    assert app.queue_scoring_of_new_checkpoints(seen) == []  # its slot busy: looked at again
+    async_utils.background_tasks["scoring"][0]["status"] = "DONE"
+    assert app.queue_scoring_of_new_checkpoints(seen) == [scoring.key] and queued == [scoring.key]
+    assert app.queue_scoring_of_new_checkpoints(seen) == []  # once
+    t += 10 ** 9
+    os.utime(ck, ns=(t, t))
+    scoring({}, ds)  # the new checkpoint's scores made already (a Next Sample's): nothing to queue
+    assert app.queue_scoring_of_new_checkpoints(seen) == [] and queued == [scoring.key]
+    # the server's watch does it by itself
+    monkeypatch.setattr(DFMVLMApp, "SCORING_WATCH_S", 0.05)
+    from monailabel.interfaces.app import MONAILabelApp
+
+    monkeypatch.setattr(MONAILabelApp, "on_init_complete", lambda self: None)  # (MONAI Label's own part)
+    app.on_init_complete()
+    try:
+        t += 10 ** 9
+        os.utime(ck, ns=(t, t))
+        deadline = time.time() + 30
+        while len(queued) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert queued == [scoring.key] * 2
+    finally:
+        app._scoring_watch_stop.set()
