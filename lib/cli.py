@@ -348,27 +348,29 @@ def output_stem(case: str) -> str:
     return stem if stem not in ("", ".", "..") else f"case_{stem or 'unnamed'}"
 
 
-def _as_the_image_nifti(path: Path, image_path: str) -> None:
-    """A NIfTI image's output rewritten with the image's own header geometry (qform and sform with their codes, units;
-    :func:`lib.transforms.nifti_like`, as the app writes its results) and shape (a one-slice (X, Y, 1) image's
-    slice axis): MONAI's SaveImage wrote the sform as the qform too, so 3D Slicer, which reads the qform, showed a
-    registered image's results 10 mm off it, and a Slicer 2D image's results as (X, Y) (a review)."""
+def _save_like_the_image(t, path: Path, image_path: str, dtype) -> bool:
+    """A NIfTI image's output ``t`` (channels first, on the image's grid) written with the image's own header
+    geometry and shape (:func:`lib.transforms.as_image_nifti`, as the app writes its results: qform and sform with
+    their codes, units; a one-slice (X, Y, 1) image's slice axis), channels last as MONAI's writer puts them (one
+    channel: none). MONAI's SaveImage wrote the sform as the qform too, so 3D Slicer, which reads the qform, showed
+    a registered image's results 10 mm off it, and a Slicer 2D image's results as (X, Y) (a review). False (not
+    written) for another format, or a shape that is not the image's."""
     import nibabel as nib
     import numpy as np
+    import torch
 
-    from .transforms import nifti_like
+    from .transforms import as_image_nifti
 
     if not str(image_path).lower().endswith((".nii", ".nii.gz")):
-        return
-    src, written = nib.load(image_path), nib.load(str(path))
-    data = np.asanyarray(written.dataobj)
-    shape = tuple(src.shape[:3])
-    if len(shape) == 3 and shape[2] == 1 and data.shape[:2] == shape[:2] and (data.ndim == 2 or data.shape[2] != 1):
-        data = data[:, :, None]  # (X, Y[, C]) -> (X, Y, 1[, C])
-    if tuple(data.shape[:len(shape)]) != shape:
-        logger.warning("%s: shape %s is not the image's %s; its header left as written", path, data.shape, shape)
-        return
-    nib.save(nifti_like(data, src), str(path))
+        return False
+    data = np.moveaxis(np.asarray(t.detach().cpu() if torch.is_tensor(t) else t), 0, -1).astype(dtype)
+    src = nib.load(image_path)
+    img = as_image_nifti(data[..., 0] if data.shape[-1] == 1 else data, src)
+    if img is None:
+        logger.warning("%s: shape %s is not the image's %s: written by MONAI's writer", path, data.shape, src.shape)
+        return False
+    nib.save(img, str(path))
+    return True
 
 
 def cmd_predict(a) -> int:
@@ -432,16 +434,18 @@ def cmd_predict(a) -> int:
                 t.affine = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
             return t
 
-        saver_p(named(r["prob"]))  # one channel per target
+        def save(t, saver, suffix, dtype):
+            if not _save_like_the_image(t, out / f"{name}_{suffix}.nii.gz", first_path(it["image"]), dtype):
+                saver(named(t))
+
+        save(r["prob"], saver_p, "prob", np.float32)  # one channel per target
         # one label map: each target > 0.5 painted with its value, the most specific (listed last) on top
         label = r["prob"][:1] * 0 + paint(r["prob"], [t[1] for t in r["targets"]])[None]  # keeps the geometry
-        saver_l(named(label))
+        save(label, saver_l, "label", np.uint8)
         if len(r["targets"]) > 1 or system.structures:
             (out / f"{name}_labels.json").write_text(json.dumps({t[0]: t[1] for t in r["targets"]}))
         if a.save_variance:
-            saver_v(named(r["var"]))
-        for suffix in ("_prob.nii.gz", "_label.nii.gz") + (("_var.nii.gz",) if a.save_variance else ()):
-            _as_the_image_nifti(out / f"{name}{suffix}", first_path(it["image"]))
+            save(r["var"], saver_v, "var", np.float32)
         logger.info("%s: %.1f s, foreground %.3f", it["case_id"], time.perf_counter() - t0,
                     float((r["prob"] > 0.5).float().mean()))
     print(f"wrote {len(items)} prediction(s) to {out}")

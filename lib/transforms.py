@@ -245,6 +245,20 @@ def nifti_like(array, src):
     return img
 
 
+def as_image_nifti(array, src):
+    """``array`` on the image's voxel grid (spatial axes first, channels after) as a NIfTI of the image ``src``'s
+    header geometry (:func:`nifti_like`) and shape: a one-slice (X, Y, 1) image's (X, Y[, C]) result gets its slice
+    axis back (3D Slicer sends a 2D image so; it came back (X, Y), a review). None when its spatial shape is not the
+    image's. The app's results and ``predict``'s outputs are written by it."""
+    array = np.asarray(array)
+    shape = tuple(src.shape[:3])
+    if len(shape) == 3 and shape[2] == 1 and array.shape[:2] == shape[:2] and (array.ndim == 2 or array.shape[2] != 1):
+        array = array[:, :, None]  # (X, Y[, C]) -> (X, Y, 1[, C])
+    if tuple(array.shape[:len(shape)]) != shape:
+        return None
+    return nifti_like(array, src)
+
+
 def one_slice_as_2d(lab, spatial_dims: int):
     """A 2D image's label (or the image itself: :class:`CheckImaged`) saved as a one-slice volume ``(C, X, Y, 1)`` ->
     ``(C, X, Y)``; any other array as it is.

@@ -711,11 +711,11 @@ def test_the_core_runs_without_monai_label(tmp_path):
 
     img = tmp_path / "img.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), np.diag([2.0, 1.0, 3.0, 1.0])), str(img))
-    code = ("import sys; sys.modules['monailabel'] = None; sys.path.insert(0, sys.argv[1]); import pathlib, shutil\n"
+    code = ("import sys; sys.modules['monailabel'] = None; sys.path.insert(0, sys.argv[1]); import pathlib\n"
             "import lib.cli, lib.training, lib.evaluation, lib.inferer, lib.checkpoint, lib.transforms, lib.dicom, "
             "lib.audit, lib.clicks, lib.vlm, lib.samplers, lib.flow, lib.network, lib.data, lib.structures, "
             "lib.precision, lib.config\n"
-            "out = pathlib.Path(sys.argv[2]).with_name('out.nii.gz'); shutil.copy(sys.argv[2], out)\n"
-            "lib.cli._as_the_image_nifti(out, sys.argv[2]); print('ok')")
+            "import numpy as np; out = pathlib.Path(sys.argv[2]).with_name('out.nii.gz')\n"
+            "assert lib.cli._save_like_the_image(np.zeros((1, 6, 5, 4)), out, sys.argv[2], np.uint8); print('ok')")
     r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(img)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-1500:]

@@ -32,7 +32,7 @@ from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
 from lib.samplers import nfe_of
 from lib.structures import NOT_A_STRUCTURE, StructureError, inside, paint
-from lib.transforms import affine_2d, has_geometry, nifti_like, stored_layout_note
+from lib.transforms import affine_2d, as_image_nifti, has_geometry, stored_layout_note
 from lib.vlm import VLMError
 
 logger = logging.getLogger(__name__)
@@ -333,18 +333,13 @@ def write_label_like_nifti(label, image_path: str, ext: str) -> str | None:
     import nibabel as nib
 
     src = nib.load(image_path)
-    label = np.asarray(label)
-    if label.ndim == 2 and len(src.shape) == 3 and src.shape[2] == 1:
-        # a 2D image that 3D Slicer sends as a one-slice volume (X, Y, 1): its label on that grid, the slice axis
-        # kept (it came back as (X, Y): the same voxels and affine, another shape than the image's; a review)
-        label = label[:, :, None]
-    spatial = tuple(src.shape[:label.ndim])
-    if tuple(label.shape) != spatial:
+    img = as_image_nifti(label, src)  # (a one-slice (X, Y, 1) image's label keeps its slice axis)
+    if img is None:
         logger.warning("label shape %s is not the spatial shape of %s %s: written by MONAI Label's writer",
-                       tuple(label.shape), image_path, tuple(src.shape))
+                       tuple(np.shape(label)), image_path, tuple(src.shape))
         return None
     out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
-    nib.save(nifti_like(label, src), out)
+    nib.save(img, out)
     return out
 
 
