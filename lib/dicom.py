@@ -35,22 +35,86 @@ def _uid(*parts) -> str:
     return generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(p) for p in parts])
 
 
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: the index of a CD/DVD export, not an image
+
+
+def _is_dicomdir(ds: pydicom.Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    return MEDIA_DIRECTORY in (str(ds.get("SOPClassUID", "") or "").strip(),
+                               str(getattr(meta, "MediaStorageSOPClassUID", "") or "").strip())
+
+
 def read_series(folder: str | os.PathLike) -> list[pydicom.Dataset]:
+    """The headers of the DICOM files in ``folder`` (not its subfolders), in file-name order. Non-DICOM files are
+    skipped, as PACS exports have them, and so is a DICOMDIR (a CD export's index: a series folder with one beside
+    its slices was refused as "instance DICOMDIR has no Rows", a CD's root taken for an X-ray; a review)."""
     files = sorted(p for p in Path(folder).iterdir() if p.is_file())
-    out = []
+    out, directories = [], 0
     for f in files:
         try:
-            out.append(pydicom.dcmread(str(f), stop_before_pixels=True))
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - non-DICOM files in the folder are ignored, as PACS exports have them
             logger.debug("not DICOM: %s", f)
+            continue
+        if _is_dicomdir(ds):
+            directories += 1
+        else:
+            ds.filename = str(f)  # (a deflated file's header kept its inflated stream there, not the path)
+            out.append(ds)
+    if not out and directories:
+        subfolders = sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
+        hint = f" (here: {', '.join(subfolders[:4])}{', ...' if len(subfolders) > 4 else ''})" if subfolders else ""
+        raise InputError(f"{folder}: a DICOMDIR (the index of a CD/DVD export) and no image beside it: give the "
+                         f"folder that holds one series' images{hint}")
     if not out:
         raise InputError(f"{folder}: no DICOM file")
     return out
 
 
+def one_series(datasets: Sequence[pydicom.Dataset], name: str) -> tuple[list[pydicom.Dataset], list[str]]:
+    """The image instances of one series among ``datasets``, and what was left out, in words: presentation states,
+    reports and other non-image objects beside the images (one PR object refused a CT series as "a PR series") and
+    a second copy of an instance (the same SOP Instance UID). Refused (InputError): only non-image objects, or images
+    of several series in one folder (two series of different pixel spacing became one volume in the first's
+    geometry; a review)."""
+    def modality(ds):
+        return str(ds.get("Modality", "") or "").strip().upper()
+
+    images = [ds for ds in datasets if modality(ds) not in NOT_IMAGES]
+    if not images:  # (a SEG of an X-ray was converted as an X-ray, indexed and segmented: a review)
+        kind = modality(datasets[0])
+        try:
+            ref = f": the image it refers to is series {datasets[0].ReferencedSeriesSequence[0].SeriesInstanceUID}"
+        except (AttributeError, IndexError):
+            ref = ""
+        raise InputError(f"DICOM series {name}: a {kind} series ({NOT_IMAGES[kind]}), not an image{ref}")
+    left_out = []
+    others = sorted({modality(ds) for ds in datasets} & set(NOT_IMAGES))
+    if others:
+        left_out.append(f"{len(datasets) - len(images)} non-image object(s) beside the images left out "
+                        f"({', '.join(others)})")
+    unique: dict[str, pydicom.Dataset] = {}
+    for ds in images:
+        unique.setdefault(str(ds.get("SOPInstanceUID", "") or "").strip() or str(getattr(ds, "filename", id(ds))), ds)
+    if len(unique) < len(images):
+        left_out.append(f"{len(images) - len(unique)} second copy(ies) of an instance (the same SOP Instance UID) "
+                        "left out")
+    images = list(unique.values())
+    series: dict[str, int] = {}
+    for ds in images:
+        uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        series[uid] = series.get(uid, 0) + 1
+    if len(series) > 1:
+        listed = "; ".join(f"{uid or '(no Series Instance UID)'}: {n} instance(s)" for uid, n in series.items())
+        raise InputError(f"DICOM series {name}: {len(series)} series in one folder ({listed}): give one series "
+                         "per folder")
+    return images, left_out
+
+
 # the header fields the geometry check (and the conversion) read: keyword, tag, number of values (None: one integer)
 GEOMETRY_TAGS = (("Rows", "(0028,0010)", None), ("Columns", "(0028,0011)", None),
-                 ("ImageOrientationPatient", "(0020,0037)", 6), ("ImagePositionPatient", "(0020,0032)", 3))
+                 ("ImageOrientationPatient", "(0020,0037)", 6), ("ImagePositionPatient", "(0020,0032)", 3),
+                 ("PixelSpacing", "(0028,0030)", 2))
 
 
 def _header_problem(datasets: Sequence[pydicom.Dataset]) -> str | None:
@@ -100,6 +164,12 @@ def describe_geometry_problem(datasets: Sequence[pydicom.Dataset]) -> str | None
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(sizes) > 1:
         return f"slices of different sizes {sorted(sizes)}: not one volume"
+    spacings = np.array([[float(v) for v in ds.PixelSpacing] for ds in datasets])
+    if not np.isfinite(spacings).all() or (spacings <= 0).any():
+        return "a pixel spacing that is not a positive number: not a volume"
+    if np.abs(spacings - spacings[0]).max() > 1e-3:  # (converted in the first slice's spacing: a review)
+        found = sorted({tuple(np.round(v, 4)) for v in spacings})
+        return f"slices with different pixel spacings {[list(map(float, v)) for v in found]} mm: not one volume"
     row, col = iops[0, :3], iops[0, 3:]
     normal = np.cross(row, col)
     order = np.argsort(ipps @ normal)
@@ -115,6 +185,15 @@ def describe_geometry_problem(datasets: Sequence[pydicom.Dataset]) -> str | None
     if np.abs(d - ref).max() > max(0.05 * abs(ref), 0.02):
         return (f"uneven slice increment (between {np.abs(d).min():.3g} and {np.abs(d).max():.3g} mm): "
                 "missing slices or a non-uniform series")
+    # every position on the line through the first and the last (straight, or oblique: a tilted gantry); stacks of
+    # different fields of view, or two series interleaved, were converted as a 4D series or failed with
+    # dicom2nifti's own words (a review)
+    axis = (pos[-1] - pos[0]) / (np.linalg.norm(pos[-1] - pos[0]) + 1e-12)
+    rel = pos - pos[0]
+    off = np.linalg.norm(rel - np.outer(rel @ axis, axis), axis=1)
+    if off.max() > max(0.05 * abs(ref), 0.1):
+        return (f"slice positions not on one line (one is {off.max():.3g} mm off it): several stacks or series "
+                "mixed, not one volume")
     return None
 
 
@@ -172,33 +251,29 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
     one projection radiograph (an X-ray: :func:`projection_to_nifti`) to a 2D image; returns ``{"path",
     "corrections"}`` or raises InputError naming the series as ``name`` (default: the folder's own name, e.g. a
     DICOMweb series UID)."""
-    import dicom2nifti
+    import dicom2nifti.convert_dicom
     import dicom2nifti.settings as d2n_settings
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 
     folder, out_path = str(folder), str(out_path)
-    datasets = read_series(folder)
     name = name or Path(folder).name
-    kind = next((m for m in (str(ds.get("Modality", "") or "").strip().upper() for ds in datasets)
-                 if m in NOT_IMAGES), None)
-    if kind:  # (a SEG of an X-ray was converted as an X-ray, indexed and segmented: a review)
-        try:
-            ref = f": the image it refers to is series {datasets[0].ReferencedSeriesSequence[0].SeriesInstanceUID}"
-        except (AttributeError, IndexError):
-            ref = ""
-        raise InputError(f"DICOM series {name}: a {kind} series ({NOT_IMAGES[kind]}), not an image{ref}")
+    datasets, corrections = one_series(read_series(folder), name)
     if is_projection_image(datasets):  # an X-ray (DX, CR): one 2D image (was refused: "only 1 slice(s)")
-        return projection_to_nifti(folder, out_path, name)
+        res = projection_to_nifti(datasets[0].filename, out_path, name)
+        return {**res, "corrections": corrections + res["corrections"]}
     if len(datasets) > 1 and all(is_projection_image([ds]) for ds in datasets):
         # (was: "only 2 slice(s): at least 3 are needed for a volume", or "not one volume")
         raise InputError(f"DICOM series {name}: {len(datasets)} X-ray images in one series (a PA and a lateral "
                          "view?): an image here is a series, so this server segments series of one X-ray each; "
                          "send each image as its own series")
-    corrections: list[str] = []
     problem = describe_geometry_problem(datasets)
     tilt = problem is None and is_gantry_tilt(datasets)
     if problem:
         raise InputError(f"DICOM series {name}: {problem}")
+    instances, cleared = decoded_instances(datasets, name)
+    if cleared:
+        corrections.append(f"bits above Bits Stored cleared in {cleared} slice(s) (overlay or garbage bits, which "
+                           "the standard says to ignore)")
     try:
         d2n_settings.enable_validate_slice_increment()
         d2n_settings.enable_validate_slicecount()
@@ -211,7 +286,8 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
         else:
             d2n_settings.enable_validate_orthogonal()
             d2n_settings.disable_resampling()
-        dicom2nifti.dicom_series_to_nifti(folder, out_path, reorient_nifti=True)
+        # these instances, not the folder again (dicom2nifti read it anew, subfolders and a DICOMDIR included)
+        dicom2nifti.convert_dicom.dicom_array_to_nifti(instances, out_path, reorient_nifti=True)
         to_series_order(out_path, datasets)
     except ConversionValidationError as e:
         raise InputError(f"DICOM series {name}: not a regular volume ({e})") from e
@@ -221,6 +297,39 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
         d2n_settings.enable_validate_orthogonal()
         d2n_settings.disable_resampling()
     return {"path": out_path, "corrections": corrections}
+
+
+def decoded_instances(datasets: Sequence[pydicom.Dataset], name: str) -> tuple[list[pydicom.Dataset], int]:
+    """Each instance read whole and its pixels decoded here (pydicom), with the bits above Bits Stored cleared
+    (:func:`_stored_bits`: a set overlay bit made -1000 HU read as 31 768 HU; a review) and stored back as Explicit
+    VR Little Endian, for dicom2nifti; and how many slices had such bits. A transfer syntax that cannot be decoded
+    here (HTJ2K, JPEG XL with pydicom 2.4) is refused naming it (it raised a bare NotImplementedError: a 500), and
+    a deflated one is inflated here (dicom2nifti's deferred read failed on it)."""
+    out, cleared = [], 0
+    for ds in datasets:
+        where = os.path.basename(str(getattr(ds, "filename", "") or "")) or "an instance"
+        full = pydicom.dcmread(ds.filename)
+        full.filename = ds.filename
+        syntax = getattr(getattr(full, "file_meta", None), "TransferSyntaxUID", None)
+        try:
+            stored = full.pixel_array
+        except Exception as e:  # noqa: BLE001 - any decoder's failure is the same refusal, named
+            said = f"{syntax.name} ({syntax})" if syntax else "no transfer syntax given"
+            raise InputError(f"DICOM series {name}: the pixels of {where} cannot be decoded here ({said}: "
+                             f"{type(e).__name__}: {str(e)[:160]}); ask the PACS for Explicit VR Little Endian "
+                             "(uncompressed) or JPEG 2000 / JPEG lossless") from e
+        if stored.ndim != 2:
+            raise InputError(f"DICOM series {name}: {where} holds pixels of shape {stored.shape}, not one grey "
+                             "slice (a colour or multi-frame image in a volume?)")
+        values = _stored_bits(stored, full)
+        if not np.array_equal(values, stored):
+            cleared += 1
+        full.PixelData = np.ascontiguousarray(values.astype(stored.dtype.newbyteorder("<"))).tobytes()
+        full["PixelData"].VR = "OW" if stored.dtype.itemsize > 1 else "OB"
+        full.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        full.is_little_endian, full.is_implicit_VR = True, False
+        out.append(full)
+    return out, cleared
 
 
 def repair_uids(files: Iterable[str | os.PathLike], out_dir: str | os.PathLike, force_new: bool = False) -> list[str]:
@@ -393,9 +502,11 @@ def is_projection_series(folder: str | os.PathLike) -> bool:
     found = []
     for f in files:  # headers only, and no further than a second DICOM file (a volume's folder: not one X-ray)
         try:
-            found.append(pydicom.dcmread(str(f), stop_before_pixels=True))
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - not DICOM (skipped, as read_series does)
             continue
+        if not _is_dicomdir(ds):  # (a CD export's index was taken for an X-ray)
+            found.append(ds)
         if len(found) > 1:
             return False
     return is_projection_image(found)
@@ -555,9 +666,11 @@ def projection_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, 
     for f in files:
         try:
             ds = pydicom.dcmread(str(f))
-            break
         except Exception:  # noqa: BLE001 - non-DICOM files beside it (read_series skipped them too)
             continue
+        if not _is_dicomdir(ds):
+            break
+        ds = None
     if ds is None:
         raise InputError(f"DICOM image {name}: no DICOM file")
     image = projection_display(ds, name)

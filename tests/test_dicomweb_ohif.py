@@ -1058,6 +1058,112 @@ def test_malformed_dicom_headers_are_refused_naming_the_file_and_the_tag(tmp_pat
         assert expect in str(e.value), (folder.name, str(e.value))
 
 
+def test_a_folder_that_is_not_one_clean_series_is_refused_or_cleaned_naming_what(tmp_path):
+    """A review (2026-12-07): two series in one folder became one volume in the first's pixel spacing; slices of
+    another pixel spacing, or stacks off the slice line, were converted or failed in dicom2nifti's own words; a
+    DICOMDIR beside the slices refused the series, a CD's root was taken for an X-ray; one presentation state beside
+    the slices refused them; a set overlay bit turned -1000 HU into 31 768 HU; a deflated series failed in
+    dicom2nifti, an undecodable transfer syntax raised a bare NotImplementedError (a 500). Each is refused naming
+    the problem, or converted to exactly the clean series' volume with what was left out said."""
+    from pydicom.encaps import encapsulate
+    from pydicom.fileset import FileSet
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from lib.dicom import series_to_nifti, write_ct_series
+    from lib.transforms import InputError
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1500, size=(16, 12, 6)).astype(float)
+    aff = np.diag([0.8, 0.7, 2.5, 1.0])
+
+    def series(name, change=None, seed="a", volume=hu, affine=aff):
+        d = tmp_path / name
+        write_ct_series(volume, affine, d, seed=seed)
+        for i, f in enumerate(sorted(d.iterdir())):
+            if change:
+                ds = pydicom.dcmread(str(f))
+                if change(i, ds) is not False:
+                    ds.save_as(str(f))
+        return d
+
+    def volume(folder, out):
+        res = series_to_nifti(folder, tmp_path / f"{out}.nii.gz")
+        return np.asanyarray(nib.load(res["path"]).dataobj), nib.load(res["path"]).affine, res["corrections"]
+
+    clean, clean_affine, said = volume(series("clean"), "clean")
+    assert said == [] and np.array_equal(clean, clean.round()) and clean.min() < -900
+
+    # refused, naming the problem
+    two = series("two_series")
+    other = series("other", seed="b", affine=np.diag([1.6, 1.4, 2.5, 1.0]) @ np.array(
+        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 6.0], [0, 0, 0, 1]]))
+    for f in sorted(other.iterdir()):
+        shutil.move(str(f), str(two / f"B{f.name}"))
+
+    def one_spacing(i, ds):
+        if i == 3:
+            ds.PixelSpacing = [1.4, 1.6]
+
+    def shifted(i, ds):
+        if i >= 3:
+            ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + 30.0, *ds.ImagePositionPatient[1:]]
+
+    refused = {"2 series in one folder": two,
+               "slices with different pixel spacings": series("one_spacing", one_spacing),
+               "instance CT0000.dcm has no PixelSpacing (0028,0030)": series("no_spacing",
+                                                                            lambda i, ds: delattr(ds, "PixelSpacing")),
+               "slice positions not on one line (one is ": series("shifted", shifted)}
+    fs = FileSet()
+    for f in sorted(series("cd_source").iterdir()):
+        fs.add(str(f))
+    fs.write(str(tmp_path / "cd"))
+    assert (tmp_path / "cd" / "DICOMDIR").is_file()
+    refused["a DICOMDIR (the index of a CD/DVD export) and no image beside it: give the folder that holds one "
+            "series' images (here: PT000000)"] = tmp_path / "cd"
+
+    def undecodable(i, ds):  # (HTJ2K and JPEG XL, unknown to pydicom 2.4, cannot be written here; MPEG-2 neither
+        ds.PixelData = encapsulate([ds.PixelData])  # decodes here, and failed the same way)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+
+    refused["the pixels of CT0000.dcm cannot be decoded here (MPEG2 Main Profile / Main Level "
+            "(1.2.840.10008.1.2.4.100): "] = series("mpeg2", undecodable)
+    for expect, folder in refused.items():
+        with pytest.raises(InputError) as e:
+            series_to_nifti(folder, tmp_path / f"{folder.name}.nii.gz")
+        assert expect in str(e.value), (folder.name, str(e.value))
+
+    # converted to the clean volume, what was left out or cleared said
+    series_dir = next(p for p in (tmp_path / "cd").rglob("*") if p.is_dir() and any(q.is_file() for q in p.iterdir()))
+    shutil.copy(tmp_path / "cd" / "DICOMDIR", series_dir / "DICOMDIR")
+    cleaned = {"": series_dir}
+    d = series("with_pr")
+    pr = pydicom.dcmread(str(sorted(d.iterdir())[0]))
+    pr.Modality, pr.SOPInstanceUID = "PR", pydicom.uid.generate_uid()
+    del pr.PixelData
+    pr.save_as(str(d / "PR0000.dcm"))
+    cleaned["1 non-image object(s) beside the images left out (PR)"] = d
+    d = series("copied_twice")
+    shutil.copy(sorted(d.iterdir())[2], d / "copy_of_CT0002.dcm")
+    cleaned["1 second copy(ies) of an instance (the same SOP Instance UID) left out"] = d
+
+    def overlay(i, ds):
+        px = ds.pixel_array.copy()
+        px[:3, :3] |= 1 << 15  # an overlay bit in the unused high bits of every slice's corner
+        ds.BitsStored, ds.HighBit, ds.PixelData = 12, 11, px.tobytes()
+
+    cleaned["bits above Bits Stored cleared in 6 slice(s)"] = series("overlay", overlay)
+
+    def deflated(i, ds):
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+
+    cleaned[""] = [cleaned[""], series("deflated", deflated)]
+    for expect, folders in cleaned.items():
+        for folder in folders if isinstance(folders, list) else [folders]:
+            got, affine, said = volume(folder, f"cleaned_{folder.name}")
+            assert np.array_equal(got, clean) and np.allclose(affine, clean_affine), folder.name
+            assert (expect in " ".join(said)) if expect else said == [], (folder.name, said)
+
+
 def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):
     """A review (2026-12-07, a real Orthanc): a label corrected and submitted again leaves two SEGs of the series in
     the PACS; MONAI Label's listing converted both in the PACS's order (Orthanc lists the newest first), each over
