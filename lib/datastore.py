@@ -555,6 +555,9 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 if res["corrections"]:
                     info["corrections"] = res["corrections"]
                     logger.warning("series %s: %s", image_id, "; ".join(res["corrections"]))
+                if res.get("left_out"):  # (not a change of grid: its labels are still DICOM SEGs of the series)
+                    info["left_out"] = res["left_out"]
+                    logger.warning("series %s: %s", image_id, "; ".join(res["left_out"]))
                 before = self._datastore.objects.get(image_id)
                 # FreshIndex.add_image copies the converted file into the cache and records its info in the index
                 # as it is on disk (MONAI Label's wrote its in-memory copy over a subprocess's scores)

@@ -249,18 +249,18 @@ def to_series_order(path: str | os.PathLike, datasets: Sequence[pydicom.Dataset]
 def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name: str | None = None) -> dict:
     """Convert one series with dicom2nifti, the array in the series' own voxel order (:func:`to_series_order`), or
     one projection radiograph (an X-ray: :func:`projection_to_nifti`) to a 2D image; returns ``{"path",
-    "corrections"}`` or raises InputError naming the series as ``name`` (default: the folder's own name, e.g. a
-    DICOMweb series UID)."""
+    "corrections", "left_out"}`` or raises InputError naming the series as ``name`` (default: the folder's own name,
+    e.g. a DICOMweb series UID). ``corrections``: what changed the grid (the result then lies on it, not on the
+    series' slices); ``left_out``: what :func:`one_series` left out and the bits cleared (the grid is the series')."""
     import dicom2nifti.convert_dicom
     import dicom2nifti.settings as d2n_settings
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 
     folder, out_path = str(folder), str(out_path)
     name = name or Path(folder).name
-    datasets, corrections = one_series(read_series(folder), name)
+    datasets, left_out = one_series(read_series(folder), name)
     if is_projection_image(datasets):  # an X-ray (DX, CR): one 2D image (was refused: "only 1 slice(s)")
-        res = projection_to_nifti(datasets[0].filename, out_path, name)
-        return {**res, "corrections": corrections + res["corrections"]}
+        return {**projection_to_nifti(datasets[0].filename, out_path, name), "left_out": left_out}
     if len(datasets) > 1 and all(is_projection_image([ds]) for ds in datasets):
         # (was: "only 2 slice(s): at least 3 are needed for a volume", or "not one volume")
         raise InputError(f"DICOM series {name}: {len(datasets)} X-ray images in one series (a PA and a lateral "
@@ -271,8 +271,9 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
     if problem:
         raise InputError(f"DICOM series {name}: {problem}")
     instances, cleared = decoded_instances(datasets, name)
+    corrections: list[str] = []
     if cleared:
-        corrections.append(f"bits above Bits Stored cleared in {cleared} slice(s) (overlay or garbage bits, which "
+        left_out.append(f"bits above Bits Stored cleared in {cleared} slice(s) (overlay or garbage bits, which "
                            "the standard says to ignore)")
     try:
         d2n_settings.enable_validate_slice_increment()
@@ -296,7 +297,7 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
     finally:
         d2n_settings.enable_validate_orthogonal()
         d2n_settings.disable_resampling()
-    return {"path": out_path, "corrections": corrections}
+    return {"path": out_path, "corrections": corrections, "left_out": left_out}
 
 
 def decoded_instances(datasets: Sequence[pydicom.Dataset], name: str) -> tuple[list[pydicom.Dataset], int]:
@@ -375,13 +376,9 @@ def seg_source_copy(folder: str | os.PathLike, out_dir: str | os.PathLike) -> li
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     repaired: set[str] = set()
-    for f in sorted(Path(folder).iterdir()):
-        if not f.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(str(f))
-        except Exception:  # noqa: BLE001 - not DICOM (the series reader skips it too)
-            continue
+    # the instances the conversion used (:func:`one_series`: no DICOMDIR, PR object or second copy beside them)
+    for f in sorted(Path(ds.filename) for ds in one_series(read_series(folder), Path(folder).name)[0]):
+        ds = pydicom.dcmread(str(f))
         age = str(ds.get("PatientAge", "") or "")
         if age and not re.fullmatch(r"\d{3}[DWMY]", age):
             m = _AGE.match(age)

@@ -199,7 +199,7 @@ class LoadImageChecked(MapTransform):
             res = projection_to_nifti(folder, out, name=str(folder))
         else:
             res = series_to_nifti(folder, out, name=str(folder))  # the folder as given: many series are named "001"
-        for c in res["corrections"]:
+        for c in res["corrections"] + res.get("left_out", []):
             logger.warning("DICOM series %s: %s", folder, c)
         check_file(out)
         return out

@@ -966,6 +966,28 @@ def test_monailabel_trainer_multi_process_path_runs_on_two_cpu_processes(tmp_pat
     assert published.metrics["val_cases"] == 2, published.metrics
 
 
+def test_monailabel_trainer_multi_process_batch_norm_takes_the_training_path_rule(tmp_path, ckpt3d, monkeypatch):
+    """MONAI Label's multi-process training with a batch-norm model follows lib.training.distributed_norm (a review:
+    each rank normalised by its own share): refused on the CPU, naming the setting; one process keeps its layers."""
+    import types
+
+    from lib.checkpoint import load_system
+    from lib.config import ConfigError
+    from lib.network import ConditionalUNet
+
+    trainer = _task(ckpt3d, tmp_path / "model").trainer()
+    system = load_system(ckpt3d)
+    hp = system.hparams
+    hp.model.norm = "batch"
+    monkeypatch.setattr(trainer, "_initial", lambda context: (ConditionalUNet(hp.model), hp, system.vlm))
+    context = types.SimpleNamespace(device=torch.device("cpu"), multi_gpu=True, world_size=2)
+    with pytest.raises(ConfigError, match="model.norm 'batch' under 2 processes on the CPU"):
+        trainer.network(context)
+    context.multi_gpu = False
+    model = trainer.network(context)
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+
+
 def test_unreadable_train_stats_are_reported_and_written_atomically(tmp_path, ckpt3d):
     """A review (2026-12-07): MONAI Label rewrote ``train_stats.json`` in place every epoch; a reader caught it
     half-written (2 of 63 ``/info`` calls were 500s during a training), and a kill -9 or a full disk left it empty:

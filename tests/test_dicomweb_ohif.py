@@ -1069,7 +1069,7 @@ def test_a_folder_that_is_not_one_clean_series_is_refused_or_cleaned_naming_what
     from pydicom.fileset import FileSet
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from lib.dicom import series_to_nifti, write_ct_series
+    from lib.dicom import seg_source_copy, series_to_nifti, write_ct_series
     from lib.transforms import InputError
 
     rng = np.random.default_rng(0)
@@ -1088,7 +1088,8 @@ def test_a_folder_that_is_not_one_clean_series_is_refused_or_cleaned_naming_what
 
     def volume(folder, out):
         res = series_to_nifti(folder, tmp_path / f"{out}.nii.gz")
-        return np.asanyarray(nib.load(res["path"]).dataobj), nib.load(res["path"]).affine, res["corrections"]
+        assert res["corrections"] == [], res  # (a correction -- a changed grid -- refuses the series' DICOM SEGs)
+        return np.asanyarray(nib.load(res["path"]).dataobj), nib.load(res["path"]).affine, res["left_out"]
 
     clean, clean_affine, said = volume(series("clean"), "clean")
     assert said == [] and np.array_equal(clean, clean.round()) and clean.min() < -900
@@ -1162,6 +1163,11 @@ def test_a_folder_that_is_not_one_clean_series_is_refused_or_cleaned_naming_what
             got, affine, said = volume(folder, f"cleaned_{folder.name}")
             assert np.array_equal(got, clean) and np.allclose(affine, clean_affine), folder.name
             assert (expect in " ".join(said)) if expect else said == [], (folder.name, said)
+            # the DICOM SEG writer's copy (dcmqi) holds the same instances, none of what was left out
+            seg_source_copy(folder, tmp_path / f"seg_source_{folder.name}")
+            copied = [pydicom.dcmread(str(f)) for f in (tmp_path / f"seg_source_{folder.name}").iterdir()]
+            assert sorted(ds.Modality for ds in copied) == ["CT"] * 6, folder.name
+            assert len({ds.SOPInstanceUID for ds in copied}) == 6, folder.name
 
 
 def test_a_series_with_two_segs_trains_and_serves_the_newest(tmp_path):

@@ -37,7 +37,7 @@ from lib.inferer import DFMSystem
 from lib.network import ConditionalUNet
 from lib.structures import painted_values, parse_segments
 from lib.transforms import image_spatial_dims, preprocess
-from lib.training import lr_at, train_loss
+from lib.training import distributed_norm, lr_at, train_loss
 from lib.vlm import VLMEncoder
 
 logger = logging.getLogger(__name__)
@@ -557,6 +557,8 @@ class DFMVLMTrain(BasicTrainTask):
         # as lib.training.train: the precision this training runs in, recorded in what it publishes (never "auto")
         hp = dataclasses.replace(hp, precision=precision_policy.recorded(hp.precision, context.device))
         model.train()
+        if context.multi_gpu:  # (lib.training.distributed_norm: SyncBatchNorm on CUDA, refused on the CPU)
+            model = distributed_norm(model, hp.model.norm, context.device, max(2, int(context.world_size or 0)))
         if vlm is not None:
             vlm.to(context.device)
         context.system = DFMSystem(model, vlm, hp)
