@@ -209,9 +209,17 @@ def cmd_train(a) -> int:
         from .training import hold_run_lock
 
         hold_run_lock(out)  # before --overwrite moves a run aside: not one still training (a second process)
+        aside = out / ".overwritten"
+        if aside.is_dir() and not any((out / n).exists() for n in ("best.pt", "last.pt", "resume.pt")):
+            # an --overwrite run killed (kill -9, power) before its first state: the run it replaced is put back
+            # (it stayed hidden there: --resume said "nothing to resume", a plain run started over beside it)
+            logger.warning("%s: an --overwrite run stopped before its first state without putting back the run it "
+                           "replaced; putting it back", out)
+            _restore_or_keep(out, aside)
     held = [n for n in ("best.pt", "resume.pt") if (out / n).exists()]
     if held and not (a.resume or a.overwrite):
-        raise ConfigError(f"{out} already holds a run ({', '.join(held)}): --resume continues it, --overwrite "
+        kept = " (and an earlier run it overwrote is kept in .overwritten)" if (out / ".overwritten").is_dir() else ""
+        raise ConfigError(f"{out} already holds a run ({', '.join(held)}){kept}: --resume continues it, --overwrite "
                           "replaces it, or give another --out")
     tr = load_datalist(a.datalist, a.train_split)
     va = load_datalist(a.datalist, a.val_split)

@@ -333,6 +333,22 @@ def test_the_command_line_refuses_what_would_lose_or_mix_results(tmp_path, tiny_
     assert len(kept) == 2 and (run / kept[1] / "best.pt").read_bytes() == before["best.pt"], kept
     capsys.readouterr()
     monkeypatch.undo()
+    # a kill -9 of an --overwrite run before its first state (no except clause ran): the run it replaced stayed in
+    # .overwritten, --resume said "nothing to resume" and a plain run trained anew beside it (a review); the next
+    # command puts it back first
+    from lib.cli import RUN_FILES
+
+    killed = tmp_path / "killed"
+    assert train(killed) == 0
+    old = {n: (killed / n).read_bytes() for n in RUN_FILES if (killed / n).exists()}
+    (killed / ".overwritten").mkdir()
+    for n in old:
+        os.replace(killed / n, killed / ".overwritten" / n)
+    (killed / "hparams.json").write_text("{}")  # what the killed run had written: no state
+    (killed / "losses.csv").write_text("iteration,loss\n")
+    refused(train(killed), "already holds a run")
+    assert {n: (killed / n).read_bytes() for n in RUN_FILES if (killed / n).exists()} == old
+    assert not (killed / ".overwritten").exists()
     # entries without a label (a raw KeyError after caching), an empty split given to predict ("wrote 0
     # prediction(s)", exit 0), a --device that is no device or a CUDA this machine lacks (tracebacks)
     refused(train(tmp_path / "e6", "--train-split", "nolabel"), "the training split: 3 of 3 entries have no label")
