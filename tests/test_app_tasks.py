@@ -1986,6 +1986,18 @@ def test_background_scoring_is_queued_only_when_stale_and_not_scored_twice_at_on
     calls.clear()
     got = DFMUncertaintyStrategy(scoring, scoring_s=60)({}, ds)
     assert got["id"] == "a" and calls == []
+    # ... and when every ranked image is with an annotator, the one waiting for its score goes out, not a second
+    # copy of one handed out (a review: three annotators got images handed out minutes before)
+    import time as _time
+
+    for i in "ab":
+        ds.info[i]["strategy"] = {"x": {"ts": int(_time.time()) - 60}}
+    got = DFMUncertaintyStrategy(scoring, scoring_s=60)({}, ds)
+    assert got["id"] == "c" and got[f"{scoring.key}_unscored"] is True and calls == [], got
+    ds.info["c"]["strategy"] = {"x": {"ts": int(_time.time()) - 30}}  # all handed out: the one longest ago
+    assert DFMUncertaintyStrategy(scoring, scoring_s=60)({}, ds)["id"] == "a" and calls == []
+    for i in "abc":
+        del ds.info[i]["strategy"]
     async_utils.background_tasks["scoring"][0]["status"] = "DONE"  # none runs: it scores the stale one itself
     DFMUncertaintyStrategy(scoring, scoring_s=60)({}, ds)
     assert calls == ["c"]

@@ -320,6 +320,18 @@ class DFMUncertaintyStrategy(Strategy):
         now = int(time.time())
         served = {i: served_at(infos[i]) for _, i in scored}
         fresh = [(score, i) for score, i in scored if now - served[i] >= self.reset]
+        if not fresh:
+            # every ranked image is with an annotator while the background scoring has not yet scored the others:
+            # one of those, never handed out (or longest ago), before an image another annotator has (a review: three
+            # annotators got three images handed out minutes earlier while two new ones waited to be scored)
+            ranked = {i for _, i in scored}
+            waiting = [i for i in candidates if i not in ranked and now - served_at(infos[i]) >= self.reset]
+            if waiting:
+                image = min(waiting, key=lambda i: (served_at(infos[i]), i))
+                logger.info("%s: next image %s, not yet scored by this checkpoint (%d being scored in the background): "
+                            "the %d ranked were all handed out in the last %d s", key, image, pending, len(scored),
+                            self.reset)
+                return {"id": image, f"{key}_ranked": len(scored), f"{key}_pending": pending, f"{key}_unscored": True}
         score, image = max(fresh) if fresh else min(scored, key=lambda si: (served[si[1]], -si[0]))
         logger.info("%s: next image %s (score %.5g of %d; %d handed out in the last %d s; %d not yet scored by this "
                     "checkpoint)", key, image, score, len(scored), len(scored) - len(fresh), self.reset, pending)
