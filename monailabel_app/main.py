@@ -1132,8 +1132,11 @@ class DFMVLMApp(MONAILabelApp):
     def async_scoring(self, method, params=None):
         """MONAI Label's background scoring; after a Next Sample (``method`` None) a method is queued only when none
         of its runs waits or runs and some image's score is stale (:func:`background_scorings_to_queue`: every
-        Next Sample queued one subprocess per method, each loading the app, whatever was stale or queued)."""
-        if method is not None or not self._server_mode or not self._scoring_methods:
+        Next Sample queued one subprocess per method, each loading the app, whatever was stale or queued). The same
+        rule in a training's subprocess (not server mode), which asks the server ``POST /scoring/<method>`` for
+        every method when it ends: in name order, so after a 3D training the 2D scoring ran with nothing to score
+        and the 3D rescoring was refused as "Scoring Task is Already Running" (a review)."""
+        if method is not None or not self._scoring_methods:
             return super().async_scoring(method, params)
         from lib.activelearning.uncertainty import background_scorings_to_queue
 

@@ -2016,6 +2016,17 @@ def test_background_scoring_is_queued_only_when_stale_and_not_scored_twice_at_on
     ds.info["b"][f"{scoring.key}_ts"] = 0
     app.async_scoring(None)
     assert queued == ["other", scoring.key, "other"]
+    # a training's subprocess (not server mode) asks the server by POST /scoring/<method>: by the same rule (it
+    # asked for every method, in name order, so a scoring with nothing to do took the slot of the stale one's)
+    asked = []
+    app._server_mode = False
+    app._local_request = lambda url, params, what: asked.append(url) or {}
+    app.async_scoring(None)
+    assert asked == [f"/scoring/{scoring.key}", "/scoring/other"]
+    scoring({}, ds)
+    asked.clear()
+    app.async_scoring(None)
+    assert asked == ["/scoring/other"] and len(queued) == 3
 
 
 def test_an_image_file_replaced_in_the_studies_folder_is_scored_again(tmp_path, ckpt3d):
