@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--clicks", type=int, nargs="+", default=[1, 5, 10])
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
+    if len(a.shape) not in (2, 3) or min(a.shape) < 1 or min(a.clicks) < 1 or a.repeats < 1:  # (an IndexError)
+        ap.error(f"--shape takes 2 or 3 sizes >= 1, --clicks and --repeats numbers >= 1; got {a.shape}, {a.clicks}, "
+                 f"{a.repeats}")
     shape = tuple(a.shape)
     image = np.random.default_rng(0).random((2, *shape)).astype(np.float32)
     ref = np.zeros(shape, bool)

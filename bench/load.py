@@ -86,7 +86,7 @@ def percentile(v, q):
     return float(np.percentile(v, q)) if v else None
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--requests", type=int, default=5)
@@ -96,7 +96,9 @@ def main() -> None:
     ap.add_argument("--infer-concurrency", type=int, default=None,
                     help="MONAI_LABEL_INFER_CONCURRENCY=N (inference in a pool of N threads; -1: MONAI Label's "
                          "default, in the request)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.clients < 1 or a.requests < 1:  # (a ValueError from the thread pool)
+        ap.error(f"--clients and --requests must be >= 1, got {a.clients} and {a.requests}")
     if a.clients * a.requests > 1000:
         sys.exit("at most 1000 requests")
     work = Path(tempfile.mkdtemp(prefix="dfm_load_"))

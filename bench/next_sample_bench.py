@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="runs/bench/next_sample.json")
     a = ap.parse_args(argv)
+    if a.copies < 1 or a.repeats < 1 or any(not 0 <= b < float("inf") for b in a.budgets):  # (before a server starts)
+        ap.error(f"--copies and --repeats must be >= 1 and --budgets finite numbers >= 0; got {a.copies}, {a.repeats}, "
+                 f"{a.budgets}")
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

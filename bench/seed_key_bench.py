@@ -18,11 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lib.infers.dfm_vlm as infers  # noqa: E402
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, default=100, help="size of the image file (a compressed CT series: ~100 MiB)")
     ap.add_argument("--repeats", type=int, default=10)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.mib < 1 or a.repeats < 1:  # (a traceback from os.urandom / a division by zero)
+        ap.error(f"--mib and --repeats must be >= 1, got {a.mib} and {a.repeats}")
     with tempfile.TemporaryDirectory() as store:
         infers.session_store = lambda: os.path.realpath(store)  # a session store of this bench's own
         os.makedirs(os.path.join(store, "session"))

@@ -155,3 +155,26 @@ def test_a_bench_says_where_its_figures_come_from_and_refuses_a_missing_checkpoi
         text = bench.read_text()
         if bench.name != "brats_datalist.py":
             assert "raise SystemExit(run_bench(main))" in text, bench.name
+
+
+def test_bench_counts_and_sizes_out_of_range_are_refused_in_one_line(capsys):
+    """A review (2026-12-07): a count or size of 0 or less ended in a traceback (os.urandom, a division by zero, an
+    empty grid, a thread pool of 0 workers), or started a server bench that would record nothing. Each is argparse's
+    one-line error, exit 2, before any work."""
+    import importlib.util
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    for name, argv, phrase in (("seed_key_bench", ["--mib", "-1"], "--mib and --repeats must be >= 1"),
+                               ("seed_key_bench", ["--repeats", "0"], "--mib and --repeats must be >= 1"),
+                               ("click_maps_bench", ["--shape", "0", "0", "0"], "--shape takes 2 or 3 sizes >= 1"),
+                               ("load", ["--clients", "0"], "--clients and --requests must be >= 1"),
+                               ("next_sample_bench", ["--copies", "0"], "--copies and --repeats must be >= 1")):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", root / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with pytest.raises(SystemExit) as e:
+            module.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and phrase in err, (name, argv, err)
