@@ -274,7 +274,7 @@ def series_to_nifti(folder: str | os.PathLike, out_path: str | os.PathLike, name
     corrections: list[str] = []
     if cleared:
         left_out.append(f"bits above Bits Stored cleared in {cleared} slice(s) (overlay or garbage bits, which "
-                           "the standard says to ignore)")
+                        "the standard says to ignore)")
     try:
         d2n_settings.enable_validate_slice_increment()
         d2n_settings.enable_validate_slicecount()
