@@ -531,8 +531,17 @@ class HParams:
         label's (:func:`check_one_label`); ConfigError naming the rule. One check for a preset (:meth:`resolved`)
         and a checkpoint (:func:`lib.checkpoint.resolve_hparams`, which is not resolved)."""
         if self.structures:
-            for s in self.structures:
-                (StructureConfig(**s) if isinstance(s, dict) else s).resolved()
+            structures = [(StructureConfig(**s) if isinstance(s, dict) else s).resolved() for s in self.structures]
+            names, values = [s.name for s in structures], [int(s.value) for s in structures]
+            if len(set(names)) < len(names) or len(set(values)) < len(values) \
+                    or len({n.lower() for n in names}) < len(names):
+                raise ConfigError(f"structure names (in any case) and values must be unique, got "
+                                  f"{dict(zip(names, values))}")
+            if sorted(values) != list(range(1, len(values) + 1)):
+                # 3D Slicer names the k-th value of a result's label_names (by value) k: structures 7 and 3 were
+                # shown as "upper" on 1 and "lower" on 2, both empty, and 3 as "uncertain" (a review)
+                raise ConfigError(f"structure values must be 1..{len(values)}, one each (3D Slicer gives the k-th "
+                                  f"name, by value, the value k), got {dict(zip(names, values))}")
         else:
             check_one_label(self.labels)
 
@@ -554,8 +563,6 @@ class HParams:
         if structures:
             names = [s.name for s in structures]
             values = [s.value for s in structures]
-            if len(set(names)) < len(names) or len(set(values)) < len(values):
-                raise ConfigError(f"structure names and values must be unique, got {dict(zip(names, values))}")
             if vlm.name_or_path is None or vlm.text_mode != "label":
                 raise ConfigError("a prompted model (structures) needs a VLM with vlm.text_mode 'label': the prompt "
                                   "is how a structure is chosen")

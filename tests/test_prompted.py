@@ -118,8 +118,18 @@ def test_label_values_leave_the_uncertain_and_the_clicks_background_their_own_va
 
     with pytest.raises(ConfigError, match="1..253"):
         prompted_hparams(tiny_clip, [dataclasses.replace(TWO[0], value=254)]).resolved()
-    hp = build_system(prompted_hparams(tiny_clip, [dataclasses.replace(TWO[0], value=253), TWO[1]])).hparams
-    assert uncertain_value(hp.label_map.values()) == 254 < BACKGROUND_CLICKS
+    # a prompted model's values are 1..N (a review: 3D Slicer names the k-th value k, so structures 7 and 3 showed
+    # their names on empty values); names differing only in case are one name to a painted label's reader
+    for structures, match in (([dataclasses.replace(TWO[0], value=253), TWO[1]], r"values must be 1\.\.2"),
+                              ([dataclasses.replace(TWO[0], value=3), TWO[1]], r"values must be 1\.\.2"),
+                              ([TWO[0], dataclasses.replace(TWO[1], name="Upper")], "in any case")):
+        with pytest.raises(ConfigError, match=match):
+            prompted_hparams(tiny_clip, structures).resolved()
+    hp = build_system(prompted_hparams(tiny_clip, [dataclasses.replace(TWO[0], value=2),
+                                                   dataclasses.replace(TWO[1], value=1)])).hparams
+    assert hp.label_map == {"upper": 2, "lower": 1}  # listed in any order
+    assert uncertain_value(hp.label_map.values()) == 3
+    assert uncertain_value([253]) == 254 < BACKGROUND_CLICKS  # a one-label model's largest value
     assert tiny_hparams(None, mode="plain").resolved().label_map == {"blob": 1}
     assert dataclasses.replace(tiny_hparams(None, mode="plain"), labels={"blob": 253}).resolved().labels == \
         {"blob": 253}
@@ -152,8 +162,9 @@ def test_a_checkpoint_is_served_only_with_label_values_a_preset_may_have(tmp_pat
     assert loaded.hparams.label_map == {"blob": 1} and any("'background': 0 left out" in n for n in loaded.notes)
     for src, edit in (("one.pt", lambda h: h.update(labels={"blob": 255})),
                       ("one.pt", lambda h: h.update(labels={"blob": 1, "other": 2})),
-                      ("two.pt", lambda h: h["structures"][1].update(value=254))):
-        with pytest.raises(CheckpointError, match="1..253|one structure"):
+                      ("two.pt", lambda h: h["structures"][1].update(value=254)),
+                      ("two.pt", lambda h: h["structures"][1].update(value=7))):
+        with pytest.raises(CheckpointError, match=r"1..253|one structure|values must be 1\.\.2"):
             load_checkpoint(edited(src, "bad.pt", edit))
 
 
