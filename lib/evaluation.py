@@ -24,6 +24,7 @@ from monai.transforms import Invertd
 from .clicks import Clicks, to_network_grid
 from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
 from .transforms import (
+    CONTENT_KEY,
     TRUTH_NOTE,
     InputError,
     check_label_grid,
@@ -82,7 +83,9 @@ def predict_preprocessed(system: DFMSystem, d: dict, inferer: DFMSlidingWindowIn
     targets = system.prompts(labels, prompt)
     texts = None if targets[0][2] is None else [t[2] for t in targets]
     image = d["image"]
-    seed = seed_for(inferer.seed, d.get("case_id"))
+    # the image's content (lib.transforms.ContentKeyd, in the preprocessing every caller runs); an item prepared
+    # without it (a hand-made dict) falls back to its case id
+    seed = seed_for(inferer.seed, d.get(CONTENT_KEY) or d.get("case_id"))
     x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     x = x.unsqueeze(0).to(system.device)
     if isinstance(clicks, dict):

@@ -473,6 +473,21 @@ def check_upload_name(key: str, filename) -> None:
                                                     f"character or more than {MAX_UPLOAD_NAME} bytes in UTF-8")
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
+                  ".bmp", ".dcm", ".svs")
+
+
+def upload_image_id(filename: str) -> str:
+    """The image id of ``PUT /datastore/image`` without ``image``: the file's name without its image suffix (the
+    longest known one, else its last). MONAI Label cut the name at its first dot, so "case.001.nii.gz" and
+    "case.002.nii.gz" both became "case", the second replacing the first without a word, and "CT 2024.01.05.nii.gz"
+    became "CT 2024" (a review)."""
+    base = os.path.basename(filename)
+    low = base.lower()
+    known = next((e for e in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if low.endswith(e)), None)
+    return base[: -len(known)] if known and len(base) > len(known) else os.path.splitext(base)[0] or base
+
+
 def check_json_field(name: str, text) -> None:
     """A client's JSON form field (``params`` of ``/infer`` and of the datastore's uploads, ``info`` of the info
     updates), as MONAI Label's endpoint will parse it: not JSON, or JSON that is not an object, is a 422 naming the
@@ -531,6 +546,9 @@ def _install_json_field_checks() -> None:
             for key in ("file", "label"):
                 check_upload_name(key, getattr(bound.get(key), "filename", None))
             check_json_field(field, bound.get(field))
+            if fname == "add_image" and not bound.get("image") and getattr(bound.get("file"), "filename", None) \
+                    and "image" not in kwargs and len(args) < 2:  # (FastAPI passes keywords)
+                kwargs["image"] = upload_image_id(bound["file"].filename)
             if not need_input:
                 return original(*args, **kwargs)
             text = bound.get("params")

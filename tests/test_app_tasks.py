@@ -1607,24 +1607,42 @@ def test_submitted_segment_names_reach_the_trainer_s_training_and_validation_tru
     assert unnamed["fg_fraction_label"] == 0
 
 
-def test_an_upload_s_content_digest_is_read_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
-    """A session's image (3D Slicer's PUT /session) is seeded by its content; every click of the session named the
-    same file, which was read and hashed again each time. The digest is remembered while the file is unchanged,
-    and a file changed in place (same name, new content) is hashed again, never served an old digest."""
-    import lib.infers.dfm_vlm as infers
+def test_the_same_pixels_give_the_same_probabilities_however_they_arrive(tmp_path, ckpt3d):
+    """A review (2026-12-07): windows were seeded by the image's name (uploads and session images by the file's
+    digest), so one image gave other results as a file in the studies folder and as an upload (0.20 in probability),
+    in a datalist beside another file of its name (path ids: 0.19), as a DICOM series in two folders (0.02), or
+    through predict_item without a case id. The seed now follows the voxels as loaded and oriented
+    (lib.transforms.ContentKeyd): the same pixels, the same result in the core and the app; other pixels, another
+    key."""
+    import nibabel as nib
+    import numpy as np
 
-    monkeypatch.setattr(infers, "session_store", lambda: os.path.realpath(str(tmp_path)))
-    image = tmp_path / "abc" / "image.nii.gz"
-    image.parent.mkdir()
-    image.write_bytes(b"one image" * 1000)
-    reads = []
-    real = infers.file_sha256
-    monkeypatch.setattr(infers, "file_sha256", lambda p: reads.append(p) or real(p))
-    first = infers.seed_key(str(image))
-    assert first.startswith("upload-") and infers.seed_key(str(image)) == first and len(reads) == 1
-    image.write_bytes(b"another image" * 1000)
-    os.utime(image, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
-    assert infers.seed_key(str(image)) != first and len(reads) == 2
+    from lib.dicom import write_ct_series
+    from lib.transforms import CONTENT_KEY
+
+    entry = write_phantom_case(tmp_path / "studies", "case01", shape=(28, 24, 10), spacing=(1.2, 1.0, 2.0))
+    system = load_system(ckpt3d)
+    inferer = make_inferer(system, steps=1, num_samples=2)
+    ref = predict_item(system, {"image": entry["image"], "case_id": "case01"}, inferer)["prob"]
+    other = tmp_path / "elsewhere" / "tmpab12cd34.nii.gz"  # an upload's temporary name, in another folder
+    other.parent.mkdir()
+    shutil.copy(entry["image"], other)
+    for item in ({"image": str(other), "case_id": "elsewhere/tmpab12cd34"}, {"image": entry["image"]}):
+        assert torch.equal(predict_item(system, item, inferer)["prob"], ref), item
+    task = _task(ckpt3d, tmp_path / "model").infer()
+    _, data = task({"image": str(other), "skip_writer": True, "steps": 1, "num_samples": 2, "device": "cpu"})
+    assert (torch.as_tensor(data["prob"]) - ref).abs().max().item() <= 1e-5
+    # the same volume as a DICOM series in two folders of other names
+    img = nib.load(entry["image"])
+    volume = np.asarray(img.dataobj, dtype=float) * 1000.0 - 500.0
+    series = [write_ct_series(volume, img.affine, tmp_path / f) for f in ("a/001", "b/series_b")]
+    assert series[0]["files"] == 10
+    pa, pb = (predict_item(system, {"image": str(tmp_path / f)}, inferer)["prob"] for f in ("a/001", "b/series_b"))
+    assert torch.equal(pa, pb)
+    # other pixels: another key
+    shifted = write_phantom_case(tmp_path / "studies", "case02", shape=(28, 24, 10), spacing=(1.2, 1.0, 2.0), seed=1)
+    keys = {system.preprocessing({"image": e["image"]})[CONTENT_KEY] for e in (entry, shifted)}
+    assert len(keys) == 2 and system.preprocessing({"image": str(other)})[CONTENT_KEY] in keys
 
 
 def test_a_scoring_run_stops_when_a_newer_checkpoint_is_published_and_skips_what_changed_meanwhile(tmp_path, ckpt3d):
@@ -1735,6 +1753,51 @@ def test_new_ids_are_at_most_200_bytes_and_an_image_already_stored_under_a_longe
         ds.add_image("b" * 250, str(sample), {})
     assert e.value.status_code == 422 and "at most 200 bytes" in e.value.detail, e.value.detail
     assert not list(studies.glob("bbb*"))
+
+
+def test_an_upload_never_takes_another_image_s_file_and_a_deleted_image_leaves_the_index_at_once(tmp_path):
+    """A review on a live server: a DICOM file sent as ``pat7`` under its long dotted name was stored as
+    ``pat7.320.dcm`` (a suffix MONAI Label does not list was kept whole), which an upload as ``pat7.320`` then
+    overwrote under pat7's final label, and a DELETE of ``pat7.320`` removed pat7's file; a deleted image of such a
+    suffix stayed listed (and was handed out) until a refresh that never came. A suffix not listed keeps its last
+    part, another image's file is a 409, and a deleted image leaves the index before DELETE answers."""
+    import numpy as np
+    import SimpleITK as sitk
+    from fastapi import HTTPException
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+
+    def mha(name, value):
+        path = tmp_path / name
+        sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 8, 8), value, np.float32)), str(path))
+        return str(path)
+
+    # "*.x.mha" stands for an index written before (its files stored with a dotted suffix)
+    # auto_reload: the server's file watcher, which never sees a .mha (MONAI Label's remove refreshes only without it)
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz", "*.x.mha"], auto_reload=True)
+    assert ds.add_image("pat7", mha("tmp1.x.mha", 1.0), {}) == "pat7"
+    assert (studies / "pat7.x.mha").exists()
+    assert ds.add_image("ct9", mha("tmp2.1.2.320.mha", 2.0), {}) == "ct9"
+    assert (studies / "ct9.mha").exists() and not list(studies.glob("ct9.1.2*"))  # its last suffix only
+    with pytest.raises(HTTPException) as e:
+        ds.add_image("pat7.x", mha("tmp3.mha", 3.0), {})  # stored as pat7.x.mha: pat7's file
+    assert e.value.status_code == 409 and "'pat7'" in e.value.detail, e.value.detail
+    assert float(sitk.GetArrayFromImage(sitk.ReadImage(str(studies / "pat7.x.mha"))).max()) == 1.0
+    ds.remove_image("ct9")
+    assert "ct9" not in ds.list_images() and not (studies / "ct9.mha").exists()
+    assert "ct9" not in CheckedLocalDatastore(str(studies), extensions=["*.nii.gz", "*.x.mha"]).list_images()
+    with pytest.raises(HTTPException) as e:
+        ds.remove_image("ct9")
+    assert e.value.status_code == 404
+    # PUT /datastore/image without an id: the file's name less its image suffix (MONAI Label cut it at the first
+    # dot: case.001 and case.002 were one id, the second replacing the first)
+    from monailabel_app.main import upload_image_id
+
+    names = ("case.001.nii.gz", "CT 2024.01.05.NII.GZ", "x.DCM", "IM0001", "scan.seg.nrrd", "a.b.weird")
+    assert [upload_image_id(n) for n in names] == ["case.001", "CT 2024.01.05", "x", "IM0001", "scan", "a.b"]
 
 
 @pytest.mark.parametrize("shape, overlap", [((40, 36, 20), 0.25), ((80, 80, 52), 0.5), ((10, 70, 33), 0.9),

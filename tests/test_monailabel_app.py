@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -629,6 +630,21 @@ def test_an_uploaded_image_stays_in_the_studies_and_is_an_image(client, server, 
     assert r.status_code == 200 and (server.studies / "upload_ok.png").exists(), r.text
     assert requests.delete(f"{server.url}/datastore/image", params={"id": "upload_ok"}, timeout=30).status_code == 200
     assert not (server.studies / "upload_ok.png").exists() and server.alive()
+    # without an id the file's name gives it, less its image suffix only (a review: MONAI Label cut it at the first
+    # dot, so case.001 and case.002 were one id and the second upload replaced the first without a word); a
+    # deleted image is out of the listing when DELETE answers (it stayed listed until the next refresh)
+    ids = []
+    for name in ("case.001.png", "case.002.png"):
+        shutil.copy(png, tmp_path / name)
+        with open(tmp_path / name, "rb") as f:
+            r = requests.put(f"{server.url}/datastore/image", files={"file": (name, f)}, timeout=60)
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["image"])
+    assert ids == ["case.001", "case.002"] and all((server.studies / f"{i}.png").exists() for i in ids)
+    for i in ids:
+        assert requests.delete(f"{server.url}/datastore/image", params={"id": i}, timeout=30).status_code == 200
+        listed = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
+        assert i not in json.dumps(listed), listed
 
 
 @needs_defaults

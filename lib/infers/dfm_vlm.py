@@ -26,7 +26,6 @@ from monailabel.utils.others.generic import device_list, device_map, file_ext
 from lib.checkpoint import CheckpointError, load_system
 from lib.clicks import ClickError, parse_clicks, parse_label_clicks, uncertain_mask
 from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
-from lib.data import case_id
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem, WindowCache
 from lib.precision import PRECISIONS, default_device
@@ -225,37 +224,6 @@ def is_session_image(path: str) -> bool:
         return False
     real = os.path.realpath(path)
     return os.path.isfile(real) and real.startswith(session_store() + os.sep)
-
-
-def seed_key(path: str) -> str:
-    """What an image's windows are seeded by (with the seed and each window's position): its case id -- the file
-    name, as ``evaluate`` uses it, so the app equals the core -- or, for an upload (:func:`is_upload`) or a session's
-    image (:func:`is_session_image`: a new name each time), its content: the same image and seed give the same
-    result every time (a session's result differed by ~50 voxels from one session to the next)."""
-    if is_upload(path) or is_session_image(path):
-        return "upload-" + _content_digest(path)[:32]
-    return case_id({"image": path})
-
-
-_DIGESTS: dict = {}  # (real path, inode, size, mtime) -> SHA-256: a session's image is hashed once, not per click
-_DIGESTS_LOCK = threading.Lock()
-
-
-def _content_digest(path: str) -> str:
-    """:func:`file_sha256` of ``path``, remembered while the file is unchanged (its inode, size and modification
-    time): every click of a session named the same image, which was read and hashed again each time."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    with _DIGESTS_LOCK:
-        if key in _DIGESTS:
-            return _DIGESTS[key]
-    digest = file_sha256(path)
-    with _DIGESTS_LOCK:
-        if len(_DIGESTS) >= 256:  # uploads are new files each time: the oldest entries go
-            for k in list(_DIGESTS)[:128]:
-                del _DIGESTS[k]
-        _DIGESTS[key] = digest
-    return digest
 
 
 def request_device(value, default: str) -> str:
@@ -663,11 +631,10 @@ class DFMVLMInfer(BasicInferTask):
     def run_inferer(self, data: dict, convert_to_batch=True, device="cuda"):
         system = data.pop("_dfm_system", None) or self.system(self._device(data))
         inferer = self.make_inferer(system, data)
-        src = data.get("image_path")
-        key = seed_key(src) if isinstance(src, str) and src else None
+        # seeded by the image's content (lib.transforms.ContentKeyd, in the preprocessing): a file, an upload of it and
+        # a session's copy give the same result, as evaluate and predict do (it was seeded by the file's name)
         pre = dict(data["_dfm_pre"])
         self.check_work(system, inferer, tuple(pre["image"].shape[1:]))
-        pre["case_id"] = key
         clicks = data.pop("_dfm_clicks", None)
         hold, grow, tol, scale = hold_params(data)
         uncertain = _as_bool("uncertain_segment", data.get("uncertain_segment", False))
