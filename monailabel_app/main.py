@@ -168,10 +168,22 @@ def check_task_request(app, method: str, request: dict | None, params: dict | No
                     request_device(p["device"], "cpu")
             except ConfigError as e:
                 raise HTTPException(status_code=422, detail=f"{where}: {e}") from None
+            # scores rank images only when made alike: by the served checkpoint's own sampler (a review: steps,
+            # sampler, seed, precision or overlap were accepted and ignored, the answer saying nothing)
+            ignored = sorted(k for k in SCORING_FIXED_KEYS if k in p)
+            if ignored:
+                raise HTTPException(status_code=422, detail=f"{where}: {ignored} cannot be set for scoring: every "
+                                                            "image is scored with the served checkpoint's own sampler "
+                                                            "settings, so that its scores compare; only num_samples "
+                                                            "and device may be given")
     if method == "batch_infer" and given not in (getattr(app, "_infers", {}) or {}):
         raise HTTPException(status_code=404, detail=f"unknown model {given!r}; available: "
                                                     f"{sorted(getattr(app, '_infers', {}) or {})}")
     return params
+
+
+SCORING_FIXED_KEYS = ("sampler", "steps", "overlap", "sw_batch_size", "seed", "precision", "roi_size",
+                      "max_batch_voxels")
 
 
 def _install_request_checks() -> None:

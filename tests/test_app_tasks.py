@@ -491,7 +491,7 @@ def test_a_scoring_process_does_not_write_the_score_of_an_image_replaced_while_i
 
 def test_the_scoring_request_and_its_conf_are_checked_before_anything_runs(tmp_path, ckpt3d):
     """A review: POST /scoring with num_samples 1 or "abc" answered 200 (a task that ended DONE with an error), a
-    bad device was ignored; --conf uncertainty_samples 1 started a server whose every scoring failed, "abc" gave a
+    bad device or sampler settings were ignored; --conf uncertainty_samples 1 started a server whose every scoring failed, "abc" gave a
     traceback."""
     from fastapi import HTTPException
 
@@ -503,7 +503,10 @@ def test_the_scoring_request_and_its_conf_are_checked_before_anything_runs(tmp_p
 
     for params, phrase in (({"num_samples": 1}, "'num_samples' must be an integer in [2, 64]"),
                            ({"num_samples": "abc"}, "'num_samples' must be an integer"),
-                           ({"device": "bogus"}, "'device' 'bogus'"), ([1, 2], "must be a JSON object")):
+                           ({"device": "bogus"}, "'device' 'bogus'"), ([1, 2], "must be a JSON object"),
+                           # accepted and ignored (a review): the served checkpoint's sampler scores every image
+                           ({"steps": 6, "sampler": "heun", "num_samples": 2}, "['sampler', 'steps'] cannot be set "
+                                                                               "for scoring")):
         with pytest.raises(HTTPException) as e:
             check_task_request(App(), "scoring", {"method": "dfm_vlm_3d_uncertainty"}, params)
         assert e.value.status_code == 422 and phrase in e.value.detail, (params, e.value.detail)
@@ -1849,6 +1852,9 @@ def test_a_request_asking_far_more_work_than_the_model_s_own_sampler_is_refused_
         task({**req, **big})
     with pytest.raises(ConfigError, match="times the network work"):  # the steps alone: evaluations per sample count
         task({**req, "steps": 256, "num_samples": 1})
+    for key, value in (("roi_size", [8, 8, 8]), ("max_batch_voxels", 1)):  # (accepted and ignored: a review)
+        with pytest.raises(ConfigError, match=rf"\['{key}'\] cannot be set in a request"):
+            task({**req, key: value})
     assert ran == [2, 4]
     # the operator's setting: 0 (no limit) or a factor >= 1 (below 1 the model's own sampler would be refused)
     assert infer_mod._max_request_work("") == 32.0 and infer_mod._max_request_work("0") == 0.0

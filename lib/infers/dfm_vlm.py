@@ -605,6 +605,11 @@ class DFMVLMInfer(BasicInferTask):
 
     def make_inferer(self, system: DFMSystem, data: dict):
         """The core's DFMSlidingWindowInferer with the request's sampler parameters (validated; ConfigError)."""
+        fixed = sorted(k for k in ("roi_size", "max_batch_voxels") if data.get(k) is not None)
+        if fixed:  # (accepted and ignored, the README saying another roi_size is refused: a review)
+            raise ConfigError(f"{fixed} cannot be set in a request: the windows are the training patch (another "
+                              "size changes what the VLM sees; `python -m lib predict --roi-size` with "
+                              "--allow-roi-mismatch for experiments), and the memory cap is the checkpoint's")
         params = sampler_params({k: v for k, v in data.items() if k in REQUEST_KEYS})
         return make_inferer(system, **params)
 
