@@ -557,8 +557,9 @@ class DFMVLMTrain(BasicTrainTask):
         # as lib.training.train: the precision this training runs in, recorded in what it publishes (never "auto")
         hp = dataclasses.replace(hp, precision=precision_policy.recorded(hp.precision, context.device))
         model.train()
-        if context.multi_gpu:  # (lib.training.distributed_norm: SyncBatchNorm on CUDA, refused on the CPU)
-            model = distributed_norm(model, hp.model.norm, context.device, max(2, int(context.world_size or 0)))
+        if getattr(context, "multi_gpu", False):  # (lib.training.distributed_norm: SyncBatchNorm on CUDA, refused on
+            world = max(2, int(getattr(context, "world_size", 0) or 0))  # the CPU)
+            model = distributed_norm(model, hp.model.norm, context.device, world)
         if vlm is not None:
             vlm.to(context.device)
         context.system = DFMSystem(model, vlm, hp)
