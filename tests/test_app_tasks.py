@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import time
 
 import pytest
 import torch

@@ -638,6 +638,7 @@ class DFMVLMInfer(BasicInferTask):
         inferer = self.make_inferer(system, data)
         # seeded by the image's content (lib.transforms.ContentKeyd, in the preprocessing): a file, an upload of it and
         # a session's copy give the same result, as evaluate and predict do (it was seeded by the file's name)
+        src = data.get("image_path")
         pre = dict(data["_dfm_pre"])
         self.check_work(system, inferer, tuple(pre["image"].shape[1:]))
         clicks = data.pop("_dfm_clicks", None)
