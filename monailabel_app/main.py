@@ -558,9 +558,11 @@ def _install_json_field_checks() -> None:
             for key in ("file", "label"):
                 check_upload_name(key, getattr(bound.get(key), "filename", None))
             check_json_field(field, bound.get(field))
-            if fname == "add_image" and not bound.get("image") and getattr(bound.get("file"), "filename", None) \
-                    and "image" not in kwargs and len(args) < 2:  # (FastAPI passes keywords)
-                kwargs["image"] = upload_image_id(bound["file"].filename)
+            if fname == "add_image" and not bound.get("image") and getattr(bound.get("file"), "filename", None):
+                # (MONAI Label's route calls it with positional arguments)
+                call = signature.bind(*args, **kwargs)
+                call.arguments["image"] = upload_image_id(bound["file"].filename)
+                args, kwargs = call.args, call.kwargs
             if not need_input:
                 return original(*args, **kwargs)
             text = bound.get("params")
