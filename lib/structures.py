@@ -297,7 +297,11 @@ def select(structures: Sequence, labels: Sequence[str] | str | None = None) -> l
         return list(structures)
     names = [s.name for s in structures]
     by_value = {str(s.value): s.name for s in structures}
-    labels = [by_value.get(str(x), str(x)) if str(x) not in names else str(x) for x in labels]  # a value names it too
+    # a value names it too, and a name in another case (names are unique in any case: "Vertebra" was refused while
+    # a painted segment "Lesion" trained as lesion; a review)
+    by_lower = {n.lower(): n for n in names}
+    labels = [str(x) if str(x) in names else by_value.get(str(x), by_lower.get(str(x).lower(), str(x)))
+              for x in labels]
     unknown = [x for x in labels if x not in names]
     if unknown:
         raise StructureError(f"label(s) {unknown} are not structures of this model; it segments {names}")

@@ -275,6 +275,19 @@ def _init_distributed(device: torch.device, timeout_min: float = DIST_TIMEOUT_MI
     return dist.get_world_size(), dist.get_rank(), device
 
 
+def hparams_differences(theirs: dict, ours: dict) -> list[str]:
+    """Which settings of two hyper-parameter dicts differ, by ``section.key`` (a section that is no mapping, such as
+    ``structures``, by its name: it was named ``structures.None``; a review)."""
+    out = set()
+    for sec in set(theirs) | set(ours):
+        a, b = theirs.get(sec), ours.get(sec)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out |= {f"{sec}.{k}" for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        elif a != b:
+            out.add(sec)
+    return sorted(out)
+
+
 def distributed_norm(model: torch.nn.Module, norm: str, device: torch.device, world: int) -> torch.nn.Module:
     """Batch norm under several processes normalised each rank by its own share of the global batch, and DDP copied
     rank 0's running statistics into every rank, so 1 and 2 ranks no longer trained alike (4.6e-2 apart after 6
@@ -501,9 +514,7 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
         moved = bool(recorded and hp.vlm.fingerprint)
         theirs, ours = _without_fingerprint(st["hyper_parameters"], moved), _without_fingerprint(hp.to_dict(), moved)
         if theirs != ours:
-            diff = sorted(f"{sec}.{k}" for sec in ours for k in (ours[sec] if isinstance(ours[sec], dict) else [None])
-                          if (theirs.get(sec, {}).get(k) if k else theirs.get(sec)) !=
-                          (ours[sec].get(k) if k else ours[sec]))
+            diff = hparams_differences(theirs, ours)
             raise ResumeError(f"{state_path} was written for other hyper-parameters (differ: {', '.join(diff)}); "
                               f"resume with the same preset and --set options, or train into a new --out")
         if (st["budget_s"], st["max_iterations"]) != (budget, max_it):

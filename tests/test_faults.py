@@ -142,6 +142,10 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, run_files, tiny_clip, 
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),
                 "--max-iterations", "4", "--no-progress", "--resume", "--set", "train.lr=0.01"]) == 2
     assert "differ: train.lr" in capsys.readouterr().err
+    from lib.training import hparams_differences  # a list section by its name (was "structures.None", a review)
+
+    assert hparams_differences({"structures": [{"name": "a"}], "train": {"lr": 1}, "old": 1},
+                               {"structures": [{"name": "b"}], "train": {"lr": 2}}) == ["old", "structures", "train.lr"]
     # the refused resume wrote its rejected settings into the run's hparams.json (a review, 2026-12-07)
     assert {n: (out / n).read_text() for n in recorded} == recorded
     assert cli(["train", "--preset", str(preset), "--datalist", str(datalist), "--out", str(out),

@@ -435,12 +435,16 @@ def test_an_empty_labels_request_means_every_structure():
     500); the docstring and the README say empty means all. ``"ALL"`` is all too."""
     import types
 
-    from lib.structures import select
+    from lib.structures import StructureError, select
 
     s = [types.SimpleNamespace(name="a", value=1), types.SimpleNamespace(name="b", value=2)]
     for every in (None, [], ",", " ", "all", "ALL", ["all"], [" "]):
         assert [x.name for x in select(s, every)] == ["a", "b"], every
     assert [x.name for x in select(s, "b, ")] == ["b"] and [x.name for x in select(s, [2])] == ["b"]
+    # a name in another case names the structure (a review: "Vertebra" was refused); an unknown one is refused
+    assert [x.name for x in select(s, " B ")] == ["b"] and [x.name for x in select(s, ["A", "b"])] == ["a", "b"]
+    with pytest.raises(StructureError, match=r"\['c'\] are not structures of this model"):
+        select(s, "c")
 
 
 # -- labels painted in the app (Submit Label) -----------------------------------------------------------------------
