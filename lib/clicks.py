@@ -117,6 +117,32 @@ def _no_uncertain_points(request: dict) -> None:
                          "samples disagree; place a click in a structure's segment or in 'background'")
 
 
+def looks_like_points(value) -> bool:
+    """A request value that is a list of click points (``[[x, y, z], ...]``: every entry 2 or 3 numbers)."""
+    import numbers
+
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(p, (list, tuple)) and len(p) in (2, 3)
+        and all(isinstance(c, numbers.Number) and not isinstance(c, bool) for c in p) for p in value)
+
+
+def check_no_stray_points(request: dict, labels: Iterable[str], other_labels: Iterable[str] = ()) -> None:
+    """Points under a key that is no label of this model (3D Slicer's DeepEdit mode sends the points of every /info
+    label, another model's included; a name no model has, "kidney"; a label's name in another case, "Lung") did
+    nothing, without a word: :class:`ClickError` naming them. ``other_labels``: the other models' label names (the
+    server knows them), whose point lists count even where they are malformed."""
+    mine = {labels} if isinstance(labels, str) else set(labels)
+    clickable = sorted(mine - {"background", "uncertain"})  # (clicks under "uncertain" are refused elsewhere)
+    stray = sorted(set(other_labels) - mine - {"background", "foreground"})
+    stray = [n for n in stray if isinstance(request.get(n), (list, tuple)) and len(request.get(n))]
+    stray += sorted(k for k, v in request.items() if isinstance(k, str) and k not in mine and k not in stray
+                    and k not in ("foreground", "background") and looks_like_points(v))
+    if stray:
+        near = {n: c for n in stray for c in clickable if n.strip().lower() == c.lower()}
+        raise ClickError(f"points under {stray}, which is not a label of this model; select one of its structures "
+                         f"{clickable} or 'background'" + (f" (names are case-sensitive: {near})" if near else ""))
+
+
 def parse_clicks(request: dict, label_names: Iterable[str], spatial_dims: int, shape: Sequence[int]) -> Clicks:
     """The clicks of a request, in the image's own voxel indices; raises :class:`ClickError` naming a bad point.
 

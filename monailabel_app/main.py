@@ -45,6 +45,7 @@ from lib.activelearning.fair_random import FairRandom  # noqa: E402
 import lib  # noqa: E402
 import lib.configs  # noqa: E402
 from lib.checkpoint import CheckpointError  # noqa: E402
+from lib.clicks import ClickError, check_no_stray_points  # noqa: E402
 from lib.config import ConfigError  # noqa: E402
 from lib.datastore import check_name  # noqa: E402
 from lib.infers.dfm_vlm import ModelNotReady, _as_bool  # noqa: E402
@@ -459,15 +460,6 @@ def _install_session_checks() -> None:
 
 
 _RESULT = threading.local()  # this thread's last /infer result's label names (for its DICOM SEG, below)
-
-
-def _looks_like_points(value) -> bool:
-    """A request value that is a list of click points (``[[x, y, z], ...]``: every entry 2 or 3 numbers)."""
-    import numbers
-
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
-        isinstance(p, (list, tuple)) and len(p) in (2, 3)
-        and all(isinstance(c, numbers.Number) and not isinstance(c, bool) for c in p) for p in value)
 
 
 _INPUTS = threading.local()  # whether the /infer request being checked uploaded its image or named a session
@@ -1070,18 +1062,11 @@ class DFMVLMApp(MONAILabelApp):
                 return list(t.labels) if isinstance(t.labels, (dict, list, tuple)) else [t.labels]
 
             mine = set(names(task))
-            clickable = sorted(mine - {"background", "uncertain"})  # (clicks under "uncertain" are refused)
-            stray = sorted({n for t in self._infers.values() for n in names(t)} - mine - {"background", "foreground"})
-            stray = [n for n in stray if isinstance(request.get(n), (list, tuple)) and len(request.get(n))]
-            # points under a name no model has ("kidney", "Lesion"): ignored without a word too (a review)
-            stray += sorted(k for k, v in request.items() if isinstance(k, str) and k not in mine and k not in stray
-                            and k not in ("foreground", "background") and _looks_like_points(v))
-            if stray:  # another model's segment: the points did nothing, without a word
-                near = {n: c for n in stray for c in clickable if n.strip().lower() == c.lower()}
-                raise HTTPException(status_code=422, detail=f"{model}: points under {stray}, which is not a label of "
-                                                            f"this model; select one of its structures {clickable} "
-                                                            "or 'background'"
-                                                            + (f" (names are case-sensitive: {near})" if near else ""))
+            clickable = sorted(mine - {"background", "uncertain"})
+            try:  # the task checks this too (lib.clicks.check_no_stray_points); here other models' names count
+                check_no_stray_points(request, mine, {n for t in self._infers.values() for n in names(t)})
+            except ClickError as e:
+                raise HTTPException(status_code=422, detail=f"{model}: {e}") from None
             # 3D Slicer's DeepEdit mode sends the points of /info's labels only, and "label": the selected segment. A
             # segment the user added ("Segment_1") keeps its points to itself: the request came with none and the
             # click did nothing, without a word

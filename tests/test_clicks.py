@@ -813,6 +813,12 @@ def test_interactive_task_labels_clicked_voxels_in_both_formats_and_shares_the_m
         assert res["clicks"] == {"foreground": len(fg), "background": len(bg)} and res["guidance"] is True
     with pytest.raises(ClickError, match=r"lesion\[0\] = \[99, 0, 0\] is outside the image"):
         task({"image": entry["image"], "skip_writer": True, "device": "cpu", "lesion": [[99, 0, 0]]})
+    # points under a key that is no label of the model did nothing, without a word, where the task was called
+    # in-process (only the server refused them)
+    for stray, needle in (({"kidney": fg[:1]}, r"points under \['kidney'\]"),
+                          ({"Lesion": fg[:1]}, r"case-sensitive: \{'Lesion': 'lesion'\}")):
+        with pytest.raises(ClickError, match=needle):
+            task({"image": entry["image"], "skip_writer": True, "device": "cpu", "steps": 1, **stray})
     # the app's own keys come from the app, never from a client's params (a review: "_clicked" painted value 77 at
     # any voxel of an automatic result, "_clicks" and "_uncertain" were 500s)
     from lib.config import ConfigError

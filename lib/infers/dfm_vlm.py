@@ -24,7 +24,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import device_list, device_map, file_ext
 
 from lib.checkpoint import CheckpointError, load_system
-from lib.clicks import ClickError, parse_clicks, parse_label_clicks, uncertain_mask
+from lib.clicks import ClickError, check_no_stray_points, parse_clicks, parse_label_clicks, uncertain_mask
 from lib.config import SAMPLERS, ConfigError, SamplerConfig, validate_sampler
 from lib.evaluation import make_inferer, predict_preprocessed, uncertainty_scores
 from lib.inferer import DFMSystem, WindowCache
@@ -343,6 +343,7 @@ class DFMPreprocessd:
             shape = [int(v) for v in img.meta.get("spatial_shape", img.shape[1:])] if hasattr(img, "meta") \
                 else list(img.shape[1:])
             dims = self.system.hparams.preprocessing.spatial_dims
+            check_no_stray_points(d, self.labels)  # (the server checks it first, with the other models' names)
             if self.system.structures:  # a prompted model: clicks per structure (lib.clicks.parse_label_clicks)
                 d["_dfm_clicks"] = prompted_clicks(self.system, d, dims, shape)
             else:
