@@ -22,6 +22,19 @@ from .config import PreprocConfig
 from .transforms import InputError
 
 
+# the image file suffixes this product names images without (a case's id, an uploaded image's id): one list (the
+# app's upload ids cut these while case_id cut a shorter list: "x.tif" was the case "x.tif" and the image "x")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
+                  ".bmp", ".dcm", ".svs")
+
+
+def strip_image_suffix(name: str) -> str:
+    """``name`` without its longest known image suffix (any case); unchanged where it has none or is only one."""
+    low = name.lower()
+    known = next((e for e in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if low.endswith(e)), None)
+    return name[: -len(known)] if known and len(name) > len(known) else name
+
+
 def case_id(item: dict) -> str:
     """A stable id for a datalist entry: its ``case_id`` or the image file's name without extensions."""
     if item.get("case_id"):
@@ -29,11 +42,7 @@ def case_id(item: dict) -> str:
     img = item["image"]
     first = img[0] if isinstance(img, (list, tuple)) else img
     p = Path(str(first))
-    name = p.name
-    for ext in (".nii.gz", ".nii", ".png", ".jpg", ".nrrd", ".mha", ".dcm"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
+    name = strip_image_suffix(p.name)
     if isinstance(img, (list, tuple)):  # multi-file images (e.g. BraTS modalities): the folder names the case
         return p.parent.name
     return name

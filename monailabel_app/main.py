@@ -477,19 +477,16 @@ def check_upload_name(key: str, filename) -> None:
                                                     f"character or more than {MAX_UPLOAD_NAME} bytes in UTF-8")
 
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
-                  ".bmp", ".dcm", ".svs")
-
-
 def upload_image_id(filename: str) -> str:
     """The image id of ``PUT /datastore/image`` without ``image``: the file's name without its image suffix (the
     longest known one, else its last). MONAI Label cut the name at its first dot, so "case.001.nii.gz" and
     "case.002.nii.gz" both became "case", the second replacing the first without a word, and "CT 2024.01.05.nii.gz"
     became "CT 2024" (a review)."""
+    from lib.data import strip_image_suffix
+
     base = os.path.basename(filename)
-    low = base.lower()
-    known = next((e for e in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if low.endswith(e)), None)
-    return base[: -len(known)] if known and len(base) > len(known) else os.path.splitext(base)[0] or base
+    stem = strip_image_suffix(base)
+    return stem if stem != base else os.path.splitext(base)[0] or base
 
 
 def check_json_field(name: str, text) -> None:

@@ -1800,6 +1800,11 @@ def test_an_upload_never_takes_another_image_s_file_and_a_deleted_image_leaves_t
 
     names = ("case.001.nii.gz", "CT 2024.01.05.NII.GZ", "x.DCM", "IM0001", "scan.seg.nrrd", "a.b.weird")
     assert [upload_image_id(n) for n in names] == ["case.001", "CT 2024.01.05", "x", "IM0001", "scan", "a.b"]
+    # and a datalist's case of that file the same name (its predictions, scores, seeds): case_id cut a shorter list
+    from lib.data import case_id
+
+    for n in ("case.001.nii.gz", "CT 2024.01.05.NII.GZ", "x.DCM", "slide.tiff", "xr.jpeg", "scan.seg.nrrd", "v.mhd"):
+        assert case_id({"image": f"/data/{n}"}) == upload_image_id(n), n
 
 
 @pytest.mark.parametrize("shape, overlap", [((40, 36, 20), 0.25), ((80, 80, 52), 0.5), ((10, 70, 33), 0.9),
