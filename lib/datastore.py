@@ -748,6 +748,7 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                 label_info = with_segments(label_info, present, image_id)
             except InputError as e:
                 raise HTTPException(status_code=422, detail=str(e)) from None
+            label_filename = with_image_geometry(label_filename, image_uri, tmp_dir)
             return self._save_checked_label(image_id, label_filename, label_tag, dict(label_info or {}), present)
 
     def _save_checked_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
@@ -861,6 +862,14 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
                     raise HTTPException(status_code=422, detail=f"series {image_id}: {e}; {then}") from None
             else:
                 seg = convert(src, label_file, label_info)
+                if seg and os.path.isfile(seg) and os.path.getsize(seg) and not seg_references_series(seg, image_id):
+                    # dcmqi places the frames by the label file's own header and references the slices it finds
+                    # there: a label off the series' slices became a SEG that references none, drawn elsewhere by
+                    # a viewer and skipped by every server reading the PACS (a review, 2026-12-08)
+                    os.unlink(seg)
+                    raise HTTPException(status_code=422, detail=f"series {image_id}: the DICOM SEG of this {what} "
+                                                                "references no slice of the series (its frames lie "
+                                                                f"off the series' slices); {then}")
         if not seg or not os.path.isfile(seg) or os.path.getsize(seg) == 0:
             if seg and os.path.exists(seg):
                 os.unlink(seg)
@@ -1006,6 +1015,8 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         names, which travel with it (a training reads it as painted, not by the dataset's codes); that of a
         ``superseded`` SEG aside (:meth:`_superseded_path`), not as the image's label."""
         if superseded:
+            if not is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
+                values_by_name(on_grid, seg_segments(label_dir), getattr(self, "default_label_names", None) or {})
             kept = self._superseded_path(label_id, image_id)
             os.makedirs(os.path.dirname(kept), exist_ok=True)
             with open(on_grid, "rb") as src:
@@ -1013,6 +1024,8 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
             return kept
         info = self._dicom_info(label_id)
         named = seg_segments(label_dir)  # the SEG's segment numbers are the converted label's values
+        if named and not is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
+            named = values_by_name(on_grid, named, getattr(self, "default_label_names", None) or {})
         if named:
             info["segments"] = named
         self._store_label(image_id, on_grid, label_tag, info)
@@ -1252,6 +1265,73 @@ def seg_segments(folder: str) -> dict[str, str]:
             return {str(int(x.SegmentNumber)): str(x.SegmentLabel) for x in ds.SegmentSequence
                     if getattr(x, "SegmentLabel", "")}
     return {}
+
+
+def seg_references_series(seg_path: str, series_uid: str) -> bool:
+    """The DICOM SEG at ``seg_path`` references ``series_uid`` (its Referenced Series Sequence)."""
+    import pydicom
+
+    ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    return any(str(getattr(x, "SeriesInstanceUID", "")) == series_uid
+               for x in (ds.get("ReferencedSeriesSequence") or []))
+
+
+def with_image_geometry(label_path: str, image_path: str, out_dir: str) -> str:
+    """``label_path``, or where its affine differs from the image's, a copy written with the image's (``out_dir``).
+    :func:`check_label_file` accepts a label with the image's axes and spacing and another origin voxel for voxel
+    (a NIfTI qform/sform difference between readers); the DICOM SEG writer (dcmqi) places the frames by the label's
+    own header, so such a label became a SEG 32 mm off the series, referencing none of its slices, while the cache
+    held it voxel for voxel (a review, 2026-12-08). The copy holds the same voxels on the image's geometry."""
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    if not image_path.lower().endswith((".nii", ".nii.gz")):
+        return label_path
+    img = nib.load(image_path)
+    lab = LoadImage(image_only=True)(label_path)
+    if np.allclose(np.asarray(lab.affine, dtype=np.float64), img.affine, atol=1e-4):
+        return label_path
+    arr = np.asarray(lab)
+    if arr.size != int(np.prod(img.shape)):
+        return label_path  # (an image with a channel axis: no series of this datastore)
+    out = nib.Nifti1Image(np.rint(arr).astype(np.uint8).reshape(img.shape), img.affine)
+    out.set_qform(img.get_qform(), int(img.header["qform_code"]))
+    out.set_sform(img.get_sform(), int(img.header["sform_code"]))
+    path = os.path.join(out_dir, "label_on_image_geometry.nii.gz")
+    nib.save(out, path)
+    logger.info("label %s written with its image's geometry (voxel for voxel) for the DICOM SEG", label_path)
+    return path
+
+
+def values_by_name(label_path: str, segments: dict[str, str], names: dict[int, str]) -> dict[str, str]:
+    """A label read from a DICOM SEG holds the SEG's segment numbers (1..N, as DICOM numbers them): a label saved
+    with the vertebra alone (value 2) came back as value 1, and one of values {1, 3} as {1, 2}, so a client of
+    another server (or of this one once it read the PACS again) saw the vertebra as the lesion (a review,
+    2026-12-08). Each segment takes back the value it was saved with, known by its name: a model's label name
+    (``names``, value -> name) or this app's ``segment <value>``; a name known neither way keeps its number. The
+    file at ``label_path`` is rewritten where a value changes; returns ``segments`` keyed by the new values (as
+    they were when no value would be unique)."""
+    import nibabel as nib
+
+    by_name = {str(n): int(v) for v, n in names.items()}
+    want = {}
+    for number, name in segments.items():
+        m = re.fullmatch(r"segment (\d+)", str(name))
+        want[int(number)] = by_name.get(str(name), int(m.group(1)) if m else int(number))
+    if all(k == v for k, v in want.items()):
+        return segments
+    if len(set(want.values())) != len(want) or not all(1 <= v <= 255 for v in want.values()):
+        logger.warning("SEG segments %s: their values by name %s are not unique; kept as numbered", segments, want)
+        return segments
+    img = nib.load(label_path)
+    arr = np.asarray(img.dataobj)
+    lut = np.arange(max(256, int(arr.max()) + 1), dtype=np.int64)
+    for k, v in want.items():
+        lut[k] = v
+    out = nib.Nifti1Image(lut[arr.astype(np.int64)].astype(np.uint8), img.affine, img.header)
+    out.set_data_dtype(np.uint8)
+    nib.save(out, label_path)
+    return {str(want[int(k)]): n for k, n in segments.items()}
 
 
 def with_segments(label_info: dict | None, present: list[int], image_id: str) -> dict:

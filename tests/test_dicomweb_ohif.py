@@ -833,6 +833,61 @@ def test_a_final_label_follows_the_pacs_through_a_new_grid_a_late_series_and_an_
         "the older SEG was stored over the label just submitted"
 
 
+def test_a_final_label_reaches_the_pacs_on_its_series_slices_and_comes_back_with_its_values(tmp_path):
+    """A review (2026-12-08): (1) a label with the image's axes and spacing and another origin (a NIfTI qform/sform
+    difference) is stored voxel for voxel, but its SEG was placed by the label's own header: 32 mm off the series,
+    referencing none of its slices, skipped by every server reading the PACS; (2) a SEG numbers its segments 1..N,
+    so a label saved with the vertebra alone (value 2) came back from the PACS as value 1 (the lesion's)."""
+    from fastapi import HTTPException
+    from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+
+    from lib.datastore import CheckedDICOMWebDatastore, segment_infos
+
+    open_ds, client, (uid,) = _fake_dicomweb(tmp_path)
+    client.__class__ = SegListingPACS
+    ds = open_ds()
+    ds.default_label_names = {1: "lesion", 2: "vertebra"}  # (the app sets the models' label names)
+    uri = ds.get_image_uri(uid)
+    img = nib.load(uri)
+    shifted = img.affine @ np.array([[1, 0, 0, 5], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+
+    def another_server(name):  # its own cache: reads the final label from the PACS
+        other = CheckedDICOMWebDatastore(client=client, search_filter={}, cache_path=str(tmp_path / name),
+                                         fetch_by_frame=False, convert_to_nifti=True)
+        other._observer.stop()
+        other._observer.join()
+        other.default_label_names = ds.default_label_names
+        return other
+
+    saved = []
+    for n, (affine, values) in enumerate(((shifted, (1,)), (img.affine, (2,)), (img.affine, (1, 3)),
+                                          (shifted, (2,)))):
+        lab = np.zeros(img.shape, np.uint8)
+        for i, v in enumerate(values):
+            lab[2 + 8 * i:7 + 8 * i, 2:8, 1:4] = v
+        path = tmp_path / f"label{n}.nii.gz"
+        nib.save(nib.Nifti1Image(lab, affine), str(path))
+        ds.save_label(uid, str(path), "final", {})
+        seg = client.stored[-1]
+        assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == uid, (n, "the SEG references no slice")
+        cached = nib.load(ds.get_label_uri(uid, "final"))
+        assert np.allclose(cached.affine, img.affine) and np.array_equal(np.asarray(cached.dataobj), lab), n
+        read = nib.load(another_server(f"server{n}").get_label_uri(uid, "final"))
+        assert np.allclose(read.affine, img.affine), n
+        assert np.array_equal(np.asarray(read.dataobj), lab), (n, np.unique(np.asarray(read.dataobj)), values)
+        saved.append((seg.SeriesInstanceUID, lab))
+    # an earlier SEG, read aside (superseded by the newer ones) keeps its values too
+    older = nib.load(another_server("aside").get_label_uri(saved[2][0], "final"))
+    assert np.array_equal(np.asarray(older.dataobj), saved[2][1]), np.unique(np.asarray(older.dataobj))
+    # the SEG writer itself refuses a SEG that references no slice of its series (nothing is stored)
+    far = tmp_path / "far.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(cached.dataobj), shifted), str(far))  # (values: the vertebra, 2)
+    with pytest.raises(HTTPException) as e:
+        ds.write_seg(uid, str(far), segment_infos([2], [{"name": "vertebra"}]), nifti_to_dicom_seg, "label",
+                     "nothing was stored")
+    assert e.value.status_code == 422 and "references no slice of the series" in e.value.detail, e.value.detail
+
+
 def test_a_download_that_finds_another_process_s_complete_copy_keeps_it(tmp_path):
     """A review: two processes fetching one series (the server and a training or scoring process) -- the second to
     finish removed the first one's complete folder (rmtree "an empty leftover") while the first read it: a false
