@@ -719,6 +719,20 @@ def _interrupted_note(args) -> str:
         return f": {state} is there; the same command with --resume continues from it"
 
 
+def user_errors() -> tuple[type, ...]:
+    """The errors the command line and the benches print as one line (``error: ...``, exit 2): a checkpoint, a
+    setting, an input, the VLM, a precision, a structure, or the network's NaN output named -- not a traceback."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .inferer import NonFiniteOutput
+    from .precision import PrecisionError
+    from .structures import StructureError
+    from .transforms import InputError
+    from .vlm import VLMError
+
+    return CheckpointError, ConfigError, InputError, VLMError, PrecisionError, StructureError, NonFiniteOutput
+
+
 def run_bench(main_fn) -> int:
     """A bench's entry point (``raise SystemExit(run_bench(main))``): where its figures come from -- the command,
     ``torch.backends.cpu.get_cpu_capability()``, the threads, and at the end the wall time -- and, as this
@@ -729,13 +743,6 @@ def run_bench(main_fn) -> int:
 
     import torch
 
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .precision import PrecisionError
-    from .structures import StructureError
-    from .transforms import InputError
-    from .vlm import VLMError
-
     def terminated(signum, _frame):
         raise SystemExit(128 + signum)
 
@@ -745,7 +752,7 @@ def run_bench(main_fn) -> int:
     t0 = time.perf_counter()
     try:
         rc = main_fn()
-    except (CheckpointError, ConfigError, InputError, VLMError, PrecisionError, StructureError) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -766,20 +773,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet()
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .transforms import InputError
-    from .vlm import VLMError
-
-    from .precision import PrecisionError
-    from .structures import StructureError
-
     try:
         return args.fn(args)
     except KeyboardInterrupt:  # (a traceback, and no word on what was kept; a review)
         print("interrupted" + _interrupted_note(args), file=sys.stderr)
         return 130
-    except (CheckpointError, ConfigError, InputError, VLMError, PrecisionError, StructureError) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an unwritable --out, a full disk: the file and the reason, not a traceback

@@ -222,6 +222,7 @@ class DFMSystem(nn.Module):
                                   repeats=per_window)
             if not self.model.dfm:  # one pass; the clicks' held voxels are known here too (were ignored)
                 p = _hold(torch.sigmoid(self.model(None, None, cond).float()), hold)
+                check_finite(p, prec)
                 return p, torch.zeros_like(p)
             hp = self.hparams
             scheduler = make_scheduler(hp.flow)
@@ -240,7 +241,24 @@ class DFMSystem(nn.Module):
                 # posterior before t = 1 is the network's own: a review found them unheld there)
                 outs.append(_hold(trace["last_posterior"], h) if output == "last_posterior" else p_final)
         out = torch.cat(outs).float().view(b, m, 1, *spatial)
+        check_finite(out, prec)
         return mean_var(out, 1)
+
+
+class NonFiniteOutput(RuntimeError):
+    """The network's probabilities hold NaN: no segmentation is made of them."""
+
+
+def check_finite(p: torch.Tensor, precision) -> None:
+    """Raise :class:`NonFiniteOutput` where the probabilities ``p`` (``(B, ...)``) hold NaN. A NaN never flips a
+    voxel of the sampler's state (``rand < NaN`` is false) and ``> 0.5`` reads it as background: a checkpoint with
+    a NaN weight segmented nothing, and NaN in part of a window left holes in the result, without a word (a review,
+    2026-12-08). (±inf logits are fine: probabilities 0 and 1.)"""
+    bad = torch.isnan(p.reshape(p.shape[0], -1)).any(1)
+    if bool(bad.any()):
+        raise NonFiniteOutput(f"the network returned NaN for {int(bad.sum())} of {p.shape[0]} window samples "
+                              f"(precision {precision}): its weights or this input are not finite, or the precision "
+                              "overflowed; no segmentation is made from it")
 
 
 CPU_AUTO_VOXELS = 40 * 1024  # 4 items of 96^2: measured fastest on this CPU (bench/cap_bench.py, README)

@@ -48,6 +48,7 @@ from lib.checkpoint import CheckpointError  # noqa: E402
 from lib.clicks import ClickError, check_no_stray_points  # noqa: E402
 from lib.config import ConfigError  # noqa: E402
 from lib.datastore import check_name  # noqa: E402
+from lib.inferer import NonFiniteOutput  # noqa: E402
 from lib.infers.dfm_vlm import ModelNotReady, _as_bool  # noqa: E402
 from lib.threads import DATASTORE_WRITES, in_a_passing_thread, one_cpu_thread_here  # noqa: E402
 from lib.transforms import InputError  # noqa: E402
@@ -1114,6 +1115,8 @@ class DFMVLMApp(MONAILabelApp):
             raise HTTPException(status_code=422, detail=f"{model}: {e}") from e
         except (ModelNotReady, CheckpointError) as e:
             raise HTTPException(status_code=503, detail=f"model {model!r} is not ready: {e}") from e
+        except NonFiniteOutput as e:  # the network's NaN: named (was MONAI Label's bare "Internal Server Error")
+            raise HTTPException(status_code=500, detail=f"{model}: {e}") from e
 
     def _server_made_file(self, path: str) -> bool:
         """A file MONAI Label itself wrote for this request: an upload (``tempfile.NamedTemporaryFile`` in the

@@ -185,6 +185,35 @@ def test_every_window_and_every_image_draws_its_own_noise(make_system):
     assert len({seed_for(s, k) for s in (0, 1) for k in ("a", "b", "plumless", "buckeroo")}) == 8
 
 
+@pytest.mark.parametrize("mode", ["dfm", "plain"])
+def test_a_network_returning_nan_is_an_error_not_an_empty_or_holed_mask(make_system, mode):
+    """A review (2026-12-08): NaN never flips a voxel of the sampler's state and ``> 0.5`` reads it as background, so
+    a checkpoint with a NaN weight segmented nothing, and NaN in part of a window left holes, without a word."""
+    from lib.inferer import NonFiniteOutput
+
+    system = make_system(mode=mode) if mode == "plain" else _film_matters(make_system())
+    img = torch.rand(1, 1, 48, 48, generator=torch.Generator().manual_seed(1))
+    inf = DFMSlidingWindowInferer([32, 32], steps=2, num_samples=2)
+    assert torch.isfinite(inf(img, system, seed=1)).all()
+    real = system.model.forward
+
+    def corner_nan(*a, **kw):  # NaN logits in the top-left 4 x 4 of every window
+        out = real(*a, **kw).clone()
+        out[..., :4, :4] = float("nan")
+        return out
+
+    system.model.forward = corner_nan
+    try:
+        with pytest.raises(NonFiniteOutput, match=r"NaN for \d+ of \d+ window samples"):
+            inf(img, system, seed=1)
+    finally:
+        system.model.forward = real
+    with torch.no_grad():
+        next(iter(system.model.parameters())).view(-1)[0] = float("nan")  # one NaN weight
+    with pytest.raises(NonFiniteOutput, match="its weights or this input are not finite"):
+        inf(img, system, seed=1)
+
+
 def test_inferer_is_reproducible_and_seeded(make_system):
     system = _film_matters(make_system())
     img = torch.rand(1, 1, 48, 48)
