@@ -63,6 +63,10 @@ def save_checkpoint(path: str | os.PathLike, model: ConditionalUNet, hparams: HP
     """Write the checkpoint atomically; the hyper-parameters are resolved and checked against the model first."""
     path = Path(path)
     hp = hparams.resolved()
+    bad = non_finite_tensors(model.state_dict())
+    if bad:  # (a diverged training published last.pt of NaN weights, served as an empty label: a review)
+        raise CheckpointError(f"not writing {path}: {len(bad)} weight tensor(s) of the model hold NaN or infinity "
+                              f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
     if dataclasses.asdict(hp.model) != dataclasses.asdict(model.cfg):
         raise CheckpointError(f"hyper-parameters {dataclasses.asdict(hp.model)} do not describe the model being "
                               f"saved {dataclasses.asdict(model.cfg)}")
@@ -184,12 +188,38 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 ALLOW_PICKLE_ENV = "DFM_ALLOW_PICKLED_CHECKPOINTS"
 
 
+def _damaged_entry(path: Path) -> str | None:
+    """The first entry of a zip-format checkpoint (``torch.save``'s) whose bytes fail its stored CRC-32, else None.
+    PyTorch's reader does not check them: one flipped exponent bit loaded a weight of 3e37, and the model served
+    NaN everywhere -- an empty label, without a word (a review, 2026-12-08)."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return None  # (the legacy format, or no checkpoint: torch.load says which)
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # (a damaged directory: torch.load names it)
+        logger.debug("zip check of %s: %s", path, e)
+        return None
+
+
+def non_finite_tensors(state_dict: dict) -> list[str]:
+    """The floating-point tensors of ``state_dict`` holding NaN or infinity."""
+    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
+
+
 def _torch_load(path: Path, map_location) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain values only. A file that needs arbitrary unpickling
     (which can run any code it names) is refused, unless ``DFM_ALLOW_PICKLED_CHECKPOINTS=1`` is set by someone who
     trusts that file (e.g. a Lightning checkpoint of their own that pickles an ``AttributeDict``)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    damaged = _damaged_entry(path)
+    if damaged:
+        raise CheckpointError(f"checkpoint {path} is damaged: its entry {damaged!r} fails its CRC-32 check (a file "
+                              "changed on disk or in a copy); use another copy or the run's other checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -442,14 +472,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     obj = _torch_load(path, map_location)
     state_dict, raw, fmt, metrics, version = _unpack(obj, path)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        kinds = sorted({type(v).__name__ for v in (state_dict.values() if isinstance(state_dict, dict) else [])
+                        if not isinstance(v, torch.Tensor)}) or [type(state_dict).__name__]
+        raise CheckpointError(f"{path}: its state_dict must map names to tensors (found {', '.join(kinds)})")
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinity ({', '.join(bad[:4])}"
+                              f"{', ...' if len(bad) > 4 else ''}): a diverged training's weights; use a checkpoint "
+                              "from before the loss became NaN (best.pt of the run)")
     notes: list[str] = []
     unknown: list[str] = []
     try:
         hp = resolve_hparams(raw, state_dict, notes, unknown)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong kind anywhere: still the checkpoint
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:  # a value of the wrong kind anywhere
+        # (a FiLM weight of one dimension was a bare IndexError; a malformed vlm.fingerprint an AttributeError at
+        # the VLM's check: a review, 2026-12-08)
         raise CheckpointError(f"{path}: invalid hyper-parameters ({type(e).__name__}: {e})") from None
+    try:
+        hp.vlm.resolved()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: invalid hyper-parameters ({e})") from None
     try:
         model = ConditionalUNet(hp.model)
     except ConfigError as e:

@@ -142,6 +142,10 @@ STATE_FORMAT = "dfm-vlm-train-state"
 _LOSS_ROW = re.compile(r"(\d+),([^,]+)")  # one whole row of losses.csv
 
 
+class TrainingDiverged(ConfigError):
+    """The training loss became NaN or infinite."""
+
+
 class ResumeError(ConfigError):
     """A training state that cannot be resumed here (CLI: exit 2 with the reason)."""
 
@@ -739,6 +743,11 @@ def train(hp: HParams, train_items: Sequence[dict], val_items: Sequence[dict], o
             lt = torch.tensor([loss_value], device=device)
             torch.distributed.all_reduce(lt)
             loss_value = float(lt) / world
+        if not math.isfinite(loss_value):  # (every rank sees the same mean: all stop together)
+            # the run went on with NaN weights and published them as last.pt (a review, 2026-12-08)
+            raise TrainingDiverged(f"the training loss is {loss_value} at iteration {it + 1} (learning rate "
+                                   f"{opt.param_groups[0]['lr']:.3g}): training stopped; the checkpoints written "
+                                   "before it are kept. Lower train.lr (or train.autocast) and train again")
         losses.append(loss_value)
         patches_seen += len(batch["image"])
         it += 1

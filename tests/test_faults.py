@@ -900,3 +900,70 @@ def test_a_queued_inference_whose_client_left_or_whose_server_stops_is_not_run(t
         assert not running(880031)
     finally:
         server.stop()
+
+
+def test_a_damaged_or_non_finite_checkpoint_is_refused_and_a_diverged_training_stops(tmp_path, tiny_clip):
+    """A review (2026-12-08): (1) PyTorch's reader does not check a zip entry's CRC-32: a checkpoint with flipped
+    bits loaded without a word, and its NaN probabilities became an empty label; (2) a training whose loss went
+    NaN trained on and published last.pt of NaN weights, which loaded without a word; (3) a malformed field (a
+    weight that is no tensor, a FiLM weight of one dimension, a fingerprint that is no mapping) was a bare
+    AttributeError / IndexError."""
+    import shutil
+    import struct
+    import zipfile
+
+    from lib.checkpoint import save_checkpoint
+    from lib.data import load_datalist
+    from lib.training import TrainingDiverged, train
+
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    system = build_system(hp)
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, system.model, system.hparams)
+    load_checkpoint(good)
+    # (1) one byte of the largest weight's data changed
+    with zipfile.ZipFile(good) as z:
+        entry = max(z.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(good.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    at = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
+    raw[at] ^= 0x40
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"is damaged: its entry '{entry.filename}' fails its CRC-32"):
+        load_checkpoint(damaged)
+    # (2) a NaN weight: refused at save and at load, naming the tensor
+    obj = torch.load(good, weights_only=True)
+    key = next(k for k in obj["state_dict"] if k.startswith("vlm_film_heads.0") and k.endswith("weight"))
+    obj["state_dict"][key].view(-1)[0] = float("nan")
+    torch.save(obj, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=rf"1 weight tensor\(s\) hold NaN or infinity \({key}\)"):
+        load_checkpoint(tmp_path / "nan.pt")
+    with torch.no_grad():
+        dict(system.model.named_parameters())[key].view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match=rf"not writing .*hold NaN or infinity \({key}\)"):
+        save_checkpoint(tmp_path / "nan2.pt", system.model, system.hparams)
+    assert not (tmp_path / "nan2.pt").exists()
+    # (3) malformed fields
+    for edit, needle in ((lambda o: o["state_dict"].__setitem__(key, None), "must map names to tensors"),
+                         (lambda o: o["state_dict"].__setitem__(key, o["state_dict"][key].view(-1)),
+                          "invalid hyper-parameters"),
+                         (lambda o: o["hyper_parameters"]["vlm"].__setitem__("fingerprint", "abc"),
+                          "vlm.fingerprint must be a mapping")):
+        obj = torch.load(good, weights_only=True)
+        edit(obj)
+        torch.save(obj, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=needle):
+            load_checkpoint(tmp_path / "bad.pt")
+    # a training whose loss becomes NaN stops there, naming the iteration; what it wrote before is kept
+    datalist = _phantom_datalist(tmp_path, n_train=2, n_val=1)
+    tr, va = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
+    hp = tiny_hparams(tiny_clip, spacing=[1.0, 1.0])
+    hp.train.lr = 1e15
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"the training loss is nan at iteration \d+"):
+        train(hp, tr, va, out, max_iterations=6, progress=False)
+    for f in out.glob("*.pt"):
+        if f.name != "resume.pt":
+            load_checkpoint(f)  # finite: written before the loss went NaN
+    shutil.rmtree(out)
