@@ -21,6 +21,15 @@ def test_schedulers():
     assert torch.allclose(cub.d_kappa(t), 3 * t ** 2)
     assert make_scheduler(FlowConfig(scheduler="linear")).n == 1.0
     assert make_scheduler(FlowConfig(scheduler="polynomial", exponent=3)).n == 3.0
+    # an exponent whose kappa(t) rounds to 1 in float32 before t = 1 broke the Heun sampler at the first request
+    from lib.config import MIN_EXPONENT, ConfigError
+    from lib.samplers import time_grid
+
+    for bad in (0, -1, 1e-9, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="exponent must be a finite number >= 0.001"):
+            FlowConfig(scheduler="polynomial", exponent=bad).resolved()
+    grid = time_grid(256)[:-1]
+    assert bool((PolynomialScheduler(MIN_EXPONENT).kappa(grid) < 1).all())
 
 
 @pytest.mark.parametrize("kappa_n", [1.0, 3.0])
