@@ -60,6 +60,12 @@ FINGERPRINT_COMPONENTS = 8
 FINGERPRINT_TOLERANCE = 2e-3  # per probe component (L2-normalised embeddings); fp32 reloads agree to ~1e-7
 
 
+# the probe embedded at a size no processor takes as it is (a tiny CLIP's is 32, CLIP's 224): the processor's resize
+# (its resample filter, crop) is part of what the windows are embedded through, and a VLM folder whose processor
+# resamples otherwise changed predictions by up to 0.15 and passed the 32-pixel probe (a review, 2026-12-08)
+RESIZED_PROBE_SIZE = 61
+
+
 def _probe_image(size: int = 32) -> torch.Tensor:
     """A fixed (3, size, size) view in [0, 1]: the image every fingerprint embeds."""
     i = torch.arange(size, dtype=torch.float32)
@@ -87,7 +93,7 @@ def fingerprint_mismatch(recorded: dict | None, actual: dict | None, tol: float 
         if k in recorded and k in actual and recorded[k] is not None and actual[k] is not None \
                 and recorded[k] != actual[k]:
             return f"{k} {recorded[k]!r} vs {actual[k]!r}"
-    for k in ("image_probe", "text_probe"):
+    for k in ("image_probe", "text_probe", "resized_probe"):  # (resized_probe: recorded since 2026-12-08)
         a, b = recorded.get(k), actual.get(k)
         if a is None or b is None:
             continue
@@ -151,13 +157,14 @@ class VLMEncoder(nn.Module):
     def _probe_embeddings(self) -> dict:
         """The fixed probe image (and text) embedded in fp32, whatever autocast the caller runs under."""
         with torch.autocast(self.device.type, enabled=False):
-            pix = self.image_processor(images=[_probe_image()], return_tensors="pt", do_rescale=False)["pixel_values"]
-            img = F.normalize(_features(self.model.get_image_features(
-                pixel_values=pix.to(self.device, torch.float32))).float(), dim=-1)[0]
+            img, resized = (F.normalize(_features(self.model.get_image_features(pixel_values=self.image_processor(
+                images=[_probe_image(size)], return_tensors="pt", do_rescale=False)["pixel_values"].to(
+                self.device, torch.float32))).float(), dim=-1)[0] for size in (32, RESIZED_PROBE_SIZE))
             txt = None
             if self.tokenizer is not None and self.text_embed_dim is not None:
                 txt = self._encode_text_uncached([FINGERPRINT_PROBE_TEXT])[0]
-        return {"image_probe": _project(img), "text_probe": None if txt is None else _project(txt)}
+        return {"image_probe": _project(img), "text_probe": None if txt is None else _project(txt),
+                "resized_probe": _project(resized)}
 
     @property
     def fingerprint(self) -> dict:

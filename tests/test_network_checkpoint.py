@@ -381,6 +381,24 @@ def test_a_checkpoint_refuses_another_vlm_of_the_same_embedding_size(tmp_path, t
             load_system(ck, vlm=str(other))
         nudged = {**fp, "image_probe": [v + FINGERPRINT_TOLERANCE / 2 for v in fp["image_probe"]]}
         assert fingerprint_mismatch(nudged, a) is None  # a tolerance, not bit equality
+    # the same weights behind a processor that resamples otherwise (nearest for bicubic): windows are embedded
+    # through its resize, which the 32-pixel probe never ran (a review: predictions moved by up to 0.15)
+    import json
+    import shutil
+
+    nearest = tmp_path / "nearest-clip"
+    shutil.copytree(tiny_clip, nearest)
+    conf = json.loads((nearest / "processor_config.json").read_text())
+    assert conf["image_processor"]["resample"] == 3
+    conf["image_processor"]["resample"] = 0
+    (nearest / "processor_config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match=r"resized_probe differs by"):
+        load_system(ck, vlm=str(nearest))
+    # a fingerprint recorded before the resized probe: checked by what it has
+    obj = _t.load(ck, weights_only=True)
+    del obj["hyper_parameters"]["vlm"]["fingerprint"]["resized_probe"]
+    _t.save(obj, tmp_path / "before.pt")
+    assert load_system(tmp_path / "before.pt", vlm=str(nearest)).vlm is not None
     # a checkpoint from before fingerprints: still loads (with any VLM of its size, as before)
     obj = _t.load(ck, weights_only=True)
     del obj["hyper_parameters"]["vlm"]["fingerprint"]
