@@ -242,6 +242,27 @@ def check_labels(items: Sequence[dict], labels=None) -> None:
     ``evaluate_items`` logs and names it as it reads it. Not refused: a structure may be absent from every case."""
     from .transforms import _itk_header
 
+    def files(v):
+        return [str(f) for f in (v if isinstance(v, (list, tuple)) else [v])]
+
+    missing, repeated, seen = [], [], {}
+    for k, item in enumerate(items):
+        gone = [f for f in files(item["image"]) + files(item["label"]) if not os.path.exists(f)]
+        if gone:
+            missing.append(f"{item.get('case_id')}: {gone[0]}")
+        pair = tuple(os.path.realpath(f) for f in files(item["image"]) + ["|"] + files(item["label"]))
+        if pair in seen:
+            repeated.append(f"{item.get('case_id')} (entry {k}, the same files as entry {seen[pair]})")
+        seen.setdefault(pair, k)
+    # (a missing file was found when its case was reached, after the inferences before it, and the run ended with
+    # nothing written; an entry listed twice was counted twice in the mean, median and spread: a review, 2026-12-08)
+    if missing:
+        raise InputError(f"{len(missing)} of {len(items)} entries name a file that does not exist, found before any "
+                         f"image was predicted: {'; '.join(missing[:5])}")
+    if repeated:
+        raise InputError(f"{len(repeated)} entr{'y repeats' if len(repeated) == 1 else 'ies repeat'} an earlier one "
+                         f"(the same image and label), which the statistics would count twice: "
+                         f"{'; '.join(repeated[:5])}")
     misfit = []
     for k, item in enumerate(items):
         img_file, lab_file = first_path(item["image"]), first_path(item["label"])
@@ -262,9 +283,22 @@ def check_labels(items: Sequence[dict], labels=None) -> None:
             misfit.append(f"{item.get('case_id')}: image {img_file} {img_shape}, label {lab_file} {lab_shape}" + (
                 " (transposed: a mask written from a (rows, columns) array beside an image the loader reads as "
                 "(x, y), a PNG?)" if swapped else ""))
+        elif all(f.lower().endswith((".nii", ".nii.gz")) for f in (img_file, lab_file)):
+            # off the image's grid (another spacing, a mirrored affine), from the NIfTI headers as the loader reads
+            # them (nibabel's affine): was found after the inferences before it (a review, 2026-12-08)
+            import nibabel as nib
+            from types import SimpleNamespace
+
+            from .transforms import geometry_difference
+
+            problem = geometry_difference(lab_file, SimpleNamespace(affine=nib.load(lab_file).affine), img_file,
+                                          SimpleNamespace(affine=nib.load(img_file).affine), img_shape,
+                                          allow_reorder=True)
+            if problem:
+                misfit.append(f"{item.get('case_id')}: {lab_file}: the label is not on its image's grid ({problem})")
     if misfit:
-        raise InputError(f"{len(misfit)} of {len(items)} label(s) do not fit their image's size, found before any "
-                         f"image was predicted: {'; '.join(misfit[:5])}")
+        raise InputError(f"{len(misfit)} of {len(items)} label(s) do not fit their image (size or grid), found "
+                         f"before any image was predicted: {'; '.join(misfit[:5])}")
 
 
 def truth_on_image_grid(item: dict, label, prob):

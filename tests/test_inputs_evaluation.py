@@ -413,6 +413,15 @@ def test_labels_coded_otherwise_or_off_their_image_are_named_before_any_predicti
     with pytest.raises(InputError, match=r"1 of 3 label\(s\) do not fit.*c2.*\(32, 40\).*\(30, 40\)"):
         ev.evaluate_items(system, [ok, case(3, 255), bad])
     assert calls == []
+    # a missing file, an entry listed twice: named before the first prediction (a review, 2026-12-08: a missing file
+    # was found when its case was reached, nothing written; a repeated entry was counted twice in the statistics)
+    for items, needle in (([ok, {**case(4, 255), "label": str(tmp_path / "gone.png")}],
+                           r"1 of 2 entries name a file that does not exist.*c4: .*gone\.png"),
+                          ([ok, case(5, 255), dict(ok)],
+                           r"1 entry repeats an earlier one .*c0 \(entry 2, the same files as entry 0\)")):
+        with pytest.raises(InputError, match=needle):
+            ev.evaluate_items(system, items)
+    assert calls == []
     from lib import training  # a training's validation labels: checked before it trains, not at its validation
 
     with pytest.raises(InputError, match=r"1 of 1 label\(s\) do not fit"):
@@ -555,7 +564,7 @@ def test_which_model_an_image_goes_to_is_what_the_loader_reads(tmp_path):
     assert dims["n30x50x1.nii.gz"] == 2 and dims["i1x50x30.nrrd"] == 2 and dims["i1x50x30.mha"] == 2
 
 
-def test_a_label_off_its_image_s_grid_is_refused_in_training_and_evaluate(tmp_path, make_system):
+def test_a_label_off_its_image_s_grid_is_refused_in_training_and_evaluate(tmp_path, make_system, monkeypatch):
     """A review: a datalist label whose affine differs from its image's (here the image is stored LPS, its exact
     voxel mask with ``np.eye(4)``) was reoriented by its own affine in training -- 0 of 144 foreground voxels on the
     image's blob -- while evaluate scored the arrays as loaded. The datastore refused such a label on save; the
@@ -596,6 +605,16 @@ def test_a_label_off_its_image_s_grid_is_refused_in_training_and_evaluate(tmp_pa
     assert other[0]["dice"] == pytest.approx(ref[0]["dice"]) and other[0]["recall"] == pytest.approx(ref[0]["recall"])
     with pytest.raises(InputError, match="the label is not on its image's grid"):
         evaluate_items(system, [{**item, "label": str(bad)}], inf)
+    # off its grid and last of two: named from the NIfTI headers before the first prediction (was: after it)
+    import lib.evaluation as ev
+
+    calls, real = [], ev.predict_preprocessed
+    monkeypatch.setattr(ev, "predict_preprocessed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n = 0
+    with pytest.raises(InputError, match=r"1 of 2 label\(s\) do not fit their image \(size or grid\).*bad\.nii\.gz: "
+                                         r"the label is not on its image's grid"):
+        evaluate_items(system, [{**item, "label": str(good)}, {**item, "label": str(bad)}], inf)
+    assert len(calls) == n
 
 
 def test_a_2d_label_stored_in_another_voxel_order_is_trained_in_the_image_s_order(tmp_path, make_system):
