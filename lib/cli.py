@@ -522,6 +522,9 @@ def cmd_evaluate(a) -> int:
     if summary.get("truth_read_empty"):  # (each named in the log and in its row's truth_note)
         hd += (f"; {summary['truth_read_empty']} label(s) with foreground read as an empty truth (see "
                "truth_note in cases.json)")
+    if summary.get("truth_unread_values"):  # (a recoded value beside values read: the Dice fell without a word)
+        hd += (f"; label values read as background beside values read: {summary['truth_unread_values']} (value: "
+               "cases; see truth_unread in cases.json)")
     if summary.get("empty_prediction_by_structure"):  # a prompted model: counted per structure
         missed = {k: v for k, v in summary["empty_prediction_by_structure"].items() if v}
         if missed:

@@ -26,6 +26,7 @@ from .inferer import DFMSlidingWindowInferer, DFMSystem, WindowCache, seed_for
 from .transforms import (
     CONTENT_KEY,
     TRUTH_NOTE,
+    TRUTH_UNREAD,
     InputError,
     check_label_grid,
     first_path,
@@ -198,6 +199,7 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
         out = predict_preprocessed(system, d, inferer, labels=structures, prompt=prompt)
         label = lab["label"]
         note = getattr(label, "meta", {}).get(TRUTH_NOTE)
+        unread = getattr(label, "meta", {}).get(TRUTH_UNREAD)
         prob = out["prob"]
         label = truth_on_image_grid(item, label, prob)
         # HD95 in the label's spacing where image and label both have one; in pixels where the image has none (a
@@ -226,6 +228,11 @@ def evaluate_items(system: DFMSystem, items: Sequence[dict], inferer: DFMSliding
             m[TRUTH_NOTE] = f"{first_path(item['label'])}: {note}"
             if labels is None:  # (a training's: logged once, by check_labels)
                 logger.warning("%s", m[TRUTH_NOTE])
+        if unread:
+            m[TRUTH_UNREAD] = list(unread)
+            if labels is None:
+                logger.warning("%s: its values {%s} read as background (no truth of this model takes them)",
+                               first_path(item["label"]), ", ".join(f"{v:g}" for v in unread))
         cases.append(m)
         if on_case:
             on_case(m)
@@ -358,6 +365,12 @@ def summarize(cases: Sequence[dict]) -> dict:
     out["empty_truth"] = sum(1 for c in cases for m in (c.get("structures", {}).values() if prompted else [c])
                              if "recall" in m and m.get("recall") is None)
     out["truth_read_empty"] = sum(1 for c in cases if c.get(TRUTH_NOTE))
+    unread: dict = {}
+    for c in cases:  # value -> the cases whose label has it only where the truth reads background
+        for v in c.get(TRUTH_UNREAD) or []:
+            unread[f"{v:g}"] = unread.get(f"{v:g}", 0) + 1
+    if unread:
+        out["truth_unread_values"] = unread
     if units:
         out["hd95_units"] = units[0] if len(units) == 1 else "mixed (" + " and ".join(units) + ")"
     if len(units) > 1:  # HD95 per unit: a mean of millimetres and pixels means nothing (a review)

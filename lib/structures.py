@@ -223,7 +223,7 @@ class StructureTruthd(MapTransform):
         self.structures = list(structures)
 
     def __call__(self, data):
-        from .transforms import TRUTH_NOTE, _name, one_channel_label, unread_label_note
+        from .transforms import TRUTH_NOTE, _name, mark_unread, one_channel_label, unread_label_note
 
         d = dict(data)
         segments = parse_segments(d.pop("segments", None))
@@ -245,6 +245,8 @@ class StructureTruthd(MapTransform):
                                      else f"above {s.truth['above']:g}") for s in self.structures) + ")")
             if note and hasattr(d[key], "meta"):
                 d[key].meta[TRUTH_NOTE] = note
+            elif not note and painted is None:
+                mark_unread(lab, d[key])
         return d
 
 

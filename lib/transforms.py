@@ -637,6 +637,27 @@ def unread_label_note(raw, truth, why: str) -> str | None:
     return f"its values {{{shown}}} read as background: {why}"
 
 
+TRUTH_UNREAD = "truth_unread"  # a label's meta: its non-zero values the truth reads as background, where others are read
+
+
+def unread_values(raw, truth) -> list:
+    """The label's non-zero values found only where no channel of the model's ``truth`` is set: read as background.
+    :func:`unread_label_note` names them where nothing is read; where other values are read (a lesion recoded 255
+    beside a vertebra of 2; the 1s of a {0, 1, 255} mask under a threshold of 127) the Dice fell with no word (a
+    review, 2026-12-08)."""
+    r = torch.as_tensor(raw)[0]
+    t = torch.as_tensor(truth)
+    off = (r != 0) & ~(t > 0).any(0)
+    return [float(v) for v in torch.unique(r[off]).tolist()] if bool(off.any()) else []
+
+
+def mark_unread(raw, label) -> None:
+    """Record :func:`unread_values` in ``label``'s meta (``TRUTH_UNREAD``) where its truth reads some values."""
+    vals = unread_values(raw, label) if hasattr(label, "meta") else []
+    if vals:
+        label.meta[TRUTH_UNREAD] = vals
+
+
 class BinarizeLabeld(MapTransform):
     """``label > threshold`` as a float 0/1 map (the binary truth). A label painted in the app (the item's
     ``segments`` names its values, :mod:`lib.structures`) holds the app's values, not the dataset's: its truth is
@@ -676,6 +697,8 @@ class BinarizeLabeld(MapTransform):
                                                       f"{self.threshold:g}")
                 if note and hasattr(d[key], "meta"):
                     d[key].meta[TRUTH_NOTE] = note
+                elif not note:
+                    mark_unread(lab, d[key])
         return d
 
 

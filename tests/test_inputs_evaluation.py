@@ -470,6 +470,22 @@ def test_labels_coded_otherwise_or_off_their_image_are_named_before_any_predicti
     Image.fromarray((np.asarray(Image.open(ok["label"])) > 0).astype(np.uint8) * 3).save(tmp_path / "three.png")
     assert TRUTH_NOTE not in label_transforms(hp.preprocessing, structures=two)(
         {"label": str(tmp_path / "three.png")})["label"].meta
+    # values read as background beside values read (a review, 2026-12-08: the Dice fell without a word): a
+    # value no structure takes (2: upper is 1, lower above 2) beside a value read (1), a {0, 1, 255} mask under a
+    # threshold of 127
+    from lib.transforms import TRUTH_UNREAD
+
+    mask = np.asarray(Image.open(ok["label"])) > 0
+    half = np.zeros_like(mask)
+    half[:, : mask.shape[1] // 2] = True
+    Image.fromarray(np.where(mask & half, 2, np.where(mask, 1, 0)).astype(np.uint8)).save(tmp_path / "recoded.png")
+    lab = label_transforms(hp.preprocessing, structures=two)({"label": str(tmp_path / "recoded.png")})["label"]
+    assert lab.meta[TRUTH_UNREAD] == [2.0] and TRUTH_NOTE not in lab.meta
+    Image.fromarray(np.where(mask & half, 1, np.where(mask, 255, 0)).astype(np.uint8)).save(tmp_path / "mixed.png")
+    mixed = {**ok, "label": str(tmp_path / "mixed.png"), "case_id": "mixed"}
+    cases, summ = ev.evaluate_items(system, [ok, mixed])
+    assert TRUTH_UNREAD not in cases[0] and cases[1][TRUTH_UNREAD] == [1.0] and TRUTH_NOTE not in cases[1]
+    assert summ["truth_unread_values"] == {"1": 1}
 
 
 def test_a_summary_says_how_many_cases_each_mean_is_over(tmp_path):
