@@ -146,6 +146,8 @@ class FreshIndex:
                                                             f"image {image_id!r} would be stored as: upload it under "
                                                             "another id")
             old = self._datastore.objects.get(image_id)
+            if old is None:
+                self._set_aside_orphaned_labels(image_id)
             with open(image_filename, "rb") as src:
                 atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
             info = dict(image_info or {})
@@ -158,6 +160,37 @@ class FreshIndex:
                                   ext, {self._filename(k, o.image.ext) for k, o in self._datastore.objects.items()
                                         if k != image_id})
         return image_id
+
+    ORPHANED = ".orphaned_labels"  # beside the images, outside labels/ (MONAI Label takes every folder there for a tag)
+
+    def _set_aside_orphaned_labels(self, image_id: str) -> list[str]:
+        """Label files of ``image_id`` left on disk by an image that is no longer in the datastore (its file deleted or
+        renamed in the folder, the server down or up) are moved to ``<studies>/.orphaned_labels/<id>-<time>/<tag>/``
+        before a new image takes the id: MONAI Label attached them to whatever image came next under that name, a
+        300 x 200 X-ray got the 256 x 256 label of another, counted as annotated (a review, 2026-12-08). Kept, not
+        deleted: they are an annotator's work. Returns the files moved."""
+        if not hasattr(self._datastore, "label_path"):
+            return []
+        root = os.path.realpath(self._datastore.label_path(None))
+        found = []
+        for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            folder = os.path.join(root, tag)
+            if tag.startswith(".") or not os.path.isdir(folder):
+                continue
+            found += [(tag, f) for f in sorted(os.listdir(folder)) if not f.startswith(".")
+                      and os.path.isfile(os.path.join(folder, f)) and self._to_id(f)[0] == image_id]
+        if not found:
+            return []
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = os.path.join(os.path.realpath(self._datastore_path), self.ORPHANED, f"{image_id}-{stamp}")
+        moved = []
+        for tag, f in found:
+            os.makedirs(os.path.join(aside, tag), exist_ok=True)
+            shutil.move(os.path.join(root, tag, f), os.path.join(aside, tag, f))
+            moved.append(os.path.join(aside, tag, f))
+        logger.warning("image %r: label files of an image no longer in the datastore under that id set aside in %s "
+                       "(a new image takes the id): %s", image_id, aside, ", ".join(f"{t}/{f}" for t, f in found))
+        return moved
 
     def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         """MONAI Label 0.8.5's ``LocalDatastore.save_label`` with two changes: it copied the upload over the stored
@@ -1232,7 +1265,12 @@ class CheckedLocalDatastore(FreshIndex, LocalDatastore):
             raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label in the "
                                                         "datastore" if obj is not None else
                                                         f"unknown image id {label_id!r} (not in the datastore)")
-        return super().remove_label(label_id, label_tag)
+        out = super().remove_label(label_id, label_tag)
+        # out of the index before the answer, as remove_image: a tag made after the server started is in no folder
+        # its file watcher watches, so the label stayed listed, and a second DELETE answered 200 (a review)
+        self._change_index(lambda: (self._datastore.objects[label_id].labels.pop(label_tag, None)
+                                    if label_id in self._datastore.objects else None))
+        return out
 
     @one_write_at_a_time
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:

@@ -1807,6 +1807,53 @@ def test_an_upload_never_takes_another_image_s_file_and_a_deleted_image_leaves_t
         assert case_id({"image": f"/data/{n}"}) == upload_image_id(n), n
 
 
+def test_a_new_image_under_an_old_id_never_takes_the_labels_its_predecessor_left_and_a_deleted_label_leaves_at_once(
+        tmp_path):
+    """A review (2026-12-08): an image whose file vanished (deleted or renamed in the folder) left its label files;
+    a new image uploaded under that id was answered with no labels, then the next refresh attached the old ones to
+    it (a 300 x 200 X-ray got a 256 x 256 label, counted as annotated). They are set aside (kept) when the new image
+    takes the id. And a label of a tag made after the server started stayed listed after its DELETE (a second
+    DELETE answered 200): it leaves the index before the answer."""
+    import nibabel as nib
+    import numpy as np
+    from fastapi import HTTPException
+
+    from lib.datastore import CheckedLocalDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+
+    def nii(name, shape, value=1.0, dtype=np.float32):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(np.full(shape, value, dtype), np.eye(4)), str(path))
+        return str(path)
+
+    def open_ds(auto_reload=False):
+        return CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=auto_reload)
+
+    ds = open_ds()
+    ds.add_image("a", nii("a_img.nii.gz", (8, 8, 6)), {})
+    for tag in ("final", "draft"):
+        ds.save_label("a", nii(f"a_{tag}.nii.gz", (8, 8, 6), 1, np.uint8), tag, {})
+    os.remove(studies / "a.nii.gz")  # the image's file gone while the server was down
+    ds = open_ds()
+    assert "a" not in ds.list_images() and (studies / "labels" / "final" / "a.nii.gz").exists()
+    ds.add_image("a", nii("b_img.nii.gz", (10, 6, 4)), {})  # another image under the id
+    assert ds.get_labels_by_image_id("a") == {}
+    assert open_ds().get_labels_by_image_id("a") == {}, "the old image's labels attached to the new one"
+    kept = sorted(p.relative_to(studies).parts[2:] for p in (studies / ".orphaned_labels").rglob("*.nii.gz"))
+    assert kept == [("draft", "a.nii.gz"), ("final", "a.nii.gz")], kept  # set aside, not deleted
+    # a label of a tag made after the datastore (the server) started: DELETE takes it out of the index at once
+    live = open_ds(auto_reload=True)
+    live.save_label("a", nii("a_review.nii.gz", (10, 6, 4), 1, np.uint8), "review", {})
+    assert "review" in live.get_labels_by_image_id("a")
+    live.remove_label("a", "review")
+    assert "review" not in live.get_labels_by_image_id("a")
+    with pytest.raises(HTTPException) as e:
+        live.remove_label("a", "review")
+    assert e.value.status_code == 404
+
+
 @pytest.mark.parametrize("shape, overlap", [((40, 36, 20), 0.25), ((80, 80, 52), 0.5), ((10, 70, 33), 0.9),
                                             ((200, 150), 0.25), ((20, 30), 0.6)])
 def test_the_window_count_is_the_number_of_windows_monai_s_sliding_window_runs(shape, overlap):
