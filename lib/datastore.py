@@ -1164,6 +1164,16 @@ def check_label_file(label_path: str, image_path: str, image_id: str) -> list[in
     return [int(v) for v in np.unique(lab.astype(np.int64)) if v != 0]
 
 
+def watch_renames(ds) -> None:
+    """MONAI Label's folder watcher handles files created, deleted and modified, not moved: an image renamed in the
+    folder while the server ran stayed listed under its old name (its GET a 404, still counted, its label with it)
+    and the new name was not listed until another change (a review, 2026-12-08). A rename refreshes like the
+    others."""
+    handler = getattr(ds, "_handler", None)
+    if handler is not None and hasattr(ds, "_on_any_event"):
+        handler.on_moved = ds._on_any_event
+
+
 INDEX_NAME = "datastore_v2.json"  # MONAI Label 0.8.5's LocalDatastore index in the studies folder
 
 

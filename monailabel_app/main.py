@@ -974,13 +974,14 @@ class DFMVLMApp(MONAILabelApp):
         left unreadable by a kill is set aside and rebuilt from the files (lib.datastore.set_aside_unreadable_index)."""
         from monailabel.datastore.local import LocalDatastore
 
-        from lib.datastore import CheckedLocalDatastore, set_aside_unreadable_index
+        from lib.datastore import CheckedLocalDatastore, set_aside_unreadable_index, watch_renames
 
         if os.path.isdir(self.studies):
             set_aside_unreadable_index(self.studies)
         ds = super().init_datastore()
         if type(ds) is LocalDatastore:
             ds.__class__ = CheckedLocalDatastore  # same folder, index and settings; only save_label differs
+            watch_renames(ds)
         return ds
 
     def _init_dicomweb_datastore(self):

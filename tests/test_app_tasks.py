@@ -1852,6 +1852,20 @@ def test_a_new_image_under_an_old_id_never_takes_the_labels_its_predecessor_left
     with pytest.raises(HTTPException) as e:
         live.remove_label("a", "review")
     assert e.value.status_code == 404
+    # an image renamed in the folder while the server runs: listed under its new name, not its old one (was: until
+    # another change of the folder)
+    import time
+
+    from lib.datastore import watch_renames
+
+    watch_renames(live)
+    os.rename(studies / "a.nii.gz", studies / "renamed.nii.gz")
+    deadline = time.time() + 20
+    while time.time() < deadline and "renamed" not in live.list_images():
+        time.sleep(0.2)
+    assert "renamed" in live.list_images() and "a" not in live.list_images()
+    live._observer.stop()
+    live._observer.join()
 
 
 @pytest.mark.parametrize("shape, overlap", [((40, 36, 20), 0.25), ((80, 80, 52), 0.5), ((10, 70, 33), 0.9),
