@@ -1201,10 +1201,47 @@ def set_aside_unreadable_index(studies: str | os.PathLike, name: str = INDEX_NAM
             return None
         except (ValueError, UnicodeDecodeError) as e:
             aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            salvaged, dropped = _salvage_index(path)
             os.replace(path, aside)
+            if salvaged is not None:
+                # one entry a hand edit left wrong took every label's segment names and every image's info with it
+                # (a review, 2026-12-08): the entries that read are kept, the others rebuilt from the files
+                atomic_write(path, lambda f: f.write(json.dumps(salvaged, indent=2).encode()))
+                logger.error("the datastore index %s had %d entr%s that could not be read (%s: %s); set aside as %s, "
+                             "the other entries kept, those rebuilt from the files", path, len(dropped),
+                             "y" if len(dropped) == 1 else "ies", ", ".join(dropped[:5]),
+                             str(e).splitlines()[0][:200], aside)
+                return aside
             logger.error("the datastore index %s could not be read (%s); set aside as %s, rebuilt from the files",
                          path, str(e).splitlines()[0][:200], aside)
             return aside
+
+
+def _salvage_index(path: str) -> tuple[dict | None, list[str]]:
+    """An index that is valid JSON but holds entries that do not validate: ``(the index without them, their ids)``;
+    ``(None, [])`` where it is no JSON (a truncated write) or is wrong beyond its entries."""
+    from monailabel.datastore.local import ImageLabelModel, LocalDatastoreModel
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None, []
+    if not isinstance(raw, dict) or not isinstance(raw.get("objects"), dict):
+        return None, []
+    kept, dropped = {}, []
+    for key, entry in raw["objects"].items():
+        try:
+            ImageLabelModel.model_validate(entry)
+            kept[key] = entry
+        except (ValueError, TypeError):
+            dropped.append(str(key))
+    salvaged = {**raw, "objects": kept}
+    try:
+        LocalDatastoreModel.model_validate(salvaged)
+    except (ValueError, TypeError):
+        return None, []
+    return (salvaged, dropped) if dropped else (None, [])
 
 
 def _same_bytes(a: str, b: str) -> bool:

@@ -967,3 +967,39 @@ def test_a_damaged_or_non_finite_checkpoint_is_refused_and_a_diverged_training_s
         if f.name != "resume.pt":
             load_checkpoint(f)  # finite: written before the loss went NaN
     shutil.rmtree(out)
+
+
+def test_an_index_with_one_bad_entry_keeps_the_others_segment_names_and_infos(tmp_path):
+    """A review (2026-12-08): one entry of a valid JSON index left wrong (a hand edit: an image's ``ext`` null) set
+    the whole index aside, and the rebuild from the files lost every label's segment names (a training then read
+    the labels by the dataset's codes) and every image's info (scores). The entries that read are kept."""
+    import nibabel as nib
+    import numpy as np
+
+    from lib.datastore import CheckedLocalDatastore, set_aside_unreadable_index
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
+    for name in ("a", "b"):
+        img = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 6), np.float32), np.eye(4)), str(img))
+        ds.add_image(name, str(img), {"score": 0.5})
+        lab = np.zeros((8, 8, 6), np.uint8)
+        lab[1:3, 1:3, 1:3], lab[5:7, 5:7, 3:5] = 1, 2
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / f"{name}_lab.nii.gz"))
+        ds.save_label(name, str(tmp_path / f"{name}_lab.nii.gz"), "final",
+                      {"label_info": [{"name": "lesion", "idx": 1}, {"name": "vertebra", "idx": 2}]})
+    index = studies / "datastore_v2.json"
+    raw = json.loads(index.read_text())
+    raw["objects"]["a"]["image"]["ext"] = None
+    index.write_text(json.dumps(raw))
+    aside = set_aside_unreadable_index(studies)
+    assert aside and os.path.exists(aside) and json.loads(open(aside).read())["objects"]["a"]["image"]["ext"] is None
+    again = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
+    assert sorted(again.list_images()) == ["a", "b"] and "final" in again.get_labels_by_image_id("a")
+    assert again.get_label_info("b", "final")["segments"] == {"1": "lesion", "2": "vertebra"}
+    assert again.get_image_info("b")["score"] == 0.5
+    # a truncated index (no JSON): set aside and rebuilt from the files, as before
+    index.write_bytes(index.read_bytes()[:50])
+    assert set_aside_unreadable_index(studies) and not index.exists()
