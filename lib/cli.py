@@ -37,6 +37,12 @@ def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def type_problem(value, tp):
+    from .config import type_problem as check
+
+    return check(value, tp)
+
+
 def _set(hp, assignments: list[str]):
     """``--set section.key=value`` (value parsed as JSON when it parses, else a string). A key whose value is a JSON
     object takes ``section.key.subkey=value``, and a JSON object given for it is merged into it (it replaced the
@@ -59,7 +65,12 @@ def _set(hp, assignments: list[str]):
         # a field of the section's dataclass (hasattr also matched properties and methods: AttributeError)
         fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
         if key not in fields:
-            raise ConfigError(f"--set {path}: no such hyper-parameter")
+            import difflib
+
+            near = difflib.get_close_matches(key, list(fields), n=3)  # (a typo: "no such hyper-parameter" alone)
+            raise ConfigError(f"--set {path}: no such hyper-parameter" + (
+                f"; did you mean {', '.join(f'{section}.{n}' for n in near)}?" if near else
+                f"; {section} has {sorted(fields)}" if fields else ""))
         current = getattr(obj, key)
         if sub:  # one key of a JSON-object value (train.augmentation.prob=0.5)
             if not isinstance(current, dict):
@@ -68,7 +79,10 @@ def _set(hp, assignments: list[str]):
         if value is None and "None" in str(fields[key].type):
             setattr(obj, key, None)
             continue
-        _check_type(path, current, value, raw)
+        _check_type(path, obj, key, current, value, raw)
+        if not isinstance(value, str) and type_problem(raw, _hint(obj, key)) is None \
+                and type_problem(value, _hint(obj, key)) is not None:
+            value = raw  # a text setting given a number or a list (vlm.prompt=2024): the text as typed
         if isinstance(current, dict):
             value = {**current, **value}
         if key == "features":
@@ -79,28 +93,22 @@ def _set(hp, assignments: list[str]):
     return hp
 
 
-def _check_type(path: str, current, value, raw: str) -> None:
-    """``--set`` gives a value of the kind the hyper-parameter holds (a number for a number, a list for a list, ...),
-    so a typo is one clear line, not a traceback deep in training."""
+def _hint(obj, key: str):
+    import typing
+
+    return typing.get_type_hints(type(obj)).get(key, typing.Any)
+
+
+def _check_type(path: str, obj, key: str, current, value, raw: str) -> None:
+    """``--set`` gives a value of the kind the hyper-parameter is declared to hold (:func:`lib.config.type_problem`:
+    a number for a number -- ``train.time_budget_s=90.5`` was refused as "an integer" because the preset held 2400 --
+    true or false for a switch, a list for a list), so a typo is one clear line, not a traceback deep in training. A
+    text setting takes the text as typed."""
     from .config import ConfigError
 
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    if isinstance(current, bool):
-        ok, want = isinstance(value, bool), "true or false"
-    elif isinstance(current, int):
-        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif isinstance(current, float):
-        ok, want = number(value), "a number"
-    elif isinstance(current, (list, tuple)):
-        ok, want = isinstance(value, list), "a JSON list, e.g. [96, 96]"
-    elif isinstance(current, dict):
-        ok, want = isinstance(value, dict), 'a JSON object, e.g. {"prob": 0.5}'
-    else:  # None or a string: several kinds are allowed (e.g. "auto" or an integer); the config checks them
-        return
-    if not ok:
-        raise ConfigError(f"--set {path}={raw}: expected {want} (it is now {json.dumps(current, default=str)})")
+    problem = type_problem(value, _hint(obj, key))
+    if problem and type_problem(raw, _hint(obj, key)) is not None:
+        raise ConfigError(f"--set {path}={raw}: expected {problem} (it is now {json.dumps(current, default=str)})")
 
 
 def _sampler_args(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,58 @@ class ConfigError(ValueError):
     """A hyper-parameter is missing, unknown or out of range."""
 
 
+def type_problem(value, tp) -> str | None:
+    """What kind of value the annotation ``tp`` asks for, in words, where ``value`` is not of it; None where it is (or
+    the kind is one this does not check). A preset's ``"enabled": "false"`` (a string, so true) made a click model,
+    and ``"soft_label": "false"`` switched soft labels on, without a word (a review, 2026-12-08)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        problems = [type_problem(value, a) for a in args]
+        return None if any(p is None for p in problems) else " or ".join(dict.fromkeys(problems))
+    if tp is type(None):
+        return None if value is None else "null"
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if tp is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if tp is str:
+        return None if isinstance(value, str) else "a string"
+    if tp is dict or origin is dict:
+        return None if isinstance(value, dict) else "a JSON object"
+    if tp in (list, tuple) or origin in (list, tuple):
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if not isinstance(value, (list, tuple)) or len(value) != len(args) \
+                    or any(type_problem(v, a) for v, a in zip(value, args)):
+                return f"a JSON list of {len(args)} values ({', '.join(str(type_problem(None, a)) for a in args)})"
+            return None
+        inner = args[0] if args else typing.Any
+        what = type_problem(None, inner) if inner is not typing.Any else None
+        whole = f"a JSON list of {what.removeprefix('a ').removeprefix('an ')}s" if what else "a JSON list"
+        if not isinstance(value, (list, tuple)):
+            return whole
+        return None if all(type_problem(v, inner) is None for v in value) else whole
+    return None  # (nested sections check themselves)
+
+
+def check_types(cls, values: dict, where: str) -> None:
+    """Each given value of the dataclass ``cls``'s fields of the kind its annotation names; ConfigError naming the
+    first that is not."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():
+        problem = type_problem(v, hints[k]) if k in hints else None
+        if problem:
+            raise ConfigError(f"{where}.{k} must be {problem}, got {v!r}")
+
+
 def _check_keys(cls, d: dict, where: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
@@ -28,6 +80,7 @@ def _check_keys(cls, d: dict, where: str) -> None:
 
 
 ARCHS = ("unet", "cached")
+NORMS = ("instance", "group", "batch")  # lib.network._norm
 
 
 @dataclass
@@ -70,12 +123,23 @@ class ModelConfig:
             raise ConfigError(f"guidance_channels must be 0 or 2 (positive and negative clicks), got {c.guidance_channels!r}")
         if len(c.features) < 2:
             raise ConfigError(f"features needs at least two levels, got {c.features}")
+        # (each was a traceback deep in the network's construction, or a flow model that never saw t: a review)
+        if c.norm not in NORMS:
+            raise ConfigError(f"model.norm must be one of {NORMS}, got {c.norm!r}")
+        if isinstance(c.dropout, bool) or not isinstance(c.dropout, (int, float)) or not 0.0 <= c.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be a number in [0, 1), got {c.dropout!r}")
+        if isinstance(c.time_embed_dim, bool) or not isinstance(c.time_embed_dim, int) \
+                or c.time_embed_dim < (1 if c.mode == "dfm" else 0):
+            raise ConfigError(f"model.time_embed_dim must be an integer >= 1 (a flow model's time embedding), got "
+                              f"{c.time_embed_dim!r}")
         if c.cond_dim is None:
             stages: list[int] = []
         elif c.vlm_film_decoder_stages is None:
             stages = list(range(c.num_decoder_stages))
         else:
             stages = sorted(int(s) for s in c.vlm_film_decoder_stages)
+            if len(set(stages)) < len(stages):  # (trained, then every load refused the checkpoint: a review)
+                raise ConfigError(f"vlm_film_decoder_stages {stages} names a stage twice; each stage has one FiLM head")
         bad = [s for s in stages if not 0 <= s < c.num_decoder_stages]
         if bad:
             raise ConfigError(
@@ -107,6 +171,9 @@ class FlowConfig:
                               f"{self.exponent}")
         if not 0.0 <= self.source_p <= 1.0:
             raise ConfigError(f"source_p must be in [0, 1], got {self.source_p}")
+        if isinstance(self.dice_weight, bool) or not isinstance(self.dice_weight, (int, float)) \
+                or not 0.0 <= self.dice_weight < float("inf"):  # (NaN stopped training blaming the learning rate)
+            raise ConfigError(f"flow.dice_weight must be a finite number >= 0, got {self.dice_weight!r}")
         return dataclasses.replace(self, exponent=1.0 if self.scheduler == "linear" else float(self.exponent))
 
 
@@ -238,7 +305,11 @@ class VLMConfig:
             raise ConfigError(f"text_mode must be 'none', 'label' or 'image', got {self.text_mode!r}")
         if self.text_mode == "label" and not self.prompt:
             raise ConfigError("text_mode 'label' needs a prompt")
-        lo, hi = (float(v) for v in self.intensity_window)
+        try:
+            lo, hi = (float(v) for v in self.intensity_window)
+        except (TypeError, ValueError):  # (a bare ValueError: a traceback from the command line)
+            raise ConfigError(f"vlm.intensity_window must be two numbers (low, high), got {self.intensity_window!r}") \
+                from None
         if not hi > lo:
             raise ConfigError(f"intensity_window must be (low, high) with high > low, got {self.intensity_window}")
         if self.num_slices < 1:
@@ -345,6 +416,21 @@ class PreprocConfig:
             raise ConfigError(f"patch_size {self.patch_size} does not have spatial_dims={self.spatial_dims} values")
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise ConfigError(f"spacing {self.spacing} does not have spatial_dims={self.spatial_dims} values")
+        # MONAI's Spacingd reads a spacing <= 0 as "keep the image's": [0, 0] trained on the native grid while the
+        # checkpoint recorded [0, 0] (a review, 2026-12-08); null keeps the image's spacing
+        if self.spacing is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and 0 < v < float("inf") for v in self.spacing):
+            raise ConfigError(f"preprocessing.spacing must be finite numbers > 0 (or null: keep the image's), got "
+                              f"{self.spacing}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.patch_size):
+            raise ConfigError(f"preprocessing.patch_size must be integers >= 1, got {self.patch_size}")
+        o = self.orientation
+        if o is not None and (not isinstance(o, str) or len(o) != self.spatial_dims
+                              or sorted({"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}.get(ch, 9)
+                                        for ch in o.upper()) != list(range(self.spatial_dims))):
+            raise ConfigError(f"preprocessing.orientation must be {self.spatial_dims} axis codes, one of R/L, A/P"
+                              f"{', S/I' if self.spatial_dims == 3 else ''} each (e.g. "
+                              f"{'RAS' if self.spatial_dims == 3 else 'RA'}), or null, got {o!r}")
         t = self.intensity.get("type")
         if t not in ("range", "zscore", "histogram", "none"):
             raise ConfigError(f"intensity type must be 'range', 'zscore', 'histogram' or 'none', got {t!r}")
@@ -352,6 +438,19 @@ class PreprocConfig:
             raise ConfigError(f"intensity type 'histogram' equalises one channel; this model has {self.num_channels}")
         if t == "range" and not {"a_min", "a_max"} <= set(self.intensity):
             raise ConfigError("intensity type 'range' needs a_min and a_max")
+        known = {"range": {"a_min", "a_max", "clip"}, "histogram": {"num_bins"}}.get(t, set()) | {"type"}
+        if set(self.intensity) - known:  # ("clp": false was ignored, the clip kept)
+            raise ConfigError(f"preprocessing.intensity {t!r}: unknown key(s) {sorted(set(self.intensity) - known)}; "
+                              f"known: {sorted(known)}")
+        if t == "range":
+            a, b = self.intensity["a_min"], self.intensity["a_max"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (a, b)) \
+                    or not b > a:  # (a_min == a_max divided by zero: the input -300..-45 instead of 0..1)
+                raise ConfigError(f"preprocessing.intensity a_min and a_max must be finite numbers with a_max > a_min, "
+                                  f"got {a!r} and {b!r}")
+            if not isinstance(self.intensity.get("clip", True), bool):  # ("false", a string, clipped)
+                raise ConfigError(f"preprocessing.intensity clip must be true or false, got "
+                                  f"{self.intensity['clip']!r}")
         try:  # (refused here, in a second: MONAI's crop refused them after the VLM load and the data cache, a review)
             pos, neg = float(self.pos), float(self.neg)
         except (TypeError, ValueError):
@@ -481,6 +580,19 @@ def check_train(train: "TrainConfig", strict: bool = True) -> None:
     unknown = sorted(set(train.augmentation) - set(AUGMENTATION))
     if unknown:  # a typo was silently ignored (the default used instead)
         raise ConfigError(f"train.augmentation: unknown key(s) {unknown}; known: {sorted(AUGMENTATION)}")
+    aug = {**AUGMENTATION, **train.augmentation}  # (a string scale failed in RandAffined mid-training; prob 5 taken)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (number(aug["prob"]) and 0.0 <= aug["prob"] <= 1.0):
+        raise ConfigError(f"train.augmentation.prob must be in [0, 1], got {aug['prob']!r}")
+    for k in ("rotate", "scale", "translate"):
+        if not (number(aug[k]) and aug[k] >= 0):
+            raise ConfigError(f"train.augmentation.{k} must be a finite number >= 0, got {aug[k]!r}")
+    g = aug["gamma"]
+    if not (isinstance(g, (list, tuple)) and len(g) == 2 and all(number(v) and v > 0 for v in g) and g[0] <= g[1]):
+        raise ConfigError(f"train.augmentation.gamma must be [low, high] with 0 < low <= high, got {g!r}")
     if strict:
         _check_train_run(train)
 
@@ -583,6 +695,10 @@ class HParams:
         model = dataclasses.replace(self.model)
         clicks = self.clicks.resolved()
         model.guidance_channels = 2 if clicks.enabled else 0
+        if clicks.grow_channels is not None and max(clicks.grow_channels) >= pre.num_channels:
+            # (refused only at the first click request: every click of the trained model failed)
+            raise ConfigError(f"clicks.grow_channels {clicks.grow_channels} names a channel the {pre.num_channels}-"
+                              f"channel image does not have")
         if model.spatial_dims != pre.spatial_dims:
             raise ConfigError(f"model spatial_dims={model.spatial_dims} but preprocessing spatial_dims={pre.spatial_dims}")
         if model.in_channels != pre.num_channels:
@@ -632,6 +748,7 @@ class HParams:
                 if not isinstance(d[name], dict):
                     raise ConfigError(f"hyper-parameter section {name!r} must be a mapping, got {type(d[name]).__name__}")
                 _check_keys(sub, d[name], name)
+                check_types(sub, d[name], name)
                 vals = dict(d[name])
                 if "features" in vals:
                     f = vals["features"]
@@ -652,6 +769,7 @@ class HParams:
                 if not isinstance(st, dict):
                     raise ConfigError(f"structures[{i}] must be a mapping, got {type(st).__name__}")
                 _check_keys(StructureConfig, st, f"structures[{i}]")
+                check_types(StructureConfig, st, f"structures[{i}]")
                 missing = [k for k in ("name", "value", "prompts", "truth") if k not in st]
                 if missing:
                     raise ConfigError(f"structures[{i}] misses {missing}")

@@ -507,11 +507,11 @@ def test_set_refuses_what_is_not_a_hyper_parameter_of_its_kind(tmp_path):
     from lib.cli import _set
     from lib.config import ConfigError, load_preset
 
-    for assignment, phrase in (("train.max_iterations=abc", "train.max_iterations must be null or an integer"),
+    for assignment, phrase in (("train.max_iterations=abc", "train.max_iterations=abc: expected an integer or null"),
                                ("train.max_iterations=0", "train.max_iterations must be null or an integer"),
                                ("model.num_decoder_stages=3", "no such hyper-parameter"),
                                ("model.resolved=1", "no such hyper-parameter"),
-                               ('model.features=[16,"a"]', "every entry must be an integer")):
+                               ('model.features=[16,"a"]', "expected a JSON list of integers")):
         with pytest.raises(ConfigError, match=phrase):
             _set(load_preset("dfm_vlm_2d"), [assignment]).resolved()
     hp = _set(load_preset("dfm_vlm_2d"), ["train.max_iterations=5"])
@@ -531,7 +531,7 @@ def test_set_refuses_what_is_not_a_hyper_parameter_of_its_kind(tmp_path):
     # a preset file that is not JSON, not an object, or has features that are not integers: one line naming it
     bad = tmp_path / "bad.json"
     for text, phrase in (("{bad", "is not valid JSON"), ("[1, 2]", "must be a JSON object of sections"),
-                         ('{"model": {"features": "abc"}}', "model.features must be a list of integers")):
+                         ('{"model": {"features": "abc"}}', "model.features must be a JSON list of integers")):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=phrase) as e:
             load_preset(str(bad))
@@ -735,3 +735,61 @@ def test_the_core_runs_without_monai_label(tmp_path):
             "assert lib.cli._save_like_the_image(np.zeros((1, 6, 5, 4)), out, sys.argv[2], np.uint8); print('ok')")
     r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(img)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-1500:]
+
+
+def test_settings_that_passed_and_broke_later_are_refused_naming_them_and_typed_as_declared():
+    """A review (2026-12-08) of the configuration: settings that passed and then broke -- FiLM stages [0, 0] (trained,
+    then every load refused the checkpoint), spacing [0, 0] (MONAI kept the native grid; the checkpoint said [0, 0]),
+    norm "foo" and dropout 2 (tracebacks), time_embed_dim 0 (a flow model that never saw t), augmentation values
+    (prob 5, a string scale failing mid-training), dice_weight NaN, a_min == a_max (a division by zero), an unknown
+    intensity key ignored, grow_channels beyond the image's, orientation "XYZ", a patch side 96.7 truncated; a
+    preset's "false" (a string) switched clicks and soft labels on; ``--set train.time_budget_s=90.5`` was refused
+    because the preset held an integer; ``vlm.prompt=2024`` became a number; a typo named no key."""
+    from lib.cli import _set
+    from lib.config import ConfigError, HParams, load_preset
+
+    def preset():
+        hp = load_preset("cxr_lung")
+        hp.vlm.image_embed_dim = hp.vlm.text_embed_dim = 16  # (what loading the VLM fills in)
+        return hp
+
+    preset().resolved()
+    for assignment, phrase in (
+            ("model.vlm_film_decoder_stages=[0,0]", "names a stage twice"),
+            ("preprocessing.spacing=[0,0]", r"preprocessing.spacing must be finite numbers > 0"),
+            ("preprocessing.spacing=[-1,3]", r"preprocessing.spacing must be finite numbers > 0"),
+            ("model.norm=foo", r"model.norm must be one of \('instance', 'group', 'batch'\)"),
+            ("model.dropout=2", r"model.dropout must be a number in \[0, 1\)"),
+            ("model.time_embed_dim=0", "model.time_embed_dim must be an integer >= 1"),
+            ('train.augmentation.scale="x"', "train.augmentation.scale must be a finite number >= 0"),
+            ("train.augmentation.prob=5", r"train.augmentation.prob must be in \[0, 1\]"),
+            ("train.augmentation.gamma=[-1,1]", "train.augmentation.gamma must be"),
+            ('vlm.intensity_window=[0,"x"]', "expected a JSON list of 2 values"),
+            ("flow.dice_weight=-1", "flow.dice_weight must be a finite number >= 0"),
+            ('preprocessing.intensity={"a_min":100,"a_max":100}', "a_max > a_min"),
+            ("preprocessing.intensity.clp=false", r"unknown key\(s\) \['clp'\]"),
+            ('preprocessing.intensity.clip="false"', "clip must be true or false"),
+            ("clicks.grow_channels=[5]", "names a channel the 1-channel image does not have"),
+            ("preprocessing.orientation=XYZ", "preprocessing.orientation must be 2 axis codes"),
+            ("preprocessing.patch_size=[96.7,96]", "expected a JSON list of integers"),
+            ("train.lrr=1", r"no such hyper-parameter; did you mean train.lr\?"),
+            ("clicks.enabled=yes", "expected true or false")):
+        with pytest.raises(ConfigError, match=phrase):
+            _set(preset(), [assignment]).resolved()
+    from lib.config import PreprocConfig, VLMConfig
+
+    with pytest.raises(ConfigError, match="vlm.intensity_window must be two numbers"):  # (built in code)
+        VLMConfig(intensity_window=(0, "x")).resolved()
+    with pytest.raises(ConfigError, match="preprocessing.patch_size must be integers >= 1"):
+        PreprocConfig(patch_size=[96.7, 96]).resolved()
+    hp = _set(preset(), ["train.time_budget_s=90.5", "vlm.prompt=2024", "preprocessing.orientation=LP"]).resolved()
+    assert hp.train.time_budget_s == 90.5 and hp.vlm.prompt == "2024"
+    # a preset file: a switch or a number written as text, a list written as a number
+    for section, key, value in (("clicks", "enabled", "false"), ("train", "augment", "false"),
+                                ("preprocessing", "soft_label", "false"), ("clicks", "sigma", "3"),
+                                ("preprocessing", "patch_size", 96), ("vlm", "num_slices", "3"),
+                                ("flow", "exponent", "2")):
+        d = load_preset("cxr_lung").to_dict()
+        d[section][key] = value
+        with pytest.raises(ConfigError, match=rf"{section}\.{key} must be "):
+            HParams.from_dict(d)
