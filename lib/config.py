@@ -816,7 +816,7 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 def load_preset(name_or_path: str) -> HParams:
     """A preset name from ``lib/presets`` (e.g. ``cxr_lung``) or a path to a JSON file."""
     p = Path(name_or_path)
-    if not p.suffix:
+    if not p.suffix and not ("/" in str(name_or_path) and p.is_file()):  # (a file path without .json was refused)
         p = PRESETS_DIR / f"{name_or_path}.json"
     if not p.exists():
         known = sorted(q.stem for q in PRESETS_DIR.glob("*.json"))

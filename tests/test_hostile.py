@@ -530,6 +530,9 @@ def test_set_refuses_what_is_not_a_hyper_parameter_of_its_kind(tmp_path):
             _set(load_preset("cxr_lung"), [assignment])
     # a preset file that is not JSON, not an object, or has features that are not integers: one line naming it
     bad = tmp_path / "bad.json"
+    plain = tmp_path / "my_preset"  # a file path without .json: a file, not a preset name (it was refused)
+    plain.write_text(json.dumps(load_preset("cxr_lung").to_dict()))
+    assert load_preset(str(plain)).to_dict() == load_preset("cxr_lung").to_dict()
     for text, phrase in (("{bad", "is not valid JSON"), ("[1, 2]", "must be a JSON object of sections"),
                          ('{"model": {"features": "abc"}}', "model.features must be a JSON list of integers")):
         bad.write_text(text)
