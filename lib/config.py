@@ -416,12 +416,12 @@ class PreprocConfig:
             raise ConfigError(f"patch_size {self.patch_size} does not have spatial_dims={self.spatial_dims} values")
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise ConfigError(f"spacing {self.spacing} does not have spatial_dims={self.spatial_dims} values")
-        # MONAI's Spacingd reads a spacing <= 0 as "keep the image's": [0, 0] trained on the native grid while the
-        # checkpoint recorded [0, 0] (a review, 2026-12-08); null keeps the image's spacing
+        # an axis' spacing of 0 keeps that axis' own (MONAI's Spacingd; null keeps the image's); a negative one was
+        # read the same way without a word ([-1, 3] trained a 1 x 3 px grid; a review, 2026-12-08)
         if self.spacing is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                and 0 < v < float("inf") for v in self.spacing):
-            raise ConfigError(f"preprocessing.spacing must be finite numbers > 0 (or null: keep the image's), got "
-                              f"{self.spacing}")
+                                                and 0 <= v < float("inf") for v in self.spacing):
+            raise ConfigError(f"preprocessing.spacing must be finite numbers >= 0 (0: keep that axis' spacing; null: "
+                              f"keep the image's), got {self.spacing}")
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.patch_size):
             raise ConfigError(f"preprocessing.patch_size must be integers >= 1, got {self.patch_size}")
         o = self.orientation

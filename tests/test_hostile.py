@@ -759,8 +759,8 @@ def test_settings_that_passed_and_broke_later_are_refused_naming_them_and_typed_
     preset().resolved()
     for assignment, phrase in (
             ("model.vlm_film_decoder_stages=[0,0]", "names a stage twice"),
-            ("preprocessing.spacing=[0,0]", r"preprocessing.spacing must be finite numbers > 0"),
-            ("preprocessing.spacing=[-1,3]", r"preprocessing.spacing must be finite numbers > 0"),
+            ("preprocessing.spacing=[-1,3]", r"preprocessing.spacing must be finite numbers >= 0"),
+            ("preprocessing.spacing=[1,1e999]", r"preprocessing.spacing must be finite numbers >= 0"),
             ("model.norm=foo", r"model.norm must be one of \('instance', 'group', 'batch'\)"),
             ("model.dropout=2", r"model.dropout must be a number in \[0, 1\)"),
             ("model.time_embed_dim=0", "model.time_embed_dim must be an integer >= 1"),
