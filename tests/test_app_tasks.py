@@ -948,16 +948,24 @@ def test_monailabel_trainer_multi_process_path_runs_on_two_cpu_processes(tmp_pat
     cfg = _task(ckpt3d, tmp_path / "model")
     trainer = cfg.trainer()
     cases = [write_phantom_case(tmp_path / "s", f"c{i}", shape=(24, 24, 16), seed=i) for i in range(6)]
+    odd = write_phantom_case(tmp_path / "s", "odd", shape=(24, 24, 16), seed=9)
+    import nibabel as nib
+    import numpy as np
+
+    lab = nib.load(odd["label"])  # a label of another size than its image: left out, and the record says so
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj)[:-2], lab.affine), odd["label"])
 
     class DS:
         def datalist(self):
-            return cases
+            return cases + [odd]
 
     res = trainer({"multi_gpu": True, "gpus": "0,1", "device": "cpu", "distributed_backend": "gloo",
                    "max_epochs": 2, "val_split": 0.34, "train_batch_size": 1, "patches_per_image": 2,
                    "dataset": "Dataset", "dataloader": "DataLoader", "publish": "always"}, DS())
     # the answer (the stats file rank 0 wrote) says what the run published
     assert res["publication"]["published"] is True and res["publication"]["rule"] == "always", res
+    assert [x["image"] for x in res["publication"]["left_out"]] == [os.path.basename(odd["image"])], res
+    assert "has shape" in res["publication"]["left_out"][0]["why"]
     out = capfd.readouterr()
     log = out.out + out.err
     # each spawned rank logs its own lines (the parent's go through pytest's logging capture)

@@ -485,6 +485,9 @@ class DFMVLMTrain(BasicTrainTask):
                 skipped.append((d.get("image"), str(e)))
         checked.save()
         logger.info("%d labelled %dD image(s) for training", len(out), self.dimension)
+        # named in the run's publication record too (/info's train_stats, a synchronous /train's answer): only the
+        # server log said which labels a training left out (a review, 2026-12-08)
+        self.left_out = [{"image": os.path.basename(str(i)), "why": str(w)[:300]} for i, w in skipped]
         if not out and skipped:  # (was "save a final label first" when every label had been left out)
             first = "; ".join(f"{os.path.basename(str(i))}: {w}" for i, w in skipped[:3])
             raise ValueError(f"no labelled {self.dimension}D image can train this model: {len(skipped)} labelled "
@@ -778,6 +781,7 @@ class DFMVLMTrain(BasicTrainTask):
             outcome = _Outcome(getattr(self, "_stats_path", None), self.publish_path, "better" if better else "always",
                                served if better else self._served(context, load=False)[0])
             self.outcome = outcome
+            outcome.record["left_out"] = list(getattr(self, "left_out", []))
             if context.evaluator:
                 publish = _Publish(context, self.publish_path, self.VAL_METRIC_MEAN_DICE, outcome,
                                    configured=self.init_paths[:-1])
