@@ -317,7 +317,7 @@ class WindowCache:
         value = tuple(v.detach().to("cpu", copy=True) for v in value)
         size = sum(v.numel() * v.element_size() for v in value)
         with self._lock:
-            if key in self._d:
+            if key in self._d or size > self.max_bytes:  # (an entry over the cap was kept: a cap of 0 cached; a review)
                 return
             self._d[key] = value
             self._bytes += size

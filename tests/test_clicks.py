@@ -513,6 +513,15 @@ def test_the_window_cache_keeps_copies_not_views_of_a_batch():
         assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
         assert v.untyped_storage().data_ptr() not in (mean.untyped_storage().data_ptr(),
                                                       var.untyped_storage().data_ptr())
+    # the cap holds for every entry: one larger than it (or a cap of 0) is not kept (one entry was, whatever its size)
+    for cap in (0, 10):
+        small = WindowCache(max_bytes=cap)
+        small.put("k", (mean[3], var[3]))
+        assert len(small) == 0 and small.get("k") is None
+    two = WindowCache(max_bytes=2 * 2 * 32 * 32 * 4)  # room for two entries of (mean, var) 32 x 32 float32
+    for k in "abc":
+        two.put(k, (mean[0], var[0]))
+    assert len(two) == 2 and two.get("a") is None and two.get("c") is not None
 
 
 # -- through the one predictor ------------------------------------------------------------------------------------
