@@ -22,6 +22,8 @@ import math
 import os
 import sys
 import time
+
+from .config import type_problem  # (stdlib imports only: cheap at the command line's start)
 import warnings
 from pathlib import Path
 
@@ -35,12 +37,6 @@ def _quiet() -> None:
     for name in ("transformers", "monai.apps", "nvImageCodec"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def type_problem(value, tp):
-    from .config import type_problem as check
-
-    return check(value, tp)
 
 
 def _set(hp, assignments: list[str]):
@@ -79,9 +75,9 @@ def _set(hp, assignments: list[str]):
         if value is None and "None" in str(fields[key].type):
             setattr(obj, key, None)
             continue
-        _check_type(path, obj, key, current, value, raw)
-        if not isinstance(value, str) and type_problem(raw, _hint(obj, key)) is None \
-                and type_problem(value, _hint(obj, key)) is not None:
+        hint = _hint(obj, key)
+        _check_type(path, hint, current, value, raw)
+        if type_problem(value, hint) is not None:
             value = raw  # a text setting given a number or a list (vlm.prompt=2024): the text as typed
         if isinstance(current, dict):
             value = {**current, **value}
@@ -99,15 +95,15 @@ def _hint(obj, key: str):
     return typing.get_type_hints(type(obj)).get(key, typing.Any)
 
 
-def _check_type(path: str, obj, key: str, current, value, raw: str) -> None:
+def _check_type(path: str, hint, current, value, raw: str) -> None:
     """``--set`` gives a value of the kind the hyper-parameter is declared to hold (:func:`lib.config.type_problem`:
     a number for a number -- ``train.time_budget_s=90.5`` was refused as "an integer" because the preset held 2400 --
     true or false for a switch, a list for a list), so a typo is one clear line, not a traceback deep in training. A
     text setting takes the text as typed."""
     from .config import ConfigError
 
-    problem = type_problem(value, _hint(obj, key))
-    if problem and type_problem(raw, _hint(obj, key)) is not None:
+    problem = type_problem(value, hint)
+    if problem and type_problem(raw, hint) is not None:
         raise ConfigError(f"--set {path}={raw}: expected {problem} (it is now {json.dumps(current, default=str)})")
 
 
@@ -274,8 +270,6 @@ def cmd_train(a) -> int:
 def _set_aside_run(out: Path) -> Path | None:
     """``--overwrite``: the old run's files moved into ``OUT/.overwritten`` (same folder, a rename), where
     :func:`_restore_or_keep` finds them if the new run fails before it writes a state of its own."""
-    import shutil
-
     aside = out / ".overwritten"
     if aside.exists():  # a run kept there before (a new run that stopped after its first state): kept, renamed
         import datetime

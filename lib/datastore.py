@@ -163,14 +163,12 @@ class FreshIndex:
 
     ORPHANED = ".orphaned_labels"  # beside the images, outside labels/ (MONAI Label takes every folder there for a tag)
 
-    def _set_aside_orphaned_labels(self, image_id: str) -> list[str]:
+    def _set_aside_orphaned_labels(self, image_id: str) -> None:
         """Label files of ``image_id`` left on disk by an image that is no longer in the datastore (its file deleted or
         renamed in the folder, the server down or up) are moved to ``<studies>/.orphaned_labels/<id>-<time>/<tag>/``
         before a new image takes the id: MONAI Label attached them to whatever image came next under that name, a
         300 x 200 X-ray got the 256 x 256 label of another, counted as annotated (a review, 2026-12-08). Kept, not
-        deleted: they are an annotator's work. Returns the files moved."""
-        if not hasattr(self._datastore, "label_path"):
-            return []
+        deleted: they are an annotator's work."""
         root = os.path.realpath(self._datastore.label_path(None))
         found = []
         for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -180,17 +178,14 @@ class FreshIndex:
             found += [(tag, f) for f in sorted(os.listdir(folder)) if not f.startswith(".")
                       and os.path.isfile(os.path.join(folder, f)) and self._to_id(f)[0] == image_id]
         if not found:
-            return []
+            return
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = os.path.join(os.path.realpath(self._datastore_path), self.ORPHANED, f"{image_id}-{stamp}")
-        moved = []
         for tag, f in found:
             os.makedirs(os.path.join(aside, tag), exist_ok=True)
             shutil.move(os.path.join(root, tag, f), os.path.join(aside, tag, f))
-            moved.append(os.path.join(aside, tag, f))
         logger.warning("image %r: label files of an image no longer in the datastore under that id set aside in %s "
                        "(a new image takes the id): %s", image_id, aside, ", ".join(f"{t}/{f}" for t, f in found))
-        return moved
 
     def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         """MONAI Label 0.8.5's ``LocalDatastore.save_label`` with two changes: it copied the upload over the stored
@@ -1047,18 +1042,16 @@ class CheckedDICOMWebDatastore(FreshIndex, DICOMWebDatastore):
         """Cache the label read from the SEG ``label_id`` (``on_grid``: on the image's grid) with the SEG's segment
         names, which travel with it (a training reads it as painted, not by the dataset's codes); that of a
         ``superseded`` SEG aside (:meth:`_superseded_path`), not as the image's label."""
+        named = seg_segments(label_dir)  # the SEG's segment numbers are the converted label's values
+        if named and not is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
+            named = values_by_name(on_grid, named, getattr(self, "default_label_names", None) or {})
         if superseded:
-            if not is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
-                values_by_name(on_grid, seg_segments(label_dir), getattr(self, "default_label_names", None) or {})
             kept = self._superseded_path(label_id, image_id)
             os.makedirs(os.path.dirname(kept), exist_ok=True)
             with open(on_grid, "rb") as src:
                 atomic_write(kept, lambda f: shutil.copyfileobj(src, f))
             return kept
         info = self._dicom_info(label_id)
-        named = seg_segments(label_dir)  # the SEG's segment numbers are the converted label's values
-        if named and not is_projection_series(os.path.join(self._datastore.image_path(), image_id)):
-            named = values_by_name(on_grid, named, getattr(self, "default_label_names", None) or {})
         if named:
             info["segments"] = named
         self._store_label(image_id, on_grid, label_tag, info)

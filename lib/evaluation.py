@@ -247,7 +247,11 @@ def check_labels(items: Sequence[dict], labels=None) -> None:
     review, 2026-12-07). ``labels`` (a training's, read already): each one whose foreground the model's truth reads
     as background (``TRUTH_NOTE``: a {0, 1} mask under a threshold of 127, values no structure takes) is logged;
     ``evaluate_items`` logs and names it as it reads it. Not refused: a structure may be absent from every case."""
-    from .transforms import _itk_header
+    from types import SimpleNamespace
+
+    import nibabel as nib
+
+    from .transforms import _itk_header, geometry_difference
 
     def files(v):
         return [str(f) for f in (v if isinstance(v, (list, tuple)) else [v])]
@@ -293,11 +297,6 @@ def check_labels(items: Sequence[dict], labels=None) -> None:
         elif all(f.lower().endswith((".nii", ".nii.gz")) for f in (img_file, lab_file)):
             # off the image's grid (another spacing, a mirrored affine), from the NIfTI headers as the loader reads
             # them (nibabel's affine): was found after the inferences before it (a review, 2026-12-08)
-            import nibabel as nib
-            from types import SimpleNamespace
-
-            from .transforms import geometry_difference
-
             problem = geometry_difference(lab_file, SimpleNamespace(affine=nib.load(lab_file).affine), img_file,
                                           SimpleNamespace(affine=nib.load(img_file).affine), img_shape,
                                           allow_reorder=True)

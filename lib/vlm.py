@@ -157,9 +157,13 @@ class VLMEncoder(nn.Module):
     def _probe_embeddings(self) -> dict:
         """The fixed probe image (and text) embedded in fp32, whatever autocast the caller runs under."""
         with torch.autocast(self.device.type, enabled=False):
-            img, resized = (F.normalize(_features(self.model.get_image_features(pixel_values=self.image_processor(
-                images=[_probe_image(size)], return_tensors="pt", do_rescale=False)["pixel_values"].to(
-                self.device, torch.float32))).float(), dim=-1)[0] for size in (32, RESIZED_PROBE_SIZE))
+            def embed(size: int) -> torch.Tensor:
+                pix = self.image_processor(images=[_probe_image(size)], return_tensors="pt",
+                                           do_rescale=False)["pixel_values"]
+                return F.normalize(_features(self.model.get_image_features(
+                    pixel_values=pix.to(self.device, torch.float32))).float(), dim=-1)[0]
+
+            img, resized = embed(32), embed(RESIZED_PROBE_SIZE)
             txt = None
             if self.tokenizer is not None and self.text_embed_dim is not None:
                 txt = self._encode_text_uncached([FINGERPRINT_PROBE_TEXT])[0]
